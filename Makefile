@@ -1,0 +1,38 @@
+# make test   - create .venv if needed, then run the test suite
+# make demo   - create .venv if needed, then compile, run and inspect the example engine
+# make clean  - remove build outputs (keeps .venv; `make distclean` removes it too)
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# Pinned on purpose: torch 2.13.0 CPU is on this machine's disk (pip find-links);
+# a looser spec would pull a multi-GB CUDA build.
+TORCH_PINS := torch==2.13.0 triton==3.9.0
+
+.PHONY: demo test clean distclean
+
+$(VENV): $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(TORCH_PINS)
+	$(BIN)/pip install -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+demo: $(STAMP)
+	mkdir -p build
+	$(BIN)/tilec compile examples/mlp.yaml -o build/mlp.engine
+	$(BIN)/tilec run build/mlp.engine
+	$(BIN)/tilec inspect build/mlp.engine
+
+clean:
+	rm -rf build .hypothesis .pytest_cache *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

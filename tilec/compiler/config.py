@@ -1,0 +1,345 @@
+"""model.yaml: what to compile, with which example inputs, for which target.
+
+```yaml
+model:                        # required
+  module: mlp.py:MLP          #   FILE.py:FACTORY, FILE relative to this yaml's folder
+  kwargs: {d_in: 64, d_hidden: 128}   # passed to FACTORY(**kwargs); default {}
+inputs:                       # required, at least one; in the order forward() takes them
+  - {name: x, shape: [4, 64], dtype: float32}
+  - {name: tokens, shape: [1, 8], dtype: int64, low: 0, high: 32000}  # ints draw from [low, high)
+dtype: float32                # optional: float32 | bfloat16; casts the module's parameters
+seed: 0                       # optional (0): seeds the weights and the example inputs
+target: {name: cpu, workers: 2}   # optional (cpu): cpu | h100 | h200; short form `target: cpu`
+schedule:                     # optional; every field optional
+  policy: critical_path       #   critical_path | round_robin
+  tile_m: 16                  #   tile sizes: powers of two; unset = the target's choice
+  tile_n: 64
+  tile_k: 64
+```
+
+Every mistake is a `ConfigError` whose one line names the yaml file, the key path
+(`schedule.tile_m`, `inputs[1].dtype`), what was expected and what was found.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import inspect
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterable, NoReturn
+
+import torch
+import yaml
+
+from tilec.errors import ConfigError
+from tilec.ir.target import TARGETS
+
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INT_DTYPES = {"int64": torch.int64, "int32": torch.int32}
+INPUT_DTYPES = {**FLOAT_DTYPES, **INT_DTYPES}
+MODEL_DTYPES = ("float32", "bfloat16")
+POLICIES = ("critical_path", "round_robin")
+
+TOP_KEYS = ("model", "inputs", "dtype", "seed", "target", "schedule")
+MODEL_KEYS = ("module", "kwargs")
+INPUT_KEYS = ("name", "shape", "dtype", "low", "high")
+TARGET_KEYS = ("name", "workers")
+SCHEDULE_KEYS = ("policy", "tile_m", "tile_n", "tile_k")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    low: int = 0              # integer inputs draw from [low, high)
+    high: int | None = None   # required for integer dtypes
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    file: str                 # absolute path of the Python file
+    factory: str              # name of a class or function in it
+    kwargs: dict
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str = "cpu"
+    workers: int | None = None   # None: the target's default
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    policy: str = "critical_path"
+    tile_m: int | None = None
+    tile_n: int | None = None
+    tile_k: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str                 # the yaml file, as given
+    model: ModuleSpec
+    inputs: tuple[InputSpec, ...]
+    dtype: str | None
+    seed: int
+    target: TargetSpec
+    schedule: ScheduleSpec
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from exc
+    return parse_config(data, path)
+
+
+def parse_config(data: Any, path: str) -> ModelConfig:
+    """Validate an already-parsed model.yaml; relative files resolve against dirname(path)."""
+    path = os.fspath(path)
+    if not isinstance(data, dict):
+        found = "an empty file" if data is None else _describe(data)
+        raise ConfigError(f"{path}: top level: expected a mapping with keys 'model' and "
+                          f"'inputs', found {found}")
+    _check_keys(data, TOP_KEYS, "", path)
+    for key in ("model", "inputs"):
+        if key not in data:
+            raise ConfigError(f"{path}: {key}: required key is missing")
+    dtype = data.get("dtype")
+    if dtype is not None and dtype not in MODEL_DTYPES:
+        _fail(path, "dtype", " or ".join(MODEL_DTYPES), dtype)
+    seed = data.get("seed", 0)
+    if not _is_int(seed) or seed < 0:
+        _fail(path, "seed", "an integer >= 0", seed)
+    return ModelConfig(
+        path=path,
+        model=_parse_model(data["model"], path),
+        inputs=_parse_inputs(data["inputs"], path),
+        dtype=dtype,
+        seed=seed,
+        target=_parse_target(data.get("target", "cpu"), path),
+        schedule=_parse_schedule(data.get("schedule", {}), path),
+    )
+
+
+def _parse_model(model: Any, path: str) -> ModuleSpec:
+    _need_mapping(model, "model", path)
+    _check_keys(model, MODEL_KEYS, "model.", path)
+    if "module" not in model:
+        raise ConfigError(f"{path}: model.module: required key is missing "
+                          f"(expected FILE.py:FACTORY)")
+    module = model["module"]
+    if not isinstance(module, str) or ":" not in module:
+        _fail(path, "model.module", "FILE.py:FACTORY", module)
+    file, factory = (part.strip() for part in module.rsplit(":", 1))
+    if not file or not factory.isidentifier():
+        _fail(path, "model.module", "FILE.py:FACTORY", module)
+    file = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(path)), file))
+    if not os.path.isfile(file):
+        raise ConfigError(f"{path}: model.module: file {file} not found")
+    kwargs = model.get("kwargs", {})
+    if kwargs is None:
+        kwargs = {}
+    _need_mapping(kwargs, "model.kwargs", path)
+    for key in kwargs:
+        if not isinstance(key, str) or not key.isidentifier():
+            _fail(path, "model.kwargs", "keyword names", key)
+    return ModuleSpec(file=file, factory=factory, kwargs=dict(kwargs))
+
+
+def _parse_inputs(inputs: Any, path: str) -> tuple[InputSpec, ...]:
+    if not isinstance(inputs, list) or not inputs:
+        _fail(path, "inputs", "a non-empty list of {name, shape, dtype}", inputs)
+    specs, seen = [], set()
+    for i, item in enumerate(inputs):
+        where = f"inputs[{i}]"
+        _need_mapping(item, where, path)
+        _check_keys(item, INPUT_KEYS, f"{where}.", path)
+        for key in ("name", "shape", "dtype"):
+            if key not in item:
+                raise ConfigError(f"{path}: {where}.{key}: required key is missing")
+        name, shape, dtype = item["name"], item["shape"], item["dtype"]
+        if not isinstance(name, str) or not name.isidentifier():
+            _fail(path, f"{where}.name", "an identifier", name)
+        if name in seen:
+            _fail(path, f"{where}.name", "a name not used by another input", name)
+        seen.add(name)
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 1 for d in shape):
+            _fail(path, f"{where}.shape", "a list of integers >= 1", shape)
+        if dtype not in INPUT_DTYPES:
+            _fail(path, f"{where}.dtype", " | ".join(INPUT_DTYPES), dtype)
+        low, high = item.get("low", 0), item.get("high")
+        if dtype in INT_DTYPES:
+            if not _is_int(low):
+                _fail(path, f"{where}.low", "an integer", low)
+            if high is None:
+                raise ConfigError(f"{path}: {where}.high: required for {dtype} inputs "
+                                  f"(values are drawn from [low, high))")
+            if not _is_int(high) or high <= low:
+                _fail(path, f"{where}.high", f"an integer > low ({low})", high)
+        else:
+            for key in ("low", "high"):
+                if key in item:
+                    raise ConfigError(f"{path}: {where}.{key}: only integer inputs take "
+                                      f"low/high, found dtype {dtype}")
+        specs.append(InputSpec(name=name, shape=tuple(shape), dtype=dtype, low=low, high=high))
+    return tuple(specs)
+
+
+def _parse_target(target: Any, path: str) -> TargetSpec:
+    if isinstance(target, str):
+        target = {"name": target}
+    _need_mapping(target, "target", path, also="or a target name")
+    _check_keys(target, TARGET_KEYS, "target.", path)
+    name, workers = target.get("name", "cpu"), target.get("workers")
+    if name not in TARGETS:
+        _fail(path, "target.name", " | ".join(sorted(TARGETS)), name)
+    if workers is not None and (not _is_int(workers) or workers < 1):
+        _fail(path, "target.workers", "an integer >= 1", workers)
+    return TargetSpec(name=name, workers=workers)
+
+
+def _parse_schedule(schedule: Any, path: str) -> ScheduleSpec:
+    if schedule is None:
+        schedule = {}
+    _need_mapping(schedule, "schedule", path)
+    _check_keys(schedule, SCHEDULE_KEYS, "schedule.", path)
+    policy = schedule.get("policy", "critical_path")
+    if policy not in POLICIES:
+        _fail(path, "schedule.policy", " | ".join(POLICIES), policy)
+    tiles = {}
+    for key in ("tile_m", "tile_n", "tile_k"):
+        value = schedule.get(key)
+        if value is not None and (not _is_int(value) or value < 1 or value & (value - 1)):
+            _fail(path, f"schedule.{key}", "a power of two >= 1", value)
+        tiles[key] = value
+    return ScheduleSpec(policy=policy, **tiles)
+
+
+# ----------------------------------------------------------------------------- building
+
+def build_model(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """Import the model file, build the module with seeded weights, make example inputs."""
+    spec = cfg.model
+    module = _import_file(spec.file, cfg.path)
+    factory = getattr(module, spec.factory, None)
+    if not callable(factory):
+        names = [n for n in vars(module) if not n.startswith("_")]
+        raise ConfigError(f"{cfg.path}: model.module: {os.path.basename(spec.file)} has no "
+                          f"callable {spec.factory!r}{_suggest(spec.factory, names)}")
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        signature = None
+    if signature is not None:
+        params = signature.parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            for key in spec.kwargs:
+                if key not in params or params[key].kind is inspect.Parameter.POSITIONAL_ONLY:
+                    raise ConfigError(f"{cfg.path}: model.kwargs.{key}: {spec.factory}"
+                                      f"{signature} takes no argument {key!r}"
+                                      f"{_suggest(key, params, 'model.kwargs.')}")
+        try:
+            signature.bind(**spec.kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"{cfg.path}: model.kwargs: {spec.factory}{signature} "
+                              f"rejects them: {exc}") from None
+    torch.manual_seed(cfg.seed)   # before the factory runs, so the weights are seeded
+    try:
+        model = factory(**spec.kwargs)
+    except TypeError as exc:
+        if signature is not None:
+            raise   # the arguments bound, so this is a bug inside the model: keep it visible
+        raise ConfigError(f"{cfg.path}: model.kwargs: {spec.factory} rejects them: "
+                          f"{exc}") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"{cfg.path}: model.module: expected {spec.factory}(**kwargs) to "
+                          f"return a torch.nn.Module, found {type(model).__name__}")
+    model = model.eval()
+    if cfg.dtype is not None:
+        model = model.to(FLOAT_DTYPES[cfg.dtype])
+    return model, random_inputs(cfg.inputs, cfg.seed)
+
+
+def random_inputs(specs: Iterable[InputSpec], seed: int) -> tuple[torch.Tensor, ...]:
+    """Example inputs: floats ~ N(0, 1), ints uniform in [low, high); one generator, seed+1."""
+    gen = torch.Generator().manual_seed(seed + 1)   # +1: independent of the weights' stream
+    tensors = []
+    for s in specs:
+        if s.dtype in INT_DTYPES:
+            t = torch.randint(s.low, s.high, s.shape, generator=gen, dtype=INT_DTYPES[s.dtype])
+        else:   # draw in float32 so a dtype change keeps the same values, rounded
+            t = torch.randn(s.shape, generator=gen, dtype=torch.float32).to(FLOAT_DTYPES[s.dtype])
+        tensors.append(t)
+    return tuple(tensors)
+
+
+def _import_file(file: str, cfg_path: str):
+    digest = hashlib.sha1(file.encode()).hexdigest()[:12]
+    name = f"tilec_model_{os.path.splitext(os.path.basename(file))[0]}_{digest}"
+    name = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+    import_spec = importlib.util.spec_from_file_location(name, file)
+    if import_spec is None or import_spec.loader is None:
+        raise ConfigError(f"{cfg_path}: model.module: cannot import {file} (expected a .py file)")
+    module = importlib.util.module_from_spec(import_spec)
+    sys.modules[name] = module      # dataclasses and torch.export look the module up by name
+    folder = os.path.dirname(file)
+    sys.path.insert(0, folder)      # so the model file can import its neighbours
+    try:
+        import_spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise ConfigError(f"{cfg_path}: model.module: importing {file} failed: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        sys.path.remove(folder)
+    return module
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _fail(path: str, key: str, expected: str, found: Any) -> NoReturn:
+    raise ConfigError(f"{path}: {key}: expected {expected}, found {_describe(found)}")
+
+
+def _need_mapping(value: Any, key: str, path: str, also: str = "") -> None:
+    if not isinstance(value, dict):
+        _fail(path, key, f"a mapping{' ' + also if also else ''}", value)
+
+
+def _suggest(word: str, choices: Iterable[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
+
+
+def _check_keys(data: dict, allowed: tuple[str, ...], prefix: str, path: str) -> None:
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(f"unknown key {prefix + str(key)!r} in {path}"
+                              f"{_suggest(key, allowed, prefix)}; allowed: {', '.join(allowed)}")

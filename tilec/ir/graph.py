@@ -1,0 +1,154 @@
+"""Op-level IR: a small, closed set of op kinds over strided views of values.
+
+Layout ops (view, permute, slice, expand, ...) never become ops: the frontend folds
+them into the `Operand` that a compute op reads (a shape, strides and an offset over
+the value's contiguous storage). Only compute ops and placeholders remain.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4, "bool": 1}
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+# Placeholders hold data from outside the graph; everything else computes.
+PLACEHOLDER_KINDS = ("input", "weight", "state")
+# The closed set of compute kinds (DESIGN.md, "IR").
+COMPUTE_KINDS = ("matmul", "elementwise", "reduce", "gather", "concat", "state_update", "argmax")
+OP_KINDS = PLACEHOLDER_KINDS + COMPUTE_KINDS
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for size in reversed(shape):
+        strides.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+@dataclass(frozen=True)
+class TensorType:
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BYTES[self.dtype]
+
+    @property
+    def rows(self) -> int:
+        """Number of rows when viewed as [rows, last dim] (the tiling view)."""
+        return math.prod(self.shape[:-1])
+
+    @property
+    def cols(self) -> int:
+        return self.shape[-1] if self.shape else 1
+
+
+@dataclass(frozen=True)
+class Operand:
+    """A strided view of `value`'s contiguous storage, as a compute op reads it."""
+
+    value: str
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    offset: int = 0
+
+    @staticmethod
+    def whole(value: str, shape: tuple[int, ...]) -> "Operand":
+        return Operand(value, tuple(shape), contiguous_strides(tuple(shape)), 0)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op. `attrs` is a tuple of (key, value) pairs so the op stays hashable.
+
+    Kinds and their attrs:
+      input / weight / state  -- placeholders; no inputs.
+      matmul       inputs (a [B.., M, K], b [B.., K, N]) broadcast to the output's batch.
+      elementwise  fn, args: each arg is ["in", i] (the i-th input) or a number; every
+                   input is already broadcast to the output shape by its strides.
+      reduce       fn (sum | max), scale; over the last dim, output keeps it as size 1.
+      gather       inputs (table [V, D], index [...]) -> [..., D]  (embedding).
+      concat       dim; inputs are the pieces in order.
+      state_update inputs (state, value, index); writes value into state at index along
+                   `dim` in place; the result aliases the state.
+      argmax       over the last dim; output int64 [..., 1].
+    """
+
+    name: str
+    kind: str
+    type: TensorType
+    inputs: tuple[Operand, ...] = ()
+    attrs: tuple[tuple[str, Any], ...] = ()
+    source: str = ""
+
+    def attr(self, key: str, default: Any = None) -> Any:
+        for k, v in self.attrs:
+            if k == key:
+                return v
+        return default
+
+
+@dataclass(frozen=True)
+class Graph:
+    """Ops in topological order; `inputs` are the runtime inputs in call order and
+    `outputs` name the values the caller gets back (views of computed values)."""
+
+    ops: tuple[Op, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[tuple[str, Operand], ...]
+
+    def op(self, name: str) -> Op:
+        for o in self.ops:
+            if o.name == name:
+                return o
+        raise KeyError(name)
+
+    def by_name(self) -> dict[str, Op]:
+        return {o.name: o for o in self.ops}
+
+    def users(self) -> dict[str, list[str]]:
+        users: dict[str, list[str]] = {o.name: [] for o in self.ops}
+        for o in self.ops:
+            for operand in o.inputs:
+                if o.name not in users[operand.value]:
+                    users[operand.value].append(o.name)
+        return users
+
+
+@dataclass(frozen=True)
+class Group:
+    """A fused group: one task kind. Values inside never get a global buffer.
+
+    kind "matmul": `anchor` is the matmul; `prologue` ops compute its A operand
+    (row-wise over [rows, K], recomputed by every tile) and `epilogue` ops consume its
+    result over [rows, N]. kind "row": elementwise / last-dim reductions / gathers
+    over one [rows, cols] space, or a lone argmax / state update.
+    `outputs` are the member values read outside the group: each gets a buffer.
+    """
+
+    name: str
+    kind: str
+    anchor: str | None
+    prologue: tuple[str, ...]
+    epilogue: tuple[str, ...]
+    outputs: tuple[str, ...]
+    rows: int
+    cols: int
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return self.prologue + ((self.anchor,) if self.anchor else ()) + self.epilogue
+
+
+@dataclass(frozen=True)
+class FusedGraph:
+    graph: Graph
+    groups: tuple[Group, ...]  # topological order

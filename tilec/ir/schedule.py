@@ -1,0 +1,55 @@
+"""Schedule-level IR: per-worker queues, events and waits, and the memory plan."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tilec.ir.target import Target
+from tilec.ir.tasks import Buffer, TaskGraph
+
+
+@dataclass(frozen=True)
+class Event:
+    """An int32 counter in global memory. It receives `signals` signals per step, so
+    at step s a waiter for all of them waits for `signals * (s + 1)`."""
+
+    id: int
+    signals: int
+
+
+@dataclass(frozen=True)
+class Wait:
+    event: int
+    count: int   # signals needed per step (the threshold is count * (step + 1))
+
+
+@dataclass(frozen=True)
+class Pool:
+    """One typed flat allocation: the kernel gets a pointer per pool."""
+
+    name: str
+    dtype: str
+    numel: int
+    kind: str   # weight | arena | state
+
+
+@dataclass(frozen=True)
+class Schedule:
+    taskgraph: TaskGraph
+    target: Target
+    queues: tuple[tuple[int, ...], ...]      # task ids per worker, in run order
+    order: tuple[int, ...]                   # one global order consistent with all queues
+    start_us: tuple[float, ...]              # predicted, per task id
+    finish_us: tuple[float, ...]
+    events: tuple[Event, ...] = ()
+    signal: tuple[int, ...] = ()             # event each task signals, per task id
+    waits: tuple[tuple[Wait, ...], ...] = ()  # per task id
+    buffers: tuple[Buffer, ...] = ()         # with pool and offset (memplan)
+    pools: tuple[Pool, ...] = ()
+
+    @property
+    def workers(self) -> int:
+        return len(self.queues)
+
+    def worker_of(self) -> dict[int, tuple[int, int]]:
+        """task id -> (worker, position in its queue)."""
+        return {t: (w, i) for w, q in enumerate(self.queues) for i, t in enumerate(q)}

@@ -1,0 +1,52 @@
+"""Targets: the machine a schedule is made for, with the numbers the cost model uses.
+
+Every number carries its source. GPU figures are datasheet values unless marked as
+measured; the cost model only needs them to be right in proportion.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    backend: str               # "cpu" (interpreter) or "cuda"
+    workers: int               # persistent CTAs (GPU) or cooperative workers (CPU)
+    sms: int                   # multiprocessors (GPU) or cores (CPU)
+    mem_gbps: float            # memory bandwidth, GB/s
+    fp32_tflops: float
+    bf16_tflops: float
+    task_overhead_us: float    # per task: dispatch, wait and signal
+    smem_kb: int               # shared memory per multiprocessor
+    arch: int                  # CUDA compute capability x10 (90 for sm_90); 0 for CPU
+    dtype: str                 # default engine dtype on this target
+    sources: str
+
+
+TARGETS: dict[str, Target] = {
+    "h200": Target(
+        name="h200", backend="cuda", workers=132, sms=132, mem_gbps=4800.0,
+        fp32_tflops=67.0, bf16_tflops=989.0, task_overhead_us=1.0, smem_kb=228, arch=90,
+        dtype="bfloat16",
+        sources="NVIDIA H200 SXM datasheet (4.8 TB/s HBM3e, 989 TFLOP/s dense bf16, "
+                "67 TFLOP/s fp32); 132 SMs and 228 KB shared memory per SM from the "
+                "Hopper tuning guide; task overhead is an estimate (one acquire, one "
+                "release and a CTA barrier), 2026-11-29",
+    ),
+    "h100": Target(
+        name="h100", backend="cuda", workers=132, sms=132, mem_gbps=3350.0,
+        fp32_tflops=67.0, bf16_tflops=989.0, task_overhead_us=1.0, smem_kb=228, arch=90,
+        dtype="bfloat16",
+        sources="NVIDIA H100 SXM5 datasheet (3.35 TB/s HBM3, 989 TFLOP/s dense bf16, "
+                "67 TFLOP/s fp32); 132 SMs; task overhead estimated as for h200, 2026-11-29",
+    ),
+    "cpu": Target(
+        name="cpu", backend="cpu", workers=2, sms=2, mem_gbps=10.0,
+        fp32_tflops=0.05, bf16_tflops=0.05, task_overhead_us=2000.0, smem_kb=0, arch=0,
+        dtype="float32",
+        sources="Triton interpreter on a 2-core x86-64 machine, measured 2026-11-29: "
+                "about 20 ms per 64x1024 matvec tile task (DESIGN.md), i.e. task "
+                "overhead dominates; bandwidth and rates are rough",
+    ),
+}

@@ -1,0 +1,93 @@
+"""Tile-level IR: buffers, regions and the micro-tasks that read and write them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tilec.ir.graph import FusedGraph, TensorType
+
+# Where a buffer's bytes live. Weights are constants in the engine; inputs are filled by
+# the host before a launch; state persists across launches; the rest is scratch.
+BUFFER_KINDS = ("weight", "input", "output", "activation", "state")
+
+
+@dataclass(frozen=True)
+class Buffer:
+    name: str
+    type: TensorType
+    kind: str
+    pool: str = ""      # filled by memplan: the typed pool the buffer lives in
+    offset: int = -1    # filled by memplan: element offset inside that pool
+
+
+@dataclass(frozen=True)
+class Region:
+    """A box (per-dim [start, stop)) in a buffer's own shape."""
+
+    buffer: str
+    box: tuple[tuple[int, int], ...]
+
+    def overlaps(self, other: "Region") -> bool:
+        if self.buffer != other.buffer:
+            return False
+        return all(a0 < b1 and b0 < a1 for (a0, a1), (b0, b1) in zip(self.box, other.box))
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for a, b in self.box:
+            n *= max(b - a, 0)
+        return n
+
+
+@dataclass(frozen=True)
+class GroupTiling:
+    """How one fused group is cut into tiles: block sizes and the tile grid
+    (batch, row blocks, col blocks)."""
+
+    group: str
+    block_m: int
+    block_n: int
+    block_k: int
+    grid: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Task:
+    id: int
+    group: str
+    tile: tuple[int, int, int]   # (batch, row block, col block)
+    reads: tuple[Region, ...]
+    writes: tuple[Region, ...]
+    flops: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Dep:
+    """`after` must not start before `before` is complete (RAW, WAR or WAW)."""
+
+    before: int
+    after: int
+    kind: str
+    buffer: str
+
+
+@dataclass(frozen=True)
+class TaskGraph:
+    fused: FusedGraph
+    buffers: tuple[Buffer, ...]
+    tilings: tuple[GroupTiling, ...]
+    tasks: tuple[Task, ...]          # in program order (a topological order)
+    deps: tuple[Dep, ...] = ()
+
+    def buffer(self, name: str) -> Buffer:
+        for b in self.buffers:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+    def tiling(self, group: str) -> GroupTiling:
+        for t in self.tilings:
+            if t.group == group:
+                return t
+        raise KeyError(group)

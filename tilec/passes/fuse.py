@@ -1,0 +1,249 @@
+"""fuse: Graph -> FusedGraph.
+
+Elementwise chains and last-dim reductions join a neighbouring group, so the values
+they pass around never get a global buffer:
+  * a "row" group computes elementwise ops, last-dim reductions, gathers and concats
+    over one [rows, cols] space (a reduction's result is a [rows, 1] column);
+  * a "matmul" group is one matmul with an epilogue (ops over its [rows, N] result,
+    reductions over N allowed when N fits one tile) and a prologue: a row group whose
+    only consumers are matmul A operands is copied into each of them, so e.g. an
+    RMSNorm is recomputed by every tile of the projections that read it.
+Members may only read other members through "row-aligned" views (same rows, same
+width, or a [rows, 1] column broadcast along the row); any other view is a load from
+a buffer.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from tilec.ir.graph import FusedGraph, Graph, Group, Op, Operand, PLACEHOLDER_KINDS
+
+# A matmul epilogue may reduce over N only when a whole row of the result is one tile.
+MAX_EPILOGUE_REDUCE_N = 2048
+
+
+def row_layout(operand: Operand) -> tuple[int, int, str] | None:
+    """(rows, width, 'dense' | 'bcast') if `operand` reads a contiguous [rows, width]
+    value row by row, or broadcasts a [rows, 1] column along each row; else None."""
+    if operand.offset != 0 or not operand.shape:
+        return (1, 1, "dense") if operand.offset == 0 and not operand.shape else None
+    *lead, width = operand.shape
+    last_stride = operand.strides[-1]
+    if width > 1 and last_stride not in (0, 1):
+        return None
+    kind = "bcast" if (width > 1 and last_stride == 0) else "dense"
+    inner = 1 if kind == "bcast" else width
+    expect = inner
+    for size, stride in zip(reversed(lead), reversed(operand.strides[:-1])):
+        if size != 1 and stride != expect:
+            return None
+        expect *= size
+    return math.prod(lead), width, kind
+
+
+def iteration_width(op: Op) -> int:
+    """The width an op iterates over: a reduction walks its input's row."""
+    if op.kind == "reduce":
+        return op.inputs[0].shape[-1] if op.inputs[0].shape else 1
+    return op.type.cols
+
+
+@dataclass
+class _Group:
+    kind: str
+    rows: int
+    cols: int
+    anchor: str | None = None
+    prologue: list[str] = field(default_factory=list)
+    members: list[str] = field(default_factory=list)   # anchor-less members / epilogue
+    has_reduce: bool = False
+
+    def all(self) -> list[str]:
+        return self.prologue + ([self.anchor] if self.anchor else []) + self.members
+
+
+def _aligned(operand: Operand, producer: Op, rows: int, width: int) -> bool:
+    layout = row_layout(operand)
+    if layout is None:
+        return False
+    r, w, kind = layout
+    prod_rows, prod_width = producer.type.rows, producer.type.cols
+    if r != rows or prod_rows != rows or w != width:
+        return False
+    if kind == "dense":
+        return prod_width == width
+    return prod_width == 1
+
+
+def fuse(graph: Graph) -> FusedGraph:
+    ops = graph.by_name()
+    index = {o.name: i for i, o in enumerate(graph.ops)}
+    users = graph.users()
+    outputs = {operand.value for _, operand in graph.outputs}
+    groups: list[_Group] = []
+    group_of: dict[str, int] = {}
+
+    def successors(g: int) -> set[int]:
+        out = set()
+        for name in groups[g].all():
+            for u in users[name]:
+                if u in group_of and group_of[u] != g:
+                    out.add(group_of[u])
+        return out
+
+    def reaches(src: int, dst: int) -> bool:
+        seen, stack = set(), [src]
+        while stack:
+            g = stack.pop()
+            if g == dst:
+                return True
+            if g in seen:
+                continue
+            seen.add(g)
+            stack.extend(successors(g))
+        return False
+
+    def can_join(op: Op, g: int) -> bool:
+        grp = groups[g]
+        width = iteration_width(op)
+        if op.type.rows != grp.rows and not (op.kind == "reduce" and op.inputs[0].shape
+                                             and math.prod(op.inputs[0].shape[:-1]) == grp.rows):
+            return False
+        if op.kind in ("concat", "gather", "argmax", "state_update"):
+            return False  # these read only buffers: they start groups, never join one
+        if grp.kind == "row":
+            if width not in (grp.cols, 1) and not (grp.cols == 1 and not grp.has_reduce):
+                return False
+        else:  # matmul epilogue
+            if width not in (grp.cols, 1):
+                return False
+            if op.kind == "reduce" and grp.cols > MAX_EPILOGUE_REDUCE_N:
+                return False
+        members = set(grp.all())
+        for operand in op.inputs:
+            if operand.value in members:
+                producer = ops[operand.value]
+                opw = operand.shape[-1] if operand.shape else 1
+                rows = math.prod(operand.shape[:-1]) if operand.shape else 1
+                if not _aligned(operand, producer, rows, opw):
+                    return False
+                if grp.kind == "matmul" and operand.value in grp.prologue:
+                    return False
+        for operand in op.inputs:
+            h = group_of.get(operand.value)
+            if h is not None and h != g and reaches(g, h):
+                return False  # joining would make a cycle g -> h -> g
+        return True
+
+    for op in graph.ops:
+        if op.kind in PLACEHOLDER_KINDS:
+            continue
+        if op.kind == "matmul":
+            groups.append(_Group("matmul", op.type.rows, op.type.cols, anchor=op.name))
+            group_of[op.name] = len(groups) - 1
+            continue
+        joined = False
+        for operand in op.inputs:
+            g = group_of.get(operand.value)
+            if g is not None and can_join(op, g):
+                grp = groups[g]
+                grp.members.append(op.name)
+                if grp.kind == "row":
+                    grp.cols = max(grp.cols, iteration_width(op))
+                if op.kind == "reduce":
+                    grp.has_reduce = True
+                group_of[op.name] = g
+                joined = True
+                break
+        if not joined:
+            groups.append(_Group("row", op.type.rows, iteration_width(op),
+                                 members=[op.name], has_reduce=op.kind == "reduce"))
+            group_of[op.name] = len(groups) - 1
+
+    # Prologues: a row group feeding only matmul A operands moves into each of them.
+    for g, grp in enumerate(groups):
+        if grp.kind != "row" or not grp.members:
+            continue
+        escaping = [m for m in grp.members
+                    if m in outputs or any(group_of.get(u) != g for u in users[m])]
+        if len(escaping) != 1 or escaping[0] in outputs:
+            continue
+        value = escaping[0]
+        if ops[value].kind in ("argmax", "state_update"):
+            continue
+        outside = [u for u in users[value] if group_of.get(u) != g]
+        consumers = [ops[u] for u in outside]
+        if not consumers or not all(
+            c.kind == "matmul" and c.inputs[0].value == value
+            and c.inputs[1].value != value
+            and _aligned(c.inputs[0], ops[value], grp.rows, grp.cols)
+            and c.inputs[0].shape[-1] == grp.cols
+            for c in consumers
+        ):
+            continue
+        for c in consumers:
+            mg = groups[group_of[c.name]]
+            if mg.prologue:
+                break
+        else:
+            for c in consumers:
+                groups[group_of[c.name]].prologue = list(grp.members)
+            for m in grp.members:
+                group_of.pop(m)
+            grp.members = []
+
+    live = [g for g in range(len(groups)) if groups[g].all()]
+    # topological order of the group DAG, ties broken by program position
+    deps: dict[int, set[int]] = {g: set() for g in live}
+    for g in live:
+        for name in groups[g].all():
+            for operand in ops[name].inputs:
+                h = group_of.get(operand.value)
+                if h is not None and h != g:
+                    deps[g].add(h)
+    order: list[int] = []
+    done: set[int] = set()
+    pending = sorted(live, key=lambda g: min(index[n] for n in groups[g].all()))
+    while pending:
+        for g in pending:
+            if deps[g] <= done:
+                order.append(g)
+                done.add(g)
+                pending.remove(g)
+                break
+        else:  # pragma: no cover - prevented by the cycle check in can_join
+            raise AssertionError("fusion produced a cycle")
+
+    result = []
+    for n, g in enumerate(order):
+        grp = groups[g]
+        names = grp.all()
+        outs = tuple(m for m in names
+                     if m not in grp.prologue
+                     and (m in outputs or any(group_of.get(u) != g for u in users[m])))
+        label = _label(grp, ops)
+        result.append(Group(
+            name=f"g{n}_{label}", kind=grp.kind, anchor=grp.anchor,
+            prologue=tuple(grp.prologue),
+            epilogue=tuple(sorted(grp.members, key=index.__getitem__)),
+            outputs=outs, rows=grp.rows, cols=grp.cols,
+        ))
+    return FusedGraph(graph, tuple(result))
+
+
+def _label(grp: _Group, ops: dict[str, Op]) -> str:
+    if grp.kind == "matmul":
+        parts = ["matmul"]
+        if grp.prologue:
+            parts.insert(0, "norm" if any(ops[m].kind == "reduce" for m in grp.prologue) else "pre")
+        if any(ops[m].kind == "reduce" for m in grp.members):
+            parts.append("softmax" if any(ops[m].attr("fn") == "exp" for m in grp.members) else "reduce")
+        elif grp.members:
+            parts.append("epilogue")
+        return "_".join(parts)
+    kinds = {ops[m].kind for m in grp.members}
+    for k in ("gather", "concat", "argmax", "state_update"):
+        if k in kinds:
+            return k
+    return "reduce" if "reduce" in kinds else "elementwise"

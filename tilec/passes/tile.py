@@ -1,0 +1,174 @@
+"""tile: FusedGraph -> TaskGraph.
+
+Each fused group is cut into tiles over its output: (batch, row block, col block).
+A task's reads and writes are boxes in buffers (through the views its ops read), so
+the deps pass can find conflicts by intersection.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tilec.ir.graph import DTYPE_BYTES, FusedGraph, Group, Op, Operand
+from tilec.ir.tasks import Buffer, GroupTiling, Region, Task, TaskGraph
+from tilec.passes.geometry import Box, range_to_box, rows_box, view_region
+
+
+@dataclass(frozen=True)
+class TileOptions:
+    tile_m: int = 16      # rows per task
+    tile_n: int = 64      # output columns per task
+    tile_k: int = 64      # reduction chunk of a matmul
+    row_chunk: int = 1024  # column chunk of a row group that walks whole rows
+
+
+def pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def matmul_dims(op: Op) -> tuple[int, int, int, int]:
+    """(batch, M, N, K) of a matmul op."""
+    shape = op.type.shape
+    return math.prod(shape[:-2]), shape[-2], shape[-1], op.inputs[0].shape[-1]
+
+
+def needs_whole_rows(group: Group, ops: dict[str, Op]) -> bool:
+    """A group whose tasks must see whole rows: it reduces along them, or it writes
+    per-row [rows, 1] results that column tiles would each write again."""
+    members = group.epilogue if group.kind == "matmul" else group.members
+    if any(ops[m].kind in ("reduce", "argmax") for m in members):
+        return True
+    return group.cols > 1 and any(ops[m].type.cols == 1 for m in group.outputs)
+
+
+def group_tiling(group: Group, ops: dict[str, Op], opt: TileOptions) -> GroupTiling:
+    whole = needs_whole_rows(group, ops)
+    if group.kind == "matmul":
+        batch, m, n, k = matmul_dims(ops[group.anchor])
+        bm = min(opt.tile_m, pow2(m))
+        bn = pow2(n) if whole else min(opt.tile_n, pow2(n))
+        bk = min(opt.tile_k, pow2(k))
+        return GroupTiling(group.name, bm, bn, bk, (batch, -(-m // bm), -(-n // bn)))
+    rows, cols = group.rows, group.cols
+    bm = min(opt.tile_m, pow2(rows))
+    if whole:
+        return GroupTiling(group.name, bm, cols, min(opt.row_chunk, pow2(cols)),
+                           (1, -(-rows // bm), 1))
+    bn = min(opt.tile_n, pow2(cols))
+    return GroupTiling(group.name, bm, bn, bn, (1, -(-rows // bm), -(-cols // bn)))
+
+
+def _width(op: Op) -> int:
+    return op.type.cols
+
+
+def tile(fused: FusedGraph, opt: TileOptions = TileOptions()) -> TaskGraph:
+    graph = fused.graph
+    ops = graph.by_name()
+    outputs = {o.value for _, o in graph.outputs}
+    buffers: list[Buffer] = []
+    for op in graph.ops:
+        if op.kind in ("input", "weight", "state"):
+            buffers.append(Buffer(op.name, op.type, op.kind))
+    for g in fused.groups:
+        for v in g.outputs:
+            if ops[v].kind == "state_update":
+                continue  # writes its state buffer in place
+            buffers.append(Buffer(v, ops[v].type, "output" if v in outputs else "activation"))
+    buffer_of = {b.name: b for b in buffers}
+
+    def storage(value: str) -> str:
+        """Buffer holding `value` (a state update aliases its state)."""
+        op = ops[value]
+        return storage(op.inputs[0].value) if op.kind == "state_update" else value
+
+    tilings = []
+    tasks: list[Task] = []
+    for g in fused.groups:
+        tl = group_tiling(g, ops, opt)
+        tilings.append(tl)
+        nb, nm, nn = tl.grid
+        for b in range(nb):
+            for mi in range(nm):
+                for ni in range(nn):
+                    reads, writes, flops = _task_regions(g, tl, (b, mi, ni), ops, storage)
+                    nbytes = sum(r.numel * DTYPE_BYTES[buffer_of[r.buffer].type.dtype]
+                                 for r in reads + writes)
+                    tasks.append(Task(len(tasks), g.name, (b, mi, ni), reads, writes,
+                                      flops, nbytes))
+    return TaskGraph(fused, tuple(buffers), tuple(tilings), tuple(tasks))
+
+
+def _task_regions(g: Group, tl: GroupTiling, tile_idx, ops, storage):
+    b, mi, ni = tile_idx
+    reads: dict[tuple, Region] = {}
+    writes: list[Region] = []
+    flops = 0
+
+    def read(operand: Operand, box: Box | None):
+        if box is None:
+            return
+        buf = storage(operand.value)
+        region = view_region(operand, box, ops[buf].type.shape)
+        if region is not None:
+            reads.setdefault((buf, region), Region(buf, region))
+
+    members = set(g.members)
+    if g.kind == "matmul":
+        anchor = ops[g.anchor]
+        _, m, n, k = matmul_dims(anchor)
+        r0, r1 = b * m + mi * tl.block_m, b * m + min(m, (mi + 1) * tl.block_m)
+        c0, c1 = ni * tl.block_n, min(n, (ni + 1) * tl.block_n)
+        a, bop = anchor.inputs
+        if a.value not in members:
+            read(a, rows_box(a.shape, r0, r1, 0, k))
+        batch_shape = bop.shape[:-2]
+        bbox = range_to_box(b, b, batch_shape) if batch_shape else ()
+        read(bop, bbox + ((0, k), (c0, c1)))
+        flops += 2 * (r1 - r0) * (c1 - c0) * k
+        if g.anchor in g.outputs:
+            writes.append(Region(g.anchor, rows_box(anchor.type.shape, r0, r1, c0, c1)))
+        spaces = [(name, (r0, r1, 0, k)) for name in g.prologue] + \
+                 [(name, (r0, r1, c0, c1)) for name in g.epilogue]
+    else:
+        r0, r1 = mi * tl.block_m, min(g.rows, (mi + 1) * tl.block_m)
+        c0, c1 = ni * tl.block_n, min(g.cols, (ni + 1) * tl.block_n)
+        spaces = [(name, (r0, r1, c0, c1)) for name in g.epilogue]
+
+    for name, (ra, rb, ca, cb) in spaces:
+        op = ops[name]
+        if op.kind == "reduce":
+            full = op.inputs[0].shape[-1]
+            ca, cb = 0, full
+        elif _width(op) == 1:
+            ca, cb = 0, 1
+        flops += (rb - ra) * (cb - ca)
+        for pos, operand in enumerate(op.inputs):
+            if operand.value in members:
+                continue
+            if op.kind == "gather" and pos == 0:  # table: any row, data-dependent
+                read(operand, ((0, operand.shape[0]), (ca, cb)))
+            elif op.kind == "gather":
+                read(operand, range_to_box(ra, rb - 1, operand.shape) if operand.shape else ())
+            elif op.kind == "concat":
+                read(operand, _concat_piece_box(op, pos, ra, rb, ca, cb))
+            elif op.kind == "state_update":
+                continue  # handled below
+            else:
+                read(operand, rows_box(operand.shape, ra, rb, ca, cb))
+        if name in g.outputs and op.kind != "state_update":
+            writes.append(Region(name, rows_box(op.type.shape, ra, rb, ca, cb)))
+    return tuple(reads.values()), tuple(writes), flops
+
+
+def _concat_piece_box(op: Op, pos: int, r0: int, r1: int, c0: int, c1: int) -> Box | None:
+    dim = op.attr("dim")
+    out_box = list(rows_box(op.type.shape, r0, r1, c0, c1))
+    start = sum(p.shape[dim] for p in op.inputs[:pos])
+    stop = start + op.inputs[pos].shape[dim]
+    a, b = out_box[dim]
+    a, b = max(a, start), min(b, stop)
+    if b <= a:
+        return None
+    out_box[dim] = (a - start, b - start)
+    return tuple(out_box)
