@@ -1,0 +1,1 @@
+"""Codegen: fused groups + schedule -> one persistent Triton kernel (Jinja templates)."""

@@ -1,0 +1,368 @@
+"""Turn one fused group into the lines of its task body.
+
+The emitter decides *what* each line computes; the templates (`templates/*.py.j2`)
+only lay the sections out. Every group works on a block of BM rows of its [rows,
+cols] space: `rows` are flat row indices, `cols` the current column chunk. Values
+are [BM, chunk] ("wide") or [BM, 1] ("narrow": reductions and per-row values).
+Loads read strided views through a per-operand row offset, so layout ops cost
+nothing at run time.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from tilec.codegen.exprs import EXPRS, TL_DTYPES, cast, literal
+from tilec.ir.graph import FLOAT_DTYPES, Group, Op, Operand
+from tilec.ir.tasks import Buffer, GroupTiling
+
+
+@dataclass
+class GroupCode:
+    """Everything a template needs to lay out one task kind."""
+
+    kind: str
+    comment: str
+    consts: dict[str, int]
+    preamble: list[str] = field(default_factory=list)
+    phases: list[dict] = field(default_factory=list)    # reduction loops
+    narrow: list[str] = field(default_factory=list)     # per-row values after phases
+    main: list[str] = field(default_factory=list)       # body of the final loop
+    epilogue: list[str] = field(default_factory=list)   # matmul: after the K loop
+    stores: list[str] = field(default_factory=list)     # narrow stores after the loop
+    bases: list[int] = field(default_factory=list)      # pool element offsets (args row)
+    dot: str = ""
+
+
+def pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def row_offset(shape: tuple[int, ...], strides: tuple[int, ...], rows: str,
+               shift: tuple[int, int] | None = None) -> str | None:
+    """Offset of flat row `rows` of a view with leading `shape`/`strides`.
+    `shift` = (dim, start) subtracts start from that dim's coordinate (concat)."""
+    terms = []
+    inner = 1
+    for d in range(len(shape) - 1, -1, -1):
+        size, stride = shape[d], strides[d]
+        if size > 1 and stride != 0:
+            coord = rows if inner == 1 else f"({rows} // {inner})"
+            if d > 0 and math.prod(shape[:d]) > 1:
+                coord = f"({coord} % {size})"
+            if shift and shift[0] == d and shift[1]:
+                coord = f"({coord} - {shift[1]})"
+            terms.append(coord if stride == 1 else f"{coord} * {stride}")
+        inner *= size
+    return " + ".join(reversed(terms)) if terms else None
+
+
+class GroupEmitter:
+    def __init__(self, group: Group, ops: dict[str, Op], tiling: GroupTiling,
+                 buffers: dict[str, Buffer]):
+        self.g = group
+        self.ops = ops
+        self.tiling = tiling
+        self.buffers = buffers
+        self.members = list(group.members)
+        self.var = {name: f"v{i}" for i, name in enumerate(self.members)}
+        self.code = GroupCode(group.kind, group.name, {})
+        self.base_of: dict[tuple, str] = {}
+        self.leaf_vars: dict[tuple, str] = {}
+        self.nleaf = 0
+
+    # ---- buffers and leaves ------------------------------------------------------------
+    def storage(self, value: str) -> Buffer:
+        op = self.ops[value]
+        if op.kind == "state_update":
+            return self.storage(op.inputs[0].value)
+        return self.buffers[value]
+
+    def pointer(self, value: str, offset: int = 0) -> str:
+        """`pool + baseJ`: the element address of `value` plus a view offset."""
+        buf = self.storage(value)
+        key = (buf.name, offset)
+        if key not in self.base_of:
+            self.base_of[key] = f"base{len(self.code.bases)}"
+            self.code.bases.append(buf.offset + offset)
+        return f"{buf.pool} + {self.base_of[key]}"
+
+    def fresh(self, prefix: str) -> str:
+        self.nleaf += 1
+        return f"{prefix}{self.nleaf}"
+
+    def dtype(self, value: str) -> str:
+        return self.ops[value].type.dtype
+
+    def upcast(self, expr: str, dtype: str) -> str:
+        return f"{expr}.to(tl.float32)" if dtype in FLOAT_DTYPES else f"{expr}.to(tl.int64)"
+
+    def row_offset_var(self, operand: Operand, shift=None) -> str | None:
+        key = ("ro", operand.value, operand.shape[:-1], operand.strides[:-1], shift)
+        if key not in self.leaf_vars:
+            expr = row_offset(operand.shape[:-1], operand.strides[:-1], "rows", shift)
+            if expr is None:
+                self.leaf_vars[key] = None
+            else:
+                name = self.fresh("ro")
+                self.code.preamble.append(f"{name} = {expr}")
+                self.leaf_vars[key] = name
+        return self.leaf_vars[key]
+
+    def narrow_load(self, operand: Operand) -> str:
+        """A [BM, 1] (or scalar) load of a per-row value, hoisted to the preamble."""
+        key = ("nl", operand)
+        if key not in self.leaf_vars:
+            ptr = self.pointer(operand.value, operand.offset)
+            ro = self.row_offset_var(operand) if operand.shape else None
+            name = self.fresh("ld")
+            dt = self.dtype(operand.value)
+            if ro is None:
+                self.code.preamble.append(f"{name} = {self.upcast(f'tl.load({ptr})', dt)}")
+            else:
+                self.code.preamble.append(
+                    f"{name} = {self.upcast(f'tl.load({ptr} + {ro}[:, None], mask=rmask[:, None], other=0)', dt)}")
+            self.leaf_vars[key] = name
+        return self.leaf_vars[key]
+
+    def load(self, operand: Operand, narrow: bool) -> str:
+        """Expression for a non-member operand at (rows, cols)."""
+        if not operand.shape or narrow or operand.shape[-1] == 1 or operand.strides[-1] == 0:
+            return self.narrow_load(operand)
+        ptr = self.pointer(operand.value, operand.offset)
+        ro = self.row_offset_var(operand)
+        s = operand.strides[-1]
+        col = "cols[None, :]" if s == 1 else f"cols[None, :] * {s}"
+        dt = self.dtype(operand.value)
+        if ro is None:
+            return self.upcast(f"tl.load({ptr} + {col}, mask=cmask[None, :], other=0)", dt)
+        return self.upcast(f"tl.load({ptr} + {ro}[:, None] + {col}, mask=mask, other=0)", dt)
+
+    # ---- ops -----------------------------------------------------------------------
+    def is_narrow(self, name: str) -> bool:
+        op = self.ops[name]
+        return op.kind == "reduce" or op.type.cols == 1
+
+    def arg(self, op: Op, i: int) -> str:
+        operand = op.inputs[i]
+        if operand.value in self.var:  # a member: aligned, already in registers
+            return self.var[operand.value]
+        return self.load(operand, narrow=self.is_narrow(op.name))
+
+    def op_expr(self, name: str) -> str:
+        op = self.ops[name]
+        if op.kind == "elementwise":
+            fn, enc = op.attr("fn"), op.attr("args")
+            integer = op.type.dtype not in FLOAT_DTYPES
+            args = [self.arg(op, a[1]) if isinstance(a, tuple) else literal(a, integer)
+                    for a in enc]
+            if fn == "cast":
+                return cast(args[0], self.dtype(op.inputs[0].value), op.type.dtype)
+            if fn == "pow":
+                return EXPRS["pow"](args[0], enc[1])
+            expr = EXPRS[fn](*args)
+            if op.type.dtype in ("bfloat16", "float16") and fn != "identity":
+                pass  # math stays in float32; the store rounds
+            return expr
+        if op.kind == "gather":
+            return self.gather(op)
+        if op.kind == "concat":
+            return self.concat(op)
+        raise NotImplementedError(op.kind)
+
+    def gather(self, op: Op) -> str:
+        table, index = op.inputs
+        key = ("gi", index)
+        if key not in self.leaf_vars:
+            name = self.fresh("gi")
+            ptr = self.pointer(index.value, index.offset)
+            ro = row_offset(index.shape, index.strides, "rows") or "0"
+            rows = table.shape[0]
+            self.code.preamble.append(
+                f"{name} = tl.load({ptr} + {ro}, mask=rmask, other=0).to(tl.int64)")
+            # never read outside the table, whatever the ids (the runtime rejects bad ids)
+            self.code.preamble.append(
+                f"{name} = tl.where(({name} >= 0) & ({name} < {rows}), {name}, 0)")
+            self.leaf_vars[key] = name
+        gi = self.leaf_vars[key]
+        ptr = self.pointer(table.value, table.offset)
+        s0, s1 = table.strides
+        col = "cols[None, :]" if s1 == 1 else f"cols[None, :] * {s1}"
+        return self.upcast(f"tl.load({ptr} + {gi}[:, None] * {s0} + {col}, mask=mask, other=0)",
+                           self.dtype(table.value))
+
+    def concat(self, op: Op) -> str:
+        dim = op.attr("dim")
+        nd = len(op.type.shape)
+        expr = "0.0"
+        start = 0
+        for piece in op.inputs:
+            stop = start + piece.shape[dim]
+            # pieces read in the concat's index space: strides of the piece, shape of the out
+            if dim == nd - 1:
+                view = Operand(piece.value, op.type.shape, piece.strides,
+                               piece.offset - start * piece.strides[dim])
+                value = self.load(view, narrow=False)
+                cond = f"(cols[None, :] >= {start}) & (cols[None, :] < {stop})"
+            else:
+                ro = row_offset(op.type.shape[:-1], piece.strides[:-1], "rows", (dim, start))
+                name = self.fresh("ro")
+                self.code.preamble.append(f"{name} = {ro or '0'}")
+                coord = row_offset(op.type.shape[:-1],
+                                   tuple(1 if d == dim else 0 for d in range(nd - 1)), "rows")
+                valid = self.fresh("rv")
+                self.code.preamble.append(f"{valid} = ({coord} >= {start}) & ({coord} < {stop})")
+                ptr = self.pointer(piece.value, piece.offset)
+                s = piece.strides[-1]
+                col = "cols[None, :]" if s == 1 else f"cols[None, :] * {s}"
+                value = self.upcast(
+                    f"tl.load({ptr} + {name}[:, None] + {col}, mask=mask & {valid}[:, None], other=0)",
+                    self.dtype(piece.value))
+                cond = f"{valid}[:, None]"
+            expr = f"tl.where({cond}, {value}, {expr})"
+            start = stop
+        return expr
+
+    # ---- sections ------------------------------------------------------------------
+    def needed(self, targets, avail: set[str], scope: list[str]) -> list[str]:
+        """Members in `scope` (order kept) needed to compute `targets` given `avail`."""
+        need: set[str] = set()
+        stack = [t for t in targets if t in self.var and t not in avail]
+        while stack:
+            n = stack.pop()
+            if n in need or n in avail or n == self.g.anchor:
+                continue
+            need.add(n)
+            for operand in self.ops[n].inputs:
+                if operand.value in self.var and operand.value not in avail:
+                    stack.append(operand.value)
+        return [n for n in scope if n in need]
+
+    def assign(self, name: str) -> str:
+        return f"{self.var[name]} = {self.op_expr(name)}"
+
+    def reduce_lines(self, name: str, loop: bool) -> tuple[list[str], list[str], str]:
+        """(init, update, finish) lines of a last-dim reduction."""
+        op = self.ops[name]
+        src = op.inputs[0]
+        x = self.var[src.value] if src.value in self.var else self.load(src, narrow=False)
+        acc = f"acc_{self.var[name]}"
+        scale = op.attr("scale", 1.0)
+        tail = f" * {literal(scale)}" if scale != 1.0 else ""
+        if op.attr("fn") == "max":
+            init = f"{acc} = tl.full([{self.tiling.block_m}], -float(\"inf\"), tl.float32)"
+            upd = f"{acc} = tl.maximum({acc}, tl.max(tl.where(mask, {x}, -float(\"inf\")), axis=1))"
+        else:
+            init = f"{acc} = tl.zeros([{self.tiling.block_m}], dtype=tl.float32)"
+            upd = f"{acc} = {acc} + tl.sum(tl.where(mask, {x}, 0.0), axis=1)"
+        finish = f"{self.var[name]} = ({acc}{tail})[:, None]"
+        return [init], [upd], finish
+
+    def row_phases(self, scope: list[str], avail: set[str]) -> None:
+        """Reductions over the whole row, each one chunked loop, in dependency order;
+        per-row values in between are computed once, outside the loops."""
+        def ready_narrow():
+            changed = True
+            while changed:
+                changed = False
+                for n in scope:
+                    if n in avail or not self.is_narrow(n) or self.ops[n].kind == "reduce":
+                        continue
+                    deps = [o.value for o in self.ops[n].inputs if o.value in self.var]
+                    if all(d in avail for d in deps):
+                        self.code.narrow.append(self.assign(n))
+                        avail.add(n)
+                        changed = True
+        for n in scope:
+            if self.ops[n].kind != "reduce":
+                continue
+            ready_narrow()
+            src = self.ops[n].inputs[0].value
+            body = [self.assign(m) for m in self.needed([src], avail, scope)]
+            init, upd, finish = self.reduce_lines(n, loop=True)
+            self.code.phases.append({"pre": list(self.code.narrow), "init": init,
+                                     "body": body + upd, "finish": finish})
+            self.code.narrow = []
+            avail.add(n)
+        ready_narrow()
+
+    def stores(self, names, narrow: bool) -> list[str]:
+        lines = []
+        for n in names:
+            op = self.ops[n]
+            if op.kind == "state_update":
+                continue
+            ptr = self.pointer(n)
+            width = op.type.cols
+            val = f"{self.var[n]}.to({TL_DTYPES[op.type.dtype]})"
+            if narrow:
+                off = "rows[:, None]" if width == 1 else f"rows[:, None] * {width}"
+                lines.append(f"tl.store({ptr} + {off}, {val}, mask=rmask[:, None])")
+            else:
+                lines.append(f"tl.store({ptr} + rows[:, None] * {width} + cols[None, :], "
+                             f"{val}, mask=mask)")
+        return lines
+
+
+def emit_group(group: Group, ops: dict[str, Op], tiling: GroupTiling,
+               buffers: dict[str, Buffer]) -> GroupCode:
+    e = GroupEmitter(group, ops, tiling, buffers)
+    c = e.code
+    wide_outs = [n for n in group.outputs if not e.is_narrow(n) and n != group.anchor]
+    narrow_outs = [n for n in group.outputs if e.is_narrow(n) and n != group.anchor]
+    c.consts = {"BM": tiling.block_m, "BN": tiling.block_n, "BK": tiling.block_k}
+    if group.kind == "row":
+        c.consts.update(R=group.rows, C=group.cols)
+        avail: set[str] = set()
+        scope = list(group.epilogue)
+        e.row_phases(scope, avail)
+        c.main = [e.assign(m) for m in e.needed(wide_outs, avail, scope)]
+        c.main += e.stores(wide_outs, narrow=False)
+        c.stores = e.stores(narrow_outs, narrow=True)
+        return c
+    anchor = ops[group.anchor]
+    batch, m, n = math.prod(anchor.type.shape[:-2]), anchor.type.shape[-2], anchor.type.shape[-1]
+    k = anchor.inputs[0].shape[-1]
+    c.consts.update(M=m, N=n, K=k)
+    a, b = anchor.inputs
+    avail = set()
+    prologue = list(group.prologue)
+    e.row_phases(prologue, avail)
+    if a.value in e.var:
+        a_lines = [e.assign(x) for x in e.needed([a.value], avail, prologue)]
+        a_expr = e.var[a.value]
+    else:
+        a_lines, a_expr = [], e.load(a, narrow=False)
+    a_dtype = ops[a.value].type.dtype
+    b_ptr = e.pointer(b.value, b.offset)
+    boff = row_offset(b.shape[:-2], b.strides[:-2], "t0")
+    if boff:
+        c.preamble.append(f"boff = {boff}")
+        b_ptr += " + boff"
+    sk, sn = b.strides[-2], b.strides[-1]
+    b_load = (f"tl.load({b_ptr} + cols[:, None] * {sk} + ncols[None, :] * {sn}, "
+              f"mask=cmask[:, None] & nmask[None, :], other=0)")
+    b_dtype = ops[b.value].type.dtype
+    a_round = f"a_tile.to({TL_DTYPES[a_dtype]}).to(tl.float32)" if a_dtype in ("bfloat16", "float16") else "a_tile"
+    c.main = a_lines + [f"a_tile = tl.where(mask, {a_expr}, 0.0)", f"a_tile = {a_round}",
+                        f"b_tile = {b_load}"]
+    if tiling.block_m >= 16 and tiling.block_k >= 16 and tiling.block_n >= 16:
+        if b_dtype in ("bfloat16", "float16"):
+            dt = TL_DTYPES[b_dtype]
+            c.dot = f"acc = tl.dot(a_tile.to({dt}), b_tile.to({dt}), acc)"
+        else:
+            c.dot = "acc = tl.dot(a_tile, b_tile.to(tl.float32), acc, input_precision=\"ieee\")"
+    else:
+        c.dot = "acc = acc + tl.sum(a_tile[:, :, None] * b_tile.to(tl.float32)[None, :, :], axis=1)"
+    lines = [f"{e.var[group.anchor]} = acc"]
+    for name in group.epilogue:
+        op = ops[name]
+        if op.kind == "reduce":
+            init, upd, finish = e.reduce_lines(name, loop=False)
+            lines += init + upd + [finish]
+        else:
+            lines.append(e.assign(name))
+    outs_wide = wide_outs + ([group.anchor] if group.anchor in group.outputs else [])
+    lines += e.stores(outs_wide, narrow=False) + e.stores(narrow_outs, narrow=True)
+    c.epilogue = lines
+    return c

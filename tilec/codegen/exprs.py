@@ -1,0 +1,90 @@
+"""Triton expressions for elementwise functions. All float math runs in float32.
+
+Each entry takes the argument expressions (strings) and returns one expression.
+"""
+from __future__ import annotations
+
+import math
+
+SQRT1_2 = 0.7071067811865476
+SQRT_2_OVER_PI = 0.7978845608028654
+
+
+def literal(x: float, integer: bool = False) -> str:
+    if integer and float(x).is_integer():
+        return str(int(x))
+    if math.isinf(x):
+        return 'float("inf")' if x > 0 else '-float("inf")'
+    if math.isnan(x):
+        return 'float("nan")'
+    return repr(float(x))
+
+
+def _tanh(a: str) -> str:
+    # tanh(a) = 1 - 2 / (exp(2a) + 1): exact limits at +-inf, no tl.tanh needed.
+    return f"(1.0 - 2.0 / (tl.exp(2.0 * {a}) + 1.0))"
+
+
+def _pow(a: str, p: str) -> str:
+    e = float(p)
+    if e == 0:
+        return f"({a} * 0.0 + 1.0)"
+    if e.is_integer() and abs(e) <= 8:
+        prod = " * ".join([f"({a})"] * int(abs(e)))
+        return f"({prod})" if e > 0 else f"(1.0 / ({prod}))"
+    if e == 0.5:
+        return f"tl.sqrt({a})"
+    if e == -0.5:
+        return f"tl.rsqrt({a})"
+    return f"tl.exp({p} * tl.log({a}))"
+
+
+EXPRS = {
+    "identity": lambda a: a,
+    "add": lambda a, b: f"({a} + {b})",
+    "sub": lambda a, b: f"({a} - {b})",
+    "rsub": lambda a, b: f"({b} - {a})",
+    "mul": lambda a, b: f"({a} * {b})",
+    "div": lambda a, b: f"({a} / {b})",
+    "neg": lambda a: f"(-{a})",
+    "exp": lambda a: f"tl.exp({a})",
+    "log": lambda a: f"tl.log({a})",
+    "sqrt": lambda a: f"tl.sqrt({a})",
+    "rsqrt": lambda a: f"tl.rsqrt({a})",
+    "reciprocal": lambda a: f"(1.0 / {a})",
+    "abs": lambda a: f"tl.abs({a})",
+    "cos": lambda a: f"tl.cos({a})",
+    "sin": lambda a: f"tl.sin({a})",
+    "relu": lambda a: f"tl.maximum({a}, 0.0)",
+    "sigmoid": lambda a: f"(1.0 / (1.0 + tl.exp(-{a})))",
+    "silu": lambda a: f"({a} / (1.0 + tl.exp(-{a})))",
+    "tanh": _tanh,
+    "erf": lambda a: f"tl.erf({a})",
+    "gelu_erf": lambda a: f"(0.5 * {a} * (1.0 + tl.erf({a} * {SQRT1_2})))",
+    "gelu_tanh": lambda a: (
+        f"(0.5 * {a} * (1.0 + {_tanh(f'({SQRT_2_OVER_PI} * ({a} + 0.044715 * {a} * {a} * {a}))')}))"),
+    "pow": _pow,
+    "maximum": lambda a, b: f"tl.maximum({a}, {b})",
+    "minimum": lambda a, b: f"tl.minimum({a}, {b})",
+    "where": lambda c, a, b: f"tl.where({c} != 0, {a}, {b})",
+    "lt": lambda a, b: f"({a} < {b}).to(tl.float32)",
+    "gt": lambda a, b: f"({a} > {b}).to(tl.float32)",
+    "le": lambda a, b: f"({a} <= {b}).to(tl.float32)",
+    "ge": lambda a, b: f"({a} >= {b}).to(tl.float32)",
+    "eq": lambda a, b: f"({a} == {b}).to(tl.float32)",
+    "ne": lambda a, b: f"({a} != {b}).to(tl.float32)",
+}
+
+TL_DTYPES = {
+    "float32": "tl.float32", "bfloat16": "tl.bfloat16", "float16": "tl.float16",
+    "int64": "tl.int64", "int32": "tl.int32",
+}
+
+
+def cast(expr: str, src: str, dst: str) -> str:
+    """A dtype conversion, rounding through the narrow type as eager PyTorch does."""
+    if dst in ("bfloat16", "float16"):
+        return f"{expr}.to({TL_DTYPES[dst]}).to(tl.float32)"
+    if dst in ("int64", "int32"):
+        return f"{expr}.to(tl.int64)"
+    return f"{expr}.to(tl.float32)"

@@ -1,0 +1,79 @@
+"""Render the persistent kernel: one task kind per distinct group body.
+
+Groups whose bodies render to the same text (the same layer repeated) share one
+opcode; what differs between them, the addresses of their buffers, lives in one row
+of the args table per group.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from tilec.codegen.emit import emit_group
+from tilec.ir.graph import FusedGraph
+from tilec.ir.schedule import Pool
+from tilec.ir.tasks import Buffer, GroupTiling
+
+KERNEL_NAME = "tilec_engine"
+TEMPLATES = Path(__file__).parent / "templates"
+FIXED_FIELDS = 6   # opcode, args row, t0, t1, t2, number of waits
+
+
+def record_width(max_waits: int) -> int:
+    return FIXED_FIELDS + 2 * max_waits + 1
+
+
+_env = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    source: str
+    opcodes: tuple[int, ...]             # per group (FusedGraph order)
+    args: tuple[tuple[int, ...], ...]    # per group: pool element offsets, padded
+    max_args: int
+    kinds: tuple[str, ...]               # per opcode: a readable name
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.source.encode()).hexdigest()
+
+
+def render(fused: FusedGraph, tilings: tuple[GroupTiling, ...], buffers: tuple[Buffer, ...],
+           pools: tuple[Pool, ...], max_waits: int, workers: int, model: str,
+           version: str) -> Rendered:
+    ops = fused.graph.by_name()
+    placed = {b.name: b for b in buffers}
+    tiling = {t.group: t for t in tilings}
+    bodies: dict[str, int] = {}
+    blocks = []
+    opcodes, rows, kinds = [], [], []
+    for g in fused.groups:
+        code = emit_group(g, ops, tiling[g.name], placed)
+        body = _env.get_template(f"{g.kind}.py.j2").render(c=code).rstrip("\n")
+        key = f"{len(code.bases)}\n{body}"
+        if key not in bodies:
+            bodies[key] = len(blocks)
+            label = g.name.split("_", 1)[1] if "_" in g.name else g.name
+            blocks.append({"opcode": len(blocks), "comment": f"{label} (first: {g.name})",
+                           "nbases": len(code.bases), "body": body})
+            kinds.append(label)
+        opcodes.append(bodies[key])
+        rows.append(tuple(code.bases))
+    max_args = max([len(r) for r in rows] + [1])
+    args = tuple(r + (0,) * (max_args - len(r)) for r in rows)
+    source = _env.get_template("kernel.py.j2").render(
+        version=version, model=model, blocks=blocks, workers=workers,
+        rec=record_width(max_waits), max_waits=max_waits, max_args=max_args,
+        kernel_name=KERNEL_NAME, pools=[p.name for p in pools],
+    )
+    return Rendered(source, tuple(opcodes), args, max_args, tuple(kinds))

@@ -1,0 +1,88 @@
+"""cost: predicted task times and DAG path lengths, used by the scheduler.
+
+The model only needs to be right in proportion: a task costs a fixed overhead
+(dispatch, wait, signal) plus whichever of its memory traffic or its arithmetic takes
+longer on one worker's share of the machine (all workers run at once, so each gets
+1/workers of the bandwidth and of the flop rate).
+"""
+from __future__ import annotations
+
+from tilec.ir.target import Target
+from tilec.ir.tasks import Task, TaskGraph
+
+LOW_PRECISION = ("bfloat16", "float16")
+
+
+def task_time_us(task: Task, target: Target, dtype: str = "float32") -> float:
+    workers = max(1, target.workers)
+    bytes_per_us = target.mem_gbps * 1e3 / workers           # GB/s = 1e3 bytes/us
+    tflops = target.bf16_tflops if dtype in LOW_PRECISION else target.fp32_tflops
+    flops_per_us = tflops * 1e6 / workers                      # TFLOP/s = 1e6 flop/us
+    memory = task.bytes / bytes_per_us if bytes_per_us > 0 else 0.0
+    compute = task.flops / flops_per_us if flops_per_us > 0 else 0.0
+    return target.task_overhead_us + max(memory, compute)
+
+
+def task_dtype(task: Task, dtypes: dict[str, str]) -> str:
+    """The dtype a task computes in: that of the first buffer it writes (an anchor's
+    output carries its operands' dtype), else of the first it reads.
+    `dtypes` maps buffer name -> dtype."""
+    for region in task.writes + task.reads:
+        if region.buffer in dtypes:
+            return dtypes[region.buffer]
+    return "float32"
+
+
+def task_times(taskgraph: TaskGraph, target: Target) -> list[float]:
+    """Predicted time of every task, indexed by task id."""
+    dtypes = {b.name: b.type.dtype for b in taskgraph.buffers}
+    return [task_time_us(t, target, task_dtype(t, dtypes)) for t in taskgraph.tasks]
+
+
+def successors(taskgraph: TaskGraph) -> list[list[int]]:
+    succ: list[list[int]] = [[] for _ in taskgraph.tasks]
+    for dep in taskgraph.deps:
+        succ[dep.before].append(dep.after)
+    return succ
+
+
+def predecessors(taskgraph: TaskGraph) -> list[list[int]]:
+    pred: list[list[int]] = [[] for _ in taskgraph.tasks]
+    for dep in taskgraph.deps:
+        pred[dep.after].append(dep.before)
+    return pred
+
+
+def bottom_levels(taskgraph: TaskGraph, target: Target) -> list[float]:
+    """Longest path (in predicted time) from each task to a sink, the task included.
+
+    Deps always point from a lower to a higher id, so one sweep in reverse id order
+    sees every successor before its predecessors."""
+    times = task_times(taskgraph, target)
+    succ = successors(taskgraph)
+    level = [0.0] * len(times)
+    for t in range(len(times) - 1, -1, -1):
+        level[t] = times[t] + max((level[s] for s in succ[t]), default=0.0)
+    return level
+
+
+def critical_path(taskgraph: TaskGraph, target: Target) -> tuple[float, list[int]]:
+    """(length in us, task ids along it) of the longest path through the deps DAG.
+    Ties go to the lowest id, so the answer is deterministic."""
+    if not taskgraph.tasks:
+        return 0.0, []
+    level = bottom_levels(taskgraph, target)
+    times = task_times(taskgraph, target)
+    succ = successors(taskgraph)
+    # A sink path starts at a task with the largest bottom level (a source, necessarily).
+    t = min(range(len(level)), key=lambda i: (-level[i], i))
+    length, path = level[t], [t]
+    while succ[t]:
+        # Follow the successor that carries the rest of the longest path.
+        rest = level[t] - times[t]
+        t = min((s for s in succ[t] if abs(level[s] - rest) <= 1e-9 * max(1.0, rest)),
+                default=None)
+        if t is None:
+            break
+        path.append(t)
+    return length, path

@@ -1,0 +1,142 @@
+"""memplan: Schedule -> Schedule with every buffer placed in a typed pool.
+
+One flat allocation per (kind, dtype), so the kernel takes one pointer per pool:
+weights `w_<dtype>`, state `s_<dtype>`, everything else `a_<dtype>` (the arena).
+Offsets are multiples of 16 elements so vector loads stay aligned for every dtype.
+
+Weights and state live across steps: back to back, never shared. Inputs and outputs
+are touched by the host before and after the launch, so they are live for the whole
+step and share bytes with nothing. An activation may reuse arena bytes of another
+activation only when one's accesses all happen-before the other's, by the schedule's
+own queues and waits (the vector clocks of `sync`), so no interleaving the kernel can
+take reads bytes that another buffer is still using.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from tilec.ir.schedule import Pool, Schedule
+from tilec.ir.tasks import Buffer
+from tilec.passes.sync import happens_before_clocks
+
+ALIGN = 16   # elements
+POOL_PREFIX = {"weight": ("w", "weight"), "state": ("s", "state"),
+               "input": ("a", "arena"), "output": ("a", "arena"),
+               "activation": ("a", "arena")}
+
+
+def align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def pool_of(buffer: Buffer) -> tuple[str, str]:
+    """(pool name, pool kind) a buffer belongs to."""
+    prefix, kind = POOL_PREFIX[buffer.kind]
+    return f"{prefix}_{buffer.type.dtype}", kind
+
+
+def size_of(buffer: Buffer) -> int:
+    return max(buffer.type.numel, 1)
+
+
+def accesses(schedule: Schedule) -> dict[str, list[int]]:
+    """buffer name -> ids of the tasks that read or write it."""
+    found: dict[str, set[int]] = {}
+    for task in schedule.taskgraph.tasks:
+        for region in task.reads + task.writes:
+            found.setdefault(region.buffer, set()).add(task.id)
+    return {name: sorted(ts) for name, ts in found.items()}
+
+
+class Lifetimes:
+    """Answers "do all accesses of X happen-before all accesses of Y?" in O(workers)
+    per pair: X's last position per worker against the elementwise minimum of Y's
+    clocks taken just before each of its tasks runs."""
+
+    def __init__(self, schedule: Schedule, by_buffer: dict[str, list[int]]):
+        where = schedule.worker_of()
+        clocks = np.array(happens_before_clocks(schedule), dtype=np.int64)
+        clocks = clocks.reshape(len(schedule.taskgraph.tasks), max(1, schedule.workers))
+        for t, (w, i) in where.items():
+            clocks[t, w] = i     # before the task itself runs
+        self.need: dict[str, np.ndarray] = {}
+        self.meet: dict[str, np.ndarray] = {}
+        for name, ts in by_buffer.items():
+            if not ts:
+                continue
+            need = np.zeros(clocks.shape[1], dtype=np.int64)
+            for t in ts:
+                w, i = where[t]
+                need[w] = max(need[w], i + 1)
+            self.need[name] = need
+            self.meet[name] = clocks[ts].min(axis=0)
+
+    def before(self, x: str, y: str) -> bool:
+        if x not in self.need or y not in self.need:
+            return False   # a buffer no task touches is treated as always live
+        return bool(np.all(self.meet[y] >= self.need[x]))
+
+    def disjoint(self, x: str, y: str) -> bool:
+        return self.before(x, y) or self.before(y, x)
+
+
+def first_fit(size: int, taken: list[tuple[int, int]]) -> int:
+    """Lowest aligned offset where [offset, offset + size) misses every interval."""
+    offset = 0
+    for start, stop in sorted(taken):
+        if offset + size <= start:
+            break
+        offset = max(offset, align(stop))
+    return offset
+
+
+def memplan(schedule: Schedule) -> Schedule:
+    buffers = schedule.taskgraph.buffers
+    by_buffer = accesses(schedule)
+    rank = {t: i for i, t in enumerate(schedule.order)}
+    offsets: dict[str, int] = {}
+    ends: dict[str, int] = {}                      # pool -> end of its last buffer
+    placed: dict[str, list[Buffer]] = {}           # arena pool -> placed buffers
+    index = {b.name: i for i, b in enumerate(buffers)}
+    lifetimes = None
+
+    def first_use(b: Buffer) -> tuple[int, int]:
+        ts = by_buffer.get(b.name, [])
+        return min((rank.get(t, len(rank)) for t in ts), default=len(rank)), index[b.name]
+
+    # Fixed buffers first (they pin their bytes), then activations by first use.
+    fixed = [b for b in buffers if b.kind != "activation"]
+    scratch = sorted((b for b in buffers if b.kind == "activation"), key=first_use)
+    for b in fixed:
+        pool, kind = pool_of(b)
+        if kind == "arena":
+            taken = [(offsets[p.name], offsets[p.name] + size_of(p))
+                     for p in placed.get(pool, [])]
+            offsets[b.name] = first_fit(size_of(b), taken)
+            placed.setdefault(pool, []).append(b)
+        else:
+            offsets[b.name] = align(ends.get(pool, 0))
+        ends[pool] = max(ends.get(pool, 0), offsets[b.name] + size_of(b))
+    for b in scratch:
+        if lifetimes is None:
+            lifetimes = Lifetimes(schedule, by_buffer)
+        pool, _ = pool_of(b)
+        taken = [(offsets[p.name], offsets[p.name] + size_of(p))
+                 for p in placed.get(pool, [])
+                 if p.kind != "activation" or not lifetimes.disjoint(p.name, b.name)]
+        offsets[b.name] = first_fit(size_of(b), taken)
+        placed.setdefault(pool, []).append(b)
+        ends[pool] = max(ends.get(pool, 0), offsets[b.name] + size_of(b))
+
+    planned = tuple(replace(b, pool=pool_of(b)[0], offset=offsets[b.name]) for b in buffers)
+    pools, seen = [], set()
+    for b in buffers:
+        name, kind = pool_of(b)
+        if name not in seen:
+            seen.add(name)
+            pools.append(Pool(name, b.type.dtype, max(1, ends[name]), kind))
+    order = {"weight": 0, "state": 1, "arena": 2}
+    pools.sort(key=lambda p: order[p.kind])
+    return replace(schedule, buffers=planned, pools=tuple(pools))

@@ -1,0 +1,268 @@
+"""sync: Schedule -> Schedule with events, one signal per task, and waits.
+
+Events. A consumer needs, from each producer group, some set of that group's tasks.
+The group's tasks are split into the coarsest blocks such that every consumer's
+needed set is a union of blocks (tasks with the same set of consumers share a block);
+a block is one event counter that each of its tasks signals once. A consumer then
+waits on each block it needs for the block's full count, so a wait never depends on
+which of the signallers arrive first. Producers on the consumer's own worker are left
+out of the needed sets before blocking: queue order already covers them, and fewer
+constraints give coarser blocks (fewer events).
+
+Pruning. Many waits are implied: by queue order, or transitively by another wait.
+Walking the tasks in the global order, each task carries a vector clock (per worker,
+how many of its tasks are known complete); a wait whose signallers are all already
+covered is dropped, otherwise it is kept and its signallers' clocks are joined in.
+
+Cap. The task record has room for `max_waits` waits. A task that still needs more
+has pairs of its events merged into one counter, when that is safe: every waiter of
+the merged event comes after every one of its signallers in the global order (so a
+waiter that now waits for extra signallers cannot deadlock; it only waits longer).
+When no such pair is left the task keeps more waits than `max_waits`: correctness
+first; codegen sizes the record by `max(len(w) for w in schedule.waits)`.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import replace
+
+from tilec.errors import ScheduleError
+from tilec.ir.schedule import Event, Schedule, Wait
+
+MAX_WAITS = 8
+
+
+def sync(schedule: Schedule, max_waits: int = MAX_WAITS) -> Schedule:
+    tasks = schedule.taskgraph.tasks
+    where = _positions(schedule.queues, len(tasks))
+    needs = _cross_worker_needs(schedule, where)
+    event_of, members = _blocks(schedule, needs)
+    wanted = [sorted({event_of[p] for p in needs[t]}) for t in range(len(tasks))]
+    kept = _prune(schedule, where, event_of, members, wanted)
+    kept, event_of, members = _cap(schedule, kept, event_of, members, max_waits)
+    events = tuple(Event(e, len(m)) for e, m in enumerate(members))
+    waits = tuple(tuple(Wait(e, len(members[e])) for e in sorted(kept[t]))
+                  for t in range(len(tasks)))
+    return replace(schedule, events=events, signal=tuple(event_of), waits=waits)
+
+
+def _positions(queues, n: int) -> list[tuple[int, int]]:
+    """task id -> (worker, position in its queue); every task must be queued once."""
+    where: list = [None] * n
+    for w, queue in enumerate(queues):
+        for i, t in enumerate(queue):
+            if not 0 <= t < n or where[t] is not None:
+                raise ScheduleError(f"task {t} (worker {w}, #{i}) is unknown or queued twice")
+            where[t] = (w, i)
+    missing = [t for t in range(n) if where[t] is None]
+    if missing:
+        raise ScheduleError(f"task {missing[0]} is in no queue")
+    return where
+
+
+def _cross_worker_needs(schedule: Schedule, where) -> list[list[int]]:
+    """Per task, the producers on other workers it must wait for."""
+    needs: list[set[int]] = [set() for _ in schedule.taskgraph.tasks]
+    for dep in schedule.taskgraph.deps:
+        (wb, ib), (wa, ia) = where[dep.before], where[dep.after]
+        if wb == wa:
+            if ib > ia:
+                raise ScheduleError(
+                    f"task {dep.after} runs before task {dep.before} on worker {wa} but "
+                    f"depends on it ({dep.kind} on buffer {dep.buffer!r})")
+            continue
+        needs[dep.after].add(dep.before)
+    return [sorted(s) for s in needs]
+
+
+def _blocks(schedule: Schedule, needs) -> tuple[list[int], list[list[int]]]:
+    """event id per task, and the tasks of each event. Tasks of one group with the
+    same consumers form one block; ids follow the lowest task id of each block."""
+    tasks = schedule.taskgraph.tasks
+    consumers: list[list[int]] = [[] for _ in tasks]
+    for t in range(len(tasks)):          # ascending, so each list comes out sorted
+        for p in needs[t]:
+            consumers[p].append(t)
+    ids: dict[tuple, int] = {}
+    event_of, members = [], []
+    for task in tasks:
+        key = (task.group, tuple(consumers[task.id]))
+        if key not in ids:
+            ids[key] = len(members)
+            members.append([])
+        event_of.append(ids[key])
+        members[ids[key]].append(task.id)
+    return event_of, members
+
+
+def _join(a: list[int], b: list[int]) -> list[int]:
+    return list(map(max, a, b))
+
+
+def _covers(clock: list[int], need: dict[int, int]) -> bool:
+    return all(clock[w] >= n for w, n in need.items())
+
+
+def _prune(schedule: Schedule, where, event_of, members, wanted) -> list[list[int]]:
+    """The waits left once those implied by queue order or other waits are dropped."""
+    workers = len(schedule.queues)
+    rank = {t: i for i, t in enumerate(schedule.order)}
+    latest = [max(rank[t] for t in m) for m in members]
+    need: dict[int, dict[int, int]] = {}    # event -> worker -> 1 + last signaller pos
+    for e, m in enumerate(members):
+        need[e] = {}
+        for t in m:
+            w, i = where[t]
+            need[e][w] = max(need[e].get(w, 0), i + 1)
+    after: list = [None] * len(event_of)     # VC-after per task
+    event_clock: dict[int, list[int]] = {}
+    kept: list[list[int]] = [[] for _ in event_of]
+
+    def clock_of(e: int) -> list[int]:
+        if e not in event_clock:
+            clock = [0] * workers
+            for t in members[e]:
+                if after[t] is None:
+                    raise ScheduleError(f"task {t} signals event {e} but comes after a "
+                                        f"waiter in the global order")
+                clock = _join(clock, after[t])
+            event_clock[e] = clock
+        return event_clock[e]
+
+    for t in schedule.order:
+        w, i = where[t]
+        base = after[schedule.queues[w][i - 1]] if i else [0] * workers
+        clock = list(base)
+        # Latest signallers first: their clocks know the most, so they imply the rest.
+        for e in sorted(wanted[t], key=lambda e: (-latest[e], e)):
+            if not _covers(clock, need[e]):
+                kept[t].append(e)
+                clock = _join(clock, clock_of(e))
+        # A wait kept early may be implied by ones kept after it.
+        for e in list(kept[t]):
+            others = list(base)
+            for o in kept[t]:
+                if o != e:
+                    others = _join(others, clock_of(o))
+            if _covers(others, need[e]):
+                kept[t].remove(e)
+        clock[w] = i + 1
+        after[t] = clock
+    return kept
+
+
+def _cap(schedule: Schedule, kept, event_of, members, max_waits: int):
+    """Merge events of tasks with more than `max_waits` waits, where safe (see the
+    module docstring); then renumber events by their lowest signalling task."""
+    if all(len(k) <= max_waits for k in kept):
+        return kept, event_of, members
+    rank = {t: i for i, t in enumerate(schedule.order)}
+    last_signal = [max(rank[t] for t in m) for m in members]
+    waiters: list[set[int]] = [set() for _ in members]
+    for t, events in enumerate(kept):
+        for e in events:
+            waiters[e].add(t)
+    first_wait = [min((rank[t] for t in ws), default=len(rank)) for ws in waiters]
+    parent = list(range(len(members)))
+    kept = [set(k) for k in kept]
+    for t in sorted(range(len(kept)), key=lambda t: rank[t]):
+        while len(kept[t]) > max_waits:
+            pair = _mergeable(sorted(kept[t]), last_signal, first_wait)
+            if pair is None:
+                break
+            a, b = pair
+            parent[b] = a
+            last_signal[a] = max(last_signal[a], last_signal[b])
+            first_wait[a] = min(first_wait[a], first_wait[b])
+            for u in waiters[b]:
+                kept[u].discard(b)
+                kept[u].add(a)
+            waiters[a] |= waiters[b]
+            waiters[b] = set()
+
+    def root(e: int) -> int:
+        while parent[e] != e:
+            e = parent[e]
+        return e
+
+    merged: dict[int, list[int]] = {}
+    for t, e in enumerate(event_of):
+        merged.setdefault(root(e), []).append(t)
+    renumber = {old: new for new, old in enumerate(sorted(merged, key=lambda r: merged[r][0]))}
+    event_of = [renumber[root(e)] for e in event_of]
+    members = [merged[old] for old in sorted(merged, key=renumber.get)]
+    kept = [sorted(renumber[root(e)] for e in k) for k in kept]
+    return kept, event_of, members
+
+
+def _mergeable(events, last_signal, first_wait):
+    for x in range(len(events)):
+        for y in range(x + 1, len(events)):
+            a, b = events[x], events[y]
+            if max(last_signal[a], last_signal[b]) < min(first_wait[a], first_wait[b]):
+                return a, b
+    return None
+
+
+def wait_order(queues, signal, waits) -> tuple[list[int], list[int]]:
+    """A global order consistent with every queue and every wait (Kahn's algorithm
+    over queue edges and signaller -> event -> waiter edges), and the tasks left
+    out of it because they sit on (or behind) a cycle. Uses only the stored queues,
+    signals and waits, so `verify` can trust it."""
+    n = len(signal)
+    n_events = max([*signal, *(w.event for ws in waits for w in ws)], default=-1) + 1
+    indegree = [0] * (n + n_events)
+    out: list[list[int]] = [[] for _ in range(n + n_events)]
+    for queue in queues:
+        for a, b in zip(queue, queue[1:]):
+            out[a].append(b)
+            indegree[b] += 1
+    for t, e in enumerate(signal):
+        out[t].append(n + e)
+        indegree[n + e] += 1
+    for t, ws in enumerate(waits):
+        for w in ws:
+            out[n + w.event].append(t)
+            indegree[t] += 1
+    ready = deque(v for v in range(n + n_events) if indegree[v] == 0)
+    order = []
+    while ready:
+        v = ready.popleft()
+        if v < n:
+            order.append(v)
+        for u in out[v]:
+            indegree[u] -= 1
+            if indegree[u] == 0:
+                ready.append(u)
+    done = set(order)
+    return order, [t for t in range(n) if t not in done]
+
+
+def happens_before_clocks(schedule: Schedule) -> list[list[int]]:
+    """Per task id, its vector clock after it completes: entry w = how many of worker
+    w's first tasks are known complete. Task a happens-before task b (a != b) iff
+    clocks[b][worker(a)] > position(a). Built only from queues, signals and waits;
+    a wait implies its signallers only when it waits for all of them."""
+    n = len(schedule.taskgraph.tasks)
+    where = _positions(schedule.queues, n)
+    order, stuck = wait_order(schedule.queues, schedule.signal, schedule.waits)
+    if stuck:
+        t = stuck[0]
+        raise ScheduleError(f"task {t} (worker {where[t][0]}) is on a wait cycle: no "
+                            f"global order fits its queue and waits")
+    signallers: dict[int, list[int]] = {}
+    for t, e in enumerate(schedule.signal):
+        signallers.setdefault(e, []).append(t)
+    workers = len(schedule.queues)
+    clocks: list = [None] * n
+    for t in order:
+        w, i = where[t]
+        clock = list(clocks[schedule.queues[w][i - 1]]) if i else [0] * workers
+        for wait in schedule.waits[t]:
+            ss = signallers.get(wait.event, [])
+            if wait.count >= len(ss):
+                for s in ss:
+                    clock = _join(clock, clocks[s])
+        clock[w] = i + 1
+        clocks[t] = clock
+    return clocks
