@@ -137,11 +137,11 @@ def _task_regions(g: Group, tl: GroupTiling, tile_idx, ops, storage):
 
     for name, (ra, rb, ca, cb) in spaces:
         op = ops[name]
-        if op.kind == "reduce":
-            full = op.inputs[0].shape[-1]
-            ca, cb = 0, full
-        elif _width(op) == 1:
-            ca, cb = 0, 1
+        out_cols = (0, 1) if _width(op) == 1 else (ca, cb)
+        if op.kind == "reduce":  # walks the whole input row
+            ca, cb = 0, op.inputs[0].shape[-1]
+        else:
+            ca, cb = out_cols
         flops += (rb - ra) * (cb - ca)
         for pos, operand in enumerate(op.inputs):
             if operand.value in members:
@@ -157,7 +157,7 @@ def _task_regions(g: Group, tl: GroupTiling, tile_idx, ops, storage):
             else:
                 read(operand, rows_box(operand.shape, ra, rb, ca, cb))
         if name in g.outputs and op.kind != "state_update":
-            writes.append(Region(name, rows_box(op.type.shape, ra, rb, ca, cb)))
+            writes.append(Region(name, rows_box(op.type.shape, ra, rb, *out_cols)))
     return tuple(reads.values()), tuple(writes), flops
 
 

@@ -1,0 +1,177 @@
+"""The one pipeline: model -> ir.Graph -> passes -> kernel -> Engine (DESIGN.md diagram).
+
+    export ▶ lower ▶ fuse ▶ tile ▶ deps ▶ schedule ▶ sync ▶ memplan ▶ verify ▶ render ▶ pack
+
+Each stage is a pure function of the previous stage's result; `compile_module` runs
+them in order, reports each stage's time, and can dump every stage as text.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tilec.codegen.render import Rendered, render
+from tilec.compiler import frontend
+from tilec.errors import ConfigError
+from tilec.ir.graph import contiguous_strides
+from tilec.ir.schedule import Schedule
+from tilec.ir.serial import to_plain
+from tilec.ir.target import TARGETS, Target
+from tilec.passes.deps import deps
+from tilec.passes.fuse import fuse
+from tilec.passes.memplan import memplan
+from tilec.passes.schedule import schedule
+from tilec.passes.sync import sync
+from tilec.passes.tile import TileOptions, tile
+from tilec.passes.verify import check
+from tilec.runtime.engine import Engine, IOSpec, Manifest, TORCH_DTYPES, encode_tables
+from tilec.version import __version__
+
+MAX_WAITS = 8
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    target: Target = TARGETS["cpu"]
+    policy: str = "critical_path"
+    tiles: TileOptions = TileOptions()
+    max_waits: int = MAX_WAITS
+
+
+def target_options(name: str, workers: int | None = None, policy: str = "critical_path",
+                   tile_m: int | None = None, tile_n: int | None = None,
+                   tile_k: int | None = None) -> CompileOptions:
+    if name not in TARGETS:
+        raise ConfigError(f"unknown target {name!r} (choose from {', '.join(TARGETS)})")
+    target = TARGETS[name]
+    if workers is not None:
+        if workers < 1:
+            raise ConfigError(f"workers must be at least 1, got {workers}")
+        target = replace(target, workers=workers)
+    base = default_tiles(target)
+    tiles = replace(base, tile_m=tile_m or base.tile_m, tile_n=tile_n or base.tile_n,
+                    tile_k=tile_k or base.tile_k)
+    return CompileOptions(target=target, policy=policy, tiles=tiles)
+
+
+def default_tiles(target: Target) -> TileOptions:
+    if target.backend == "cpu":
+        # The interpreter pays per task and per numpy call, not per element: few, big tiles.
+        return TileOptions(tile_m=32, tile_n=128, tile_k=128, row_chunk=4096)
+    return TileOptions(tile_m=16, tile_n=64, tile_k=64, row_chunk=1024)
+
+
+@dataclass
+class Progress:
+    """Stage timings; `on_stage(name, seconds)` is called as each stage finishes."""
+
+    on_stage: Callable[[str, float], None] | None = None
+    times: dict[str, float] = field(default_factory=dict)
+
+    def run(self, name: str, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        dt = time.perf_counter() - t0
+        self.times[name] = dt
+        if self.on_stage:
+            self.on_stage(name, dt)
+        return out
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    name: str
+    low: int = 0
+    high: int | None = None
+
+
+def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], *,
+                   name: str = "model", options: CompileOptions = CompileOptions(),
+                   input_info: tuple[InputInfo, ...] = (), seed: int = 0,
+                   progress: Progress | None = None, dump_dir: str | None = None) -> Engine:
+    progress = progress or Progress()
+    dump = _Dumper(dump_dir)
+    ep = progress.run("export", frontend.export, module, example_inputs)
+    dump.text("01_exported_fx.txt", str(ep.graph_module.graph))
+    lowered = progress.run("lower", frontend.lower, ep)
+    dump.json("02_ir.json", lowered.graph)
+    fused = progress.run("fuse", fuse, lowered.graph)
+    dump.json("03_fused.json", fused.groups)
+    taskgraph = progress.run("tile", tile, fused, options.tiles)
+    taskgraph = progress.run("deps", deps, taskgraph)
+    dump.json("04_tasks.json", {"tilings": taskgraph.tilings, "tasks": taskgraph.tasks,
+                                "deps": taskgraph.deps})
+    sched = progress.run("schedule", schedule, taskgraph, options.target, options.policy)
+    sched = progress.run("sync", sync, sched, options.max_waits)
+    sched = progress.run("memplan", memplan, sched)
+    dump.json("05_schedule.json", {"queues": sched.queues, "events": sched.events,
+                                   "waits": sched.waits, "signal": sched.signal,
+                                   "buffers": sched.buffers, "pools": sched.pools})
+    progress.run("verify", check, sched)
+    max_waits = max([len(w) for w in sched.waits] + [1])
+    rendered = progress.run("render", render_schedule, sched, max_waits, name)
+    dump.text("06_kernel.py", rendered.source)
+    engine = progress.run("pack", pack, sched, rendered, lowered, max_waits, name,
+                          input_info, seed)
+    return engine
+
+
+def render_schedule(sched: Schedule, max_waits: int, name: str) -> Rendered:
+    return render(sched.taskgraph.fused, sched.taskgraph.tilings, sched.buffers, sched.pools,
+                  max_waits, sched.target.workers, name, __version__)
+
+
+def pack(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered, max_waits: int,
+         name: str, input_info: tuple[InputInfo, ...], seed: int) -> Engine:
+    tensors = encode_tables(sched, rendered.opcodes, max_waits)
+    tensors["args"] = torch.tensor(rendered.args, dtype=torch.int64).reshape(
+        len(rendered.args), rendered.max_args)
+    placed = {b.name: b for b in sched.buffers}
+    for pool in sched.pools:
+        if pool.kind not in ("weight", "state"):
+            continue
+        data = torch.zeros(pool.numel, dtype=TORCH_DTYPES[pool.dtype])
+        for b in sched.buffers:
+            if b.pool == pool.name and b.name in lowered.constants:
+                value = lowered.constants[b.name].to(data.dtype).contiguous().reshape(-1)
+                data[b.offset:b.offset + value.numel()] = value
+        tensors[f"pool.{pool.name}"] = data
+    info = {i.name: i for i in input_info}
+    inputs = []
+    for user_name, value in zip(lowered.input_names, lowered.graph.inputs):
+        t = lowered.graph.op(value).type
+        extra = info.get(user_name, InputInfo(user_name))
+        inputs.append(IOSpec(user_name, value, t.shape, contiguous_strides(t.shape), 0,
+                             t.dtype, extra.low, extra.high))
+    outputs = []
+    ops = lowered.graph.by_name()
+    for out_name, operand in lowered.graph.outputs:
+        buf = placed[operand.value]
+        outputs.append(IOSpec(out_name, buf.name, operand.shape, operand.strides,
+                              operand.offset, ops[operand.value].type.dtype))
+    stored = replace(sched, queues=(), signal=(), waits=())
+    manifest = Manifest(name, stored, tuple(inputs), tuple(outputs), rendered.opcodes,
+                        rendered.kinds, max_waits, rendered.max_args, seed)
+    return Engine(manifest, rendered.source, tensors)
+
+
+class _Dumper:
+    """Writes each stage as text when `tilec compile --dump-dir` asks for it."""
+
+    def __init__(self, folder: str | None):
+        self.folder = Path(folder) if folder else None
+        if self.folder:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def text(self, name: str, text: str) -> None:
+        if self.folder:
+            (self.folder / name).write_text(text)
+
+    def json(self, name: str, obj) -> None:
+        if self.folder:
+            (self.folder / name).write_text(json.dumps(to_plain(obj), indent=1))

@@ -1,0 +1,318 @@
+"""verify: prove a Schedule race- and deadlock-free (DESIGN.md, "Schedule invariants").
+
+Every check is recomputed from what the kernel will actually run: the stored queues,
+signals and waits, the tasks' regions and the planned buffers. Nothing the compiler
+derived along the way (taskgraph.deps, schedule.order, predicted times) is trusted,
+so a bug in any pass shows up here as a one-line violation.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from tilec.errors import ScheduleError
+from tilec.ir.schedule import Schedule
+from tilec.ir.tasks import Buffer, Region
+from tilec.passes.sync import happens_before_clocks, wait_order
+
+CHECKS = ("each_task_once", "global_order", "thresholds", "conflicts_ordered",
+          "regions_in_buffers", "arena_disjoint")
+MAX_REPORTED = 50   # per check; a broken schedule can have millions of violations
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    ok: bool
+    checks: dict[str, bool]
+    violations: tuple[str, ...]
+
+
+def check(schedule: Schedule) -> None:
+    """Raise ScheduleError naming the first violation, if any."""
+    report = verify(schedule)
+    if not report.ok:
+        raise ScheduleError(report.violations[0])
+
+
+def verify(schedule: Schedule) -> VerifyReport:
+    ctx = _Context(schedule)
+    found: dict[str, list[str]] = {}
+    found["each_task_once"] = _each_task_once(ctx)
+    found["global_order"] = _global_order(ctx) if not found["each_task_once"] else \
+        ["global_order: not checkable until every task is queued exactly once"]
+    found["thresholds"] = _thresholds(ctx)
+    clocks_ok = not found["global_order"] and ctx.shapes_ok
+    ctx.clocks = happens_before_clocks(schedule) if clocks_ok else None
+    found["conflicts_ordered"] = _conflicts_ordered(ctx)
+    found["regions_in_buffers"] = _regions_in_buffers(ctx)
+    found["arena_disjoint"] = _arena_disjoint(ctx)
+    violations: list[str] = []
+    for name in CHECKS:
+        items = found[name]
+        violations += items[:MAX_REPORTED]
+        if len(items) > MAX_REPORTED:
+            violations.append(f"{name}: ... and {len(items) - MAX_REPORTED} more")
+    checks = {name: not found[name] for name in CHECKS}
+    return VerifyReport(all(checks.values()), checks, tuple(violations))
+
+
+class _Context:
+    """What every check reads, computed once."""
+
+    def __init__(self, schedule: Schedule):
+        self.s = schedule
+        self.tasks = schedule.taskgraph.tasks
+        self.n = len(self.tasks)
+        self.where = schedule.worker_of()
+        self.shapes_ok = len(schedule.signal) == self.n and len(schedule.waits) == self.n \
+            and all(0 <= e < len(schedule.events) for e in schedule.signal) \
+            and all(0 <= w.event < len(schedule.events) for ws in schedule.waits for w in ws)
+        self.clocks = None
+
+    def who(self, t: int) -> str:
+        group = self.tasks[t].group if 0 <= t < self.n else "?"
+        w, i = self.where.get(t, ("?", "?"))
+        return f"task {t} (group {group}, worker {w} #{i})"
+
+    def hb(self, a: int, b: int) -> bool:
+        """a happens-before b: b's clock covers a (queue order and waits, transitively)."""
+        w, i = self.where[a]
+        return a != b and self.clocks[b][w] > i
+
+    def covered_before(self, need: dict[int, int], b: int) -> bool:
+        """Every task of a set (given as worker -> 1 + last position) happens-before b."""
+        wb, ib = self.where[b]
+        clock = self.clocks[b]
+        return all((ib if w == wb else clock[w]) >= k for w, k in need.items())
+
+
+def _each_task_once(ctx: _Context) -> list[str]:
+    out = []
+    seen = Counter(t for q in ctx.s.queues for t in q)
+    for w, q in enumerate(ctx.s.queues):
+        for i, t in enumerate(q):
+            if not 0 <= t < ctx.n:
+                out.append(f"each_task_once: worker {w} #{i} holds unknown task id {t}")
+    for t in range(ctx.n):
+        if seen[t] == 0:
+            out.append(f"each_task_once: task {t} (group {ctx.tasks[t].group}) is in no queue")
+        elif seen[t] > 1:
+            places = [f"worker {w} #{i}" for w, q in enumerate(ctx.s.queues)
+                      for i, u in enumerate(q) if u == t]
+            out.append(f"each_task_once: task {t} (group {ctx.tasks[t].group}) is queued "
+                       f"{seen[t]} times: {', '.join(places)}")
+    return out
+
+
+def _global_order(ctx: _Context) -> list[str]:
+    if not ctx.shapes_ok:
+        return ["global_order: not checkable: signal/waits do not give one valid event "
+                "per task"]
+    s = ctx.s
+    _, stuck = wait_order(s.queues, s.signal, s.waits)
+    if not stuck:
+        return []
+    cycle = _find_cycle(ctx, set(stuck))
+    path = " -> ".join(ctx.who(t) for t in cycle)
+    return [f"global_order: no order fits every queue and wait (deadlock): {path} -> "
+            f"task {cycle[0]}"]
+
+
+def _find_cycle(ctx: _Context, stuck: set[int]) -> list[int]:
+    """Walk back from a stuck task through stuck predecessors until one repeats.
+    (A stuck task always has one: its queue predecessor or a signaller it waits on.)"""
+    signallers: dict[int, list[int]] = {}
+    for t, e in enumerate(ctx.s.signal):
+        signallers.setdefault(e, []).append(t)
+
+    def stuck_pred(t: int) -> int:
+        w, i = ctx.where[t]
+        if i and ctx.s.queues[w][i - 1] in stuck:
+            return ctx.s.queues[w][i - 1]
+        for wait in ctx.s.waits[t]:
+            for u in signallers.get(wait.event, []):
+                if u in stuck:
+                    return u
+        raise AssertionError(f"stuck task {t} without a stuck predecessor")
+
+    path, index = [], {}
+    t = min(stuck)
+    while t not in index:
+        index[t] = len(path)
+        path.append(t)
+        t = stuck_pred(t)
+    return list(reversed(path[index[t]:]))
+
+
+def _thresholds(ctx: _Context) -> list[str]:
+    s, out = ctx.s, []
+    if len(s.signal) != ctx.n or len(s.waits) != ctx.n:
+        return [f"thresholds: {len(s.signal)} signals and {len(s.waits)} wait lists for "
+                f"{ctx.n} tasks"]
+    received = Counter(s.signal)
+    for i, event in enumerate(s.events):
+        if event.id != i:
+            out.append(f"thresholds: event at index {i} has id {event.id}")
+        if event.signals != received[i]:
+            out.append(f"thresholds: event {i} expects {event.signals} signals but "
+                       f"{received[i]} tasks signal it")
+    for t, e in enumerate(s.signal):
+        if not 0 <= e < len(s.events):
+            out.append(f"thresholds: {ctx.who(t)} signals unknown event {e}")
+    for t, ws in enumerate(s.waits):
+        for w in ws:
+            if not 0 <= w.event < len(s.events):
+                out.append(f"thresholds: {ctx.who(t)} waits on unknown event {w.event}")
+            elif w.count != s.events[w.event].signals:
+                out.append(f"thresholds: {ctx.who(t)} waits for {w.count} signals of event "
+                           f"{w.event}, which gets {s.events[w.event].signals}")
+    return out
+
+
+def _fmt(region: Region) -> str:
+    return f"{region.buffer}[{','.join(f'{a}:{b}' for a, b in region.box)}]"
+
+
+def _conflicts_ordered(ctx: _Context) -> list[str]:
+    if ctx.clocks is None:
+        return ["conflicts_ordered: not checkable without a valid global order"]
+    per_buffer: dict[str, list[tuple[int, Region, bool]]] = {}
+    for task in ctx.tasks:
+        for r in task.reads:
+            per_buffer.setdefault(r.buffer, []).append((task.id, r, False))
+        for r in task.writes:
+            per_buffer.setdefault(r.buffer, []).append((task.id, r, True))
+    out, reported = [], set()
+    for name, acc in per_buffer.items():
+        for x, (a, ra, wa) in enumerate(acc):
+            if not wa:
+                continue
+            for y, (b, rb, wb) in enumerate(acc):
+                # Each unordered pair once: write x against reads, and writes after x.
+                if a == b or (wb and y <= x) or not ra.overlaps(rb):
+                    continue
+                first, second = (a, b) if a < b else (b, a)
+                if (first, second) in reported or ctx.hb(first, second):
+                    continue
+                reported.add((first, second))
+                kind = "WAW" if wb else ("WAR" if b < a else "RAW")
+                r1, r2 = (ra, rb) if a < b else (rb, ra)
+                out.append(f"conflicts_ordered: {kind} on buffer {name!r}: {ctx.who(first)} "
+                           f"touches {_fmt(r1)}, {ctx.who(second)} touches {_fmt(r2)}, but "
+                           f"nothing orders them (missing edge {first} -> {second})")
+    return sorted(out, key=_task_ids)
+
+
+def _task_ids(message: str) -> tuple[int, ...]:
+    """Sort key: the task ids a message names, so the first violation is the earliest."""
+    return tuple(int(x) for x in re.findall(r"task (\d+)", message))
+
+
+def _buffers(ctx: _Context) -> dict[str, Buffer]:
+    planned = ctx.s.buffers or ctx.s.taskgraph.buffers
+    return {b.name: b for b in planned}
+
+
+def _regions_in_buffers(ctx: _Context) -> list[str]:
+    buffers, out = _buffers(ctx), []
+    for task in ctx.tasks:
+        for r in task.reads + task.writes:
+            b = buffers.get(r.buffer)
+            if b is None:
+                out.append(f"regions_in_buffers: {ctx.who(task.id)} touches unknown buffer "
+                           f"{r.buffer!r}")
+                continue
+            shape = b.type.shape
+            ok = len(r.box) == len(shape) and all(
+                0 <= lo < hi <= size for (lo, hi), size in zip(r.box, shape))
+            if not ok:
+                out.append(f"regions_in_buffers: {ctx.who(task.id)} touches {_fmt(r)}, "
+                           f"outside or empty in buffer {r.buffer!r} of shape {list(shape)}")
+    return out
+
+
+def _arena_disjoint(ctx: _Context) -> list[str]:
+    s = ctx.s
+    if not s.buffers:
+        return ["arena_disjoint: no memory plan (run memplan)"] if s.taskgraph.buffers else []
+    out = []
+    declared = {b.name: b for b in s.taskgraph.buffers}
+    pools = {p.name: p for p in s.pools}
+    for b in s.buffers:
+        d = declared.get(b.name)
+        if d is None or (d.type, d.kind) != (b.type, b.kind):
+            out.append(f"arena_disjoint: planned buffer {b.name!r} does not match the "
+                       f"task graph's buffer of that name")
+        p = pools.get(b.pool)
+        if p is None:
+            out.append(f"arena_disjoint: buffer {b.name!r} is in unknown pool {b.pool!r}")
+        elif p.dtype != b.type.dtype or b.offset < 0 or b.offset + _size(b) > p.numel:
+            out.append(f"arena_disjoint: buffer {b.name!r} ({b.type.dtype}, "
+                       f"[{b.offset}, {b.offset + _size(b)})) does not fit pool {p.name!r} "
+                       f"({p.dtype}, {p.numel} elements)")
+    missing = set(declared) - {b.name for b in s.buffers}
+    out += [f"arena_disjoint: buffer {name!r} has no place in any pool" for name in sorted(missing)]
+    by_pool: dict[str, list[Buffer]] = {}
+    for b in s.buffers:
+        by_pool.setdefault(b.pool, []).append(b)
+    users = _users(ctx)
+    for name, bs in by_pool.items():
+        bs = sorted(bs, key=lambda b: b.offset)
+        for i, x in enumerate(bs):
+            for y in bs[i + 1:]:
+                if y.offset >= x.offset + _size(x):
+                    break
+                problem = _sharing_problem(ctx, x, y, users)
+                if problem:
+                    out.append(f"arena_disjoint: buffers {x.name!r} [{x.offset}, "
+                               f"{x.offset + _size(x)}) and {y.name!r} [{y.offset}, "
+                               f"{y.offset + _size(y)}) overlap in pool {name!r}: {problem}")
+    return out
+
+
+def _size(b: Buffer) -> int:
+    return max(b.type.numel, 1)
+
+
+def _users(ctx: _Context) -> dict[str, list[int]]:
+    found: dict[str, set[int]] = {}
+    for task in ctx.tasks:
+        for r in task.reads + task.writes:
+            found.setdefault(r.buffer, set()).add(task.id)
+    return {k: sorted(v) for k, v in found.items()}
+
+
+def _sharing_problem(ctx: _Context, x: Buffer, y: Buffer, users) -> str:
+    """Why x and y may not share bytes, or "" when one is dead before the other lives."""
+    for b in (x, y):
+        if b.kind != "activation":
+            return f"{b.name!r} is {b.kind} (live for the whole step)"
+        if not users.get(b.name):
+            return f"no task touches {b.name!r}, so its lifetime is unknown"
+    if ctx.clocks is None:
+        return "lifetimes not checkable without a valid global order"
+    if _all_before(ctx, users[x.name], users[y.name]) or \
+            _all_before(ctx, users[y.name], users[x.name]):
+        return ""
+    a, b = _witness(ctx, users[x.name], users[y.name])
+    c, d = _witness(ctx, users[y.name], users[x.name])
+    return (f"both live at once ({ctx.who(a)} on {x.name!r} does not happen-before "
+            f"{ctx.who(b)} on {y.name!r}, and {ctx.who(c)} on {y.name!r} does not "
+            f"happen-before {ctx.who(d)} on {x.name!r})")
+
+
+def _all_before(ctx: _Context, first: list[int], then: list[int]) -> bool:
+    need: dict[int, int] = {}
+    for t in first:
+        w, i = ctx.where[t]
+        need[w] = max(need.get(w, 0), i + 1)
+    return all(ctx.covered_before(need, b) for b in then)
+
+
+def _witness(ctx: _Context, first: list[int], then: list[int]) -> tuple[int, int]:
+    for b in then:
+        for a in first:
+            if not ctx.hb(a, b):
+                return a, b
+    raise AssertionError("no witness for an unordered pair")

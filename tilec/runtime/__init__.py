@@ -1,0 +1,1 @@
+"""Runtime: engine files, executors and the generation loop. Never imports the compiler."""

@@ -1,0 +1,251 @@
+"""Executors: run one step of an engine.
+
+* `interpret`: the generated kernel under Triton's interpreter in cooperative mode.
+  Each launch runs one worker until a task is not ready (or a budget is spent); the
+  host picks the next worker by a policy, so tests can explore interleavings. A full
+  pass without progress is a deadlock, reported with who waits on what.
+* `reference`: the same queues, events and waits, but each task computed with torch
+  ops (`reference.TaskRunner`): an oracle for the kernel.
+* `gpu`: one launch of the persistent kernel per step, grid = workers, spin-waits
+  bounded by a watchdog.
+"""
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import torch
+
+from tilec.errors import RunError, ScheduleHangError
+from tilec.runtime.engine import FIXED_FIELDS, TORCH_DTYPES, Engine
+from tilec.runtime.kernel import load_kernel, require_mode
+from tilec.runtime.reference import TaskRunner
+
+KERNEL_NAME = "tilec_engine"
+POLICIES = ("round_robin", "random", "reverse")
+SPIN_LIMIT = 1 << 26
+ERROR_WORDS = 8
+
+
+class Executor:
+    """Pools, events and the step counter shared by all executors."""
+
+    backend = "?"
+
+    def __init__(self, engine: Engine, device: str = "cpu"):
+        self.engine = engine
+        self.device = device
+        m = engine.manifest
+        sched = m.schedule
+        self.schedule = sched
+        self.pools: dict[str, torch.Tensor] = {}
+        for p in sched.pools:
+            if p.kind == "weight":
+                self.pools[p.name] = engine.tensors[f"pool.{p.name}"].to(device)
+            elif p.kind == "state":
+                self.pools[p.name] = engine.tensors[f"pool.{p.name}"].to(device).clone()
+            else:
+                self.pools[p.name] = torch.zeros(p.numel, dtype=TORCH_DTYPES[p.dtype], device=device)
+        self.buffers = {b.name: b for b in sched.buffers}
+        self.tables = {k: engine.tensors[k].to(device) for k in ("tasks", "queue_start", "args")}
+        self.events = torch.zeros(max(len(sched.events), 1), dtype=torch.int32, device=device)
+        self.error = torch.zeros(ERROR_WORDS, dtype=torch.int32, device=device)
+        self.step_index = 0
+
+    # ---- inputs and outputs ------------------------------------------------------------
+    def write_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
+        specs = self.engine.manifest.inputs
+        missing = [s.name for s in specs if s.name not in inputs]
+        extra = sorted(set(inputs) - {s.name for s in specs})
+        if missing or extra:
+            raise RunError(f"inputs do not match the engine: missing {missing}, unexpected {extra}")
+        for s in specs:
+            x = inputs[s.name]
+            if tuple(x.shape) != s.shape:
+                raise RunError(f"input {s.name!r} has shape {tuple(x.shape)}, expected {s.shape}")
+            if x.dtype != TORCH_DTYPES[s.dtype]:
+                raise RunError(f"input {s.name!r} has dtype {x.dtype}, expected {s.dtype}")
+            if s.high is not None and x.numel() and (int(x.min()) < s.low or int(x.max()) >= s.high):
+                raise RunError(f"input {s.name!r} has values outside [{s.low}, {s.high})")
+            buf = self.buffers[s.buffer]
+            dest = torch.as_strided(self.pools[buf.pool], s.shape, s.strides, buf.offset + s.offset)
+            dest.copy_(x.to(self.device))
+
+    def read_outputs(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for s in self.engine.manifest.outputs:
+            buf = self.buffers[s.buffer]
+            out[s.name] = torch.as_strided(self.pools[buf.pool], s.shape, s.strides,
+                                           buf.offset + s.offset).clone().cpu()
+        return out
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.write_inputs(inputs)
+        self.launch()
+        self.step_index += 1
+        return self.read_outputs()
+
+    def launch(self) -> None:
+        raise NotImplementedError
+
+    # ---- diagnosis -----------------------------------------------------------------
+    def describe_task(self, row: int) -> str:
+        rec = self.tables["tasks"][row].tolist()
+        tid = int(self.engine.tensors["task_ids"][row])
+        task = self.schedule.taskgraph.tasks[tid]
+        return f"task {tid} ({task.group} tile {task.tile})"
+
+
+class CooperativeExecutor(Executor):
+    """Host-driven interleaving of workers; subclasses say how one worker advances."""
+
+    def __init__(self, engine: Engine, policy: str = "round_robin", seed: int = 0,
+                 device: str = "cpu"):
+        super().__init__(engine, device)
+        if policy not in POLICIES:
+            raise RunError(f"unknown interleaving policy {policy!r} (choose from {', '.join(POLICIES)})")
+        self.policy = policy
+        self.rng = random.Random(seed)
+        self.trace: list[tuple[int, int, float, float]] | None = None
+
+    def advance(self, worker: int, budget: int) -> None:
+        raise NotImplementedError
+
+    def launch(self) -> None:
+        starts = self.tables["queue_start"].tolist()
+        workers = len(starts) - 1
+        self.cursor = torch.tensor(starts[:-1], dtype=torch.int32, device=self.device)
+        ends = starts[1:]
+        while True:
+            live = [w for w in range(workers) if int(self.cursor[w]) < ends[w]]
+            if not live:
+                return
+            if self.policy == "round_robin":
+                picks = [(w, 1 << 30) for w in live]
+            elif self.policy == "reverse":
+                picks = [(w, 1 << 30) for w in reversed(live)]
+            else:  # random worker order, random small budgets: fine-grained interleavings
+                picks = [(w, self.rng.randint(1, 3)) for w in self.rng.sample(live, len(live))]
+            progressed = False
+            for w, budget in picks:
+                before = int(self.cursor[w])
+                self.advance(w, budget)
+                progressed |= int(self.cursor[w]) != before
+            if not progressed:
+                raise ScheduleHangError(self.deadlock_report(live))
+
+    def deadlock_report(self, live: list[int]) -> str:
+        table = self.tables["tasks"]
+        parts = []
+        for w in live:
+            row = int(self.cursor[w])
+            rec = table[row].tolist()
+            unmet = []
+            for i in range(rec[5]):
+                ev, cnt = rec[6 + 2 * i], rec[7 + 2 * i]
+                need = cnt * (self.step_index + 1)
+                seen = int(self.events[ev])
+                if seen < need:
+                    unmet.append(f"event {ev} (seen {seen}, wanted {need})")
+            parts.append(f"worker {w} in {self.describe_task(row)} waits on {', '.join(unmet)}")
+        return f"deadlock at step {self.step_index}: " + "; ".join(parts)
+
+
+class InterpretExecutor(CooperativeExecutor):
+    backend = "interpret"
+
+    def __init__(self, engine: Engine, policy: str = "round_robin", seed: int = 0):
+        super().__init__(engine, policy, seed)
+        require_mode(interpret=True)
+        self.kernel = load_kernel(engine.kernel_source, KERNEL_NAME)
+        self.pool_args = [self.pools[p.name] for p in self.schedule.pools]
+
+    def advance(self, worker: int, budget: int) -> None:
+        t = self.tables
+        self.kernel[(1,)](t["tasks"], t["queue_start"], t["args"], self.events, self.cursor,
+                          self.error, self.step_index, worker, budget, *self.pool_args,
+                          BLOCKING=False, SPIN_LIMIT=1)
+
+
+class ReferenceExecutor(CooperativeExecutor):
+    backend = "reference"
+
+    def __init__(self, engine: Engine, policy: str = "round_robin", seed: int = 0):
+        super().__init__(engine, policy, seed)
+        sched = self.schedule
+        fused = sched.taskgraph.fused
+        self.runner = TaskRunner(fused.groups, fused.graph.by_name(),
+                                 {t.group: t for t in sched.taskgraph.tilings},
+                                 self.buffers, self.pools)
+        self.records = self.tables["tasks"].tolist()
+
+    def advance(self, worker: int, budget: int) -> None:
+        end = int(self.tables["queue_start"][worker + 1])
+        row = int(self.cursor[worker])
+        ran = 0
+        while row < end and ran < budget:
+            rec = self.records[row]
+            ready = all(int(self.events[rec[6 + 2 * i]]) >= rec[7 + 2 * i] * (self.step_index + 1)
+                        for i in range(rec[5]))
+            if not ready:
+                break
+            self.runner.run(rec[1], tuple(rec[2:5]))
+            self.events[rec[-1]] += 1
+            row += 1
+            ran += 1
+        self.cursor[worker] = row
+
+
+class GPUExecutor(Executor):
+    backend = "gpu"
+
+    def __init__(self, engine: Engine):
+        if not torch.cuda.is_available():
+            raise RunError("the gpu backend needs a CUDA GPU and none is visible")
+        require_mode(interpret=False)
+        super().__init__(engine, "cuda")
+        self.kernel = load_kernel(engine.kernel_source, KERNEL_NAME)
+        self.pool_args = [self.pools[p.name] for p in self.schedule.pools]
+        self.workers = self.schedule.target.workers
+        self.cursor = torch.zeros(self.workers, dtype=torch.int32, device="cuda")
+
+    def launch(self) -> None:
+        t = self.tables
+        self.kernel[(self.workers,)](t["tasks"], t["queue_start"], t["args"], self.events,
+                                     self.cursor, self.error, self.step_index, 0, 1 << 30,
+                                     *self.pool_args, BLOCKING=True, SPIN_LIMIT=SPIN_LIMIT,
+                                     num_warps=4)
+
+    def check(self) -> None:
+        torch.cuda.synchronize()
+        err = self.error.tolist()
+        if err[0]:
+            worker, row, ev, seen, need = err[1:6]
+            raise ScheduleHangError(
+                f"watchdog at step {self.step_index}: worker {worker} in "
+                f"{self.describe_task(row)} waited on event {ev} (seen {seen}, wanted {need})")
+
+    def run(self, inputs):
+        self.write_inputs(inputs)
+        self.launch()
+        self.check()
+        self.step_index += 1
+        return self.read_outputs()
+
+
+BACKENDS: dict[str, Callable[..., Executor]] = {
+    "interpret": InterpretExecutor,
+    "reference": ReferenceExecutor,
+    "gpu": GPUExecutor,
+}
+
+
+def make_executor(engine: Engine, backend: str = "auto", **kwargs) -> Executor:
+    if backend == "auto":
+        backend = "gpu" if (torch.cuda.is_available()
+                            and engine.manifest.schedule.target.backend == "cuda") else "interpret"
+    if backend not in BACKENDS:
+        raise RunError(f"unknown backend {backend!r} (choose from auto, {', '.join(BACKENDS)})")
+    if backend == "gpu":
+        kwargs = {}
+    return BACKENDS[backend](engine, **kwargs)

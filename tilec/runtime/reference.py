@@ -1,0 +1,138 @@
+"""The reference executor's task body: one task computed with torch ops.
+
+It reads the same pools through the same strided views as the kernel, but computes
+each fused group op by op on whole rows with PyTorch, independently of the
+generated code: a debugging oracle for the kernel (compare the two on a schedule).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tilec.ir.graph import FLOAT_DTYPES, Group, Op, Operand
+from tilec.ir.tasks import Buffer, GroupTiling
+
+_TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "int64": torch.int64, "int32": torch.int32}
+
+
+def _gelu_tanh(x):
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+FNS = {
+    "identity": lambda a: a, "add": torch.add, "sub": torch.sub, "rsub": lambda a, b: b - a,
+    "mul": torch.mul, "div": torch.div, "neg": torch.neg, "exp": torch.exp, "log": torch.log,
+    "sqrt": torch.sqrt, "rsqrt": torch.rsqrt, "reciprocal": torch.reciprocal, "abs": torch.abs,
+    "cos": torch.cos, "sin": torch.sin, "relu": torch.relu, "sigmoid": torch.sigmoid,
+    "silu": torch.nn.functional.silu, "tanh": torch.tanh, "erf": torch.erf,
+    "gelu_erf": torch.nn.functional.gelu, "gelu_tanh": _gelu_tanh, "pow": torch.pow,
+    "maximum": torch.maximum, "minimum": torch.minimum,
+    "where": lambda c, a, b: torch.where(c != 0, a, b),
+    "lt": lambda a, b: (a < b).float(), "gt": lambda a, b: (a > b).float(),
+    "le": lambda a, b: (a <= b).float(), "ge": lambda a, b: (a >= b).float(),
+    "eq": lambda a, b: (a == b).float(), "ne": lambda a, b: (a != b).float(),
+}
+
+
+class TaskRunner:
+    def __init__(self, groups: tuple[Group, ...], ops: dict[str, Op],
+                 tilings: dict[str, GroupTiling], buffers: dict[str, Buffer],
+                 pools: dict[str, torch.Tensor]):
+        self.groups, self.ops, self.tilings = groups, ops, tilings
+        self.buffers, self.pools = buffers, pools
+
+    def storage(self, value: str) -> Buffer:
+        op = self.ops[value]
+        return self.storage(op.inputs[0].value) if op.kind == "state_update" else self.buffers[value]
+
+    def view(self, operand: Operand) -> torch.Tensor:
+        buf = self.storage(operand.value)
+        pool = self.pools[buf.pool]
+        t = torch.as_strided(pool, operand.shape, operand.strides, buf.offset + operand.offset)
+        return t.float() if buf.type.dtype in FLOAT_DTYPES else t.long()
+
+    def rows_of(self, operand: Operand, r0, r1, c0, c1) -> torch.Tensor:
+        t = self.view(operand)
+        width = operand.shape[-1] if operand.shape else 1
+        t = t.reshape(-1, width)
+        return t[r0:r1, c0:c1] if width > 1 else t[r0:r1]
+
+    def compute(self, op: Op, env, r0, r1, c0, c1) -> torch.Tensor:
+        def arg(i):
+            operand = op.inputs[i]
+            if operand.value in env:
+                v = env[operand.value]
+                return v if v.shape[-1] == 1 or op.type.cols == 1 else v
+            return self.rows_of(operand, r0, r1, c0, c1)
+        if op.kind == "elementwise":
+            fn, enc = op.attr("fn"), op.attr("args")
+            args = [arg(a[1]) if isinstance(a, tuple) else torch.tensor(float(a)) for a in enc]
+            if fn == "cast":
+                x = args[0]
+                if op.type.dtype in ("bfloat16", "float16"):
+                    return x.float().to(_TORCH[op.type.dtype]).float()
+                return x.long() if op.type.dtype in ("int64", "int32") else x.float()
+            out = FNS[fn](*args)
+            return out.long() if op.type.dtype in ("int64", "int32") else out.float()
+        if op.kind == "reduce":
+            x = arg(0)
+            out = x.sum(-1, keepdim=True) if op.attr("fn") == "sum" else x.amax(-1, keepdim=True)
+            return out * op.attr("scale", 1.0)
+        if op.kind == "gather":
+            table, index = op.inputs
+            idx = self.view(index).reshape(-1)[r0:r1].clamp(0, table.shape[0] - 1)
+            return self.view(table)[idx][:, c0:c1]
+        if op.kind == "concat":
+            dim = op.attr("dim")
+            whole = torch.cat([self.view(p) for p in op.inputs], dim=dim)
+            return whole.reshape(-1, op.type.cols)[r0:r1, c0:c1]
+        raise NotImplementedError(op.kind)
+
+    def store(self, name: str, value: torch.Tensor, r0, r1, c0, c1) -> None:
+        op = self.ops[name]
+        buf = self.buffers[name]
+        pool = self.pools[buf.pool]
+        width = op.type.cols
+        dest = pool[buf.offset:buf.offset + op.type.numel].view(-1, width)
+        if width == 1:
+            dest[r0:r1] = value.reshape(r1 - r0, 1).to(pool.dtype)
+        else:
+            dest[r0:r1, c0:c1] = value.to(pool.dtype)
+
+    def run(self, group_index: int, tile: tuple[int, int, int]) -> None:
+        g = self.groups[group_index]
+        tl = self.tilings[g.name]
+        b, mi, ni = tile
+        env: dict[str, torch.Tensor] = {}
+        if g.kind == "row":
+            r0, r1 = mi * tl.block_m, min(g.rows, (mi + 1) * tl.block_m)
+            c0, c1 = ni * tl.block_n, min(g.cols, (ni + 1) * tl.block_n)
+            for name in g.epilogue:
+                op = self.ops[name]
+                width = op.inputs[0].shape[-1] if op.kind == "reduce" else op.type.cols
+                env[name] = self.compute(op, env, r0, r1, 0, width)
+            for name in g.outputs:
+                v = env[name]
+                self.store(name, v if self.ops[name].type.cols == 1 else v[:, c0:c1], r0, r1, c0, c1)
+            return
+        anchor = self.ops[g.anchor]
+        m, n = anchor.type.shape[-2], anchor.type.shape[-1]
+        k = anchor.inputs[0].shape[-1]
+        r0, r1 = b * m + mi * tl.block_m, b * m + min(m, (mi + 1) * tl.block_m)
+        c0, c1 = ni * tl.block_n, min(n, (ni + 1) * tl.block_n)
+        for name in g.prologue:
+            op = self.ops[name]
+            width = op.inputs[0].shape[-1] if op.kind == "reduce" else op.type.cols
+            env[name] = self.compute(op, env, r0, r1, 0, width)
+        a_op, b_op = anchor.inputs
+        a = env[a_op.value] if a_op.value in env else self.rows_of(a_op, r0, r1, 0, k)
+        if self.ops[a_op.value].type.dtype in ("bfloat16", "float16"):
+            a = a.to(_TORCH[self.ops[a_op.value].type.dtype]).float()
+        bmat = self.view(b_op).reshape(-1, k, n)[b, :, c0:c1]
+        env = {g.anchor: a.double().matmul(bmat.double()).float()}
+        for name in g.epilogue:
+            env[name] = self.compute(self.ops[name], env, r0, r1, c0, c1)
+        for name in g.outputs:
+            self.store(name, env[name], r0, r1, c0, c1)
