@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import operator
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -61,9 +62,10 @@ class Lowered:
 
 def export(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]):
     """torch.export in non-strict mode, then the core ATen decompositions."""
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch-internal pytree deprecations
         ep = torch.export.export(module, tuple(example_inputs), strict=False)
-    return ep.run_decompositions()
+        return ep.run_decompositions()
 
 
 def source_line(node: torch.fx.Node) -> str:
@@ -303,6 +305,8 @@ class _Lowering:
                     self.outputs.append((spec.arg.name, v.operand()))
             else:
                 raise UnsupportedOpError(f"unsupported FX node {node.op} {node.target}")
+        names = user_output_names(ep, len(self.outputs))
+        self.outputs = [(n, operand) for n, (_, operand) in zip(names, self.outputs)]
         graph = Graph(tuple(self.ops), tuple(graph_inputs), tuple(self.outputs))
         return Lowered(graph, self.constants, tuple(user_inputs),
                        tuple(n for n, _ in self.outputs), state_names)
@@ -568,6 +572,14 @@ def _softmax(L, x, dim, half_to_float=False):
 def _embedding(L, weight, indices, padding_idx=-1, scale_grad=False, sparse=False):
     w, idx = L.tensor(weight), L.tensor(indices)
     return L.emit("gather", L.out_shape(), L.out_dtype(), (w.operand(), idx.operand()))
+
+
+def user_output_names(ep, count: int) -> list[str]:
+    """The forward's output names: a returned dict's keys, else output0, output1, ..."""
+    spec = ep.call_spec.out_spec
+    if spec is not None and spec.type is dict and spec.num_leaves == count:
+        return [str(k) for k in spec.context]
+    return [f"output{i}" for i in range(count)]
 
 
 def lower(ep) -> Lowered:

@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import replace
 
+import numpy as np
+
 from tilec.errors import ScheduleError
 from tilec.ir.schedule import Event, Schedule, Wait
 
@@ -95,11 +97,11 @@ def _blocks(schedule: Schedule, needs) -> tuple[list[int], list[list[int]]]:
     return event_of, members
 
 
-def _join(a: list[int], b: list[int]) -> list[int]:
-    return list(map(max, a, b))
+def _join(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.maximum(a, b)
 
 
-def _covers(clock: list[int], need: dict[int, int]) -> bool:
+def _covers(clock: np.ndarray, need: dict[int, int]) -> bool:
     return all(clock[w] >= n for w, n in need.items())
 
 
@@ -115,12 +117,13 @@ def _prune(schedule: Schedule, where, event_of, members, wanted) -> list[list[in
             w, i = where[t]
             need[e][w] = max(need[e].get(w, 0), i + 1)
     after: list = [None] * len(event_of)     # VC-after per task
-    event_clock: dict[int, list[int]] = {}
+    event_clock: dict[int, np.ndarray] = {}
+    zero = np.zeros(workers, dtype=np.int64)
     kept: list[list[int]] = [[] for _ in event_of]
 
-    def clock_of(e: int) -> list[int]:
+    def clock_of(e: int) -> np.ndarray:
         if e not in event_clock:
-            clock = [0] * workers
+            clock = zero
             for t in members[e]:
                 if after[t] is None:
                     raise ScheduleError(f"task {t} signals event {e} but comes after a "
@@ -131,8 +134,8 @@ def _prune(schedule: Schedule, where, event_of, members, wanted) -> list[list[in
 
     for t in schedule.order:
         w, i = where[t]
-        base = after[schedule.queues[w][i - 1]] if i else [0] * workers
-        clock = list(base)
+        base = after[schedule.queues[w][i - 1]] if i else zero
+        clock = base.copy()
         # Latest signallers first: their clocks know the most, so they imply the rest.
         for e in sorted(wanted[t], key=lambda e: (-latest[e], e)):
             if not _covers(clock, need[e]):
@@ -140,7 +143,7 @@ def _prune(schedule: Schedule, where, event_of, members, wanted) -> list[list[in
                 clock = _join(clock, clock_of(e))
         # A wait kept early may be implied by ones kept after it.
         for e in list(kept[t]):
-            others = list(base)
+            others = base
             for o in kept[t]:
                 if o != e:
                     others = _join(others, clock_of(o))
@@ -238,9 +241,10 @@ def wait_order(queues, signal, waits) -> tuple[list[int], list[int]]:
     return order, [t for t in range(n) if t not in done]
 
 
-def happens_before_clocks(schedule: Schedule) -> list[list[int]]:
-    """Per task id, its vector clock after it completes: entry w = how many of worker
-    w's first tasks are known complete. Task a happens-before task b (a != b) iff
+def happens_before_clocks(schedule: Schedule) -> np.ndarray:
+    """Per task id, its vector clock after it completes (an int64 array [tasks,
+    workers], read as clocks[task][worker]): entry w = how many of worker w's first
+    tasks are known complete. Task a happens-before task b (a != b) iff
     clocks[b][worker(a)] > position(a). Built only from queues, signals and waits;
     a wait implies its signallers only when it waits for all of them."""
     n = len(schedule.taskgraph.tasks)
@@ -253,16 +257,14 @@ def happens_before_clocks(schedule: Schedule) -> list[list[int]]:
     signallers: dict[int, list[int]] = {}
     for t, e in enumerate(schedule.signal):
         signallers.setdefault(e, []).append(t)
-    workers = len(schedule.queues)
-    clocks: list = [None] * n
+    clocks = np.zeros((n, max(1, len(schedule.queues))), dtype=np.int64)
     for t in order:
         w, i = where[t]
-        clock = list(clocks[schedule.queues[w][i - 1]]) if i else [0] * workers
+        if i:
+            clocks[t] = clocks[schedule.queues[w][i - 1]]
         for wait in schedule.waits[t]:
             ss = signallers.get(wait.event, [])
-            if wait.count >= len(ss):
-                for s in ss:
-                    clock = _join(clock, clocks[s])
-        clock[w] = i + 1
-        clocks[t] = clock
+            if ss and wait.count >= len(ss):
+                clocks[t] = np.maximum(clocks[t], clocks[ss].max(axis=0))
+        clocks[t, w] = i + 1
     return clocks

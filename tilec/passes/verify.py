@@ -7,9 +7,10 @@ so a bug in any pass shows up here as a one-line violation.
 """
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass
+
+import numpy as np
 
 from tilec.errors import ScheduleError
 from tilec.ir.schedule import Schedule
@@ -175,6 +176,8 @@ def _fmt(region: Region) -> str:
 
 
 def _conflicts_ordered(ctx: _Context) -> list[str]:
+    """Each write against every access of its buffer, one numpy sweep per write:
+    overlapping boxes, then the clock test in the direction of program order."""
     if ctx.clocks is None:
         return ["conflicts_ordered: not checkable without a valid global order"]
     per_buffer: dict[str, list[tuple[int, Region, bool]]] = {}
@@ -183,30 +186,47 @@ def _conflicts_ordered(ctx: _Context) -> list[str]:
             per_buffer.setdefault(r.buffer, []).append((task.id, r, False))
         for r in task.writes:
             per_buffer.setdefault(r.buffer, []).append((task.id, r, True))
-    out, reported = [], set()
+    worker = np.array([ctx.where[t][0] for t in range(ctx.n)], dtype=np.int64)
+    pos = np.array([ctx.where[t][1] for t in range(ctx.n)], dtype=np.int64)
+    found: dict[tuple[int, int], tuple] = {}
     for name, acc in per_buffer.items():
-        for x, (a, ra, wa) in enumerate(acc):
-            if not wa:
+        ndim = max(len(r.box) for _, r, _ in acc)
+        far = 1 << 62   # a missing dim (malformed region) overlaps everything
+        lo = np.array([[a for a, _ in r.box] + [-far] * (ndim - len(r.box)) for _, r, _ in acc],
+                      dtype=np.int64).reshape(len(acc), ndim)
+        hi = np.array([[b for _, b in r.box] + [far] * (ndim - len(r.box)) for _, r, _ in acc],
+                      dtype=np.int64).reshape(len(acc), ndim)
+        task = np.array([t for t, _, _ in acc], dtype=np.int64)
+        write = np.array([w for _, _, w in acc], dtype=bool)
+        index = np.arange(len(acc))
+        for x in np.flatnonzero(write):
+            a = task[x]
+            # Each unordered pair once: this write against reads, and writes after it.
+            candidates = (task != a) & (~write | (index > x)) & \
+                np.all((lo < hi[x]) & (lo[x] < hi), axis=1)
+            ys = np.flatnonzero(candidates)
+            if not len(ys):
                 continue
-            for y, (b, rb, wb) in enumerate(acc):
-                # Each unordered pair once: write x against reads, and writes after x.
-                if a == b or (wb and y <= x) or not ra.overlaps(rb):
-                    continue
-                first, second = (a, b) if a < b else (b, a)
-                if (first, second) in reported or ctx.hb(first, second):
-                    continue
-                reported.add((first, second))
-                kind = "WAW" if wb else ("WAR" if b < a else "RAW")
-                r1, r2 = (ra, rb) if a < b else (rb, ra)
-                out.append(f"conflicts_ordered: {kind} on buffer {name!r}: {ctx.who(first)} "
-                           f"touches {_fmt(r1)}, {ctx.who(second)} touches {_fmt(r2)}, but "
-                           f"nothing orders them (missing edge {first} -> {second})")
-    return sorted(out, key=_task_ids)
-
-
-def _task_ids(message: str) -> tuple[int, ...]:
-    """Sort key: the task ids a message names, so the first violation is the earliest."""
-    return tuple(int(x) for x in re.findall(r"task (\d+)", message))
+            bs = task[ys]
+            first = np.minimum(bs, a)
+            second = np.maximum(bs, a)
+            ordered = ctx.clocks[second, worker[first]] > pos[first]
+            for y in ys[~ordered]:
+                b = int(task[y])
+                key = (min(a, b), max(a, b))
+                if key not in found:
+                    kind = "WAW" if write[y] else ("WAR" if b < a else "RAW")
+                    r1, r2 = (acc[x][1], acc[y][1]) if a < b else (acc[y][1], acc[x][1])
+                    found[key] = (kind, name, r1, r2)
+    out = []
+    for first, second in sorted(found)[:MAX_REPORTED]:
+        kind, name, r1, r2 = found[(first, second)]
+        out.append(f"conflicts_ordered: {kind} on buffer {name!r}: {ctx.who(first)} "
+                   f"touches {_fmt(r1)}, {ctx.who(second)} touches {_fmt(r2)}, but "
+                   f"nothing orders them (missing edge {first} -> {second})")
+    if len(found) > MAX_REPORTED:
+        out.append(f"conflicts_ordered: ... and {len(found) - MAX_REPORTED} more unordered pairs")
+    return out
 
 
 def _buffers(ctx: _Context) -> dict[str, Buffer]:

@@ -150,8 +150,12 @@ def save(engine: Engine, path: str | os.PathLike) -> None:
         raise
 
 
-def load(path: str | os.PathLike) -> Engine:
-    """Read and check an engine file; any problem is an EngineError with one line."""
+def load(path: str | os.PathLike, trust_engine_code: bool = False) -> Engine:
+    """Read and check an engine file; any problem is an EngineError with one line.
+
+    The stored kernel source is only accepted when it is byte-identical to what this
+    tilec renders from the manifest (and the args table likewise), unless
+    `trust_engine_code` says to run it anyway."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -181,7 +185,31 @@ def load(path: str | os.PathLike) -> Engine:
     problem = check_tables(engine)
     if problem:
         raise EngineError(f"{path}: {problem}")
+    problem = check_kernel(engine, trust_engine_code)
+    if problem:
+        raise EngineError(f"{path}: {problem}")
     return engine
+
+
+def check_kernel(engine: Engine, trust_engine_code: bool = False) -> str | None:
+    from tilec.codegen.render import render
+
+    m = engine.manifest
+    sched = m.schedule
+    try:
+        rendered = render(sched.taskgraph.fused, sched.taskgraph.tilings, sched.buffers,
+                          sched.pools, m.max_waits, sched.target.workers, m.model, __version__)
+    except Exception as e:  # a manifest that parses but describes nothing renderable
+        return f"manifest does not describe a renderable kernel ({_short(e)})"
+    if rendered.opcodes != m.opcodes or rendered.kinds != m.kinds:
+        return "opcode table differs from what this tilec renders from the manifest"
+    if rendered.args != tuple(tuple(r) for r in engine.tensors["args"].tolist()):
+        return "args table differs from what this tilec renders from the manifest"
+    if rendered.source != engine.kernel_source and not trust_engine_code:
+        return ("stored kernel source differs from what this tilec renders from the manifest "
+                "(written by another tilec version, or edited); refusing to run it "
+                "(--trust-engine-code runs it anyway)")
+    return None
 
 
 def _short(e: Exception) -> str:

@@ -1,0 +1,186 @@
+"""`tilec` command line: argument parsing and printing only; the work is in tilec.api."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from tilec.errors import RunError, TilecError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tilec",
+        description="Compile a PyTorch model into one persistent Triton kernel and a static "
+                    "tile-level schedule; run, inspect and verify it.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("compile", help="compile a model.yaml into an engine file")
+    c.add_argument("model", help="model.yaml")
+    c.add_argument("-o", "--output", required=True, help="engine file to write")
+    c.add_argument("--target", help="cpu | h100 | h200 (default: the yaml's)")
+    c.add_argument("--workers", type=int, help="number of persistent workers (default: the yaml's or the target's)")
+    c.add_argument("--dump-dir", help="write every compiler stage as text into this folder")
+
+    r = sub.add_parser("run", help="run an engine on inputs")
+    r.add_argument("engine")
+    r.add_argument("--backend", default="auto", choices=["auto", "gpu", "interpret", "reference"])
+    r.add_argument("--inputs", help="safetensors file with one tensor per input (default: seeded random inputs)")
+    r.add_argument("--output", help="write the outputs to this safetensors file")
+    r.add_argument("--seed", type=int, default=0, help="seed of the random inputs and of --policy random")
+    r.add_argument("--policy", default="round_robin", choices=["round_robin", "random", "reverse"],
+                   help="worker interleaving on CPU backends")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.add_argument("--trust-engine-code", action="store_true",
+                   help="run the stored kernel even if it differs from what this tilec renders")
+
+    i = sub.add_parser("inspect", help="show an engine's schedule")
+    i.add_argument("engine")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+
+    v = sub.add_parser("verify", help="prove an engine's schedule race- and deadlock-free")
+    v.add_argument("engine")
+    v.add_argument("--json", action="store_true", help="print one JSON object")
+    v.add_argument("--interleavings", type=int, default=0,
+                   help="also run N seeded random interleavings and compare bitwise")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except TilecError as e:
+        if args.debug:
+            raise
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def cmd_compile(args) -> int:
+    import tilec
+
+    console = _console()
+    t0 = time.perf_counter()
+    console.print(f"[bold]tilec compile[/bold] {args.model}")
+
+    def on_stage(name: str, seconds: float) -> None:
+        console.print(f"  {name:<9} {seconds * 1000:9.1f} ms")
+
+    from tilec.api import compile as compile_model
+
+    engine = compile_model(args.model, target=args.target, workers=args.workers,
+                           dump_dir=args.dump_dir, on_stage=on_stage)
+    engine.save(args.output)
+    s = engine.summary()
+    size = Path(args.output).stat().st_size
+    console.print(f"wrote {args.output} ({size / 1e6:.2f} MB) in {time.perf_counter() - t0:.1f} s: "
+                  f"{s['tasks']} tasks on {s['workers']} workers, {s['events']} events, "
+                  f"{s['kernel']['opcodes']} task kinds, target {s['target']}")
+    del tilec
+    return 0
+
+
+def cmd_run(args) -> int:
+    import torch
+
+    from tilec.api import load
+
+    engine = load(args.engine, trust_engine_code=args.trust_engine_code)
+    if args.inputs:
+        from safetensors.torch import load_file
+
+        try:
+            inputs = load_file(args.inputs)
+        except Exception as e:
+            raise RunError(f"cannot read inputs file {args.inputs}: {str(e).splitlines()[0]}") from None
+    else:
+        inputs = engine.random_inputs(args.seed)
+    t0 = time.perf_counter()
+    ex = engine.executor(args.backend, args.policy, args.seed)
+    outputs = ex.run(inputs)
+    seconds = time.perf_counter() - t0
+    if args.output:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in outputs.items()}, args.output)
+    if args.json:
+        print(json.dumps({
+            "backend": ex.backend, "seconds": seconds,
+            "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""),
+                            "sum": float(v.double().sum()), "values": v.flatten()[:8].tolist()}
+                        for k, v in outputs.items()},
+        }))
+        return 0
+    print(f"ran {args.engine} on backend {ex.backend} in {seconds:.3f} s")
+    torch.set_printoptions(precision=4, threshold=16, edgeitems=3)
+    for k, v in outputs.items():
+        print(f"{k}: shape {list(v.shape)} {str(v.dtype).replace('torch.', '')}")
+        print(f"  {v}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from tilec.api import load
+
+    engine = load(args.engine, trust_engine_code=True)
+    s = engine.summary()
+    if args.json:
+        print(json.dumps(s))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    console.print(f"[bold]{s['model']}[/bold]: target {s['target']} ({s['backend']}), "
+                  f"{s['workers']} workers, {s['tasks']} tasks, {s['events']} events, "
+                  f"{s['waits']} waits, predicted step {s['predicted_step_us']:.1f} us")
+    kinds = Table(title="task kinds")
+    kinds.add_column("kind")
+    kinds.add_column("tasks", justify="right")
+    for k, n in s["task_kinds"].items():
+        kinds.add_row(k, str(n))
+    console.print(kinds)
+    workers = Table(title="workers")
+    for col in ("worker", "tasks", "busy us", "utilisation"):
+        workers.add_column(col, justify="right")
+    for w in s["per_worker"]:
+        workers.add_row(str(w["worker"]), str(w["tasks"]), f"{w['busy_us']:.1f}",
+                        f"{w['utilisation']:.0%}")
+    console.print(workers)
+    console.print(f"kernel: {s['kernel']['source_lines']} lines, {s['kernel']['opcodes']} task kinds")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from tilec.api import load
+    from tilec.verify_engine import verify_engine
+
+    engine = load(args.engine, trust_engine_code=False)
+    report = verify_engine(engine, interleavings=args.interleavings)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for name, ok in report["checks"].items():
+            print(f"{'ok  ' if ok else 'FAIL'} {name}")
+        if report["violations"]:
+            print(f"first violation: {report['violations'][0]}")
+    return 0 if report["ok"] else 1
+
+
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "verify": cmd_verify}
+
+if __name__ == "__main__":
+    sys.exit(main())
