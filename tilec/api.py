@@ -120,7 +120,8 @@ def compile(model_or_yaml: Any, example_inputs: tuple[torch.Tensor, ...] | None 
         module, inputs = cfgmod.build_model(cfg)
         info = tuple(InputInfo(s.name, s.low, s.high) for s in cfg.inputs)
         t, s = cfg.target, cfg.schedule
-        options = target_options(target or t.name, workers or t.workers, policy or s.policy,
+        workers = t.workers if workers is None else workers   # 0 is an error, not "unset"
+        options = target_options(target or t.name, workers, policy or s.policy,
                                  tile_m or s.tile_m, tile_n or s.tile_n, tile_k or s.tile_k)
         name = name or Path(cfg.path).stem
         seed = cfg.seed

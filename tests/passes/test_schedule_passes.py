@@ -16,7 +16,7 @@ from tilec.ir.graph import FusedGraph, Graph, TensorType
 from tilec.ir.schedule import Schedule, Wait
 from tilec.ir.target import TARGETS
 from tilec.ir.tasks import Buffer, Region, Task, TaskGraph
-from tilec.passes.cost import bottom_levels, critical_path, task_time_us
+from tilec.passes.cost import bottom_levels, critical_path, task_time_us, task_times
 from tilec.passes.deps import deps
 from tilec.passes.memplan import ALIGN, memplan
 from tilec.passes.schedule import schedule
@@ -249,7 +249,7 @@ def task_graphs(draw):
     return graph(buffers, tasks)
 
 
-random_settings = settings(max_examples=60, deadline=None,
+random_settings = settings(max_examples=150, deadline=None,
                            suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -272,6 +272,30 @@ def test_random_schedules_verify(tg, workers, policy, max_waits):
     for d in tg.deps:
         w, i = where[d.before]
         assert clocks[d.after][w] > i
+
+
+@random_settings
+@given(tg=task_graphs(), workers=st.integers(1, 8))
+def test_critical_path_places_each_task_at_its_earliest_start(tg, workers):
+    """Replays list scheduling naively: every task starts on the first worker (lowest
+    index on ties) where its inputs can have arrived."""
+    t = target(workers)
+    s = schedule(tg, t)
+    times = task_times(tg, t)
+    latency = 0.5 * t.task_overhead_us
+    preds = {i: [d.before for d in tg.deps if d.after == i] for i in range(len(tg.tasks))}
+    where = s.worker_of()
+    free = [0.0] * workers
+    placed = {}
+    for task in s.order:
+        starts = [max([free[w]] + [s.finish_us[p] + (0.0 if placed[p] == w else latency)
+                                   for p in preds[task]]) for w in range(workers)]
+        best = min(range(workers), key=lambda w: (starts[w], w))
+        assert where[task][0] == best
+        assert s.start_us[task] == pytest.approx(starts[best])
+        assert s.finish_us[task] == pytest.approx(starts[best] + times[task])
+        placed[task] = best
+        free[best] = s.finish_us[task]
 
 
 @random_settings

@@ -54,7 +54,7 @@ def row_offset(shape: tuple[int, ...], strides: tuple[int, ...], rows: str,
                 coord = f"({coord} - {shift[1]})"
             terms.append(coord if stride == 1 else f"{coord} * {stride}")
         inner *= size
-    return " + ".join(reversed(terms)) if terms else None
+    return f"({' + '.join(reversed(terms))})" if terms else None
 
 
 class GroupEmitter:
@@ -141,7 +141,7 @@ class GroupEmitter:
     # ---- ops -----------------------------------------------------------------------
     def is_narrow(self, name: str) -> bool:
         op = self.ops[name]
-        return op.kind == "reduce" or op.type.cols == 1
+        return op.kind in REDUCTIONS or op.type.cols == 1
 
     def arg(self, op: Op, i: int) -> str:
         operand = op.inputs[i]
@@ -164,6 +164,8 @@ class GroupEmitter:
             if op.type.dtype in ("bfloat16", "float16") and fn != "identity":
                 pass  # math stays in float32; the store rounds
             return expr
+        if op.kind == "state_update":  # the value it stores; `stores` writes it
+            return self.arg(op, 1)
         if op.kind == "gather":
             return self.gather(op)
         if op.kind == "concat":
@@ -176,7 +178,7 @@ class GroupEmitter:
         if key not in self.leaf_vars:
             name = self.fresh("gi")
             ptr = self.pointer(index.value, index.offset)
-            ro = row_offset(index.shape, index.strides, "rows") or "0"
+            ro = row_offset(index.shape, index.strides, "rows") or "rows * 0"
             rows = table.shape[0]
             self.code.preamble.append(
                 f"{name} = tl.load({ptr} + {ro}, mask=rmask, other=0).to(tl.int64)")
@@ -207,7 +209,7 @@ class GroupEmitter:
             else:
                 ro = row_offset(op.type.shape[:-1], piece.strides[:-1], "rows", (dim, start))
                 name = self.fresh("ro")
-                self.code.preamble.append(f"{name} = {ro or '0'}")
+                self.code.preamble.append(f"{name} = {ro or 'rows * 0'}")
                 coord = row_offset(op.type.shape[:-1],
                                    tuple(1 if d == dim else 0 for d in range(nd - 1)), "rows")
                 valid = self.fresh("rv")
@@ -241,12 +243,25 @@ class GroupEmitter:
     def assign(self, name: str) -> str:
         return f"{self.var[name]} = {self.op_expr(name)}"
 
-    def reduce_lines(self, name: str, loop: bool) -> tuple[list[str], list[str], str]:
-        """(init, update, finish) lines of a last-dim reduction."""
+    def reduce_lines(self, name: str, col0: str) -> tuple[list[str], list[str], str]:
+        """(init, update, finish) lines of a last-dim reduction; `col0` is the column
+        of the chunk's first element."""
         op = self.ops[name]
         src = op.inputs[0]
         x = self.var[src.value] if src.value in self.var else self.load(src, narrow=False)
         acc = f"acc_{self.var[name]}"
+        bm = self.tiling.block_m
+        if op.kind == "argmax":
+            # first index of the maximum, as torch.argmax: strict > keeps earlier chunks
+            idx = f"idx_{self.var[name]}"
+            xm = f"tl.where(mask, {x}, -float(\"inf\"))"
+            init = [f"{acc} = tl.full([{bm}], -float(\"inf\"), tl.float32)",
+                    f"{idx} = tl.zeros([{bm}], dtype=tl.int64)"]
+            upd = [f"chunk_max = tl.max({xm}, axis=1)",
+                   f"chunk_idx = tl.argmax({xm}, axis=1).to(tl.int64) + {col0}",
+                   f"{idx} = tl.where(chunk_max > {acc}, chunk_idx, {idx})",
+                   f"{acc} = tl.maximum({acc}, chunk_max)"]
+            return init, upd, f"{self.var[name]} = {idx}[:, None]"
         scale = op.attr("scale", 1.0)
         tail = f" * {literal(scale)}" if scale != 1.0 else ""
         if op.attr("fn") == "max":
@@ -266,7 +281,7 @@ class GroupEmitter:
             while changed:
                 changed = False
                 for n in scope:
-                    if n in avail or not self.is_narrow(n) or self.ops[n].kind == "reduce":
+                    if n in avail or not self.is_narrow(n) or self.ops[n].kind in REDUCTIONS:
                         continue
                     deps = [o.value for o in self.ops[n].inputs if o.value in self.var]
                     if all(d in avail for d in deps):
@@ -274,23 +289,27 @@ class GroupEmitter:
                         avail.add(n)
                         changed = True
         for n in scope:
-            if self.ops[n].kind != "reduce":
+            if self.ops[n].kind not in REDUCTIONS:
                 continue
             ready_narrow()
             src = self.ops[n].inputs[0].value
             body = [self.assign(m) for m in self.needed([src], avail, scope)]
-            init, upd, finish = self.reduce_lines(n, loop=True)
+            init, upd, finish = self.reduce_lines(n, col0="c0")
             self.code.phases.append({"pre": list(self.code.narrow), "init": init,
                                      "body": body + upd, "finish": finish})
             self.code.narrow = []
             avail.add(n)
         ready_narrow()
 
+    def state_store(self, op: Op) -> list[str]:
+        return _state_store_lines(self, op)
+
     def stores(self, names, narrow: bool) -> list[str]:
         lines = []
         for n in names:
             op = self.ops[n]
             if op.kind == "state_update":
+                lines += self.state_store(op)
                 continue
             ptr = self.pointer(n)
             width = op.type.cols
@@ -302,6 +321,28 @@ class GroupEmitter:
                 lines.append(f"tl.store({ptr} + rows[:, None] * {width} + cols[None, :], "
                              f"{val}, mask=mask)")
         return lines
+
+
+REDUCTIONS = ("reduce", "argmax")
+
+
+def _state_store_lines(e: "GroupEmitter", op: Op) -> list[str]:
+    state, value, index = op.inputs
+    dim = op.attr("dim")
+    size = op.type.shape[dim]
+    pos = e.fresh("pos")
+    # the position as a per-row vector: the interpreter rejects scalar & block masks
+    e.code.preamble.append(
+        f"{pos} = rows.to(tl.int64) * 0 + tl.load({e.pointer(index.value, index.offset)}).to(tl.int64)")
+    ptr = e.pointer(state.value, state.offset)
+    ro = row_offset(value.shape[:-1], state.strides[:-1], "rows")
+    s_last = state.strides[-1]
+    col = "cols[None, :]" if s_last == 1 else f"cols[None, :] * {s_last}"
+    rows = f"{ro}[:, None] + " if ro else ""
+    # a position outside the cache writes nothing (the runtime rejects such prompts)
+    return [f"tl.store({ptr} + {rows}{pos}[:, None] * {state.strides[dim]} + {col}, "
+            f"{e.var[op.name]}.to({TL_DTYPES[op.type.dtype]}), "
+            f"mask=mask & (({pos} >= 0) & ({pos} < {size}))[:, None])"]
 
 
 def emit_group(group: Group, ops: dict[str, Op], tiling: GroupTiling,
@@ -357,8 +398,8 @@ def emit_group(group: Group, ops: dict[str, Op], tiling: GroupTiling,
     lines = [f"{e.var[group.anchor]} = acc"]
     for name in group.epilogue:
         op = ops[name]
-        if op.kind == "reduce":
-            init, upd, finish = e.reduce_lines(name, loop=False)
+        if op.kind in REDUCTIONS:
+            init, upd, finish = e.reduce_lines(name, col0=f"t2 * {tiling.block_n}")
             lines += init + upd + [finish]
         else:
             lines.append(e.assign(name))

@@ -131,6 +131,9 @@ class _Lowering:
         self.ops.append(op)
         return View(name, shape, contiguous_strides(shape), 0, dtype)
 
+    def ops_by_name(self, name: str) -> Op:
+        return next(o for o in reversed(self.ops) if o.name == name)
+
     def unsupported(self, what: str) -> UnsupportedOpError:
         return UnsupportedOpError(f"{what} at {source_line(self.node)}")
 
@@ -525,7 +528,9 @@ for _op, _fn in [
     (aten.le.Tensor, "le"), (aten.le.Scalar, "le"), (aten.ge.Tensor, "ge"), (aten.ge.Scalar, "ge"),
     (aten.eq.Tensor, "eq"), (aten.eq.Scalar, "eq"), (aten.ne.Tensor, "ne"), (aten.ne.Scalar, "ne"),
 ]:
-    _HANDLERS[_op] = (lambda fn: (lambda L, a, b: L.elementwise(fn, a, b)))(_fn)
+    # Predicates are float32 0/1 masks in the IR: one less storage type, and `where`
+    # tests them against zero.
+    _HANDLERS[_op] = (lambda fn: (lambda L, a, b: L.elementwise(fn, a, b, dtype="float32")))(_fn)
 
 
 # reductions -------------------------------------------------------------------------
@@ -565,6 +570,54 @@ def _softmax(L, x, dim, half_to_float=False):
         logs = L.elementwise("log", s, shape=s.shape, dtype=dtype)
         return L.elementwise("sub", shifted, logs, shape=shape, dtype=dtype)
     return L.elementwise("div", e, s, shape=shape, dtype=dtype)
+
+
+# state and selection ----------------------------------------------------------------
+@handles(aten.index_put.default, aten.index_put_.default)
+def _index_put(L, state, indices, values, accumulate=False):
+    positions = [(d, i) for d, i in enumerate(indices) if i is not None]
+    if accumulate or len(positions) != 1:
+        raise L.unsupported("aten.index_put other than one position along one dim")
+    dim, index = positions[0]
+    return _state_update(L, state, dim, index, values)
+
+
+@handles(aten.index_copy.default, aten.index_copy_.default)
+def _index_copy(L, state, dim, index, values):
+    return _state_update(L, state, dim, index, values)
+
+
+def _state_update(L, state, dim, index, values):
+    s, idx = L.tensor(state), L.tensor(index)
+    if L.ops_by_name(s.value).kind not in ("state", "state_update") or not s.contiguous:
+        raise L.unsupported("an in-place update of something other than a module buffer")
+    if idx.shape not in ((), (1,)):
+        raise L.unsupported(f"an in-place update at {idx.shape} positions (one position only)")
+    dim %= len(s.shape)
+    slot = s.shape[:dim] + (1,) + s.shape[dim + 1:]
+    vals = L.expand(L.tensor(values), slot)
+    return L.emit("state_update", s.shape, s.dtype, (s.operand(), vals.operand(), idx.operand()),
+                  dim=dim)
+
+
+@handles(aten.argmax.default)
+def _argmax(L, x, dim=None, keepdim=False):
+    v = L.tensor(x)
+    nd = len(v.shape)
+    if dim is None and nd != 1 or dim is not None and dim % nd != nd - 1:
+        raise L.unsupported("argmax over a dim other than the last")
+    out = L.emit("argmax", v.shape[:-1] + (1,), "int64", (v.operand(),))
+    return out if keepdim else L.view_as(out, v.shape[:-1])
+
+
+@handles(aten.scalar_tensor.default)
+def _scalar_tensor(L, value, **kwargs):
+    return float(value)
+
+
+@handles(aten._assert_tensor_metadata.default)
+def _assert_metadata(L, *args, **kwargs):
+    return None
 
 
 # gather -----------------------------------------------------------------------------

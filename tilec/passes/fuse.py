@@ -42,11 +42,23 @@ def row_layout(operand: Operand) -> tuple[int, int, str] | None:
     return math.prod(lead), width, kind
 
 
+REDUCTIONS = ("reduce", "argmax")
+
+
+def iteration_space(op: Op) -> tuple[int, int]:
+    """(rows, width) an op iterates over: a reduction walks its input's rows; a state
+    update walks the value it writes."""
+    if op.kind in REDUCTIONS:
+        shape = op.inputs[0].shape
+    elif op.kind == "state_update":
+        shape = op.inputs[1].shape
+    else:
+        shape = op.type.shape
+    return (math.prod(shape[:-1]), shape[-1]) if shape else (1, 1)
+
+
 def iteration_width(op: Op) -> int:
-    """The width an op iterates over: a reduction walks its input's row."""
-    if op.kind == "reduce":
-        return op.inputs[0].shape[-1] if op.inputs[0].shape else 1
-    return op.type.cols
+    return iteration_space(op)[1]
 
 
 @dataclass
@@ -106,21 +118,20 @@ def fuse(graph: Graph) -> FusedGraph:
 
     def can_join(op: Op, g: int) -> bool:
         grp = groups[g]
-        width = iteration_width(op)
-        if op.type.rows != grp.rows and not (op.kind == "reduce" and op.inputs[0].shape
-                                             and math.prod(op.inputs[0].shape[:-1]) == grp.rows):
+        rows, width = iteration_space(op)
+        if rows != grp.rows:
             return False
-        if op.kind in ("concat", "gather", "argmax", "state_update"):
-            return False  # these read only buffers: they start groups, never join one
+        members = set(grp.all())
+        if op.kind in ("concat", "gather") and any(o.value in members for o in op.inputs):
+            return False  # their inputs are loads with masks or indirection, never registers
         if grp.kind == "row":
             if width not in (grp.cols, 1) and not (grp.cols == 1 and not grp.has_reduce):
                 return False
         else:  # matmul epilogue
             if width not in (grp.cols, 1):
                 return False
-            if op.kind == "reduce" and grp.cols > MAX_EPILOGUE_REDUCE_N:
+            if op.kind in REDUCTIONS and grp.cols > MAX_EPILOGUE_REDUCE_N:
                 return False
-        members = set(grp.all())
         for operand in op.inputs:
             if operand.value in members:
                 producer = ops[operand.value]
@@ -151,14 +162,15 @@ def fuse(graph: Graph) -> FusedGraph:
                 grp.members.append(op.name)
                 if grp.kind == "row":
                     grp.cols = max(grp.cols, iteration_width(op))
-                if op.kind == "reduce":
+                if op.kind in REDUCTIONS:
                     grp.has_reduce = True
                 group_of[op.name] = g
                 joined = True
                 break
         if not joined:
-            groups.append(_Group("row", op.type.rows, iteration_width(op),
-                                 members=[op.name], has_reduce=op.kind == "reduce"))
+            rows, width = iteration_space(op)
+            groups.append(_Group("row", rows, width, members=[op.name],
+                                 has_reduce=op.kind in REDUCTIONS))
             group_of[op.name] = len(groups) - 1
 
     # Prologues: a row group feeding only matmul A operands moves into each of them.
@@ -170,8 +182,8 @@ def fuse(graph: Graph) -> FusedGraph:
         if len(escaping) != 1 or escaping[0] in outputs:
             continue
         value = escaping[0]
-        if ops[value].kind in ("argmax", "state_update"):
-            continue
+        if any(ops[m].kind in ("argmax", "state_update") for m in grp.members):
+            continue  # side effects and index results are never recomputed per tile
         outside = [u for u in users[value] if group_of.get(u) != g]
         consumers = [ops[u] for u in outside]
         if not consumers or not all(
@@ -219,9 +231,11 @@ def fuse(graph: Graph) -> FusedGraph:
     for n, g in enumerate(order):
         grp = groups[g]
         names = grp.all()
+        # a state update is a side effect: it always stores, read later or not
         outs = tuple(m for m in names
                      if m not in grp.prologue
-                     and (m in outputs or any(group_of.get(u) != g for u in users[m])))
+                     and (m in outputs or ops[m].kind == "state_update"
+                          or any(group_of.get(u) != g for u in users[m])))
         label = _label(grp, ops)
         result.append(Group(
             name=f"g{n}_{label}", kind=grp.kind, anchor=grp.anchor,

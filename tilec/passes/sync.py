@@ -248,6 +248,8 @@ def happens_before_clocks(schedule: Schedule) -> np.ndarray:
     clocks[b][worker(a)] > position(a). Built only from queues, signals and waits;
     a wait implies its signallers only when it waits for all of them."""
     n = len(schedule.taskgraph.tasks)
+    if len(schedule.signal) != n or len(schedule.waits) != n:
+        raise ScheduleError("the schedule has no signal and wait per task: run sync first")
     where = _positions(schedule.queues, n)
     order, stuck = wait_order(schedule.queues, schedule.signal, schedule.waits)
     if stuck:

@@ -138,8 +138,10 @@ def _task_regions(g: Group, tl: GroupTiling, tile_idx, ops, storage):
     for name, (ra, rb, ca, cb) in spaces:
         op = ops[name]
         out_cols = (0, 1) if _width(op) == 1 else (ca, cb)
-        if op.kind == "reduce":  # walks the whole input row
+        if op.kind in ("reduce", "argmax"):  # walks the whole input row
             ca, cb = 0, op.inputs[0].shape[-1]
+        elif op.kind == "state_update":
+            out_cols = (ca, cb)
         else:
             ca, cb = out_cols
         flops += (rb - ra) * (cb - ca)
@@ -152,13 +154,27 @@ def _task_regions(g: Group, tl: GroupTiling, tile_idx, ops, storage):
                 read(operand, range_to_box(ra, rb - 1, operand.shape) if operand.shape else ())
             elif op.kind == "concat":
                 read(operand, _concat_piece_box(op, pos, ra, rb, ca, cb))
-            elif op.kind == "state_update":
-                continue  # handled below
+            elif op.kind == "state_update" and pos == 0:
+                continue  # the state itself is written, not read
+            elif op.kind == "state_update" and pos == 2:
+                read(operand, tuple((0, n) for n in operand.shape))
             else:
                 read(operand, rows_box(operand.shape, ra, rb, ca, cb))
-        if name in g.outputs and op.kind != "state_update":
+        if op.kind == "state_update":
+            writes.append(_state_write(op, storage, ra, rb, *out_cols))
+        elif name in g.outputs:
             writes.append(Region(name, rows_box(op.type.shape, ra, rb, *out_cols)))
     return tuple(reads.values()), tuple(writes), flops
+
+
+def _state_write(op: Op, storage, r0: int, r1: int, c0: int, c1: int) -> Region:
+    """A state update writes rows [r0, r1) of its value at a position known only at run
+    time: the region spans the whole updated dim (sound, if coarse)."""
+    dim = op.attr("dim")
+    value = op.inputs[1]
+    box = list(rows_box(value.shape, r0, r1, c0, c1))
+    box[dim] = (0, op.type.shape[dim])
+    return Region(storage(op.name), tuple(box))
 
 
 def _concat_piece_box(op: Op, pos: int, r0: int, r1: int, c0: int, c1: int) -> Box | None:

@@ -70,6 +70,7 @@ class _Context:
             and all(0 <= e < len(schedule.events) for e in schedule.signal) \
             and all(0 <= w.event < len(schedule.events) for ws in schedule.waits for w in ws)
         self.clocks = None
+        self.before_clocks = None   # clocks just before each task runs (arena check)
 
     def who(self, t: int) -> str:
         group = self.tasks[t].group if 0 <= t < self.n else "?"
@@ -80,12 +81,6 @@ class _Context:
         """a happens-before b: b's clock covers a (queue order and waits, transitively)."""
         w, i = self.where[a]
         return a != b and self.clocks[b][w] > i
-
-    def covered_before(self, need: dict[int, int], b: int) -> bool:
-        """Every task of a set (given as worker -> 1 + last position) happens-before b."""
-        wb, ib = self.where[b]
-        clock = self.clocks[b]
-        return all((ib if w == wb else clock[w]) >= k for w, k in need.items())
 
 
 def _each_task_once(ctx: _Context) -> list[str]:
@@ -323,11 +318,17 @@ def _sharing_problem(ctx: _Context, x: Buffer, y: Buffer, users) -> str:
 
 
 def _all_before(ctx: _Context, first: list[int], then: list[int]) -> bool:
-    need: dict[int, int] = {}
+    """Every task of `first` happens-before every task of `then`: first's last position
+    per worker against the least of then's clocks just before each of its tasks."""
+    if ctx.before_clocks is None:
+        ctx.before_clocks = np.array(ctx.clocks, dtype=np.int64)
+        for t, (w, i) in ctx.where.items():
+            ctx.before_clocks[t, w] = i
+    need = np.zeros(ctx.before_clocks.shape[1], dtype=np.int64)
     for t in first:
         w, i = ctx.where[t]
-        need[w] = max(need.get(w, 0), i + 1)
-    return all(ctx.covered_before(need, b) for b in then)
+        need[w] = max(need[w], i + 1)
+    return bool(np.all(ctx.before_clocks[then].min(axis=0) >= need))
 
 
 def _witness(ctx: _Context, first: list[int], then: list[int]) -> tuple[int, int]:

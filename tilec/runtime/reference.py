@@ -80,6 +80,10 @@ class TaskRunner:
             x = arg(0)
             out = x.sum(-1, keepdim=True) if op.attr("fn") == "sum" else x.amax(-1, keepdim=True)
             return out * op.attr("scale", 1.0)
+        if op.kind == "argmax":
+            return arg(0).argmax(-1, keepdim=True)
+        if op.kind == "state_update":
+            return arg(1)
         if op.kind == "gather":
             table, index = op.inputs
             idx = self.view(index).reshape(-1)[r0:r1].clamp(0, table.shape[0] - 1)
@@ -92,6 +96,8 @@ class TaskRunner:
 
     def store(self, name: str, value: torch.Tensor, r0, r1, c0, c1) -> None:
         op = self.ops[name]
+        if op.kind == "state_update":
+            return self.store_state(op, value, r0, r1, c0, c1)
         buf = self.buffers[name]
         pool = self.pools[buf.pool]
         width = op.type.cols
@@ -100,6 +106,31 @@ class TaskRunner:
             dest[r0:r1] = value.reshape(r1 - r0, 1).to(pool.dtype)
         else:
             dest[r0:r1, c0:c1] = value.to(pool.dtype)
+
+    def store_state(self, op: Op, value: torch.Tensor, r0, r1, c0, c1) -> None:
+        state, val, index = op.inputs
+        dim = op.attr("dim")
+        pos = int(self.view(index).reshape(-1)[0])
+        if not 0 <= pos < op.type.shape[dim]:
+            return
+        buf = self.storage(op.name)
+        pool = self.pools[buf.pool]
+        cache = torch.as_strided(pool, state.shape, state.strides, buf.offset + state.offset)
+        slot = cache.narrow(dim, pos, 1)          # shaped like the value
+        rows = slot.reshape(-1, slot.shape[-1]) if slot.is_contiguous() else None
+        width = val.shape[-1]
+        flat = value.reshape(r1 - r0, -1)
+        if rows is not None:
+            rows[r0:r1, c0:c1] = flat.to(pool.dtype)
+        else:  # write element rows one by one through the strided slot
+            lead = val.shape[:-1]
+            for i, r in enumerate(range(r0, r1)):
+                idx = []
+                for size in reversed(lead):
+                    idx.append(r % size)
+                    r //= size
+                slot[tuple(reversed(idx))][c0:c1] = flat[i, :c1 - c0].to(pool.dtype)
+        del width
 
     def run(self, group_index: int, tile: tuple[int, int, int]) -> None:
         g = self.groups[group_index]

@@ -1,0 +1,307 @@
+"""The `tilec` command line, run in-process: compile, run, inspect, verify, and the
+one-line `error: ...` / exit 2 contract for every mistake a user can make."""
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import tilec.api
+from tilec.cli import main
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+WORKERS = 3
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str) -> None:
+    assert code == 2, err
+    assert err.startswith("error: "), err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def assert_compile_error(code: int, err: str) -> None:
+    """compile prints its progress to stderr first; the error is the last line."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: "), err
+
+
+@pytest.fixture(scope="module")
+def engine_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "block.engine"
+    code = main(["compile", str(EXAMPLES / "block.yaml"), "-o", str(path),
+                 "--workers", str(WORKERS)])
+    assert code == 0
+    return path
+
+
+@pytest.fixture
+def engine_copy(engine_path, tmp_path) -> Path:
+    path = tmp_path / "copy.engine"
+    shutil.copy(engine_path, path)
+    return path
+
+
+# ---- the happy path ----------------------------------------------------------------
+
+def test_compile_reports_stages_and_writes_engine(capsys, tmp_path):
+    out_path = tmp_path / "sub" / "mlp.engine"
+    code, out, err = run_cli(capsys, "compile", EXAMPLES / "mlp.yaml", "-o", out_path)
+    assert code == 0, err
+    assert out_path.is_file() and out_path.stat().st_size > 0
+    for stage in ("export", "lower", "schedule", "verify", "render"):
+        assert stage in err
+    assert "wrote" in err and "tasks on" in err
+
+
+def test_compile_dump_dir(capsys, tmp_path):
+    dump = tmp_path / "dump"
+    code, _, err = run_cli(capsys, "compile", EXAMPLES / "mlp.yaml", "-o", tmp_path / "m.engine",
+                           "--dump-dir", dump)
+    assert code == 0, err
+    names = {p.name for p in dump.iterdir()}
+    assert "01_exported_fx.txt" in names and "02_ir.json" in names
+
+
+def test_run_prints_outputs(capsys, engine_path):
+    code, out, err = run_cli(capsys, "run", engine_path)
+    assert code == 0, err
+    assert "backend interpret" in out
+    assert "output0: shape [1, 16, 128] float32" in out
+
+
+def test_run_json_matches_api(capsys, engine_path):
+    code, out, err = run_cli(capsys, "run", engine_path, "--json", "--seed", "3")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["backend"] == "interpret"
+    engine = tilec.api.load(engine_path)
+    want = engine.run(backend="interpret", **engine.random_inputs(3))["output0"]
+    o = data["outputs"]["output0"]
+    assert o["shape"] == [1, 16, 128] and o["dtype"] == "float32"
+    assert o["values"] == want.flatten()[:8].tolist()
+    assert o["sum"] == pytest.approx(float(want.double().sum()), rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("backend, policy", [("reference", "round_robin"),
+                                             ("interpret", "random"),
+                                             ("interpret", "reverse")])
+def test_run_inputs_and_output_round_trip(capsys, engine_path, tmp_path, backend, policy):
+    x = torch.randn(1, 16, 128, generator=torch.Generator().manual_seed(5))
+    save_file({"x": x}, tmp_path / "in.safetensors")
+    code, _, err = run_cli(capsys, "run", engine_path, "--inputs", tmp_path / "in.safetensors",
+                           "--output", tmp_path / "out.safetensors", "--backend", backend,
+                           "--policy", policy, "--seed", "2")
+    assert code == 0, err
+    got = load_file(tmp_path / "out.safetensors")
+    assert list(got) == ["output0"]
+    want = tilec.api.load(engine_path).run(backend="interpret", x=x)["output0"]
+    if backend == "interpret":
+        assert torch.equal(got["output0"], want)
+    else:
+        torch.testing.assert_close(got["output0"], want, rtol=1e-4, atol=1e-5)
+
+
+def test_inspect_json(capsys, engine_path):
+    code, out, err = run_cli(capsys, "inspect", engine_path, "--json")
+    assert code == 0, err
+    s = json.loads(out)
+    for key in ("model", "target", "workers", "tasks", "events", "task_kinds"):
+        assert key in s
+    assert s["model"] == "block" and s["target"] == "cpu" and s["workers"] == WORKERS
+    assert s["tasks"] == sum(s["task_kinds"].values()) > 0
+    assert s["events"] > 0
+
+
+def test_inspect_table(capsys, engine_path):
+    code, out, err = run_cli(capsys, "inspect", engine_path)
+    assert code == 0, err
+    assert out.startswith(f"block: target cpu (cpu), {WORKERS} workers")
+    assert "task kinds" in out and "workers" in out
+
+
+def test_verify(capsys, engine_path):
+    code, out, err = run_cli(capsys, "verify", engine_path, "--interleavings", "3")
+    assert code == 0, out + err
+    lines = out.strip().splitlines()
+    assert lines and all(line.startswith("ok ") for line in lines), out
+    assert any("interleavings" in line for line in lines)
+    code, out, _ = run_cli(capsys, "verify", engine_path, "--json")
+    report = json.loads(out)
+    assert code == 0 and report["ok"] and report["violations"] == []
+
+
+# ---- damaged engines -----------------------------------------------------------------
+
+def flip_middle(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def flip_in_kernel_text(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    i = data.index(b"tilec_engine")
+    data[i] = ord("T")
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+
+
+def truncate_header(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:5])
+
+
+def append(path: Path) -> None:
+    path.write_bytes(path.read_bytes() + b"\0garbage" * 4)
+
+
+def foreign(path: Path) -> None:
+    save_file({"weight": torch.randn(4, 4)}, path, metadata={"format": "pt"})
+
+
+def empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def missing(path: Path) -> None:
+    path.unlink()
+
+
+DAMAGE = [flip_middle, flip_in_kernel_text, truncate, truncate_header, append, foreign, empty,
+          missing]
+
+
+@pytest.mark.parametrize("command", ["run", "inspect", "verify"])
+@pytest.mark.parametrize("damage", DAMAGE, ids=lambda f: f.__name__)
+def test_damaged_engine_is_a_one_line_error(capsys, engine_copy, damage, command):
+    damage(engine_copy)
+    code, out, err = run_cli(capsys, command, engine_copy)
+    assert_one_line_error(code, err)
+    assert out == ""
+
+
+def test_a_directory_is_not_an_engine(capsys, tmp_path):
+    assert_one_line_error(*run_cli(capsys, "run", tmp_path)[::2])
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from tilec.errors import EngineError
+
+    with pytest.raises(EngineError):
+        main(["--debug", "run", str(tmp_path / "nothing.engine")])
+
+
+# ---- bad inputs to run -----------------------------------------------------------------
+
+@pytest.mark.parametrize("tensors", [
+    {"x": torch.randn(1, 16, 64)},                      # wrong shape
+    {"x": torch.randn(1, 16, 128).double()},            # wrong dtype
+    {"y": torch.randn(1, 16, 128)},                     # wrong name
+], ids=["shape", "dtype", "name"])
+def test_run_with_bad_inputs(capsys, engine_path, tmp_path, tensors):
+    save_file(tensors, tmp_path / "in.safetensors")
+    code, _, err = run_cli(capsys, "run", engine_path, "--inputs", tmp_path / "in.safetensors")
+    assert_one_line_error(code, err)
+
+
+def test_run_with_unreadable_inputs_file(capsys, engine_path, tmp_path):
+    (tmp_path / "in.safetensors").write_bytes(b"not a safetensors file")
+    code, _, err = run_cli(capsys, "run", engine_path, "--inputs", tmp_path / "in.safetensors")
+    assert_one_line_error(code, err)
+    code, _, err = run_cli(capsys, "run", engine_path, "--inputs", tmp_path / "absent.safetensors")
+    assert_one_line_error(code, err)
+
+
+# ---- bad model.yaml ----------------------------------------------------------------------
+
+MLP_PY = textwrap.dedent('''
+    import torch
+
+    class MLP(torch.nn.Module):
+        def __init__(self, d=16):
+            super().__init__()
+            self.fc = torch.nn.Linear(d, d)
+
+        def forward(self, x):
+            return torch.relu(self.fc(x))
+
+    class Cumsum(torch.nn.Module):
+        def forward(self, x):
+            return torch.cumsum(x, dim=-1)
+''')
+
+GOOD_YAML = textwrap.dedent('''
+    model: {module: m.py:MLP, kwargs: {d: 16}}
+    inputs:
+      - {name: x, shape: [2, 16], dtype: float32}
+''')
+
+BAD_YAMLS = {
+    "unknown_key": GOOD_YAML + "sched: {policy: critical_path}\n",
+    "unknown_nested_key": GOOD_YAML + "target: {name: cpu, wrokers: 2}\n",
+    "wrong_type": GOOD_YAML + "seed: zero\n",
+    "wrong_shape_type": GOOD_YAML.replace("[2, 16]", "'2x16'"),
+    "unknown_target": GOOD_YAML + "target: tpu\n",
+    "missing_module_file": GOOD_YAML.replace("m.py:MLP", "nope.py:MLP"),
+    "missing_factory": GOOD_YAML.replace("m.py:MLP", "m.py:Nope"),
+    "missing_inputs": "model: {module: m.py:MLP}\n",
+    "invalid_yaml": GOOD_YAML + "inputs: [\n",
+    "not_a_mapping": "- just\n- a list\n",
+    "empty": "",
+    "unsupported_op": GOOD_YAML.replace("m.py:MLP, kwargs: {d: 16}", "m.py:Cumsum"),
+}
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    (tmp_path / "m.py").write_text(MLP_PY)
+    (tmp_path / "good.yaml").write_text(GOOD_YAML)
+    return tmp_path
+
+
+def test_good_yaml_compiles(capsys, model_dir):
+    code, _, err = run_cli(capsys, "compile", model_dir / "good.yaml", "-o", model_dir / "g.engine")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("name", list(BAD_YAMLS))
+def test_bad_yaml_is_a_one_line_error_and_keeps_the_old_output(capsys, model_dir, name):
+    (model_dir / "bad.yaml").write_text(BAD_YAMLS[name])
+    out_path = model_dir / "existing.engine"
+    out_path.write_bytes(b"an existing file that a failed compile must not touch\n" * 100)
+    before = out_path.read_bytes()
+    code, _, err = run_cli(capsys, "compile", model_dir / "bad.yaml", "-o", out_path)
+    assert_compile_error(code, err)
+    assert out_path.read_bytes() == before
+    left = sorted(p.name for p in model_dir.iterdir() if p.name != "__pycache__")
+    assert left == ["bad.yaml", "existing.engine", "good.yaml", "m.py"]   # no temp files
+
+
+def test_missing_yaml(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "compile", tmp_path / "none.yaml", "-o", tmp_path / "e.engine")
+    assert_compile_error(code, err)
+    assert not (tmp_path / "e.engine").exists()
+
+
+def test_bad_workers_option(capsys, model_dir):
+    code, _, err = run_cli(capsys, "compile", model_dir / "good.yaml", "-o",
+                           model_dir / "e.engine", "--workers", "0")
+    assert_compile_error(code, err)
+    assert "workers" in err

@@ -1,0 +1,195 @@
+"""The `llama` family: one decode step of a Llama-style decoder as a plain nn.Module.
+
+The module is traced by the ordinary frontend like any user model; nothing about it is
+special-cased by name. It is written so the fusion pass finds the decode tasks:
+  * the KV cache is module state (one buffer per layer and kind) updated in place with
+    `index_copy_` at `pos`, which torch.export turns into a state update;
+  * grouped-query attention reads the cache without repeating it: the query heads of
+    one KV head form the rows of one [groups, head_dim] x [head_dim, seq] matmul;
+  * RoPE uses `x * cos + swap_halves(x) * sin_signed`, whose swap is a concat of two
+    views of the projection output (no separate negation op).
+Numerically it is Hugging Face's LlamaForCausalLM (RMSNorm in float32, softmax in
+float32, llama3 rope scaling), one token per call.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import nn
+
+from tilec.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    max_position_embeddings: int = 2048
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @staticmethod
+    def from_dict(data: dict, where: str = "config") -> "LlamaConfig":
+        known = {f.name for f in fields(LlamaConfig)} - {"extra"}
+        data = dict(data)
+        # transformers 5.x writes rope_parameters (rope_theta and scaling inside) instead
+        # of 4.x's rope_theta + rope_scaling; accept both.
+        params = data.pop("rope_parameters", None)
+        if isinstance(params, dict):
+            params = dict(params)
+            if "rope_theta" in params:
+                data.setdefault("rope_theta", params.pop("rope_theta"))
+            kind = params.get("rope_type", params.get("type", "default"))
+            if kind != "default":
+                data.setdefault("rope_scaling", params)
+        args = {k: v for k, v in data.items() if k in known}
+        cfg = LlamaConfig(**args, extra={k: v for k, v in data.items() if k not in known})
+        cfg.validate(where)
+        return cfg
+
+    def validate(self, where: str) -> None:
+        def need(ok: bool, key: str, what: str):
+            if not ok:
+                raise ConfigError(f"{where}: {key}: {what}")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads"):
+            value = getattr(self, key)
+            need(isinstance(value, int) and value > 0, key, f"expected a positive integer, found {value!r}")
+        need(self.num_attention_heads % self.kv_heads == 0, "num_key_value_heads",
+             f"{self.kv_heads} does not divide num_attention_heads {self.num_attention_heads}")
+        need(self.dim_head % 2 == 0, "head_dim", f"must be even for RoPE, found {self.dim_head}")
+        if self.head_dim is None:
+            need(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+                 "not divisible by num_attention_heads")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            need(kind in ("llama3", "default"), "rope_scaling.rope_type",
+                 f"only 'llama3' is supported, found {kind!r}")
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies, with Llama 3's frequency-dependent scaling if configured."""
+    dim = cfg.dim_head
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) == "llama3":
+        factor = scaling["factor"]
+        low = scaling.get("low_freq_factor", 1.0)
+        high = scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def swap_halves(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([x[..., half:], x[..., :half]], dim=-1)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, max_seq_len: int):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.dim_head
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, hd
+        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(d, self.heads * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, self.kv_heads * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, self.kv_heads * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.heads * hd, d, bias=cfg.attention_bias)
+        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.gate_proj = nn.Linear(d, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(d, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, d, bias=cfg.mlp_bias)
+        self.register_buffer("k_cache", torch.zeros(self.kv_heads, max_seq_len, hd), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(self.kv_heads, max_seq_len, hd), persistent=False)
+
+    def forward(self, h, pos, positions, cos, sin_signed):
+        hd, kvh = self.head_dim, self.kv_heads
+        x = self.input_layernorm(h)
+        q = self.q_proj(x).view(self.heads, hd)
+        k = self.k_proj(x).view(kvh, hd)
+        v = self.v_proj(x).view(kvh, hd)
+        q = q * cos + swap_halves(q) * sin_signed
+        k = k * cos + swap_halves(k) * sin_signed
+        self.k_cache.index_copy_(1, pos, k.unsqueeze(1).to(self.k_cache.dtype))
+        self.v_cache.index_copy_(1, pos, v.unsqueeze(1).to(self.v_cache.dtype))
+        q = q.view(kvh, self.heads // kvh, hd)
+        scores = (q @ self.k_cache.transpose(1, 2)).to(torch.float32) * (hd ** -0.5)
+        scores = scores.masked_fill(positions > pos, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        attn = (probs @ self.v_cache).reshape(1, self.heads * hd)
+        h = h + self.o_proj(attn)
+        x = self.post_attention_layernorm(h)
+        return h + self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecodeStep(nn.Module):
+    """forward(token [1] int64, pos [1] int64) -> {"logits": [1, vocab], "next_token": [1]}"""
+
+    def __init__(self, cfg: LlamaConfig, max_seq_len: int):
+        super().__init__()
+        self.cfg = cfg
+        self.max_seq_len = max_seq_len
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Layer(cfg, max_seq_len) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.register_buffer("positions", torch.arange(max_seq_len), persistent=False)
+
+    def forward(self, token: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.embed_tokens(token)                              # [1, hidden]
+        freqs = pos.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        cos = torch.cat([freqs, freqs], dim=-1).cos()             # [1, head_dim]
+        sin = freqs.sin()
+        sin_signed = torch.cat([-sin, sin], dim=-1)
+        for layer in self.layers:
+            h = layer(h, pos, self.positions, cos, sin_signed)
+        logits = self.lm_head(self.norm(h)).to(torch.float32)
+        return {"logits": logits, "next_token": logits.argmax(dim=-1)}
+
+    def reset_cache(self) -> None:
+        for layer in self.layers:
+            layer.k_cache.zero_()
+            layer.v_cache.zero_()
