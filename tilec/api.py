@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from tilec.errors import ConfigError, RunError
+from tilec.ir.target import TARGETS
 from tilec.runtime import engine as engine_file
 from tilec.runtime.executors import Executor, make_executor
 
@@ -65,6 +66,33 @@ class Engine:
         """Run one step. Inputs by name; outputs by the model's output names."""
         return self.executor(backend, policy, seed).run(inputs)
 
+    @property
+    def generation_spec(self):
+        return self._data.manifest.generation
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, *, backend: str = "auto",
+                 temperature: float = 0.0, top_k: int = 0, seed: int = 0,
+                 logits: bool = False, stop_at_eos: bool = True,
+                 policy: str = "round_robin") -> "Generation":
+        """Generate from a decoder engine: the prompt is fed one token per step; greedy
+        (on the device) unless `temperature` > 0."""
+        from tilec.runtime.generate import generate
+
+        spec = self._data.manifest.generation
+        if spec is None:
+            raise RunError("this engine is not a decoder: use run(), not generate()")
+        return generate(self.executor(backend, policy, seed), spec, list(prompt_ids),
+                        max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                        keep_logits=logits, stop_at_eos=stop_at_eos)
+
+    def tokenizer(self):
+        """The `tokenizers.Tokenizer` stored with an hf: engine, or None."""
+        if self._data.tokenizer is None:
+            return None
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_str(self._data.tokenizer)
+
     # ---- looking at it -----------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """The data behind `tilec inspect --json`."""
@@ -112,13 +140,21 @@ def compile(model_or_yaml: Any, example_inputs: tuple[torch.Tensor, ...] | None 
     else:
         raise ConfigError(f"tilec.compile takes an nn.Module, a model.yaml path or a "
                           f"ModelConfig, not {type(model_or_yaml).__name__}")
+    generation, tokenizer = None, None
     if cfg is not None:
+        target_name = target or cfg.target.name
+        if dtype is None and cfg.dtype is None and not isinstance(cfg.model, cfgmod.ModuleSpec):
+            dtype = TARGETS[target_name].dtype if target_name in TARGETS else None
         if dtype is not None:
             cfg = replace(cfg, dtype=dtype)
         if seed is not None:
             cfg = replace(cfg, seed=seed)
         module, inputs = cfgmod.build_model(cfg)
-        info = tuple(InputInfo(s.name, s.low, s.high) for s in cfg.inputs)
+        specs = cfg.inputs
+        if not isinstance(cfg.model, cfgmod.ModuleSpec):
+            specs = cfgmod.decoder_inputs(module.cfg.vocab_size, module.max_seq_len)
+            generation, tokenizer = _decoder_extras(cfg, module)
+        info = tuple(InputInfo(s.name, s.low, s.high) for s in specs)
         t, s = cfg.target, cfg.schedule
         workers = t.workers if workers is None else workers   # 0 is an error, not "unset"
         options = target_options(target or t.name, workers, policy or s.policy,
@@ -138,8 +174,22 @@ def compile(model_or_yaml: Any, example_inputs: tuple[torch.Tensor, ...] | None 
         name = name or type(module).__name__
         seed = seed or 0
     data = compile_module(module, inputs, name=name, options=options, input_info=info,
-                          seed=seed, progress=Progress(on_stage), dump_dir=dump_dir)
+                          seed=seed, progress=Progress(on_stage), dump_dir=dump_dir,
+                          generation=generation)
+    data.tokenizer = tokenizer
     return Engine(data)
 
 
-__all__ = ["Engine", "compile", "load", "RunError"]
+def _decoder_extras(cfg, module):
+    from tilec.compiler.config import CheckpointSpec
+    from tilec.runtime.engine import GenerationSpec
+
+    eos, tokenizer = (), None
+    if isinstance(cfg.model, CheckpointSpec):
+        from tilec.models.hf import eos_token_ids, tokenizer_json
+
+        eos, tokenizer = eos_token_ids(cfg.model.folder), tokenizer_json(cfg.model.folder)
+    return GenerationSpec(module.cfg.vocab_size, module.max_seq_len, eos), tokenizer
+
+
+__all__ = ["Engine", "compile", "load"]

@@ -1,10 +1,15 @@
 """model.yaml: what to compile, with which example inputs, for which target.
 
 ```yaml
-model:                        # required
-  module: mlp.py:MLP          #   FILE.py:FACTORY, FILE relative to this yaml's folder
+model:                        # required; one of three forms:
+  module: mlp.py:MLP          #   a Python module: FILE.py:FACTORY, FILE relative to this yaml
   kwargs: {d_in: 64, d_hidden: 128}   # passed to FACTORY(**kwargs); default {}
-inputs:                       # required, at least one; in the order forward() takes them
+# model: {family: llama, config: {hidden_size: 64, ...}, max_seq_len: 128}
+#                             #   a model family with seeded random weights (HF config fields)
+# model: {hf: ./Llama-3.2-1B, max_seq_len: 2048}
+#                             #   a local Hugging Face checkpoint (folder relative to this yaml)
+inputs:                       # required for `module` (at least one), derived for the others;
+                              # in the order forward() takes them
   - {name: x, shape: [4, 64], dtype: float32}
   - {name: tokens, shape: [1, 8], dtype: int64, low: 0, high: 32000}  # ints draw from [low, high)
 dtype: float32                # optional: float32 | bfloat16; casts the module's parameters
@@ -44,7 +49,9 @@ MODEL_DTYPES = ("float32", "bfloat16")
 POLICIES = ("critical_path", "round_robin")
 
 TOP_KEYS = ("model", "inputs", "dtype", "seed", "target", "schedule")
-MODEL_KEYS = ("module", "kwargs")
+MODEL_KEYS = ("module", "kwargs", "family", "config", "hf", "max_seq_len")
+FAMILIES = ("llama",)
+DEFAULT_MAX_SEQ_LEN = 256
 INPUT_KEYS = ("name", "shape", "dtype", "low", "high")
 TARGET_KEYS = ("name", "workers")
 SCHEDULE_KEYS = ("policy", "tile_m", "tile_n", "tile_k")
@@ -67,6 +74,19 @@ class ModuleSpec:
 
 
 @dataclass(frozen=True)
+class FamilySpec:
+    family: str               # "llama"
+    config: dict              # Hugging Face config fields (LlamaConfig)
+    max_seq_len: int          # sizes the KV cache
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    folder: str               # absolute path of a Hugging Face checkpoint folder
+    max_seq_len: int
+
+
+@dataclass(frozen=True)
 class TargetSpec:
     name: str = "cpu"
     workers: int | None = None   # None: the target's default
@@ -83,7 +103,7 @@ class ScheduleSpec:
 @dataclass(frozen=True)
 class ModelConfig:
     path: str                 # the yaml file, as given
-    model: ModuleSpec
+    model: ModuleSpec | FamilySpec | CheckpointSpec
     inputs: tuple[InputSpec, ...]
     dtype: str | None
     seed: int
@@ -120,9 +140,14 @@ def parse_config(data: Any, path: str) -> ModelConfig:
         raise ConfigError(f"{path}: top level: expected a mapping with keys 'model' and "
                           f"'inputs', found {found}")
     _check_keys(data, TOP_KEYS, "", path)
-    for key in ("model", "inputs"):
-        if key not in data:
-            raise ConfigError(f"{path}: {key}: required key is missing")
+    if "model" not in data:
+        raise ConfigError(f"{path}: model: required key is missing")
+    model = _parse_model(data["model"], path)
+    if isinstance(model, ModuleSpec) and "inputs" not in data:
+        raise ConfigError(f"{path}: inputs: required key is missing")
+    if not isinstance(model, ModuleSpec) and "inputs" in data:
+        raise ConfigError(f"{path}: inputs: a model family's inputs are fixed (token, pos); "
+                          "remove this key")
     dtype = data.get("dtype")
     if dtype is not None and dtype not in MODEL_DTYPES:
         _fail(path, "dtype", " or ".join(MODEL_DTYPES), dtype)
@@ -131,8 +156,8 @@ def parse_config(data: Any, path: str) -> ModelConfig:
         _fail(path, "seed", "an integer >= 0", seed)
     return ModelConfig(
         path=path,
-        model=_parse_model(data["model"], path),
-        inputs=_parse_inputs(data["inputs"], path),
+        model=model,
+        inputs=_parse_inputs(data["inputs"], path) if "inputs" in data else (),
         dtype=dtype,
         seed=seed,
         target=_parse_target(data.get("target", "cpu"), path),
@@ -140,9 +165,17 @@ def parse_config(data: Any, path: str) -> ModelConfig:
     )
 
 
-def _parse_model(model: Any, path: str) -> ModuleSpec:
+def _parse_model(model: Any, path: str) -> ModuleSpec | FamilySpec | CheckpointSpec:
     _need_mapping(model, "model", path)
     _check_keys(model, MODEL_KEYS, "model.", path)
+    forms = [k for k in ("module", "family", "hf") if k in model]
+    if len(forms) > 1:
+        raise ConfigError(f"{path}: model: give one of module, family or hf, found {forms}")
+    if forms and forms[0] != "module":
+        return _parse_decoder(model, forms[0], path)
+    for key in ("config", "max_seq_len"):
+        if key in model:
+            raise ConfigError(f"{path}: model.{key}: only for `family` or `hf` models")
     if "module" not in model:
         raise ConfigError(f"{path}: model.module: required key is missing "
                           f"(expected FILE.py:FACTORY)")
@@ -163,6 +196,34 @@ def _parse_model(model: Any, path: str) -> ModuleSpec:
         if not isinstance(key, str) or not key.isidentifier():
             _fail(path, "model.kwargs", "keyword names", key)
     return ModuleSpec(file=file, factory=factory, kwargs=dict(kwargs))
+
+
+def _parse_decoder(model: dict, form: str, path: str) -> FamilySpec | CheckpointSpec:
+    if "kwargs" in model:
+        raise ConfigError(f"{path}: model.kwargs: only for `module` models")
+    max_seq_len = model.get("max_seq_len", DEFAULT_MAX_SEQ_LEN)
+    if not _is_int(max_seq_len) or max_seq_len < 1:
+        _fail(path, "model.max_seq_len", "an integer >= 1", max_seq_len)
+    if form == "family":
+        family = model["family"]
+        if family not in FAMILIES:
+            raise ConfigError(f"{path}: model.family: expected one of {', '.join(FAMILIES)}, "
+                              f"found {family!r}{_suggest(str(family), FAMILIES)}")
+        config = model.get("config", {}) or {}
+        _need_mapping(config, "model.config", path)
+        from tilec.models.llama import LlamaConfig
+
+        LlamaConfig.from_dict(config, where=f"{path}: model.config")
+        return FamilySpec(family, dict(config), max_seq_len)
+    if "config" in model:
+        raise ConfigError(f"{path}: model.config: an hf checkpoint brings its own config.json")
+    folder = model["hf"]
+    if not isinstance(folder, str):
+        _fail(path, "model.hf", "a folder path", folder)
+    folder = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(path)), folder))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{path}: model.hf: checkpoint folder {folder} not found")
+    return CheckpointSpec(folder, max_seq_len)
 
 
 def _parse_inputs(inputs: Any, path: str) -> tuple[InputSpec, ...]:
@@ -239,6 +300,8 @@ def _parse_schedule(schedule: Any, path: str) -> ScheduleSpec:
 def build_model(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
     """Import the model file, build the module with seeded weights, make example inputs."""
     spec = cfg.model
+    if not isinstance(spec, ModuleSpec):
+        return _build_decoder(cfg)
     module = _import_file(spec.file, cfg.path)
     factory = getattr(module, spec.factory, None)
     if not callable(factory):
@@ -277,6 +340,31 @@ def build_model(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Tensor, 
     if cfg.dtype is not None:
         model = model.to(FLOAT_DTYPES[cfg.dtype])
     return model, random_inputs(cfg.inputs, cfg.seed)
+
+
+def decoder_inputs(vocab_size: int, max_seq_len: int) -> tuple[InputSpec, ...]:
+    """A decode step's inputs: the token fed this step and its position."""
+    return (InputSpec("token", (1,), "int64", 0, vocab_size),
+            InputSpec("pos", (1,), "int64", 0, max_seq_len))
+
+
+def _build_decoder(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    from tilec.models.llama import LlamaConfig, LlamaDecodeStep, init_random
+
+    spec = cfg.model
+    if isinstance(spec, FamilySpec):
+        torch.manual_seed(cfg.seed)
+        model = LlamaDecodeStep(LlamaConfig.from_dict(spec.config), spec.max_seq_len)
+        init_random(model, cfg.seed)
+    else:
+        from tilec.models.hf import load_checkpoint
+
+        model = load_checkpoint(spec.folder, spec.max_seq_len)
+    model = model.eval()
+    if cfg.dtype is not None:
+        model = model.to(FLOAT_DTYPES[cfg.dtype])
+    specs = decoder_inputs(model.cfg.vocab_size, spec.max_seq_len)
+    return model, random_inputs(specs, cfg.seed)
 
 
 def random_inputs(specs: Iterable[InputSpec], seed: int) -> tuple[torch.Tensor, ...]:

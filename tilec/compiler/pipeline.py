@@ -29,7 +29,8 @@ from tilec.passes.schedule import schedule
 from tilec.passes.sync import sync
 from tilec.passes.tile import TileOptions, tile
 from tilec.passes.verify import check
-from tilec.runtime.engine import Engine, IOSpec, Manifest, TORCH_DTYPES, encode_tables
+from tilec.runtime.engine import (Engine, GenerationSpec, IOSpec, Manifest, TORCH_DTYPES,
+                                  encode_tables)
 from tilec.version import __version__
 
 MAX_WAITS = 8
@@ -93,7 +94,8 @@ class InputInfo:
 def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], *,
                    name: str = "model", options: CompileOptions = CompileOptions(),
                    input_info: tuple[InputInfo, ...] = (), seed: int = 0,
-                   progress: Progress | None = None, dump_dir: str | None = None) -> Engine:
+                   progress: Progress | None = None, dump_dir: str | None = None,
+                   generation: GenerationSpec | None = None) -> Engine:
     progress = progress or Progress()
     dump = _Dumper(dump_dir)
     ep = progress.run("export", frontend.export, module, example_inputs)
@@ -118,6 +120,8 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
     dump.text("06_kernel.py", rendered.source)
     engine = progress.run("pack", pack, sched, rendered, lowered, max_waits, name,
                           input_info, seed)
+    if generation is not None:
+        engine.manifest = replace(engine.manifest, generation=generation)
     return engine
 
 

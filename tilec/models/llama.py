@@ -107,6 +107,18 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     return inv_freq
 
 
+def init_random(model: nn.Module, seed: int, std: float = 0.02) -> None:
+    """Hugging Face's initialisation: N(0, std) for projections and embeddings, norms at
+    one; seeded so an engine and its eager twin get the same weights."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

@@ -45,6 +45,19 @@ class IOSpec:
 
 
 @dataclass(frozen=True)
+class GenerationSpec:
+    """How to drive a decode-step engine: which inputs and outputs carry what."""
+
+    vocab_size: int
+    max_seq_len: int
+    eos_token_ids: tuple[int, ...] = ()
+    token_input: str = "token"
+    pos_input: str = "pos"
+    logits_output: str = "logits"
+    next_token_output: str = "next_token"
+
+
+@dataclass(frozen=True)
 class Manifest:
     model: str
     schedule: Schedule          # queues, signal and waits live in the task table
@@ -55,6 +68,7 @@ class Manifest:
     max_waits: int
     max_args: int
     seed: int
+    generation: GenerationSpec | None = None
 
 
 @dataclass
@@ -62,6 +76,7 @@ class Engine:
     manifest: Manifest
     kernel_source: str
     tensors: dict[str, torch.Tensor]
+    tokenizer: str | None = None    # tokenizer.json text, for decoder engines
 
     @property
     def record_width(self) -> int:
@@ -136,6 +151,8 @@ def save(engine: Engine, path: str | os.PathLike) -> None:
     manifest = json.dumps(to_plain(engine.manifest), separators=(",", ":"), sort_keys=True)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "tilec_version": __version__,
             "manifest": manifest, "kernel": engine.kernel_source}
+    if engine.tokenizer is not None:
+        meta["tokenizer"] = engine.tokenizer
     tensors = {k: v.contiguous() for k, v in engine.tensors.items()}
     meta["sha256"] = _digest(meta, tensors)
     path = Path(path)
@@ -181,7 +198,7 @@ def load(path: str | os.PathLike, trust_engine_code: bool = False) -> Engine:
         manifest = from_plain(Manifest, json.loads(meta["manifest"]))
     except (KeyError, ValueError, TypeError) as e:
         raise EngineError(f"{path}: malformed manifest ({_short(e)})") from None
-    engine = Engine(manifest, meta.get("kernel", ""), tensors)
+    engine = Engine(manifest, meta.get("kernel", ""), tensors, meta.get("tokenizer"))
     problem = check_tables(engine)
     if problem:
         raise EngineError(f"{path}: {problem}")

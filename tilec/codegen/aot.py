@@ -1,0 +1,160 @@
+"""Ahead-of-time compile of the rendered persistent kernel for a GPU, without a GPU.
+
+    info = compile_for_gpu(engine.data.kernel_source, engine.data.manifest.schedule.pools)
+    info["cubin_size"], info["n_regs"], info["n_spills"], info["shared"]
+
+Triton fixes interpreter mode per process at import (see `tilec/__init__.py`), and an
+interpreting process cannot compile for a GPU, so in that case the compile runs in a
+child process (`python -m tilec.codegen.aot`) started with TRITON_INTERPRET=0.
+Registers and spills come from `ptxas -v` on the PTX Triton produced: the figures the
+driver would report, available on a machine with no driver.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+from typing import Any, Iterable
+
+from tilec.errors import TilecError
+
+KERNEL_NAME = "tilec_engine"
+SIGNATURE_DTYPES = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16",
+                    "int64": "*i64", "int32": "*i32", "bool": "*i1"}
+FIXED_SIGNATURE = (
+    ("tasks", "*i32"), ("queue_start", "*i32"), ("args", "*i64"), ("events", "*i32"),
+    ("cursor", "*i32"), ("error", "*i32"), ("step", "i32"), ("worker_base", "i32"),
+    ("budget", "i32"),
+)
+SPIN_LIMIT = 1 << 20
+
+
+class AOTError(TilecError):
+    """Triton could not compile the kernel for the requested GPU."""
+
+
+def _pool_pairs(pools: Iterable[Any]) -> list[tuple[str, str]]:
+    """Pools as (name, dtype): `ir.schedule.Pool` objects or plain pairs."""
+    out = []
+    for p in pools:
+        name, dtype = (p.name, p.dtype) if hasattr(p, "dtype") else tuple(p)
+        if dtype not in SIGNATURE_DTYPES:
+            raise AOTError(f"pool {name}: no kernel pointer type for dtype {dtype}")
+        out.append((name, dtype))
+    return out
+
+
+def signature(pools: Iterable[Any]) -> dict[str, str]:
+    """The kernel's Triton signature: the fixed arguments, one pointer per pool (in the
+    schedule's pool order), then the two constexprs."""
+    sig = dict(FIXED_SIGNATURE)
+    for name, dtype in _pool_pairs(pools):
+        sig[name] = SIGNATURE_DTYPES[dtype]
+    sig["BLOCKING"] = "constexpr"
+    sig["SPIN_LIMIT"] = "constexpr"
+    return sig
+
+
+def compile_for_gpu(source: str, pools: Iterable[Any], arch: int = 90, num_warps: int = 4,
+                    timeout: float = 600.0) -> dict[str, Any]:
+    """Compile kernel `source` for CUDA compute capability `arch` (90: sm_90).
+
+    Returns {"arch", "name", "ptx_target", "cubin" (bytes), "cubin_size", "shared",
+    "num_warps", "n_regs", "n_spills"}; n_regs and n_spills are None when ptxas cannot
+    be run again to report them."""
+    pairs = _pool_pairs(pools)
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return _compile_here(source, pairs, arch, num_warps)
+    request = json.dumps({"source": source, "pools": pairs, "arch": arch,
+                          "num_warps": num_warps})
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "tilec.codegen.aot"], input=request,
+                              capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AOTError(f"compiling for sm_{arch} took more than {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        raise AOTError(f"compiling for sm_{arch} failed: {lines[-1] if lines else 'no message'}")
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    info["cubin"] = base64.b64decode(info["cubin"])
+    return info
+
+
+def _compile_here(source: str, pools: list[tuple[str, str]], arch: int,
+                  num_warps: int) -> dict[str, Any]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tilec.runtime.kernel import load_kernel
+
+    fn = load_kernel(source, KERNEL_NAME)
+    src = ASTSource(fn=fn, signature=signature(pools),
+                    constexprs={"BLOCKING": True, "SPIN_LIMIT": SPIN_LIMIT})
+    try:
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                options={"num_warps": num_warps})
+    except Exception as e:  # Triton's compile errors are long; the first line says what
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AOTError(f"triton.compile for sm_{arch}: {first}") from e
+    cubin = kernel.asm["cubin"]
+    ptx = kernel.asm.get("ptx", "")
+    md = kernel.metadata
+    get = md.get if isinstance(md, dict) else (lambda k, d=None: getattr(md, k, d))
+    m = re.search(r"^\.target\s+(\S+)", ptx, re.M)
+    info = {"arch": arch, "name": get("name", KERNEL_NAME), "ptx_target": m.group(1) if m else None,
+            "cubin": cubin, "cubin_size": len(cubin), "shared": int(get("shared", 0) or 0),
+            "num_warps": int(get("num_warps", num_warps) or num_warps),
+            "n_regs": None, "n_spills": None}
+    info.update(_ptxas_usage(ptx, m.group(1) if m else f"sm_{arch}"))
+    return info
+
+
+def _ptxas_usage(ptx: str, gpu_name: str) -> dict[str, int]:
+    """Registers and spill bytes as `ptxas -v` reports them ({} if it cannot run)."""
+    import tempfile
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(int(re.sub(r"\D", "", gpu_name) or 90)).path
+    except Exception:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        try:
+            proc = subprocess.run([ptxas, "-v", f"--gpu-name={gpu_name}", path, "-o",
+                                   os.path.join(tmp, "k.o")],
+                                  capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired):
+            return {}
+    log = proc.stderr + proc.stdout
+    regs = re.search(r"Used (\d+) registers", log)
+    stores = re.search(r"(\d+) bytes spill stores", log)
+    loads = re.search(r"(\d+) bytes spill loads", log)
+    out = {}
+    if regs:
+        out["n_regs"] = int(regs.group(1))
+    if stores and loads:
+        out["n_spills"] = int(stores.group(1)) + int(loads.group(1))
+    return out
+
+
+def _main() -> int:
+    """Child-process entry: a JSON request on stdin, one JSON line on stdout."""
+    req = json.loads(sys.stdin.read())
+    info = _compile_here(req["source"], [tuple(p) for p in req["pools"]], req["arch"],
+                         req["num_warps"])
+    info["cubin"] = base64.b64encode(info["cubin"]).decode()
+    print(json.dumps(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,122 @@
+"""Read a local Hugging Face Llama checkpoint: config.json plus safetensors weights
+(one `model.safetensors`, or shards listed in `model.safetensors.index.json`).
+
+Every problem is a ConfigError naming the file and the field or tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from tilec.errors import ConfigError
+from tilec.models.llama import LlamaConfig, LlamaDecodeStep
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+def read_config(folder: str | os.PathLike) -> LlamaConfig:
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: checkpoint folder not found")
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: missing (a Hugging Face checkpoint needs config.json)") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    archs = data.get("architectures") or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise ConfigError(f"{path}: architectures: {archs!r} is not supported "
+                          f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    return LlamaConfig.from_dict(data, where=str(path))
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> file holding it."""
+    index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{index}: weight_map: unreadable ({e})") from None
+        files = {name: folder / shard for name, shard in weight_map.items()}
+        for shard in set(files.values()):
+            if not shard.exists():
+                raise ConfigError(f"{index}: weight_map: shard {shard.name} is missing")
+        return files
+    if single.exists():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(single), framework="pt") as f:
+                return {name: single for name in f.keys()}
+        except Exception as e:
+            raise ConfigError(f"{single}: not a readable safetensors file ({e})") from None
+    raise ConfigError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+def hf_name(ours: str) -> str:
+    """Our parameter name -> the checkpoint's."""
+    if ours.startswith("lm_head."):
+        return ours
+    if ours.startswith("layers."):
+        _, i, rest = ours.split(".", 2)
+        module = rest.split(".")[0]
+        group = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else \
+            "mlp" if module in ("gate_proj", "up_proj", "down_proj") else None
+        return f"model.layers.{i}.{group}.{rest}" if group else f"model.layers.{i}.{rest}"
+    return f"model.{ours}"
+
+
+def load_checkpoint(folder: str | os.PathLike, max_seq_len: int) -> LlamaDecodeStep:
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    cfg = read_config(folder)
+    files = weight_files(folder)
+    model = LlamaDecodeStep(cfg, max_seq_len)
+    handles: dict[Path, object] = {}
+    try:
+        for name, param in model.named_parameters():
+            key = hf_name(name)
+            if key not in files:
+                raise ConfigError(f"{folder}: tensor {key} missing from the checkpoint")
+            path = files[key]
+            if path not in handles:
+                handles[path] = safe_open(str(path), framework="pt").__enter__()
+            tensor = handles[path].get_tensor(key)
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ConfigError(f"{path.name}: tensor {key} has shape {tuple(tensor.shape)}, "
+                                  f"config.json implies {tuple(param.shape)}")
+            with torch.no_grad():
+                param.copy_(tensor.to(param.dtype))
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+    return model.eval()
+
+
+def tokenizer_json(folder: str | os.PathLike) -> str | None:
+    path = Path(folder) / "tokenizer.json"
+    return path.read_text() if path.exists() else None
+
+
+def eos_token_ids(folder: str | os.PathLike) -> tuple[int, ...]:
+    for name in ("generation_config.json", "config.json"):
+        path = Path(folder) / name
+        try:
+            eos = json.loads(path.read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(eos, int):
+            return (eos,)
+        if isinstance(eos, list):
+            return tuple(e for e in eos if isinstance(e, int))
+    return ()
