@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--policy", default="round_robin", choices=["round_robin", "random", "reverse"],
                    help="worker interleaving on CPU backends")
     r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.add_argument("--prompt-ids", help="decoder engines: comma-separated prompt token ids")
+    r.add_argument("--prompt", help="decoder engines with a tokenizer: prompt text")
+    r.add_argument("--max-new-tokens", type=int, default=16, help="decoder engines: tokens to generate")
+    r.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (0: greedy)")
+    r.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens")
+    r.add_argument("--logits-out", help="write the float32 logits of every generated step (safetensors)")
     r.add_argument("--trust-engine-code", action="store_true",
                    help="run the stored kernel even if it differs from what this tilec renders")
 
@@ -99,6 +105,11 @@ def cmd_run(args) -> int:
     from tilec.api import load
 
     engine = load(args.engine, trust_engine_code=args.trust_engine_code)
+    if engine.generation_spec is not None and not args.inputs:
+        return _generate(engine, args)
+    if args.prompt_ids or args.prompt:
+        raise RunError(f"{args.engine} is not a decoder engine: --prompt-ids and --prompt "
+                       "need one (use --inputs)")
     if args.inputs:
         from safetensors.torch import load_file
 
@@ -129,6 +140,49 @@ def cmd_run(args) -> int:
     for k, v in outputs.items():
         print(f"{k}: shape {list(v.shape)} {str(v.dtype).replace('torch.', '')}")
         print(f"  {v}")
+    return 0
+
+
+def _parse_prompt(engine, args) -> list[int]:
+    if args.prompt_ids and args.prompt:
+        raise RunError("give --prompt-ids or --prompt, not both")
+    if args.prompt:
+        tok = engine.tokenizer()
+        if tok is None:
+            raise RunError("--prompt needs an engine compiled from an hf: checkpoint with a "
+                           "tokenizer.json; use --prompt-ids")
+        return tok.encode(args.prompt).ids
+    text = args.prompt_ids or "1"
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise RunError(f"--prompt-ids: expected comma-separated integers, got {text!r}") from None
+
+
+def _generate(engine, args) -> int:
+    prompt = _parse_prompt(engine, args)
+    g = engine.generate(prompt, args.max_new_tokens, backend=args.backend,
+                        temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                        logits=bool(args.logits_out), policy=args.policy)
+    if args.logits_out:
+        from safetensors.torch import save_file
+
+        save_file({"logits": g.logits.contiguous()}, args.logits_out)
+    tok = engine.tokenizer()
+    text = tok.decode(g.tokens) if tok is not None else None
+    if args.json:
+        out = {"prompt": g.prompt, "new_tokens": g.tokens, "backend": g.backend,
+               "steps": g.steps, "seconds": g.seconds, "tokens_per_s": g.tokens_per_s}
+        if text is not None:
+            out["text"] = text
+        print(json.dumps(out))
+        return 0
+    print(f"prompt ({len(prompt)} tokens): {prompt}")
+    print(f"generated {len(g.tokens)} tokens: {g.tokens}")
+    if text is not None:
+        print(f"text: {text}")
+    print(f"{g.steps} steps on backend {g.backend} in {g.seconds:.2f} s: "
+          f"{g.tokens_per_s:.2f} tokens/s")
     return 0
 
 

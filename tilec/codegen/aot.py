@@ -78,7 +78,9 @@ def compile_for_gpu(source: str, pools: Iterable[Any], arch: int = 90, num_warps
         raise AOTError(f"compiling for sm_{arch} took more than {timeout:.0f} s") from None
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        raise AOTError(f"compiling for sm_{arch} failed: {lines[-1] if lines else 'no message'}")
+        last = lines[-1] if lines else f"exit status {proc.returncode}, no message"
+        raise AOTError(last.removeprefix("error: ") if last.startswith("error: ")
+                       else f"compiling for sm_{arch} failed: {last}")
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     info["cubin"] = base64.b64decode(info["cubin"])
     return info
@@ -98,9 +100,10 @@ def _compile_here(source: str, pools: list[tuple[str, str]], arch: int,
     try:
         kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                 options={"num_warps": num_warps})
-    except Exception as e:  # Triton's compile errors are long; the first line says what
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AOTError(f"triton.compile for sm_{arch}: {first}") from e
+    except Exception as e:  # Triton's errors span many lines: keep where, and what
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        what = " ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else type(e).__name__
+        raise AOTError(f"triton.compile for sm_{arch}: {what}"[:500]) from e
     cubin = kernel.asm["cubin"]
     ptx = kernel.asm.get("ptx", "")
     md = kernel.metadata
@@ -149,8 +152,12 @@ def _ptxas_usage(ptx: str, gpu_name: str) -> dict[str, int]:
 def _main() -> int:
     """Child-process entry: a JSON request on stdin, one JSON line on stdout."""
     req = json.loads(sys.stdin.read())
-    info = _compile_here(req["source"], [tuple(p) for p in req["pools"]], req["arch"],
-                         req["num_warps"])
+    try:
+        info = _compile_here(req["source"], [tuple(p) for p in req["pools"]], req["arch"],
+                             req["num_warps"])
+    except AOTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     info["cubin"] = base64.b64encode(info["cubin"]).decode()
     print(json.dumps(info))
     return 0

@@ -355,7 +355,7 @@ def _build_decoder(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Tenso
     if isinstance(spec, FamilySpec):
         torch.manual_seed(cfg.seed)
         model = LlamaDecodeStep(LlamaConfig.from_dict(spec.config), spec.max_seq_len)
-        init_random(model, cfg.seed)
+        init_random(model, cfg.seed, model.cfg.extra.get("initializer_range", 0.02))
     else:
         from tilec.models.hf import load_checkpoint
 
