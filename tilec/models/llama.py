@@ -165,9 +165,9 @@ class Layer(nn.Module):
         self.k_cache.index_copy_(1, pos, k.unsqueeze(1).to(self.k_cache.dtype))
         self.v_cache.index_copy_(1, pos, v.unsqueeze(1).to(self.v_cache.dtype))
         q = q.view(kvh, self.heads // kvh, hd)
-        scores = (q @ self.k_cache.transpose(1, 2)).to(torch.float32) * (hd ** -0.5)
+        scores = (q @ self.k_cache.transpose(1, 2)) * (hd ** -0.5)
         scores = scores.masked_fill(positions > pos, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         attn = (probs @ self.v_cache).reshape(1, self.heads * hd)
         h = h + self.o_proj(attn)
         x = self.post_attention_layernorm(h)
@@ -195,7 +195,8 @@ class LlamaDecodeStep(nn.Module):
         freqs = pos.to(torch.float32)[:, None] * self.inv_freq[None, :]
         cos = torch.cat([freqs, freqs], dim=-1).cos()             # [1, head_dim]
         sin = freqs.sin()
-        sin_signed = torch.cat([-sin, sin], dim=-1)
+        sin_signed = torch.cat([-sin, sin], dim=-1).to(h.dtype)
+        cos = cos.to(h.dtype)
         for layer in self.layers:
             h = layer(h, pos, self.positions, cos, sin_signed)
         logits = self.lm_head(self.norm(h)).to(torch.float32)
