@@ -273,6 +273,7 @@ class _Lowering:
         user_inputs: list[str] = []
         state_names: dict[str, str] = {}
         graph_inputs: list[str] = []
+        shared: dict[tuple, View] = {}
         for node in ep.graph.nodes:
             self.node = node
             if node.op == "placeholder":
@@ -282,11 +283,17 @@ class _Lowering:
                     target = params.get(node.name) or consts.get(node.name) or buffers.get(node.name)
                     data = state_dict[target] if target in state_dict else constants[target]
                     kind = "state" if target in mutated else "weight"
+                    key = (data.data_ptr(), tuple(data.shape), tuple(data.stride()), data.dtype)
+                    if kind == "weight" and key in shared:  # tied weights: one buffer
+                        self.env[node] = shared[key]
+                        continue
                     self.node = None
                     v = self.emit(kind, shape, dtype, name=node.name, target=target)
                     self.constants[v.value] = data.detach()
                     if kind == "state":
                         state_names[v.value] = target
+                    else:
+                        shared[key] = v
                 else:
                     self.node = None
                     v = self.emit("input", shape, dtype, name=node.name)

@@ -56,7 +56,7 @@ def target_options(name: str, workers: int | None = None, policy: str = "critica
         target = replace(target, workers=workers)
     base = default_tiles(target)
     tiles = replace(base, tile_m=tile_m or base.tile_m, tile_n=tile_n or base.tile_n,
-                    tile_k=tile_k or base.tile_k)
+                    tile_k=tile_k or base.tile_k, workers=target.workers)
     return CompileOptions(target=target, policy=policy, tiles=tiles)
 
 
@@ -64,7 +64,7 @@ def default_tiles(target: Target) -> TileOptions:
     if target.backend == "cpu":
         # The interpreter pays per task and per numpy call, not per element: few, big tiles.
         return TileOptions(tile_m=32, tile_n=128, tile_k=128, row_chunk=4096)
-    return TileOptions(tile_m=16, tile_n=64, tile_k=64, row_chunk=1024)
+    return TileOptions(tile_m=16, tile_n=64, tile_k=512, row_chunk=1024)
 
 
 @dataclass

@@ -17,9 +17,12 @@ from tilec.passes.geometry import Box, range_to_box, rows_box, view_region
 @dataclass(frozen=True)
 class TileOptions:
     tile_m: int = 16      # rows per task
-    tile_n: int = 64      # output columns per task
+    tile_n: int = 64      # output columns per task (at most)
     tile_k: int = 64      # reduction chunk of a matmul
     row_chunk: int = 1024  # column chunk of a row group that walks whole rows
+    workers: int = 1      # narrow a matmul's column tiles until it has a task per worker
+    min_tile_n: int = 16
+    max_tile_elems: int = 8192  # a whole-row matmul's K chunk keeps BK x BN under this
 
 
 def pow2(n: int) -> int:
@@ -46,8 +49,19 @@ def group_tiling(group: Group, ops: dict[str, Op], opt: TileOptions) -> GroupTil
     if group.kind == "matmul":
         batch, m, n, k = matmul_dims(ops[group.anchor])
         bm = min(opt.tile_m, pow2(m))
-        bn = pow2(n) if whole else min(opt.tile_n, pow2(n))
         bk = min(opt.tile_k, pow2(k))
+        if whole:
+            bn = pow2(n)
+        else:
+            # every stage should give each worker a tile: narrow the columns until it does
+            bn = min(opt.tile_n, pow2(n))
+            while bn > opt.min_tile_n and batch * -(-m // bm) * -(-n // bn) < opt.workers:
+                bn //= 2
+        # Below 16 rows the product is a broadcast multiply and a sum over a
+        # [BM, BK, BN] block held in registers: bound it (tensor-core tiles need BK >= 16).
+        limit = opt.max_tile_elems // (bm * bn)
+        while bk > 1 and bk > limit and (bm < 16 or bk > 16):
+            bk //= 2
         return GroupTiling(group.name, bm, bn, bk, (batch, -(-m // bm), -(-n // bn)))
     rows, cols = group.rows, group.cols
     bm = min(opt.tile_m, pow2(rows))

@@ -208,9 +208,21 @@ class GPUExecutor(Executor):
         self.pool_args = [self.pools[p.name] for p in self.schedule.pools]
         self.workers = self.schedule.target.workers
         self.cursor = torch.zeros(self.workers, dtype=torch.int32, device="cuda")
+        self.timing = False              # record each launch's device time (CUDA events)
+        self.kernel_ms: list[float] = []
 
     def launch(self) -> None:
         t = self.tables
+        if self.timing:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        self._launch(t)
+        if self.timing:
+            end.record()
+            end.synchronize()
+            self.kernel_ms.append(start.elapsed_time(end))
+
+    def _launch(self, t) -> None:
         self.kernel[(self.workers,)](t["tasks"], t["queue_start"], t["args"], self.events,
                                      self.cursor, self.error, self.step_index, 0, 1 << 30,
                                      *self.pool_args, BLOCKING=True, SPIN_LIMIT=SPIN_LIMIT,
