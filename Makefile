@@ -26,9 +26,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	mkdir -p build
-	$(BIN)/tilec compile examples/mlp.yaml -o build/mlp.engine
-	$(BIN)/tilec run build/mlp.engine
-	$(BIN)/tilec inspect build/mlp.engine
+	$(BIN)/tilec compile examples/block.yaml -o build/block.engine
+	$(BIN)/tilec run build/block.engine
+	$(BIN)/tilec inspect build/block.engine
 
 clean:
 	rm -rf build .hypothesis .pytest_cache *.egg-info

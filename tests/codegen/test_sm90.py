@@ -1,0 +1,85 @@
+"""The generated persistent kernel compiles for sm_90 (H100/H200) on a machine without a
+GPU: `triton.compile(..., target=GPUTarget("cuda", 90, 32))`, in a child process with
+TRITON_INTERPRET=0 because this process runs Triton in interpreter mode."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import tilec.api
+from tilec.codegen import aot
+from tilec.runtime.kernel import load_kernel
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+H100_SMEM = 228 * 1024
+
+
+class EmbedMix(nn.Module):
+    """Gather, matmul, softmax and concat in one engine, with an int64 input pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(64, 32)
+        self.fc = nn.Linear(32, 32)
+
+    def forward(self, idx, x):
+        h = self.fc(self.emb(idx))
+        return torch.cat([torch.softmax(h, dim=-1), x], dim=-1)
+
+
+def block_engine(**options):
+    return tilec.api.compile(str(EXAMPLES / "block.yaml"), **options)
+
+
+def embed_mix_engine():
+    return tilec.api.compile(EmbedMix(), (torch.randint(0, 64, (4,)), torch.randn(4, 8)))
+
+
+ENGINES = {
+    "block-cpu-fp32": lambda: block_engine(),
+    "block-h200-bf16": lambda: block_engine(target="h200", workers=8, dtype="bfloat16"),
+    "embed_mix": embed_mix_engine,
+}
+
+
+def test_signature_matches_the_rendered_kernel():
+    engine = embed_mix_engine()
+    pools = engine.data.manifest.schedule.pools
+    fn = load_kernel(engine.data.kernel_source, aot.KERNEL_NAME)
+    sig = aot.signature(pools)
+    assert list(sig) == list(fn.arg_names)
+    assert sig["tasks"] == "*i32" and sig["args"] == "*i64" and sig["step"] == "i32"
+    assert {p.dtype for p in pools} >= {"float32", "int64"}
+    for p in pools:
+        assert sig[p.name] == aot.SIGNATURE_DTYPES[p.dtype]
+
+
+@pytest.mark.parametrize("name", list(ENGINES))
+def test_compiles_for_sm90(name):
+    engine = ENGINES[name]()
+    info = aot.compile_for_gpu(engine.data.kernel_source, engine.data.manifest.schedule.pools,
+                               arch=90)
+    assert info["name"] == "tilec_engine"
+    assert info["cubin"][:4] == b"\x7fELF"
+    assert info["cubin_size"] == len(info["cubin"]) > 0
+    assert re.fullmatch(r"sm_90a?", info["ptx_target"])
+    assert 0 <= info["shared"] <= H100_SMEM, info["shared"]
+    if info["n_regs"] is not None:
+        assert 0 < info["n_regs"] <= 255
+    if info["n_spills"] is not None:
+        assert info["n_spills"] >= 0
+
+
+def test_a_bad_kernel_is_a_one_line_aot_error():
+    engine = embed_mix_engine()
+    broken = engine.data.kernel_source.replace("tl.load(queue_start + worker + 1)",
+                                               "tl.load(queue_start + worker + undefined_name)")
+    assert broken != engine.data.kernel_source
+    with pytest.raises(aot.AOTError) as info:
+        aot.compile_for_gpu(broken, engine.data.manifest.schedule.pools)
+    assert "sm_90" in str(info.value) and len(str(info.value).splitlines()) == 1
+
