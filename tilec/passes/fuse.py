@@ -21,6 +21,17 @@ from tilec.ir.graph import FusedGraph, Graph, Group, Op, Operand, PLACEHOLDER_KI
 
 # A matmul epilogue may reduce over N only when a whole row of the result is one tile.
 MAX_EPILOGUE_REDUCE_N = 2048
+SMALL_ROW = 64   # a weight matmul this narrow is one tile per row block anyway
+
+
+def epilogue_may_reduce(grp, ops: dict[str, Op]) -> bool:
+    """A reduction in a matmul epilogue makes one task own whole rows of the result.
+    That is right for attention scores (short rows, the other operand a cache), and
+    wrong for a projection: its weight would stream through a single worker."""
+    if grp.cols > MAX_EPILOGUE_REDUCE_N:
+        return False
+    b = ops[grp.anchor].inputs[1].value
+    return ops[b].kind != "weight" or grp.cols <= SMALL_ROW
 
 
 def row_layout(operand: Operand) -> tuple[int, int, str] | None:
@@ -130,7 +141,7 @@ def fuse(graph: Graph) -> FusedGraph:
         else:  # matmul epilogue
             if width not in (grp.cols, 1):
                 return False
-            if op.kind in REDUCTIONS and grp.cols > MAX_EPILOGUE_REDUCE_N:
+            if op.kind in REDUCTIONS and not epilogue_may_reduce(grp, ops):
                 return False
         for operand in op.inputs:
             if operand.value in members:

@@ -105,9 +105,13 @@ def tile(fused: FusedGraph, opt: TileOptions = TileOptions()) -> TaskGraph:
         for b in range(nb):
             for mi in range(nm):
                 for ni in range(nn):
-                    reads, writes, flops = _task_regions(g, tl, (b, mi, ni), ops, storage)
+                    reads, writes, flops, indirect = _task_regions(g, tl, (b, mi, ni), ops,
+                                                                    storage)
+                    # bytes moved: what the regions cover, except that a gather reads
+                    # only the rows it looks up, not the whole table its region spans
                     nbytes = sum(r.numel * DTYPE_BYTES[buffer_of[r.buffer].type.dtype]
-                                 for r in reads + writes)
+                                 for r in reads + writes if r.buffer not in indirect)
+                    nbytes += sum(indirect.values())
                     tasks.append(Task(len(tasks), g.name, (b, mi, ni), reads, writes,
                                       flops, nbytes))
     return TaskGraph(fused, tuple(buffers), tuple(tilings), tuple(tasks))
@@ -118,6 +122,7 @@ def _task_regions(g: Group, tl: GroupTiling, tile_idx, ops, storage):
     reads: dict[tuple, Region] = {}
     writes: list[Region] = []
     flops = 0
+    indirect: dict[str, int] = {}   # gathered tables: bytes actually read
 
     def read(operand: Operand, box: Box | None):
         if box is None:
@@ -164,6 +169,9 @@ def _task_regions(g: Group, tl: GroupTiling, tile_idx, ops, storage):
                 continue
             if op.kind == "gather" and pos == 0:  # table: any row, data-dependent
                 read(operand, ((0, operand.shape[0]), (ca, cb)))
+                table = storage(operand.value)
+                indirect[table] = indirect.get(table, 0) + (rb - ra) * (cb - ca) * \
+                    DTYPE_BYTES[ops[table].type.dtype]
             elif op.kind == "gather":
                 read(operand, range_to_box(ra, rb - 1, operand.shape) if operand.shape else ())
             elif op.kind == "concat":
@@ -178,7 +186,7 @@ def _task_regions(g: Group, tl: GroupTiling, tile_idx, ops, storage):
             writes.append(_state_write(op, storage, ra, rb, *out_cols))
         elif name in g.outputs:
             writes.append(Region(name, rows_box(op.type.shape, ra, rb, *out_cols)))
-    return tuple(reads.values()), tuple(writes), flops
+    return tuple(reads.values()), tuple(writes), flops, indirect
 
 
 def _state_write(op: Op, storage, r0: int, r1: int, c0: int, c1: int) -> Region:
