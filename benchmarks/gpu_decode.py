@@ -51,6 +51,7 @@ def copy_bandwidth_gbps(nbytes: int = 2 << 30, reps: int = 20) -> float:
     return 2 * nbytes / (statistics.median(times) * 1e-3) / 1e9   # read + write
 
 
+@torch.no_grad()
 def check_small_engines() -> dict:
     """float32 engines on the GPU against eager PyTorch (before trusting any timing)."""
     from tilec.api import compile as tilec_compile

@@ -142,7 +142,7 @@ class TaskRunner:
             c0, c1 = ni * tl.block_n, min(g.cols, (ni + 1) * tl.block_n)
             for name in g.epilogue:
                 op = self.ops[name]
-                width = op.inputs[0].shape[-1] if op.kind == "reduce" else op.type.cols
+                width = op.inputs[0].shape[-1] if op.kind in ("reduce", "argmax") else op.type.cols
                 env[name] = self.compute(op, env, r0, r1, 0, width)
             for name in g.outputs:
                 v = env[name]
@@ -155,7 +155,7 @@ class TaskRunner:
         c0, c1 = ni * tl.block_n, min(n, (ni + 1) * tl.block_n)
         for name in g.prologue:
             op = self.ops[name]
-            width = op.inputs[0].shape[-1] if op.kind == "reduce" else op.type.cols
+            width = op.inputs[0].shape[-1] if op.kind in ("reduce", "argmax") else op.type.cols
             env[name] = self.compute(op, env, r0, r1, 0, width)
         a_op, b_op = anchor.inputs
         a = env[a_op.value] if a_op.value in env else self.rows_of(a_op, r0, r1, 0, k)
