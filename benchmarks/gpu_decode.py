@@ -221,7 +221,7 @@ def main() -> int:
     (Path(args.out) / "gpu_decode.json").write_text(json.dumps(results, indent=1))
     print()
     print(f"{results['gpu']}  copy bw {bw:.0f} GB/s  weights {weight_bytes / 1e9:.2f} GB  "
-          f"floor {floor_bytes / bw / 1e6 * 1e3:.3f} ms/token")
+          f"floor {floor_bytes / (bw * 1e9) * 1e3:.3f} ms/token")
     print(f"{'system':<48} {'ms/tok':>8} {'tok/s':>8} {'GB/s':>7} {'of bw':>6} {'match':>6}")
     for r in rows:
         print(f"{r['system']:<48} {r['ms_per_token']:8.3f} {r['tokens_per_s']:8.1f} "
