@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	@# headless Chromium renders the HTML report in tests/test_inspect.py (skipped without it)
+	-@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get install -y chromium || echo "chromium not installed: the HTML report test will skip"; fi
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)

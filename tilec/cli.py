@@ -42,10 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--logits-out", help="write the float32 logits of every generated step (safetensors)")
     r.add_argument("--trust-engine-code", action="store_true",
                    help="run the stored kernel even if it differs from what this tilec renders")
+    r.add_argument("--profile", metavar="FILE",
+                   help="write the measured timeline (one span per task, host clock) as "
+                        "Chrome/Perfetto trace JSON; CPU backends only")
 
     i = sub.add_parser("inspect", help="show an engine's schedule")
     i.add_argument("engine")
-    i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.add_argument("--json", action="store_true",
+                   help="print one JSON object (keys documented in tilec/inspect.py)")
+    i.add_argument("--aot", action="store_true",
+                   help="GPU targets: compile the kernel ahead of time and report registers, "
+                        "spills and shared memory (takes seconds)")
+    i.add_argument("--trace", metavar="FILE",
+                   help="write the predicted timeline as Chrome/Perfetto trace JSON")
+    i.add_argument("--dot", metavar="FILE", help="write a Graphviz DOT graph (see --level)")
+    i.add_argument("--level", choices=["ops", "tasks"], default="ops",
+                   help="--dot: ops clustered by fusion group, or tasks coloured by worker")
+    i.add_argument("--html", metavar="FILE",
+                   help="write a self-contained HTML report with a Gantt chart")
 
     v = sub.add_parser("verify", help="prove an engine's schedule race- and deadlock-free")
     v.add_argument("engine")
@@ -105,8 +119,12 @@ def cmd_run(args) -> int:
     from tilec.api import load
 
     engine = load(args.engine, trust_engine_code=args.trust_engine_code)
+    if args.profile:  # the executor run / generate use below, cached by the engine
+        engine.executor(args.backend, args.policy, args.seed).start_profile()
     if engine.generation_spec is not None and not args.inputs:
-        return _generate(engine, args)
+        code = _generate(engine, args)
+        _write_profile(engine, args)
+        return code
     if args.prompt_ids or args.prompt:
         raise RunError(f"{args.engine} is not a decoder engine: --prompt-ids and --prompt "
                        "need one (use --inputs)")
@@ -123,6 +141,7 @@ def cmd_run(args) -> int:
     ex = engine.executor(args.backend, args.policy, args.seed)
     outputs = ex.run(inputs)
     seconds = time.perf_counter() - t0
+    _write_profile(engine, args)
     if args.output:
         from safetensors.torch import save_file
 
@@ -141,6 +160,20 @@ def cmd_run(args) -> int:
         print(f"{k}: shape {list(v.shape)} {str(v.dtype).replace('torch.', '')}")
         print(f"  {v}")
     return 0
+
+
+def _write_profile(engine, args) -> None:
+    if not args.profile:
+        return
+    from tilec.viz.timeline import measured
+    from tilec.viz.trace import write_chrome_trace
+
+    ex = engine.executor(args.backend, args.policy, args.seed)
+    data = engine.data
+    write_chrome_trace(measured(data.manifest, data.schedule(), ex.trace, ex.backend),
+                       args.profile)
+    print(f"wrote {args.profile}: {len(ex.trace)} task spans measured on {ex.backend}",
+          file=sys.stderr)
 
 
 def _parse_prompt(engine, args) -> list[int]:
@@ -188,34 +221,50 @@ def _generate(engine, args) -> int:
 
 def cmd_inspect(args) -> int:
     from tilec.api import load
+    from tilec.inspect import print_summary, summary
 
     engine = load(args.engine, trust_engine_code=True)
-    s = engine.summary()
+    s = summary(engine.data, aot=args.aot)
+    try:
+        written = _inspect_files(engine, s, args)
+    except OSError as e:
+        raise TilecError(f"cannot write {e.filename}: {e.strerror}") from None
     if args.json:
         print(json.dumps(s))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
+    else:
+        from rich.console import Console
 
-    console = Console(highlight=False)
-    console.print(f"[bold]{s['model']}[/bold]: target {s['target']} ({s['backend']}), "
-                  f"{s['workers']} workers, {s['tasks']} tasks, {s['events']} events, "
-                  f"{s['waits']} waits, predicted step {s['predicted_step_us']:.1f} us")
-    kinds = Table(title="task kinds")
-    kinds.add_column("kind")
-    kinds.add_column("tasks", justify="right")
-    for k, n in s["task_kinds"].items():
-        kinds.add_row(k, str(n))
-    console.print(kinds)
-    workers = Table(title="workers")
-    for col in ("worker", "tasks", "busy us", "utilisation"):
-        workers.add_column(col, justify="right")
-    for w in s["per_worker"]:
-        workers.add_row(str(w["worker"]), str(w["tasks"]), f"{w['busy_us']:.1f}",
-                        f"{w['utilisation']:.0%}")
-    console.print(workers)
-    console.print(f"kernel: {s['kernel']['source_lines']} lines, {s['kernel']['opcodes']} task kinds")
+        print_summary(s, Console(highlight=False))
+    for w in written:
+        print(f"wrote {w}", file=sys.stderr)
     return 0
+
+
+def _inspect_files(engine, s, args) -> list[str]:
+    from tilec.inspect import predicted_timeline
+
+    written = []
+    if args.trace:
+        from tilec.viz.trace import write_chrome_trace
+
+        write_chrome_trace(predicted_timeline(engine.data), args.trace)
+        written.append(f"{args.trace} (predicted timeline, Chrome/Perfetto trace)")
+    if args.dot:
+        from tilec.viz.dot import ops_dot, tasks_dot
+        from tilec.viz.timeline import task_kinds
+
+        data = engine.data
+        sched = data.schedule()
+        text = (ops_dot(sched.taskgraph.fused, s["model"]) if args.level == "ops"
+                else tasks_dot(sched, task_kinds(data.manifest, sched), s["model"]))
+        Path(args.dot).write_text(text)
+        written.append(f"{args.dot} (Graphviz DOT, {args.level})")
+    if args.html:
+        from tilec.viz.html import report_html
+
+        Path(args.html).write_text(report_html(s, predicted_timeline(engine.data)))
+        written.append(f"{args.html} (HTML report)")
+    return written
 
 
 def cmd_verify(args) -> int:

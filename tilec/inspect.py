@@ -1,37 +1,232 @@
-"""What `tilec inspect` shows: a summary of an engine as plain data."""
+"""What `tilec inspect` shows: a summary of an engine as plain data.
+
+`summary(engine)` is the object `tilec inspect --json` prints. Its keys are stable:
+
+  model, target, backend        the model name, target name, "cpu" | "cuda"
+  workers, tasks, events        counts (ints)
+  waits, cross_worker_waits     waits in the task table; those signalled by a task
+                                on another worker
+  groups                        number of fusion groups
+  task_kinds                    {kind: number of tasks}
+  roles                         [{name, workers: [ids]}]; one implicit role "compute"
+  per_worker                    [{worker, role, tasks, busy_us, utilisation}]
+  predicted_step_us             the cost model's makespan (latest predicted finish)
+  critical_path_us              longest path through the dependency DAG (task times
+                                of the cost model)
+  critical_path                 [{task, kind, group, tile, worker, start_us, finish_us}]
+  memory_bound_us               bytes.cost_model / the target's memory bandwidth
+  lower_bound_us                max(critical_path_us, memory_bound_us)
+  bytes                         per step: weights, kv, intermediate (bytes of the
+                                regions tasks read and write in buffers of kind weight,
+                                state, and input/output/activation; a gather's read
+                                region is its whole table, so weights is an upper
+                                bound there), intermediate_unfused (an op-by-op
+                                execution: each computed op's output written once and
+                                read once per consuming op), cost_model (sum of the
+                                tasks' byte counts, what the cost model charges)
+  fusion_groups                 [{name, kind, anchor, prologue, epilogue, ops, tasks}]
+  event_table                   [{id, signals, signalled_by, waited_by}] (task ids)
+  kernel                        {opcodes, source_lines, max_waits, task_kinds (the
+                                distinct kinds its dispatch handles), aot};
+                                aot is null unless asked for (`--aot`, GPU targets):
+                                {arch, ptx_target, n_regs, n_spills, shared, cubin_size,
+                                num_warps}
+  inputs, outputs               [{name, shape, dtype}]
+"""
 from __future__ import annotations
 
 from collections import Counter
 from typing import Any
 
+from tilec.errors import TilecError
+from tilec.ir.graph import DTYPE_BYTES, PLACEHOLDER_KINDS
+from tilec.ir.schedule import Schedule
+from tilec.passes.cost import critical_path
 from tilec.runtime.engine import Engine
+from tilec.viz.timeline import DEFAULT_ROLE, cross_worker_edges, predicted, task_kinds
+
+WEIGHT_KINDS = ("weight",)
+KV_KINDS = ("state",)
+INTERMEDIATE_KINDS = ("input", "output", "activation")
 
 
-def summary(engine: Engine) -> dict[str, Any]:
+def summary(engine: Engine, aot: bool = False) -> dict[str, Any]:
     m = engine.manifest
     sched = engine.schedule()
     tg = sched.taskgraph
-    groups = {g.name: g for g in tg.fused.groups}
-    index = {g.name: i for i, g in enumerate(tg.fused.groups)}
-    kinds = Counter(m.kinds[m.opcodes[index[t.group]]] for t in tg.tasks)
+    target = sched.target
+    kinds_of = task_kinds(m, sched)
+    kinds = Counter(kinds_of)
     busy = [sum(sched.finish_us[t] - sched.start_us[t] for t in q) for q in sched.queues]
     span = max(sched.finish_us, default=0.0)
+    where = sched.worker_of()
+    cp_us, cp_tasks = critical_path(tg, target)
+    moved = bytes_moved(sched)
+    memory_us = moved["cost_model"] / (target.mem_gbps * 1e3) if target.mem_gbps > 0 else 0.0
+    tasks_per_group = Counter(t.group for t in tg.tasks)
     return {
         "model": m.model,
-        "target": sched.target.name,
-        "backend": sched.target.backend,
+        "target": target.name,
+        "backend": target.backend,
         "workers": sched.workers,
         "tasks": len(tg.tasks),
         "events": len(sched.events),
         "waits": sum(len(w) for w in sched.waits),
-        "groups": len(groups),
+        "cross_worker_waits": len({(b, ev) for _, b, ev in cross_worker_edges(sched)}),
+        "groups": len(tg.fused.groups),
         "task_kinds": dict(sorted(kinds.items())),
-        "kernel": {"opcodes": len(m.kinds), "source_lines": engine.kernel_source.count("\n"),
-                   "max_waits": m.max_waits},
-        "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in m.inputs],
-        "outputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in m.outputs],
-        "predicted_step_us": span,
-        "per_worker": [{"worker": w, "tasks": len(q), "busy_us": busy[w],
+        "roles": [{"name": DEFAULT_ROLE, "workers": list(range(sched.workers))}],
+        "per_worker": [{"worker": w, "role": DEFAULT_ROLE, "tasks": len(q), "busy_us": busy[w],
                         "utilisation": (busy[w] / span) if span else 0.0}
                        for w, q in enumerate(sched.queues)],
+        "predicted_step_us": span,
+        "critical_path_us": cp_us,
+        "critical_path": [{"task": t, "kind": kinds_of[t], "group": tg.tasks[t].group,
+                           "tile": list(tg.tasks[t].tile), "worker": where[t][0],
+                           "start_us": sched.start_us[t], "finish_us": sched.finish_us[t]}
+                          for t in cp_tasks],
+        "memory_bound_us": memory_us,
+        "lower_bound_us": max(cp_us, memory_us),
+        "bytes": moved,
+        "fusion_groups": [{"name": g.name, "kind": g.kind, "anchor": g.anchor,
+                           "prologue": list(g.prologue), "epilogue": list(g.epilogue),
+                           "ops": list(g.members), "tasks": tasks_per_group[g.name]}
+                          for g in tg.fused.groups],
+        "event_table": event_table(sched),
+        "kernel": {"opcodes": len(m.kinds), "source_lines": engine.kernel_source.count("\n"),
+                   "max_waits": m.max_waits, "task_kinds": sorted(set(m.kinds)),
+                   "aot": aot_info(engine) if aot else None},
+        "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in m.inputs],
+        "outputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in m.outputs],
     }
+
+
+def bytes_moved(sched: Schedule) -> dict[str, int]:
+    """Bytes per step by where they live (see the module docstring)."""
+    tg = sched.taskgraph
+    buffers = {b.name: b for b in tg.buffers}
+    out = {"weights": 0, "kv": 0, "intermediate": 0}
+    for task in tg.tasks:
+        for region in task.reads + task.writes:
+            b = buffers[region.buffer]
+            n = region.numel * DTYPE_BYTES[b.type.dtype]
+            if b.kind in WEIGHT_KINDS:
+                out["weights"] += n
+            elif b.kind in KV_KINDS:
+                out["kv"] += n
+            elif b.kind in INTERMEDIATE_KINDS:
+                out["intermediate"] += n
+    graph = tg.fused.graph
+    users = graph.users()
+    out["intermediate_unfused"] = sum(op.type.nbytes * (1 + len(users[op.name]))
+                                      for op in graph.ops if op.kind not in PLACEHOLDER_KINDS)
+    out["cost_model"] = sum(t.bytes for t in tg.tasks)
+    return out
+
+
+def event_table(sched: Schedule) -> list[dict[str, Any]]:
+    rows = [{"id": e.id, "signals": e.signals, "signalled_by": [], "waited_by": []}
+            for e in sched.events]
+    for tid, ev in enumerate(sched.signal):
+        rows[ev]["signalled_by"].append(tid)
+    for tid, waits in enumerate(sched.waits):
+        for w in waits:
+            rows[w.event]["waited_by"].append(tid)
+    return rows
+
+
+def aot_info(engine: Engine) -> dict[str, Any]:
+    """Registers, spills and shared memory of the kernel compiled for the target's GPU
+    (takes seconds: only when asked for)."""
+    target = engine.manifest.schedule.target
+    if target.backend != "cuda":
+        raise TilecError(f"--aot: target {target.name} is not a GPU target (nothing to "
+                         "compile ahead of time)")
+    from tilec.codegen.aot import compile_for_gpu
+
+    info = compile_for_gpu(engine.kernel_source, engine.manifest.schedule.pools, arch=target.arch)
+    return {k: info.get(k) for k in ("arch", "ptx_target", "n_regs", "n_spills", "shared",
+                                     "cubin_size", "num_warps")}
+
+
+def predicted_timeline(engine: Engine):
+    """The predicted timeline with the critical path marked (for traces and reports)."""
+    sched = engine.schedule()
+    _, path = critical_path(sched.taskgraph, sched.target)
+    return predicted(engine.manifest, sched, path)
+
+
+def print_summary(s: dict[str, Any], console) -> None:
+    """The summary as rich tables."""
+    from rich.table import Table
+
+    console.print(f"[bold]{s['model']}[/bold]: target {s['target']} ({s['backend']}), "
+                  f"{s['workers']} workers, {s['tasks']} tasks, {s['events']} events, "
+                  f"{s['waits']} waits, predicted step {s['predicted_step_us']:.1f} us")
+    roles = ", ".join(f"{r['name']} ({len(r['workers'])} workers)" for r in s["roles"])
+    console.print(f"roles: {roles}")
+
+    kinds = Table(title="task kinds")
+    kinds.add_column("kind")
+    kinds.add_column("tasks", justify="right")
+    for k, n in s["task_kinds"].items():
+        kinds.add_row(k, str(n))
+    console.print(kinds)
+
+    workers = Table(title="workers")
+    for col in ("worker", "role", "tasks", "busy us", "utilisation"):
+        workers.add_column(col, justify="left" if col == "role" else "right")
+    for w in s["per_worker"]:
+        workers.add_row(str(w["worker"]), w["role"], str(w["tasks"]), f"{w['busy_us']:.1f}",
+                        f"{w['utilisation']:.0%}")
+    console.print(workers)
+
+    timing = Table(title="step time (predicted, cost model)")
+    timing.add_column("")
+    timing.add_column("us", justify="right")
+    timing.add_row("predicted step", f"{s['predicted_step_us']:.1f}")
+    timing.add_row("lower bound", f"{s['lower_bound_us']:.1f}")
+    timing.add_row("  critical path", f"{s['critical_path_us']:.1f}")
+    timing.add_row("  bytes / bandwidth", f"{s['memory_bound_us']:.1f}")
+    console.print(timing)
+
+    path = Table(title=f"critical path: {len(s['critical_path'])} tasks, "
+                       f"{s['critical_path_us']:.1f} us")
+    for col in ("task", "kind", "tile", "worker", "start us", "finish us"):
+        path.add_column(col, justify="left" if col == "kind" else "right")
+    for c in s["critical_path"]:
+        path.add_row(str(c["task"]), c["kind"], str(tuple(c["tile"])), str(c["worker"]),
+                     f"{c['start_us']:.1f}", f"{c['finish_us']:.1f}")
+    console.print(path)
+
+    b = s["bytes"]
+    moved = Table(title="bytes per step")
+    moved.add_column("")
+    moved.add_column("bytes", justify="right")
+    for label, key in (("weights", "weights"), ("KV cache", "kv"),
+                       ("intermediates", "intermediate"),
+                       ("intermediates, unfused op by op", "intermediate_unfused"),
+                       ("cost model total", "cost_model")):
+        moved.add_row(label, f"{b[key]:,}")
+    console.print(moved)
+
+    groups = Table(title=f"fusion groups ({s['groups']})")
+    for col in ("group", "kind", "tasks", "ops"):
+        groups.add_column(col, justify="right" if col == "tasks" else "left")
+    for g in s["fusion_groups"]:
+        ops = [f"[bold]{o}[/bold]" if o == g["anchor"] else o for o in g["ops"]]
+        groups.add_row(g["name"], g["kind"], str(g["tasks"]), " ".join(ops))
+    console.print(groups)
+
+    multi = sum(1 for e in s["event_table"] if e["signals"] > 1)
+    console.print(f"events: {s['events']} ({multi} with more than one signal), waits: "
+                  f"{s['waits']}, cross-worker waits: {s['cross_worker_waits']}")
+    k = s["kernel"]
+    console.print(f"kernel: {k['source_lines']} lines, {k['opcodes']} opcodes over "
+                  f"{len(k['task_kinds'])} task kinds ({', '.join(k['task_kinds'])}), at most "
+                  f"{k['max_waits']} waits per task")
+    if k["aot"]:
+        a = k["aot"]
+        console.print(f"  sm_{a['arch']} ({a['ptx_target']}): {a['n_regs']} registers, "
+                      f"{a['n_spills']} spill bytes, {a['shared']} bytes shared memory, "
+                      f"cubin {a['cubin_size']} bytes")

@@ -17,7 +17,7 @@ import torch
 
 from tilec.codegen.render import Rendered, render
 from tilec.compiler import frontend
-from tilec.errors import ConfigError
+from tilec.errors import ConfigError, ScheduleError
 from tilec.ir.graph import contiguous_strides
 from tilec.ir.schedule import Schedule
 from tilec.ir.serial import to_plain
@@ -28,7 +28,7 @@ from tilec.passes.memplan import memplan
 from tilec.passes.schedule import schedule
 from tilec.passes.sync import sync
 from tilec.passes.tile import TileOptions, tile
-from tilec.passes.verify import check
+from tilec.passes.verify import verify
 from tilec.runtime.engine import (Engine, GenerationSpec, IOSpec, Manifest, TORCH_DTYPES,
                                   encode_tables)
 from tilec.version import __version__
@@ -107,14 +107,18 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
     taskgraph = progress.run("tile", tile, fused, options.tiles)
     taskgraph = progress.run("deps", deps, taskgraph)
     dump.json("04_tasks.json", {"tilings": taskgraph.tilings, "tasks": taskgraph.tasks,
-                                "deps": taskgraph.deps})
+                                "deps": [(d.before, d.after, d.kind, d.buffer)
+                                         for d in taskgraph.deps]})
     sched = progress.run("schedule", schedule, taskgraph, options.target, options.policy)
     sched = progress.run("sync", sync, sched, options.max_waits)
     sched = progress.run("memplan", memplan, sched)
     dump.json("05_schedule.json", {"queues": sched.queues, "events": sched.events,
                                    "waits": sched.waits, "signal": sched.signal,
                                    "buffers": sched.buffers, "pools": sched.pools})
-    progress.run("verify", check, sched)
+    report = progress.run("verify", verify, sched)
+    dump.text("07_verify.txt", verify_text(report))
+    if not report.ok:
+        raise ScheduleError(report.violations[0])
     max_waits = max([len(w) for w in sched.waits] + [1])
     rendered = progress.run("render", render_schedule, sched, max_waits, name)
     dump.text("06_kernel.py", rendered.source)
@@ -158,10 +162,21 @@ def pack(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered, max_wai
         buf = placed[operand.value]
         outputs.append(IOSpec(out_name, buf.name, operand.shape, operand.strides,
                               operand.offset, ops[operand.value].type.dtype))
-    stored = replace(sched, queues=(), signal=(), waits=())
+    # The task table holds queues, signals and waits; conflicts are recomputed from the
+    # regions by whoever needs them (verify), so the edges are not stored either.
+    stored = replace(sched, queues=(), signal=(), waits=(),
+                     taskgraph=replace(sched.taskgraph, deps=()))
     manifest = Manifest(name, stored, tuple(inputs), tuple(outputs), rendered.opcodes,
                         rendered.kinds, max_waits, rendered.max_args, seed)
     return Engine(manifest, rendered.source, tensors)
+
+
+def verify_text(report) -> str:
+    """The verifier's report as the stage dump 07_verify.txt."""
+    lines = [f"{'ok  ' if ok else 'FAIL'} {name}" for name, ok in report.checks.items()]
+    lines.append("schedule verified: ok" if report.ok else
+                 f"schedule verified: {len(report.violations)} violations")
+    return "\n".join(lines + list(report.violations)) + "\n"
 
 
 class _Dumper:

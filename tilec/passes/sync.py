@@ -14,6 +14,10 @@ Walking the tasks in the global order, each task carries a vector clock (per wor
 how many of its tasks are known complete); a wait whose signallers are all already
 covered is dropped, otherwise it is kept and its signallers' clocks are joined in.
 
+Whole-group events. When a group's blocks fragment (more than a few), and every task
+of the group precedes all its consumers in the global order, the group gets one event
+instead (see `_whole_group_events`).
+
 Cap. The task record has room for `max_waits` waits. A task that still needs more
 has pairs of its events merged into one counter, when that is safe: every waiter of
 the merged event comes after every one of its signallers in the global order (so a
@@ -23,7 +27,7 @@ first; codegen sizes the record by `max(len(w) for w in schedule.waits)`.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import replace
 
 import numpy as np
@@ -85,16 +89,40 @@ def _blocks(schedule: Schedule, needs) -> tuple[list[int], list[list[int]]]:
     for t in range(len(tasks)):          # ascending, so each list comes out sorted
         for p in needs[t]:
             consumers[p].append(t)
+    rank = {t: i for i, t in enumerate(schedule.order)}
+    whole = _whole_group_events(tasks, consumers, rank)
     ids: dict[tuple, int] = {}
     event_of, members = [], []
     for task in tasks:
-        key = (task.group, tuple(consumers[task.id]))
+        key = (task.group,) if task.group in whole else (task.group, tuple(consumers[task.id]))
         if key not in ids:
             ids[key] = len(members)
             members.append([])
         event_of.append(ids[key])
         members[ids[key]].append(task.id)
     return event_of, members
+
+
+def _whole_group_events(tasks, consumers, rank, max_blocks: int = 4) -> set[str]:
+    """Groups that get one event for all their tasks instead of one per block.
+
+    Exact blocks fragment when consumers need different subsets (e.g. a residual add
+    reads one tile, a norm reads them all), and every consumer then waits on many
+    blocks. One event per group is safe when every task of the group precedes every
+    consumer in the global order (a consumer then waits only for tasks that come
+    first: no deadlock); it only makes some consumers wait for tiles they do not read,
+    which in a decode step they mostly depend on transitively anyway."""
+    blocks: dict[str, set] = defaultdict(set)
+    last: dict[str, int] = defaultdict(lambda: -1)
+    first_consumer: dict[str, int] = {}
+    for task in tasks:
+        g = task.group
+        blocks[g].add(tuple(consumers[task.id]))
+        last[g] = max(last[g], rank[task.id])
+        for c in consumers[task.id]:
+            first_consumer[g] = min(first_consumer.get(g, rank[c]), rank[c])
+    return {g for g, b in blocks.items()
+            if len(b) > max_blocks and last[g] < first_consumer.get(g, len(rank))}
 
 
 def _join(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -8,10 +8,18 @@
   ops (`reference.TaskRunner`): an oracle for the kernel.
 * `gpu`: one launch of the persistent kernel per step, grid = workers, spin-waits
   bounded by a watchdog.
+
+Profiling (`tilec run --profile`, `Executor.start_profile()`): the cooperative
+executors then give every launch a budget of one task and stamp the host clock around
+it, so `self.trace` collects one (step, worker, task id, start s, end s) record per
+task run; the interleaving policy still picks the order of workers. On the `gpu`
+backend profiling is not available: the kernel has no device-side time stamps yet,
+so `start_profile()` raises RunError there.
 """
 from __future__ import annotations
 
 import random
+import time
 from typing import Callable
 
 import torch
@@ -88,6 +96,11 @@ class Executor:
     def launch(self) -> None:
         raise NotImplementedError
 
+    def start_profile(self) -> None:
+        """Record a host-clock span per task from now on (into `self.trace`)."""
+        raise RunError(f"--profile: the {self.backend} backend cannot time tasks "
+                       "(use --backend interpret or reference)")
+
     # ---- diagnosis -----------------------------------------------------------------
     def describe_task(self, row: int) -> str:
         rec = self.tables["tasks"][row].tolist()
@@ -106,10 +119,24 @@ class CooperativeExecutor(Executor):
             raise RunError(f"unknown interleaving policy {policy!r} (choose from {', '.join(POLICIES)})")
         self.policy = policy
         self.rng = random.Random(seed)
-        self.trace: list[tuple[int, int, float, float]] | None = None
+        # (step, worker, task id, start s, end s) per task run while profiling
+        self.trace: list[tuple[int, int, int, float, float]] | None = None
 
     def advance(self, worker: int, budget: int) -> None:
         raise NotImplementedError
+
+    def start_profile(self) -> None:
+        self.trace = []
+
+    def _advance_timed(self, worker: int) -> None:
+        """One launch with a budget of one task, its host time recorded if it ran one."""
+        row = int(self.cursor[worker])
+        t0 = time.perf_counter()
+        self.advance(worker, 1)
+        t1 = time.perf_counter()
+        if int(self.cursor[worker]) != row:
+            tid = int(self.engine.tensors["task_ids"][row])
+            self.trace.append((self.step_index, worker, tid, t0, t1))
 
     def launch(self) -> None:
         starts = self.tables["queue_start"].tolist()
@@ -129,7 +156,10 @@ class CooperativeExecutor(Executor):
             progressed = False
             for w, budget in picks:
                 before = int(self.cursor[w])
-                self.advance(w, budget)
+                if self.trace is None:
+                    self.advance(w, budget)
+                else:
+                    self._advance_timed(w)
                 progressed |= int(self.cursor[w]) != before
             if not progressed:
                 raise ScheduleHangError(self.deadlock_report(live))
@@ -197,6 +227,10 @@ class ReferenceExecutor(CooperativeExecutor):
 
 
 class GPUExecutor(Executor):
+    """GPU profiling stamps are not implemented yet: the kernel records no per-task
+    device times, so `start_profile()` (`tilec run --profile`) raises RunError here;
+    `timing` gives the device time of whole launches only."""
+
     backend = "gpu"
 
     def __init__(self, engine: Engine):
@@ -210,6 +244,10 @@ class GPUExecutor(Executor):
         self.cursor = torch.zeros(self.workers, dtype=torch.int32, device="cuda")
         self.timing = False              # record each launch's device time (CUDA events)
         self.kernel_ms: list[float] = []
+
+    def start_profile(self) -> None:
+        raise RunError("--profile: per-task GPU profiling stamps are not implemented yet; "
+                       "profile on CPU with --backend interpret or reference")
 
     def launch(self) -> None:
         t = self.tables
@@ -230,12 +268,9 @@ class GPUExecutor(Executor):
 
     def check(self) -> None:
         torch.cuda.synchronize()
-        err = self.error.tolist()
-        if err[0]:
-            worker, row, ev, seen, need = err[1:6]
-            raise ScheduleHangError(
-                f"watchdog at step {self.step_index}: worker {worker} in "
-                f"{self.describe_task(row)} waited on event {ev} (seen {seen}, wanted {need})")
+        message = watchdog_message(self.error.tolist(), self.step_index, self.describe_task)
+        if message:
+            raise ScheduleHangError(message)
 
     def run(self, inputs):
         self.write_inputs(inputs)
@@ -243,6 +278,20 @@ class GPUExecutor(Executor):
         self.check()
         self.step_index += 1
         return self.read_outputs()
+
+
+def watchdog_message(error: list[int], step: int, describe: Callable[[int], str]) -> str | None:
+    """The error buffer a blocking launch leaves behind, as one line, or None when the
+    watchdog did not fire: [fired, worker, task row, event, seen, wanted, ...]."""
+    if not error or not error[0]:
+        return None
+    worker, row, ev, seen, need = error[1:6]
+    try:
+        task = describe(row)
+    except (IndexError, KeyError, RuntimeError):
+        task = f"task row {row}"
+    return (f"watchdog at step {step}: worker {worker} in {task} waited on event {ev} "
+            f"(seen {seen}, wanted {need})")
 
 
 BACKENDS: dict[str, Callable[..., Executor]] = {
