@@ -1,16 +1,20 @@
 """The Python API. The CLI is a thin layer over these functions.
 
+    import tilec
     engine = tilec.compile(model, (x,), target="cpu", workers=4)
     engine.save("model.engine")
     engine = tilec.load("model.engine")
-    outputs = engine.run(x=x)
+    outputs = engine.run(x=x)            # {output name: tensor}
+
+Import it as `tilec` (the names are re-exported there); this module is where they live.
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -18,31 +22,54 @@ from tilec.errors import ConfigError, RunError
 from tilec.ir.target import TARGETS
 from tilec.runtime import engine as engine_file
 from tilec.runtime.executors import Executor, make_executor
+from tilec.runtime.generate import Generation
+
+if TYPE_CHECKING:
+    from tilec.compiler.config import ModelConfig
+    from tilec.passes.verify import VerifyReport
+    from tokenizers import Tokenizer
 
 
 class Engine:
-    """A compiled model: the kernel, its schedule and its weights, ready to run."""
+    """A compiled model: the kernel, its schedule and its weights, ready to run.
+
+    Get one from `tilec.compile` or `tilec.load`. An engine is one step of the model:
+    `run` executes it once on named inputs; `generate` drives a decoder engine (one
+    step per token). Executors are cached per (backend, policy, seed), and their state
+    buffers (a KV cache) persist across calls.
+    """
 
     def __init__(self, data: engine_file.Engine):
         self._data = data
-        self._executors: dict[tuple, Executor] = {}
+        self._executors: dict[tuple[str, str, int], Executor] = {}
+
+    def __repr__(self) -> str:
+        m = self._data.manifest
+        sched = m.schedule
+        return (f"<tilec.Engine {m.model!r}: target {sched.target.name}, "
+                f"{sched.target.workers} workers, {len(sched.taskgraph.tasks)} tasks, "
+                f"inputs {list(self.input_names)}, outputs {list(self.output_names)}>")
 
     # ---- files -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the engine file atomically (an existing file is replaced only on success)."""
+        """Write the engine file (docs/engine-format.md) atomically: an existing file is
+        replaced only on success. Missing parent folders are created."""
         engine_file.save(self._data, path)
 
     # ---- running -----------------------------------------------------------------------
     @property
     def input_names(self) -> tuple[str, ...]:
+        """The names `run` takes, in the order the model's forward() takes them."""
         return tuple(s.name for s in self._data.manifest.inputs)
 
     @property
     def output_names(self) -> tuple[str, ...]:
+        """The keys of `run`'s result: a returned dict's keys, else output0, output1, ..."""
         return tuple(s.name for s in self._data.manifest.outputs)
 
     def random_inputs(self, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Fresh random inputs of the declared shapes (ints from their [low, high))."""
+        """Fresh random inputs of the declared shapes and dtypes: floats ~ N(0, 1),
+        integers uniform in their [low, high) (from model.yaml; [0, 2) if unknown)."""
         g = torch.Generator().manual_seed(seed)
         out = {}
         for s in self._data.manifest.inputs:
@@ -56,26 +83,52 @@ class Engine:
 
     def executor(self, backend: str = "auto", policy: str = "round_robin",
                  seed: int = 0) -> Executor:
+        """The (cached) executor for a backend.
+
+        backend: "auto" (gpu for a CUDA-target engine on a machine with a GPU, else
+        interpret), "interpret" (the generated kernel in Triton's interpreter,
+        cooperative workers), "reference" (the same schedule, each task in torch) or
+        "gpu" (one launch of the persistent kernel per step). policy and seed choose
+        the worker interleaving on the CPU backends: round_robin, random (seeded) or
+        reverse. `executor(...).run(dict)` takes inputs as a dict, for models whose
+        input names clash with `run`'s keywords.
+        """
         key = (backend, policy, seed)
         if key not in self._executors:
             self._executors[key] = make_executor(self._data, backend, policy=policy, seed=seed)
         return self._executors[key]
 
-    def run(self, backend: str = "auto", policy: str = "round_robin", seed: int = 0,
+    def run(self, *, backend: str = "auto", policy: str = "round_robin", seed: int = 0,
             **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Run one step. Inputs by name; outputs by the model's output names."""
+        """Run one step: inputs by name (`input_names`), outputs by name (`output_names`).
+
+        Every input must be given, with the declared shape and dtype (integers inside
+        their [low, high)); anything else is a `RunError`. See `executor` for
+        `backend`, `policy` and `seed`. Boolean results come back as float 0/1.
+        """
         return self.executor(backend, policy, seed).run(inputs)
 
     @property
-    def generation_spec(self):
+    def generation_spec(self) -> engine_file.GenerationSpec | None:
+        """How to drive a decoder engine (vocabulary, max_seq_len, EOS ids), or None
+        for an engine that is not a decoder."""
         return self._data.manifest.generation
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, *, backend: str = "auto",
-                 temperature: float = 0.0, top_k: int = 0, seed: int = 0,
-                 logits: bool = False, stop_at_eos: bool = True,
-                 policy: str = "round_robin") -> "Generation":
-        """Generate from a decoder engine: the prompt is fed one token per step; greedy
-        (on the device) unless `temperature` > 0."""
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *,
+                 backend: str = "auto", temperature: float = 0.0, top_k: int = 0,
+                 seed: int = 0, logits: bool = False, stop_at_eos: bool = True,
+                 policy: str = "round_robin") -> Generation:
+        """Generate from a decoder engine (`model: {family: ...}` or `{hf: ...}`).
+
+        The prompt is fed one token per step (there is no batched prefill yet), then
+        each new token is fed back. Greedy (the engine's on-device argmax) unless
+        `temperature` > 0, which samples on the host from the logits (optionally from
+        the `top_k` most likely), seeded by `seed`. `logits=True` keeps the float32
+        logits of every generated step in `Generation.logits`. Stops after
+        `max_new_tokens` or at an EOS id (`stop_at_eos`). Raises `RunError` for an
+        engine that is not a decoder, an empty prompt, an id outside the vocabulary,
+        or a prompt plus new tokens longer than the engine's max_seq_len.
+        """
         from tilec.runtime.generate import generate
 
         spec = self._data.manifest.generation
@@ -85,8 +138,9 @@ class Engine:
                         max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
                         keep_logits=logits, stop_at_eos=stop_at_eos)
 
-    def tokenizer(self):
-        """The `tokenizers.Tokenizer` stored with an hf: engine, or None."""
+    def tokenizer(self) -> Tokenizer | None:
+        """The `tokenizers.Tokenizer` stored with an engine compiled from an `hf:`
+        checkpoint that has a tokenizer.json, else None."""
         if self._data.tokenizer is None:
             return None
         from tokenizers import Tokenizer
@@ -95,42 +149,73 @@ class Engine:
 
     # ---- looking at it -----------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
-        """The data behind `tilec inspect --json`."""
+        """The data behind `tilec inspect --json`: model, target, workers, tasks, events,
+        waits, task kinds, per-worker load, the predicted step time, inputs, outputs."""
         from tilec.inspect import summary
 
         return summary(self._data)
 
-    def verify(self):
-        """Check every schedule invariant of DESIGN.md on the engine as stored."""
+    def verify(self) -> VerifyReport:
+        """Check every schedule invariant of DESIGN.md on the engine as stored.
+
+        Returns a report with `ok`, `checks` ({check name: passed}) and `violations`
+        (one line each); it does not raise. `tilec verify --interleavings N` also runs
+        random worker interleavings.
+        """
         from tilec.passes.verify import verify
 
         return verify(self._data.schedule())
 
     @property
     def data(self) -> engine_file.Engine:
+        """The engine file's contents (manifest, kernel source, tensors). Internal:
+        its layout follows the engine format version, not the API's stability."""
         return self._data
 
 
 def load(path: str | os.PathLike, trust_engine_code: bool = False) -> Engine:
-    """Load and check an engine file (see docs/engine-format.md)."""
+    """Load and check an engine file (docs/engine-format.md).
+
+    Any problem (not a tilec engine, another format version, a checksum mismatch, an
+    index out of range, a kernel that differs from what this tilec renders) is an
+    `EngineError` with a one-line reason. `trust_engine_code=True` runs a stored
+    kernel that differs from the rendered one (e.g. written by another tilec version).
+    """
     return Engine(engine_file.load(path, trust_engine_code))
 
 
-def compile(model_or_yaml: Any, example_inputs: tuple[torch.Tensor, ...] | None = None, *,
+def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
+            example_inputs: Sequence[torch.Tensor] | None = None, *,
             target: str | None = None, workers: int | None = None, dtype: str | None = None,
             policy: str | None = None, tile_m: int | None = None, tile_n: int | None = None,
             tile_k: int | None = None, name: str | None = None, seed: int | None = None,
-            dump_dir: str | None = None,
+            dump_dir: str | os.PathLike | None = None,
             on_stage: Callable[[str, float], None] | None = None) -> Engine:
     """Compile a model into an Engine.
 
-    `model_or_yaml` is an `nn.Module` (with `example_inputs`), a model.yaml path, or a
-    parsed config (`tilec.compiler.config.ModelConfig`). Keyword options override the
-    yaml's target and schedule sections.
+    model_or_yaml: an `nn.Module` (then `example_inputs` is required: a tuple of
+        tensors in forward()'s order, whose shapes and dtypes the engine is built
+        for), a model.yaml path (docs/model-yaml.md), or a parsed
+        `tilec.compiler.config.ModelConfig`. A module should be in eval mode.
+    target: "cpu" | "h100" | "h200" (default: the yaml's, or "cpu").
+    workers: persistent workers (default: the yaml's, or the target's: cpu 2, GPU 132).
+    dtype: "float32" | "bfloat16": casts the parameters (a module is copied first, the
+        caller's stays as it is; example inputs are not cast). Default: the yaml's; for
+        a family or hf model, the target's (float32 on cpu, bfloat16 on GPUs).
+    policy, tile_m, tile_n, tile_k: schedule options, as in model.yaml's `schedule`
+        (tile sizes are powers of two; unset = the target's choice).
+    name: the engine's model name (default: the yaml's file stem or the class name).
+    seed: seeds the weights and example inputs of a yaml model; stored in the engine.
+    dump_dir: write every compiler stage as text into this folder.
+    on_stage: called as `on_stage(stage_name, seconds)` after each compiler stage.
+
+    Keyword options override the yaml's target and schedule sections. Mistakes are
+    `ConfigError`; an operator tilec cannot lower is `UnsupportedOpError`.
     """
     from tilec.compiler import config as cfgmod
     from tilec.compiler.pipeline import InputInfo, Progress, compile_module, target_options
 
+    _check_options(cfgmod, dtype, policy, tile_m=tile_m, tile_n=tile_n, tile_k=tile_k)
     if isinstance(model_or_yaml, (str, os.PathLike)):
         cfg = cfgmod.load_config(model_or_yaml)
     elif isinstance(model_or_yaml, cfgmod.ModelConfig):
@@ -166,18 +251,30 @@ def compile(model_or_yaml: Any, example_inputs: tuple[torch.Tensor, ...] | None 
         if example_inputs is None:
             raise ConfigError("tilec.compile(module) needs example_inputs")
         inputs = tuple(example_inputs)
-        if dtype is not None:
-            module = module.to(cfgmod.FLOAT_DTYPES[dtype])
+        if dtype is not None:   # nn.Module.to works in place: leave the caller's alone
+            module = copy.deepcopy(module).to(cfgmod.FLOAT_DTYPES[dtype])
         info = ()
         options = target_options(target or "cpu", workers, policy or "critical_path",
                                  tile_m, tile_n, tile_k)
         name = name or type(module).__name__
         seed = seed or 0
     data = compile_module(module, inputs, name=name, options=options, input_info=info,
-                          seed=seed, progress=Progress(on_stage), dump_dir=dump_dir,
+                          seed=seed, progress=Progress(on_stage),
+                          dump_dir=os.fspath(dump_dir) if dump_dir is not None else None,
                           generation=generation)
     data.tokenizer = tokenizer
     return Engine(data)
+
+
+def _check_options(cfgmod, dtype: str | None, policy: str | None, **tiles: int | None) -> None:
+    """The same rules as model.yaml's, so the API and the yaml fail alike."""
+    if dtype is not None and dtype not in cfgmod.MODEL_DTYPES:
+        raise ConfigError(f"dtype: expected {' or '.join(cfgmod.MODEL_DTYPES)}, found {dtype!r}")
+    if policy is not None and policy not in cfgmod.POLICIES:
+        raise ConfigError(f"policy: expected {' | '.join(cfgmod.POLICIES)}, found {policy!r}")
+    for key, value in tiles.items():
+        if value is not None and (not cfgmod._is_int(value) or value < 1 or value & (value - 1)):
+            raise ConfigError(f"{key}: expected a power of two >= 1, found {value!r}")
 
 
 def _decoder_extras(cfg, module):
@@ -192,4 +289,4 @@ def _decoder_extras(cfg, module):
     return GenerationSpec(module.cfg.vocab_size, module.max_seq_len, eos), tokenizer
 
 
-__all__ = ["Engine", "compile", "load"]
+__all__ = ["Engine", "Generation", "compile", "load"]

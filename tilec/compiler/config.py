@@ -353,8 +353,8 @@ def _build_decoder(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Tenso
 
     spec = cfg.model
     if isinstance(spec, FamilySpec):
-        torch.manual_seed(cfg.seed)
-        model = LlamaDecodeStep(LlamaConfig.from_dict(spec.config), spec.max_seq_len)
+        dtype = FLOAT_DTYPES[cfg.dtype or "float32"]
+        model = LlamaDecodeStep.empty(LlamaConfig.from_dict(spec.config), spec.max_seq_len, dtype)
         init_random(model, cfg.seed, model.cfg.extra.get("initializer_range", 0.02))
     else:
         from tilec.models.hf import load_checkpoint

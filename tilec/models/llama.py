@@ -115,8 +115,8 @@ def init_random(model: nn.Module, seed: int, std: float = 0.02) -> None:
         for name, p in model.named_parameters():
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            else:  # drawn in float32 one tensor at a time, then rounded into place
+                p.copy_(torch.randn(p.shape, generator=gen).mul_(std))
 
 
 class RMSNorm(nn.Module):
@@ -189,6 +189,19 @@ class LlamaDecodeStep(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.register_buffer("positions", torch.arange(max_seq_len), persistent=False)
+
+    @staticmethod
+    def empty(cfg: LlamaConfig, max_seq_len: int, dtype: torch.dtype) -> "LlamaDecodeStep":
+        """A model with uninitialised weights in `dtype` and correct buffers, built
+        without a float32 copy or a default initialisation (a 1B model in seconds)."""
+        with torch.device("meta"):
+            model = LlamaDecodeStep(cfg, max_seq_len)
+        model = model.to_empty(device="cpu").to(dtype)
+        with torch.no_grad():
+            model.inv_freq.copy_(rope_inv_freq(cfg))
+            model.positions.copy_(torch.arange(max_seq_len))
+        model.reset_cache()
+        return model
 
     def forward(self, token: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.embed_tokens(token)                              # [1, hidden]
