@@ -197,6 +197,8 @@ class LlamaDecodeStep(nn.Module):
         with torch.device("meta"):
             model = LlamaDecodeStep(cfg, max_seq_len)
         model = model.to_empty(device="cpu").to(dtype)
+        if cfg.tie_word_embeddings:  # materialising from meta unties shared parameters
+            model.lm_head.weight = model.embed_tokens.weight
         with torch.no_grad():
             model.inv_freq.copy_(rope_inv_freq(cfg))
             model.positions.copy_(torch.arange(max_seq_len))
