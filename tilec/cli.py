@@ -81,6 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tilec ... | head`: the reader left; not an error
+        return 0
+    except Exception as e:  # a bug in tilec, or an input no check foresaw: still one line
+        if args.debug:
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"error: internal error: {type(e).__name__}: {first[:300]} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 2
 
 
 def _console():

@@ -32,6 +32,8 @@ class GroupCode:
     stores: list[str] = field(default_factory=list)     # narrow stores after the loop
     bases: list[int] = field(default_factory=list)      # pool element offsets (args row)
     dot: str = ""
+    b_first: str = ""                                   # matmul: B chunk 0 (kb)
+    b_next: str = ""                                    # matmul: B chunk after cols (kn)
 
 
 def pow2(n: int) -> int:
@@ -381,12 +383,17 @@ def emit_group(group: Group, ops: dict[str, Op], tiling: GroupTiling,
         c.preamble.append(f"boff = {boff}")
         b_ptr += " + boff"
     sk, sn = b.strides[-2], b.strides[-1]
-    b_load = (f"tl.load({b_ptr} + cols[:, None] * {sk} + ncols[None, :] * {sn}, "
-              f"mask=cmask[:, None] & nmask[None, :], other=0)")
+    def b_load(k: str) -> str:
+        return (f"tl.load({b_ptr} + {k}[:, None] * {sk} + ncols[None, :] * {sn}, "
+                f"mask=({k} < {k_total})[:, None] & nmask[None, :], other=0)")
+    k_total = k
+    # The weight stream is the step's bottleneck: the next chunk's load is issued before
+    # this chunk's product, so two are in flight per worker.
+    c.b_first = b_load("kb")
+    c.b_next = b_load("kn")
     b_dtype = ops[b.value].type.dtype
     a_round = f"a_tile.to({TL_DTYPES[a_dtype]}).to(tl.float32)" if a_dtype in ("bfloat16", "float16") else "a_tile"
-    c.main = a_lines + [f"a_tile = tl.where(mask, {a_expr}, 0.0)", f"a_tile = {a_round}",
-                        f"b_tile = {b_load}"]
+    c.main = a_lines + [f"a_tile = tl.where(mask, {a_expr}, 0.0)", f"a_tile = {a_round}"]
     if tiling.block_m >= 16 and tiling.block_k >= 16 and tiling.block_n >= 16:
         if b_dtype in ("bfloat16", "float16"):
             dt = TL_DTYPES[b_dtype]

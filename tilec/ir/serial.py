@@ -6,6 +6,7 @@ them from the type hints, so every IR class round-trips without code of its own.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from typing import Any
@@ -30,13 +31,18 @@ def freeze(x: Any) -> Any:
     return x
 
 
+@functools.lru_cache(maxsize=None)
+def _fields(tp: type) -> tuple[dict[str, Any], frozenset[str]]:
+    """Type hints and field names of a dataclass (evaluating hints is the slow part)."""
+    return typing.get_type_hints(tp), frozenset(f.name for f in dataclasses.fields(tp))
+
+
 def from_plain(tp: Any, data: Any) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(data, dict):
             raise ValueError(f"expected an object for {tp.__name__}, got {type(data).__name__}")
-        hints = typing.get_type_hints(tp)
-        names = {f.name for f in dataclasses.fields(tp)}
+        hints, names = _fields(tp)
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown fields {sorted(unknown)} for {tp.__name__}")

@@ -18,7 +18,7 @@ from tilec.ir.tasks import Buffer, Region
 from tilec.passes.sync import happens_before_clocks, wait_order
 
 CHECKS = ("each_task_once", "global_order", "thresholds", "conflicts_ordered",
-          "regions_in_buffers", "arena_disjoint")
+          "kv_appends_ordered", "regions_in_buffers", "arena_disjoint")
 MAX_REPORTED = 50   # per check; a broken schedule can have millions of violations
 
 
@@ -46,6 +46,7 @@ def verify(schedule: Schedule) -> VerifyReport:
     clocks_ok = not found["global_order"] and ctx.shapes_ok
     ctx.clocks = happens_before_clocks(schedule) if clocks_ok else None
     found["conflicts_ordered"] = _conflicts_ordered(ctx)
+    found["kv_appends_ordered"] = _kv_appends_ordered(ctx)
     found["regions_in_buffers"] = _regions_in_buffers(ctx)
     found["arena_disjoint"] = _arena_disjoint(ctx)
     violations: list[str] = []
@@ -221,6 +222,29 @@ def _conflicts_ordered(ctx: _Context) -> list[str]:
                    f"nothing orders them (missing edge {first} -> {second})")
     if len(found) > MAX_REPORTED:
         out.append(f"conflicts_ordered: ... and {len(found) - MAX_REPORTED} more unordered pairs")
+    return out
+
+
+def _kv_appends_ordered(ctx: _Context) -> list[str]:
+    """Every write of a state buffer (a KV-cache append) happens-before every later task
+    (in program order) that reads an overlapping region: the attention of this step must
+    see this step's key and value. conflicts_ordered implies it; it is reported on its own
+    because a stale cache read is the classic decode-step race."""
+    kinds = {b.name: b.kind for b in _buffers(ctx).values()}
+    writes = [(t.id, r) for t in ctx.tasks for r in t.writes if kinds.get(r.buffer) == "state"]
+    if not writes:
+        return []
+    if ctx.clocks is None:
+        return ["kv_appends_ordered: not checkable without a valid global order"]
+    out = []
+    for a, w in writes:
+        for task in ctx.tasks[a + 1:]:
+            for r in task.reads:
+                if r.overlaps(w) and not ctx.hb(a, task.id):
+                    out.append(f"kv_appends_ordered: {ctx.who(a)} appends {_fmt(w)} but "
+                               f"{ctx.who(task.id)} reads {_fmt(r)} without waiting for it "
+                               f"(missing edge {a} -> {task.id})")
+                    break
     return out
 
 

@@ -28,6 +28,7 @@ FORMAT_VERSION = "1"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                 "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
 FIXED_FIELDS = 6
+POOL_KINDS = ("weight", "state", "arena")
 
 
 @dataclass(frozen=True)
@@ -146,8 +147,6 @@ def _digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
 def save(engine: Engine, path: str | os.PathLike) -> None:
     """Write atomically: a temporary file in the same folder, then a rename, so a failed
     or interrupted save leaves an existing file untouched."""
-    from safetensors.torch import save_file
-
     manifest = json.dumps(to_plain(engine.manifest), separators=(",", ":"), sort_keys=True)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "tilec_version": __version__,
             "manifest": manifest, "kernel": engine.kernel_source}
@@ -158,13 +157,44 @@ def save(engine: Engine, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        with os.fdopen(fd, "wb") as f:
+            _write_safetensors(f, tensors, meta)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                      torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL",
+                      torch.uint8: "U8", torch.int8: "I8", torch.float64: "F64",
+                      torch.int16: "I16"}
+
+
+def _write_safetensors(f, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """The safetensors layout, written deterministically (the library's writer orders the
+    metadata keys differently from run to run), so save(load(file)) gives the same bytes:
+    sorted keys; tensors by alignment, then name, each aligned; header padded to 8."""
+    names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, object] = {"__metadata__": meta}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise EngineError(f"tensor {name!r}: dtype {t.dtype} cannot be stored")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    f.write(len(text).to_bytes(8, "little"))
+    f.write(text)
+    for name in names:
+        t = tensors[name].contiguous()
+        if t.numel():
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def load(path: str | os.PathLike, trust_engine_code: bool = False) -> Engine:
@@ -172,12 +202,50 @@ def load(path: str | os.PathLike, trust_engine_code: bool = False) -> Engine:
 
     The stored kernel source is only accepted when it is byte-identical to what this
     tilec renders from the manifest (and the args table likewise), unless
-    `trust_engine_code` says to run it anyway."""
-    from safetensors import safe_open
-
+    `trust_engine_code` says to run it anyway. Nothing of the file is used before the
+    check that covers it has passed: header, checksum, manifest, tables, views, kernel."""
     path = Path(path)
     if not path.is_file():
         raise EngineError(f"{path}: no such engine file")
+    meta, tensors = _read_container(path)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise EngineError(f"{path}: engine format version {_clip(meta.get('format_version'))}; "
+                          f"this tilec reads version {FORMAT_VERSION}")
+    if meta.get("sha256") != _digest(meta, tensors):
+        raise EngineError(f"{path}: checksum mismatch: the file is corrupted or was edited")
+    manifest = _parse_manifest(path, meta.get("manifest"))
+    kernel, tokenizer = meta.get("kernel", ""), meta.get("tokenizer")
+    engine = Engine(manifest, kernel, tensors, tokenizer)
+    try:
+        problem = check_tables(engine) or check_views(engine)
+    except Exception as e:  # a manifest that decodes but contradicts itself
+        problem = f"malformed manifest ({type(e).__name__}: {_short(e)})"
+    if problem:
+        raise EngineError(f"{path}: {problem}")
+    problem = check_kernel(engine, trust_engine_code)
+    if problem:
+        raise EngineError(f"{path}: {problem}")
+    return engine
+
+
+MAX_HEADER_BYTES = 100_000_000   # safetensors' own limit; a manifest is megabytes at most
+MAX_INT = 1 << 53               # no count, size, offset or time in a manifest is larger
+MAX_DEPTH = 64                  # the IR nests about a dozen levels deep
+
+
+def _read_container(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise EngineError(f"{path}: not a readable engine file ({size} bytes, too short "
+                          "for a safetensors header)")
+    n = int.from_bytes(head, "little")
+    if n > MAX_HEADER_BYTES or n > size - 8:
+        raise EngineError(f"{path}: not a readable engine file (header of {n} bytes in a "
+                          f"file of {size})")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -189,23 +257,38 @@ def load(path: str | os.PathLike, trust_engine_code: bool = False) -> Engine:
         raise
     except Exception as e:  # the container itself is damaged
         raise EngineError(f"{path}: not a readable engine file ({_short(e)})") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise EngineError(f"{path}: engine format version {meta.get('format_version')!r}; "
-                          f"this tilec reads version {FORMAT_VERSION}")
-    if meta.get("sha256") != _digest(meta, tensors):
-        raise EngineError(f"{path}: checksum mismatch: the file is corrupted or was edited")
+    return meta, tensors
+
+
+def _parse_manifest(path: Path, text) -> Manifest:
     try:
-        manifest = from_plain(Manifest, json.loads(meta["manifest"]))
-    except (KeyError, ValueError, TypeError) as e:
+        if not isinstance(text, str):
+            raise ValueError("no manifest")
+        plain = json.loads(text)
+        _check_plain(plain)
+        return from_plain(Manifest, plain)
+    except (ValueError, TypeError, KeyError, RecursionError, OverflowError) as e:
         raise EngineError(f"{path}: malformed manifest ({_short(e)})") from None
-    engine = Engine(manifest, meta.get("kernel", ""), tensors, meta.get("tokenizer"))
-    problem = check_tables(engine)
-    if problem:
-        raise EngineError(f"{path}: {problem}")
-    problem = check_kernel(engine, trust_engine_code)
-    if problem:
-        raise EngineError(f"{path}: {problem}")
-    return engine
+
+
+def _check_plain(plain) -> None:
+    """Bounded nesting and integers, so nothing downstream overflows or recurses."""
+    stack = [(plain, 0)]
+    while stack:
+        x, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"nested more than {MAX_DEPTH} levels deep")
+        if isinstance(x, dict):
+            stack.extend((v, depth + 1) for v in x.values())
+        elif isinstance(x, list):
+            stack.extend((v, depth + 1) for v in x)
+        elif isinstance(x, int) and not isinstance(x, bool) and not -MAX_INT <= x <= MAX_INT:
+            raise ValueError(f"integer {x} out of range")
+
+
+def _clip(x) -> str:
+    text = repr(x)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def check_kernel(engine: Engine, trust_engine_code: bool = False) -> str | None:
@@ -279,24 +362,123 @@ def check_tables(engine: Engine) -> str | None:
         if not 0 <= rec[-1] < n_events:
             return f"task record {row}: signals event {rec[-1]} out of range"
     pools = {p.name: p for p in sched.pools}
+    if len(pools) != len(sched.pools) or len({b.name for b in sched.buffers}) != len(sched.buffers):
+        return "pool or buffer names are not unique"
+    for p in sched.pools:
+        if p.kind not in POOL_KINDS or p.dtype not in TORCH_DTYPES or p.numel < 1:
+            return f"pool {p.name} has kind {_clip(p.kind)}, dtype {_clip(p.dtype)}, size {p.numel}"
     for b in sched.buffers:
         p = pools.get(b.pool)
-        if p is None or b.offset < 0 or b.offset + b.type.numel > p.numel:
+        if p is None or b.offset < 0 or b.offset + b.type.numel > p.numel or \
+                any(n < 0 for n in b.type.shape):
             return f"buffer {b.name} lies outside its pool"
+        if b.type.dtype != p.dtype:
+            return f"buffer {b.name} ({_clip(b.type.dtype)}) is in pool {p.name} of {p.dtype}"
     for p in sched.pools:
         if p.kind in ("weight", "state"):
             tensor = t.get(f"pool.{p.name}")
             if tensor is None or tensor.dtype != TORCH_DTYPES.get(p.dtype) or \
                     tuple(tensor.shape) != (p.numel,):
                 return f"pool {p.name} missing or of the wrong size"
-    sizes = {p.name: p.numel for p in sched.pools}
-    order = [p.name for p in sched.pools]
-    for g, group in enumerate(groups):
-        for a in args[g].tolist():
-            if a < 0 or a >= max(sizes.values(), default=0) + 1:
+    # Each args entry is an element offset into the pool of the buffer it addresses;
+    # which pool is only known by rendering, so check_kernel compares the whole table
+    # with the rendered one (before anything runs). Here: inside some pool at least.
+    largest = max((p.numel for p in sched.pools), default=0)
+    for g, row in enumerate(args.tolist()):
+        for a in row:
+            if not 0 <= a < largest:
                 return f"args row {g}: offset {a} outside every pool"
+    return None
+
+
+def check_views(engine: Engine) -> str | None:
+    """Every strided view the runtime or the kernel takes of a buffer (model inputs and
+    outputs, operands of graph ops) lies inside that buffer, and the generation spec
+    names real inputs and outputs: so a manifest edited and signed again cannot make a
+    load or store leave its buffer."""
+    m = engine.manifest
+    sched = m.schedule
+    buffers = {b.name: b for b in sched.buffers}
     for io in m.inputs + m.outputs:
-        if io.buffer not in {b.name for b in sched.buffers}:
-            return f"input/output {io.name} names unknown buffer {io.buffer}"
-    del order
+        b = buffers.get(io.buffer)
+        if b is None:
+            return f"input/output {io.name} names unknown buffer {_clip(io.buffer)}"
+        if io.dtype != b.type.dtype:
+            return f"input/output {io.name} is {_clip(io.dtype)} in a {b.type.dtype} buffer"
+        problem = _view_problem(io.shape, io.strides, io.offset, b)
+        if problem:
+            return f"input/output {io.name}: {problem}"
+        if io.high is not None and io.high <= io.low:
+            return f"input {io.name}: empty value range [{io.low}, {io.high})"
+    names = [io.name for io in m.inputs + m.outputs]
+    if len(set(names)) != len(names):
+        return "input/output names are not unique"
+    ops = sched.taskgraph.fused.graph.ops
+    if len({op.name for op in ops}) != len(ops):
+        return "op names are not unique"
+    declared = {b.name: b for b in sched.taskgraph.buffers}
+    if declared.keys() != buffers.keys():
+        return "planned buffers differ from the task graph's buffers"
+    for op in ops:
+        b = buffers.get(op.name)
+        if b is not None and (b.type != op.type or declared[op.name].type != op.type):
+            return f"buffer {op.name} does not have the type of the op that computes it"
+    problem = _taskgraph_problem(sched, buffers)
+    if problem:
+        return problem
+    for op in ops:
+        for operand in op.inputs:
+            b = buffers.get(operand.value)
+            if b is None:
+                continue
+            problem = _view_problem(operand.shape, operand.strides, operand.offset, b)
+            if problem:
+                return f"op {op.name} reads {operand.value}: {problem}"
+    gen = m.generation
+    if gen is not None:
+        ins, outs = {io.name for io in m.inputs}, {io.name for io in m.outputs}
+        if gen.vocab_size < 1 or gen.max_seq_len < 1 or gen.token_input not in ins or \
+                gen.pos_input not in ins or gen.logits_output not in outs or \
+                gen.next_token_output not in outs:
+            return "generation spec does not match the engine's inputs and outputs"
+    return None
+
+
+def _taskgraph_problem(sched, buffers) -> str | None:
+    """The task graph's own references (what inspect and verify walk): task ids in
+    order, known groups, regions of known buffers with one interval per dimension,
+    dependencies between existing tasks. Whether regions lie inside their buffers is
+    left to verify (regions_in_buffers)."""
+    tasks = sched.taskgraph.tasks
+    groups = {g.name for g in sched.taskgraph.fused.groups}
+    for i, t in enumerate(tasks):
+        if t.id != i or t.group not in groups:
+            return f"task record {i} has id {t.id} and group {_clip(t.group)}"
+        for r in t.reads + t.writes:
+            b = buffers.get(r.buffer)
+            if b is None or len(r.box) != len(b.type.shape) or \
+                    any(len(iv) != 2 for iv in r.box):
+                return f"task {i} touches {_clip(r.buffer)} with a malformed region"
+    n = len(tasks)
+    for d in sched.taskgraph.deps:
+        if not (0 <= d.before < n and 0 <= d.after < n):
+            return f"dependency {d.before} -> {d.after} names unknown tasks"
+    if len(sched.start_us) != n or len(sched.finish_us) != n:
+        return "predicted times do not cover the tasks"
+    for e, ev in enumerate(sched.events):
+        if ev.id != e or ev.signals < 1:
+            return f"event {e} is malformed"
+    return None
+
+
+def _view_problem(shape, strides, offset, buffer) -> str | None:
+    if len(shape) != len(strides) or offset < 0 or any(n < 0 for n in shape) or \
+            any(s < 0 for s in strides):
+        return f"malformed view (shape {list(shape)}, strides {list(strides)}, offset {offset})"
+    if 0 in shape:
+        return None
+    last = offset + sum((n - 1) * s for n, s in zip(shape, strides))
+    if last >= max(buffer.type.numel, 1):
+        return (f"view (shape {list(shape)}, strides {list(strides)}, offset {offset}) "
+                f"reaches element {last} of buffer {buffer.name} ({buffer.type.numel} elements)")
     return None

@@ -1,0 +1,66 @@
+"""Engines shared by the verify, watchdog and hostile-input tests: compiled once per
+test process (a compile is seconds; loading one is milliseconds), plus a helper that
+rewrites an engine file with its metadata or tensors edited and signs it again, so the
+checksum passes and only the checks behind it can refuse the edit."""
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import tilec.api
+from tilec.runtime import engine as engine_file
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+WORKERS = 3
+
+_dir = Path(tempfile.mkdtemp(prefix="tilec-test-engines-"))
+atexit.register(shutil.rmtree, _dir, True)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(example: str) -> Path:
+    """examples/<example>.yaml compiled for the cpu target with 3 workers."""
+    path = _dir / f"{example}.engine"
+    tilec.api.compile(str(EXAMPLES / f"{example}.yaml"), workers=WORKERS).save(path)
+    return path
+
+
+def read_raw(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def write_signed(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+    """Write an engine with a valid checksum over whatever meta and tensors say."""
+    meta = dict(meta)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    meta["sha256"] = engine_file._digest(meta, tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def resign(src: Path, dst: Path, *, manifest: Callable[[dict], object] | None = None,
+           tensors: Callable[[dict], object] | None = None,
+           meta: Callable[[dict], object] | None = None) -> Path:
+    """Copy src to dst with the manifest JSON, the tensors or the raw metadata edited in
+    place by the given functions, and a recomputed sha256."""
+    m, t = read_raw(src)
+    if manifest is not None:
+        plain = json.loads(m["manifest"])
+        manifest(plain)
+        m["manifest"] = json.dumps(plain, separators=(",", ":"), sort_keys=True)
+    if tensors is not None:
+        t = {k: v.clone() for k, v in t.items()}
+        tensors(t)
+    if meta is not None:
+        meta(m)
+    write_signed(dst, m, t)
+    return dst
