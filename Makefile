@@ -1,5 +1,5 @@
 # make test   - create .venv if needed, then run the test suite
-# make demo   - create .venv if needed, then compile, run and inspect the example engine
+# make demo   - create .venv if needed, then compile the tiny Llama, generate 16 tokens, inspect it
 # make clean  - remove build outputs (keeps .venv; `make distclean` removes it too)
 
 PYTHON ?= python3
@@ -29,9 +29,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	mkdir -p build
-	$(BIN)/tilec compile examples/block.yaml -o build/block.engine
-	$(BIN)/tilec run build/block.engine
-	$(BIN)/tilec inspect build/block.engine
+	$(BIN)/tilec compile examples/llama_tiny.yaml -o build/llama_tiny.engine
+	$(BIN)/tilec run build/llama_tiny.engine --prompt-ids 5,9,2 --max-new-tokens 16
+	$(BIN)/tilec inspect build/llama_tiny.engine
 
 clean:
 	rm -rf build .hypothesis .pytest_cache *.egg-info
