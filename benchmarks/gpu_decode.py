@@ -86,25 +86,9 @@ def check_small_engines(quick: bool = False) -> dict:
 
 
 def to_hf(module, dtype):
-    import transformers
+    from tilec.models.hf import to_transformers
 
-    from tilec.models.hf import hf_name
-
-    c = module.cfg
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.kv_heads, head_dim=c.dim_head, rms_norm_eps=c.rms_norm_eps,
-        rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
-        tie_word_embeddings=c.tie_word_embeddings, max_position_embeddings=131072)
-    with torch.device("cuda"):
-        hf = transformers.LlamaForCausalLM(hf_cfg).to(dtype)
-    state = {hf_name(k): v for k, v in module.state_dict().items() if "cache" not in k
-             and k not in ("inv_freq", "positions")}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (c.tie_word_embeddings and m == "lm_head.weight")]
-    assert not missing and not unexpected, (missing, unexpected)
-    return hf.eval()
+    return to_transformers(module.to(dtype), device="cuda")
 
 
 def time_hf_decode(hf, prompt, new_tokens, **gen_kwargs) -> tuple[float, list[int]]:

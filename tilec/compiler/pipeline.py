@@ -56,14 +56,18 @@ def target_options(name: str, workers: int | None = None, policy: str = "critica
         target = replace(target, workers=workers)
     base = default_tiles(target)
     tiles = replace(base, tile_m=tile_m or base.tile_m, tile_n=tile_n or base.tile_n,
-                    tile_k=tile_k or base.tile_k, workers=target.workers)
+                    tile_k=tile_k or base.tile_k,
+                    workers=target.workers if target.backend == "cuda" else 1)
     return CompileOptions(target=target, policy=policy, tiles=tiles)
 
 
 def default_tiles(target: Target) -> TileOptions:
     if target.backend == "cpu":
         # The interpreter pays per task and per numpy call, not per element: few, big tiles.
-        return TileOptions(tile_m=32, tile_n=128, tile_k=128, row_chunk=4096)
+        # Workers take turns in one process, so more tiles never run faster here; and
+        # registers are numpy arrays, so tiles need no size bound.
+        return TileOptions(tile_m=32, tile_n=128, tile_k=128, row_chunk=4096,
+                           max_tile_elems=1 << 22)
     return TileOptions(tile_m=16, tile_n=64, tile_k=512, row_chunk=1024)
 
 

@@ -120,3 +120,29 @@ def eos_token_ids(folder: str | os.PathLike) -> tuple[int, ...]:
         if isinstance(eos, list):
             return tuple(e for e in eos if isinstance(e, int))
     return ()
+
+
+def to_transformers(model: LlamaDecodeStep, device: str = "cpu"):
+    """The same weights as a transformers LlamaForCausalLM (for benchmarks and tests)."""
+    import transformers
+
+    c = model.cfg
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.kv_heads,
+        head_dim=c.dim_head, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
+        rope_scaling=c.rope_scaling, tie_word_embeddings=c.tie_word_embeddings,
+        attention_bias=c.attention_bias, mlp_bias=c.mlp_bias,
+        max_position_embeddings=max(c.max_position_embeddings, model.max_seq_len))
+    dtype = model.embed_tokens.weight.dtype
+    with torch.device(device):
+        hf = transformers.LlamaForCausalLM(hf_cfg).to(dtype)
+    state = {hf_name(k): v for k, v in model.state_dict().items()
+             if "cache" not in k and k not in ("inv_freq", "positions")}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (c.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"weights do not map onto transformers: missing {missing}, "
+                         f"unexpected {unexpected}")
+    return hf.eval()
