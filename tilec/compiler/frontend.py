@@ -515,6 +515,19 @@ def _div(L, a, b, rounding_mode=None):
     return L.elementwise("div", a, b)
 
 
+@handles(aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default)
+def _clamp(L, x, min=None, max=None):
+    if L.node.target is aten.clamp_max.default:
+        min, max = None, min
+    shape, dtype = L.out_shape(), L.out_dtype()
+    out = x
+    if min is not None:
+        out = L.elementwise("maximum", out, min, shape=shape, dtype=dtype)
+    if max is not None:
+        out = L.elementwise("minimum", out, max, shape=shape, dtype=dtype)
+    return L.tensor(out) if min is None and max is None else out
+
+
 @handles(aten.pow.Tensor_Scalar)
 def _pow(L, x, exponent):
     return L.elementwise("pow", x, float(exponent))

@@ -1,0 +1,74 @@
+"""Compile time: `tilec compile` beside torch.compile's first call, same model, same run.
+
+    .venv/bin/python benchmarks/compile_time.py [--config examples/llama3_1b.yaml]
+
+tilec compiles for the config's target (h200 for llama3_1b: random weights, bf16).
+torch.compile (inductor, default mode) compiles the same decode-step module for this
+machine's CPU on its first call; its time is that first call minus an eager call. The
+goal is a ratio tilec / torch.compile <= 0.5. Peak memory of the tilec compile is
+read from a child process (ru_maxrss) and compared with the weight bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tilec_compile_seconds(config: str, out: str) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "tilec", "compile", config, "-o", out], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seconds = time.perf_counter() - t0
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return seconds, peak_kb * 1024
+
+
+def torch_compile_seconds(config: str) -> tuple[float, int]:
+    sys.path.insert(0, str(ROOT))
+    import tilec  # noqa: F401
+    import torch
+
+    from tilec.compiler.config import build_model, load_config
+
+    cfg = load_config(config)
+    module, inputs = build_model(cfg)
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        module(*inputs)
+        eager = time.perf_counter() - t0
+        compiled = torch.compile(module)
+        t0 = time.perf_counter()
+        compiled(*inputs)
+        first = time.perf_counter() - t0
+    return first - eager, weight_bytes
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=str(ROOT / "examples/llama3_1b.yaml"))
+    ap.add_argument("--out", default=str(ROOT / "build/compile_time.engine"))
+    args = ap.parse_args()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    tilec_s, peak = tilec_compile_seconds(args.config, args.out)
+    print(f"tilec compile: {tilec_s:.1f} s, peak RSS {peak / 1e9:.2f} GB", flush=True)
+    torch_s, weight_bytes = torch_compile_seconds(args.config)
+    print(f"torch.compile first call: {torch_s:.1f} s", flush=True)
+    result = {"config": args.config, "tilec_s": tilec_s, "torch_compile_first_call_s": torch_s,
+              "ratio": tilec_s / torch_s, "tilec_peak_rss_bytes": peak,
+              "weight_bytes": weight_bytes, "peak_over_weights": peak / weight_bytes}
+    print(f"ratio tilec / torch.compile: {result['ratio']:.2f} (goal <= 0.5); "
+          f"tilec peak memory {result['peak_over_weights']:.2f}x the weights (goal <= 2)")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
