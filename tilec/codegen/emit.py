@@ -162,10 +162,7 @@ class GroupEmitter:
                 return cast(args[0], self.dtype(op.inputs[0].value), op.type.dtype)
             if fn == "pow":
                 return EXPRS["pow"](args[0], enc[1])
-            expr = EXPRS[fn](*args)
-            if op.type.dtype in ("bfloat16", "float16") and fn != "identity":
-                pass  # math stays in float32; the store rounds
-            return expr
+            return EXPRS[fn](*args)  # math stays in float32; the store rounds
         if op.kind == "state_update":  # the value it stores; `stores` writes it
             return self.arg(op, 1)
         if op.kind == "gather":

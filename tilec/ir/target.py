@@ -22,6 +22,9 @@ class Target:
     arch: int                  # CUDA compute capability x10 (90 for sm_90); 0 for CPU
     dtype: str                 # default engine dtype on this target
     sources: str
+    # What one worker's task body actually streams, GB/s, when measured (0: unknown,
+    # assume the worker's share of mem_gbps). Lower bounds never use it.
+    worker_stream_gbps: float = 0.0
 
 
 TARGETS: dict[str, Target] = {
@@ -32,7 +35,10 @@ TARGETS: dict[str, Target] = {
         sources="NVIDIA H200 SXM datasheet (4.8 TB/s HBM3e, 989 TFLOP/s dense bf16, "
                 "67 TFLOP/s fp32); 132 SMs and 228 KB shared memory per SM from the "
                 "Hopper tuning guide; task overhead is an estimate (one acquire, one "
-                "release and a CTA barrier), 2026-11-29",
+                "release and a CTA barrier), 2026-11-29; worker_stream_gbps measured "
+                "2026-11-30 on one H200 (docs/BENCHMARKS.md, run 3): 2.82 GB of task "
+                "traffic in 2.948 ms over 132 workers, less 1 us per task",
+        worker_stream_gbps=7.6,
     ),
     "h100": Target(
         name="h100", backend="cuda", workers=132, sms=132, mem_gbps=3350.0,

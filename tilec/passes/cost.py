@@ -1,9 +1,9 @@
 """cost: predicted task times and DAG path lengths, used by the scheduler.
 
-The model only needs to be right in proportion: a task costs a fixed overhead
-(dispatch, wait, signal) plus whichever of its memory traffic or its arithmetic takes
-longer on one worker's share of the machine (all workers run at once, so each gets
-1/workers of the bandwidth and of the flop rate).
+A task costs a fixed overhead (dispatch, wait, signal) plus whichever of its memory
+traffic or its arithmetic takes longer on one worker's share of the machine (all
+workers run at once, so each gets 1/workers of the bandwidth and of the flop rate),
+or, where the target carries a measured per-worker streaming rate, at that rate.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ LOW_PRECISION = ("bfloat16", "float16")
 def task_time_us(task: Task, target: Target, dtype: str = "float32") -> float:
     workers = max(1, target.workers)
     bytes_per_us = target.mem_gbps * 1e3 / workers           # GB/s = 1e3 bytes/us
+    if target.worker_stream_gbps:  # calibrated: what a task body was measured to stream
+        bytes_per_us = min(bytes_per_us, target.worker_stream_gbps * 1e3)
     tflops = target.bf16_tflops if dtype in LOW_PRECISION else target.fp32_tflops
     flops_per_us = tflops * 1e6 / workers                      # TFLOP/s = 1e6 flop/us
     memory = task.bytes / bytes_per_us if bytes_per_us > 0 else 0.0

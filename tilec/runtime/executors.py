@@ -103,7 +103,6 @@ class Executor:
 
     # ---- diagnosis -----------------------------------------------------------------
     def describe_task(self, row: int) -> str:
-        rec = self.tables["tasks"][row].tolist()
         tid = int(self.engine.tensors["task_ids"][row])
         task = self.schedule.taskgraph.tasks[tid]
         return f"task {tid} ({task.group} tile {task.tile})"

@@ -62,9 +62,8 @@ class TaskRunner:
     def compute(self, op: Op, env, r0, r1, c0, c1) -> torch.Tensor:
         def arg(i):
             operand = op.inputs[i]
-            if operand.value in env:
-                v = env[operand.value]
-                return v if v.shape[-1] == 1 or op.type.cols == 1 else v
+            if operand.value in env:  # a member: aligned rows, broadcasts as needed
+                return env[operand.value]
             return self.rows_of(operand, r0, r1, c0, c1)
         if op.kind == "elementwise":
             fn, enc = op.attr("fn"), op.attr("args")
@@ -118,7 +117,6 @@ class TaskRunner:
         cache = torch.as_strided(pool, state.shape, state.strides, buf.offset + state.offset)
         slot = cache.narrow(dim, pos, 1)          # shaped like the value
         rows = slot.reshape(-1, slot.shape[-1]) if slot.is_contiguous() else None
-        width = val.shape[-1]
         flat = value.reshape(r1 - r0, -1)
         if rows is not None:
             rows[r0:r1, c0:c1] = flat.to(pool.dtype)
@@ -130,7 +128,6 @@ class TaskRunner:
                     idx.append(r % size)
                     r //= size
                 slot[tuple(reversed(idx))][c0:c1] = flat[i, :c1 - c0].to(pool.dtype)
-        del width
 
     def run(self, group_index: int, tile: tuple[int, int, int]) -> None:
         g = self.groups[group_index]
