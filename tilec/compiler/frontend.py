@@ -626,8 +626,49 @@ def _argmax(L, x, dim=None, keepdim=False):
     nd = len(v.shape)
     if dim is None and nd != 1 or dim is not None and dim % nd != nd - 1:
         raise L.unsupported("argmax over a dim other than the last")
-    out = L.emit("argmax", v.shape[:-1] + (1,), "int64", (v.operand(),))
+    chunk = _argmax_chunk(v.shape[-1])
+    if chunk:
+        out = _argmax_in_stages(L, v, chunk)
+    else:
+        out = L.emit("argmax", v.shape[:-1] + (1,), "int64", (v.operand(),))
     return out if keepdim else L.view_as(out, v.shape[:-1])
+
+
+WIDE_ARGMAX = 4096   # from this width, one task per row would walk the row alone
+
+
+def _argmax_chunk(width: int) -> int:
+    """Chunk length for a staged argmax: the largest power of two dividing the width,
+    at most 1024 and at least 64; 0 when the row is narrow or no such chunk exists."""
+    if width < WIDE_ARGMAX:
+        return 0
+    chunk = 1024
+    while chunk >= 64 and width % chunk:
+        chunk //= 2
+    return chunk if chunk >= 64 else 0
+
+
+def _argmax_in_stages(L, v: View, chunk: int) -> View:
+    """argmax over a wide row as parallel chunk maxima, the argmax of those, then the
+    argmax inside the winning chunk (read back by a gather). The first chunk holding
+    the maximum holds its first occurrence, so ties resolve as in torch.argmax."""
+    rows, width = math.prod(v.shape[:-1]), v.shape[-1]
+    n = width // chunk
+    chunks = L.view_as(v, (rows * n, chunk))
+    maxima = L.emit("reduce", (rows * n, 1), v.dtype, (chunks.operand(),), fn="max", scale=1.0)
+    best = L.emit("argmax", (rows, 1), "int64", (L.view_as(maxima, (rows, n)).operand(),))
+    if rows > 1:  # row r's chunks start at row r * n of the chunk view
+        base = L.emit("weight", (rows, 1), "int64", name="argmax_chunk_rows")
+        L.constants[base.value] = (torch.arange(rows, dtype=torch.int64) * n).reshape(rows, 1)
+        best_row = L.elementwise("add", best, base, shape=(rows, 1), dtype="int64")
+    else:
+        best_row = best
+    picked = L.emit("gather", (rows, chunk), v.dtype,
+                    (chunks.operand(), L.view_as(best_row, (rows,)).operand()))
+    inner = L.emit("argmax", (rows, 1), "int64", (picked.operand(),))
+    offset = L.elementwise("mul", best, float(chunk), shape=(rows, 1), dtype="int64")
+    out = L.elementwise("add", inner, offset, shape=(rows, 1), dtype="int64")
+    return L.view_as(out, v.shape[:-1] + (1,))
 
 
 @handles(aten.scalar_tensor.default)
