@@ -26,7 +26,7 @@ import yaml
 from tilec.cli import build_parser, main
 from tilec.codegen import exprs
 from tilec.compiler import config as cfgmod
-from tilec.compiler import frontend
+from tilec.compiler import aten_ops, frontend
 from tilec.ir.target import TARGETS
 from tilec.runtime import engine as engine_file
 from tilec.runtime import reference
@@ -144,7 +144,7 @@ def run_yaml(block: Block) -> None:
 @contextlib.contextmanager
 def registries_restored():
     """Blocks may register operators (docs/architecture.md does): undo it afterwards."""
-    saved = [(d, dict(d)) for d in (frontend._HANDLERS, exprs.EXPRS, reference.FNS)]
+    saved = [(d, dict(d)) for d in (aten_ops.HANDLERS, exprs.EXPRS, reference.FNS)]
     try:
         yield
     finally:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import tilec.api as tilec_api
-from tilec.compiler.frontend import WIDE_ARGMAX, _argmax_chunk
+from tilec.compiler.aten_ops import WIDE_ARGMAX, _argmax_chunk
 
 
 class Argmax(nn.Module):

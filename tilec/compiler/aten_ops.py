@@ -1,0 +1,370 @@
+"""How each core ATen op lowers: one handler per op (or family of overloads).
+
+A handler gets the lowering state `L` (see `frontend._Lowering`) and the FX node's
+arguments, and returns a `View` (layout ops only compute new strides), a number, or
+a list of views. Compute ops are emitted with `L.emit` / `L.elementwise`.
+Adding an operator means adding a handler here (see docs/architecture.md).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.fx
+
+from tilec.compiler.frontend import View
+
+aten = torch.ops.aten
+
+HANDLERS: dict[Any, Callable] = {}
+
+
+def handles(*targets):
+    def deco(fn):
+        for t in targets:
+            HANDLERS[t] = fn
+        return fn
+    return deco
+
+
+# layout -----------------------------------------------------------------------------
+@handles(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+def _view(L, x, shape):
+    return L.view_as(L.tensor(x), shape)
+
+
+@handles(aten.permute.default)
+def _permute(L, x, dims):
+    return L.permute(L.tensor(x), dims)
+
+
+@handles(aten.transpose.int)
+def _transpose(L, x, d0, d1):
+    v = L.tensor(x)
+    dims = list(range(len(v.shape)))
+    dims[d0], dims[d1] = dims[d1], dims[d0]
+    return L.permute(v, dims)
+
+
+@handles(aten.t.default)
+def _t(L, x):
+    v = L.tensor(x)
+    return L.permute(v, [1, 0]) if len(v.shape) == 2 else v
+
+
+@handles(aten.unsqueeze.default)
+def _unsqueeze(L, x, dim):
+    v = L.tensor(x)
+    dim %= len(v.shape) + 1
+    inner = v.strides[dim] * v.shape[dim] if dim < len(v.shape) else 1
+    return View(v.value, v.shape[:dim] + (1,) + v.shape[dim:],
+                v.strides[:dim] + (inner,) + v.strides[dim:], v.offset, v.dtype)
+
+
+@handles(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+def _squeeze(L, x, dims=None):
+    v = L.tensor(x)
+    if dims is None:
+        dims = [i for i, s in enumerate(v.shape) if s == 1]
+    dims = {d % len(v.shape) for d in ([dims] if isinstance(dims, int) else dims)} if v.shape else set()
+    keep = [i for i in range(len(v.shape)) if not (i in dims and v.shape[i] == 1)]
+    return View(v.value, tuple(v.shape[i] for i in keep), tuple(v.strides[i] for i in keep),
+                v.offset, v.dtype)
+
+
+@handles(aten.expand.default)
+def _expand(L, x, shape, implicit=False):
+    return L.expand(L.tensor(x), shape)
+
+
+@handles(aten.slice.Tensor)
+def _slice(L, x, dim=0, start=None, end=None, step=1):
+    if step < 1:
+        raise L.unsupported("slice with step < 1")
+    return L.slice(L.tensor(x), dim, start, end, step)
+
+
+@handles(aten.select.int)
+def _select(L, x, dim, index):
+    v = L.tensor(x)
+    dim %= len(v.shape)
+    index = index + v.shape[dim] if index < 0 else index
+    s = L.slice(v, dim, index, index + 1)
+    return View(s.value, s.shape[:dim] + s.shape[dim + 1:], s.strides[:dim] + s.strides[dim + 1:],
+                s.offset, s.dtype)
+
+
+@handles(aten.split_with_sizes.default, aten.split.Tensor)
+def _split(L, x, sizes, dim=0):
+    v = L.tensor(x)
+    dim %= len(v.shape)
+    if isinstance(sizes, int):
+        sizes = [sizes] * ((v.shape[dim] + sizes - 1) // sizes)
+    out, start = [], 0
+    for s in sizes:
+        out.append(L.slice(v, dim, start, start + s))
+        start += s
+    return out
+
+
+@handles(aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default)
+def _alias(L, x):
+    return L.tensor(x)
+
+
+@handles(aten.clone.default)
+def _clone(L, x, memory_format=None):
+    # Values are immutable between state updates, so a clone is just the same view.
+    return L.tensor(x)
+
+
+@handles(aten._to_copy.default)
+def _to_copy(L, x, dtype=None, **kwargs):
+    v = L.tensor(x)
+    out = L.out_dtype()
+    if out == v.dtype:
+        return v
+    return L.elementwise("cast", x, dtype=out)
+
+
+@handles(aten.cat.default)
+def _cat(L, tensors, dim=0):
+    views = [L.tensor(t) for t in tensors]
+    shape = L.out_shape()
+    dim %= len(shape)
+    views = [v for v in views if v.shape[dim] > 0]
+    return L.emit("concat", shape, L.out_dtype(), tuple(v.operand() for v in views), dim=dim)
+
+
+# matmul -----------------------------------------------------------------------------
+@handles(aten.mm.default, aten.bmm.default)
+def _mm(L, a, b):
+    return L.matmul(L.tensor(a), L.tensor(b))
+
+
+@handles(aten.addmm.default)
+def _addmm(L, bias, a, b, beta=1, alpha=1):
+    shape, dtype = L.out_shape(), L.out_dtype()
+    mm = L.matmul(L.tensor(a), L.tensor(b))
+    if alpha != 1:
+        mm = L.elementwise("mul", mm, float(alpha), shape=shape, dtype=dtype)
+    if beta == 0:
+        return mm
+    if beta != 1:
+        bias = L.elementwise("mul", bias, float(beta), shape=L.tensor(bias).shape, dtype=dtype)
+    return L.elementwise("add", mm, bias, shape=shape, dtype=dtype)
+
+
+# elementwise ------------------------------------------------------------------------
+def _unary(fn):
+    return lambda L, x: L.elementwise(fn, x)
+
+
+for _op, _fn in [
+    (aten.neg.default, "neg"), (aten.exp.default, "exp"), (aten.log.default, "log"),
+    (aten.sqrt.default, "sqrt"), (aten.rsqrt.default, "rsqrt"), (aten.relu.default, "relu"),
+    (aten.sigmoid.default, "sigmoid"), (aten.tanh.default, "tanh"), (aten.erf.default, "erf"),
+    (aten.silu.default, "silu"), (aten.reciprocal.default, "reciprocal"),
+    (aten.abs.default, "abs"), (aten.cos.default, "cos"), (aten.sin.default, "sin"),
+]:
+    HANDLERS[_op] = _unary(_fn)
+
+
+def _binary(fn):
+    def lower(L, a, b, alpha=1):
+        if alpha != 1:
+            shape = L.tensor(b).shape if isinstance(b, torch.fx.Node) else ()
+            b = L.elementwise("mul", b, float(alpha), shape=shape, dtype=L.out_dtype()) \
+                if isinstance(b, torch.fx.Node) else b * alpha
+        return L.elementwise(fn, a, b)
+    return lower
+
+
+for _op, _fn in [
+    (aten.add.Tensor, "add"), (aten.add.Scalar, "add"), (aten.sub.Tensor, "sub"),
+    (aten.sub.Scalar, "sub"), (aten.mul.Tensor, "mul"), (aten.mul.Scalar, "mul"),
+    (aten.maximum.default, "maximum"), (aten.minimum.default, "minimum"),
+    (aten.rsub.Scalar, "rsub"),
+]:
+    HANDLERS[_op] = _binary(_fn)
+
+
+@handles(aten.div.Tensor, aten.div.Scalar, aten.div.Tensor_mode)
+def _div(L, a, b, rounding_mode=None):
+    if rounding_mode is not None:
+        raise L.unsupported(f"aten.div with rounding_mode={rounding_mode!r}")
+    return L.elementwise("div", a, b)
+
+
+@handles(aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default)
+def _clamp(L, x, min=None, max=None):
+    if L.node.target is aten.clamp_max.default:
+        min, max = None, min
+    shape, dtype = L.out_shape(), L.out_dtype()
+    out = x
+    if min is not None:
+        out = L.elementwise("maximum", out, min, shape=shape, dtype=dtype)
+    if max is not None:
+        out = L.elementwise("minimum", out, max, shape=shape, dtype=dtype)
+    return L.tensor(out) if min is None and max is None else out
+
+
+@handles(aten.pow.Tensor_Scalar)
+def _pow(L, x, exponent):
+    return L.elementwise("pow", x, float(exponent))
+
+
+@handles(aten.gelu.default)
+def _gelu(L, x, approximate="none"):
+    return L.elementwise("gelu_tanh" if approximate == "tanh" else "gelu_erf", x)
+
+
+@handles(aten.where.self)
+def _where(L, cond, a, b):
+    return L.elementwise("where", cond, a, b)
+
+
+for _op, _fn in [
+    (aten.lt.Tensor, "lt"), (aten.lt.Scalar, "lt"), (aten.gt.Tensor, "gt"), (aten.gt.Scalar, "gt"),
+    (aten.le.Tensor, "le"), (aten.le.Scalar, "le"), (aten.ge.Tensor, "ge"), (aten.ge.Scalar, "ge"),
+    (aten.eq.Tensor, "eq"), (aten.eq.Scalar, "eq"), (aten.ne.Tensor, "ne"), (aten.ne.Scalar, "ne"),
+]:
+    # Predicates are float32 0/1 masks in the IR: one less storage type, and `where`
+    # tests them against zero.
+    HANDLERS[_op] = (lambda fn: (lambda L, a, b: L.elementwise(fn, a, b, dtype="float32")))(_fn)
+
+
+# reductions -------------------------------------------------------------------------
+@handles(aten.sum.dim_IntList)
+def _sum(L, x, dims=None, keepdim=False, dtype=None):
+    return L.reduce_last("sum", L.tensor(x), dims, keepdim)
+
+
+@handles(aten.sum.default)
+def _sum_all(L, x, dtype=None):
+    v = L.tensor(x)
+    return L.reduce_last("sum", v, list(range(len(v.shape))), False)
+
+
+@handles(aten.mean.dim)
+def _mean(L, x, dims=None, keepdim=False, dtype=None):
+    v = L.tensor(x)
+    return L.reduce_last("sum", v, dims, keepdim, scale=1.0 / v.shape[-1])
+
+
+@handles(aten.amax.default)
+def _amax(L, x, dims=(), keepdim=False):
+    return L.reduce_last("max", L.tensor(x), dims, keepdim)
+
+
+@handles(aten._softmax.default, aten._log_softmax.default)
+def _softmax(L, x, dim, half_to_float=False):
+    v = L.tensor(x)
+    if dim % len(v.shape) != len(v.shape) - 1:
+        raise L.unsupported(f"softmax over dim {dim} (only the last dim is supported)")
+    shape, dtype = v.shape, L.out_dtype()
+    m = L.reduce_last("max", v, [-1], True)
+    shifted = L.elementwise("sub", v, m, shape=shape, dtype=dtype)
+    e = L.elementwise("exp", shifted, shape=shape, dtype=dtype)
+    s = L.reduce_last("sum", e, [-1], True)
+    if L.node.target is aten._log_softmax.default:
+        logs = L.elementwise("log", s, shape=s.shape, dtype=dtype)
+        return L.elementwise("sub", shifted, logs, shape=shape, dtype=dtype)
+    return L.elementwise("div", e, s, shape=shape, dtype=dtype)
+
+
+# state and selection ----------------------------------------------------------------
+@handles(aten.index_put.default, aten.index_put_.default)
+def _index_put(L, state, indices, values, accumulate=False):
+    positions = [(d, i) for d, i in enumerate(indices) if i is not None]
+    if accumulate or len(positions) != 1:
+        raise L.unsupported("aten.index_put other than one position along one dim")
+    dim, index = positions[0]
+    return _state_update(L, state, dim, index, values)
+
+
+@handles(aten.index_copy.default, aten.index_copy_.default)
+def _index_copy(L, state, dim, index, values):
+    return _state_update(L, state, dim, index, values)
+
+
+def _state_update(L, state, dim, index, values):
+    s, idx = L.tensor(state), L.tensor(index)
+    if L.ops_by_name(s.value).kind not in ("state", "state_update") or not s.contiguous:
+        raise L.unsupported("an in-place update of something other than a module buffer")
+    if idx.shape not in ((), (1,)):
+        raise L.unsupported(f"an in-place update at {idx.shape} positions (one position only)")
+    dim %= len(s.shape)
+    slot = s.shape[:dim] + (1,) + s.shape[dim + 1:]
+    vals = L.expand(L.tensor(values), slot)
+    return L.emit("state_update", s.shape, s.dtype, (s.operand(), vals.operand(), idx.operand()),
+                  dim=dim)
+
+
+@handles(aten.argmax.default)
+def _argmax(L, x, dim=None, keepdim=False):
+    v = L.tensor(x)
+    nd = len(v.shape)
+    if dim is None and nd != 1 or dim is not None and dim % nd != nd - 1:
+        raise L.unsupported("argmax over a dim other than the last")
+    chunk = _argmax_chunk(v.shape[-1])
+    if chunk:
+        out = _argmax_in_stages(L, v, chunk)
+    else:
+        out = L.emit("argmax", v.shape[:-1] + (1,), "int64", (v.operand(),))
+    return out if keepdim else L.view_as(out, v.shape[:-1])
+
+
+WIDE_ARGMAX = 4096   # from this width, one task per row would walk the row alone
+
+
+def _argmax_chunk(width: int) -> int:
+    """Chunk length for a staged argmax: the largest power of two dividing the width,
+    at most 1024 and at least 64; 0 when the row is narrow or no such chunk exists."""
+    if width < WIDE_ARGMAX:
+        return 0
+    chunk = 1024
+    while chunk >= 64 and width % chunk:
+        chunk //= 2
+    return chunk if chunk >= 64 else 0
+
+
+def _argmax_in_stages(L, v: View, chunk: int) -> View:
+    """argmax over a wide row as parallel chunk maxima, the argmax of those, then the
+    argmax inside the winning chunk (read back by a gather). The first chunk holding
+    the maximum holds its first occurrence, so ties resolve as in torch.argmax."""
+    rows, width = math.prod(v.shape[:-1]), v.shape[-1]
+    n = width // chunk
+    chunks = L.view_as(v, (rows * n, chunk))
+    maxima = L.emit("reduce", (rows * n, 1), v.dtype, (chunks.operand(),), fn="max", scale=1.0)
+    best = L.emit("argmax", (rows, 1), "int64", (L.view_as(maxima, (rows, n)).operand(),))
+    if rows > 1:  # row r's chunks start at row r * n of the chunk view
+        base = L.emit("weight", (rows, 1), "int64", name="argmax_chunk_rows")
+        L.constants[base.value] = (torch.arange(rows, dtype=torch.int64) * n).reshape(rows, 1)
+        best_row = L.elementwise("add", best, base, shape=(rows, 1), dtype="int64")
+    else:
+        best_row = best
+    picked = L.emit("gather", (rows, chunk), v.dtype,
+                    (chunks.operand(), L.view_as(best_row, (rows,)).operand()))
+    inner = L.emit("argmax", (rows, 1), "int64", (picked.operand(),))
+    offset = L.elementwise("mul", best, float(chunk), shape=(rows, 1), dtype="int64")
+    out = L.elementwise("add", inner, offset, shape=(rows, 1), dtype="int64")
+    return L.view_as(out, v.shape[:-1] + (1,))
+
+
+@handles(aten.scalar_tensor.default)
+def _scalar_tensor(L, value, **kwargs):
+    return float(value)
+
+
+@handles(aten._assert_tensor_metadata.default)
+def _assert_metadata(L, *args, **kwargs):
+    return None
+
+
+# gather -----------------------------------------------------------------------------
+@handles(aten.embedding.default)
+def _embedding(L, weight, indices, padding_idx=-1, scale_grad=False, sparse=False):
+    w, idx = L.tensor(weight), L.tensor(indices)
+    return L.emit("gather", L.out_shape(), L.out_dtype(), (w.operand(), idx.operand()))
