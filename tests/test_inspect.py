@@ -460,3 +460,19 @@ def test_html_report_in_chromium(capsys, built, tmp_path):
     assert all(float(r["width"]) > 0 for r in bars)
     assert sorted(int(r["data-task"]) for r in critical) == \
         sorted(c["task"] for c in s["critical_path"])
+
+
+@pytest.mark.filterwarnings("ignore:.*deprecated.*")  # pydot's own use of pyparsing
+@pytest.mark.parametrize("level", ["ops", "tasks"])
+def test_dot_parses_with_networkx(capsys, built, tmp_path, level):
+    """The DOT files load in networkx (through pydot): Graphviz's own grammar."""
+    nx_pydot = pytest.importorskip("networkx.drawing.nx_pydot")
+    pytest.importorskip("pydot")
+    _, path, engine = built
+    out = tmp_path / f"{level}.dot"
+    code, _, err = run_cli(capsys, "inspect", path, "--dot", out, "--level", level)
+    assert code == 0, err
+    graph = nx_pydot.read_dot(str(out))
+    ours = parse_dot(out.read_text())
+    assert set(ours["nodes"]) <= {n.strip('"') for n in graph.nodes}
+    assert graph.number_of_edges() == len(ours["edges"])
