@@ -37,7 +37,13 @@ def torch_compile_seconds(config: str) -> tuple[float, int]:
 
     from tilec.compiler.config import build_model, load_config
 
+    from dataclasses import replace
+
+    from tilec.ir.target import TARGETS
+
     cfg = load_config(config)
+    if cfg.dtype is None:  # what `tilec compile` uses for a family model on this target
+        cfg = replace(cfg, dtype=TARGETS[cfg.target.name].dtype)
     module, inputs = build_model(cfg)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     with torch.no_grad():
