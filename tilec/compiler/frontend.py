@@ -11,7 +11,7 @@ import operator
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from tilec.errors import RunError, ScheduleHangError
-from tilec.runtime.engine import FIXED_FIELDS, TORCH_DTYPES, Engine
+from tilec.runtime.engine import TORCH_DTYPES, Engine
 from tilec.runtime.kernel import load_kernel, require_mode
 from tilec.runtime.reference import TaskRunner
 

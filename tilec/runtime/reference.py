@@ -6,7 +6,6 @@ generated code: a debugging oracle for the kernel (compare the two on a schedule
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
