@@ -36,12 +36,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 from tilec.errors import TilecError
 from tilec.ir.graph import DTYPE_BYTES, PLACEHOLDER_KINDS
 from tilec.ir.schedule import Schedule
 from tilec.passes.cost import critical_path
+from tilec.passes.deps import deps
 from tilec.runtime.engine import Engine
 from tilec.viz.timeline import DEFAULT_ROLE, cross_worker_edges, predicted, task_kinds
 
@@ -50,9 +52,18 @@ KV_KINDS = ("state",)
 INTERMEDIATE_KINDS = ("input", "output", "activation")
 
 
+def schedule_with_deps(engine: Engine):
+    """The stored schedule with its dependency edges: engines do not store them, so
+    they are found again from the tasks' regions (the deps pass)."""
+    sched = engine.schedule()
+    if not sched.taskgraph.deps:
+        sched = replace(sched, taskgraph=deps(sched.taskgraph))
+    return sched
+
+
 def summary(engine: Engine, aot: bool = False) -> dict[str, Any]:
     m = engine.manifest
-    sched = engine.schedule()
+    sched = schedule_with_deps(engine)
     tg = sched.taskgraph
     target = sched.target
     kinds_of = task_kinds(m, sched)
@@ -151,7 +162,7 @@ def aot_info(engine: Engine) -> dict[str, Any]:
 
 def predicted_timeline(engine: Engine):
     """The predicted timeline with the critical path marked (for traces and reports)."""
-    sched = engine.schedule()
+    sched = schedule_with_deps(engine)
     _, path = critical_path(sched.taskgraph, sched.target)
     return predicted(engine.manifest, sched, path)
 

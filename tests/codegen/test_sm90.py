@@ -74,6 +74,15 @@ def test_compiles_for_sm90(name):
         assert info["n_spills"] >= 0
 
 
+def test_profiling_variant_compiles_and_reads_the_global_timer():
+    """`run --profile` on a GPU launches with PROFILE=True: each task stamps %globaltimer."""
+    engine = block_engine(target="h200", workers=8, dtype="bfloat16")
+    pools = engine.data.manifest.schedule.pools
+    plain = aot.compile_for_gpu(engine.data.kernel_source, pools, arch=90)
+    stamped = aot.compile_for_gpu(engine.data.kernel_source, pools, arch=90, profile=True)
+    assert stamped["cubin"][:4] == b"\x7fELF" and stamped["cubin"] != plain["cubin"]
+
+
 def test_a_bad_kernel_is_a_one_line_aot_error():
     engine = embed_mix_engine()
     broken = engine.data.kernel_source.replace("tl.load(queue_start + worker + 1)",

@@ -26,7 +26,8 @@ SIGNATURE_DTYPES = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16",
                     "int64": "*i64", "int32": "*i32", "bool": "*i1"}
 FIXED_SIGNATURE = (
     ("tasks", "*i32"), ("queue_start", "*i32"), ("args", "*i64"), ("events", "*i32"),
-    ("cursor", "*i32"), ("error", "*i32"), ("step", "i32"), ("worker_base", "i32"),
+    ("cursor", "*i32"), ("error", "*i32"), ("stamps", "*i64"), ("step", "i32"),
+    ("worker_base", "i32"),
     ("budget", "i32"),
 )
 SPIN_LIMIT = 1 << 20
@@ -55,21 +56,23 @@ def signature(pools: Iterable[Any]) -> dict[str, str]:
         sig[name] = SIGNATURE_DTYPES[dtype]
     sig["BLOCKING"] = "constexpr"
     sig["SPIN_LIMIT"] = "constexpr"
+    sig["PROFILE"] = "constexpr"
     return sig
 
 
 def compile_for_gpu(source: str, pools: Iterable[Any], arch: int = 90, num_warps: int = 4,
-                    timeout: float = 600.0) -> dict[str, Any]:
+                    timeout: float = 600.0, profile: bool = False) -> dict[str, Any]:
     """Compile kernel `source` for CUDA compute capability `arch` (90: sm_90).
 
+    `profile` compiles the variant whose tasks stamp their start and end times.
     Returns {"arch", "name", "ptx_target", "cubin" (bytes), "cubin_size", "shared",
     "num_warps", "n_regs", "n_spills"}; n_regs and n_spills are None when ptxas cannot
     be run again to report them."""
     pairs = _pool_pairs(pools)
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        return _compile_here(source, pairs, arch, num_warps)
+        return _compile_here(source, pairs, arch, num_warps, profile)
     request = json.dumps({"source": source, "pools": pairs, "arch": arch,
-                          "num_warps": num_warps})
+                          "num_warps": num_warps, "profile": profile})
     env = dict(os.environ, TRITON_INTERPRET="0")
     try:
         proc = subprocess.run([sys.executable, "-m", "tilec.codegen.aot"], input=request,
@@ -87,7 +90,7 @@ def compile_for_gpu(source: str, pools: Iterable[Any], arch: int = 90, num_warps
 
 
 def _compile_here(source: str, pools: list[tuple[str, str]], arch: int,
-                  num_warps: int) -> dict[str, Any]:
+                  num_warps: int, profile: bool = False) -> dict[str, Any]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -96,7 +99,7 @@ def _compile_here(source: str, pools: list[tuple[str, str]], arch: int,
 
     fn = load_kernel(source, KERNEL_NAME)
     src = ASTSource(fn=fn, signature=signature(pools),
-                    constexprs={"BLOCKING": True, "SPIN_LIMIT": SPIN_LIMIT})
+                    constexprs={"BLOCKING": True, "SPIN_LIMIT": SPIN_LIMIT, "PROFILE": profile})
     try:
         kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                 options={"num_warps": num_warps})
@@ -154,7 +157,7 @@ def _main() -> int:
     req = json.loads(sys.stdin.read())
     try:
         info = _compile_here(req["source"], [tuple(p) for p in req["pools"]], req["arch"],
-                             req["num_warps"])
+                             req["num_warps"], req.get("profile", False))
     except AOTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -13,8 +13,8 @@ Profiling (`tilec run --profile`, `Executor.start_profile()`): the cooperative
 executors then give every launch a budget of one task and stamp the host clock around
 it, so `self.trace` collects one (step, worker, task id, start s, end s) record per
 task run; the interleaving policy still picks the order of workers. On the `gpu`
-backend profiling is not available: the kernel has no device-side time stamps yet,
-so `start_profile()` raises RunError there.
+backend the kernel itself stamps each task's start and end from the global timer
+(PROFILE constexpr) into a buffer, read back into the same records after the launch.
 """
 from __future__ import annotations
 
@@ -192,8 +192,8 @@ class InterpretExecutor(CooperativeExecutor):
     def advance(self, worker: int, budget: int) -> None:
         t = self.tables
         self.kernel[(1,)](t["tasks"], t["queue_start"], t["args"], self.events, self.cursor,
-                          self.error, self.step_index, worker, budget, *self.pool_args,
-                          BLOCKING=False, SPIN_LIMIT=1)
+                          self.error, self.error, self.step_index, worker, budget,
+                          *self.pool_args, BLOCKING=False, SPIN_LIMIT=1, PROFILE=False)
 
 
 class ReferenceExecutor(CooperativeExecutor):
@@ -226,9 +226,8 @@ class ReferenceExecutor(CooperativeExecutor):
 
 
 class GPUExecutor(Executor):
-    """GPU profiling stamps are not implemented yet: the kernel records no per-task
-    device times, so `start_profile()` (`tilec run --profile`) raises RunError here;
-    `timing` gives the device time of whole launches only."""
+    """One launch per step, grid = workers. `timing` records each launch's device time
+    (CUDA events); `start_profile()` makes the kernel stamp every task instead."""
 
     backend = "gpu"
 
@@ -243,10 +242,15 @@ class GPUExecutor(Executor):
         self.cursor = torch.zeros(self.workers, dtype=torch.int32, device="cuda")
         self.timing = False              # record each launch's device time (CUDA events)
         self.kernel_ms: list[float] = []
+        n = int(self.tables["tasks"].shape[0])
+        self.stamps = torch.zeros(max(1, 2 * n), dtype=torch.int64, device="cuda")
+        self.trace: list[tuple[int, int, int, float, float]] | None = None
 
     def start_profile(self) -> None:
-        raise RunError("--profile: per-task GPU profiling stamps are not implemented yet; "
-                       "profile on CPU with --backend interpret or reference")
+        """Launch with PROFILE=True from now on: every task stamps its start and end
+        from the GPU's global timer (written, compiled for sm_90 in the tests, not yet
+        run on a GPU)."""
+        self.trace = []
 
     def launch(self) -> None:
         t = self.tables
@@ -260,10 +264,24 @@ class GPUExecutor(Executor):
             self.kernel_ms.append(start.elapsed_time(end))
 
     def _launch(self, t) -> None:
+        profile = self.trace is not None
         self.kernel[(self.workers,)](t["tasks"], t["queue_start"], t["args"], self.events,
-                                     self.cursor, self.error, self.step_index, 0, 1 << 30,
-                                     *self.pool_args, BLOCKING=True, SPIN_LIMIT=SPIN_LIMIT,
-                                     num_warps=4)
+                                     self.cursor, self.error, self.stamps, self.step_index, 0,
+                                     1 << 30, *self.pool_args, BLOCKING=True,
+                                     SPIN_LIMIT=SPIN_LIMIT, PROFILE=profile, num_warps=4)
+        if profile:
+            self._collect_stamps()
+
+    def _collect_stamps(self) -> None:
+        """Per task row the kernel stamped (start, end) in global-timer nanoseconds;
+        kept as (step, worker, task id, start s, end s) like the CPU executors' trace."""
+        stamps = self.stamps.view(-1, 2).cpu().tolist()
+        starts = self.tables["queue_start"].tolist()
+        ids = self.engine.tensors["task_ids"].tolist()
+        for w in range(len(starts) - 1):
+            for row in range(starts[w], starts[w + 1]):
+                began, ended = stamps[row]
+                self.trace.append((self.step_index, w, ids[row], began * 1e-9, ended * 1e-9))
 
     def check(self) -> None:
         torch.cuda.synchronize()
