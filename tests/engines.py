@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import tilec.api
+from tilec.cli import main
 from tilec.runtime import engine as engine_file
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -64,3 +65,11 @@ def resign(src: Path, dst: Path, *, manifest: Callable[[dict], object] | None = 
         meta(m)
     write_signed(dst, m, t)
     return dst
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """`tilec ARGV...` in this process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err

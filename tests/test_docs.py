@@ -224,6 +224,7 @@ def yaml_key_table() -> dict[str, dict[str, str]]:
 def test_model_yaml_keys_match_schema():
     keys = set(yaml_key_table())
     groups = {"": cfgmod.TOP_KEYS, "model.": cfgmod.MODEL_KEYS, "inputs[].": cfgmod.INPUT_KEYS,
+              "target.roles.<role>.": cfgmod.ROLE_KEYS,   # before "target.": longest first
               "target.": cfgmod.TARGET_KEYS, "schedule.": cfgmod.SCHEDULE_KEYS}
     documented = {prefix: set() for prefix in groups}
     for key in keys:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import tilec.api
+from engines import run_cli
 from tilec.cli import main
 from tilec.errors import RunError
 
@@ -27,13 +28,6 @@ SUMMARY_KEYS = ("model", "target", "backend", "workers", "tasks", "events", "wai
                 "task_kinds", "roles", "per_worker", "predicted_step_us", "lower_bound_us",
                 "critical_path_us", "critical_path", "memory_bound_us", "bytes",
                 "fusion_groups", "event_table", "kernel", "cross_worker_waits")
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +75,10 @@ def test_json_keys_and_invariants(capsys, built):
     tg = sched.taskgraph
     assert s["model"] == "block" and s["target"] == "cpu" and s["workers"] == WORKERS
     assert s["tasks"] == len(tg.tasks) == sum(s["task_kinds"].values())
-    assert s["roles"] == [{"name": "compute", "workers": list(range(WORKERS))}]
+    busy = sum(sched.finish_us[t] - sched.start_us[t] for t in range(len(tg.tasks)))
+    assert s["roles"] == [{"name": "compute", "workers": list(range(WORKERS)), "kinds": [],
+                           "ops": [], "tasks": len(tg.tasks), "busy_us": pytest.approx(busy)}]
+    assert all(w["role"] == "compute" for w in s["per_worker"])
     assert sum(w["tasks"] for w in s["per_worker"]) == s["tasks"]
     assert all(0 < w["utilisation"] <= 1 for w in s["per_worker"])
     assert s["predicted_step_us"] == pytest.approx(max(sched.finish_us))
@@ -175,15 +172,18 @@ def test_verify_stage_dump(built):
 
 # ---- traces ---------------------------------------------------------------------------
 
-def check_trace(trace: dict, n_tasks: int, workers: int, steps: int = 1) -> dict:
-    """The Chrome trace format as tilec writes it; returns the X events by (step, task)."""
+def check_trace(trace: dict, n_tasks: int, workers: int, steps: int = 1,
+                roles: tuple[str, ...] = ()) -> dict:
+    """The Chrome trace format as tilec writes it; returns the X events by (step, task).
+    `roles`: each worker's role (default: all "compute")."""
     events = trace["traceEvents"]
     assert all(e["ph"] in ("M", "X", "s", "f") for e in events)
     names = {e["tid"]: e["args"]["name"] for e in events
              if e["ph"] == "M" and e["name"] == "thread_name"}
     assert sorted(names) == list(range(workers))
     for tid, name in names.items():
-        assert re.fullmatch(rf"worker {tid} \(compute\)", name), name
+        role = roles[tid] if roles else "compute"
+        assert name == f"worker {tid} ({role})", name
     assert any(e["ph"] == "M" and e["name"] == "process_name" for e in events)
     xs = [e for e in events if e["ph"] == "X"]
     runs = Counter((e["args"]["step"], e["args"]["task"]) for e in xs)
@@ -191,7 +191,7 @@ def check_trace(trace: dict, n_tasks: int, workers: int, steps: int = 1) -> dict
     assert set(runs) == {(s, t) for s in range(steps) for t in range(n_tasks)}
     for e in xs:
         assert e["dur"] > 0 and e["ts"] >= 0 and e["tid"] in names
-        for key in ("kind", "tile", "bytes", "flops", "waits", "signal", "group"):
+        for key in ("kind", "tile", "bytes", "flops", "waits", "signal", "group", "role"):
             assert key in e["args"], key
         assert e["name"] == e["args"]["kind"]
     by_run = {(e["args"]["step"], e["args"]["task"]): e for e in xs}

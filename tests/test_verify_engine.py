@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import tilec.api
-from engines import compiled
-from tilec.cli import main
+from engines import compiled, run_cli
 from tilec.runtime import engine as engine_file
 from tilec.runtime.executors import make_executor
 from tilec.verify_engine import verify_engine
@@ -49,7 +48,8 @@ def test_compiled_engine_verifies(example):
     assert report["ok"], report["violations"]
     assert set(report["checks"]) == {"each_task_once", "global_order", "thresholds",
                                      "conflicts_ordered", "kv_appends_ordered",
-                                     "regions_in_buffers", "arena_disjoint"}
+                                     "regions_in_buffers", "arena_disjoint",
+                                     "roles_respected"}
 
 
 @pytest.mark.parametrize("example", EXAMPLES)
@@ -198,13 +198,6 @@ def test_round_trip_is_byte_identical(example, tmp_path):
 
 
 # ---- the command line --------------------------------------------------------------------
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 def test_cli_verify_names_the_first_violation(capsys, tmp_path):
     """A stored schedule with a dropped wait loads (every index is in range) but does not

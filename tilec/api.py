@@ -188,9 +188,10 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
             example_inputs: Sequence[torch.Tensor] | None = None, *,
             target: str | None = None, workers: int | None = None, dtype: str | None = None,
             policy: str | None = None, tile_m: int | None = None, tile_n: int | None = None,
-            tile_k: int | None = None, name: str | None = None, seed: int | None = None,
+            tile_k: int | None = None, kv_chunk: int | None = None, name: str | None = None,
+            seed: int | None = None,
             dump_dir: str | os.PathLike | None = None,
-            on_stage: Callable[[str, float], None] | None = None) -> Engine:
+            on_stage: Callable[[str, float], None] | None = None, aot: bool = True) -> Engine:
     """Compile a model into an Engine.
 
     model_or_yaml: an `nn.Module` (then `example_inputs` is required: a tuple of
@@ -202,12 +203,14 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
     dtype: "float32" | "bfloat16": casts the parameters (a module is copied first, the
         caller's stays as it is; example inputs are not cast). Default: the yaml's; for
         a family or hf model, the target's (float32 on cpu, bfloat16 on GPUs).
-    policy, tile_m, tile_n, tile_k: schedule options, as in model.yaml's `schedule`
-        (tile sizes are powers of two; unset = the target's choice).
+    policy, tile_m, tile_n, tile_k, kv_chunk: schedule options, as in model.yaml's
+        `schedule` (tile sizes are powers of two; unset = the target's choice).
     name: the engine's model name (default: the yaml's file stem or the class name).
     seed: seeds the weights and example inputs of a yaml model; stored in the engine.
     dump_dir: write every compiler stage as text into this folder.
     on_stage: called as `on_stage(stage_name, seconds)` after each compiler stage.
+    aot: GPU targets: also compile the kernel for the target's GPU (no GPU needed) and
+        store the binary, so a run launches it without compiling (seconds at compile).
 
     Keyword options override the yaml's target and schedule sections. Mistakes are
     `ConfigError`; an operator tilec cannot lower is `UnsupportedOpError`.
@@ -215,7 +218,8 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
     from tilec.compiler import config as cfgmod
     from tilec.compiler.pipeline import InputInfo, Progress, compile_module, target_options
 
-    _check_options(cfgmod, dtype, policy, tile_m=tile_m, tile_n=tile_n, tile_k=tile_k)
+    _check_options(cfgmod, dtype, policy, tile_m=tile_m, tile_n=tile_n, tile_k=tile_k,
+                   kv_chunk=kv_chunk)
     if isinstance(model_or_yaml, (str, os.PathLike)):
         cfg = cfgmod.load_config(model_or_yaml)
     elif isinstance(model_or_yaml, cfgmod.ModelConfig):
@@ -243,7 +247,8 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
         t, s = cfg.target, cfg.schedule
         workers = t.workers if workers is None else workers   # 0 is an error, not "unset"
         options = target_options(target or t.name, workers, policy or s.policy,
-                                 tile_m or s.tile_m, tile_n or s.tile_n, tile_k or s.tile_k)
+                                 tile_m or s.tile_m, tile_n or s.tile_n, tile_k or s.tile_k,
+                                 kv_chunk=kv_chunk or s.kv_chunk, roles=t.roles or ())
         name = name or Path(cfg.path).stem
         seed = cfg.seed
     else:
@@ -255,9 +260,10 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
             module = copy.deepcopy(module).to(cfgmod.FLOAT_DTYPES[dtype])
         info = ()
         options = target_options(target or "cpu", workers, policy or "critical_path",
-                                 tile_m, tile_n, tile_k)
+                                 tile_m, tile_n, tile_k, kv_chunk=kv_chunk)
         name = name or type(module).__name__
         seed = seed or 0
+    options = replace(options, aot=aot)
     data = compile_module(module, inputs, name=name, options=options, input_info=info,
                           seed=seed, progress=Progress(on_stage),
                           dump_dir=os.fspath(dump_dir) if dump_dir is not None else None,
@@ -273,8 +279,9 @@ def _check_options(cfgmod, dtype: str | None, policy: str | None, **tiles: int |
     if policy is not None and policy not in cfgmod.POLICIES:
         raise ConfigError(f"policy: expected {' | '.join(cfgmod.POLICIES)}, found {policy!r}")
     for key, value in tiles.items():
-        if value is not None and (not cfgmod._is_int(value) or value < 1 or value & (value - 1)):
-            raise ConfigError(f"{key}: expected a power of two >= 1, found {value!r}")
+        low = 16 if key == "kv_chunk" else 1
+        if value is not None and (not cfgmod._is_int(value) or value < low or value & (value - 1)):
+            raise ConfigError(f"{key}: expected a power of two >= {low}, found {value!r}")
 
 
 def _decoder_extras(cfg, module):

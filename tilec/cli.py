@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", help="cpu | h100 | h200 (default: the yaml's)")
     c.add_argument("--workers", type=int, help="number of persistent workers (default: the yaml's or the target's)")
     c.add_argument("--dump-dir", help="write every compiler stage as text into this folder")
+    c.add_argument("--no-aot", action="store_true",
+                   help="GPU targets: do not compile the kernel for the GPU now (the first "
+                        "run compiles it)")
 
     r = sub.add_parser("run", help="run an engine on inputs")
     r.add_argument("engine")
@@ -51,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true",
                    help="print one JSON object (keys documented in tilec/inspect.py)")
     i.add_argument("--aot", action="store_true",
-                   help="GPU targets: compile the kernel ahead of time and report registers, "
-                        "spills and shared memory (takes seconds)")
+                   help="GPU targets without a stored binary: compile the kernel for the GPU "
+                        "now and report registers, spills and shared memory (takes seconds)")
     i.add_argument("--trace", metavar="FILE",
                    help="write the predicted timeline as Chrome/Perfetto trace JSON")
     i.add_argument("--dot", metavar="FILE", help="write a Graphviz DOT graph (see --level)")
@@ -111,7 +114,7 @@ def cmd_compile(args) -> int:
     from tilec.api import compile as compile_model
 
     engine = compile_model(args.model, target=args.target, workers=args.workers,
-                           dump_dir=args.dump_dir, on_stage=on_stage)
+                           dump_dir=args.dump_dir, on_stage=on_stage, aot=not args.no_aot)
     engine.save(args.output)
     s = engine.summary()
     size = Path(args.output).stat().st_size

@@ -8,7 +8,11 @@
                                 on another worker
   groups                        number of fusion groups
   task_kinds                    {kind: number of tasks}
-  roles                         [{name, workers: [ids]}]; one implicit role "compute"
+  roles                         [{name, workers: [ids], kinds, ops, tasks, busy_us}]:
+                                model.yaml's target.roles (kinds and ops as written;
+                                tasks and busy_us: the role's tasks and the sum of
+                                their predicted times), or one implicit role "compute"
+                                with every worker, no kinds and no ops
   per_worker                    [{worker, role, tasks, busy_us, utilisation}]
   predicted_step_us             the cost model's makespan (latest predicted finish)
   critical_path_us              longest path through the dependency DAG (task times
@@ -28,9 +32,13 @@
   event_table                   [{id, signals, signalled_by, waited_by}] (task ids)
   kernel                        {opcodes, source_lines, max_waits, task_kinds (the
                                 distinct kinds its dispatch handles), aot};
-                                aot is null unless asked for (`--aot`, GPU targets):
-                                {arch, ptx_target, n_regs, n_spills, shared, cubin_size,
-                                num_warps}
+                                aot describes the kernel compiled for the target's GPU:
+                                {arch, ptx_target, n_regs, n_spills, shared (bytes per
+                                CTA), cubin_size, num_warps, triton_version (that
+                                compiled it), stored (true: the engine's stored binary,
+                                read without compiling; false: compiled now, for
+                                `--aot` on a GPU engine without one)}; null for an
+                                engine without a stored binary unless `--aot` asks
   inputs, outputs               [{name, shape, dtype}]
 """
 from __future__ import annotations
@@ -44,8 +52,9 @@ from tilec.ir.graph import DTYPE_BYTES, PLACEHOLDER_KINDS
 from tilec.ir.schedule import Schedule
 from tilec.passes.cost import critical_path
 from tilec.passes.deps import deps
+from tilec.passes.roles import format_workers
 from tilec.runtime.engine import Engine
-from tilec.viz.timeline import DEFAULT_ROLE, cross_worker_edges, predicted, task_kinds
+from tilec.viz.timeline import cross_worker_edges, predicted, task_kinds
 
 WEIGHT_KINDS = ("weight",)
 KV_KINDS = ("state",)
@@ -69,6 +78,7 @@ def summary(engine: Engine, aot: bool = False) -> dict[str, Any]:
     kinds_of = task_kinds(m, sched)
     kinds = Counter(kinds_of)
     busy = [sum(sched.finish_us[t] - sched.start_us[t] for t in q) for q in sched.queues]
+    worker_role = sched.target.worker_roles()
     span = max(sched.finish_us, default=0.0)
     where = sched.worker_of()
     cp_us, cp_tasks = critical_path(tg, target)
@@ -86,8 +96,9 @@ def summary(engine: Engine, aot: bool = False) -> dict[str, Any]:
         "cross_worker_waits": len({(b, ev) for _, b, ev in cross_worker_edges(sched)}),
         "groups": len(tg.fused.groups),
         "task_kinds": dict(sorted(kinds.items())),
-        "roles": [{"name": DEFAULT_ROLE, "workers": list(range(sched.workers))}],
-        "per_worker": [{"worker": w, "role": DEFAULT_ROLE, "tasks": len(q), "busy_us": busy[w],
+        "roles": role_table(sched),
+        "per_worker": [{"worker": w, "role": worker_role[w] if w < len(worker_role) else "",
+                        "tasks": len(q), "busy_us": busy[w],
                         "utilisation": (busy[w] / span) if span else 0.0}
                        for w, q in enumerate(sched.queues)],
         "predicted_step_us": span,
@@ -106,10 +117,30 @@ def summary(engine: Engine, aot: bool = False) -> dict[str, Any]:
         "event_table": event_table(sched),
         "kernel": {"opcodes": len(m.kinds), "source_lines": engine.kernel_source.count("\n"),
                    "max_waits": m.max_waits, "task_kinds": sorted(set(m.kinds)),
-                   "aot": aot_info(engine) if aot else None},
+                   "aot": aot_info(engine, compile=aot)},
         "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in m.inputs],
         "outputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in m.outputs],
     }
+
+
+def role_table(sched: Schedule) -> list[dict[str, Any]]:
+    """Each role with its workers, what it owns, its tasks and their predicted time."""
+    tasks = Counter(sched.task_roles())
+    busy: Counter = Counter()
+    for t, role in enumerate(sched.task_roles()):
+        busy[role] += sched.finish_us[t] - sched.start_us[t]
+    return [{"name": r.name, "workers": list(r.workers), "kinds": list(r.kinds),
+             "ops": list(r.ops), "tasks": tasks[r.name], "busy_us": busy[r.name]}
+            for r in sched.target.all_roles()]
+
+
+def task_moved(task, buffers) -> tuple[tuple[str, int], ...]:
+    """(buffer, bytes) a task moves; engines from before `Task.moved` existed: what its
+    regions cover."""
+    if task.moved:
+        return task.moved
+    return tuple((r.buffer, r.numel * DTYPE_BYTES[buffers[r.buffer].type.dtype])
+                 for r in task.reads + task.writes)
 
 
 def bytes_moved(sched: Schedule) -> dict[str, int]:
@@ -118,9 +149,8 @@ def bytes_moved(sched: Schedule) -> dict[str, int]:
     buffers = {b.name: b for b in tg.buffers}
     out = {"weights": 0, "kv": 0, "intermediate": 0}
     for task in tg.tasks:
-        for region in task.reads + task.writes:
-            b = buffers[region.buffer]
-            n = region.numel * DTYPE_BYTES[b.type.dtype]
+        for name, n in task_moved(task, buffers):
+            b = buffers[name]
             if b.kind in WEIGHT_KINDS:
                 out["weights"] += n
             elif b.kind in KV_KINDS:
@@ -146,9 +176,20 @@ def event_table(sched: Schedule) -> list[dict[str, Any]]:
     return rows
 
 
-def aot_info(engine: Engine) -> dict[str, Any]:
-    """Registers, spills and shared memory of the kernel compiled for the target's GPU
-    (takes seconds: only when asked for)."""
+AOT_KEYS = ("arch", "ptx_target", "n_regs", "n_spills", "shared", "cubin_size", "num_warps",
+            "triton_version")
+
+
+def aot_info(engine: Engine, compile: bool = False) -> dict[str, Any] | None:
+    """Registers, spills and shared memory of the kernel compiled for the target's GPU:
+    the engine's stored binary's (nothing compiled), else, if `compile` (`--aot`),
+    compiled now (seconds), else None."""
+    binary = engine.aot
+    if binary is not None:
+        return {**{k: getattr(binary, k) for k in AOT_KEYS if k != "cubin_size"},
+                "cubin_size": len(binary.cubin), "stored": True}
+    if not compile:
+        return None
     target = engine.manifest.schedule.target
     if target.backend != "cuda":
         raise TilecError(f"--aot: target {target.name} is not a GPU target (nothing to "
@@ -156,8 +197,7 @@ def aot_info(engine: Engine) -> dict[str, Any]:
     from tilec.codegen.aot import compile_for_gpu
 
     info = compile_for_gpu(engine.kernel_source, engine.manifest.schedule.pools, arch=target.arch)
-    return {k: info.get(k) for k in ("arch", "ptx_target", "n_regs", "n_spills", "shared",
-                                     "cubin_size", "num_warps")}
+    return {**{k: info.get(k) for k in AOT_KEYS}, "stored": False}
 
 
 def predicted_timeline(engine: Engine):
@@ -167,6 +207,12 @@ def predicted_timeline(engine: Engine):
     return predicted(engine.manifest, sched, path)
 
 
+def roles_line(roles: list[dict[str, Any]]) -> str:
+    """"attention (1 worker), compute (2 workers)"."""
+    counts = [(r["name"], len(r["workers"])) for r in roles]
+    return ", ".join(f"{name} ({n} worker{'' if n == 1 else 's'})" for name, n in counts)
+
+
 def print_summary(s: dict[str, Any], console) -> None:
     """The summary as rich tables."""
     from rich.table import Table
@@ -174,8 +220,16 @@ def print_summary(s: dict[str, Any], console) -> None:
     console.print(f"[bold]{s['model']}[/bold]: target {s['target']} ({s['backend']}), "
                   f"{s['workers']} workers, {s['tasks']} tasks, {s['events']} events, "
                   f"{s['waits']} waits, predicted step {s['predicted_step_us']:.1f} us")
-    roles = ", ".join(f"{r['name']} ({len(r['workers'])} workers)" for r in s["roles"])
-    console.print(f"roles: {roles}")
+    console.print(f"roles: {roles_line(s['roles'])}")
+    if len(s["roles"]) > 1:
+        table = Table(title="roles")
+        for col in ("role", "workers", "owns", "tasks", "busy us"):
+            table.add_column(col, justify="right" if col in ("tasks", "busy us") else "left")
+        for r in s["roles"]:
+            owns = ", ".join(r["kinds"] + r["ops"]) or "the rest"
+            table.add_row(r["name"], format_workers(r["workers"]), owns, str(r["tasks"]),
+                          f"{r['busy_us']:.1f}")
+        console.print(table)
 
     kinds = Table(title="task kinds")
     kinds.add_column("kind")
@@ -238,6 +292,7 @@ def print_summary(s: dict[str, Any], console) -> None:
                   f"{k['max_waits']} waits per task")
     if k["aot"]:
         a = k["aot"]
+        where = "stored in the engine" if a["stored"] else "compiled now"
         console.print(f"  sm_{a['arch']} ({a['ptx_target']}): {a['n_regs']} registers, "
                       f"{a['n_spills']} spill bytes, {a['shared']} bytes shared memory, "
-                      f"cubin {a['cubin_size']} bytes")
+                      f"cubin {a['cubin_size']} bytes ({where}, Triton {a['triton_version']})")

@@ -1,5 +1,6 @@
 """`tilec verify`: the static invariants on the engine as stored (the queues, signals and
-waits decoded from the task table, not the compiler's intentions), plus optional random
+waits decoded from the task table, not the compiler's intentions; with worker roles,
+that every task sits in a queue of its role's workers), plus optional random
 interleavings in the cooperative interpreter compared bitwise with round-robin."""
 from __future__ import annotations
 

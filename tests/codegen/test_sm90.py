@@ -43,6 +43,12 @@ ENGINES = {
     "block-cpu-fp32": lambda: block_engine(),
     "block-h200-bf16": lambda: block_engine(target="h200", workers=8, dtype="bfloat16"),
     "embed_mix": embed_mix_engine,
+    # attention: one chunk per head (cpu), and split into partials + merge with a
+    # skip test for chunks past the position (bf16)
+    "llama_tiny-cpu-fp32": lambda: tilec.api.compile(str(EXAMPLES / "llama_tiny.yaml")),
+    "llama_tiny-split-bf16": lambda: tilec.api.compile(
+        str(EXAMPLES / "llama_tiny.yaml"), target="h200", workers=8, dtype="bfloat16",
+        kv_chunk=16, aot=False),
 }
 
 

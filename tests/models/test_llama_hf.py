@@ -71,7 +71,9 @@ def compare(tokens, logits, ref_tokens, ref_logits):
 @pytest.mark.parametrize("workers", [1, 3])
 def test_matches_transformers(checkpoint, workers):
     name, model, yaml_path = checkpoint
-    engine = tilec_api.compile(str(yaml_path), workers=workers)
+    # 3 workers also split attention: 2 chunks of 16 keys, the second live from step 11
+    engine = tilec_api.compile(str(yaml_path), workers=workers,
+                               kv_chunk=16 if workers == 3 else None)
     prompt = torch.randint(0, 96, (5,), generator=torch.Generator().manual_seed(workers)).tolist()
     ref_tokens, ref_logits = hf_greedy(model, prompt)
     backends = ["reference", "interpret"] if (workers == 3) == (name.endswith("untied")) \
@@ -85,7 +87,7 @@ def test_matches_transformers(checkpoint, workers):
 def test_interpret_matches_transformers_each_config(checkpoint):
     """Every config also runs on the interpreter once (the kernel, not only the oracle)."""
     name, model, yaml_path = checkpoint
-    engine = tilec_api.compile(str(yaml_path), workers=2)
+    engine = tilec_api.compile(str(yaml_path), workers=2, kv_chunk=16)
     prompt = [3, 1, 4, 1, 5]
     ref_tokens, ref_logits = hf_greedy(model, prompt)
     g = engine.generate(prompt, 6, backend="interpret", logits=True, stop_at_eos=False)

@@ -6,6 +6,7 @@ buffers on the same bytes) is caught by verify and raised by check.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from tilec.errors import ScheduleError
 from tilec.ir.graph import FusedGraph, Graph, TensorType
 from tilec.ir.schedule import Schedule, Wait
-from tilec.ir.target import TARGETS
+from tilec.ir.target import TARGETS, Role
 from tilec.ir.tasks import Buffer, Region, Task, TaskGraph
 from tilec.passes.cost import bottom_levels, critical_path, task_time_us, task_times
 from tilec.passes.deps import deps
@@ -343,3 +344,100 @@ def test_large_graph_schedules_quickly():
     elapsed = time.perf_counter() - start
     assert verify(s).ok
     assert elapsed < 10
+
+
+# ---------------------------------------------------------------- roles
+
+def role_split(tg: TaskGraph, workers: int, data) -> tuple[TaskGraph, object]:
+    """The workers dealt at random into 1-3 roles (the last takes the rest), and each of
+    the task graph's groups given to a random role."""
+    n_roles = data.draw(st.integers(1, min(3, workers)))
+    perm = data.draw(st.permutations(range(workers)))
+    cuts = sorted(data.draw(st.lists(st.integers(1, workers - 1), min_size=n_roles - 1,
+                                     max_size=n_roles - 1, unique=True))) if n_roles > 1 else []
+    bounds = [0] + cuts + [workers]
+    roles = tuple(Role(f"r{i}", tuple(sorted(perm[bounds[i]:bounds[i + 1]])),
+                       kinds=(f"k{i}",) if i < n_roles - 1 else ())
+                  for i in range(n_roles))
+    owner = {g: data.draw(st.sampled_from([r.name for r in roles]))
+             for g in sorted({t.group for t in tg.tasks})}
+    tg = replace(tg, roles=tuple(owner[t.group] for t in tg.tasks))
+    return tg, replace(target(workers), roles=roles)
+
+
+@random_settings
+@given(tg=task_graphs(), workers=st.integers(1, 8),
+       policy=st.sampled_from(["critical_path", "round_robin"]),
+       max_waits=st.sampled_from([1, 8]), data=st.data())
+def test_random_role_splits_verify_and_keep_tasks_in_their_roles(tg, workers, policy,
+                                                                 max_waits, data):
+    tg, t = role_split(tg, workers, data)
+    s = memplan(sync(schedule(tg, t, policy), max_waits=max_waits))
+    report = verify(s)
+    assert report.ok, report.violations
+    workers_of = {r.name: r.workers for r in t.roles}
+    for task, (w, _) in s.worker_of().items():
+        assert w in workers_of[tg.roles[task]]
+
+
+@random_settings
+@given(tg=task_graphs(), workers=st.integers(1, 8), data=st.data())
+def test_critical_path_with_roles_places_each_task_at_its_earliest_start(tg, workers, data):
+    """As the replay above, with each task's candidates cut down to its role's workers."""
+    tg, t = role_split(tg, workers, data)
+    s = schedule(tg, t)
+    latency = 0.5 * t.task_overhead_us
+    preds = {i: [d.before for d in tg.deps if d.after == i] for i in range(len(tg.tasks))}
+    allowed = {r.name: r.workers for r in t.roles}
+    where = s.worker_of()
+    free = [0.0] * workers
+    placed = {}
+    for task in s.order:
+        starts = {w: max([free[w]] + [s.finish_us[p] + (0.0 if placed[p] == w else latency)
+                                      for p in preds[task]]) for w in allowed[tg.roles[task]]}
+        best = min(starts, key=lambda w: (starts[w], w))
+        assert where[task][0] == best
+        assert s.start_us[task] == pytest.approx(starts[best])
+        placed[task] = best
+        free[best] = s.finish_us[task]
+
+
+@random_settings
+@given(tg=task_graphs(), workers=st.integers(1, 8),
+       policy=st.sampled_from(["critical_path", "round_robin"]))
+def test_one_role_over_every_worker_schedules_as_no_roles(tg, workers, policy):
+    plain = schedule(tg, target(workers), policy)
+    every = replace(target(workers), roles=(Role("all", tuple(range(workers))),))
+    one = schedule(replace(tg, roles=("all",) * len(tg.tasks)), every, policy)
+    assert (one.queues, one.order, one.start_us, one.finish_us) == \
+        (plain.queues, plain.order, plain.start_us, plain.finish_us)
+
+
+def test_task_on_another_roles_worker_is_caught():
+    tg = fan()
+    roles = (Role("produce", (0,), kinds=("pa", "pb")), Role("consume", (1, 2)))
+    tg = replace(tg, roles=tuple("produce" if t.group in ("pa", "pb") else "consume"
+                                 for t in tg.tasks))
+    s = memplan(sync(schedule(tg, replace(target(3), roles=roles))))
+    assert verify(s).ok, verify(s).violations
+    assert {t for w in (1, 2) for t in s.queues[w]} == {8, 9}   # the two consumers
+    moved = next(t for t in s.queues[1] + s.queues[2])
+    queues = [tuple(t for t in q if t != moved) for q in s.queues]
+    queues[0] += (moved,)   # last in worker 0's queue: after everything it waits on
+    report = verify(replace(s, queues=tuple(queues)))
+    assert not report.checks["roles_respected"]
+    assert any(re.search(rf"roles_respected: task {moved} .*role 'consume' but runs on "
+                         r"worker 0, which belongs to role 'produce'", v)
+               for v in report.violations), report.violations
+    relabelled = replace(s, taskgraph=replace(s.taskgraph, roles=("consume",) + tg.roles[1:]))
+    report = verify(relabelled)
+    assert not report.checks["roles_respected"]
+    assert "task 0 " in next(v for v in report.violations if "roles_respected" in v)
+
+
+def test_schedule_needs_the_roles_pass_when_the_target_has_roles():
+    t = replace(target(2), roles=(Role("a", (0,), kinds=("x",)), Role("b", (1,))))
+    with pytest.raises(ScheduleError, match="run the roles pass"):
+        schedule(chain(3), t)
+    with pytest.raises(ScheduleError, match="role 'c'"):
+        schedule(replace(chain(3), roles=("a", "c", "b")), t)

@@ -3,7 +3,7 @@ last-dim reductions, random shapes and dtypes), compiled for random worker count
 tile sizes and policies. Every schedule must verify, and the interpreter must agree
 with eager PyTorch."""
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -58,18 +58,24 @@ step = st.one_of(
 
 @settings(max_examples=50, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
+# matmul -> softmax -> matmul fuses into one attention group: split over 2 key chunks
+@example(steps=[("matmul", (0,)), ("softmax", (1,)), ("matmul", (2,)), ("unary", (3, 1))],
+         rows=17, width=24, dtype="float32", workers=3, tile=(16, 16, 16),
+         policy="critical_path", seed=3, kv_chunk=16)
 @given(steps=st.lists(step, min_size=1, max_size=6),
        rows=st.sampled_from([1, 3, 8, 17]), width=st.sampled_from([8, 24, 64]),
        dtype=st.sampled_from(["float32", "bfloat16"]), workers=st.integers(1, 6),
        tile=st.sampled_from([(16, 16, 16), (32, 64, 32), (4, 8, 8)]),
-       policy=st.sampled_from(["critical_path", "round_robin"]), seed=st.integers(0, 1000))
-def test_random_graph_matches_eager(steps, rows, width, dtype, workers, tile, policy, seed):
+       policy=st.sampled_from(["critical_path", "round_robin"]), seed=st.integers(0, 1000),
+       kv_chunk=st.sampled_from([None, 16]))
+def test_random_graph_matches_eager(steps, rows, width, dtype, workers, tile, policy, seed,
+                                    kv_chunk):
     model = RandomGraph(steps, width, seed).eval()
     torch_dtype = getattr(torch, dtype)
     model = model.to(torch_dtype)
     x = torch.randn(rows, width, generator=torch.Generator().manual_seed(seed + 1)).to(torch_dtype)
     engine = tilec_api.compile(model, (x,), workers=workers, tile_m=tile[0], tile_n=tile[1],
-                               tile_k=tile[2], policy=policy)
+                               tile_k=tile[2], policy=policy, kv_chunk=kv_chunk)
     report = engine.verify()
     assert report.ok, report.violations[:1]
     with torch.no_grad():

@@ -2,26 +2,41 @@
 
     info = compile_for_gpu(engine.data.kernel_source, engine.data.manifest.schedule.pools)
     info["cubin_size"], info["n_regs"], info["n_spills"], info["shared"]
+    binary = aot_kernel(source, pools, arch=90)       # what `tilec compile` stores
+    kernel = load_binary(binary, jit_fn, pools)       # on the GPU: launch it, no JIT
 
 Triton fixes interpreter mode per process at import (see `tilec/__init__.py`), and an
 interpreting process cannot compile for a GPU, so in that case the compile runs in a
 child process (`python -m tilec.codegen.aot`) started with TRITON_INTERPRET=0.
-Registers and spills come from `ptxas -v` on the PTX Triton produced: the figures the
-driver would report, available on a machine with no driver.
+Registers and spills come from the `ptxas -v` log of Triton's own ptxas run (or, when
+Triton's cache already held the kernel, from running ptxas on its PTX again): the
+figures the driver would report, available on a machine with no driver.
+
+The stored binary is launched through Triton's own runtime: `load_binary` rebuilds
+the `CompiledKernel` a JIT launch ends with from the two files Triton's cache keeps
+(the metadata JSON and the cubin). That object and its constructor are the same in
+Triton 3.6 to 3.9; the metadata layout is not stable across versions, so a binary is
+only launched by the Triton version that compiled it (the executor checks).
 """
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
-from typing import Any, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
 
 from tilec.errors import TilecError
 
+if TYPE_CHECKING:  # the child process that compiles needs no torch: imported when used
+    from tilec.runtime.engine import AOTKernel
+
 KERNEL_NAME = "tilec_engine"
+NUM_WARPS = 4
 SIGNATURE_DTYPES = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16",
                     "int64": "*i64", "int32": "*i32", "bool": "*i1"}
 FIXED_SIGNATURE = (
@@ -30,7 +45,7 @@ FIXED_SIGNATURE = (
     ("worker_base", "i32"),
     ("budget", "i32"),
 )
-SPIN_LIMIT = 1 << 20
+SPIN_LIMIT = 1 << 26       # the watchdog's bound on one wait, in spins (gpu executor)
 
 
 class AOTError(TilecError):
@@ -50,7 +65,7 @@ def _pool_pairs(pools: Iterable[Any]) -> list[tuple[str, str]]:
 
 def signature(pools: Iterable[Any]) -> dict[str, str]:
     """The kernel's Triton signature: the fixed arguments, one pointer per pool (in the
-    schedule's pool order), then the two constexprs."""
+    schedule's pool order), then the constexprs."""
     sig = dict(FIXED_SIGNATURE)
     for name, dtype in _pool_pairs(pools):
         sig[name] = SIGNATURE_DTYPES[dtype]
@@ -60,14 +75,72 @@ def signature(pools: Iterable[Any]) -> dict[str, str]:
     return sig
 
 
-def compile_for_gpu(source: str, pools: Iterable[Any], arch: int = 90, num_warps: int = 4,
-                    timeout: float = 600.0, profile: bool = False) -> dict[str, Any]:
+def pointer_attrs(pools: Iterable[Any]) -> dict[tuple[int], list]:
+    """Every pointer argument is 16-byte aligned: what Triton's JIT assumes of a torch
+    tensor whose address is (all of the kernel's are whole tensors from torch's
+    allocator), so the stored binary is the code the JIT would have made."""
+    return {(i,): [["tt.divisibility", 16]]
+            for i, kind in enumerate(signature(pools).values()) if kind.startswith("*")}
+
+
+def constexprs(spin_limit: int = SPIN_LIMIT, profile: bool = False) -> dict[str, Any]:
+    """The constexprs of a blocking (GPU) launch."""
+    return {"BLOCKING": True, "SPIN_LIMIT": spin_limit, "PROFILE": profile}
+
+
+def aot_kernel(source: str, pools: Iterable[Any], arch: int) -> AOTKernel:
+    """Compile `source` for sm_`arch` and keep what launching it needs (the engine's
+    stored binary)."""
+    from tilec.runtime.engine import AOTKernel
+
+    info = compile_for_gpu(source, pools, arch=arch)
+    return AOTKernel(cubin=info["cubin"], arch=arch, ptx_target=info["ptx_target"],
+                     num_warps=info["num_warps"], shared=info["shared"],
+                     n_regs=info["n_regs"], n_spills=info["n_spills"], spin_limit=SPIN_LIMIT,
+                     triton_version=info["triton_version"],
+                     kernel_sha256=hashlib.sha256(source.encode()).hexdigest(),
+                     triton_metadata=info["metadata"])
+
+
+def load_binary(binary: AOTKernel, fn, pools: Iterable[Any]):
+    """The stored cubin as a launchable `triton.compiler.CompiledKernel`, loaded into the
+    current GPU's context, with no compile. Needs a GPU and the Triton version that
+    compiled the binary. Launch it with every argument in signature order, constexprs
+    included: `kernel[(grid, 1, 1)](*args)`."""
+    kernel = compiled_kernel(binary, fn, pools)
+    kernel._init_handles()   # load the module now, so a driver that refuses it says so here
+    return kernel
+
+
+def compiled_kernel(binary: AOTKernel, fn, pools: Iterable[Any]):
+    """The `CompiledKernel` of the stored binary, not yet loaded (needs no GPU): `fn` is
+    the kernel's JIT function, from which the launcher takes the argument names."""
+    import tempfile
+
+    from triton.compiler import ASTSource, CompiledKernel
+
+    src = ASTSource(fn=fn, signature=signature(pools), constexprs=constexprs(binary.spin_limit),
+                    attrs=pointer_attrs(pools))
+    # CompiledKernel reads a kernel from Triton's cache files, here written from the
+    # engine; it reads them at once, so the folder can go when it returns.
+    with tempfile.TemporaryDirectory(prefix="tilec-aot-") as tmp:
+        meta, cubin = Path(tmp, f"{KERNEL_NAME}.json"), Path(tmp, f"{KERNEL_NAME}.cubin")
+        meta.write_text(binary.triton_metadata)
+        cubin.write_bytes(binary.cubin)
+        return CompiledKernel(src, {meta.name: str(meta), cubin.name: str(cubin)},
+                              binary.cubin_sha256)
+
+
+def compile_for_gpu(source: str, pools: Iterable[Any], arch: int = 90,
+                    num_warps: int = NUM_WARPS, timeout: float = 600.0,
+                    profile: bool = False) -> dict[str, Any]:
     """Compile kernel `source` for CUDA compute capability `arch` (90: sm_90).
 
     `profile` compiles the variant whose tasks stamp their start and end times.
     Returns {"arch", "name", "ptx_target", "cubin" (bytes), "cubin_size", "shared",
-    "num_warps", "n_regs", "n_spills"}; n_regs and n_spills are None when ptxas cannot
-    be run again to report them."""
+    "num_warps", "n_regs", "n_spills", "triton_version", "metadata" (Triton's JSON
+    description of the kernel)}; n_regs and n_spills are None when ptxas cannot report
+    them."""
     pairs = _pool_pairs(pools)
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         return _compile_here(source, pairs, arch, num_warps, profile)
@@ -92,17 +165,15 @@ def compile_for_gpu(source: str, pools: Iterable[Any], arch: int = 90, num_warps
 def _compile_here(source: str, pools: list[tuple[str, str]], arch: int,
                   num_warps: int, profile: bool = False) -> dict[str, Any]:
     import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from tilec.runtime.kernel import load_kernel
 
     fn = load_kernel(source, KERNEL_NAME)
-    src = ASTSource(fn=fn, signature=signature(pools),
-                    constexprs={"BLOCKING": True, "SPIN_LIMIT": SPIN_LIMIT, "PROFILE": profile})
+    src = ASTSource(fn=fn, signature=signature(pools), constexprs=constexprs(profile=profile),
+                    attrs=pointer_attrs(pools))
     try:
-        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                options={"num_warps": num_warps})
+        kernel, ptxas_log = _compile_keeping_ptxas_log(src, arch, num_warps)
     except Exception as e:  # Triton's errors span many lines: keep where, and what
         lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
         what = " ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else type(e).__name__
@@ -112,12 +183,48 @@ def _compile_here(source: str, pools: list[tuple[str, str]], arch: int,
     md = kernel.metadata
     get = md.get if isinstance(md, dict) else (lambda k, d=None: getattr(md, k, d))
     m = re.search(r"^\.target\s+(\S+)", ptx, re.M)
-    info = {"arch": arch, "name": get("name", KERNEL_NAME), "ptx_target": m.group(1) if m else None,
+    ptx_target = m.group(1) if m else f"sm_{arch}"
+    # Triton's own description, as its cache stores it: what a launch rebuilds from
+    metadata = json.loads(Path(kernel.metadata_group[f"{kernel.name}.json"]).read_text())
+    info = {"arch": arch, "name": get("name", KERNEL_NAME), "ptx_target": ptx_target,
             "cubin": cubin, "cubin_size": len(cubin), "shared": int(get("shared", 0) or 0),
             "num_warps": int(get("num_warps", num_warps) or num_warps),
-            "n_regs": None, "n_spills": None}
-    info.update(_ptxas_usage(ptx, m.group(1) if m else f"sm_{arch}"))
+            "n_regs": None, "n_spills": None, "triton_version": triton.__version__,
+            "metadata": json.dumps(metadata, sort_keys=True)}
+    info.update(_usage(ptxas_log) or _ptxas_usage(ptx, ptx_target))
     return info
+
+
+def _compile_keeping_ptxas_log(src, arch: int, num_warps: int):
+    """triton.compile, and the `ptxas -v` log of its ptxas run: Triton prints it when
+    asked, which saves running ptxas again (a second or more for a large kernel). The
+    log is empty when Triton's cache already held the kernel."""
+    import contextlib
+    import io
+
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    log = io.StringIO()
+    with knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        knobs.nvidia.dump_ptxas_log = True
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                options={"num_warps": num_warps})
+    return kernel, log.getvalue()
+
+
+def _usage(log: str) -> dict[str, int]:
+    """Registers and spill bytes from a `ptxas -v` log ({} if it reports none)."""
+    regs = re.search(r"Used (\d+) registers", log)
+    stores = re.search(r"(\d+) bytes spill stores", log)
+    loads = re.search(r"(\d+) bytes spill loads", log)
+    out = {}
+    if regs:
+        out["n_regs"] = int(regs.group(1))
+    if stores and loads:
+        out["n_spills"] = int(stores.group(1)) + int(loads.group(1))
+    return out
 
 
 def _ptxas_usage(ptx: str, gpu_name: str) -> dict[str, int]:
@@ -140,16 +247,7 @@ def _ptxas_usage(ptx: str, gpu_name: str) -> dict[str, int]:
                                   capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.TimeoutExpired):
             return {}
-    log = proc.stderr + proc.stdout
-    regs = re.search(r"Used (\d+) registers", log)
-    stores = re.search(r"(\d+) bytes spill stores", log)
-    loads = re.search(r"(\d+) bytes spill loads", log)
-    out = {}
-    if regs:
-        out["n_regs"] = int(regs.group(1))
-    if stores and loads:
-        out["n_spills"] = int(stores.group(1)) + int(loads.group(1))
-    return out
+    return _usage(proc.stderr + proc.stdout)
 
 
 def _main() -> int:

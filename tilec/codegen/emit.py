@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from tilec.codegen.exprs import EXPRS, TL_DTYPES, cast, literal
+from tilec.ir.attention import attention_parts, partial_names
 from tilec.ir.graph import FLOAT_DTYPES, Group, Op, Operand
 from tilec.ir.tasks import Buffer, GroupTiling
 
@@ -34,6 +35,14 @@ class GroupCode:
     dot: str = ""
     b_first: str = ""                                   # matmul: B chunk 0 (kb)
     b_next: str = ""                                    # matmul: B chunk after cols (kn)
+    # attention (see emit_attention): the skip test, the value product, what a partial
+    # task stores, what a skipped chunk stores, the merge, and the final epilogue
+    live: list[str] = field(default_factory=list)
+    values: list[str] = field(default_factory=list)
+    partial_stores: list[str] = field(default_factory=list)
+    skipped_stores: list[str] = field(default_factory=list)
+    merge: list[str] = field(default_factory=list)
+    final: list[str] = field(default_factory=list)
 
 
 def pow2(n: int) -> int:
@@ -82,7 +91,9 @@ class GroupEmitter:
 
     def pointer(self, value: str, offset: int = 0) -> str:
         """`pool + baseJ`: the element address of `value` plus a view offset."""
-        buf = self.storage(value)
+        return self.buffer_pointer(self.storage(value), offset)
+
+    def buffer_pointer(self, buf: Buffer, offset: int = 0) -> str:
         key = (buf.name, offset)
         if key not in self.base_of:
             self.base_of[key] = f"base{len(self.code.bases)}"
@@ -300,6 +311,28 @@ class GroupEmitter:
             avail.add(n)
         ready_narrow()
 
+    def batch_pointer(self, operand: Operand, name: str) -> str:
+        """Address of batch `t0` of a matmul operand [B.., rows, cols]; the batch offset
+        is computed once, in the preamble, as `name`."""
+        ptr = self.pointer(operand.value, operand.offset)
+        off = row_offset(operand.shape[:-2], operand.strides[:-2], "t0")
+        if off:
+            self.code.preamble.append(f"{name} = {off}")
+            ptr += f" + {name}"
+        return ptr
+
+    def split_outputs(self, outputs) -> tuple[list[str], list[str]]:
+        """(wide, narrow) outputs of the group, the matmul anchor excluded."""
+        outs = [n for n in outputs if n != self.g.anchor]
+        return ([n for n in outs if not self.is_narrow(n)], [n for n in outs if self.is_narrow(n)])
+
+    def final_stores(self, outputs) -> list[str]:
+        """Stores of a matmul-like group's outputs, over the current (rows, cols)."""
+        wide, narrow = self.split_outputs(outputs)
+        if self.g.anchor in outputs:
+            wide.append(self.g.anchor)
+        return self.stores(wide, narrow=False) + self.stores(narrow, narrow=True)
+
     def state_store(self, op: Op) -> list[str]:
         return _state_store_lines(self, op)
 
@@ -347,25 +380,38 @@ def _state_store_lines(e: "GroupEmitter", op: Op) -> list[str]:
 def emit_group(group: Group, ops: dict[str, Op], tiling: GroupTiling,
                buffers: dict[str, Buffer]) -> GroupCode:
     e = GroupEmitter(group, ops, tiling, buffers)
-    c = e.code
-    wide_outs = [n for n in group.outputs if not e.is_narrow(n) and n != group.anchor]
-    narrow_outs = [n for n in group.outputs if e.is_narrow(n) and n != group.anchor]
-    c.consts = {"BM": tiling.block_m, "BN": tiling.block_n, "BK": tiling.block_k}
+    e.code.consts = {"BM": tiling.block_m, "BN": tiling.block_n, "BK": tiling.block_k}
     if group.kind == "row":
-        c.consts.update(R=group.rows, C=group.cols)
-        avail: set[str] = set()
-        scope = list(group.epilogue)
-        e.row_phases(scope, avail)
-        c.main = [e.assign(m) for m in e.needed(wide_outs, avail, scope)]
-        c.main += e.stores(wide_outs, narrow=False)
-        c.stores = e.stores(narrow_outs, narrow=True)
-        return c
+        return emit_row(e)
+    if group.kind == "matmul":
+        e.code.epilogue = emit_matmul(e, group.epilogue) + e.final_stores(group.outputs)
+        return e.code
+    return emit_attention(e)
+
+
+def emit_row(e: GroupEmitter) -> GroupCode:
+    c, group = e.code, e.g
+    c.consts.update(R=group.rows, C=group.cols)
+    avail: set[str] = set()
+    scope = list(group.epilogue)
+    e.row_phases(scope, avail)
+    wide, narrow = e.split_outputs(group.outputs)
+    c.main = [e.assign(m) for m in e.needed(wide, avail, scope)]
+    c.main += e.stores(wide, narrow=False)
+    c.stores = e.stores(narrow, narrow=True)
+    return c
+
+
+def emit_matmul(e: GroupEmitter, epilogue: tuple[str, ...]) -> list[str]:
+    """The anchor's K loop (prologue, prefetched B chunks, the product) into `e.code`;
+    returns the lines that compute `epilogue` on the accumulator (stores not included)."""
+    c, group, ops, tiling = e.code, e.g, e.ops, e.tiling
     anchor = ops[group.anchor]
-    batch, m, n = math.prod(anchor.type.shape[:-2]), anchor.type.shape[-2], anchor.type.shape[-1]
+    m, n = anchor.type.shape[-2], anchor.type.shape[-1]
     k = anchor.inputs[0].shape[-1]
     c.consts.update(M=m, N=n, K=k)
     a, b = anchor.inputs
-    avail = set()
+    avail: set[str] = set()
     prologue = list(group.prologue)
     e.row_phases(prologue, avail)
     if a.value in e.var:
@@ -374,40 +420,107 @@ def emit_group(group: Group, ops: dict[str, Op], tiling: GroupTiling,
     else:
         a_lines, a_expr = [], e.load(a, narrow=False)
     a_dtype = ops[a.value].type.dtype
-    b_ptr = e.pointer(b.value, b.offset)
-    boff = row_offset(b.shape[:-2], b.strides[:-2], "t0")
-    if boff:
-        c.preamble.append(f"boff = {boff}")
-        b_ptr += " + boff"
+    b_ptr = e.batch_pointer(b, "boff")
     sk, sn = b.strides[-2], b.strides[-1]
-    def b_load(k: str) -> str:
-        return (f"tl.load({b_ptr} + {k}[:, None] * {sk} + ncols[None, :] * {sn}, "
-                f"mask=({k} < {k_total})[:, None] & nmask[None, :], other=0)")
-    k_total = k
+
+    def b_load(kk: str) -> str:
+        return (f"tl.load({b_ptr} + {kk}[:, None] * {sk} + ncols[None, :] * {sn}, "
+                f"mask=({kk} < {k})[:, None] & nmask[None, :], other=0)")
     # The weight stream is the step's bottleneck: the next chunk's load is issued before
     # this chunk's product, so two are in flight per worker.
     c.b_first = b_load("kb")
     c.b_next = b_load("kn")
-    b_dtype = ops[b.value].type.dtype
     a_round = f"a_tile.to({TL_DTYPES[a_dtype]}).to(tl.float32)" if a_dtype in ("bfloat16", "float16") else "a_tile"
     c.main = a_lines + [f"a_tile = tl.where(mask, {a_expr}, 0.0)", f"a_tile = {a_round}"]
     if tiling.block_m >= 16 and tiling.block_k >= 16 and tiling.block_n >= 16:
-        if b_dtype in ("bfloat16", "float16"):
-            dt = TL_DTYPES[b_dtype]
-            c.dot = f"acc = tl.dot(a_tile.to({dt}), b_tile.to({dt}), acc)"
-        else:
-            c.dot = "acc = tl.dot(a_tile, b_tile.to(tl.float32), acc, input_precision=\"ieee\")"
+        c.dot = "acc = " + dot("a_tile", "b_tile", ops[b.value].type.dtype, "acc")
     else:
         c.dot = "acc = acc + tl.sum(a_tile[:, :, None] * b_tile.to(tl.float32)[None, :, :], axis=1)"
     lines = [f"{e.var[group.anchor]} = acc"]
-    for name in group.epilogue:
-        op = ops[name]
-        if op.kind in REDUCTIONS:
+    for name in epilogue:
+        if ops[name].kind in REDUCTIONS:
             init, upd, finish = e.reduce_lines(name, col0=f"t2 * {tiling.block_n}")
             lines += init + upd + [finish]
         else:
             lines.append(e.assign(name))
-    outs_wide = wide_outs + ([group.anchor] if group.anchor in group.outputs else [])
-    lines += e.stores(outs_wide, narrow=False) + e.stores(narrow_outs, narrow=True)
-    c.epilogue = lines
+    return lines
+
+
+def dot(a: str, b: str, b_dtype: str, acc: str | None = None) -> str:
+    """A tensor-core product of float32 registers `a` and a `b` load of `b_dtype`:
+    low-precision operands go in as themselves; float32 stays exact (ieee)."""
+    tail = f", {acc}" if acc else ""
+    if b_dtype in ("bfloat16", "float16"):
+        dt = TL_DTYPES[b_dtype]
+        return f"tl.dot({a}.to({dt}), {b}.to({dt}){tail})"
+    return f"tl.dot({a}, {b}.to(tl.float32){tail}, input_precision=\"ieee\")"
+
+
+def emit_attention(e: GroupEmitter) -> GroupCode:
+    """Split-KV decode attention (templates/attention.py.j2).
+
+    A partial task takes one chunk of BN keys: the score product and its epilogue up to
+    the softmax are the matmul code above, over the chunk; the probabilities, softmax-
+    normalised within the chunk, multiply the chunk's values. With one chunk that is
+    the whole attention. With several, each partial stores its output, row max and row
+    sum, and a merge task rescales them: out = sum_c w_c o_c / sum_c w_c with
+    w_c = exp(max_c - max) * sum_c. A chunk whose -inf masks (a causal mask beyond the
+    decode position) hide every key loads nothing and stores an empty partial."""
+    c, group, ops, tiling = e.code, e.g, e.ops, e.tiling
+    parts = attention_parts(group, ops)
+    chunks = max(1, tiling.grid[2] - 1)
+    pv = ops[parts.pv]
+    dv = pv.type.cols
+    bm, bdv = tiling.block_m, max(16, pow2(dv))
+    c.consts.update(DV=dv, BDV=bdv, NC=chunks)
+    lines = emit_matmul(e, parts.score_ops + parts.softmax_ops)
+    values = pv.inputs[1]
+    v_ptr = e.batch_pointer(values, "voff")
+    sk, sn = values.strides[-2], values.strides[-1]
+    c.values = lines + [
+        f"p_tile = tl.where(mask, {e.var[parts.p]}, 0.0)",
+        f"v_tile = tl.load({v_ptr} + ncols[:, None] * {sk} + dcols[None, :] * {sn}, "
+        f"mask=nmask[:, None] & dmask[None, :], other=0)",
+        "o_tile = " + dot("p_tile", "v_tile", ops[values.value].type.dtype),
+    ]
+    final = [f"cols = dcols", "cmask = dmask", "mask = rmask[:, None] & dmask[None, :]"]
+    final += [e.assign(name) for name in parts.out_ops]
+    c.final = final + e.final_stores(group.outputs)
+    if chunks == 1:
+        c.values.append(f"{e.var[parts.pv]} = o_tile")
+        return c
+    o, mx, sm = (e.buffer_pointer(e.buffers[name]) for name in partial_names(group.name))
+    slot = f"rows[:, None] * {chunks} + t2"
+    out_slot = f"rows[:, None] * {chunks * dv} + t2 * {dv} + dcols[None, :]"
+    out_mask = "rmask[:, None] & dmask[None, :]"
+    c.partial_stores = [
+        f"tl.store({o} + {out_slot}, o_tile, mask={out_mask})",
+        f"tl.store({mx} + {slot}, {e.var[parts.row_max]}, mask=rmask[:, None])",
+        f"tl.store({sm} + {slot}, {e.var[parts.row_sum]}, mask=rmask[:, None])",
+    ]
+    c.skipped_stores = [
+        f"tl.store({o} + {out_slot}, tl.zeros([{bm}, {bdv}], dtype=tl.float32), mask={out_mask})",
+        f"tl.store({mx} + {slot}, tl.full([{bm}, 1], -float(\"inf\"), tl.float32), mask=rmask[:, None])",
+        f"tl.store({sm} + {slot}, tl.zeros([{bm}, 1], dtype=tl.float32), mask=rmask[:, None])",
+    ]
+    if parts.masks:
+        hidden = []
+        for name, cond, hides_when_true in parts.masks:
+            value = e.load(ops[name].inputs[cond], narrow=False)
+            hidden.append(f"(({value}) {'!=' if hides_when_true else '=='} 0)")
+        c.live = [f"live = tl.sum((mask & ~({' | '.join(hidden)})).to(tl.int32))"]
+    c.merge = [
+        f"row_max = tl.full([{bm}], -float(\"inf\"), tl.float32)",
+        f"for chunk in range({chunks}):",
+        f"    row_max = tl.maximum(row_max, tl.load({mx} + rows * {chunks} + chunk, mask=rmask, other=-float(\"inf\")))",
+        f"weights = tl.zeros([{bm}], dtype=tl.float32)",
+        f"o_tile = tl.zeros([{bm}, {bdv}], dtype=tl.float32)",
+        f"for chunk in range({chunks}):",
+        f"    w = tl.load({sm} + rows * {chunks} + chunk, mask=rmask, other=0)",
+        f"    w = tl.where(w > 0, tl.exp(tl.load({mx} + rows * {chunks} + chunk, mask=rmask, other=0) - row_max) * w, 0.0)",
+        f"    part = tl.load({o} + rows[:, None] * {chunks * dv} + chunk * {dv} + dcols[None, :], mask={out_mask}, other=0)",
+        "    o_tile += tl.where(w[:, None] > 0, w[:, None] * part, 0.0)",
+        "    weights += w",
+        f"{e.var[parts.pv]} = o_tile / tl.where(rmask, weights, 1.0)[:, None]",
+    ]
     return c

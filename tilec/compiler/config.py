@@ -15,11 +15,16 @@ inputs:                       # required for `module` (at least one), derived fo
 dtype: float32                # optional: float32 | bfloat16; casts the module's parameters
 seed: 0                       # optional (0): seeds the weights and the example inputs
 target: {name: cpu, workers: 2}   # optional (cpu): cpu | h100 | h200; short form `target: cpu`
+# target: {name: h200, roles: {attn: {workers: "0-7", kinds: [attention]}, rest: {}}}
+#                             #   optional worker roles: each role runs only the tasks it
+#                             #   owns (docs/model-yaml.md, "Worker roles")
 schedule:                     # optional; every field optional
   policy: critical_path       #   critical_path | round_robin
   tile_m: 16                  #   tile sizes: powers of two; unset = the target's choice
   tile_n: 64
   tile_k: 64
+  kv_chunk: 64                #   keys per attention partial task (>= 16); unset = enough
+                              #   chunks to give every worker one
 ```
 
 Every mistake is a `ConfigError` whose one line names the yaml file, the key path
@@ -33,6 +38,7 @@ import importlib.util
 import inspect
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, NoReturn
 
@@ -40,7 +46,8 @@ import torch
 import yaml
 
 from tilec.errors import ConfigError
-from tilec.ir.target import TARGETS
+from tilec.ir.target import TARGETS, Role
+from tilec.passes.roles import resolve_roles
 
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INT_DTYPES = {"int64": torch.int64, "int32": torch.int32}
@@ -53,8 +60,9 @@ MODEL_KEYS = ("module", "kwargs", "family", "config", "hf", "max_seq_len")
 FAMILIES = ("llama",)
 DEFAULT_MAX_SEQ_LEN = 256
 INPUT_KEYS = ("name", "shape", "dtype", "low", "high")
-TARGET_KEYS = ("name", "workers")
-SCHEDULE_KEYS = ("policy", "tile_m", "tile_n", "tile_k")
+TARGET_KEYS = ("name", "workers", "roles")
+ROLE_KEYS = ("workers", "kinds", "ops")
+SCHEDULE_KEYS = ("policy", "tile_m", "tile_n", "tile_k", "kv_chunk")
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,9 @@ class CheckpointSpec:
 class TargetSpec:
     name: str = "cpu"
     workers: int | None = None   # None: the target's default
+    # None: one role with every worker. A role with no workers takes those no other
+    # role lists (resolved when the worker count is final: passes/roles.py).
+    roles: tuple[Role, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,7 @@ class ScheduleSpec:
     tile_m: int | None = None
     tile_n: int | None = None
     tile_k: int | None = None
+    kv_chunk: int | None = None
 
 
 @dataclass(frozen=True)
@@ -275,7 +287,64 @@ def _parse_target(target: Any, path: str) -> TargetSpec:
         _fail(path, "target.name", " | ".join(sorted(TARGETS)), name)
     if workers is not None and (not _is_int(workers) or workers < 1):
         _fail(path, "target.workers", "an integer >= 1", workers)
-    return TargetSpec(name=name, workers=workers)
+    roles = None
+    if "roles" in target:
+        roles = _parse_roles(target["roles"], path)
+        try:   # against the yaml's worker count; `--workers` is checked again later
+            resolve_roles(roles, workers or TARGETS[name].workers)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    return TargetSpec(name=name, workers=workers, roles=roles)
+
+
+def _parse_roles(roles: Any, path: str) -> tuple[Role, ...]:
+    if not isinstance(roles, dict) or not roles:
+        _fail(path, "target.roles", "a mapping of role names to {workers, kinds, ops}", roles)
+    out = []
+    for name, spec in roles.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            _fail(path, "target.roles", "role names that are identifiers", name)
+        where = f"target.roles.{name}"
+        spec = {} if spec is None else spec
+        _need_mapping(spec, where, path)
+        if "devices" in spec:
+            raise ConfigError(f"{path}: {where}.devices: multi-device engines are not "
+                              "supported yet; give the role `workers` of this device")
+        _check_keys(spec, ROLE_KEYS, f"{where}.", path)
+        workers = _parse_workers(spec["workers"], f"{where}.workers", path) \
+            if "workers" in spec else ()
+        kinds, ops = (_parse_names(spec.get(key, []), f"{where}.{key}", path)
+                      for key in ("kinds", "ops"))
+        out.append(Role(name, workers, kinds, ops))
+    return tuple(out)
+
+
+def _parse_workers(value: Any, key: str, path: str) -> tuple[int, ...]:
+    """An integer, an "A-B" range (both ends included), or a list of those."""
+    expected = 'worker ids >= 0: an integer, an "A-B" range or a list of those'
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        _fail(path, key, expected, value)
+    found: list[int] = []
+    for item in items:
+        if _is_int(item) and item >= 0:
+            found.append(item)
+            continue
+        ends = item.split("-") if isinstance(item, str) else []
+        if len(ends) != 2 or not all(e.strip().isdigit() for e in ends) or \
+                int(ends[0]) > int(ends[1]):
+            _fail(path, key, expected, item)
+        found.extend(range(int(ends[0]), int(ends[1]) + 1))
+    twice = sorted(w for w, n in Counter(found).items() if n > 1)
+    if twice:
+        raise ConfigError(f"{path}: {key}: worker {twice[0]} is listed twice")
+    return tuple(sorted(found))
+
+
+def _parse_names(value: Any, key: str, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        _fail(path, key, "a list of names", value)
+    return tuple(value)
 
 
 def _parse_schedule(schedule: Any, path: str) -> ScheduleSpec:
@@ -292,7 +361,10 @@ def _parse_schedule(schedule: Any, path: str) -> ScheduleSpec:
         if value is not None and (not _is_int(value) or value < 1 or value & (value - 1)):
             _fail(path, f"schedule.{key}", "a power of two >= 1", value)
         tiles[key] = value
-    return ScheduleSpec(policy=policy, **tiles)
+    chunk = schedule.get("kv_chunk")
+    if chunk is not None and (not _is_int(chunk) or chunk < 16 or chunk & (chunk - 1)):
+        _fail(path, "schedule.kv_chunk", "a power of two >= 16", chunk)
+    return ScheduleSpec(policy=policy, kv_chunk=chunk, **tiles)
 
 
 # ----------------------------------------------------------------------------- building

@@ -1,9 +1,11 @@
 """The one pipeline: model -> ir.Graph -> passes -> kernel -> Engine (DESIGN.md diagram).
 
-    export ▶ lower ▶ fuse ▶ tile ▶ deps ▶ schedule ▶ sync ▶ memplan ▶ verify ▶ render ▶ pack
+    export ▶ lower ▶ fuse ▶ tile ▶ deps ▶ roles ▶ schedule ▶ sync ▶ memplan ▶ verify ▶ render ▶ aot ▶ pack
 
 Each stage is a pure function of the previous stage's result; `compile_module` runs
-them in order, reports each stage's time, and can dump every stage as text.
+them in order, reports each stage's time, and can dump every stage as text. `aot`
+runs for GPU targets only (and not with `CompileOptions(aot=False)`): it compiles the
+kernel for the target's GPU, on a machine without one, and the engine stores the cubin.
 """
 from __future__ import annotations
 
@@ -15,22 +17,24 @@ from typing import Callable
 
 import torch
 
+from tilec.codegen.aot import aot_kernel
 from tilec.codegen.render import Rendered, render
 from tilec.compiler import frontend
 from tilec.errors import ConfigError, ScheduleError
 from tilec.ir.graph import contiguous_strides
 from tilec.ir.schedule import Schedule
 from tilec.ir.serial import to_plain
-from tilec.ir.target import TARGETS, Target
+from tilec.ir.target import TARGETS, Role, Target
 from tilec.passes.deps import deps
 from tilec.passes.fuse import fuse
 from tilec.passes.memplan import memplan
+from tilec.passes.roles import resolve_roles, roles
 from tilec.passes.schedule import schedule
 from tilec.passes.sync import sync
 from tilec.passes.tile import TileOptions, tile
 from tilec.passes.verify import verify
-from tilec.runtime.engine import (Engine, GenerationSpec, IOSpec, Manifest, TORCH_DTYPES,
-                                  encode_tables)
+from tilec.runtime.engine import (AOTKernel, Engine, GenerationSpec, IOSpec, Manifest,
+                                  TORCH_DTYPES, aot_text, encode_tables)
 from tilec.version import __version__
 
 MAX_WAITS = 8
@@ -42,11 +46,14 @@ class CompileOptions:
     policy: str = "critical_path"
     tiles: TileOptions = TileOptions()
     max_waits: int = MAX_WAITS
+    aot: bool = True        # GPU targets: compile the kernel to a cubin and store it
 
 
 def target_options(name: str, workers: int | None = None, policy: str = "critical_path",
                    tile_m: int | None = None, tile_n: int | None = None,
-                   tile_k: int | None = None) -> CompileOptions:
+                   tile_k: int | None = None, roles: tuple[Role, ...] = (),
+                   kv_chunk: int | None = None) -> CompileOptions:
+    """`roles` as model.yaml gives them: checked here, once the worker count is final."""
     if name not in TARGETS:
         raise ConfigError(f"unknown target {name!r} (choose from {', '.join(TARGETS)})")
     target = TARGETS[name]
@@ -54,9 +61,11 @@ def target_options(name: str, workers: int | None = None, policy: str = "critica
         if workers < 1:
             raise ConfigError(f"workers must be at least 1, got {workers}")
         target = replace(target, workers=workers)
+    if roles:
+        target = replace(target, roles=resolve_roles(roles, target.workers))
     base = default_tiles(target)
     tiles = replace(base, tile_m=tile_m or base.tile_m, tile_n=tile_n or base.tile_n,
-                    tile_k=tile_k or base.tile_k,
+                    tile_k=tile_k or base.tile_k, kv_chunk=kv_chunk or base.kv_chunk,
                     workers=target.workers if target.backend == "cuda" else 1)
     return CompileOptions(target=target, policy=policy, tiles=tiles)
 
@@ -110,9 +119,11 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
     dump.json("03_fused.json", fused.groups)
     taskgraph = progress.run("tile", tile, fused, options.tiles)
     taskgraph = progress.run("deps", deps, taskgraph)
+    taskgraph = progress.run("roles", roles, taskgraph, options.target)
     dump.json("04_tasks.json", {"tilings": taskgraph.tilings, "tasks": taskgraph.tasks,
                                 "deps": [(d.before, d.after, d.kind, d.buffer)
-                                         for d in taskgraph.deps]})
+                                         for d in taskgraph.deps],
+                                "roles": taskgraph.roles})
     sched = progress.run("schedule", schedule, taskgraph, options.target, options.policy)
     sched = progress.run("sync", sync, sched, options.max_waits)
     sched = progress.run("memplan", memplan, sched)
@@ -126,8 +137,12 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
     max_waits = max([len(w) for w in sched.waits] + [1])
     rendered = progress.run("render", render_schedule, sched, max_waits, name)
     dump.text("06_kernel.py", rendered.source)
+    binary = None
+    if options.aot and sched.target.backend == "cuda":
+        binary = progress.run("aot", aot_kernel, rendered.source, sched.pools, sched.target.arch)
+        dump.text("08_aot.json", aot_text(binary))
     engine = progress.run("pack", pack, sched, rendered, lowered, max_waits, name,
-                          input_info, seed)
+                          input_info, seed, binary)
     if generation is not None:
         engine.manifest = replace(engine.manifest, generation=generation)
     return engine
@@ -139,20 +154,15 @@ def render_schedule(sched: Schedule, max_waits: int, name: str) -> Rendered:
 
 
 def pack(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered, max_waits: int,
-         name: str, input_info: tuple[InputInfo, ...], seed: int) -> Engine:
+         name: str, input_info: tuple[InputInfo, ...], seed: int,
+         binary: AOTKernel | None = None) -> Engine:
     tensors = encode_tables(sched, rendered.opcodes, max_waits)
     tensors["args"] = torch.tensor(rendered.args, dtype=torch.int64).reshape(
         len(rendered.args), rendered.max_args)
     placed = {b.name: b for b in sched.buffers}
     for pool in sched.pools:
-        if pool.kind not in ("weight", "state"):
-            continue
-        data = torch.zeros(pool.numel, dtype=TORCH_DTYPES[pool.dtype])
-        for b in sched.buffers:
-            if b.pool == pool.name and b.name in lowered.constants:
-                value = lowered.constants[b.name].to(data.dtype).contiguous().reshape(-1)
-                data[b.offset:b.offset + value.numel()] = value
-        tensors[f"pool.{pool.name}"] = data
+        if pool.kind in ("weight", "state"):
+            tensors[f"pool.{pool.name}"] = fill_pool(pool, sched.buffers, lowered.constants)
     info = {i.name: i for i in input_info}
     inputs = []
     for user_name, value in zip(lowered.input_names, lowered.graph.inputs):
@@ -172,7 +182,26 @@ def pack(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered, max_wai
                      taskgraph=replace(sched.taskgraph, deps=()))
     manifest = Manifest(name, stored, tuple(inputs), tuple(outputs), rendered.opcodes,
                         rendered.kinds, max_waits, rendered.max_args, seed)
-    return Engine(manifest, rendered.source, tensors)
+    return Engine(manifest, rendered.source, tensors, aot=binary)
+
+
+def fill_pool(pool, buffers, constants: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One flat pool: each constant at its buffer's offset, zeros elsewhere. Only the
+    gaps are zeroed (zeroing a pool of weights, then writing every byte again, cost a
+    second pass over gigabytes)."""
+    data = torch.empty(pool.numel, dtype=TORCH_DTYPES[pool.dtype])
+    spans = []
+    for b in buffers:
+        if b.pool == pool.name and b.name in constants:
+            value = constants[b.name].to(data.dtype).contiguous().reshape(-1)
+            data[b.offset:b.offset + value.numel()] = value
+            spans.append((b.offset, b.offset + value.numel()))
+    end = 0
+    for start, stop in sorted(spans) + [(pool.numel, pool.numel)]:
+        if start > end:
+            data[end:start] = 0
+        end = max(end, stop)
+    return data
 
 
 def verify_text(report) -> str:

@@ -130,7 +130,10 @@ class Group:
     kind "matmul": `anchor` is the matmul; `prologue` ops compute its A operand
     (row-wise over [rows, K], recomputed by every tile) and `epilogue` ops consume its
     result over [rows, N]. kind "row": elementwise / last-dim reductions / gathers
-    over one [rows, cols] space, or a lone argmax / state update.
+    over one [rows, cols] space, or a lone argmax / state update. kind "attention":
+    `anchor` is the score matmul, its epilogue a softmax followed by the value matmul
+    and that matmul's own epilogue (tilec/ir/attention.py names the parts); `cols` is
+    the number of keys.
     `outputs` are the member values read outside the group: each gets a buffer.
     """
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tilec.ir.target import Target
+from tilec.ir.target import DEFAULT_ROLE, Target
 from tilec.ir.tasks import Buffer, TaskGraph
 
 
@@ -49,6 +49,15 @@ class Schedule:
     @property
     def workers(self) -> int:
         return len(self.queues)
+
+    def task_roles(self) -> tuple[str, ...]:
+        """The role of every task, by task id (the implicit one when there are no roles;
+        "?" for all when an edited manifest's roles do not match its tasks, which verify
+        reports)."""
+        tg = self.taskgraph
+        if len(tg.roles) != len(tg.tasks):
+            return ("?" if tg.roles else DEFAULT_ROLE,) * len(tg.tasks)
+        return tg.roles
 
     def worker_of(self) -> dict[int, tuple[int, int]]:
         """task id -> (worker, position in its queue)."""

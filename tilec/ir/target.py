@@ -7,6 +7,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Without `roles`, every worker belongs to one role of this name and runs any task.
+DEFAULT_ROLE = "compute"
+
+
+@dataclass(frozen=True)
+class Role:
+    """A set of workers that run only the tasks given to the role (model.yaml's
+    `target.roles`). A task belongs to the role whose `kinds` name its task kind (the
+    fusion group's label, e.g. `matmul_epilogue`) or whose `ops` name an op kind or op
+    name its group contains; tasks no role claims go to the one role with neither."""
+
+    name: str
+    workers: tuple[int, ...]
+    kinds: tuple[str, ...] = ()
+    ops: tuple[str, ...] = ()
+
+    @property
+    def takes_the_rest(self) -> bool:
+        return not self.kinds and not self.ops
+
 
 @dataclass(frozen=True)
 class Target:
@@ -25,6 +45,21 @@ class Target:
     # What one worker's task body actually streams, GB/s, when measured (0: unknown,
     # assume the worker's share of mem_gbps). Lower bounds never use it.
     worker_stream_gbps: float = 0.0
+    # Heterogeneous workers; () means one role, DEFAULT_ROLE, with every worker.
+    roles: tuple[Role, ...] = ()
+
+    def all_roles(self) -> tuple[Role, ...]:
+        """The roles, or the one implicit role over every worker."""
+        return self.roles or (Role(DEFAULT_ROLE, tuple(range(self.workers))),)
+
+    def worker_roles(self) -> tuple[str, ...]:
+        """The role name of each worker ("" for a worker no role lists)."""
+        names = [""] * self.workers
+        for role in self.all_roles():
+            for w in role.workers:
+                if 0 <= w < self.workers:
+                    names[w] = role.name
+        return tuple(names)
 
 
 TARGETS: dict[str, Target] = {

@@ -60,9 +60,12 @@ class Task:
     writes: tuple[Region, ...]
     flops: int
     bytes: int
+    # `bytes` by buffer: (buffer, bytes) pairs. A region bounds what a task may touch;
+    # this is what it moves (a gather reads its rows, not the table its region spans).
+    moved: tuple[tuple[str, int], ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)   # slots: a decode step has millions of deps
 class Dep:
     """`after` must not start before `before` is complete (RAW, WAR or WAW)."""
 
@@ -79,6 +82,9 @@ class TaskGraph:
     tilings: tuple[GroupTiling, ...]
     tasks: tuple[Task, ...]          # in program order (a topological order)
     deps: tuple[Dep, ...] = ()
+    # The role of each task, by task id (the roles pass); () when the target has no
+    # roles: every task then belongs to the one implicit role.
+    roles: tuple[str, ...] = ()
 
     def buffer(self, name: str) -> Buffer:
         for b in self.buffers:

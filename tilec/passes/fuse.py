@@ -7,7 +7,10 @@ they pass around never get a global buffer:
   * a "matmul" group is one matmul with an epilogue (ops over its [rows, N] result,
     reductions over N allowed when N fits one tile) and a prologue: a row group whose
     only consumers are matmul A operands is copied into each of them, so e.g. an
-    RMSNorm is recomputed by every tile of the projections that read it.
+    RMSNorm is recomputed by every tile of the projections that read it;
+  * an "attention" group is a score matmul whose epilogue ends in a row softmax,
+    joined with the matmul that multiplies the probabilities by the values: tiling
+    splits it over chunks of keys (partial tasks plus a merge).
 Members may only read other members through "row-aligned" views (same rows, same
 width, or a [rows, 1] column broadcast along the row); any other view is a load from
 a buffer.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from tilec.ir.attention import depends_on, find_softmax
 from tilec.ir.graph import FusedGraph, Graph, Group, Op, Operand, PLACEHOLDER_KINDS
 
 # A matmul epilogue may reduce over N only when a whole row of the result is one tile.
@@ -184,6 +188,24 @@ def fuse(graph: Graph) -> FusedGraph:
                                  has_reduce=op.kind in REDUCTIONS))
             group_of[op.name] = len(groups) - 1
 
+    # The greedy pass above joins an op to a group it reads from; an op that reads only
+    # values from elsewhere starts a group, even when all it feeds is one other row
+    # group (RoPE's swap_halves(k) * sin feeding k * cos + ...): merge such a producer
+    # into its consumer when they walk the same rows and columns.
+    merged = True
+    while merged:
+        merged = False
+        for b, producer in enumerate(groups):
+            a = _row_consumer(producer, b, groups, group_of, ops, users, outputs)
+            if a is None or any(reaches(x, a) for x in successors(b) if x != a):
+                continue
+            groups[a].members = producer.members + groups[a].members
+            groups[a].has_reduce |= producer.has_reduce
+            for m in producer.members:
+                group_of[m] = a
+            producer.members = []
+            merged = True
+
     # Prologues: a row group feeding only matmul A operands moves into each of them.
     for g, grp in enumerate(groups):
         if grp.kind != "row" or not grp.members:
@@ -215,6 +237,20 @@ def fuse(graph: Graph) -> FusedGraph:
             for m in grp.members:
                 group_of.pop(m)
             grp.members = []
+
+    # Attention: scores -> softmax -> probs @ V becomes one group, so the probabilities
+    # never get a buffer and tiling can split the keys (tilec/ir/attention.py).
+    for g, grp in enumerate(groups):
+        h = _attention_partner(grp, g, groups, group_of, ops, users, outputs)
+        if h is None or any(reaches(g, group_of[o.value])
+                            for m in groups[h].all() for o in ops[m].inputs
+                            if group_of.get(o.value, g) not in (g, h)):
+            continue
+        grp.kind = "attention"
+        grp.members += groups[h].all()
+        for m in groups[h].all():
+            group_of[m] = g
+        groups[h].anchor, groups[h].members = None, []
 
     live = [g for g in range(len(groups)) if groups[g].all()]
     # topological order of the group DAG, ties broken by program position
@@ -257,7 +293,79 @@ def fuse(graph: Graph) -> FusedGraph:
     return FusedGraph(graph, tuple(result))
 
 
+def _row_consumer(producer: _Group, b: int, groups: list[_Group], group_of, ops, users,
+                  outputs) -> int | None:
+    """The one row group that every value escaping `producer` (a row group) feeds, if
+    it has the same shape and reads those values row-aligned; else None."""
+    if producer.kind != "row" or not producer.members or producer.has_reduce:
+        return None
+    if any(ops[m].kind in ("argmax", "state_update") for m in producer.members):
+        return None
+    consumer = None
+    for m in producer.members:
+        outside = [u for u in users[m] if group_of.get(u) != b]
+        if m in outputs:
+            return None
+        for u in outside:
+            a = group_of.get(u)
+            if a is None or (consumer is not None and a != consumer):
+                return None
+            consumer = a
+            if any(o.value == m and not _aligned(o, ops[m], producer.rows, producer.cols)
+                   for o in ops[u].inputs):
+                return None
+    if consumer is None:
+        return None
+    grp = groups[consumer]
+    if grp.kind != "row" or (grp.rows, grp.cols) != (producer.rows, producer.cols):
+        return None
+    return consumer
+
+
+MAX_HEAD_DIM = 256   # an attention task holds a whole query and output row per head
+
+
+def _attention_partner(grp: _Group, g: int, groups: list[_Group], group_of, ops, users,
+                       outputs) -> int | None:
+    """The group of the value matmul that `grp` (scores with a softmax epilogue) feeds,
+    if the two make an attention group; else None."""
+    if grp.kind != "matmul" or not grp.members:
+        return None
+    found = find_softmax(grp.members, ops)
+    if found is None:
+        return None
+    x, p = found[0], found[-1]
+    members = set(grp.all())
+    softmax = set(found[1:])
+    for m in [grp.anchor] + grp.members:
+        op = ops[m]
+        if m not in softmax and m != grp.anchor and op.kind != "elementwise":
+            return None   # another reduction or a side effect: not a plain attention
+        escapes = m in outputs or any(group_of.get(u) != g for u in users[m])
+        if escapes != (m == p):
+            return None
+    if x != grp.anchor and not depends_on(x, grp.anchor, ops, members):
+        return None
+    if p in outputs or len(users[p]) != 1:
+        return None   # the probabilities are needed elsewhere: they must get a buffer
+    pv = ops[users[p][0]]
+    h = group_of.get(pv.name)
+    if pv.kind != "matmul" or h is None or groups[h].anchor != pv.name or groups[h].prologue:
+        return None
+    a, b = pv.inputs
+    if a.value != p or b.value == p or not _aligned(a, ops[p], grp.rows, grp.cols):
+        return None
+    if groups[h].rows != grp.rows or a.shape[-1] != grp.cols:
+        return None
+    head_dim = ops[grp.anchor].inputs[0].shape[-1]
+    if head_dim > MAX_HEAD_DIM or pv.type.cols > MAX_HEAD_DIM:
+        return None
+    return h
+
+
 def _label(grp: _Group, ops: dict[str, Op]) -> str:
+    if grp.kind == "attention":
+        return "attention"
     if grp.kind == "matmul":
         parts = ["matmul"]
         if grp.prologue:
@@ -268,7 +376,7 @@ def _label(grp: _Group, ops: dict[str, Op]) -> str:
             parts.append("epilogue")
         return "_".join(parts)
     kinds = {ops[m].kind for m in grp.members}
-    for k in ("gather", "concat", "argmax", "state_update"):
+    for k in ("state_update", "argmax", "gather", "concat"):
         if k in kinds:
             return k
     return "reduce" if "reduce" in kinds else "elementwise"

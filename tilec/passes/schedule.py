@@ -6,6 +6,10 @@ A dependency between tasks on different workers costs a sync latency (half a tas
 overhead: one release/acquire round trip), one on the same worker costs nothing,
 which pulls chains onto one worker.
 
+With roles (the roles pass gives every task one), a task is placed only on the workers
+of its role; the global order stays the list-scheduling order, so it is still one
+order consistent with every queue. Without roles every worker is a candidate.
+
 Events, waits and the memory plan are left empty: `sync` and `memplan` fill them.
 """
 from __future__ import annotations
@@ -37,13 +41,34 @@ def schedule(taskgraph: TaskGraph, target: Target, policy: str = "critical_path"
             raise ScheduleError(f"dep {dep.before} -> {dep.after} on buffer {dep.buffer!r} "
                                 f"does not point forward in program order")
     workers = max(1, target.workers)
+    role_workers, role = _roles(taskgraph, target, workers)
     if policy == "critical_path":
         sequence = _critical_path_sequence(taskgraph, target)
         place = _earliest_start
     else:
         sequence = list(range(n))
         place = _round_robin
-    return _place(taskgraph, target, workers, sequence, place)
+    return _place(taskgraph, target, workers, sequence, place, role_workers, role)
+
+
+def _roles(taskgraph: TaskGraph, target: Target,
+           workers: int) -> tuple[list[tuple[int, ...]], list[int]]:
+    """The workers of each role (ascending) and the role of each task, as indices;
+    without roles, one role with every worker."""
+    n = len(taskgraph.tasks)
+    if not target.roles:
+        return [tuple(range(workers))], [0] * n
+    if len(taskgraph.roles) != n:
+        raise ScheduleError(f"the target has roles but {len(taskgraph.roles)} of {n} tasks "
+                            "have one (run the roles pass before schedule)")
+    index = {r.name: i for i, r in enumerate(target.roles)}
+    role_workers = [tuple(sorted(w for w in r.workers if 0 <= w < workers))
+                    for r in target.roles]
+    for task, role in zip(taskgraph.tasks, taskgraph.roles):
+        if role not in index or not role_workers[index[role]]:
+            raise ScheduleError(f"task {task.id} (group {task.group}) has role {role!r}, "
+                                "which has no workers on this target")
+    return role_workers, [index[role] for role in taskgraph.roles]
 
 
 def _critical_path_sequence(taskgraph: TaskGraph, target: Target) -> list[int]:
@@ -67,8 +92,9 @@ def _critical_path_sequence(taskgraph: TaskGraph, target: Target) -> list[int]:
     return sequence
 
 
-def _earliest_start(task, preds, worker_of, finish, free, latency, index):
-    """The worker on which `task` can start first (ties: lowest index), and when.
+def _earliest_start(task, preds, worker_of, finish, free, latency, allowed, rank):
+    """The worker of `allowed` on which `task` can start first (ties: lowest index),
+    and when.
 
     Every worker sees the remote arrival time of the latest predecessor, except the
     few workers that ran predecessors themselves: only those need a closer look."""
@@ -82,15 +108,18 @@ def _earliest_start(task, preds, worker_of, finish, free, latency, index):
     top = sorted(latest.items(), key=lambda item: (-item[1], item[0]))[:2]
     remote = top[0][1] + latency if top else 0.0
     best_w, best_t = -1, float("inf")
-    for w, f in enumerate(free):
+    for w in allowed:
         if w in latest:
             continue
+        f = free[w]
         t = f if f > remote else remote
         if t < best_t:
             best_w, best_t = w, t
             if f <= remote:
                 break  # every later worker starts at `remote` or later
     for w, mine in latest.items():
+        if len(allowed) != len(free) and w not in allowed:
+            continue
         others = top[1][1] + latency if top[0][0] == w and len(top) > 1 else \
             (0.0 if top[0][0] == w else remote)
         t = max(free[w], mine, others)
@@ -99,15 +128,16 @@ def _earliest_start(task, preds, worker_of, finish, free, latency, index):
     return best_w, best_t
 
 
-def _round_robin(task, preds, worker_of, finish, free, latency, index):
-    w = index % len(free)
+def _round_robin(task, preds, worker_of, finish, free, latency, allowed, rank):
+    """Tasks dealt to their role's workers in turn (`rank`: earlier tasks of the role)."""
+    w = allowed[rank % len(allowed)]
     ready = max((finish[p] + (0.0 if worker_of[p] == w else latency) for p in preds),
                 default=0.0)
     return w, max(free[w], ready)
 
 
 def _place(taskgraph: TaskGraph, target: Target, workers: int, sequence: list[int],
-           place) -> Schedule:
+           place, role_workers: list[tuple[int, ...]], role: list[int]) -> Schedule:
     n = len(taskgraph.tasks)
     times = task_times(taskgraph, target)
     preds = predecessors(taskgraph)
@@ -117,8 +147,12 @@ def _place(taskgraph: TaskGraph, target: Target, workers: int, sequence: list[in
     worker_of = [-1] * n
     start = [0.0] * n
     finish = [0.0] * n
-    for index, t in enumerate(sequence):
-        w, s = place(t, preds[t], worker_of, finish, free, latency, index)
+    placed_in_role = [0] * len(role_workers)
+    for t in sequence:
+        r = role[t]
+        w, s = place(t, preds[t], worker_of, finish, free, latency, role_workers[r],
+                     placed_in_role[r])
+        placed_in_role[r] += 1
         worker_of[t] = w
         start[t], finish[t] = s, s + times[t]
         free[w] = finish[t]

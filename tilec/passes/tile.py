@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tilec.ir.graph import DTYPE_BYTES, FusedGraph, Group, Op, Operand
+from tilec.ir.attention import attention_parts, partial_names
+from tilec.ir.graph import DTYPE_BYTES, FusedGraph, Group, Op, Operand, TensorType
 from tilec.ir.tasks import Buffer, GroupTiling, Region, Task, TaskGraph
 from tilec.passes.geometry import Box, range_to_box, rows_box, view_region
 
@@ -23,6 +24,7 @@ class TileOptions:
     workers: int = 1      # narrow a matmul's column tiles until it has a task per worker
     min_tile_n: int = 16
     max_tile_elems: int = 8192  # a whole-row matmul's K chunk keeps BK x BN under this
+    kv_chunk: int = 0     # keys per attention partial task; 0: enough chunks for the workers
 
 
 def pow2(n: int) -> int:
@@ -44,7 +46,51 @@ def needs_whole_rows(group: Group, ops: dict[str, Op]) -> bool:
     return group.cols > 1 and any(ops[m].type.cols == 1 for m in group.outputs)
 
 
+def attention_tiling(group: Group, ops: dict[str, Op], opt: TileOptions) -> GroupTiling:
+    """Split-KV decode attention: a partial task per (batch, row block, chunk of keys),
+    then, when there is more than one chunk, a merge task per (batch, row block) at
+    column index `chunks`. Rows are padded to 16 and head dims to powers of two >= 16
+    so both products are tensor-core dots."""
+    batch, m, n, k = matmul_dims(ops[group.anchor])
+    dv = ops[attention_parts(group, ops).pv].type.cols
+    bm = min(64, max(16, pow2(m)))
+    bk = max(16, pow2(k))
+    row_blocks = -(-m // bm)
+    if opt.kv_chunk:
+        chunk = opt.kv_chunk
+    else:
+        wanted = max(1, -(-opt.workers // (batch * row_blocks)))
+        chunk = pow2(-(-n // wanted))
+        # a key chunk is held as [head dim, chunk] in registers: bound it like a matmul tile
+        chunk = min(chunk, max(16, opt.max_tile_elems // max(bk, pow2(dv))))
+    chunk = max(16, min(chunk, pow2(n)))
+    chunks = -(-n // chunk)
+    return GroupTiling(group.name, bm, chunk, bk,
+                       (batch, row_blocks, chunks + 1 if chunks > 1 else 1))
+
+
+def attention_chunks(tiling: GroupTiling) -> int:
+    """Chunks of keys of an attention tiling (its merge tasks sit at this column)."""
+    return max(1, tiling.grid[2] - 1)
+
+
+def partial_buffers(group: Group, ops: dict[str, Op], tiling: GroupTiling) -> list[Buffer]:
+    """Scratch of a split attention group: per row and chunk the normalised partial
+    output, the row max and the row sum of exponentials (float32, whatever the model's
+    dtype, like the accumulators they come from)."""
+    chunks = attention_chunks(tiling)
+    if chunks == 1:
+        return []
+    dv = ops[attention_parts(group, ops).pv].type.cols
+    o, mx, sm = partial_names(group.name)
+    return [Buffer(o, TensorType((group.rows, chunks, dv), "float32"), "activation"),
+            Buffer(mx, TensorType((group.rows, chunks), "float32"), "activation"),
+            Buffer(sm, TensorType((group.rows, chunks), "float32"), "activation")]
+
+
 def group_tiling(group: Group, ops: dict[str, Op], opt: TileOptions) -> GroupTiling:
+    if group.kind == "attention":
+        return attention_tiling(group, ops, opt)
     whole = needs_whole_rows(group, ops)
     if group.kind == "matmul":
         batch, m, n, k = matmul_dims(ops[group.anchor])
@@ -89,18 +135,19 @@ def tile(fused: FusedGraph, opt: TileOptions = TileOptions()) -> TaskGraph:
             if ops[v].kind == "state_update":
                 continue  # writes its state buffer in place
             buffers.append(Buffer(v, ops[v].type, "output" if v in outputs else "activation"))
-    buffer_of = {b.name: b for b in buffers}
 
     def storage(value: str) -> str:
         """Buffer holding `value` (a state update aliases its state)."""
         op = ops[value]
         return storage(op.inputs[0].value) if op.kind == "state_update" else value
 
-    tilings = []
+    tilings = [group_tiling(g, ops, opt) for g in fused.groups]
+    for g, tl in zip(fused.groups, tilings):
+        if g.kind == "attention":
+            buffers += partial_buffers(g, ops, tl)
+    buffer_of = {b.name: b for b in buffers}
     tasks: list[Task] = []
-    for g in fused.groups:
-        tl = group_tiling(g, ops, opt)
-        tilings.append(tl)
+    for g, tl in zip(fused.groups, tilings):
         nb, nm, nn = tl.grid
         for b in range(nb):
             for mi in range(nm):
@@ -108,12 +155,15 @@ def tile(fused: FusedGraph, opt: TileOptions = TileOptions()) -> TaskGraph:
                     reads, writes, flops, indirect = _task_regions(g, tl, (b, mi, ni), ops,
                                                                     storage)
                     # bytes moved: what the regions cover, except that a gather reads
-                    # only the rows it looks up, not the whole table its region spans
-                    nbytes = sum(r.numel * DTYPE_BYTES[buffer_of[r.buffer].type.dtype]
-                                 for r in reads + writes if r.buffer not in indirect)
-                    nbytes += sum(indirect.values())
+                    # only the rows it looks up, not the whole table its region spans,
+                    # and a state update writes one position, not the whole dim
+                    moved = dict(indirect)
+                    for r in reads + writes:
+                        if r.buffer not in indirect:
+                            moved[r.buffer] = moved.get(r.buffer, 0) + \
+                                r.numel * DTYPE_BYTES[buffer_of[r.buffer].type.dtype]
                     tasks.append(Task(len(tasks), g.name, (b, mi, ni), reads, writes,
-                                      flops, nbytes))
+                                      flops, sum(moved.values()), tuple(moved.items())))
     return TaskGraph(fused, tuple(buffers), tuple(tilings), tuple(tasks))
 
 
@@ -122,7 +172,7 @@ def _task_regions(g: Group, tl: GroupTiling, tile_idx, ops, storage):
     reads: dict[tuple, Region] = {}
     writes: list[Region] = []
     flops = 0
-    indirect: dict[str, int] = {}   # gathered tables: bytes actually read
+    indirect: dict[str, int] = {}   # gathered tables, updated states: bytes actually moved
 
     def read(operand: Operand, box: Box | None):
         if box is None:
@@ -133,7 +183,12 @@ def _task_regions(g: Group, tl: GroupTiling, tile_idx, ops, storage):
             reads.setdefault((buf, region), Region(buf, region))
 
     members = set(g.members)
-    if g.kind == "matmul":
+    if g.kind == "attention":
+        scratch: list[Region] = []
+        spaces, flops = _attention_spaces(g, tl, tile_idx, ops, read, writes, scratch)
+        for region in scratch:
+            reads.setdefault((region.buffer, region.box), region)
+    elif g.kind == "matmul":
         anchor = ops[g.anchor]
         _, m, n, k = matmul_dims(anchor)
         r0, r1 = b * m + mi * tl.block_m, b * m + min(m, (mi + 1) * tl.block_m)
@@ -184,9 +239,49 @@ def _task_regions(g: Group, tl: GroupTiling, tile_idx, ops, storage):
                 read(operand, rows_box(operand.shape, ra, rb, ca, cb))
         if op.kind == "state_update":
             writes.append(_state_write(op, storage, ra, rb, *out_cols))
+            # the region spans every position; the task writes one
+            state = storage(op.name)
+            indirect[state] = indirect.get(state, 0) + (rb - ra) * (out_cols[1] - out_cols[0]) \
+                * DTYPE_BYTES[ops[state].type.dtype]
         elif name in g.outputs:
             writes.append(Region(name, rows_box(op.type.shape, ra, rb, *out_cols)))
     return tuple(reads.values()), tuple(writes), flops, indirect
+
+
+def _attention_spaces(g: Group, tl: GroupTiling, tile_idx, ops, read, writes, scratch_reads):
+    """Reads and writes of an attention task beyond its members' own operands, and the
+    (member, box) spaces those members compute over."""
+    b, mi, ni = tile_idx
+    parts = attention_parts(g, ops)
+    scores, pv = ops[g.anchor], ops[parts.pv]
+    _, m, n, k = matmul_dims(scores)
+    dv = pv.type.cols
+    chunks = attention_chunks(tl)
+    r0, r1 = b * m + mi * tl.block_m, b * m + min(m, (mi + 1) * tl.block_m)
+    partial, final = ni < chunks, chunks == 1 or ni == chunks
+    spaces, flops = [], 0
+    if partial:
+        c0, c1 = ni * tl.block_n, min(n, (ni + 1) * tl.block_n)
+        q, keys = scores.inputs
+        if q.value not in g.members:
+            read(q, rows_box(q.shape, r0, r1, 0, k))
+        for operand, box in ((keys, ((0, k), (c0, c1))), (pv.inputs[1], ((c0, c1), (0, dv)))):
+            batch_shape = operand.shape[:-2]
+            read(operand, (range_to_box(b, b, batch_shape) if batch_shape else ()) + box)
+        flops += 2 * (r1 - r0) * (c1 - c0) * (k + dv)
+        spaces += [(name, (r0, r1, 0, k)) for name in g.prologue]
+        spaces += [(name, (r0, r1, c0, c1)) for name in parts.score_ops + parts.softmax_ops]
+    if chunks > 1:
+        o, mx, sm = partial_names(g.name)
+        cols = (ni, ni + 1) if partial else (0, chunks)
+        boxes = [Region(o, ((r0, r1), cols, (0, dv))), Region(mx, ((r0, r1), cols)),
+                 Region(sm, ((r0, r1), cols))]
+        (writes if partial else scratch_reads).extend(boxes)
+    if final:
+        spaces += [(name, (r0, r1, 0, dv)) for name in parts.out_ops]
+        if parts.pv in g.outputs:
+            writes.append(Region(parts.pv, rows_box(pv.type.shape, r0, r1, 0, dv)))
+    return spaces, flops
 
 
 def _state_write(op: Op, storage, r0: int, r1: int, c0: int, c1: int) -> Region:

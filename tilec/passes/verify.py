@@ -12,13 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tilec.errors import ScheduleError
+from tilec.errors import ConfigError, ScheduleError
 from tilec.ir.schedule import Schedule
 from tilec.ir.tasks import Buffer, Region
+from tilec.passes.roles import role_of_group, role_problems
 from tilec.passes.sync import happens_before_clocks, wait_order
 
 CHECKS = ("each_task_once", "global_order", "thresholds", "conflicts_ordered",
-          "kv_appends_ordered", "regions_in_buffers", "arena_disjoint")
+          "kv_appends_ordered", "regions_in_buffers", "arena_disjoint", "roles_respected")
 MAX_REPORTED = 50   # per check; a broken schedule can have millions of violations
 
 
@@ -49,6 +50,7 @@ def verify(schedule: Schedule) -> VerifyReport:
     found["kv_appends_ordered"] = _kv_appends_ordered(ctx)
     found["regions_in_buffers"] = _regions_in_buffers(ctx)
     found["arena_disjoint"] = _arena_disjoint(ctx)
+    found["roles_respected"] = _roles_respected(ctx)
     violations: list[str] = []
     for name in CHECKS:
         items = found[name]
@@ -361,3 +363,38 @@ def _witness(ctx: _Context, first: list[int], then: list[int]) -> tuple[int, int
             if not ctx.hb(a, b):
                 return a, b
     raise AssertionError("no witness for an unordered pair")
+
+
+def _roles_respected(ctx: _Context) -> list[str]:
+    """Every task runs on a worker of its role, and its role is the one the target's
+    role definitions give its group (recomputed, not taken from the roles pass)."""
+    s, target = ctx.s, ctx.s.target
+    defined = target.all_roles()
+    out = [f"roles_respected: {p}" for p in role_problems(defined, target.workers)]
+    if len(s.taskgraph.roles) not in (0, ctx.n) or (target.roles and not s.taskgraph.roles):
+        return out + [f"roles_respected: {len(s.taskgraph.roles)} task roles for {ctx.n} "
+                      f"tasks and {len(target.roles)} roles"]
+    owner = {}   # group -> the role its definition gives it
+    if target.roles:
+        ops = s.taskgraph.fused.graph.by_name()
+        for g in s.taskgraph.fused.groups:
+            try:
+                owner[g.name] = role_of_group(g, ops, target.roles)
+            except ConfigError as e:
+                out.append(f"roles_respected: {e}")
+    workers = {r.name: set(r.workers) for r in defined}
+    worker_role = target.worker_roles()
+    for task, role in zip(ctx.tasks, s.task_roles()):
+        want = owner.get(task.group, role)
+        if role != want:
+            out.append(f"roles_respected: {ctx.who(task.id)} has role {role!r}, but the "
+                       f"target's roles give group {task.group} to role {want!r}")
+        elif role not in workers:
+            out.append(f"roles_respected: {ctx.who(task.id)} has unknown role {role!r}")
+        elif task.id in ctx.where and ctx.where[task.id][0] not in workers[role]:
+            w = ctx.where[task.id][0]
+            other = worker_role[w] if 0 <= w < len(worker_role) and worker_role[w] else None
+            out.append(f"roles_respected: {ctx.who(task.id)} has role {role!r} but runs on "
+                       f"worker {w}, " + (f"which belongs to role {other!r}" if other else
+                                          "which belongs to no role"))
+    return out

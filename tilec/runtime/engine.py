@@ -4,8 +4,10 @@ Tensors: the task table (`tasks`, one fixed-width int32 record per task, in queu
 order), `task_ids` (record -> task id), `queue_start`, the `args` table (pool offsets
 per group), and one flat tensor per weight or state pool (`pool.<name>`).
 `__metadata__`: format name and version, tilec version, the manifest (JSON), the
-kernel source, and a SHA-256 over all of it. `load` checks everything, including
-every index in the task table, before anything can run.
+kernel source, and a SHA-256 over all of it. GPU-target engines may also hold the
+kernel compiled ahead of time: its cubin (tensor `aot.cubin`) and what launching it
+needs (metadata `aot`, JSON). `load` checks everything, including every index in the
+task table and the cubin against its description, before anything can run.
 """
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
+from tilec.codegen.aot import KERNEL_NAME
 from tilec.errors import EngineError
 from tilec.ir.schedule import Schedule, Wait
 from tilec.ir.serial import from_plain, to_plain
@@ -29,6 +33,11 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
                 "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
 FIXED_FIELDS = 6
 POOL_KINDS = ("weight", "state", "arena")
+AOT_KEY = "aot"              # metadata: the stored GPU binary's description (JSON)
+AOT_CUBIN = "aot.cubin"      # tensor: the binary itself, uint8
+SHA_PLACEHOLDER = "0" * 64   # the sha256 entry while the file is written
+ELF_MAGIC = b"\x7fELF"
+EM_CUDA = 190                # ELF e_machine of NVIDIA cubins
 
 
 @dataclass(frozen=True)
@@ -72,12 +81,38 @@ class Manifest:
     generation: GenerationSpec | None = None
 
 
+@dataclass(frozen=True)
+class AOTKernel:
+    """The kernel compiled ahead of time for the target GPU, and what launching it needs.
+
+    `triton_metadata` is Triton's own description of the compiled kernel (the JSON its
+    cache keeps beside the cubin, keys sorted): with it, the same Triton version
+    launches the cubin without compiling anything."""
+
+    cubin: bytes
+    arch: int                  # compute capability x10 it was compiled for (90: sm_90)
+    ptx_target: str            # what the PTX targets, e.g. sm_90a
+    num_warps: int
+    shared: int                # bytes of shared memory per CTA
+    n_regs: int | None         # registers per thread (ptxas -v); None: not reported
+    n_spills: int | None       # spill store + load bytes (ptxas -v); None: not reported
+    spin_limit: int            # the watchdog's SPIN_LIMIT compiled into this binary
+    triton_version: str        # the Triton that compiled it (and must launch it)
+    kernel_sha256: str         # SHA-256 of the kernel source it was compiled from
+    triton_metadata: str
+
+    @property
+    def cubin_sha256(self) -> str:
+        return hashlib.sha256(self.cubin).hexdigest()
+
+
 @dataclass
 class Engine:
     manifest: Manifest
     kernel_source: str
     tensors: dict[str, torch.Tensor]
     tokenizer: str | None = None    # tokenizer.json text, for decoder engines
+    aot: AOTKernel | None = None    # GPU targets: the kernel compiled ahead of time
 
     @property
     def record_width(self) -> int:
@@ -132,6 +167,79 @@ def decode_schedule(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> Sch
                    waits=tuple(waits))
 
 
+# The `aot` entry: AOTKernel's fields but the cubin (Triton's metadata as a JSON object),
+# plus the cubin's size and SHA-256, so a binary can be checked against its description.
+AOT_FIELDS = {"arch": int, "ptx_target": str, "num_warps": int, "shared": int,
+              "n_regs": (int, type(None)), "n_spills": (int, type(None)), "spin_limit": int,
+              "triton_version": str, "kernel_sha256": str, "triton_metadata": dict,
+              "cubin_size": int, "cubin_sha256": str}
+
+
+def aot_text(aot: AOTKernel) -> str:
+    plain = {f.name: getattr(aot, f.name) for f in fields(aot) if f.name != "cubin"}
+    plain["triton_metadata"] = json.loads(aot.triton_metadata)
+    plain["cubin_size"] = len(aot.cubin)
+    plain["cubin_sha256"] = aot.cubin_sha256
+    return json.dumps(plain, sort_keys=True, separators=(",", ":"))
+
+
+def read_aot(text, cubin: torch.Tensor | None) -> AOTKernel:
+    """The stored binary and its description, checked against each other (size,
+    SHA-256, field types); a problem is a ValueError with one line."""
+    if not isinstance(text, str) or cubin is None:
+        raise ValueError(f"tensor {AOT_CUBIN!r} and metadata {AOT_KEY!r} come together; "
+                         "one is missing")
+    plain = json.loads(text)
+    _check_plain(plain)
+    if not isinstance(plain, dict) or set(plain) != set(AOT_FIELDS):
+        raise ValueError(f"its description does not have the fields {', '.join(AOT_FIELDS)}")
+    for key, kind in AOT_FIELDS.items():
+        if not isinstance(plain[key], kind) or isinstance(plain[key], bool):
+            raise ValueError(f"its description has {key} = {_clip(plain[key])}")
+    if cubin.dtype != torch.uint8 or cubin.dim() != 1:
+        raise ValueError(f"tensor {AOT_CUBIN!r} is not a flat uint8 tensor")
+    data = cubin.numpy().tobytes()
+    if len(data) != plain.pop("cubin_size"):
+        raise ValueError(f"the cubin has {len(data)} bytes, its description says otherwise")
+    if hashlib.sha256(data).hexdigest() != plain.pop("cubin_sha256"):
+        raise ValueError("the cubin does not match the SHA-256 in its description")
+    plain["triton_metadata"] = json.dumps(plain["triton_metadata"], sort_keys=True)
+    return AOTKernel(cubin=data, **plain)
+
+
+def check_aot(engine: Engine) -> str | None:
+    """The stored binary belongs to this engine: a GPU target's, compiled for that
+    architecture from this kernel source, and a CUDA ELF file defining the kernel."""
+    aot, target = engine.aot, engine.manifest.schedule.target
+    if aot is None:
+        return None
+    if target.backend != "cuda":
+        return f"an engine for the {target.name} target carries a GPU binary"
+    if aot.arch != target.arch:
+        return f"the GPU binary is for sm_{aot.arch}, the target {target.name} is sm_{target.arch}"
+    if aot.kernel_sha256 != hashlib.sha256(engine.kernel_source.encode()).hexdigest():
+        return "the GPU binary was compiled from another kernel source"
+    md = json.loads(aot.triton_metadata)
+    want = {"target": {"backend": "cuda", "arch": aot.arch, "warp_size": 32},
+            "name": KERNEL_NAME, "num_warps": aot.num_warps, "shared": aot.shared,
+            "triton_version": aot.triton_version}
+    differ = [k for k, v in want.items() if md.get(k) != v]
+    if differ:
+        return f"the GPU binary's Triton metadata disagrees on {', '.join(differ)}"
+    head = aot.cubin[:20]
+    if head[:4] != ELF_MAGIC or len(head) < 20 or int.from_bytes(head[18:20], "little") != EM_CUDA:
+        return "the GPU binary is not a CUDA ELF file"
+    if KERNEL_NAME.encode() + b"\0" not in aot.cubin:
+        return f"the GPU binary does not define the kernel {KERNEL_NAME}"
+    return None
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's bytes, without copying them (hashing or writing a
+    copy of every weight was a third of the time of a save)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
 def _digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for key in sorted(meta):
@@ -140,7 +248,7 @@ def _digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(_raw(t))
     return h.hexdigest()
 
 
@@ -153,13 +261,20 @@ def save(engine: Engine, path: str | os.PathLike) -> None:
     if engine.tokenizer is not None:
         meta["tokenizer"] = engine.tokenizer
     tensors = {k: v.contiguous() for k, v in engine.tensors.items()}
-    meta["sha256"] = _digest(meta, tensors)
+    if engine.aot is not None:
+        meta[AOT_KEY] = aot_text(engine.aot)
+        tensors[AOT_CUBIN] = torch.frombuffer(bytearray(engine.aot.cubin), dtype=torch.uint8)
+    # The checksum is computed in a second thread while the tensors are written (both
+    # release the GIL), into a placeholder of its length, filled in at the end.
+    meta["sha256"] = SHA_PLACEHOLDER
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            _write_safetensors(f, tensors, meta)
+        with ThreadPoolExecutor(1) as hasher, os.fdopen(fd, "wb") as f:
+            digest = hasher.submit(_digest, meta, tensors)
+            f.seek(_write_safetensors(f, tensors, meta))
+            f.write(digest.result().encode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -172,10 +287,12 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
                       torch.int16: "I16"}
 
 
-def _write_safetensors(f, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+def _write_safetensors(f, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> int:
     """The safetensors layout, written deterministically (the library's writer orders the
     metadata keys differently from run to run), so save(load(file)) gives the same bytes:
-    sorted keys; tensors by alignment, then name, each aligned; header padded to 8."""
+    sorted keys; tensors by alignment, then name, each aligned; header padded to 8.
+    Returns the file offset of meta["sha256"]'s value (in the metadata, every `"` of a
+    value is escaped, so the first `"sha256":"` is the key)."""
     names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
     header: dict[str, object] = {"__metadata__": meta}
     offset = 0
@@ -192,9 +309,8 @@ def _write_safetensors(f, tensors: dict[str, torch.Tensor], meta: dict[str, str]
     f.write(len(text).to_bytes(8, "little"))
     f.write(text)
     for name in names:
-        t = tensors[name].contiguous()
-        if t.numel():
-            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        f.write(_raw(tensors[name].contiguous()))
+    return 8 + text.index(b'"sha256":"') + len(b'"sha256":"')
 
 
 def load(path: str | os.PathLike, trust_engine_code: bool = False) -> Engine:
@@ -215,9 +331,15 @@ def load(path: str | os.PathLike, trust_engine_code: bool = False) -> Engine:
         raise EngineError(f"{path}: checksum mismatch: the file is corrupted or was edited")
     manifest = _parse_manifest(path, meta.get("manifest"))
     kernel, tokenizer = meta.get("kernel", ""), meta.get("tokenizer")
-    engine = Engine(manifest, kernel, tensors, tokenizer)
+    aot = None
+    if AOT_KEY in meta or AOT_CUBIN in tensors:
+        try:
+            aot = read_aot(meta.get(AOT_KEY), tensors.pop(AOT_CUBIN, None))
+        except (ValueError, RecursionError) as e:
+            raise EngineError(f"{path}: bad GPU binary: {_short(e)}") from None
+    engine = Engine(manifest, kernel, tensors, tokenizer, aot)
     try:
-        problem = check_tables(engine) or check_views(engine)
+        problem = check_tables(engine) or check_views(engine) or check_aot(engine)
     except Exception as e:  # a manifest that decodes but contradicts itself
         problem = f"malformed manifest ({type(e).__name__}: {_short(e)})"
     if problem:

@@ -7,7 +7,9 @@
 * `reference`: the same queues, events and waits, but each task computed with torch
   ops (`reference.TaskRunner`): an oracle for the kernel.
 * `gpu`: one launch of the persistent kernel per step, grid = workers, spin-waits
-  bounded by a watchdog.
+  bounded by a watchdog. It launches the binary stored in the engine (compiled ahead
+  of time by `tilec compile`) when it fits this GPU and this Triton; otherwise it
+  compiles the kernel source (Triton's JIT) and logs one warning line saying why.
 
 Profiling (`tilec run --profile`, `Executor.start_profile()`): the cooperative
 executors then give every launch a budget of one task and stamp the host clock around
@@ -18,21 +20,24 @@ backend the kernel itself stamps each task's start and end from the global timer
 """
 from __future__ import annotations
 
+import logging
 import random
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 
+from tilec.codegen import aot
+from tilec.codegen.aot import KERNEL_NAME, NUM_WARPS, SPIN_LIMIT
 from tilec.errors import RunError, ScheduleHangError
-from tilec.runtime.engine import TORCH_DTYPES, Engine
+from tilec.runtime.engine import TORCH_DTYPES, AOTKernel, Engine
 from tilec.runtime.kernel import load_kernel, require_mode
 from tilec.runtime.reference import TaskRunner
 
-KERNEL_NAME = "tilec_engine"
 POLICIES = ("round_robin", "random", "reverse")
-SPIN_LIMIT = 1 << 26
 ERROR_WORDS = 8
+log = logging.getLogger(__name__)
 
 
 class Executor:
@@ -191,9 +196,13 @@ class InterpretExecutor(CooperativeExecutor):
 
     def advance(self, worker: int, budget: int) -> None:
         t = self.tables
-        self.kernel[(1,)](t["tasks"], t["queue_start"], t["args"], self.events, self.cursor,
-                          self.error, self.error, self.step_index, worker, budget,
-                          *self.pool_args, BLOCKING=False, SPIN_LIMIT=1, PROFILE=False)
+        # Lanes past a tile's edge compute too, as on a GPU, where 0/0 is a quiet NaN
+        # that is never stored; numpy would warn about each one.
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            self.kernel[(1,)](t["tasks"], t["queue_start"], t["args"], self.events,
+                              self.cursor, self.error, self.error, self.step_index, worker,
+                              budget, *self.pool_args, BLOCKING=False, SPIN_LIMIT=1,
+                              PROFILE=False)
 
 
 class ReferenceExecutor(CooperativeExecutor):
@@ -227,7 +236,11 @@ class ReferenceExecutor(CooperativeExecutor):
 
 class GPUExecutor(Executor):
     """One launch per step, grid = workers. `timing` records each launch's device time
-    (CUDA events); `start_profile()` makes the kernel stamp every task instead."""
+    (CUDA events); `start_profile()` makes the kernel stamp every task instead.
+
+    `binary` is the engine's stored binary, loaded (no compile), or None: then each
+    launch goes through Triton's JIT (`kernel`), which compiles on the first one. The
+    time-stamping variant (`start_profile`) is not stored: profiling always JITs it."""
 
     backend = "gpu"
 
@@ -237,6 +250,7 @@ class GPUExecutor(Executor):
         require_mode(interpret=False)
         super().__init__(engine, "cuda")
         self.kernel = load_kernel(engine.kernel_source, KERNEL_NAME)
+        self.binary = self._stored_binary(engine)
         self.pool_args = [self.pools[p.name] for p in self.schedule.pools]
         self.workers = self.schedule.target.workers
         self.cursor = torch.zeros(self.workers, dtype=torch.int32, device="cuda")
@@ -245,6 +259,24 @@ class GPUExecutor(Executor):
         n = int(self.tables["tasks"].shape[0])
         self.stamps = torch.zeros(max(1, 2 * n), dtype=torch.int64, device="cuda")
         self.trace: list[tuple[int, int, int, float, float]] | None = None
+
+    def _stored_binary(self, engine: Engine):
+        """The stored binary, ready to launch, or None with a warning saying why not
+        (none when the engine stores no binary: nothing was expected then)."""
+        import triton
+
+        major, minor = torch.cuda.get_device_capability()
+        problem = stored_binary_problem(engine.aot, major * 10 + minor, triton.__version__,
+                                        SPIN_LIMIT)
+        if problem is None:
+            try:
+                return aot.load_binary(engine.aot, self.kernel, self.schedule.pools)
+            except Exception as e:  # e.g. a driver too old for the binary: the JIT may do
+                first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                problem = f"the driver could not load the stored GPU binary ({first})"
+        if engine.aot is not None:
+            log.warning("warning: %s; compiling the kernel from its source instead", problem)
+        return None
 
     def start_profile(self) -> None:
         """Launch with PROFILE=True from now on: every task stamps its start and end
@@ -265,10 +297,14 @@ class GPUExecutor(Executor):
 
     def _launch(self, t) -> None:
         profile = self.trace is not None
-        self.kernel[(self.workers,)](t["tasks"], t["queue_start"], t["args"], self.events,
-                                     self.cursor, self.error, self.stamps, self.step_index, 0,
-                                     1 << 30, *self.pool_args, BLOCKING=True,
-                                     SPIN_LIMIT=SPIN_LIMIT, PROFILE=profile, num_warps=4)
+        args = (t["tasks"], t["queue_start"], t["args"], self.events, self.cursor, self.error,
+                self.stamps, self.step_index, 0, 1 << 30, *self.pool_args)
+        if self.binary is not None and not profile:
+            # a compiled kernel takes the constexprs too, positionally, in signature order
+            self.binary[(self.workers, 1, 1)](*args, True, self.engine.aot.spin_limit, False)
+        else:
+            self.kernel[(self.workers,)](*args, BLOCKING=True, SPIN_LIMIT=SPIN_LIMIT,
+                                         PROFILE=profile, num_warps=NUM_WARPS)
         if profile:
             self._collect_stamps()
 
@@ -295,6 +331,26 @@ class GPUExecutor(Executor):
         self.check()
         self.step_index += 1
         return self.read_outputs()
+
+
+def stored_binary_problem(binary: AOTKernel | None, capability: int, triton_version: str,
+                          spin_limit: int) -> str | None:
+    """Why the engine's stored GPU binary cannot be launched here, or None if it can.
+
+    A cubin for sm_90a runs only on compute capability 9.0 (`capability` is major x 10 +
+    minor); Triton's launcher and metadata change between versions, so only the Triton
+    that compiled it launches it; and the watchdog bound is compiled in."""
+    if binary is None:
+        return "the engine stores no GPU binary"
+    if binary.arch != capability:
+        return f"the stored GPU binary is for sm_{binary.arch}, this GPU is sm_{capability}"
+    if binary.triton_version != triton_version:
+        return (f"the stored GPU binary was compiled by Triton {binary.triton_version}, "
+                f"this is Triton {triton_version}")
+    if binary.spin_limit != spin_limit:
+        return (f"the stored GPU binary waits at most {binary.spin_limit} spins, this run "
+                f"asks for {spin_limit}")
+    return None
 
 
 def watchdog_message(error: list[int], step: int, describe: Callable[[int], str]) -> str | None:

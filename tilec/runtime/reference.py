@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from tilec.ir.attention import attention_parts, partial_names
 from tilec.ir.graph import FLOAT_DTYPES, Group, Op, Operand
 from tilec.ir.tasks import Buffer, GroupTiling
 
@@ -144,11 +145,24 @@ class TaskRunner:
                 v = env[name]
                 self.store(name, v if self.ops[name].type.cols == 1 else v[:, c0:c1], r0, r1, c0, c1)
             return
+        if g.kind == "attention":
+            return self.run_attention(g, tl, tile)
         anchor = self.ops[g.anchor]
         m, n = anchor.type.shape[-2], anchor.type.shape[-1]
-        k = anchor.inputs[0].shape[-1]
         r0, r1 = b * m + mi * tl.block_m, b * m + min(m, (mi + 1) * tl.block_m)
         c0, c1 = ni * tl.block_n, min(n, (ni + 1) * tl.block_n)
+        env = self.matmul(g, b, r0, r1, c0, c1)
+        for name in g.epilogue:
+            env[name] = self.compute(self.ops[name], env, r0, r1, c0, c1)
+        for name in g.outputs:
+            self.store(name, env[name], r0, r1, c0, c1)
+
+    def matmul(self, g: Group, b: int, r0, r1, c0, c1) -> dict[str, torch.Tensor]:
+        """The anchor's product for rows [r0, r1) x cols [c0, c1) of batch b, its
+        prologue recomputed as the kernel does."""
+        anchor = self.ops[g.anchor]
+        n, k = anchor.type.shape[-1], anchor.inputs[0].shape[-1]
+        env: dict[str, torch.Tensor] = {}
         for name in g.prologue:
             op = self.ops[name]
             width = op.inputs[0].shape[-1] if op.kind in ("reduce", "argmax") else op.type.cols
@@ -158,8 +172,56 @@ class TaskRunner:
         if self.ops[a_op.value].type.dtype in ("bfloat16", "float16"):
             a = a.to(_TORCH[self.ops[a_op.value].type.dtype]).float()
         bmat = self.view(b_op).reshape(-1, k, n)[b, :, c0:c1]
-        env = {g.anchor: a.double().matmul(bmat.double()).float()}
-        for name in g.epilogue:
-            env[name] = self.compute(self.ops[name], env, r0, r1, c0, c1)
+        return {g.anchor: a.double().matmul(bmat.double()).float()}
+
+    def run_attention(self, g: Group, tl: GroupTiling, tile: tuple[int, int, int]) -> None:
+        """Split-KV attention as codegen/emit.py `emit_attention` defines it: a partial
+        per chunk of keys (softmax within the chunk), a merge that rescales them."""
+        b, mi, ni = tile
+        parts = attention_parts(g, self.ops)
+        m, n = self.ops[g.anchor].type.shape[-2:]
+        pv = self.ops[parts.pv]
+        dv = pv.type.cols
+        chunks = max(1, tl.grid[2] - 1)
+        r0, r1 = b * m + mi * tl.block_m, b * m + min(m, (mi + 1) * tl.block_m)
+        scratch = [self.scratch(name) for name in partial_names(g.name)] if chunks > 1 else []
+        if ni < chunks:
+            c0, c1 = ni * tl.block_n, min(n, (ni + 1) * tl.block_n)
+            if chunks > 1 and not self.any_key_visible(parts, r0, r1, c0, c1):
+                out, mx, sm = scratch
+                out[r0:r1, ni], mx[r0:r1, ni], sm[r0:r1, ni] = 0.0, float("-inf"), 0.0
+                return
+            env = self.matmul(g, b, r0, r1, c0, c1)
+            for name in parts.score_ops + parts.softmax_ops:
+                env[name] = self.compute(self.ops[name], env, r0, r1, c0, c1)
+            values = self.view(pv.inputs[1]).reshape(-1, n, dv)[b, c0:c1]
+            out = env[parts.p].double().matmul(values.double()).float()
+            if chunks > 1:
+                for dest, value in zip(scratch, (out, env[parts.row_max], env[parts.row_sum])):
+                    dest[r0:r1, ni] = value.reshape(dest[r0:r1, ni].shape)
+                return
+        else:
+            out_part, mx, sm = (t[r0:r1] for t in scratch)
+            top = mx.amax(dim=1, keepdim=True)
+            w = torch.where(sm > 0, torch.exp(mx - top) * sm, torch.zeros_like(sm))
+            total = torch.where(w[..., None] > 0, w[..., None] * out_part, 0.0).sum(1)
+            out = total / w.sum(1, keepdim=True)
+        env = {parts.pv: out}
+        for name in parts.out_ops:
+            env[name] = self.compute(self.ops[name], env, r0, r1, 0, dv)
         for name in g.outputs:
-            self.store(name, env[name], r0, r1, c0, c1)
+            self.store(name, env[name], r0, r1, 0, dv)
+
+    def any_key_visible(self, parts, r0, r1, c0, c1) -> bool:
+        if not parts.masks:
+            return True
+        hidden = torch.zeros(r1 - r0, c1 - c0, dtype=torch.bool)
+        for name, cond, hides_when_true in parts.masks:
+            c = self.rows_of(self.ops[name].inputs[cond], r0, r1, c0, c1) != 0
+            hidden |= c if hides_when_true else ~c
+        return not bool(hidden.all())
+
+    def scratch(self, name: str) -> torch.Tensor:
+        """A float32 scratch buffer (attention partials), as a tensor of its shape."""
+        buf = self.buffers[name]
+        return self.pools[buf.pool][buf.offset:buf.offset + buf.type.numel].view(buf.type.shape)

@@ -13,6 +13,7 @@ import html
 import json
 from typing import Any
 
+from tilec.passes.roles import format_workers
 from tilec.viz.timeline import Timeline
 
 STYLE = """
@@ -79,8 +80,9 @@ SCRIPT = r"""
                           width: Math.max(1, (s.finish_us - s.start_us) * scale), height: barH,
                           fill: d.colours[s.kind], 'data-task': s.task});
     el('title', {}, bar).textContent = 'task ' + s.task + ': ' + s.kind + ' ' + s.group +
-      ' tile ' + JSON.stringify(s.tile) + '\n' + s.start_us.toFixed(1) + ' - ' +
-      s.finish_us.toFixed(1) + ' us, ' + s.bytes + ' bytes, ' + s.flops + ' flops';
+      ' tile ' + JSON.stringify(s.tile) + ', role ' + s.role + '\n' +
+      s.start_us.toFixed(1) + ' - ' + s.finish_us.toFixed(1) + ' us, ' + s.bytes + ' bytes, ' +
+      s.flops + ' flops';
     mid[s.task] = {x0: x(s.start_us), x1: x(s.finish_us), y: y + barH / 2};
   });
   d.spans.forEach(function (s) {
@@ -115,7 +117,7 @@ def _timeline_data(timeline: Timeline) -> dict[str, Any]:
         spans.append({"task": s.task, "worker": s.worker, "start_us": s.start_us,
                       "finish_us": s.finish_us, "kind": info.kind, "group": info.group,
                       "tile": list(info.tile), "bytes": info.bytes, "flops": info.flops,
-                      "critical": s.task in timeline.critical})
+                      "role": info.role, "critical": s.task in timeline.critical})
     flows = [[timeline.spans[f.src].task, timeline.spans[f.dst].task] for f in timeline.flows]
     return {"workers": timeline.workers,
             "names": [timeline.worker_name(w) for w in range(timeline.workers)],
@@ -161,6 +163,8 @@ def _us(x: float) -> str:
 def report_html(s: dict[str, Any], timeline: Timeline) -> str:
     """The whole report page for summary `s` (tilec.inspect.summary) and the predicted
     timeline."""
+    from tilec.inspect import roles_line   # inspect imports viz: import it late
+
     e = html.escape
     cards = [("predicted step", _us(s["predicted_step_us"])),
              ("lower bound", _us(s["lower_bound_us"])),
@@ -169,7 +173,7 @@ def report_html(s: dict[str, Any], timeline: Timeline) -> str:
              ("waits", f"{s['waits']} ({s['cross_worker_waits']} cross-worker)")]
     parts = [f"<h1>{e(s['model'])}</h1>",
              f'<div class="sub">target {e(s["target"])} ({e(s["backend"])}); roles: '
-             + ", ".join(f"{e(r['name'])} ({len(r['workers'])} workers)" for r in s["roles"])
+             + e(roles_line(s["roles"]))
              + "</div>",
              '<div class="cards">' + "".join(f"<div class=\"card\">{e(k)}<b>{e(str(v))}</b></div>"
                                              for k, v in cards) + "</div>",
@@ -184,6 +188,11 @@ def report_html(s: dict[str, Any], timeline: Timeline) -> str:
     parts.append("<h2>Workers</h2><table><tr><th>worker</th><th class=\"n\">tasks</th>"
                  "<th class=\"n\">busy</th><th class=\"n\">utilisation</th><th></th></tr>"
                  f"{util}</table>")
+    if len(s["roles"]) > 1:
+        parts.append("<h2>Roles</h2>" + _table(
+            ["role", "workers", "owns", "tasks", "busy"],
+            [[r["name"], format_workers(r["workers"]), ", ".join(r["kinds"] + r["ops"])
+              or "the rest", r["tasks"], _us(r["busy_us"])] for r in s["roles"]], {3, 4}))
     parts.append("<h2>Task kinds</h2>" + _table(["kind", "tasks"],
                                                  [[k, n] for k, n in s["task_kinds"].items()], {1}))
     b = s["bytes"]

@@ -14,9 +14,6 @@ from typing import Any, Iterable
 
 from tilec.ir.schedule import Schedule
 
-# There is one implicit role for now: every worker computes.
-DEFAULT_ROLE = "compute"
-
 
 @dataclass(frozen=True)
 class TaskInfo:
@@ -30,6 +27,7 @@ class TaskInfo:
     flops: int
     waits: tuple[tuple[int, int], ...]   # (event, count)
     signal: int
+    role: str            # the role that owns the task (target.roles)
 
 
 @dataclass(frozen=True)
@@ -73,16 +71,28 @@ class Timeline:
 
 
 def task_kinds(manifest, schedule: Schedule) -> list[str]:
-    """The kind (kernel opcode name) of every task, by task id."""
-    index = {g.name: i for i, g in enumerate(schedule.taskgraph.fused.groups)}
-    return [manifest.kinds[manifest.opcodes[index[t.group]]] for t in schedule.taskgraph.tasks]
+    """The kind (kernel opcode name) of every task, by task id. A split attention
+    group's opcode runs two kinds of task: partials over chunks of keys and, in the
+    last tile column, their merge."""
+    groups = schedule.taskgraph.fused.groups
+    index = {g.name: i for i, g in enumerate(groups)}
+    split = {t.group: t.grid[2] - 1 for t in schedule.taskgraph.tilings if t.grid[2] > 1}
+    kinds = []
+    for t in schedule.taskgraph.tasks:
+        kind = manifest.kinds[manifest.opcodes[index[t.group]]]
+        if groups[index[t.group]].kind == "attention" and t.group in split:
+            kind += "_merge" if t.tile[2] == split[t.group] else "_partial"
+        kinds.append(kind)
+    return kinds
 
 
 def task_infos(manifest, schedule: Schedule) -> tuple[TaskInfo, ...]:
     kinds = task_kinds(manifest, schedule)
+    roles = schedule.task_roles()
     return tuple(
         TaskInfo(t.id, kinds[t.id], t.group, tuple(t.tile), t.bytes, t.flops,
-                 tuple((w.event, w.count) for w in schedule.waits[t.id]), schedule.signal[t.id])
+                 tuple((w.event, w.count) for w in schedule.waits[t.id]), schedule.signal[t.id],
+                 roles[t.id])
         for t in schedule.taskgraph.tasks)
 
 
@@ -126,7 +136,7 @@ def predicted(manifest, schedule: Schedule, critical: Iterable[int] = ()) -> Tim
              for w, queue in enumerate(schedule.queues) for tid in queue]
     spans.sort(key=lambda s: (s.start_us, s.worker))
     return Timeline(schedule.target.name, "predicted (cost model)",
-                    (DEFAULT_ROLE,) * schedule.workers, task_infos(manifest, schedule),
+                    _worker_roles(schedule), task_infos(manifest, schedule),
                     tuple(spans), _flows(schedule, spans), frozenset(critical))
 
 
@@ -140,8 +150,15 @@ def measured(manifest, schedule: Schedule, records: Iterable[tuple[int, int, int
              for step, w, tid, a, b in records]
     spans.sort(key=lambda s: (s.start_us, s.worker))
     return Timeline(schedule.target.name, f"measured ({backend})",
-                    (DEFAULT_ROLE,) * schedule.workers, task_infos(manifest, schedule),
+                    _worker_roles(schedule), task_infos(manifest, schedule),
                     tuple(spans), _flows(schedule, spans))
+
+
+def _worker_roles(schedule: Schedule) -> tuple[str, ...]:
+    """The role of each worker that has a queue ("none" where no role lists it)."""
+    names = schedule.target.worker_roles()
+    return tuple((names[w] if w < len(names) else "") or "none"
+                 for w in range(schedule.workers))
 
 
 def span_args(timeline: Timeline, span: Span) -> dict[str, Any]:
@@ -150,7 +167,7 @@ def span_args(timeline: Timeline, span: Span) -> dict[str, Any]:
         "task": info.id, "kind": info.kind, "group": info.group, "tile": list(info.tile),
         "bytes": info.bytes, "flops": info.flops,
         "waits": [{"event": e, "count": c} for e, c in info.waits],
-        "signal": info.signal, "step": span.step,
+        "signal": info.signal, "role": info.role, "step": span.step,
     }
     if info.id in timeline.critical:
         args["critical_path"] = True

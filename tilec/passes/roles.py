@@ -1,0 +1,150 @@
+"""roles: TaskGraph -> TaskGraph with the role of every task (model.yaml `target.roles`).
+
+A role is a set of workers that runs only its own tasks: heterogeneous workers on one
+device, e.g. a worker for the KV-cache appends and attention beside workers for the
+projections. A fused group, and so each of its tasks, belongs to the role whose `kinds`
+name the group's task kind or whose `ops` name an op kind or an op name among the
+group's members; groups no role claims go to the one role that names neither. The
+scheduler places each task only on its role's workers; verify checks that it did.
+
+Role definitions are checked here as well (`resolve_roles`, `role_problems`) because
+the worker count is only final once command-line overrides are applied; model.yaml's
+parser calls the same functions with the yaml's count, so both fail alike.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import replace
+
+from tilec.errors import ConfigError
+from tilec.ir.graph import Group, Op
+from tilec.ir.target import Role, Target
+from tilec.ir.tasks import TaskGraph
+
+
+def task_kind(group: Group) -> str:
+    """The task kind `tilec inspect` shows: the group's label, which render also uses
+    to name the group's opcode (codegen/render.py)."""
+    return group.name.split("_", 1)[1] if "_" in group.name else group.name
+
+
+def format_workers(workers) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    spans: list[list[int]] = []
+    for w in sorted(workers):
+        if spans and w == spans[-1][1] + 1:
+            spans[-1][1] = w
+        else:
+            spans.append([w, w])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def resolve_roles(roles: tuple[Role, ...], workers: int) -> tuple[Role, ...]:
+    """`roles` as written (a role may leave `workers` empty: it takes every worker no
+    other role lists) -> roles with their workers filled in, checked for `workers`
+    workers. A mistake is a ConfigError naming the key path."""
+    rest = [r.name for r in roles if not r.workers]
+    if len(rest) > 1:
+        raise ConfigError(f"target.roles: roles {rest[0]!r} and {rest[1]!r} both leave out "
+                          "`workers`; at most one may (it takes the workers no other role "
+                          "lists)")
+    listed = {w for r in roles for w in r.workers}
+    leftover = tuple(w for w in range(workers) if w not in listed)
+    resolved = tuple(r if r.workers else replace(r, workers=leftover) for r in roles)
+    problems = role_problems(resolved, workers)
+    if problems:
+        raise ConfigError(problems[0])
+    return resolved
+
+
+def role_problems(roles: tuple[Role, ...], workers: int) -> list[str]:
+    """What is wrong with resolved role definitions for a target of `workers` workers:
+    one line per problem, each naming its key path ([] when they are sound)."""
+    out = []
+    owner: dict[int, str] = {}
+    names: set[str] = set()
+    for r in roles:
+        where = f"target.roles.{r.name}"
+        if r.name in names:
+            out.append(f"target.roles: role name {r.name!r} is used twice")
+        names.add(r.name)
+        if not r.workers:
+            out.append(f"{where}.workers: the role has no workers (the other roles "
+                       "list every worker)")
+        for w in r.workers:
+            if not 0 <= w < workers:
+                out.append(f"{where}.workers: worker {w} does not exist (the target has "
+                           f"{workers} workers: {format_workers(range(workers))})")
+            elif w in owner:
+                out.append(f"{where}.workers: worker {w} also belongs to role {owner[w]!r}; "
+                           "a worker has one role")
+            else:
+                owner[w] = r.name
+    idle = [w for w in range(workers) if w not in owner]
+    if idle:
+        which = f"workers {format_workers(idle)} belong" if len(idle) > 1 else \
+            f"worker {idle[0]} belongs"
+        out.append(f"target.roles: {which} to no role (list it in a role's workers, or "
+                   "leave `workers` out of one role so it takes the rest)")
+    rest = [r.name for r in roles if r.takes_the_rest]
+    if len(rest) > 1:
+        out.append(f"target.roles: roles {rest[0]!r} and {rest[1]!r} both name no kinds or "
+                   "ops; only one role may take the tasks no other role claims")
+    return out
+
+
+def claimed_by(group: Group, ops: dict[str, Op], role: Role) -> bool:
+    """Whether `role` names the group's task kind, or an op kind or op name in it."""
+    if task_kind(group) in role.kinds:
+        return True
+    return any(ops[m].kind in role.ops or m in role.ops for m in group.members)
+
+
+def role_of_group(group: Group, ops: dict[str, Op], roles: tuple[Role, ...]) -> str:
+    """The role that owns `group`; ConfigError when two roles claim it or none can."""
+    claims = [r.name for r in roles if not r.takes_the_rest and claimed_by(group, ops, r)]
+    if len(claims) > 1:
+        raise ConfigError(f"target.roles: group {group.name} (kind {task_kind(group)}) is "
+                          f"claimed by roles {claims[0]!r} and {claims[1]!r}; give it to one")
+    if claims:
+        return claims[0]
+    rest = [r.name for r in roles if r.takes_the_rest]
+    if not rest:
+        raise ConfigError(f"target.roles: no role takes group {group.name} (kind "
+                          f"{task_kind(group)}); name it in a role's kinds or ops, or add a "
+                          "role with neither to take the rest")
+    return rest[0]
+
+
+def _check_names_match(groups: tuple[Group, ...], ops: dict[str, Op],
+                       roles: tuple[Role, ...]) -> None:
+    """Every kind and op a role names occurs in the model: a misspelt name would
+    otherwise move nothing, silently."""
+    kinds = sorted({task_kind(g) for g in groups})
+    members = [ops[m] for g in groups for m in g.members]
+    op_words = sorted({o.kind for o in members} | {o.name for o in members})
+    for r in roles:
+        for kind in r.kinds:
+            if kind not in kinds:
+                raise ConfigError(f"target.roles.{r.name}.kinds: {kind!r} is no task kind of "
+                                  f"this model{_suggest(kind, kinds)}; its kinds: "
+                                  f"{', '.join(kinds)}")
+        for word in r.ops:
+            if word not in op_words:
+                raise ConfigError(f"target.roles.{r.name}.ops: {word!r} is no op kind or op "
+                                  f"name in this model's tasks{_suggest(word, op_words)}")
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def roles(taskgraph: TaskGraph, target: Target) -> TaskGraph:
+    if not target.roles:
+        return replace(taskgraph, roles=())
+    groups = taskgraph.fused.groups
+    ops = taskgraph.fused.graph.by_name()
+    _check_names_match(groups, ops, target.roles)
+    owner = {g.name: role_of_group(g, ops, target.roles) for g in groups}
+    return replace(taskgraph, roles=tuple(owner[t.group] for t in taskgraph.tasks))
