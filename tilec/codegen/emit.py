@@ -367,14 +367,29 @@ def _state_store_lines(e: "GroupEmitter", op: Op) -> list[str]:
     e.code.preamble.append(
         f"{pos} = rows.to(tl.int64) * 0 + tl.load({e.pointer(index.value, index.offset)}).to(tl.int64)")
     ptr = e.pointer(state.value, state.offset)
+    valid = f"mask & (({pos} >= 0) & ({pos} < {size}))[:, None]"
+    stored = f"{e.var[op.name]}.to({TL_DTYPES[op.type.dtype]})"
+    if e.g.kind == "matmul":
+        # The tile is in the product's [rows, N] space; the value views those elements
+        # in order in its own shape (heads split out): unravel each element's flat index.
+        flat = f"(rows[:, None] * {e.g.cols} + cols[None, :])"
+        terms, inner = [f"{pos}[:, None] * {state.strides[dim]}"], 1
+        for d in range(len(value.shape) - 1, -1, -1):
+            size_d = value.shape[d]
+            if d != dim and size_d > 1:
+                coord = f"({flat} // {inner})" if inner > 1 else flat
+                if inner * size_d < e.g.rows * e.g.cols:
+                    coord = f"({coord} % {size_d})"
+                terms.append(f"{coord} * {state.strides[d]}")
+            inner *= size_d
+        return [f"tl.store({ptr} + {' + '.join(terms)}, {stored}, mask={valid})"]
     ro = row_offset(value.shape[:-1], state.strides[:-1], "rows")
     s_last = state.strides[-1]
     col = "cols[None, :]" if s_last == 1 else f"cols[None, :] * {s_last}"
     rows = f"{ro}[:, None] + " if ro else ""
     # a position outside the cache writes nothing (the runtime rejects such prompts)
     return [f"tl.store({ptr} + {rows}{pos}[:, None] * {state.strides[dim]} + {col}, "
-            f"{e.var[op.name]}.to({TL_DTYPES[op.type.dtype]}), "
-            f"mask=mask & (({pos} >= 0) & ({pos} < {size}))[:, None])"]
+            f"{stored}, mask={valid})"]
 
 
 def emit_group(group: Group, ops: dict[str, Op], tiling: GroupTiling,

@@ -65,6 +65,15 @@ class Operand:
         return Operand(value, tuple(shape), contiguous_strides(tuple(shape)), 0)
 
 
+def reads_in_order(operand: Operand, value: TensorType) -> bool:
+    """Whether `operand` views all of a contiguous `value` in its own element order,
+    only shaped differently (view, unsqueeze): element i of the view is element i."""
+    if operand.offset != 0 or math.prod(operand.shape) != value.numel:
+        return False
+    expect = contiguous_strides(operand.shape)
+    return all(s == e for n, s, e in zip(operand.shape, operand.strides, expect) if n != 1)
+
+
 @dataclass(frozen=True)
 class Op:
     """One op. `attrs` is a tuple of (key, value) pairs so the op stays hashable.

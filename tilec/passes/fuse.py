@@ -21,7 +21,8 @@ import math
 from dataclasses import dataclass, field
 
 from tilec.ir.attention import depends_on, find_softmax
-from tilec.ir.graph import FusedGraph, Graph, Group, Op, Operand, PLACEHOLDER_KINDS
+from tilec.ir.graph import (FusedGraph, Graph, Group, Op, Operand, PLACEHOLDER_KINDS,
+                            reads_in_order)
 
 # A matmul epilogue may reduce over N only when a whole row of the result is one tile.
 MAX_EPILOGUE_REDUCE_N = 2048
@@ -131,12 +132,18 @@ def fuse(graph: Graph) -> FusedGraph:
             stack.extend(successors(g))
         return False
 
+    def no_cycle(op: Op, g: int) -> bool:
+        return not any(h is not None and h != g and reaches(g, h)
+                       for h in (group_of.get(o.value) for o in op.inputs))
+
     def can_join(op: Op, g: int) -> bool:
         grp = groups[g]
+        members = set(grp.all())
+        if _appends_in_epilogue(op, grp, members, ops):
+            return no_cycle(op, g)
         rows, width = iteration_space(op)
         if rows != grp.rows:
             return False
-        members = set(grp.all())
         if op.kind in ("concat", "gather") and any(o.value in members for o in op.inputs):
             return False  # their inputs are loads with masks or indirection, never registers
         if grp.kind == "row":
@@ -156,11 +163,7 @@ def fuse(graph: Graph) -> FusedGraph:
                     return False
                 if grp.kind == "matmul" and operand.value in grp.prologue:
                     return False
-        for operand in op.inputs:
-            h = group_of.get(operand.value)
-            if h is not None and h != g and reaches(g, h):
-                return False  # joining would make a cycle g -> h -> g
-        return True
+        return no_cycle(op, g)  # joining must not make a cycle g -> h -> g
 
     for op in graph.ops:
         if op.kind in PLACEHOLDER_KINDS:
@@ -293,6 +296,20 @@ def fuse(graph: Graph) -> FusedGraph:
     return FusedGraph(graph, tuple(result))
 
 
+def _appends_in_epilogue(op: Op, grp: _Group, members: set[str], ops) -> bool:
+    """A state update (a KV-cache append) of a matmul's result, or of an epilogue value,
+    only viewed in another shape (heads split out): it joins the epilogue, which stores
+    each element of its tile where the view puts it (`ir.graph.reads_in_order`)."""
+    if grp.kind != "matmul" or op.kind != "state_update":
+        return False
+    state, value, index = op.inputs
+    if value.value not in members or value.value in grp.prologue:
+        return False
+    source = ops[value.value].type
+    return (state.value not in members and index.value not in members
+            and source.numel == grp.rows * grp.cols and reads_in_order(value, source))
+
+
 def _row_consumer(producer: _Group, b: int, groups: list[_Group], group_of, ops, users,
                   outputs) -> int | None:
     """The one row group that every value escaping `producer` (a row group) feeds, if
@@ -372,6 +389,8 @@ def _label(grp: _Group, ops: dict[str, Op]) -> str:
             parts.insert(0, "norm" if any(ops[m].kind == "reduce" for m in grp.prologue) else "pre")
         if any(ops[m].kind == "reduce" for m in grp.members):
             parts.append("softmax" if any(ops[m].attr("fn") == "exp" for m in grp.members) else "reduce")
+        elif any(ops[m].kind == "state_update" for m in grp.members):
+            parts.append("append")
         elif grp.members:
             parts.append("epilogue")
         return "_".join(parts)

@@ -238,7 +238,10 @@ def _task_regions(g: Group, tl: GroupTiling, tile_idx, ops, storage):
             else:
                 read(operand, rows_box(operand.shape, ra, rb, ca, cb))
         if op.kind == "state_update":
-            writes.append(_state_write(op, storage, ra, rb, *out_cols))
+            # in a matmul epilogue the tile is in the product's [rows, N] space, which
+            # the appended value may only view in another shape
+            space = g.cols if g.kind == "matmul" else None
+            writes.append(_state_write(op, storage, ra, rb, *out_cols, space=space))
             # the region spans every position; the task writes one
             state = storage(op.name)
             indirect[state] = indirect.get(state, 0) + (rb - ra) * (out_cols[1] - out_cols[0]) \
@@ -284,12 +287,18 @@ def _attention_spaces(g: Group, tl: GroupTiling, tile_idx, ops, read, writes, sc
     return spaces, flops
 
 
-def _state_write(op: Op, storage, r0: int, r1: int, c0: int, c1: int) -> Region:
-    """A state update writes rows [r0, r1) of its value at a position known only at run
-    time: the region spans the whole updated dim (sound, if coarse)."""
+def _state_write(op: Op, storage, r0: int, r1: int, c0: int, c1: int,
+                 space: int | None = None) -> Region:
+    """A state update writes rows [r0, r1) x cols [c0, c1) of its value at a position
+    known only at run time: the region spans the whole updated dim (sound, if coarse).
+    With `space`, the tile is in a [rows, space] view of the value's elements in order:
+    the region bounds that flat range."""
     dim = op.attr("dim")
     value = op.inputs[1]
-    box = list(rows_box(value.shape, r0, r1, c0, c1))
+    if space is None:
+        box = list(rows_box(value.shape, r0, r1, c0, c1))
+    else:
+        box = list(range_to_box(r0 * space + c0, (r1 - 1) * space + c1 - 1, value.shape))
     box[dim] = (0, op.type.shape[dim])
     return Region(storage(op.name), tuple(box))
 

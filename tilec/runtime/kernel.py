@@ -47,7 +47,36 @@ def write_source(source: str) -> tuple[str, Path]:
     return module_name, path
 
 
+def _interpreter_bf16_dot() -> None:
+    """Triton's interpreter keeps bfloat16 as raw uint16 bits and its `tl.dot` hands
+    them to numpy's matmul as integers (triton-lang/triton#11584, unsupported upstream),
+    so a bf16 tensor-core product comes out as garbage on CPU. Widen bf16 operands to
+    float32 first: exact (a bf16 is the top half of a float32), and the products and
+    float32 accumulation are then what the GPU computes."""
+    import numpy as np
+    from triton.runtime import interpreter
+    import triton.language as tl
+
+    original = interpreter.InterpreterBuilder.create_dot
+    if getattr(original, "widens_bf16", False):
+        return
+
+    def widen(x):
+        if x.dtype.scalar.is_bf16():
+            bits = x.data.astype(np.uint32) << 16
+            return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+        return x
+
+    def create_dot(self, a, b, *args, **kwargs):
+        return original(self, widen(a), widen(b), *args, **kwargs)
+
+    create_dot.widens_bf16 = True
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
 def load_kernel(source: str, name: str):
+    if interpreting():
+        _interpreter_bf16_dot()
     module_name, path = write_source(source)
     if module_name not in _loaded:
         spec = importlib.util.spec_from_file_location(module_name, path)

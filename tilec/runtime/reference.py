@@ -93,10 +93,11 @@ class TaskRunner:
             return whole.reshape(-1, op.type.cols)[r0:r1, c0:c1]
         raise NotImplementedError(op.kind)
 
-    def store(self, name: str, value: torch.Tensor, r0, r1, c0, c1) -> None:
+    def store(self, name: str, value: torch.Tensor, r0, r1, c0, c1,
+              space: int | None = None) -> None:
         op = self.ops[name]
         if op.kind == "state_update":
-            return self.store_state(op, value, r0, r1, c0, c1)
+            return self.store_state(op, value, r0, r1, c0, c1, space)
         buf = self.buffers[name]
         pool = self.pools[buf.pool]
         width = op.type.cols
@@ -106,7 +107,12 @@ class TaskRunner:
         else:
             dest[r0:r1, c0:c1] = value.to(pool.dtype)
 
-    def store_state(self, op: Op, value: torch.Tensor, r0, r1, c0, c1) -> None:
+    def store_state(self, op: Op, value: torch.Tensor, r0, r1, c0, c1,
+                    space: int | None = None) -> None:
+        """Write a tile of the value at the run-time position. The tile is rows x cols
+        of the value seen as [rows, last dim], or, with `space`, of a [rows, space] view
+        of its elements in order (a matmul epilogue): each element goes where its flat
+        index puts it in the value's shape."""
         state, val, index = op.inputs
         dim = op.attr("dim")
         pos = int(self.view(index).reshape(-1)[0])
@@ -115,19 +121,12 @@ class TaskRunner:
         buf = self.storage(op.name)
         pool = self.pools[buf.pool]
         cache = torch.as_strided(pool, state.shape, state.strides, buf.offset + state.offset)
-        slot = cache.narrow(dim, pos, 1)          # shaped like the value
-        rows = slot.reshape(-1, slot.shape[-1]) if slot.is_contiguous() else None
-        flat = value.reshape(r1 - r0, -1)
-        if rows is not None:
-            rows[r0:r1, c0:c1] = flat.to(pool.dtype)
-        else:  # write element rows one by one through the strided slot
-            lead = val.shape[:-1]
-            for i, r in enumerate(range(r0, r1)):
-                idx = []
-                for size in reversed(lead):
-                    idx.append(r % size)
-                    r //= size
-                slot[tuple(reversed(idx))][c0:c1] = flat[i, :c1 - c0].to(pool.dtype)
+        width = space or val.shape[-1]
+        rows = torch.arange(r0, r1).reshape(-1, 1)
+        flat = (rows * width + torch.arange(c0, c1).reshape(1, -1)).reshape(-1)
+        coords = list(torch.unravel_index(flat, val.shape))
+        coords[dim] = torch.full_like(flat, pos)
+        cache[tuple(coords)] = value.reshape(-1).to(pool.dtype)
 
     def run(self, group_index: int, tile: tuple[int, int, int]) -> None:
         g = self.groups[group_index]
@@ -155,7 +154,7 @@ class TaskRunner:
         for name in g.epilogue:
             env[name] = self.compute(self.ops[name], env, r0, r1, c0, c1)
         for name in g.outputs:
-            self.store(name, env[name], r0, r1, c0, c1)
+            self.store(name, env[name], r0, r1, c0, c1, space=n)
 
     def matmul(self, g: Group, b: int, r0, r1, c0, c1) -> dict[str, torch.Tensor]:
         """The anchor's product for rows [r0, r1) x cols [c0, c1) of batch b, its

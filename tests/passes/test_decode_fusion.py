@@ -1,6 +1,8 @@
-"""Split-KV decode attention: found by fusion from the traced graph, tiled into partial
-tasks over chunks of keys plus a merge, chunks beyond the position skipped, and the
-result equal to eager PyTorch on both CPU executors."""
+"""Decode fusion in a Llama step: split-KV attention found from the traced graph, tiled
+into partial tasks over chunks of keys plus a merge, chunks beyond the position
+skipped; RoPE and the cache appends next to the projections; results equal to eager
+PyTorch on both CPU executors, float32 and bfloat16."""
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +113,46 @@ def test_chunks_beyond_the_position_are_never_read(split_engine, eager, monkeypa
     assert addresses.numel() > 0
     for lo, hi in forbidden:
         assert not ((addresses >= lo) & (addresses < hi)).any()
+
+
+def test_rope_and_appends_sit_next_to_the_projections(split_engine):
+    """The value's cache append runs in the v projection's epilogue; the query's RoPE in
+    the attention prologue; the key's RoPE and append in one task. No other task
+    touches a cache or the rotated query."""
+    fused = split_engine.data.manifest.schedule.taskgraph.fused
+    ops = fused.graph.by_name()
+    for g in fused.groups:
+        kinds = [ops[m].kind for m in g.members]
+        if "state_update" not in kinds:
+            continue
+        if g.kind == "matmul":      # v = x @ Wv, appended from registers
+            assert ops[g.anchor].kind == "matmul" and kinds.count("state_update") == 1
+        else:                       # k * cos + swap_halves(k) * sin, appended
+            assert g.kind == "row" and "concat" in kinds and kinds.count("state_update") == 1
+    appends = [g for g in fused.groups if any(ops[m].kind == "state_update" for m in g.members)]
+    assert sorted(g.kind for g in appends) == ["matmul", "matmul", "row", "row"]
+    for g in (g for g in fused.groups if g.kind == "attention"):
+        assert any(ops[m].kind == "concat" for m in g.prologue)   # swap_halves(q)
+
+
+@pytest.mark.parametrize("backend", ["interpret", "reference"])
+def test_bfloat16_split_engine_matches_eager(backend):
+    """bf16 weights and activations with fp32 accumulation, against the float32 model:
+    no further from it than a small multiple of eager PyTorch's own bf16 error. (Eager
+    rounds after every op, the engine keeps fused values in fp32 registers; the tiny
+    random model amplifies a one-ulp difference from layer to layer, so an absolute
+    bound would say more about the model than about the engine.)"""
+    engine = tilec_api.compile(EXAMPLE, workers=3, kv_chunk=CHUNK, dtype="bfloat16")
+    cfg = cfgmod.load_config(EXAMPLE)
+    eager32, _ = cfgmod.build_model(cfg)
+    eager16, _ = cfgmod.build_model(dataclasses.replace(cfg, dtype="bfloat16"))
+    ex = make_executor(engine.data, backend)
+    gen = torch.Generator().manual_seed(11)
+    engine_err, eager_err = [], []
+    for pos, token in enumerate(torch.randint(0, 256, (20,), generator=gen).tolist()):
+        args = torch.tensor([token]), torch.tensor([pos])
+        truth = eager32(*args)["logits"]
+        engine_err.append((_step(ex, token, pos)["logits"].float() - truth).abs().max().item())
+        eager_err.append((eager16(*args)["logits"].float() - truth).abs().max().item())
+    assert max(engine_err) <= 3 * max(eager_err), (engine_err, eager_err)
+    assert max(eager_err) < 0.1 * truth.abs().max().item()   # bf16 noise, not a broken model
