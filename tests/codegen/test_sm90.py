@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from torch import nn
 
@@ -98,3 +99,20 @@ def test_a_bad_kernel_is_a_one_line_aot_error():
         aot.compile_for_gpu(broken, engine.data.manifest.schedule.pools)
     assert "sm_90" in str(info.value) and len(str(info.value).splitlines()) == 1
 
+
+
+def test_weight_loads_are_16_byte_vectors(tmp_path):
+    """A bf16 Llama layer streams its weights with 16-byte vector loads: every buffer
+    base is promised aligned (memplan aligns them), or the compiler falls back to one
+    2-byte load per element."""
+    config = {"model": {"family": "llama", "max_seq_len": 128, "config": {
+        "vocab_size": 1024, "hidden_size": 512, "intermediate_size": 1024,
+        "num_hidden_layers": 1, "num_attention_heads": 8, "num_key_value_heads": 2,
+        "head_dim": 64, "tie_word_embeddings": True}}, "target": "h200"}
+    path = tmp_path / "layer.yaml"
+    path.write_text(yaml.safe_dump(config))
+    engine = tilec.api.compile(str(path), aot=False)
+    info = aot.compile_for_gpu(engine.data.kernel_source, engine.data.manifest.schedule.pools)
+    loads = info["global_loads"]
+    assert loads.get("16", 0) >= 50, loads
+    assert loads.get("2", 0) < loads["16"], loads

@@ -192,7 +192,18 @@ def _compile_here(source: str, pools: list[tuple[str, str]], arch: int,
             "n_regs": None, "n_spills": None, "triton_version": triton.__version__,
             "metadata": json.dumps(metadata, sort_keys=True)}
     info.update(_usage(ptxas_log) or _ptxas_usage(ptx, ptx_target))
+    info["global_loads"] = global_loads(ptx)
     return info
+
+
+def global_loads(ptx: str) -> dict[str, int]:
+    """How many global-memory load instructions of each width (bytes, as a string key)
+    the PTX holds: weight streaming wants 16-byte vector loads, not 2-byte scalars."""
+    counts: dict[str, int] = {}
+    for vec, bits in re.findall(r"\bld\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.[bsuf](\d+)\b", ptx):
+        width = str(int(vec or 1) * int(bits) // 8)
+        counts[width] = counts.get(width, 0) + 1
+    return counts
 
 
 def _compile_keeping_ptxas_log(src, arch: int, num_warps: int):

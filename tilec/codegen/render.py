@@ -14,7 +14,7 @@ import jinja2
 
 from tilec.codegen.emit import emit_group
 from tilec.ir.graph import FusedGraph
-from tilec.ir.schedule import Pool
+from tilec.ir.schedule import POOL_ALIGN as ALIGN, Pool
 from tilec.ir.tasks import Buffer, GroupTiling
 
 KERNEL_NAME = "tilec_engine"
@@ -60,12 +60,16 @@ def render(fused: FusedGraph, tilings: tuple[GroupTiling, ...], buffers: tuple[B
     for g in fused.groups:
         code = emit_group(g, ops, tiling[g.name], placed)
         body = _env.get_template(f"{g.kind}.py.j2").render(c=code).rstrip("\n")
-        key = f"{len(code.bases)}\n{body}"
+        # Bases that are multiples of ALIGN elements are promised to the compiler as
+        # such (memplan aligns every buffer), so loads from them can be 16-byte vectors;
+        # groups share an opcode only if they agree on which bases are aligned.
+        aligned = tuple(b % ALIGN == 0 for b in code.bases)
+        key = f"{aligned}\n{body}"
         if key not in bodies:
             bodies[key] = len(blocks)
             label = g.name.split("_", 1)[1] if "_" in g.name else g.name
             blocks.append({"opcode": len(blocks), "comment": f"{label} (first: {g.name})",
-                           "nbases": len(code.bases), "body": body})
+                           "aligned": aligned, "align": ALIGN, "body": body})
             kinds.append(label)
         opcodes.append(bodies[key])
         rows.append(tuple(code.bases))

@@ -22,6 +22,12 @@ class Wait:
     count: int   # signals needed per step (the threshold is count * (step + 1))
 
 
+# Every buffer starts at a multiple of this many elements of its pool (memplan), so
+# the kernel may promise the compiler 16-byte aligned addresses (any dtype <= 8 bytes
+# times 16 elements is a multiple of 16 bytes).
+POOL_ALIGN = 16
+
+
 @dataclass(frozen=True)
 class Pool:
     """One typed flat allocation: the kernel gets a pointer per pool."""

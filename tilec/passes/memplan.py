@@ -17,11 +17,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from tilec.ir.schedule import Pool, Schedule
+from tilec.ir.schedule import POOL_ALIGN, Pool, Schedule
 from tilec.ir.tasks import Buffer
 from tilec.passes.sync import happens_before_clocks
 
-ALIGN = 16   # elements
+ALIGN = POOL_ALIGN   # elements
 POOL_PREFIX = {"weight": ("w", "weight"), "state": ("s", "state"),
                "input": ("a", "arena"), "output": ("a", "arena"),
                "activation": ("a", "arena")}
