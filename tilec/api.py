@@ -238,21 +238,23 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
             cfg = replace(cfg, dtype=dtype)
         if seed is not None:
             cfg = replace(cfg, seed=seed)
-        module, inputs = cfgmod.build_model(cfg)
-        specs = cfg.inputs
-        if not isinstance(cfg.model, cfgmod.ModuleSpec):
-            specs = cfgmod.decoder_inputs(module.cfg.vocab_size, module.max_seq_len)
-            generation, tokenizer = _decoder_extras(cfg, module)
-        info = tuple(InputInfo(s.name, s.low, s.high) for s in specs)
         t, s = cfg.target, cfg.schedule
         workers = t.workers if workers is None else workers   # 0 is an error, not "unset"
         options = target_options(target or t.name, workers, policy or s.policy,
                                  tile_m or s.tile_m, tile_n or s.tile_n, tile_k or s.tile_k,
                                  kv_chunk=kv_chunk or s.kv_chunk, roles=t.roles or ())
+        # After the options are checked: from here a family model's weights are being
+        # drawn in the background until compile_module has them (config.PendingWeights).
+        module, inputs, weights = cfgmod.build_model_async(cfg)
+        specs = cfg.inputs
+        if not isinstance(cfg.model, cfgmod.ModuleSpec):
+            specs = cfgmod.decoder_inputs(module.cfg.vocab_size, module.max_seq_len)
+            generation, tokenizer = _decoder_extras(cfg, module)
+        info = tuple(InputInfo(s.name, s.low, s.high) for s in specs)
         name = name or Path(cfg.path).stem
         seed = cfg.seed
     else:
-        module = model_or_yaml
+        module, weights = model_or_yaml, None
         if example_inputs is None:
             raise ConfigError("tilec.compile(module) needs example_inputs")
         inputs = tuple(example_inputs)
@@ -264,10 +266,15 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
         name = name or type(module).__name__
         seed = seed or 0
     options = replace(options, aot=aot)
-    data = compile_module(module, inputs, name=name, options=options, input_info=info,
-                          seed=seed, progress=Progress(on_stage),
-                          dump_dir=os.fspath(dump_dir) if dump_dir is not None else None,
-                          generation=generation)
+    try:
+        data = compile_module(module, inputs, name=name, options=options, input_info=info,
+                              seed=seed, progress=Progress(on_stage),
+                              dump_dir=os.fspath(dump_dir) if dump_dir is not None else None,
+                              generation=generation,
+                              weights_ready=weights.wait if weights is not None else None)
+    finally:
+        if weights is not None:
+            weights.cancel()   # a compile that failed leaves no thread drawing
     data.tokenizer = tokenizer
     return Engine(data)
 

@@ -116,11 +116,14 @@ def cmd_compile(args) -> int:
     engine = compile_model(args.model, target=args.target, workers=args.workers,
                            dump_dir=args.dump_dir, on_stage=on_stage, aot=not args.no_aot)
     engine.save(args.output)
-    s = engine.summary()
+    # Read from the manifest: engine.summary() (tilec inspect's report) recomputes every
+    # dependency edge and the critical path, seconds for a 1B model.
+    m = engine.data.manifest
     size = Path(args.output).stat().st_size
     console.print(f"wrote {args.output} ({size / 1e6:.2f} MB) in {time.perf_counter() - t0:.1f} s: "
-                  f"{s['tasks']} tasks on {s['workers']} workers, {s['events']} events, "
-                  f"{s['kernel']['opcodes']} task kinds, target {s['target']}")
+                  f"{len(m.schedule.taskgraph.tasks)} tasks on {m.schedule.target.workers} "
+                  f"workers, {len(m.schedule.events)} events, {len(m.kinds)} task kinds, "
+                  f"target {m.schedule.target.name}")
     del tilec
     return 0
 

@@ -38,9 +38,10 @@ import importlib.util
 import inspect
 import os
 import sys
+import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, NoReturn
+from typing import Any, Callable, Iterable, NoReturn
 
 import torch
 import yaml
@@ -371,6 +372,52 @@ def _parse_schedule(schedule: Any, path: str) -> ScheduleSpec:
 
 def build_model(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
     """Import the model file, build the module with seeded weights, make example inputs."""
+    model, inputs, pending = build_model_async(cfg)
+    if pending is not None:
+        pending.wait()
+    return model, inputs
+
+
+class PendingWeights:
+    """A family model's seeded random weights, being drawn by a background thread.
+
+    Drawing the 1.2 B normal numbers of a 1B model takes 6-8 s of one core. Until it
+    packs the engine, the compiler reads only the module's shapes (export traces it with
+    fake tensors in place of the parameters), so `tilec.compile` exports and runs the
+    passes meanwhile, on the other core, and calls `wait()` before packing."""
+
+    def __init__(self, draw: Callable[[threading.Event], None]):
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(draw,), daemon=True,
+                                        name="tilec-weights")
+        self._thread.start()
+
+    def _run(self, draw: Callable[[threading.Event], None]) -> None:
+        try:
+            draw(self._stop)
+        except BaseException as exc:   # raised again by wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        """Block until every weight is written."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self) -> None:
+        """Stop drawing (the compile failed; the weights stay incomplete); a no-op once
+        they are drawn."""
+        self._stop.set()
+        self._thread.join()
+
+
+def build_model_async(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...],
+                                                 PendingWeights | None]:
+    """`build_model`, except that a family model's random weights may still be being
+    drawn when it returns: they are complete once the `PendingWeights` (None when
+    there is nothing to wait for) says so. Until then only the module's shapes,
+    dtypes and buffers may be used."""
     spec = cfg.model
     if not isinstance(spec, ModuleSpec):
         return _build_decoder(cfg)
@@ -411,7 +458,7 @@ def build_model(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Tensor, 
     model = model.eval()
     if cfg.dtype is not None:
         model = model.to(FLOAT_DTYPES[cfg.dtype])
-    return model, random_inputs(cfg.inputs, cfg.seed)
+    return model, random_inputs(cfg.inputs, cfg.seed), None
 
 
 def decoder_inputs(vocab_size: int, max_seq_len: int) -> tuple[InputSpec, ...]:
@@ -420,23 +467,29 @@ def decoder_inputs(vocab_size: int, max_seq_len: int) -> tuple[InputSpec, ...]:
             InputSpec("pos", (1,), "int64", 0, max_seq_len))
 
 
-def _build_decoder(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+def _build_decoder(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...],
+                                              PendingWeights | None]:
     from tilec.models.llama import LlamaConfig, LlamaDecodeStep, init_random
 
     spec = cfg.model
+    pending = None
     if isinstance(spec, FamilySpec):
+        # Built in its dtype (`cfg.dtype` needs no cast afterwards), weights drawn in the
+        # background: see PendingWeights.
         dtype = FLOAT_DTYPES[cfg.dtype or "float32"]
-        model = LlamaDecodeStep.empty(LlamaConfig.from_dict(spec.config), spec.max_seq_len, dtype)
-        init_random(model, cfg.seed, model.cfg.extra.get("initializer_range", 0.02))
+        model = LlamaDecodeStep.empty(LlamaConfig.from_dict(spec.config), spec.max_seq_len,
+                                      dtype).eval()
+        std = model.cfg.extra.get("initializer_range", 0.02)
+        params = list(model.named_parameters())
+        pending = PendingWeights(lambda stop: init_random(params, cfg.seed, std, stop))
     else:
         from tilec.models.hf import load_checkpoint
 
-        model = load_checkpoint(spec.folder, spec.max_seq_len)
-    model = model.eval()
-    if cfg.dtype is not None:
-        model = model.to(FLOAT_DTYPES[cfg.dtype])
+        model = load_checkpoint(spec.folder, spec.max_seq_len).eval()
+        if cfg.dtype is not None:
+            model = model.to(FLOAT_DTYPES[cfg.dtype])
     specs = decoder_inputs(model.cfg.vocab_size, spec.max_seq_len)
-    return model, random_inputs(specs, cfg.seed)
+    return model, random_inputs(specs, cfg.seed), pending
 
 
 def random_inputs(specs: Iterable[InputSpec], seed: int) -> tuple[torch.Tensor, ...]:

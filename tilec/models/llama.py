@@ -14,6 +14,7 @@ float32, llama3 rope scaling), one token per call.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -107,16 +108,47 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     return inv_freq
 
 
-def init_random(model: nn.Module, seed: int, std: float = 0.02) -> None:
+INIT_CHUNK = 1 << 22   # values drawn per call (a multiple of 16: see init_random)
+
+
+def init_random(params: list[tuple[str, nn.Parameter]], seed: int, std: float = 0.02,
+                stop: threading.Event | None = None) -> None:
     """Hugging Face's initialisation: N(0, std) for projections and embeddings, norms at
-    one; seeded so an engine and its eager twin get the same weights."""
+    one; seeded so an engine and its eager twin get the same weights. `params`:
+    `list(model.named_parameters())`, listed before the model is traced (non-strict
+    torch.export swaps fake tensors into the module while it traces, and this may run in
+    another thread meanwhile: compiler/config.PendingWeights).
+
+    Each tensor gets `torch.randn(p.shape, generator=gen).mul_(std)` drawn in float32 and
+    rounded into place, but drawn a chunk at a time into one small buffer, so no float32
+    copy of a whole tensor is made (Llama 3's embedding alone is 1 GB in float32). The
+    values are the same bit for bit: torch's CPU sampler draws the uniforms in order and
+    turns them into normals in blocks of 16, redrawing the last 16 when the size is not
+    a multiple of 16; so every chunk but the last is a multiple of 16 and the last one
+    has at least 16 values (tests/models/test_llama_init.py checks it against the
+    one-call draw). `stop`, when set, ends the drawing early (a compile that failed)."""
     gen = torch.Generator().manual_seed(seed)
+    buf = torch.empty(INIT_CHUNK + 16, dtype=torch.float32)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in params:
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 p.fill_(1.0)
-            else:  # drawn in float32 one tensor at a time, then rounded into place
-                p.copy_(torch.randn(p.shape, generator=gen).mul_(std))
+                continue
+            flat = p.view(-1)
+            for start, end in _chunks(flat.numel()):
+                if stop is not None and stop.is_set():
+                    return
+                drawn = torch.randn(end - start, generator=gen, out=buf[:end - start])
+                flat[start:end].copy_(drawn.mul_(std))
+
+
+def _chunks(n: int) -> list[tuple[int, int]]:
+    """[start, end) spans of INIT_CHUNK values; a last span under 16 joins the one
+    before it (see init_random)."""
+    spans = [(s, min(s + INIT_CHUNK, n)) for s in range(0, n, INIT_CHUNK)]
+    if len(spans) > 1 and spans[-1][1] - spans[-1][0] < 16:
+        spans[-2:] = [(spans[-2][0], n)]
+    return spans
 
 
 class RMSNorm(nn.Module):
@@ -196,7 +228,9 @@ class LlamaDecodeStep(nn.Module):
         without a float32 copy or a default initialisation (a 1B model in seconds)."""
         with torch.device("meta"):
             model = LlamaDecodeStep(cfg, max_seq_len)
-        model = model.to_empty(device="cpu").to(dtype)
+        # Cast on meta, where it costs nothing: materialising in float32 first and then
+        # casting read 5 GB and wrote 2.5 GB for a 1B model in bfloat16.
+        model = model.to(dtype).to_empty(device="cpu")
         if cfg.tie_word_embeddings:  # materialising from meta unties shared parameters
             model.lm_head.weight = model.embed_tokens.weight
         with torch.no_grad():

@@ -7,6 +7,8 @@ or, where the target carries a measured per-worker streaming rate, at that rate.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from tilec.ir.target import Target
 from tilec.ir.tasks import Task, TaskGraph
 
@@ -41,31 +43,65 @@ def task_times(taskgraph: TaskGraph, target: Target) -> list[float]:
     return [task_time_us(t, target, task_dtype(t, dtypes)) for t in taskgraph.tasks]
 
 
+def edges(taskgraph: TaskGraph) -> tuple[np.ndarray, np.ndarray]:
+    """(before, after) task ids of every dep, as int64 arrays in deps order. A decode
+    step has millions of deps: the passes work on these arrays, not loop over objects."""
+    deps = taskgraph.deps
+    return (np.fromiter((d.before for d in deps), dtype=np.int64, count=len(deps)),
+            np.fromiter((d.after for d in deps), dtype=np.int64, count=len(deps)))
+
+
+def adjacency(n: int, key: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """`value` grouped by `key` (task ids 0..n-1), in the given order within a group, as
+    one flat array and bounds: group k is flat[bounds[k]:bounds[k + 1]]."""
+    if len(key) and (key.min() < 0 or key.max() >= n):
+        raise IndexError(f"a dep names task {key.min() if key.min() < 0 else key.max()}, "
+                         f"not one of the {n} tasks")
+    order = np.argsort(key, kind="stable")
+    bounds = np.searchsorted(key[order], np.arange(n + 1)).tolist()
+    return value[order], bounds
+
+
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """np.unique, by sort: numpy 2's np.unique hashes first and took ~1 s on the 2 M
+    edges of a decode step, a sort takes milliseconds."""
+    values = np.sort(values)
+    keep = np.ones(len(values), dtype=bool)
+    keep[1:] = values[1:] != values[:-1]
+    return values[keep]
+
+
+def _lists(n: int, key: np.ndarray, value: np.ndarray) -> list[list[int]]:
+    flat, bounds = adjacency(n, key, value)
+    flat = flat.tolist()
+    return [flat[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
 def successors(taskgraph: TaskGraph) -> list[list[int]]:
-    succ: list[list[int]] = [[] for _ in taskgraph.tasks]
-    for dep in taskgraph.deps:
-        succ[dep.before].append(dep.after)
-    return succ
+    before, after = edges(taskgraph)
+    return _lists(len(taskgraph.tasks), before, after)
 
 
 def predecessors(taskgraph: TaskGraph) -> list[list[int]]:
-    pred: list[list[int]] = [[] for _ in taskgraph.tasks]
-    for dep in taskgraph.deps:
-        pred[dep.after].append(dep.before)
-    return pred
+    before, after = edges(taskgraph)
+    return _lists(len(taskgraph.tasks), after, before)
 
 
-def bottom_levels(taskgraph: TaskGraph, target: Target) -> list[float]:
+def bottom_levels(taskgraph: TaskGraph, target: Target,
+                  dep_edges: tuple[np.ndarray, np.ndarray] | None = None) -> list[float]:
     """Longest path (in predicted time) from each task to a sink, the task included.
+    `dep_edges`: `edges(taskgraph)`, when the caller has them already.
 
     Deps always point from a lower to a higher id, so one sweep in reverse id order
     sees every successor before its predecessors."""
     times = task_times(taskgraph, target)
-    succ = successors(taskgraph)
-    level = [0.0] * len(times)
+    before, after = dep_edges if dep_edges is not None else edges(taskgraph)
+    succ, bounds = adjacency(len(times), before, after)
+    level = np.zeros(len(times))
     for t in range(len(times) - 1, -1, -1):
-        level[t] = times[t] + max((level[s] for s in succ[t]), default=0.0)
-    return level
+        lo, hi = bounds[t], bounds[t + 1]
+        level[t] = times[t] + (level[succ[lo:hi]].max() if hi > lo else 0.0)
+    return level.tolist()
 
 
 def critical_path(taskgraph: TaskGraph, target: Target) -> tuple[float, list[int]]:

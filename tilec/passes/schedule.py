@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import heapq
 
+import numpy as np
+
 from tilec.errors import ScheduleError
 from tilec.ir.schedule import Schedule
 from tilec.ir.target import Target
 from tilec.ir.tasks import TaskGraph
-from tilec.passes.cost import bottom_levels, predecessors, successors, task_times
+from tilec.passes.cost import adjacency, bottom_levels, edges, sorted_unique, task_times
 
 POLICIES = ("critical_path", "round_robin")
 
@@ -36,19 +38,22 @@ def schedule(taskgraph: TaskGraph, target: Target, policy: str = "critical_path"
     for i, task in enumerate(taskgraph.tasks):
         if task.id != i:
             raise ScheduleError(f"task at index {i} has id {task.id}; ids must be 0..n-1")
-    for dep in taskgraph.deps:
-        if not 0 <= dep.before < dep.after < n:
-            raise ScheduleError(f"dep {dep.before} -> {dep.after} on buffer {dep.buffer!r} "
-                                f"does not point forward in program order")
+    before, after = edges(taskgraph)
+    bad = np.flatnonzero(~((0 <= before) & (before < after) & (after < n)))
+    if len(bad):
+        dep = taskgraph.deps[bad[0]]
+        raise ScheduleError(f"dep {dep.before} -> {dep.after} on buffer {dep.buffer!r} "
+                            f"does not point forward in program order")
     workers = max(1, target.workers)
     role_workers, role = _roles(taskgraph, target, workers)
     if policy == "critical_path":
-        sequence = _critical_path_sequence(taskgraph, target)
+        sequence = _critical_path_sequence(taskgraph, target, before, after)
         place = _earliest_start
     else:
         sequence = list(range(n))
         place = _round_robin
-    return _place(taskgraph, target, workers, sequence, place, role_workers, role)
+    return _place(taskgraph, target, workers, sequence, place, role_workers, role,
+                  adjacency(n, after, before))
 
 
 def _roles(taskgraph: TaskGraph, target: Target,
@@ -71,87 +76,93 @@ def _roles(taskgraph: TaskGraph, target: Target,
     return role_workers, [index[role] for role in taskgraph.roles]
 
 
-def _critical_path_sequence(taskgraph: TaskGraph, target: Target) -> list[int]:
+def _critical_path_sequence(taskgraph: TaskGraph, target: Target, before: np.ndarray,
+                            after: np.ndarray) -> list[int]:
     """Tasks in the order list scheduling picks them: among ready tasks, the largest
     bottom level first (ties: lowest id). The result is a topological order."""
-    level = bottom_levels(taskgraph, target)
-    succ = successors(taskgraph)
-    missing = [0] * len(level)
-    for dep in taskgraph.deps:
-        missing[dep.after] += 1
-    ready = [(-level[t], t) for t in range(len(level)) if missing[t] == 0]
+    level = bottom_levels(taskgraph, target, (before, after))
+    succ, bounds = adjacency(len(level), before, after)
+    missing = np.bincount(after, minlength=len(level))
+    ready = [(-level[t], t) for t in np.flatnonzero(missing == 0).tolist()]
     heapq.heapify(ready)
     sequence = []
     while ready:
         _, t = heapq.heappop(ready)
         sequence.append(t)
-        for s in succ[t]:
-            missing[s] -= 1
-            if missing[s] == 0:
-                heapq.heappush(ready, (-level[s], s))
+        s = succ[bounds[t]:bounds[t + 1]]
+        if len(s):
+            np.subtract.at(missing, s, 1)     # .at: a repeated dep counts each time
+            for u in sorted_unique(s[missing[s] == 0]).tolist():
+                heapq.heappush(ready, (-level[u], u))
     return sequence
 
 
-def _earliest_start(task, preds, worker_of, finish, free, latency, allowed, rank):
-    """The worker of `allowed` on which `task` can start first (ties: lowest index),
-    and when.
+def _earliest_start(preds, worker_of, finish, free, latency, allowed, rank):
+    """The worker of `allowed` (ascending) on which a task with predecessors `preds` can
+    start first (ties: lowest index), and when.
 
-    Every worker sees the remote arrival time of the latest predecessor, except the
-    few workers that ran predecessors themselves: only those need a closer look."""
-    latest: dict[int, float] = {}   # worker -> latest finish of a predecessor on it
-    for p in preds:
-        w = worker_of[p]
-        if finish[p] > latest.get(w, -1.0):
-            latest[w] = finish[p]
-    # The two latest finishing workers: a worker's remote arrival is the latest
-    # finish among the OTHER workers, plus the sync latency.
-    top = sorted(latest.items(), key=lambda item: (-item[1], item[0]))[:2]
-    remote = top[0][1] + latency if top else 0.0
+    Every worker sees the remote arrival time of the latest predecessor, plus the sync
+    latency, except the workers that ran predecessors themselves: on those the task
+    may start after their own latest predecessor and the latest finish among the OTHER
+    workers (plus the latency)."""
+    latest = np.full(len(free), -1.0)    # worker -> latest finish of a predecessor on it
+    np.maximum.at(latest, worker_of[preds], finish[preds])
+    ran = latest >= 0.0
+    remote, second = 0.0, 0.0            # `second`: the arrival seen by the top worker
+    top = -1
+    if len(preds):
+        top = int(np.argmax(latest))     # first maximum: ties go to the lowest worker
+        remote = latest[top] + latency
+        rest = latest.copy()
+        rest[top] = -1.0
+        runner_up = rest.max()
+        if runner_up >= 0.0:             # another worker ran a predecessor too
+            second = runner_up + latency
     best_w, best_t = -1, float("inf")
-    for w in allowed:
-        if w in latest:
-            continue
-        f = free[w]
-        t = f if f > remote else remote
-        if t < best_t:
-            best_w, best_t = w, t
-            if f <= remote:
-                break  # every later worker starts at `remote` or later
-    for w, mine in latest.items():
-        if len(allowed) != len(free) and w not in allowed:
-            continue
-        others = top[1][1] + latency if top[0][0] == w and len(top) > 1 else \
-            (0.0 if top[0][0] == w else remote)
-        t = max(free[w], mine, others)
-        if t < best_t or (t == best_t and w < best_w):
-            best_w, best_t = w, t
+    ran_allowed = ran[allowed]
+    idle = allowed[~ran_allowed]
+    if len(idle):
+        t = np.maximum(free[idle], remote)
+        i = int(np.argmin(t))
+        best_w, best_t = int(idle[i]), float(t[i])
+    busy = allowed[ran_allowed]
+    if len(busy):
+        others = np.where(busy == top, second, remote)
+        t = np.maximum(np.maximum(free[busy], latest[busy]), others)
+        i = int(np.argmin(t))
+        if t[i] < best_t or (t[i] == best_t and busy[i] < best_w):
+            best_w, best_t = int(busy[i]), float(t[i])
     return best_w, best_t
 
 
-def _round_robin(task, preds, worker_of, finish, free, latency, allowed, rank):
+def _round_robin(preds, worker_of, finish, free, latency, allowed, rank):
     """Tasks dealt to their role's workers in turn (`rank`: earlier tasks of the role)."""
-    w = allowed[rank % len(allowed)]
-    ready = max((finish[p] + (0.0 if worker_of[p] == w else latency) for p in preds),
-                default=0.0)
-    return w, max(free[w], ready)
+    w = int(allowed[rank % len(allowed)])
+    arrival = finish[preds] + np.where(worker_of[preds] == w, 0.0, latency)
+    ready = float(arrival.max()) if len(preds) else 0.0
+    return w, max(float(free[w]), ready)
 
 
 def _place(taskgraph: TaskGraph, target: Target, workers: int, sequence: list[int],
-           place, role_workers: list[tuple[int, ...]], role: list[int]) -> Schedule:
+           place, role_workers: list[tuple[int, ...]], role: list[int],
+           preds: tuple[np.ndarray, list[int]]) -> Schedule:
+    """Each task of `sequence` onto the worker `place` picks. `preds`: predecessor ids
+    grouped by task (cost.adjacency)."""
     n = len(taskgraph.tasks)
     times = task_times(taskgraph, target)
-    preds = predecessors(taskgraph)
+    pred_ids, bounds = preds
     latency = sync_latency_us(target)
     queues: list[list[int]] = [[] for _ in range(workers)]
-    free = [0.0] * workers
-    worker_of = [-1] * n
-    start = [0.0] * n
-    finish = [0.0] * n
+    free = np.zeros(workers)
+    worker_of = np.full(n, -1, dtype=np.int64)
+    start = np.zeros(n)
+    finish = np.zeros(n)
+    allowed = [np.array(ws, dtype=np.int64) for ws in role_workers]
     placed_in_role = [0] * len(role_workers)
     for t in sequence:
         r = role[t]
-        w, s = place(t, preds[t], worker_of, finish, free, latency, role_workers[r],
-                     placed_in_role[r])
+        w, s = place(pred_ids[bounds[t]:bounds[t + 1]], worker_of, finish, free, latency,
+                     allowed[r], placed_in_role[r])
         placed_in_role[r] += 1
         worker_of[t] = w
         start[t], finish[t] = s, s + times[t]
@@ -162,4 +173,4 @@ def _place(taskgraph: TaskGraph, target: Target, workers: int, sequence: list[in
                             f"could be ordered")
     return Schedule(taskgraph=taskgraph, target=target,
                     queues=tuple(tuple(q) for q in queues), order=tuple(sequence),
-                    start_us=tuple(start), finish_us=tuple(finish))
+                    start_us=tuple(start.tolist()), finish_us=tuple(finish.tolist()))

@@ -27,13 +27,14 @@ first; codegen sizes the record by `max(len(w) for w in schedule.waits)`.
 """
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import replace
 
 import numpy as np
 
 from tilec.errors import ScheduleError
 from tilec.ir.schedule import Event, Schedule, Wait
+from tilec.passes.cost import adjacency, edges, sorted_unique
 
 MAX_WAITS = 8
 
@@ -43,7 +44,7 @@ def sync(schedule: Schedule, max_waits: int = MAX_WAITS) -> Schedule:
     where = _positions(schedule.queues, len(tasks))
     needs = _cross_worker_needs(schedule, where)
     event_of, members = _blocks(schedule, needs)
-    wanted = [sorted({event_of[p] for p in needs[t]}) for t in range(len(tasks))]
+    wanted = _wanted(needs, event_of, len(tasks))
     kept = _prune(schedule, where, event_of, members, wanted)
     kept, event_of, members = _cap(schedule, kept, event_of, members, max_waits)
     events = tuple(Event(e, len(m)) for e, m in enumerate(members))
@@ -66,35 +67,48 @@ def _positions(queues, n: int) -> list[tuple[int, int]]:
     return where
 
 
-def _cross_worker_needs(schedule: Schedule, where) -> list[list[int]]:
-    """Per task, the producers on other workers it must wait for."""
-    needs: list[set[int]] = [set() for _ in schedule.taskgraph.tasks]
-    for dep in schedule.taskgraph.deps:
-        (wb, ib), (wa, ia) = where[dep.before], where[dep.after]
-        if wb == wa:
-            if ib > ia:
-                raise ScheduleError(
-                    f"task {dep.after} runs before task {dep.before} on worker {wa} but "
-                    f"depends on it ({dep.kind} on buffer {dep.buffer!r})")
-            continue
-        needs[dep.after].add(dep.before)
-    return [sorted(s) for s in needs]
+def _cross_worker_needs(schedule: Schedule, where) -> tuple[np.ndarray, np.ndarray]:
+    """(producer, consumer) pairs, unique and sorted by consumer then producer: the
+    producers on other workers each task must wait for. Arrays, not per-task sets: a
+    decode step has millions of deps."""
+    n = len(schedule.taskgraph.tasks)
+    before, after = edges(schedule.taskgraph)
+    worker = np.array([w for w, _ in where], dtype=np.int64).reshape(n)
+    pos = np.array([i for _, i in where], dtype=np.int64).reshape(n)
+    same = worker[before] == worker[after]
+    wrong = np.flatnonzero(same & (pos[before] > pos[after]))
+    if len(wrong):
+        dep = schedule.taskgraph.deps[wrong[0]]
+        raise ScheduleError(
+            f"task {dep.after} runs before task {dep.before} on worker {worker[dep.after]} "
+            f"but depends on it ({dep.kind} on buffer {dep.buffer!r})")
+    key = sorted_unique(after[~same] * n + before[~same])
+    return key % n, key // n
+
+
+def _wanted(needs, event_of: list[int], n: int) -> list[list[int]]:
+    """Per task, the events (ascending) of the producers it needs."""
+    producer, consumer = needs
+    events = max(event_of, default=0) + 1
+    key = sorted_unique(consumer * events + np.array(event_of, dtype=np.int64)[producer])
+    flat, bounds = adjacency(n, key // events, key % events)
+    flat = flat.tolist()
+    return [flat[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def _blocks(schedule: Schedule, needs) -> tuple[list[int], list[list[int]]]:
     """event id per task, and the tasks of each event. Tasks of one group with the
     same consumers form one block; ids follow the lowest task id of each block."""
     tasks = schedule.taskgraph.tasks
-    consumers: list[list[int]] = [[] for _ in tasks]
-    for t in range(len(tasks)):          # ascending, so each list comes out sorted
-        for p in needs[t]:
-            consumers[p].append(t)
-    rank = {t: i for i, t in enumerate(schedule.order)}
-    whole = _whole_group_events(tasks, consumers, rank)
+    producer, consumer = needs
+    flat, bounds = adjacency(len(tasks), producer, consumer)   # consumers ascending
+    flat = flat.tolist()
+    consumers = [tuple(flat[a:b]) for a, b in zip(bounds, bounds[1:])]
+    whole = _whole_group_events(schedule, consumers, needs)
     ids: dict[tuple, int] = {}
     event_of, members = [], []
     for task in tasks:
-        key = (task.group,) if task.group in whole else (task.group, tuple(consumers[task.id]))
+        key = (task.group,) if task.group in whole else (task.group, consumers[task.id])
         if key not in ids:
             ids[key] = len(members)
             members.append([])
@@ -103,7 +117,7 @@ def _blocks(schedule: Schedule, needs) -> tuple[list[int], list[list[int]]]:
     return event_of, members
 
 
-def _whole_group_events(tasks, consumers, rank, max_blocks: int = 4) -> set[str]:
+def _whole_group_events(schedule: Schedule, consumers, needs, max_blocks: int = 4) -> set[str]:
     """Groups that get one event for all their tasks instead of one per block.
 
     Exact blocks fragment when consumers need different subsets (e.g. a residual add
@@ -112,25 +126,30 @@ def _whole_group_events(tasks, consumers, rank, max_blocks: int = 4) -> set[str]
     consumer in the global order (a consumer then waits only for tasks that come
     first: no deadlock); it only makes some consumers wait for tiles they do not read,
     which in a decode step they mostly depend on transitively anyway."""
-    blocks: dict[str, set] = defaultdict(set)
-    last: dict[str, int] = defaultdict(lambda: -1)
-    first_consumer: dict[str, int] = {}
+    tasks = schedule.taskgraph.tasks
+    names = list(dict.fromkeys(task.group for task in tasks))
+    index = {g: i for i, g in enumerate(names)}
+    group = np.array([index[task.group] for task in tasks], dtype=np.int64)
+    rank = np.empty(len(tasks), dtype=np.int64)
+    rank[np.array(schedule.order, dtype=np.int64)] = np.arange(len(schedule.order))
+    last = np.full(len(names), -1, dtype=np.int64)
+    np.maximum.at(last, group, rank)
+    first_consumer = np.full(len(names), len(tasks), dtype=np.int64)
+    producer, consumer = needs
+    np.minimum.at(first_consumer, group[producer], rank[consumer])
+    blocks: list[set] = [set() for _ in names]
     for task in tasks:
-        g = task.group
-        blocks[g].add(tuple(consumers[task.id]))
-        last[g] = max(last[g], rank[task.id])
-        for c in consumers[task.id]:
-            first_consumer[g] = min(first_consumer.get(g, rank[c]), rank[c])
-    return {g for g, b in blocks.items()
-            if len(b) > max_blocks and last[g] < first_consumer.get(g, len(rank))}
+        blocks[group[task.id]].add(consumers[task.id])
+    return {g for i, g in enumerate(names)
+            if len(blocks[i]) > max_blocks and last[i] < first_consumer[i]}
 
 
 def _join(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.maximum(a, b)
 
 
-def _covers(clock: np.ndarray, need: dict[int, int]) -> bool:
-    return all(clock[w] >= n for w, n in need.items())
+def _covers(clock: np.ndarray, need: np.ndarray) -> bool:
+    return bool((clock >= need).all())
 
 
 def _prune(schedule: Schedule, where, event_of, members, wanted) -> list[list[int]]:
@@ -138,12 +157,11 @@ def _prune(schedule: Schedule, where, event_of, members, wanted) -> list[list[in
     workers = len(schedule.queues)
     rank = {t: i for i, t in enumerate(schedule.order)}
     latest = [max(rank[t] for t in m) for m in members]
-    need: dict[int, dict[int, int]] = {}    # event -> worker -> 1 + last signaller pos
-    for e, m in enumerate(members):
-        need[e] = {}
-        for t in m:
-            w, i = where[t]
-            need[e][w] = max(need[e].get(w, 0), i + 1)
+    # need[e][w]: 1 + the queue position of event e's last signaller on worker w (0: none)
+    need = np.zeros((len(members), workers), dtype=np.int64)
+    np.maximum.at(need, (np.array(event_of, dtype=np.int64),
+                         np.array([w for w, _ in where], dtype=np.int64)),
+                  np.array([i + 1 for _, i in where], dtype=np.int64))
     after: list = [None] * len(event_of)     # VC-after per task
     event_clock: dict[int, np.ndarray] = {}
     zero = np.zeros(workers, dtype=np.int64)
@@ -288,6 +306,9 @@ def happens_before_clocks(schedule: Schedule) -> np.ndarray:
     for t, e in enumerate(schedule.signal):
         signallers.setdefault(e, []).append(t)
     clocks = np.zeros((n, max(1, len(schedule.queues))), dtype=np.int64)
+    # An event's clock (the join of its signallers'), once per event: every signaller
+    # of an event waited on in full comes before the waiter in `order`.
+    event_clock: dict[int, np.ndarray] = {}
     for t in order:
         w, i = where[t]
         if i:
@@ -295,6 +316,8 @@ def happens_before_clocks(schedule: Schedule) -> np.ndarray:
         for wait in schedule.waits[t]:
             ss = signallers.get(wait.event, [])
             if ss and wait.count >= len(ss):
-                clocks[t] = np.maximum(clocks[t], clocks[ss].max(axis=0))
+                if wait.event not in event_clock:
+                    event_clock[wait.event] = clocks[ss].max(axis=0)
+                np.maximum(clocks[t], event_clock[wait.event], out=clocks[t])
         clocks[t, w] = i + 1
     return clocks

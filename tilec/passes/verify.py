@@ -21,6 +21,7 @@ from tilec.passes.sync import happens_before_clocks, wait_order
 CHECKS = ("each_task_once", "global_order", "thresholds", "conflicts_ordered",
           "kv_appends_ordered", "regions_in_buffers", "arena_disjoint", "roles_respected")
 MAX_REPORTED = 50   # per check; a broken schedule can have millions of violations
+BLOCK_CELLS = 1 << 22   # box comparisons per numpy sweep (bounds the temporary arrays)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ class _Context:
             and all(0 <= w.event < len(schedule.events) for ws in schedule.waits for w in ws)
         self.clocks = None
         self.before_clocks = None   # clocks just before each task runs (arena check)
+        # Per buffer, for the arena check (_all_before): per worker, 1 + the position of
+        # its last user there; and the least clock just before any of its users runs.
+        self.last_done: dict[str, np.ndarray] = {}
+        self.first_start: dict[str, np.ndarray] = {}
 
     def who(self, t: int) -> str:
         group = self.tasks[t].group if 0 <= t < self.n else "?"
@@ -174,7 +179,7 @@ def _fmt(region: Region) -> str:
 
 
 def _conflicts_ordered(ctx: _Context) -> list[str]:
-    """Each write against every access of its buffer, one numpy sweep per write:
+    """Each write against every access of its buffer, a block of writes per numpy sweep:
     overlapping boxes, then the clock test in the direction of program order."""
     if ctx.clocks is None:
         return ["conflicts_ordered: not checkable without a valid global order"]
@@ -197,20 +202,24 @@ def _conflicts_ordered(ctx: _Context) -> list[str]:
         task = np.array([t for t, _, _ in acc], dtype=np.int64)
         write = np.array([w for _, _, w in acc], dtype=bool)
         index = np.arange(len(acc))
-        for x in np.flatnonzero(write):
-            a = task[x]
-            # Each unordered pair once: this write against reads, and writes after it.
-            candidates = (task != a) & (~write | (index > x)) & \
-                np.all((lo < hi[x]) & (lo[x] < hi), axis=1)
-            ys = np.flatnonzero(candidates)
+        xs_all = np.flatnonzero(write)
+        block = max(1, BLOCK_CELLS // (len(acc) * ndim))
+        for start in range(0, len(xs_all), block):
+            xs = xs_all[start:start + block]
+            # Each unordered pair once: a write against reads, and writes after it.
+            candidates = (task[None, :] != task[xs, None]) & \
+                (~write[None, :] | (index[None, :] > xs[:, None])) & \
+                np.all((lo[None, :, :] < hi[xs, None, :]) & (lo[xs, None, :] < hi[None, :, :]),
+                       axis=2)
+            xi, ys = np.nonzero(candidates)     # by write, then by access: the old order
             if not len(ys):
                 continue
-            bs = task[ys]
-            first = np.minimum(bs, a)
-            second = np.maximum(bs, a)
+            a_ids, b_ids = task[xs[xi]], task[ys]
+            first = np.minimum(a_ids, b_ids)
+            second = np.maximum(a_ids, b_ids)
             ordered = ctx.clocks[second, worker[first]] > pos[first]
-            for y in ys[~ordered]:
-                b = int(task[y])
+            for x, y in zip(xs[xi[~ordered]].tolist(), ys[~ordered].tolist()):
+                a, b = int(task[x]), int(task[y])
                 key = (min(a, b), max(a, b))
                 if key not in found:
                     kind = "WAW" if write[y] else ("WAR" if b < a else "RAW")
@@ -238,15 +247,36 @@ def _kv_appends_ordered(ctx: _Context) -> list[str]:
         return []
     if ctx.clocks is None:
         return ["kv_appends_ordered: not checkable without a valid global order"]
+    reads: dict[str, list[tuple[int, Region]]] = {}    # in task order, then read order
+    for task in ctx.tasks:
+        for r in task.reads:
+            if kinds.get(r.buffer) == "state":
+                reads.setdefault(r.buffer, []).append((task.id, r))
     out = []
     for a, w in writes:
-        for task in ctx.tasks[a + 1:]:
-            for r in task.reads:
-                if r.overlaps(w) and not ctx.hb(a, task.id):
-                    out.append(f"kv_appends_ordered: {ctx.who(a)} appends {_fmt(w)} but "
-                               f"{ctx.who(task.id)} reads {_fmt(r)} without waiting for it "
-                               f"(missing edge {a} -> {task.id})")
-                    break
+        rs = reads.get(w.buffer, [])
+        if not rs:
+            continue
+        far = 1 << 62   # zip in Region.overlaps: dims past the shorter box overlap
+        ndim = max(len(w.box), max(len(r.box) for _, r in rs))
+        lo = np.array([[x for x, _ in r.box] + [-far] * (ndim - len(r.box)) for _, r in rs],
+                      dtype=np.int64).reshape(len(rs), ndim)
+        hi = np.array([[y for _, y in r.box] + [far] * (ndim - len(r.box)) for _, r in rs],
+                      dtype=np.int64).reshape(len(rs), ndim)
+        w_lo = np.array([x for x, _ in w.box] + [-far] * (ndim - len(w.box)), dtype=np.int64)
+        w_hi = np.array([y for _, y in w.box] + [far] * (ndim - len(w.box)), dtype=np.int64)
+        tid = np.array([t for t, _ in rs], dtype=np.int64)
+        wa, ia = ctx.where[a]
+        racy = (tid > a) & np.all((lo < w_hi) & (w_lo < hi), axis=1) & \
+            (ctx.clocks[tid, wa] <= ia)
+        reported = set()
+        for k in np.flatnonzero(racy).tolist():
+            b, r = rs[k]
+            if b not in reported:   # one line per reading task: its first racy read
+                reported.add(b)
+                out.append(f"kv_appends_ordered: {ctx.who(a)} appends {_fmt(w)} but "
+                           f"{ctx.who(b)} reads {_fmt(r)} without waiting for it "
+                           f"(missing edge {a} -> {b})")
     return out
 
 
@@ -333,8 +363,7 @@ def _sharing_problem(ctx: _Context, x: Buffer, y: Buffer, users) -> str:
             return f"no task touches {b.name!r}, so its lifetime is unknown"
     if ctx.clocks is None:
         return "lifetimes not checkable without a valid global order"
-    if _all_before(ctx, users[x.name], users[y.name]) or \
-            _all_before(ctx, users[y.name], users[x.name]):
+    if _all_before(ctx, users, x.name, y.name) or _all_before(ctx, users, y.name, x.name):
         return ""
     a, b = _witness(ctx, users[x.name], users[y.name])
     c, d = _witness(ctx, users[y.name], users[x.name])
@@ -343,18 +372,24 @@ def _sharing_problem(ctx: _Context, x: Buffer, y: Buffer, users) -> str:
             f"happen-before {ctx.who(d)} on {x.name!r})")
 
 
-def _all_before(ctx: _Context, first: list[int], then: list[int]) -> bool:
-    """Every task of `first` happens-before every task of `then`: first's last position
-    per worker against the least of then's clocks just before each of its tasks."""
+def _all_before(ctx: _Context, users: dict[str, list[int]], first: str, then: str) -> bool:
+    """Every task touching buffer `first` happens-before every task touching `then`:
+    first's last position per worker against the least of then's clocks just before
+    each of its tasks. Both summaries are kept per buffer: a pool has thousands of
+    overlapping pairs."""
     if ctx.before_clocks is None:
         ctx.before_clocks = np.array(ctx.clocks, dtype=np.int64)
         for t, (w, i) in ctx.where.items():
             ctx.before_clocks[t, w] = i
-    need = np.zeros(ctx.before_clocks.shape[1], dtype=np.int64)
-    for t in first:
-        w, i = ctx.where[t]
-        need[w] = max(need[w], i + 1)
-    return bool(np.all(ctx.before_clocks[then].min(axis=0) >= need))
+    if first not in ctx.last_done:
+        need = np.zeros(ctx.before_clocks.shape[1], dtype=np.int64)
+        for t in users[first]:
+            w, i = ctx.where[t]
+            need[w] = max(need[w], i + 1)
+        ctx.last_done[first] = need
+    if then not in ctx.first_start:
+        ctx.first_start[then] = ctx.before_clocks[users[then]].min(axis=0)
+    return bool(np.all(ctx.first_start[then] >= ctx.last_done[first]))
 
 
 def _witness(ctx: _Context, first: list[int], then: list[int]) -> tuple[int, int]:
