@@ -271,7 +271,8 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
                               seed=seed, progress=Progress(on_stage),
                               dump_dir=os.fspath(dump_dir) if dump_dir is not None else None,
                               generation=generation,
-                              weights_ready=weights.wait if weights is not None else None)
+                              weights_ready=weights.wait if weights is not None else None,
+                              release_constants=cfg is not None)   # tilec built the module
     finally:
         if weights is not None:
             weights.cancel()   # a compile that failed leaves no thread drawing

@@ -88,3 +88,30 @@ def test_draw_errors_reach_the_waiter(tmp_path, monkeypatch):
     _, _, pending = cfgmod.build_model_async(family_config(tmp_path))
     with pytest.raises(RuntimeError, match="no memory left"):
         pending.wait()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_packing_a_yaml_model_frees_its_weights_and_packs_the_same_pools(tmp_path, tied):
+    """A yaml-built model's weights are freed as pack copies them into the pools (the
+    compile's peak is then one copy of the weights); the pools are the same bytes as
+    those of a compile of the same module that keeps its weights (a caller's module),
+    tied embeddings included (two parameters, one storage)."""
+    import yaml
+
+    import tilec.api
+
+    path = tmp_path / "tiny.yaml"
+    config = dict(TINY, tie_word_embeddings=tied)
+    path.write_text(yaml.safe_dump({"model": {"family": "llama", "config": config,
+                                              "max_seq_len": 16}, "seed": 3}))
+    from_yaml = tilec.api.compile(str(path))
+    cfg = cfgmod.load_config(str(path))
+    module, inputs = cfgmod.build_model(cfg)
+    kept = {name: p.clone() for name, p in module.state_dict().items()}
+    from_module = tilec.api.compile(module, inputs)
+    pools = [k for k in from_yaml.data.tensors if k.startswith("pool.")]
+    assert pools
+    for k in pools:
+        assert torch.equal(from_yaml.data.tensors[k], from_module.data.tensors[k]), k
+    for name, p in module.state_dict().items():    # the caller's module keeps its weights
+        assert torch.equal(p, kept[name]), name

@@ -15,6 +15,7 @@ import functools
 import gc
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -132,10 +133,13 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
                    input_info: tuple[InputInfo, ...] = (), seed: int = 0,
                    progress: Progress | None = None, dump_dir: str | None = None,
                    generation: GenerationSpec | None = None,
-                   weights_ready: Callable[[], None] | None = None) -> Engine:
+                   weights_ready: Callable[[], None] | None = None,
+                   release_constants: bool = False) -> Engine:
     """`weights_ready`, if given, blocks until the module's weights are written: the
     stages before `pack` read only shapes, so a family model's random weights are drawn
-    meanwhile (config.PendingWeights); the wait is timed as the stage `weights`."""
+    meanwhile (config.PendingWeights); the wait is timed as the stage `weights`.
+    `release_constants`: the module is tilec's own and may lose its weights to `pack`
+    (see there); it is unusable afterwards."""
     progress = progress or Progress()
     dump = _Dumper(dump_dir)
     ep = progress.run("export", frontend.export, module, example_inputs)
@@ -176,7 +180,7 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
     if weights_ready is not None:
         progress.run("weights", weights_ready)
     engine = progress.run("pack", pack, sched, rendered, lowered, max_waits, name,
-                          input_info, seed, binary)
+                          input_info, seed, binary, release_constants)
     if generation is not None:
         engine.manifest = replace(engine.manifest, generation=generation)
     return engine
@@ -189,14 +193,20 @@ def render_schedule(sched: Schedule, max_waits: int, name: str) -> Rendered:
 
 def pack(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered, max_waits: int,
          name: str, input_info: tuple[InputInfo, ...], seed: int,
-         binary: AOTKernel | None = None) -> Engine:
+         binary: AOTKernel | None = None, release_constants: bool = False) -> Engine:
+    """`release_constants`: the module is tilec's own (built from a model.yaml), so each
+    weight's memory is freed once it is copied into its pool: the peak is then one copy
+    of the weights, not two. Never for a caller's module."""
     tensors = encode_tables(sched, rendered.opcodes, max_waits)
     tensors["args"] = torch.tensor(rendered.args, dtype=torch.int64).reshape(
         len(rendered.args), rendered.max_args)
     placed = {b.name: b for b in sched.buffers}
+    users = Counter(_storage(t) for t in lowered.constants.values()) if release_constants \
+        else None
     for pool in sched.pools:
         if pool.kind in ("weight", "state"):
-            tensors[f"pool.{pool.name}"] = fill_pool(pool, sched.buffers, lowered.constants)
+            tensors[f"pool.{pool.name}"] = fill_pool(pool, sched.buffers, lowered.constants,
+                                                     users)
     info = {i.name: i for i in input_info}
     inputs = []
     for user_name, value in zip(lowered.input_names, lowered.graph.inputs):
@@ -219,17 +229,29 @@ def pack(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered, max_wai
     return Engine(manifest, rendered.source, tensors, aot=binary)
 
 
-def fill_pool(pool, buffers, constants: dict[str, torch.Tensor]) -> torch.Tensor:
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def fill_pool(pool, buffers, constants: dict[str, torch.Tensor],
+              users: Counter | None = None) -> torch.Tensor:
     """One flat pool: each constant at its buffer's offset, zeros elsewhere. Only the
     gaps are zeroed (zeroing a pool of weights, then writing every byte again, cost a
-    second pass over gigabytes)."""
+    second pass over gigabytes). With `users` (constants per storage, counted over all
+    pools), a constant's storage is freed after the last constant in it is copied."""
     data = torch.empty(pool.numel, dtype=TORCH_DTYPES[pool.dtype])
     spans = []
     for b in buffers:
         if b.pool == pool.name and b.name in constants:
-            value = constants[b.name].to(data.dtype).contiguous().reshape(-1)
+            constant = constants[b.name]
+            value = constant.to(data.dtype).contiguous().reshape(-1)
             data[b.offset:b.offset + value.numel()] = value
             spans.append((b.offset, b.offset + value.numel()))
+            if users is not None:
+                users[_storage(constant)] -= 1
+                if users[_storage(constant)] == 0:
+                    del value
+                    constant.untyped_storage().resize_(0)
     end = 0
     for start, stop in sorted(spans) + [(pool.numel, pool.numel)]:
         if start > end:
