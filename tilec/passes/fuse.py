@@ -372,8 +372,8 @@ def _attention_partner(grp: _Group, g: int, groups: list[_Group], group_of, ops,
     a, b = pv.inputs
     if a.value != p or b.value == p or not _aligned(a, ops[p], grp.rows, grp.cols):
         return None
-    if groups[h].rows != grp.rows or a.shape[-1] != grp.cols:
-        return None
+    if pv.type.shape[:-1] != ops[grp.anchor].type.shape[:-1] or a.shape[-1] != grp.cols:
+        return None   # tiles index both products by the scores' batch and rows
     head_dim = ops[grp.anchor].inputs[0].shape[-1]
     if head_dim > MAX_HEAD_DIM or pv.type.cols > MAX_HEAD_DIM:
         return None
