@@ -206,21 +206,30 @@ class Layer(nn.Module):
         return h + self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class LlamaDecodeStep(nn.Module):
-    """forward(token [1] int64, pos [1] int64) -> {"logits": [1, vocab], "next_token": [1]}"""
+class DecoderStep(nn.Module):
+    """What the decode-step families share: token embeddings, `num_hidden_layers` of
+    `layer(cfg, max_seq_len)`, the final RMSNorm, an lm_head (the embeddings, if tied)
+    and the cache positions 0..max_seq_len-1 (the causal mask compares them to `pos`)."""
 
-    def __init__(self, cfg: LlamaConfig, max_seq_len: int):
+    def __init__(self, cfg, max_seq_len: int, layer):
         super().__init__()
         self.cfg = cfg
         self.max_seq_len = max_seq_len
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Layer(cfg, max_seq_len) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(layer(cfg, max_seq_len) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.register_buffer("positions", torch.arange(max_seq_len), persistent=False)
+
+
+class LlamaDecodeStep(DecoderStep):
+    """forward(token [1] int64, pos [1] int64) -> {"logits": [1, vocab], "next_token": [1]}"""
+
+    def __init__(self, cfg: LlamaConfig, max_seq_len: int):
+        super().__init__(cfg, max_seq_len, Layer)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     @staticmethod
     def empty(cfg: LlamaConfig, max_seq_len: int, dtype: torch.dtype) -> "LlamaDecodeStep":

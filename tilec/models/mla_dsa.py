@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from tilec.errors import ConfigError
-from tilec.models.llama import RMSNorm, swap_halves
+from tilec.models.llama import DecoderStep, RMSNorm, swap_halves
 
 
 @dataclass(frozen=True)
@@ -165,20 +165,11 @@ class Layer(nn.Module):
         return (o_latent.unsqueeze(1) @ w_uv.transpose(1, 2)).reshape(1, heads * c.v_head_dim)
 
 
-class MlaDsaDecodeStep(nn.Module):
+class MlaDsaDecodeStep(DecoderStep):
     """forward(token [1] int64, pos [1] int64) -> {"logits": [1, vocab], "next_token": [1]}"""
 
     def __init__(self, cfg: MlaDsaConfig, max_seq_len: int):
-        super().__init__()
-        self.cfg = cfg
-        self.max_seq_len = max_seq_len
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Layer(cfg, max_seq_len) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("positions", torch.arange(max_seq_len), persistent=False)
+        super().__init__(cfg, max_seq_len, Layer)
         self.register_buffer("inv_freq", rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta),
                              persistent=False)
 
