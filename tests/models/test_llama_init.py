@@ -115,3 +115,29 @@ def test_packing_a_yaml_model_frees_its_weights_and_packs_the_same_pools(tmp_pat
         assert torch.equal(from_yaml.data.tensors[k], from_module.data.tensors[k]), k
     for name, p in module.state_dict().items():    # the caller's module keeps its weights
         assert torch.equal(p, kept[name]), name
+
+
+def test_a_weight_pack_cannot_free_stays_and_the_compile_succeeds(tmp_path):
+    """A module-form model.yaml whose factory hands over numpy-backed weights (torch
+    cannot resize that memory): pack copies it and leaves it alone."""
+    import numpy as np
+
+    import tilec.api
+
+    (tmp_path / "np_model.py").write_text(
+        "import numpy as np\nimport torch\nfrom torch import nn\n\n"
+        "WEIGHT = np.arange(64, dtype=np.float32).reshape(8, 8) / 64\n\n"
+        "class Scale(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.register_buffer('w', torch.from_numpy(WEIGHT))\n\n"
+        "    def forward(self, x):\n"
+        "        return x @ self.w\n")
+    (tmp_path / "np_model.yaml").write_text(
+        "model: {module: np_model.py:Scale}\n"
+        "inputs: [{name: x, shape: [2, 8], dtype: float32}]\n")
+    engine = tilec.api.compile(str(tmp_path / "np_model.yaml"))
+    x = torch.randn(2, 8)
+    out = engine.run(backend="reference", x=x)
+    expected = x @ torch.from_numpy(np.arange(64, dtype=np.float32).reshape(8, 8) / 64)
+    assert torch.allclose(next(iter(out.values())), expected, atol=1e-5)

@@ -251,7 +251,10 @@ def fill_pool(pool, buffers, constants: dict[str, torch.Tensor],
                 users[_storage(constant)] -= 1
                 if users[_storage(constant)] == 0:
                     del value
-                    constant.untyped_storage().resize_(0)
+                    try:
+                        constant.untyped_storage().resize_(0)
+                    except RuntimeError:
+                        pass   # not ours to free (numpy or mmap memory): it stays
     end = 0
     for start, stop in sorted(spans) + [(pool.numel, pool.numel)]:
         if start > end:
