@@ -229,6 +229,13 @@ def test_run_with_unreadable_inputs_file(capsys, engine_path, tmp_path):
     assert_one_line_error(code, err)
 
 
+@pytest.mark.parametrize("flag", ["--profile", "--output"])
+def test_run_to_a_missing_folder_fails_before_running(capsys, engine_path, tmp_path, flag):
+    code, out, err = run_cli(capsys, "run", engine_path, flag, tmp_path / "absent" / "f")
+    assert_one_line_error(code, err)
+    assert "cannot write" in err and "ran " not in out
+
+
 # ---- bad model.yaml ----------------------------------------------------------------------
 
 MLP_PY = textwrap.dedent('''

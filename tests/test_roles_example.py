@@ -111,5 +111,6 @@ def test_a_worker_count_that_leaves_a_worker_without_a_role_is_an_error(capsys, 
                            tmp_path / "e.engine", "--workers", "4")
     assert code == 2
     assert err.strip().splitlines()[-1] == (
-        "error: target.roles: worker 3 belongs to no role (list it in a role's workers, or "
+        f"error: {EXAMPLES / 'llama_tiny_roles.yaml'}: target.roles: worker 3 belongs to "
+        "no role (list it in a role's workers, or "
         "leave `workers` out of one role so it takes the rest)")

@@ -10,6 +10,7 @@ Import it as `tilec` (the names are re-exported there); this module is where the
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import replace
@@ -240,9 +241,11 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
             cfg = replace(cfg, seed=seed)
         t, s = cfg.target, cfg.schedule
         workers = t.workers if workers is None else workers   # 0 is an error, not "unset"
-        options = target_options(target or t.name, workers, policy or s.policy,
-                                 tile_m or s.tile_m, tile_n or s.tile_n, tile_k or s.tile_k,
-                                 kv_chunk=kv_chunk or s.kv_chunk, roles=t.roles or ())
+        with _naming_the_yaml(cfg):
+            options = target_options(target or t.name, workers, policy or s.policy,
+                                     tile_m or s.tile_m, tile_n or s.tile_n,
+                                     tile_k or s.tile_k, kv_chunk=kv_chunk or s.kv_chunk,
+                                     roles=t.roles or ())
         # After the options are checked: from here a family model's weights are being
         # drawn in the background until compile_module has them (config.PendingWeights).
         module, inputs, weights = cfgmod.build_model_async(cfg)
@@ -267,17 +270,31 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
         seed = seed or 0
     options = replace(options, aot=aot)
     try:
-        data = compile_module(module, inputs, name=name, options=options, input_info=info,
-                              seed=seed, progress=Progress(on_stage),
-                              dump_dir=os.fspath(dump_dir) if dump_dir is not None else None,
-                              generation=generation,
-                              weights_ready=weights.wait if weights is not None else None,
-                              release_constants=cfg is not None)   # tilec built the module
+        with _naming_the_yaml(cfg):
+            data = compile_module(
+                module, inputs, name=name, options=options, input_info=info, seed=seed,
+                progress=Progress(on_stage),
+                dump_dir=os.fspath(dump_dir) if dump_dir is not None else None,
+                generation=generation,
+                weights_ready=weights.wait if weights is not None else None,
+                release_constants=cfg is not None)   # tilec built the module
     finally:
         if weights is not None:
             weights.cancel()   # a compile that failed leaves no thread drawing
     data.tokenizer = tokenizer
     return Engine(data)
+
+
+@contextlib.contextmanager
+def _naming_the_yaml(cfg):
+    """Roles are checked against the final worker count and the traced model, after the
+    yaml is parsed: their errors name a yaml key path, so prefix the yaml file too."""
+    try:
+        yield
+    except ConfigError as e:
+        if cfg is None or not str(e).startswith("target."):
+            raise
+        raise ConfigError(f"{cfg.path}: {e}") from None
 
 
 def _check_options(cfgmod, dtype: str | None, policy: str | None, **tiles: int | None) -> None:
@@ -287,9 +304,9 @@ def _check_options(cfgmod, dtype: str | None, policy: str | None, **tiles: int |
     if policy is not None and policy not in cfgmod.POLICIES:
         raise ConfigError(f"policy: expected {' | '.join(cfgmod.POLICIES)}, found {policy!r}")
     for key, value in tiles.items():
-        low = 16 if key == "kv_chunk" else 1
-        if value is not None and (not cfgmod._is_int(value) or value < low or value & (value - 1)):
-            raise ConfigError(f"{key}: expected a power of two >= {low}, found {value!r}")
+        expected = cfgmod.tile_size_problem(key, value)
+        if expected:
+            raise ConfigError(f"{key}: expected {expected}, found {value!r}")
 
 
 def _decoder_extras(cfg, module):

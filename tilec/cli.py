@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--trust-engine-code", action="store_true",
                    help="run the stored kernel even if it differs from what this tilec renders")
     r.add_argument("--profile", metavar="FILE",
-                   help="write the measured timeline (one span per task, host clock) as "
-                        "Chrome/Perfetto trace JSON; CPU backends only")
+                   help="write the measured timeline (one span per task: host clock on "
+                        "CPU backends, the GPU's global timer on gpu) as Chrome/Perfetto "
+                        "trace JSON")
 
     i = sub.add_parser("inspect", help="show an engine's schedule")
     i.add_argument("engine")
@@ -133,6 +135,8 @@ def cmd_run(args) -> int:
 
     from tilec.api import load
 
+    for path in (args.profile, args.output, args.logits_out):
+        _check_writable(path)   # before the run, not after it
     engine = load(args.engine, trust_engine_code=args.trust_engine_code)
     if args.profile:  # the executor run / generate use below, cached by the engine
         engine.executor(args.backend, args.policy, args.seed).start_profile()
@@ -177,6 +181,12 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _check_writable(path: str | None) -> None:
+    folder = os.path.dirname(os.path.abspath(path)) if path else None
+    if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        raise TilecError(f"cannot write {path}: {folder} is not a writable folder")
+
+
 def _write_profile(engine, args) -> None:
     if not args.profile:
         return
@@ -185,8 +195,11 @@ def _write_profile(engine, args) -> None:
 
     ex = engine.executor(args.backend, args.policy, args.seed)
     data = engine.data
-    write_chrome_trace(measured(data.manifest, data.schedule(), ex.trace, ex.backend),
-                       args.profile)
+    try:
+        write_chrome_trace(measured(data.manifest, data.schedule(), ex.trace, ex.backend),
+                           args.profile)
+    except OSError as e:
+        raise TilecError(f"cannot write {e.filename}: {e.strerror}") from None
     print(f"wrote {args.profile}: {len(ex.trace)} task spans measured on {ex.backend}",
           file=sys.stderr)
 

@@ -50,6 +50,8 @@ def test_worker_forms_and_the_role_that_takes_the_rest():
     ({"a": {"workers": []}}, r"target\.roles\.a\.workers: expected worker ids"),
     ({"a": {"workers": "3-1"}}, r"target\.roles\.a\.workers: expected worker ids"),
     ({"a": {"workers": [-1]}}, r"target\.roles\.a\.workers: expected worker ids"),
+    ({"a": {"workers": "0-1000000000"}}, r"target\.roles\.a\.workers: expected worker ids"),
+    ({"a": {"workers": [1 << 40]}}, r"target\.roles\.a\.workers: expected worker ids"),
     ({"a": {"workers": [0, "0-1"]}}, r"target\.roles\.a\.workers: worker 0 is listed twice"),
     ({"a": {"workers": [4]}}, r"target\.roles\.a\.workers: worker 4 does not exist \(the "
                               r"target has 4 workers: 0-3\)"),

@@ -54,7 +54,7 @@ def assert_broken(s: Schedule, check_name: str | None = None) -> None:
     if check_name:
         assert not report.checks[check_name], report.violations
     with pytest.raises(ScheduleError):
-        check(s)
+        check(verify(s))
 
 
 # ---------------------------------------------------------------- hand-built graphs
@@ -202,7 +202,7 @@ def test_violation_messages_name_tasks_and_buffers():
     s = compile_schedule(chain(3), 2, policy="round_robin")
     broken = replace(s, waits=tuple(() for _ in s.waits))
     with pytest.raises(ScheduleError, match=r"RAW on buffer 'x0'.*task 0 .*group g0.*task 1"):
-        check(broken)
+        check(verify(broken))
     cyclic = replace(s, queues=((1, 0), (2,)))   # task 1 waits on task 0, now after it
     report = verify(cyclic)
     assert not report.checks["global_order"]

@@ -67,7 +67,7 @@ def render(fused: FusedGraph, tilings: tuple[GroupTiling, ...], buffers: tuple[B
         key = f"{aligned}\n{body}"
         if key not in bodies:
             bodies[key] = len(blocks)
-            label = g.name.split("_", 1)[1] if "_" in g.name else g.name
+            label = g.label
             blocks.append({"opcode": len(blocks), "comment": f"{label} (first: {g.name})",
                            "aligned": aligned, "align": ALIGN, "body": body})
             kinds.append(label)

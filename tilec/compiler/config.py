@@ -320,20 +320,24 @@ def _parse_roles(roles: Any, path: str) -> tuple[Role, ...]:
     return tuple(out)
 
 
+MAX_WORKER_ID = 1 << 16   # far beyond any GPU's SM count; keeps a typo from filling memory
+
+
 def _parse_workers(value: Any, key: str, path: str) -> tuple[int, ...]:
     """An integer, an "A-B" range (both ends included), or a list of those."""
-    expected = 'worker ids >= 0: an integer, an "A-B" range or a list of those'
+    expected = (f'worker ids in 0..{MAX_WORKER_ID - 1}: an integer, an "A-B" range or a '
+                'list of those')
     items = value if isinstance(value, list) else [value]
     if not items:
         _fail(path, key, expected, value)
     found: list[int] = []
     for item in items:
-        if _is_int(item) and item >= 0:
+        if _is_int(item) and 0 <= item < MAX_WORKER_ID:
             found.append(item)
             continue
         ends = item.split("-") if isinstance(item, str) else []
         if len(ends) != 2 or not all(e.strip().isdigit() for e in ends) or \
-                int(ends[0]) > int(ends[1]):
+                not int(ends[0]) <= int(ends[1]) < MAX_WORKER_ID:
             _fail(path, key, expected, item)
         found.extend(range(int(ends[0]), int(ends[1]) + 1))
     twice = sorted(w for w, n in Counter(found).items() if n > 1)
@@ -356,16 +360,24 @@ def _parse_schedule(schedule: Any, path: str) -> ScheduleSpec:
     policy = schedule.get("policy", "critical_path")
     if policy not in POLICIES:
         _fail(path, "schedule.policy", " | ".join(POLICIES), policy)
-    tiles = {}
-    for key in ("tile_m", "tile_n", "tile_k"):
-        value = schedule.get(key)
-        if value is not None and (not _is_int(value) or value < 1 or value & (value - 1)):
-            _fail(path, f"schedule.{key}", "a power of two >= 1", value)
-        tiles[key] = value
-    chunk = schedule.get("kv_chunk")
-    if chunk is not None and (not _is_int(chunk) or chunk < 16 or chunk & (chunk - 1)):
-        _fail(path, "schedule.kv_chunk", "a power of two >= 16", chunk)
-    return ScheduleSpec(policy=policy, kv_chunk=chunk, **tiles)
+    sizes = {key: schedule.get(key) for key in TILE_SIZE_KEYS}
+    for key, value in sizes.items():
+        expected = tile_size_problem(key, value)
+        if expected:
+            _fail(path, f"schedule.{key}", expected, value)
+    return ScheduleSpec(policy=policy, **sizes)
+
+
+TILE_SIZE_KEYS = ("tile_m", "tile_n", "tile_k", "kv_chunk")
+
+
+def tile_size_problem(key: str, value: Any) -> str | None:
+    """What a tile size (a `schedule` key, or the same keyword of tilec.compile) must be,
+    if `value` is not that; None when it is fine or unset."""
+    low = 16 if key == "kv_chunk" else 1   # a key chunk is a tensor-core dim
+    if value is None or (_is_int(value) and value >= low and not value & (value - 1)):
+        return None
+    return f"a power of two >= {low}"
 
 
 # ----------------------------------------------------------------------------- building

@@ -25,7 +25,7 @@ import torch
 from tilec.codegen.aot import aot_kernel
 from tilec.codegen.render import Rendered, render
 from tilec.compiler import frontend
-from tilec.errors import ConfigError, ScheduleError
+from tilec.errors import ConfigError
 from tilec.ir.graph import contiguous_strides
 from tilec.ir.schedule import Schedule
 from tilec.ir.serial import to_plain
@@ -37,7 +37,7 @@ from tilec.passes.roles import resolve_roles, roles
 from tilec.passes.schedule import schedule
 from tilec.passes.sync import sync
 from tilec.passes.tile import TileOptions, tile
-from tilec.passes.verify import verify
+from tilec.passes.verify import check, verify
 from tilec.runtime.engine import (AOTKernel, Engine, GenerationSpec, IOSpec, Manifest,
                                   TORCH_DTYPES, aot_text, encode_tables)
 from tilec.version import __version__
@@ -168,8 +168,7 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
                                    "buffers": sched.buffers, "pools": sched.pools})
     report = progress.run("verify", verify, sched)
     dump.text("07_verify.txt", verify_text(report))
-    if not report.ok:
-        raise ScheduleError(report.violations[0])
+    check(report)
     max_waits = max([len(w) for w in sched.waits] + [1])
     rendered = progress.run("render", render_schedule, sched, max_waits, name)
     dump.text("06_kernel.py", rendered.source)

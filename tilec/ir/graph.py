@@ -159,6 +159,12 @@ class Group:
     def members(self) -> tuple[str, ...]:
         return self.prologue + ((self.anchor,) if self.anchor else ()) + self.epilogue
 
+    @property
+    def label(self) -> str:
+        """What the group computes ("g12_attention" -> "attention"): the name of its
+        task kind in the kernel, inspect and model.yaml roles."""
+        return self.name.split("_", 1)[1] if "_" in self.name else self.name
+
 
 @dataclass(frozen=True)
 class FusedGraph:

@@ -22,12 +22,6 @@ from tilec.ir.target import Role, Target
 from tilec.ir.tasks import TaskGraph
 
 
-def task_kind(group: Group) -> str:
-    """The task kind `tilec inspect` shows: the group's label, which render also uses
-    to name the group's opcode (codegen/render.py)."""
-    return group.name.split("_", 1)[1] if "_" in group.name else group.name
-
-
 def format_workers(workers) -> str:
     """[0, 1, 2, 5] -> "0-2, 5"."""
     spans: list[list[int]] = []
@@ -95,7 +89,7 @@ def role_problems(roles: tuple[Role, ...], workers: int) -> list[str]:
 
 def claimed_by(group: Group, ops: dict[str, Op], role: Role) -> bool:
     """Whether `role` names the group's task kind, or an op kind or op name in it."""
-    if task_kind(group) in role.kinds:
+    if group.label in role.kinds:
         return True
     return any(ops[m].kind in role.ops or m in role.ops for m in group.members)
 
@@ -104,14 +98,14 @@ def role_of_group(group: Group, ops: dict[str, Op], roles: tuple[Role, ...]) -> 
     """The role that owns `group`; ConfigError when two roles claim it or none can."""
     claims = [r.name for r in roles if not r.takes_the_rest and claimed_by(group, ops, r)]
     if len(claims) > 1:
-        raise ConfigError(f"target.roles: group {group.name} (kind {task_kind(group)}) is "
+        raise ConfigError(f"target.roles: group {group.name} (kind {group.label}) is "
                           f"claimed by roles {claims[0]!r} and {claims[1]!r}; give it to one")
     if claims:
         return claims[0]
     rest = [r.name for r in roles if r.takes_the_rest]
     if not rest:
         raise ConfigError(f"target.roles: no role takes group {group.name} (kind "
-                          f"{task_kind(group)}); name it in a role's kinds or ops, or add a "
+                          f"{group.label}); name it in a role's kinds or ops, or add a "
                           "role with neither to take the rest")
     return rest[0]
 
@@ -120,7 +114,7 @@ def _check_names_match(groups: tuple[Group, ...], ops: dict[str, Op],
                        roles: tuple[Role, ...]) -> None:
     """Every kind and op a role names occurs in the model: a misspelt name would
     otherwise move nothing, silently."""
-    kinds = sorted({task_kind(g) for g in groups})
+    kinds = sorted({g.label for g in groups})
     members = [ops[m] for g in groups for m in g.members]
     op_words = sorted({o.kind for o in members} | {o.name for o in members})
     for r in roles:

@@ -31,9 +31,8 @@ class VerifyReport:
     violations: tuple[str, ...]
 
 
-def check(schedule: Schedule) -> None:
-    """Raise ScheduleError naming the first violation, if any."""
-    report = verify(schedule)
+def check(report: VerifyReport) -> None:
+    """Raise ScheduleError naming the first violation of a verify report, if any."""
     if not report.ok:
         raise ScheduleError(report.violations[0])
 
