@@ -124,7 +124,7 @@ def cmd_compile(args) -> int:
     size = Path(args.output).stat().st_size
     console.print(f"wrote {args.output} ({size / 1e6:.2f} MB) in {time.perf_counter() - t0:.1f} s: "
                   f"{len(m.schedule.taskgraph.tasks)} tasks on {m.schedule.target.workers} "
-                  f"workers, {len(m.schedule.events)} events, {len(m.kinds)} task kinds, "
+                  f"workers, {len(m.schedule.events)} events, {len(m.kinds)} opcodes, "
                   f"target {m.schedule.target.name}")
     del tilec
     return 0

@@ -42,7 +42,8 @@ def embed_mix_engine():
 
 ENGINES = {
     "block-cpu-fp32": lambda: block_engine(),
-    "block-h200-bf16": lambda: block_engine(target="h200", workers=8, dtype="bfloat16"),
+    "block-h200-bf16": lambda: block_engine(target="h200", workers=8, dtype="bfloat16",
+                                            aot=False),
     "embed_mix": embed_mix_engine,
     # attention: one chunk per head (cpu), and split into partials + merge with a
     # skip test for chunks past the position (bf16)
@@ -83,11 +84,12 @@ def test_compiles_for_sm90(name):
 
 def test_profiling_variant_compiles_and_reads_the_global_timer():
     """`run --profile` on a GPU launches with PROFILE=True: each task stamps %globaltimer."""
-    engine = block_engine(target="h200", workers=8, dtype="bfloat16")
+    engine = block_engine(target="h200", workers=8, dtype="bfloat16", aot=False)
     pools = engine.data.manifest.schedule.pools
     plain = aot.compile_for_gpu(engine.data.kernel_source, pools, arch=90)
     stamped = aot.compile_for_gpu(engine.data.kernel_source, pools, arch=90, profile=True)
     assert stamped["cubin"][:4] == b"\x7fELF" and stamped["cubin"] != plain["cubin"]
+    assert stamped["reads_global_timer"] and not plain["reads_global_timer"]
 
 
 def test_a_bad_kernel_is_a_one_line_aot_error():

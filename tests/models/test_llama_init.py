@@ -2,6 +2,7 @@
 compiling, in a background thread), yet the same bit for bit as one draw per tensor."""
 import dataclasses
 import threading
+import time
 
 import pytest
 import torch
@@ -59,24 +60,46 @@ def family_config(tmp_path, **changes):
                                **changes)
 
 
-def test_background_draw_gives_the_same_model(tmp_path):
+def test_background_draw_gives_the_definition(tmp_path):
+    """What build_model_async leaves once its thread is done: every parameter as one
+    draw per tensor (the definition above) makes it, and the same example inputs as
+    the blocking build_model."""
     cfg = family_config(tmp_path, seed=3, dtype="bfloat16")
-    model, inputs = cfgmod.build_model(cfg)
+    _, inputs = cfgmod.build_model(cfg)
     drawn, drawn_inputs, pending = cfgmod.build_model_async(cfg)
     assert pending is not None
     pending.wait()
     pending.wait()   # waiting again is harmless
-    for (name, a), (_, b) in zip(model.state_dict().items(), drawn.state_dict().items()):
-        assert a.dtype == b.dtype == (torch.int64 if name == "positions" else torch.bfloat16)
-        assert torch.equal(a, b), name
+    expected = one_call_per_tensor(drawn, seed=3, std=0.02)
+    for name, p in drawn.named_parameters():
+        assert p.dtype == torch.bfloat16
+        assert torch.equal(p, expected[name]), name
     assert all(torch.equal(a, b) for a, b in zip(inputs, drawn_inputs))
 
 
 def test_cancelled_draw_stops(tmp_path, monkeypatch):
-    monkeypatch.setattr(llama, "INIT_CHUNK", 16)   # many chunks: cancel lands mid-draw
-    _, _, pending = cfgmod.build_model_async(family_config(tmp_path))
-    pending.cancel()   # returns once the thread has stopped
+    """A draw cancelled before its first chunk draws nothing more: the thread is held
+    at its first chunk until the stop is set, then must leave every weight alone."""
+    gate, chunks = threading.Event(), llama._chunks
+
+    def gated(n):
+        gate.wait()
+        return chunks(n)
+
+    monkeypatch.setattr(llama, "_chunks", gated)
+    model, _, pending = cfgmod.build_model_async(family_config(tmp_path))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(7.0)    # a value no draw gives
+    canceller = threading.Thread(target=pending.cancel)   # sets the stop, then joins
+    canceller.start()
+    while not pending._stop.is_set():
+        time.sleep(0.001)
+    gate.set()
+    canceller.join()
     assert not any(t.name == "tilec-weights" for t in threading.enumerate())
+    assert all((p == 7.0).all() for name, p in model.named_parameters()
+               if "norm" not in name)
     pending.cancel()
     pending.wait()
 
@@ -115,6 +138,23 @@ def test_packing_a_yaml_model_frees_its_weights_and_packs_the_same_pools(tmp_pat
         assert torch.equal(from_yaml.data.tensors[k], from_module.data.tensors[k]), k
     for name, p in module.state_dict().items():    # the caller's module keeps its weights
         assert torch.equal(p, kept[name]), name
+
+
+def test_pack_frees_the_weights_it_may_and_only_those(tmp_path):
+    """compile_module(release_constants=True) leaves the module's weights without
+    memory (each freed once copied into its pool); without it, they are untouched."""
+    from tilec.compiler.pipeline import compile_module
+
+    cfg = family_config(tmp_path, seed=1)
+    for release in (False, True):
+        module, inputs = cfgmod.build_model(cfg)
+        before = {n: p.clone() for n, p in module.named_parameters()}
+        compile_module(module, inputs, release_constants=release)
+        for name, p in module.named_parameters():
+            if release:
+                assert p.untyped_storage().size() == 0, name
+            else:
+                assert torch.equal(p, before[name]), name
 
 
 def test_a_weight_pack_cannot_free_stays_and_the_compile_succeeds(tmp_path):

@@ -139,8 +139,8 @@ def compile_for_gpu(source: str, pools: Iterable[Any], arch: int = 90,
     `profile` compiles the variant whose tasks stamp their start and end times.
     Returns {"arch", "name", "ptx_target", "cubin" (bytes), "cubin_size", "shared",
     "num_warps", "n_regs", "n_spills", "triton_version", "metadata" (Triton's JSON
-    description of the kernel)}; n_regs and n_spills are None when ptxas cannot report
-    them."""
+    description of the kernel), "global_loads" (load instructions by width in bytes),
+    "reads_global_timer"}; n_regs and n_spills are None when ptxas cannot report them."""
     pairs = _pool_pairs(pools)
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         return _compile_here(source, pairs, arch, num_warps, profile)
@@ -193,6 +193,7 @@ def _compile_here(source: str, pools: list[tuple[str, str]], arch: int,
             "metadata": json.dumps(metadata, sort_keys=True)}
     info.update(_usage(ptxas_log) or _ptxas_usage(ptx, ptx_target))
     info["global_loads"] = global_loads(ptx)
+    info["reads_global_timer"] = "%globaltimer" in ptx   # the PROFILE variant's stamps
     return info
 
 

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from tilec.codegen.exprs import EXPRS, TL_DTYPES, cast, literal
-from tilec.ir.attention import attention_parts, partial_names
+from tilec.ir.attention import attention_chunks, attention_parts, partial_names
 from tilec.ir.graph import FLOAT_DTYPES, Group, Op, Operand
 from tilec.ir.tasks import Buffer, GroupTiling
 
@@ -483,7 +483,7 @@ def emit_attention(e: GroupEmitter) -> GroupCode:
     decode position) hide every key loads nothing and stores an empty partial."""
     c, group, ops, tiling = e.code, e.g, e.ops, e.tiling
     parts = attention_parts(group, ops)
-    chunks = max(1, tiling.grid[2] - 1)
+    chunks = attention_chunks(tiling)
     pv = ops[parts.pv]
     dv = pv.type.cols
     bm, bdv = tiling.block_m, max(16, pow2(dv))

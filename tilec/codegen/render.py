@@ -1,8 +1,8 @@
 """Render the persistent kernel: one task kind per distinct group body.
 
-Groups whose bodies render to the same text (the same layer repeated) share one
-opcode; what differs between them, the addresses of their buffers, lives in one row
-of the args table per group.
+Groups whose bodies render to the same text and agree on which buffer bases are
+aligned (the same layer repeated) share one opcode; what differs between them, the
+addresses of their buffers, lives in one row of the args table per group.
 """
 from __future__ import annotations
 

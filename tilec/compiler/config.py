@@ -23,8 +23,8 @@ schedule:                     # optional; every field optional
   tile_m: 16                  #   tile sizes: powers of two; unset = the target's choice
   tile_n: 64
   tile_k: 64
-  kv_chunk: 64                #   keys per attention partial task (>= 16); unset = enough
-                              #   chunks to give every worker one
+  kv_chunk: 64                #   keys per attention partial task (>= 16); unset = GPU
+                              #   targets: a partial per worker; cpu: one chunk
 ```
 
 Every mistake is a `ConfigError` whose one line names the yaml file, the key path

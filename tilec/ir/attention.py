@@ -91,9 +91,10 @@ def depends_on(name: str, root: str, ops: dict[str, Op], members: set[str]) -> b
     return False
 
 
-def score_masks(score_ops, anchor: str, ops: dict[str, Op], members: set[str]):
-    """where(cond, -inf, s) / where(cond, s, -inf) whose cond does not depend on the
-    scores: a chunk of keys where every such mask hides every column does no work."""
+def score_masks(score_ops, ops: dict[str, Op], members: set[str]):
+    """where(cond, -inf, s) / where(cond, s, -inf) whose cond is read from a buffer (so
+    not from the scores): a chunk of keys where such masks hide every column does no
+    work."""
     found = []
     for name in score_ops:
         op = ops[name]
@@ -103,13 +104,19 @@ def score_masks(score_ops, anchor: str, ops: dict[str, Op], members: set[str]):
         if len(enc) != 3 or not isinstance(enc[0], tuple):
             continue
         cond = enc[0][1]
-        if depends_on(op.inputs[cond].value, anchor, ops, members):
-            continue
+        if op.inputs[cond].value in members:
+            continue   # the skip test loads the condition before the product: a buffer only
         for branch, hides_when_true in ((1, True), (2, False)):
             value = enc[branch]
             if not isinstance(value, tuple) and math.isinf(value) and value < 0:
                 found.append((name, cond, hides_when_true))
     return tuple(found)
+
+
+def attention_chunks(tiling) -> int:
+    """Chunks of keys of an attention group's tiling: its grid's column count, less the
+    merge column when there is more than one chunk."""
+    return max(1, tiling.grid[2] - 1)
 
 
 def partial_names(group: str) -> tuple[str, str, str]:
@@ -125,6 +132,6 @@ def attention_parts(group: Group, ops: dict[str, Op]) -> AttentionParts:
     x, mx, sub, e, s, div, p = find_softmax(before, ops)
     softmax = {mx, sub, e, s, div, p}
     score_ops = tuple(m for m in before if m not in softmax)
-    masks = score_masks(score_ops, group.anchor, ops, set(members))
+    masks = score_masks(score_ops, ops, set(group.members))
     return AttentionParts(group.anchor, score_ops, x, mx, sub, e, s, div, p, pv,
                           tuple(members[members.index(pv) + 1:]), masks)

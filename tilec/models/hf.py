@@ -138,8 +138,8 @@ def to_transformers(model: LlamaDecodeStep, device: str = "cpu"):
     dtype = model.embed_tokens.weight.dtype
     with torch.device(device):
         hf = transformers.LlamaForCausalLM(hf_cfg).to(dtype)
-    state = {hf_name(k): v for k, v in model.state_dict().items()
-             if "cache" not in k and k not in ("inv_freq", "positions")}
+    # caches, positions and inv_freq are non-persistent buffers: not in the state dict
+    state = {hf_name(k): v for k, v in model.state_dict().items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (c.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:

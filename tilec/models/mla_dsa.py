@@ -187,17 +187,6 @@ class MlaDsaDecodeStep(DecoderStep):
         return {"logits": logits, "next_token": logits.argmax(-1)}
 
 
-def init_random(model: nn.Module, seed: int, std: float = 0.2) -> None:
-    """N(0, std) weights, norms at one, seeded."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight") or name == "norm.weight":
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-
-
 def explicit_attention(layer: Layer, x, pos, positions, cos, sin_signed) -> torch.Tensor:
     """MLA without absorption, for checking `Layer.attention` (after it has appended this
     token): decompress each selected cached token's key and value with kv_b_proj and

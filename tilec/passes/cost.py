@@ -82,11 +82,6 @@ def successors(taskgraph: TaskGraph) -> list[list[int]]:
     return _lists(len(taskgraph.tasks), before, after)
 
 
-def predecessors(taskgraph: TaskGraph) -> list[list[int]]:
-    before, after = edges(taskgraph)
-    return _lists(len(taskgraph.tasks), after, before)
-
-
 def bottom_levels(taskgraph: TaskGraph, target: Target,
                   dep_edges: tuple[np.ndarray, np.ndarray] | None = None) -> list[float]:
     """Longest path (in predicted time) from each task to a sink, the task included.

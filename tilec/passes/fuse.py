@@ -13,7 +13,8 @@ they pass around never get a global buffer:
     splits it over chunks of keys (partial tasks plus a merge).
 Members may only read other members through "row-aligned" views (same rows, same
 width, or a [rows, 1] column broadcast along the row); any other view is a load from
-a buffer.
+a buffer. One exception: a state update (a KV-cache append) may read a matmul
+epilogue's value through a view that keeps its elements in order (heads split out).
 """
 from __future__ import annotations
 

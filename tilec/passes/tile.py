@@ -1,6 +1,7 @@
 """tile: FusedGraph -> TaskGraph.
 
-Each fused group is cut into tiles over its output: (batch, row block, col block).
+Each fused group is cut into tiles over its output: (batch, row block, col block); an
+attention group's column is a chunk of keys, or the merge (tilec/ir/attention.py).
 A task's reads and writes are boxes in buffers (through the views its ops read), so
 the deps pass can find conflicts by intersection.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tilec.ir.attention import attention_parts, partial_names
+from tilec.ir.attention import attention_chunks, attention_parts, partial_names
 from tilec.ir.graph import DTYPE_BYTES, FusedGraph, Group, Op, Operand, TensorType
 from tilec.ir.tasks import Buffer, GroupTiling, Region, Task, TaskGraph
 from tilec.passes.geometry import Box, range_to_box, rows_box, view_region
@@ -67,11 +68,6 @@ def attention_tiling(group: Group, ops: dict[str, Op], opt: TileOptions) -> Grou
     chunks = -(-n // chunk)
     return GroupTiling(group.name, bm, chunk, bk,
                        (batch, row_blocks, chunks + 1 if chunks > 1 else 1))
-
-
-def attention_chunks(tiling: GroupTiling) -> int:
-    """Chunks of keys of an attention tiling (its merge tasks sit at this column)."""
-    return max(1, tiling.grid[2] - 1)
 
 
 def partial_buffers(group: Group, ops: dict[str, Op], tiling: GroupTiling) -> list[Buffer]:
@@ -212,7 +208,7 @@ def _task_regions(g: Group, tl: GroupTiling, tile_idx, ops, storage):
     for name, (ra, rb, ca, cb) in spaces:
         op = ops[name]
         out_cols = (0, 1) if _width(op) == 1 else (ca, cb)
-        if op.kind in ("reduce", "argmax"):  # walks the whole input row
+        if op.kind in ("reduce", "argmax") and g.kind != "attention":  # whole input row
             ca, cb = 0, op.inputs[0].shape[-1]
         elif op.kind == "state_update":
             out_cols = (ca, cb)

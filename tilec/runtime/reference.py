@@ -3,13 +3,15 @@
 It reads the same pools through the same strided views as the kernel, but computes
 each fused group op by op on whole rows with PyTorch, independently of the
 generated code: a debugging oracle for the kernel (compare the two on a schedule).
+Split attention is the exception in method, not in code: its partials and merge follow
+the same algorithm as the kernel's, so tests also compare both with eager PyTorch.
 """
 from __future__ import annotations
 
 
 import torch
 
-from tilec.ir.attention import attention_parts, partial_names
+from tilec.ir.attention import attention_chunks, attention_parts, partial_names
 from tilec.ir.graph import FLOAT_DTYPES, Group, Op, Operand
 from tilec.ir.tasks import Buffer, GroupTiling
 
@@ -181,7 +183,7 @@ class TaskRunner:
         m, n = self.ops[g.anchor].type.shape[-2:]
         pv = self.ops[parts.pv]
         dv = pv.type.cols
-        chunks = max(1, tl.grid[2] - 1)
+        chunks = attention_chunks(tl)
         r0, r1 = b * m + mi * tl.block_m, b * m + min(m, (mi + 1) * tl.block_m)
         scratch = [self.scratch(name) for name in partial_names(g.name)] if chunks > 1 else []
         if ni < chunks:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from tilec.ir.attention import attention_chunks
 from tilec.ir.schedule import Schedule
 
 
@@ -76,7 +77,8 @@ def task_kinds(manifest, schedule: Schedule) -> list[str]:
     last tile column, their merge."""
     groups = schedule.taskgraph.fused.groups
     index = {g.name: i for i, g in enumerate(groups)}
-    split = {t.group: t.grid[2] - 1 for t in schedule.taskgraph.tilings if t.grid[2] > 1}
+    split = {t.group: attention_chunks(t) for t in schedule.taskgraph.tilings
+             if t.grid[2] > 1}
     kinds = []
     for t in schedule.taskgraph.tasks:
         kind = manifest.kinds[manifest.opcodes[index[t.group]]]
