@@ -73,3 +73,12 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def lowest_index_topk(x, k, dim=-1, largest=True, sorted=True):
+    """torch.topk with equal values taken lowest index first, as tilec takes them (torch
+    leaves the order of ties open): monkeypatch it in for an eager model whose top-k
+    may tie (the mla_dsa indexer scores a repeated token alike)."""
+    ranked = torch.sort(x, dim=dim, descending=largest, stable=True)
+    return torch.return_types.topk((ranked.values.narrow(dim, 0, k),
+                                    ranked.indices.narrow(dim, 0, k)))

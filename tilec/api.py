@@ -22,6 +22,7 @@ import torch
 from tilec.errors import ConfigError, RunError
 from tilec.ir.target import TARGETS
 from tilec.runtime import engine as engine_file
+from tilec.runtime.distributed import LocalDevices, rank_from_env
 from tilec.runtime.executors import Executor, make_executor
 from tilec.runtime.generate import Generation
 
@@ -40,22 +41,35 @@ class Engine:
     buffers (a KV cache) persist across calls.
     """
 
-    def __init__(self, data: engine_file.Engine):
-        self._data = data
+    def __init__(self, data: engine_file.Engine | engine_file.DeviceEngines):
+        self._file = data
+        # A multi-device engine runs one device's part per process: this process's
+        # (its RANK, under `tilec run` or torchrun), else device 0's, to look at.
+        self._parts = data.ranks if isinstance(data, engine_file.DeviceEngines) else (data,)
+        found = rank_from_env() if len(self._parts) > 1 else None
+        self._data = self._parts[found[0]] if found and 0 <= found[0] < len(self._parts) \
+            else self._parts[0]
         self._executors: dict[tuple[str, str, int], Executor] = {}
 
     def __repr__(self) -> str:
         m = self._data.manifest
         sched = m.schedule
-        return (f"<tilec.Engine {m.model!r}: target {sched.target.name}, "
+        devices = f"{self.devices} devices x " if self.devices > 1 else ""
+        return (f"<tilec.Engine {m.model!r}: target {sched.target.name}, {devices}"
                 f"{sched.target.workers} workers, {len(sched.taskgraph.tasks)} tasks, "
                 f"inputs {list(self.input_names)}, outputs {list(self.output_names)}>")
+
+    @property
+    def devices(self) -> int:
+        """How many devices (processes) the engine runs on: 1, or a multi-device
+        engine's count (`target.devices`), each running its own kernel."""
+        return len(self._parts)
 
     # ---- files -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write the engine file (docs/engine-format.md) atomically: an existing file is
         replaced only on success. Missing parent folders are created."""
-        engine_file.save(self._data, path)
+        engine_file.save(self._file, path)
 
     # ---- running -----------------------------------------------------------------------
     @property
@@ -96,8 +110,21 @@ class Engine:
         """
         key = (backend, policy, seed)
         if key not in self._executors:
-            self._executors[key] = make_executor(self._data, backend, policy=policy, seed=seed)
+            self._executors[key] = self.new_executor(backend, policy, seed)
         return self._executors[key]
+
+    def new_executor(self, backend: str = "auto", policy: str = "round_robin", seed: int = 0):
+        """A fresh executor (fresh state and step count), not cached: see `executor`."""
+        if len(self._parts) == 1 or rank_from_env() is not None:
+            return make_executor(self._data, backend, policy=policy, seed=seed)
+        # A multi-device engine outside its ranks: every device in this process, taking
+        # turns (`tilec run` starts one process per device instead).
+        if backend not in ("auto", "interpret", "reference"):
+            raise RunError(f"backend {backend!r}: multi-device engines run on the interpret "
+                           "and reference backends")
+        backend = "interpret" if backend == "auto" else backend
+        return LocalDevices(self._parts, lambda part, comm: make_executor(
+            part, backend, policy=policy, seed=seed, comm=comm), policy, seed)
 
     def run(self, *, backend: str = "auto", policy: str = "round_robin", seed: int = 0,
             **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -163,15 +190,35 @@ class Engine:
         (one line each); it does not raise. `tilec verify --interleavings N` also runs
         random worker interleavings.
         """
-        from tilec.passes.verify import verify
+        from tilec.passes.verify import VerifyReport, verify
+        from tilec.passes.verify_devices import verify_devices
 
-        return verify(self._data.schedule())
+        if len(self._parts) == 1:
+            return verify(self._data.schedule())
+        scheds = tuple(p.schedule() for p in self._parts)
+        reports = [(f"device {d}: ", verify(s)) for d, s in enumerate(scheds)]
+        reports.append(("", verify_devices(scheds, scheds[0].target)))
+        checks = {f"{prefix}{name}": ok for prefix, r in reports for name, ok in r.checks.items()}
+        violations = tuple(f"{prefix}{v}" for prefix, r in reports for v in r.violations)
+        return VerifyReport(all(checks.values()), checks, violations)
 
     @property
     def data(self) -> engine_file.Engine:
-        """The engine file's contents (manifest, kernel source, tensors). Internal:
-        its layout follows the engine format version, not the API's stability."""
+        """The engine file's contents (manifest, kernel source, tensors); of a
+        multi-device engine, the part of this process's device. Internal: its layout
+        follows the engine format version, not the API's stability."""
         return self._data
+
+    def part(self, device: int) -> "Engine":
+        """This engine, showing (and running) device `device`'s part."""
+        other = Engine(self._file)
+        other._data = self._parts[device]
+        return other
+
+    @property
+    def parts(self) -> tuple[engine_file.Engine, ...]:
+        """Every device's part (one for a one-device engine). Internal, like `data`."""
+        return self._parts
 
 
 def load(path: str | os.PathLike, trust_engine_code: bool = False) -> Engine:
@@ -189,7 +236,8 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
             example_inputs: Sequence[torch.Tensor] | None = None, *,
             target: str | None = None, workers: int | None = None, dtype: str | None = None,
             policy: str | None = None, tile_m: int | None = None, tile_n: int | None = None,
-            tile_k: int | None = None, kv_chunk: int | None = None, name: str | None = None,
+            tile_k: int | None = None, kv_chunk: int | None = None, devices: int | None = None,
+            name: str | None = None,
             seed: int | None = None,
             dump_dir: str | os.PathLike | None = None,
             on_stage: Callable[[str, float], None] | None = None, aot: bool = True) -> Engine:
@@ -206,6 +254,8 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
         a family or hf model, the target's (float32 on cpu, bfloat16 on GPUs).
     policy, tile_m, tile_n, tile_k, kv_chunk: schedule options, as in model.yaml's
         `schedule` (tile sizes are powers of two; unset = the target's choice).
+    devices: a multi-device engine of this many devices (default: the yaml's, or 1):
+        one kernel per device, each run by its own process (docs/multi-device.md).
     name: the engine's model name (default: the yaml's file stem or the class name).
     seed: seeds the weights and example inputs of a yaml model; stored in the engine.
     dump_dir: write every compiler stage as text into this folder.
@@ -245,7 +295,8 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
             options = target_options(target or t.name, workers, policy or s.policy,
                                      tile_m or s.tile_m, tile_n or s.tile_n,
                                      tile_k or s.tile_k, kv_chunk=kv_chunk or s.kv_chunk,
-                                     roles=t.roles or ())
+                                     roles=t.roles or (),
+                                     devices=t.devices if devices is None else devices)
         # After the options are checked: from here a family model's weights are being
         # drawn in the background until compile_module has them (config.PendingWeights).
         module, inputs, weights = cfgmod.build_model_async(cfg)
@@ -265,7 +316,8 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
             module = copy.deepcopy(module).to(cfgmod.FLOAT_DTYPES[dtype])
         info = ()
         options = target_options(target or "cpu", workers, policy or "critical_path",
-                                 tile_m, tile_n, tile_k, kv_chunk=kv_chunk)
+                                 tile_m, tile_n, tile_k, kv_chunk=kv_chunk,
+                                 devices=1 if devices is None else devices)
         name = name or type(module).__name__
         seed = seed or 0
     options = replace(options, aot=aot)

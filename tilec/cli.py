@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="engine file to write")
     c.add_argument("--target", help="cpu | h100 | h200 (default: the yaml's)")
     c.add_argument("--workers", type=int, help="number of persistent workers (default: the yaml's or the target's)")
+    c.add_argument("--devices", type=int, help="devices of a multi-device engine, one kernel and "
+                   "process each (default: the yaml's, or 1)")
     c.add_argument("--dump-dir", help="write every compiler stage as text into this folder")
     c.add_argument("--no-aot", action="store_true",
                    help="GPU targets: do not compile the kernel for the GPU now (the first "
@@ -65,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--dot: ops clustered by fusion group, or tasks coloured by worker")
     i.add_argument("--html", metavar="FILE",
                    help="write a self-contained HTML report with a Gantt chart")
+    i.add_argument("--device", type=int, default=0,
+                   help="multi-device engines: the device whose schedule to show (default 0)")
 
     v = sub.add_parser("verify", help="prove an engine's schedule race- and deadlock-free")
     v.add_argument("engine")
@@ -76,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)   # for the ranks `run` starts
     try:
         return COMMANDS[args.command](args)
     except TilecError as e:
@@ -116,15 +121,19 @@ def cmd_compile(args) -> int:
     from tilec.api import compile as compile_model
 
     engine = compile_model(args.model, target=args.target, workers=args.workers,
-                           dump_dir=args.dump_dir, on_stage=on_stage, aot=not args.no_aot)
+                           devices=args.devices, dump_dir=args.dump_dir, on_stage=on_stage,
+                           aot=not args.no_aot)
     engine.save(args.output)
     # Read from the manifest: engine.summary() (tilec inspect's report) recomputes every
     # dependency edge and the critical path, seconds for a 1B model.
     m = engine.data.manifest
     size = Path(args.output).stat().st_size
+    tasks = sum(len(p.manifest.schedule.taskgraph.tasks) for p in engine.parts)
+    events = sum(len(p.manifest.schedule.events) for p in engine.parts)
+    on = f"{engine.devices} devices x {m.schedule.target.workers - 1} (+1 comm)" if engine.devices > 1 \
+        else f"{m.schedule.target.workers}"
     console.print(f"wrote {args.output} ({size / 1e6:.2f} MB) in {time.perf_counter() - t0:.1f} s: "
-                  f"{len(m.schedule.taskgraph.tasks)} tasks on {m.schedule.target.workers} "
-                  f"workers, {len(m.schedule.events)} events, {len(m.kinds)} opcodes, "
+                  f"{tasks} tasks on {on} workers, {events} events, {len(m.kinds)} opcodes, "
                   f"target {m.schedule.target.name}")
     del tilec
     return 0
@@ -138,6 +147,15 @@ def cmd_run(args) -> int:
     for path in (args.profile, args.output, args.logits_out):
         _check_writable(path)   # before the run, not after it
     engine = load(args.engine, trust_engine_code=args.trust_engine_code)
+    if engine.devices > 1:
+        from tilec.runtime.distributed import launch, rank_from_env
+
+        rank = rank_from_env()
+        if rank is None:   # start one process per device, each running this command
+            return launch(args.argv, engine.devices)
+        if rank[0] != 0:   # every rank computes the same outputs; rank 0 reports them
+            sys.stdout = open(os.devnull, "w")
+            args.profile = args.output = args.logits_out = None
     if args.profile:  # the executor run / generate use below, cached by the engine
         engine.executor(args.backend, args.policy, args.seed).start_profile()
     if engine.generation_spec is not None and not args.inputs:
@@ -252,7 +270,15 @@ def cmd_inspect(args) -> int:
     from tilec.inspect import print_summary, summary
 
     engine = load(args.engine, trust_engine_code=True)
+    if not 0 <= args.device < engine.devices:
+        raise TilecError(f"--device {args.device}: the engine has "
+                         f"{engine.devices} device{'s' if engine.devices > 1 else ''}")
+    engine = engine.part(args.device)
     s = summary(engine.data, aot=args.aot)
+    if len(engine.parts) > 1:
+        from tilec.inspect import device_table
+
+        s["device"], s["devices"] = args.device, device_table(engine.parts)
     try:
         written = _inspect_files(engine, s, args)
     except OSError as e:
@@ -275,7 +301,12 @@ def _inspect_files(engine, s, args) -> list[str]:
     if args.trace:
         from tilec.viz.trace import write_chrome_trace
 
-        write_chrome_trace(predicted_timeline(engine.data), args.trace)
+        if len(engine.parts) > 1:   # every device, one trace process each
+            transfers = engine.data.manifest.schedule.taskgraph.transfers
+            write_chrome_trace([predicted_timeline(p) for p in engine.parts], args.trace,
+                               {t.seq: t.src for t in transfers})
+        else:
+            write_chrome_trace(predicted_timeline(engine.data), args.trace)
         written.append(f"{args.trace} (predicted timeline, Chrome/Perfetto trace)")
     if args.dot:
         from tilec.viz.dot import ops_dot, tasks_dot

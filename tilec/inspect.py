@@ -50,6 +50,7 @@ from typing import Any
 from tilec.errors import TilecError
 from tilec.ir.graph import DTYPE_BYTES, PLACEHOLDER_KINDS
 from tilec.ir.schedule import Schedule
+from tilec.ir.tasks import TRANSFER
 from tilec.passes.cost import critical_path
 from tilec.passes.deps import deps
 from tilec.passes.roles import format_workers
@@ -213,10 +214,37 @@ def roles_line(roles: list[dict[str, Any]]) -> str:
     return ", ".join(f"{name} ({n} worker{'' if n == 1 else 's'})" for name, n in counts)
 
 
+def device_table(parts: tuple[Engine, ...]) -> list[dict[str, Any]]:
+    """Per device of a multi-device engine: its tasks, its transfers and the bytes they
+    send and receive, and its predicted step (every device's ends with the step)."""
+    out = []
+    for d, part in enumerate(parts):
+        sched = part.manifest.schedule
+        tg = sched.taskgraph
+        sent = sum(t.bytes for t in tg.tasks if t.group == TRANSFER and t.reads)
+        received = sum(t.bytes for t in tg.tasks if t.group == TRANSFER and t.writes)
+        out.append({"device": d, "tasks": sum(t.group != TRANSFER for t in tg.tasks),
+                    "transfers": sum(t.group == TRANSFER for t in tg.tasks),
+                    "bytes_sent": sent, "bytes_received": received,
+                    "predicted_step_us": max(sched.finish_us, default=0.0)})
+    return out
+
+
 def print_summary(s: dict[str, Any], console) -> None:
     """The summary as rich tables."""
     from rich.table import Table
 
+    if s.get("devices"):
+        table = Table(title=f"devices ({len(s['devices'])}; below: device {s['device']}, "
+                            "`inspect --device D` for another)")
+        for col in ("device", "tasks", "transfers", "bytes sent", "bytes received",
+                    "predicted us"):
+            table.add_column(col, justify="right")
+        for d in s["devices"]:
+            table.add_row(str(d["device"]), str(d["tasks"]), str(d["transfers"]),
+                          f"{d['bytes_sent']:,}", f"{d['bytes_received']:,}",
+                          f"{d['predicted_step_us']:.1f}")
+        console.print(table)
     console.print(f"[bold]{s['model']}[/bold]: target {s['target']} ({s['backend']}), "
                   f"{s['workers']} workers, {s['tasks']} tasks, {s['events']} events, "
                   f"{s['waits']} waits, predicted step {s['predicted_step_us']:.1f} us")

@@ -15,11 +15,10 @@ def verify_engine(engine, interleavings: int = 0, backend: str = "interpret") ->
     """`engine`: a `tilec.api.Engine` or the `tilec.runtime.engine.Engine` it wraps.
     Returns {"ok", "checks": name -> bool, "violations": one line each, first first}."""
     from tilec.api import Engine as ApiEngine
-    from tilec.passes.verify import verify
 
     if not isinstance(engine, ApiEngine):
         engine = ApiEngine(engine)
-    report = verify(engine.data.schedule())
+    report = engine.verify()   # a multi-device engine: each device, then all together
     checks = dict(report.checks)
     violations = list(report.violations)
     if interleavings:
@@ -35,16 +34,14 @@ def _interleavings(engine, n: int, backend: str) -> str | None:
     round-robin, else the first difference or hang. Every run gets a fresh executor
     (fresh state pools, step 0) and the same valid inputs (ints inside their declared
     [low, high), so a decoder's token and position are in range)."""
-    from tilec.runtime.executors import make_executor
-
     inputs = engine.random_inputs(seed=1)
-    try:
-        base = make_executor(engine.data, backend, policy="round_robin").run(dict(inputs))
+    try:   # a multi-device engine: all its devices in this process, taking turns
+        base = engine.new_executor(backend, policy="round_robin").run(dict(inputs))
     except TilecError as e:
         return f"interleavings: round-robin: {str(e).splitlines()[0]}"
     for seed in range(n):
         try:
-            out = make_executor(engine.data, backend, policy="random", seed=seed).run(dict(inputs))
+            out = engine.new_executor(backend, policy="random", seed=seed).run(dict(inputs))
         except TilecError as e:
             return f"interleavings: seed {seed}: {str(e).splitlines()[0]}"
         diff = [k for k in base if not _bitwise_equal(base[k], out[k])]

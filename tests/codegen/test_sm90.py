@@ -51,6 +51,11 @@ ENGINES = {
     "llama_tiny-split-bf16": lambda: tilec.api.compile(
         str(EXAMPLES / "llama_tiny.yaml"), target="h200", workers=8, dtype="bfloat16",
         kv_chunk=16, aot=False),
+    # top-k rounds, and a split attention whose values (the 32-wide latent) are wider
+    # than its key chunks (16)
+    "glm_dsa_tiny-split-bf16": lambda: tilec.api.compile(
+        str(EXAMPLES / "glm_dsa_tiny.yaml"), target="h200", workers=8, dtype="bfloat16",
+        kv_chunk=16, aot=False),
 }
 
 
@@ -116,5 +121,9 @@ def test_weight_loads_are_16_byte_vectors(tmp_path):
     engine = tilec.api.compile(str(path), aot=False)
     info = aot.compile_for_gpu(engine.data.kernel_source, engine.data.manifest.schedule.pools)
     loads = info["global_loads"]
-    assert loads.get("16", 0) >= 50, loads
-    assert loads.get("2", 0) < loads["16"], loads
+    # The count of 16-byte loads follows the tile sizes the tile pass picks (on 132
+    # workers this layer's matmuls get 8-column tiles: 4 loads per thread per weight
+    # chunk, 49 in all, against 81 for 16 columns); falling back would make the 2-byte
+    # loads the many.
+    assert loads.get("16", 0) >= 32, loads
+    assert 4 * loads.get("2", 0) < loads["16"], loads

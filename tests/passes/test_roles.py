@@ -43,8 +43,9 @@ def test_worker_forms_and_the_role_that_takes_the_rest():
     ({}, r"target\.roles: expected a mapping of role names"),
     ([0], r"target\.roles: expected a mapping"),
     ({"a b": {}}, r"target\.roles: expected role names that are identifiers"),
-    ({"a": {"devices": [1]}}, r"target\.roles\.a\.devices: multi-device engines are not "
-                              r"supported yet"),
+    ({"a": {"devices": [1]}}, r"target\.roles\.a\.devices: device roles need "
+                              r"`target\.devices` of 2 or more"),
+    ({"a": {"devices": [1], "workers": [0]}}, r"target\.roles\.a: a role owns workers"),
     ({"a": {"worker": [1]}}, r"unknown key 'target\.roles\.a\.worker'.*did you mean "
                              r"'target\.roles\.a\.workers'"),
     ({"a": {"workers": []}}, r"target\.roles\.a\.workers: expected worker ids"),
@@ -202,3 +203,79 @@ def test_verify_recomputes_each_tasks_role_from_the_definitions():
                                                       Role("rest", (1, 2)))))
     report = verify(overlapping)
     assert any("worker 1 also belongs to role 'head'" in v for v in report.violations)
+
+
+# ---------------------------------------------------------------- device roles
+
+def parse_target(target):
+    return parse_config({**MODEL, "target": target}, "m.yaml").target
+
+
+def test_device_roles_resolve_like_worker_roles():
+    t = parse_target({"name": "cpu", "devices": 4,
+                      "roles": {"indexer": {"devices": [0], "ops": ["topk"]}, "mla": None}})
+    assert t.devices == 4
+    assert [(r.name, r.devices, r.workers) for r in t.roles] == [("indexer", (0,), ()),
+                                                                 ("mla", (), ())]
+    from tilec.compiler.pipeline import target_options
+    options = target_options("cpu", 2, roles=t.roles, devices=4)
+    assert [(r.name, r.devices) for r in options.target.device_roles] == \
+        [("indexer", (0,)), ("mla", (1, 2, 3))]
+    assert options.target.roles == ()
+
+
+@pytest.mark.parametrize("target, message", [
+    ({"devices": 0}, r"target\.devices: expected an integer from 1 to 62"),
+    ({"devices": "2"}, r"target\.devices: expected an integer from 1 to 62"),
+    ({"devices": 2, "roles": {"a": {"workers": [0]}, "b": {}}},
+     r"target\.roles\.a\.workers: on a target of 2 devices a role owns devices"),
+    ({"devices": 2, "roles": {"a": {"devices": [2]}, "b": {}}},
+     r"target\.roles\.a\.devices: device 2 does not exist \(the target has 2 devices: 0-1\)"),
+    ({"devices": 3, "roles": {"a": {"devices": [0], "kinds": ["x"]}, "b": {"devices": [1]}}},
+     r"target\.roles: device 2 belongs to no role"),
+    ({"devices": 2, "roles": {"a": {"devices": [0, 0]}, "b": {}}},
+     r"target\.roles\.a\.devices: device 0 is listed twice"),
+])
+def test_device_role_mistakes_are_one_line_config_errors(target, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_target({"name": "cpu", **target})
+    assert "\n" not in str(info.value)
+
+
+def test_override_to_one_device_refuses_device_roles():
+    t = parse_target({"name": "cpu", "devices": 2,
+                      "roles": {"a": {"devices": [0], "kinds": ["gather"]}, "b": {}}})
+    from tilec.compiler.pipeline import target_options
+    with pytest.raises(ConfigError, match=r"target\.roles\.a\.devices: roles own devices on a "
+                                          r"multi-device target and workers on one device"):
+        target_options("cpu", 2, roles=t.roles, devices=1)
+
+
+def test_a_role_owns_modules_by_path(tmp_path):
+    """`modules:` claims every group with an op computed inside a module: here layer 1
+    of llama_tiny on worker 0; a misspelt module is an error with a suggestion."""
+    import yaml
+
+    import tilec.api
+    from engines import EXAMPLES
+    data = yaml.safe_load((EXAMPLES / "llama_tiny.yaml").read_text())
+    data["target"] = {"name": "cpu", "workers": 3,
+                      "roles": {"second": {"workers": [0], "modules": ["layers.1"]}, "rest": {}}}
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(data))
+    e = tilec.api.compile(str(path))
+    assert e.verify().ok
+    sched = e.data.schedule()
+    tg = sched.taskgraph
+    ops = tg.fused.graph.by_name()
+    groups = {g.name: g for g in tg.fused.groups}
+
+    def in_layer_1(task):
+        return any("layers.1" in ops[m].scope for m in groups[task.group].members)
+    assert {in_layer_1(tg.tasks[t]) for t in sched.queues[0]} == {True}
+    assert not any(in_layer_1(tg.tasks[t]) for q in sched.queues[1:] for t in q)
+    data["target"]["roles"]["second"]["modules"] = ["layer.1"]
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"target\.roles\.second\.modules: 'layer\.1' is no "
+                                          r"module of this model \(did you mean 'layers\.1'\?\)"):
+        tilec.api.compile(str(path))

@@ -89,3 +89,26 @@ def test_random_graph_matches_eager(steps, rows, width, dtype, workers, tile, po
         scale = max(ref.abs().max().item(), 1.0)
         err = (out.float() - ref).abs().max().item() / scale
         assert err <= tol, f"{name}: relative error {err:.2e} (steps {steps})"
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(step, min_size=1, max_size=6),
+       rows=st.sampled_from([1, 3, 17]), width=st.sampled_from([8, 24, 64]),
+       workers=st.integers(1, 3), devices=st.integers(2, 4),
+       tile=st.sampled_from([(16, 16, 16), (4, 8, 8)]), seed=st.integers(0, 1000))
+def test_random_graph_on_several_devices_gives_the_one_device_bits(steps, rows, width, workers,
+                                                                    devices, tile, seed):
+    """Partitioned over devices, with transfers between them, every schedule verifies
+    (each device and all together), and the devices, run in one process in a random
+    order, compute the one-device engine's bits."""
+    model = RandomGraph(steps, width, seed).eval()
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(seed + 1))
+    options = dict(workers=workers, tile_m=tile[0], tile_n=tile[1], tile_k=tile[2])
+    many = tilec_api.compile(model, (x,), devices=devices, **options)
+    report = many.verify()
+    assert report.ok, report.violations[:1]
+    want = tilec_api.compile(model, (x,), **options).run(backend="reference", x=x)
+    got = many.new_executor("reference", "random", seed).run({"x": x})
+    for name in want:
+        assert torch.equal(got[name], want[name]), (name, steps)

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from tilec.codegen.exprs import EXPRS, TL_DTYPES, cast, literal
+from tilec.codegen.topk import topk_phase
 from tilec.ir.attention import attention_chunks, attention_parts, partial_names
 from tilec.ir.graph import FLOAT_DTYPES, Group, Op, Operand
 from tilec.ir.tasks import Buffer, GroupTiling
@@ -169,6 +170,9 @@ class GroupEmitter:
             integer = op.type.dtype not in FLOAT_DTYPES
             args = [self.arg(op, a[1]) if isinstance(a, tuple) else literal(a, integer)
                     for a in enc]
+            if not op.inputs:   # a fill: its numbers as blocks of the values' shape
+                where = "rmask[:, None]" if self.is_narrow(name) else "mask"
+                args = [f"tl.where({where}, {a}, {a})" for a in args]
             if fn == "cast":
                 return cast(args[0], self.dtype(op.inputs[0].value), op.type.dtype)
             if fn == "pow":
@@ -299,16 +303,20 @@ class GroupEmitter:
                         avail.add(n)
                         changed = True
         for n in scope:
-            if self.ops[n].kind not in REDUCTIONS:
+            if self.ops[n].kind not in REDUCTIONS or n in avail:
                 continue
             ready_narrow()
             src = self.ops[n].inputs[0].value
             body = [self.assign(m) for m in self.needed([src], avail, scope)]
-            init, upd, finish = self.reduce_lines(n, col0="c0")
-            self.code.phases.append({"pre": list(self.code.narrow), "init": init,
-                                     "body": body + upd, "finish": finish})
+            if self.ops[n].kind == "topk":
+                phase, done = topk_phase(self, n, body)
+            else:
+                init, upd, finish = self.reduce_lines(n, col0="c0")
+                phase = {"init": init, "body": body + upd, "finish": finish, "rounds": 0}
+                done = [n]
+            self.code.phases.append({**phase, "pre": list(self.code.narrow)})
             self.code.narrow = []
-            avail.add(n)
+            avail.update(done)
         ready_narrow()
 
     def batch_pointer(self, operand: Operand, name: str) -> str:
@@ -322,8 +330,9 @@ class GroupEmitter:
         return ptr
 
     def split_outputs(self, outputs) -> tuple[list[str], list[str]]:
-        """(wide, narrow) outputs of the group, the matmul anchor excluded."""
-        outs = [n for n in outputs if n != self.g.anchor]
+        """(wide, narrow) outputs of the group, the matmul anchor and the top-k results
+        (stored a round at a time) excluded."""
+        outs = [n for n in outputs if n != self.g.anchor and self.ops[n].kind != "topk"]
         return ([n for n in outs if not self.is_narrow(n)], [n for n in outs if self.is_narrow(n)])
 
     def final_stores(self, outputs) -> list[str]:
@@ -355,7 +364,7 @@ class GroupEmitter:
         return lines
 
 
-REDUCTIONS = ("reduce", "argmax")
+REDUCTIONS = ("reduce", "argmax", "topk")
 
 
 def _state_store_lines(e: "GroupEmitter", op: Op) -> list[str]:

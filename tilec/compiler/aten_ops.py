@@ -14,6 +14,7 @@ import torch
 import torch.fx
 
 from tilec.compiler.frontend import View
+from tilec.ir.graph import FLOAT_DTYPES
 
 aten = torch.ops.aten
 
@@ -75,6 +76,9 @@ def _squeeze(L, x, dims=None):
 
 @handles(aten.expand.default)
 def _expand(L, x, shape, implicit=False):
+    v = L.value(x)
+    if isinstance(v, (int, float)):
+        return v   # a number (aten.scalar_tensor) broadcasts to any shape as it is
     return L.expand(L.tensor(x), shape)
 
 
@@ -220,6 +224,15 @@ def _gelu(L, x, approximate="none"):
     return L.elementwise("gelu_tanh" if approximate == "tanh" else "gelu_erf", x)
 
 
+@handles(aten.full.default, aten.full_like.default)
+def _full(L, size_or_like, value, **kwargs):
+    # the number as the value's dtype holds it (full(0.1, dtype=bfloat16) is rounded)
+    number = float(torch.tensor(value, dtype=L.meta().dtype).float())
+    out = L.elementwise("identity", number)
+    L.fills[out.value] = number
+    return out
+
+
 @handles(aten.where.self)
 def _where(L, cond, a, b):
     return L.elementwise("where", cond, a, b)
@@ -279,9 +292,11 @@ def _softmax(L, x, dim, half_to_float=False):
 def _index_put(L, state, indices, values, accumulate=False):
     positions = [(d, i) for d, i in enumerate(indices) if i is not None]
     if accumulate or len(positions) != 1:
-        raise L.unsupported("aten.index_put other than one position along one dim")
+        raise L.unsupported("aten.index_put other than one index tensor along one dim")
     dim, index = positions[0]
-    return _state_update(L, state, dim, index, values)
+    if L.ops_by_name(L.tensor(state).value).kind in ("state", "state_update"):
+        return _state_update(L, state, dim, index, values)
+    return _scatter(L, L.tensor(state), dim, L.tensor(index), L.value(values))
 
 
 @handles(aten.index_copy.default, aten.index_copy_.default)
@@ -300,6 +315,89 @@ def _state_update(L, state, dim, index, values):
     vals = L.expand(L.tensor(values), slot)
     return L.emit("state_update", s.shape, s.dtype, (s.operand(), vals.operand(), idx.operand()),
                   dim=dim)
+
+
+def _scatter(L, base: View, dim: int, index: View, values) -> View:
+    """index_put into a computed value (not a module buffer) at positions known only at
+    run time, such as a mask built from top-k indices: out[.., s, ..] is values[j] where
+    index[j] names s (negative indices wrap, as in torch), else base[.., s, ..]. The
+    positions are compared, never used as addresses: hit[s, j] over [size, k], whose
+    row maximum says whether any index names s. Values are a number, or vary along
+    `dim` only (one per index); torch leaves duplicate indices unordered, and here the
+    largest of their values wins."""
+    if index.dtype not in ("int64", "int32") or len(index.shape) != 1:
+        raise L.unsupported(f"aten.index_put with a {index.dtype} index of shape "
+                            f"{list(index.shape)} (one 1-d integer index only)")
+    nd = len(base.shape)
+    dim %= nd
+    size, k = base.shape[dim], index.shape[0]
+    grid = (size, k)
+    positions = _positions(L, size)
+    wrapped = L.elementwise("sub", positions, float(size), shape=(size, 1), dtype="int64")
+    idx = L.expand(View(index.value, (1, k), (0, index.strides[0]), index.offset, index.dtype),
+                   grid)
+    hit = L.elementwise("maximum", L.elementwise("eq", positions, idx, shape=grid,
+                                                 dtype="float32"),
+                        L.elementwise("eq", wrapped, idx, shape=grid, dtype="float32"),
+                        shape=grid, dtype="float32")
+
+    def along_dim(column: View) -> View:
+        """A [size, 1] column as base's shape, varying along `dim`."""
+        lined_up = L.view_as(column, tuple(size if d == dim else 1 for d in range(nd)))
+        return L.expand(lined_up, base.shape)
+
+    named = along_dim(L.emit("reduce", (size, 1), "float32", (hit.operand(),), fn="max",
+                             scale=1.0))
+    if not isinstance(values, (int, float)):
+        values = along_dim(_scattered_values(L, base, dim, L.tensor(values), hit))
+    return L.elementwise("where", named, values, base, shape=base.shape, dtype=base.dtype)
+
+
+def _scattered_values(L, base: View, dim: int, values: View, hit: View) -> View:
+    """[size, 1]: for each position s, the value of the index that names it."""
+    if base.dtype not in FLOAT_DTYPES:
+        raise L.unsupported(f"aten.index_put of tensor values into a {base.dtype} value")
+    size, k = hit.shape
+    slot = base.shape[:dim] + (k,) + base.shape[dim + 1:]
+    v = L.expand(values, slot)
+    if any(n != 1 and stride != 0 for d, (n, stride) in enumerate(zip(v.shape, v.strides))
+           if d != dim):
+        raise L.unsupported("aten.index_put of values that vary along a dim other than "
+                            "the indexed one")
+    per_index = View(v.value, (size, k), (0, v.strides[dim]), v.offset, v.dtype)
+    chosen = L.elementwise("where", hit, per_index, float("-inf"), shape=(size, k),
+                           dtype=base.dtype)
+    return L.emit("reduce", (size, 1), base.dtype, (chosen.operand(),), fn="max", scale=1.0)
+
+
+def _positions(L, n: int) -> View:
+    """0..n-1 as an int64 [n, 1] weight, one per length."""
+    if n not in L.positions:
+        v = L.emit("weight", (n, 1), "int64", name=f"positions_{n}")
+        L.constants[v.value] = torch.arange(n, dtype=torch.int64).reshape(n, 1)
+        L.positions[n] = v
+    return L.positions[n]
+
+
+@handles(aten.topk.default)
+def _topk(L, x, k, dim=-1, largest=True, sorted=True):
+    """Values and indices as two ops over the same row (the one the model never reads
+    is dropped; a row task computes both in one pass). Always sorted: with sorted=False
+    torch leaves the order open, and sorted is one of the orders it allows."""
+    v = L.tensor(x)
+    nd = len(v.shape)
+    if nd == 0 or dim % nd != nd - 1:
+        raise L.unsupported("aten.topk over a dim other than the last")
+    if v.dtype not in FLOAT_DTYPES:
+        raise L.unsupported(f"aten.topk of {v.dtype} values (floating point only)")
+    if not 0 < k <= v.shape[-1]:
+        raise L.unsupported(f"aten.topk with k={k} of a row of {v.shape[-1]}")
+    shape, base = v.shape[:-1] + (k,), L.node.name
+    attrs = {"k": int(k), "largest": bool(largest)}
+    return [L.emit("topk", shape, v.dtype, (v.operand(),), name=f"{base}_values",
+                   result="values", **attrs),
+            L.emit("topk", shape, "int64", (v.operand(),), name=f"{base}_indices",
+                   result="indices", **attrs)]
 
 
 @handles(aten.argmax.default)

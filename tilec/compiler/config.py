@@ -5,7 +5,8 @@ model:                        # required; one of three forms:
   module: mlp.py:MLP          #   a Python module: FILE.py:FACTORY, FILE relative to this yaml
   kwargs: {d_in: 64, d_hidden: 128}   # passed to FACTORY(**kwargs); default {}
 # model: {family: llama, config: {hidden_size: 64, ...}, max_seq_len: 128}
-#                             #   a model family with seeded random weights (HF config fields)
+#                             #   a model family with seeded random weights (HF config
+#                             #   fields); families: llama, mla_dsa (tilec/models/)
 # model: {hf: ./Llama-3.2-1B, max_seq_len: 2048}
 #                             #   a local Hugging Face checkpoint (folder relative to this yaml)
 inputs:                       # required for `module` (at least one), derived for the others;
@@ -18,6 +19,9 @@ target: {name: cpu, workers: 2}   # optional (cpu): cpu | h100 | h200; short for
 # target: {name: h200, roles: {attn: {workers: "0-7", kinds: [attention]}, rest: {}}}
 #                             #   optional worker roles: each role runs only the tasks it
 #                             #   owns (docs/model-yaml.md, "Worker roles")
+# target: {name: cpu, devices: 4, roles: {indexer: {devices: [0], modules: [indexer]}, mla: {}}}
+#                             #   optional: a multi-device engine, one kernel per device;
+#                             #   roles then own devices (docs/model-yaml.md, "Devices")
 schedule:                     # optional; every field optional
   policy: critical_path       #   critical_path | round_robin
   tile_m: 16                  #   tile sizes: powers of two; unset = the target's choice
@@ -48,7 +52,7 @@ import yaml
 
 from tilec.errors import ConfigError
 from tilec.ir.target import TARGETS, Role
-from tilec.passes.roles import resolve_roles
+from tilec.passes.roles import resolve_device_roles, resolve_roles
 
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INT_DTYPES = {"int64": torch.int64, "int32": torch.int32}
@@ -58,11 +62,12 @@ POLICIES = ("critical_path", "round_robin")
 
 TOP_KEYS = ("model", "inputs", "dtype", "seed", "target", "schedule")
 MODEL_KEYS = ("module", "kwargs", "family", "config", "hf", "max_seq_len")
-FAMILIES = ("llama",)
+FAMILIES = ("llama", "mla_dsa")
 DEFAULT_MAX_SEQ_LEN = 256
 INPUT_KEYS = ("name", "shape", "dtype", "low", "high")
-TARGET_KEYS = ("name", "workers", "roles")
-ROLE_KEYS = ("workers", "kinds", "ops")
+TARGET_KEYS = ("name", "workers", "devices", "roles")
+ROLE_KEYS = ("workers", "devices", "kinds", "ops", "modules")
+MAX_DEVICES = 62   # passes/partition.py keeps device sets in int64 bit masks
 SCHEDULE_KEYS = ("policy", "tile_m", "tile_n", "tile_k", "kv_chunk")
 
 
@@ -84,8 +89,8 @@ class ModuleSpec:
 
 @dataclass(frozen=True)
 class FamilySpec:
-    family: str               # "llama"
-    config: dict              # Hugging Face config fields (LlamaConfig)
+    family: str               # one of FAMILIES
+    config: dict              # the family's config fields (LlamaConfig, MlaDsaConfig)
     max_seq_len: int          # sizes the KV cache
 
 
@@ -101,7 +106,9 @@ class TargetSpec:
     workers: int | None = None   # None: the target's default
     # None: one role with every worker. A role with no workers takes those no other
     # role lists (resolved when the worker count is final: passes/roles.py).
+    # On a multi-device target (devices > 1) roles own devices instead (Role.devices).
     roles: tuple[Role, ...] | None = None
+    devices: int = 1
 
 
 @dataclass(frozen=True)
@@ -224,9 +231,7 @@ def _parse_decoder(model: dict, form: str, path: str) -> FamilySpec | Checkpoint
                               f"found {family!r}{_suggest(str(family), FAMILIES)}")
         config = model.get("config", {}) or {}
         _need_mapping(config, "model.config", path)
-        from tilec.models.llama import LlamaConfig
-
-        LlamaConfig.from_dict(config, where=f"{path}: model.config")
+        family_classes(family)[0].from_dict(config, where=f"{path}: model.config")
         return FamilySpec(family, dict(config), max_seq_len)
     if "config" in model:
         raise ConfigError(f"{path}: model.config: an hf checkpoint brings its own config.json")
@@ -288,14 +293,27 @@ def _parse_target(target: Any, path: str) -> TargetSpec:
         _fail(path, "target.name", " | ".join(sorted(TARGETS)), name)
     if workers is not None and (not _is_int(workers) or workers < 1):
         _fail(path, "target.workers", "an integer >= 1", workers)
+    devices = target.get("devices", 1)
+    if not _is_int(devices) or not 1 <= devices <= MAX_DEVICES:
+        _fail(path, "target.devices", f"an integer from 1 to {MAX_DEVICES}", devices)
     roles = None
     if "roles" in target:
         roles = _parse_roles(target["roles"], path)
-        try:   # against the yaml's worker count; `--workers` is checked again later
-            resolve_roles(roles, workers or TARGETS[name].workers)
+        for r in roles:
+            if devices > 1 and r.workers:
+                raise ConfigError(f"{path}: target.roles.{r.name}.workers: on a target of "
+                                  f"{devices} devices a role owns devices; give it `devices`")
+            if devices == 1 and r.devices:
+                raise ConfigError(f"{path}: target.roles.{r.name}.devices: device roles need "
+                                  "`target.devices` of 2 or more")
+        try:   # against the yaml's counts; `--workers` is checked again later
+            if devices > 1:
+                resolve_device_roles(roles, devices)
+            else:
+                resolve_roles(roles, workers or TARGETS[name].workers)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-    return TargetSpec(name=name, workers=workers, roles=roles)
+    return TargetSpec(name=name, workers=workers, roles=roles, devices=devices)
 
 
 def _parse_roles(roles: Any, path: str) -> tuple[Role, ...]:
@@ -308,24 +326,25 @@ def _parse_roles(roles: Any, path: str) -> tuple[Role, ...]:
         where = f"target.roles.{name}"
         spec = {} if spec is None else spec
         _need_mapping(spec, where, path)
-        if "devices" in spec:
-            raise ConfigError(f"{path}: {where}.devices: multi-device engines are not "
-                              "supported yet; give the role `workers` of this device")
         _check_keys(spec, ROLE_KEYS, f"{where}.", path)
-        workers = _parse_workers(spec["workers"], f"{where}.workers", path) \
-            if "workers" in spec else ()
-        kinds, ops = (_parse_names(spec.get(key, []), f"{where}.{key}", path)
-                      for key in ("kinds", "ops"))
-        out.append(Role(name, workers, kinds, ops))
+        if "workers" in spec and "devices" in spec:
+            raise ConfigError(f"{path}: {where}: a role owns workers (of one device) or "
+                              "devices, not both")
+        workers, devices = (_parse_workers(spec[key], f"{where}.{key}", path, key[:-1])
+                            if key in spec else () for key in ("workers", "devices"))
+        kinds, ops, modules = (_parse_names(spec.get(key, []), f"{where}.{key}", path)
+                               for key in ("kinds", "ops", "modules"))
+        out.append(Role(name, workers, kinds, ops, devices, modules))
     return tuple(out)
 
 
 MAX_WORKER_ID = 1 << 16   # far beyond any GPU's SM count; keeps a typo from filling memory
 
 
-def _parse_workers(value: Any, key: str, path: str) -> tuple[int, ...]:
-    """An integer, an "A-B" range (both ends included), or a list of those."""
-    expected = (f'worker ids in 0..{MAX_WORKER_ID - 1}: an integer, an "A-B" range or a '
+def _parse_workers(value: Any, key: str, path: str, unit: str = "worker") -> tuple[int, ...]:
+    """An integer, an "A-B" range (both ends included), or a list of those (worker or,
+    `unit` "device", device ids)."""
+    expected = (f'{unit} ids in 0..{MAX_WORKER_ID - 1}: an integer, an "A-B" range or a '
                 'list of those')
     items = value if isinstance(value, list) else [value]
     if not items:
@@ -342,7 +361,7 @@ def _parse_workers(value: Any, key: str, path: str) -> tuple[int, ...]:
         found.extend(range(int(ends[0]), int(ends[1]) + 1))
     twice = sorted(w for w, n in Counter(found).items() if n > 1)
     if twice:
-        raise ConfigError(f"{path}: {key}: worker {twice[0]} is listed twice")
+        raise ConfigError(f"{path}: {key}: {unit} {twice[0]} is listed twice")
     return tuple(sorted(found))
 
 
@@ -479,9 +498,20 @@ def decoder_inputs(vocab_size: int, max_seq_len: int) -> tuple[InputSpec, ...]:
             InputSpec("pos", (1,), "int64", 0, max_seq_len))
 
 
+def family_classes(family: str) -> tuple[type, type]:
+    """(config class, decode step class) of a model family (one of FAMILIES)."""
+    if family == "mla_dsa":
+        from tilec.models.mla_dsa import MlaDsaConfig, MlaDsaDecodeStep
+
+        return MlaDsaConfig, MlaDsaDecodeStep
+    from tilec.models.llama import LlamaConfig, LlamaDecodeStep
+
+    return LlamaConfig, LlamaDecodeStep
+
+
 def _build_decoder(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...],
                                               PendingWeights | None]:
-    from tilec.models.llama import LlamaConfig, LlamaDecodeStep, init_random
+    from tilec.models.llama import init_random
 
     spec = cfg.model
     pending = None
@@ -489,9 +519,9 @@ def _build_decoder(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Tenso
         # Built in its dtype (`cfg.dtype` needs no cast afterwards), weights drawn in the
         # background: see PendingWeights.
         dtype = FLOAT_DTYPES[cfg.dtype or "float32"]
-        model = LlamaDecodeStep.empty(LlamaConfig.from_dict(spec.config), spec.max_seq_len,
-                                      dtype).eval()
-        std = model.cfg.extra.get("initializer_range", 0.02)
+        config_class, step = family_classes(spec.family)
+        model = step.empty(config_class.from_dict(spec.config), spec.max_seq_len, dtype).eval()
+        std = model.cfg.initializer_range
         params = list(model.named_parameters())
         pending = PendingWeights(lambda stop: init_random(params, cfg.seed, std, stop))
     else:

@@ -17,7 +17,8 @@ import torch
 import torch.fx
 
 from tilec.errors import UnsupportedOpError
-from tilec.ir.graph import Graph, Op, Operand, TensorType, contiguous_strides
+from tilec.ir.graph import (PLACEHOLDER_KINDS, Graph, Op, Operand, TensorType,
+                            contiguous_strides)
 
 aten = torch.ops.aten
 
@@ -78,6 +79,12 @@ def source_line(node: torch.fx.Node) -> str:
     return f"{file}:{line}: {code.strip()}"
 
 
+def module_scope(node: torch.fx.Node) -> tuple[str, ...]:
+    """The paths of the modules whose forward() produced `node`, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return tuple(path for path, _ in stack.values())
+
+
 def reshape_strides(shape, strides, new_shape) -> tuple[int, ...] | None:
     """Strides for viewing (shape, strides) as new_shape without a copy, or None.
     The algorithm of ATen's computeStride."""
@@ -112,6 +119,10 @@ class _Lowering:
         self.constants: dict[str, torch.Tensor] = {}
         self.names: set[str] = set()
         self.node: torch.fx.Node | None = None
+        # values that are one number everywhere (aten.full): elementwise ops read the
+        # number, so the fill itself is usually left unread and dropped
+        self.fills: dict[str, float] = {}
+        self.positions: dict[int, View] = {}   # 0..n-1 as int64 [n, 1] weights, by n
 
     # ---- helpers -------------------------------------------------------------------
     def fresh(self, base: str) -> str:
@@ -126,8 +137,9 @@ class _Lowering:
         name = self.fresh(name or (self.node.name if self.node is not None else kind))
         shape = tuple(int(s) for s in shape)
         src = source_line(self.node) if self.node is not None else ""
+        scope = module_scope(self.node) if self.node is not None else ()
         op = Op(name, kind, TensorType(shape, dtype), tuple(inputs),
-                tuple(sorted(attrs.items())), src)
+                tuple(sorted(attrs.items())), src, scope)
         self.ops.append(op)
         return View(name, shape, contiguous_strides(shape), 0, dtype)
 
@@ -221,6 +233,8 @@ class _Lowering:
             x = self.env[x]
         if isinstance(x, (bool, int, float)):
             return float(x)
+        if isinstance(x, View) and x.value in self.fills:
+            return self.fills[x.value]
         if isinstance(x, View):
             if x.shape == () and x.value in self.constants and self.constants[x.value].numel() == 1:
                 pass  # a lifted scalar constant is still a tensor: keep it as an input
@@ -317,7 +331,8 @@ class _Lowering:
                 raise UnsupportedOpError(f"unsupported FX node {node.op} {node.target}")
         names = user_output_names(ep, len(self.outputs))
         self.outputs = [(n, operand) for n, (_, operand) in zip(names, self.outputs)]
-        graph = Graph(tuple(self.ops), tuple(graph_inputs), tuple(self.outputs))
+        ops = used_ops(self.ops, [operand.value for _, operand in self.outputs])
+        graph = Graph(tuple(ops), tuple(graph_inputs), tuple(self.outputs))
         return Lowered(graph, self.constants, tuple(user_inputs),
                        tuple(n for n, _ in self.outputs), state_names)
 
@@ -333,6 +348,20 @@ class _Lowering:
                                      if "aten" in str(target) or hasattr(target, "_schema")
                                      else f"unsupported operator {name} at {source_line(node)}")
         return handler(self, *node.args, **node.kwargs)
+
+
+def used_ops(ops: list[Op], outputs: list[str]) -> list[Op]:
+    """`ops` less the compute ops whose values nothing reads: a fill every reader took
+    as a number, the half of a topk the model ignores. Kept, each would be a task that
+    stores nothing. Placeholders stay (they are the engine's interface) and so do
+    state updates (their effect is the write)."""
+    needed = set(outputs)
+    kept = []
+    for op in reversed(ops):
+        if op.kind in PLACEHOLDER_KINDS or op.kind == "state_update" or op.name in needed:
+            kept.append(op)
+            needed.update(operand.value for operand in op.inputs)
+    return kept[::-1]
 
 
 def user_output_names(ep, count: int) -> list[str]:

@@ -1,11 +1,14 @@
 """The one pipeline: model -> ir.Graph -> passes -> kernel -> Engine (DESIGN.md diagram).
 
-    export ▶ lower ▶ fuse ▶ tile ▶ deps ▶ roles ▶ schedule ▶ sync ▶ memplan ▶ verify ▶ render ▶ aot ▶ pack
+    export ▶ lower ▶ fuse ▶ tile ▶ [partition] ▶ deps ▶ roles ▶ schedule ▶ sync ▶ memplan ▶ verify ▶ render ▶ aot ▶ pack
 
 Each stage is a pure function of the previous stage's result; `compile_module` runs
 them in order, reports each stage's time, and can dump every stage as text. `aot`
 runs for GPU targets only (and not with `CompileOptions(aot=False)`): it compiles the
 kernel for the target's GPU, on a machine without one, and the engine stores the cubin.
+`partition` runs for multi-device targets only: it cuts the task graph into one part
+per device, with transfers between them, and every stage after it runs on each part;
+the engine is then one Engine per device (`DeviceEngines`).
 A family model's random weights are drawn in the background meanwhile; `weights`
 (before `pack`) is the wait for them, if any.
 """
@@ -33,13 +36,15 @@ from tilec.ir.target import TARGETS, Role, Target
 from tilec.passes.deps import deps
 from tilec.passes.fuse import fuse
 from tilec.passes.memplan import memplan
-from tilec.passes.roles import resolve_roles, roles
+from tilec.passes.partition import device_target, partition, time_devices
+from tilec.passes.roles import resolve_device_roles, resolve_roles, roles
 from tilec.passes.schedule import schedule
 from tilec.passes.sync import sync
 from tilec.passes.tile import TileOptions, tile
 from tilec.passes.verify import check, verify
-from tilec.runtime.engine import (AOTKernel, Engine, GenerationSpec, IOSpec, Manifest,
-                                  TORCH_DTYPES, aot_text, encode_tables)
+from tilec.passes.verify_devices import verify_devices
+from tilec.runtime.engine import (AOTKernel, DeviceEngines, Engine, GenerationSpec, IOSpec,
+                                  Manifest, TORCH_DTYPES, aot_text, encode_tables)
 from tilec.version import __version__
 
 MAX_WAITS = 8
@@ -57,8 +62,9 @@ class CompileOptions:
 def target_options(name: str, workers: int | None = None, policy: str = "critical_path",
                    tile_m: int | None = None, tile_n: int | None = None,
                    tile_k: int | None = None, roles: tuple[Role, ...] = (),
-                   kv_chunk: int | None = None) -> CompileOptions:
-    """`roles` as model.yaml gives them: checked here, once the worker count is final."""
+                   kv_chunk: int | None = None, devices: int = 1) -> CompileOptions:
+    """`roles` as model.yaml gives them: checked here, once the worker count is final.
+    With `devices` > 1 they own devices (Role.devices), not workers."""
     if name not in TARGETS:
         raise ConfigError(f"unknown target {name!r} (choose from {', '.join(TARGETS)})")
     target = TARGETS[name]
@@ -66,7 +72,18 @@ def target_options(name: str, workers: int | None = None, policy: str = "critica
         if workers < 1:
             raise ConfigError(f"workers must be at least 1, got {workers}")
         target = replace(target, workers=workers)
-    if roles:
+    if devices < 1:
+        raise ConfigError(f"devices must be at least 1, got {devices}")
+    target = replace(target, devices=devices)
+    for r in roles:
+        if (devices > 1 and r.workers) or (devices == 1 and r.devices):
+            key = "devices" if r.devices else "workers"
+            raise ConfigError(f"target.roles.{r.name}.{key}: roles own devices on a "
+                              f"multi-device target and workers on one device; this target "
+                              f"has {devices} device{'s' if devices > 1 else ''}")
+    if roles and devices > 1:
+        target = replace(target, device_roles=resolve_device_roles(roles, devices))
+    elif roles:
         target = replace(target, roles=resolve_roles(roles, target.workers))
     base = default_tiles(target)
     tiles = replace(base, tile_m=tile_m or base.tile_m, tile_n=tile_n or base.tile_n,
@@ -134,7 +151,7 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
                    progress: Progress | None = None, dump_dir: str | None = None,
                    generation: GenerationSpec | None = None,
                    weights_ready: Callable[[], None] | None = None,
-                   release_constants: bool = False) -> Engine:
+                   release_constants: bool = False) -> Engine | DeviceEngines:
     """`weights_ready`, if given, blocks until the module's weights are written: the
     stages before `pack` read only shapes, so a family model's random weights are drawn
     meanwhile (config.PendingWeights); the wait is timed as the stage `weights`.
@@ -149,40 +166,90 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
     fused = progress.run("fuse", fuse, lowered.graph)
     dump.json("03_fused.json", fused.groups)
     taskgraph = progress.run("tile", tile, fused, options.tiles)
-    taskgraph = progress.run("deps", deps, taskgraph)
-    taskgraph = progress.run("roles", roles, taskgraph, options.target)
-    dump.json("04_tasks.json", {"tilings": taskgraph.tilings, "tasks": taskgraph.tasks,
-                                "deps": [(d.before, d.after, d.kind, d.buffer)
-                                         for d in taskgraph.deps],
-                                "roles": taskgraph.roles})
-    sched = progress.run("schedule", schedule, taskgraph, options.target, options.policy)
-    sched = progress.run("sync", sync, sched, options.max_waits)
+    multi = options.target.devices > 1
+    if multi:
+        parts = progress.run("partition", partition, taskgraph, options.target)
+        target = device_target(options.target)
+    else:
+        parts, target = (taskgraph,), options.target
+    del taskgraph
+    parts = progress.run("deps", _each(deps), parts)
+    parts = progress.run("roles", _each(roles), parts, target)
+    for p in parts:
+        dump.json(_per_device("04_tasks.json", p), {
+            "tilings": p.tilings, "tasks": p.tasks, "transfers": p.transfers,
+            "deps": [(d.before, d.after, d.kind, d.buffer) for d in p.deps],
+            "roles": p.roles})
+    scheds = progress.run("schedule", _each(schedule), parts, target, options.policy)
+    scheds = progress.run("sync", _each(sync), scheds, options.max_waits)
+    if multi:   # the devices' predicted times, with each transfer waiting for its parties
+        scheds = progress.run("timing", time_devices, scheds)
     # Nothing after sync reads the deps (verify recomputes conflicts from the regions, and
     # the engine does not store them): free them before the weights are packed (2.3 M
     # objects, a few hundred MB, for Llama-1B).
-    sched = replace(sched, taskgraph=replace(sched.taskgraph, deps=()))
-    del taskgraph
-    sched = progress.run("memplan", memplan, sched)
-    dump.json("05_schedule.json", {"queues": sched.queues, "events": sched.events,
-                                   "waits": sched.waits, "signal": sched.signal,
-                                   "buffers": sched.buffers, "pools": sched.pools})
-    report = progress.run("verify", verify, sched)
-    dump.text("07_verify.txt", verify_text(report))
-    check(report)
-    max_waits = max([len(w) for w in sched.waits] + [1])
-    rendered = progress.run("render", render_schedule, sched, max_waits, name)
-    dump.text("06_kernel.py", rendered.source)
+    scheds = tuple(replace(s, taskgraph=replace(s.taskgraph, deps=())) for s in scheds)
+    del parts
+    scheds = progress.run("memplan", _each(memplan), scheds)
+    for s in scheds:
+        dump.json(_per_device("05_schedule.json", s.taskgraph),
+                  {"queues": s.queues, "events": s.events, "waits": s.waits,
+                   "signal": s.signal, "buffers": s.buffers, "pools": s.pools})
+    reports = progress.run("verify", _verify_all, scheds, options.target)
+    dump.text("07_verify.txt", "\n".join(verify_text(r) for r in reports))
+    for report in reports:
+        check(report)
+    max_waits = max([len(w) for s in scheds for w in s.waits] + [1])
+    rendered = progress.run("render", _each(render_schedule), scheds, max_waits, name)
+    for s, r in zip(scheds, rendered):
+        dump.text(_per_device("06_kernel.py", s.taskgraph), r.source)
     binary = None
-    if options.aot and sched.target.backend == "cuda":
-        binary = progress.run("aot", aot_kernel, rendered.source, sched.pools, sched.target.arch)
+    if options.aot and target.backend == "cuda" and not multi:
+        binary = progress.run("aot", aot_kernel, rendered[0].source, scheds[0].pools,
+                              target.arch)
         dump.text("08_aot.json", aot_text(binary))
     if weights_ready is not None:
         progress.run("weights", weights_ready)
-    engine = progress.run("pack", pack, sched, rendered, lowered, max_waits, name,
-                          input_info, seed, binary, release_constants)
+    engines = progress.run("pack", pack_devices, scheds, rendered, lowered, max_waits, name,
+                           input_info, seed, binary, release_constants)
     if generation is not None:
-        engine.manifest = replace(engine.manifest, generation=generation)
-    return engine
+        for e in engines:
+            e.manifest = replace(e.manifest, generation=generation)
+    return DeviceEngines(tuple(engines)) if multi else engines[0]
+
+
+def _each(fn):
+    """A pass over one device's part, run over every device's (one part: one device)."""
+    def over_parts(parts, *args):
+        return tuple(fn(p, *args) for p in parts)
+    over_parts.__name__ = fn.__name__
+    return over_parts
+
+
+def _per_device(name: str, taskgraph) -> str:
+    """Stage dump names: `04_tasks.json`, or `04_tasks.device1.json` per device."""
+    if taskgraph.devices == 1:
+        return name
+    stem, ext = name.split(".", 1)
+    return f"{stem}.device{taskgraph.device}.{ext}"
+
+
+def _verify_all(scheds: tuple[Schedule, ...], target: Target) -> list:
+    reports = [verify(s) for s in scheds]
+    if len(scheds) > 1:
+        reports.append(verify_devices(scheds, target))
+    return reports
+
+
+def pack_devices(scheds, rendered, lowered, max_waits, name, input_info, seed, binary,
+                 release_constants) -> list[Engine]:
+    """One Engine per device. Every device lays out weights and state alike (memplan
+    places them in buffer order; verify_devices checks it), so their pools are filled
+    once and shared."""
+    first = pack(scheds[0], rendered[0], lowered, max_waits, name, input_info, seed, binary,
+                 release_constants)
+    shared = {k: v for k, v in first.tensors.items() if k.startswith("pool.")}
+    return [first] + [pack(s, r, lowered, max_waits, name, input_info, seed, None,
+                           pools=shared) for s, r in zip(scheds[1:], rendered[1:])]
 
 
 def render_schedule(sched: Schedule, max_waits: int, name: str) -> Rendered:
@@ -192,10 +259,12 @@ def render_schedule(sched: Schedule, max_waits: int, name: str) -> Rendered:
 
 def pack(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered, max_waits: int,
          name: str, input_info: tuple[InputInfo, ...], seed: int,
-         binary: AOTKernel | None = None, release_constants: bool = False) -> Engine:
+         binary: AOTKernel | None = None, release_constants: bool = False,
+         pools: dict[str, torch.Tensor] | None = None) -> Engine:
     """`release_constants`: the module is tilec's own (built from a model.yaml), so each
     weight's memory is freed once it is copied into its pool: the peak is then one copy
-    of the weights, not two. Never for a caller's module."""
+    of the weights, not two. Never for a caller's module. `pools`: the weight and state
+    pools, already filled (by another device's pack)."""
     tensors = encode_tables(sched, rendered.opcodes, max_waits)
     tensors["args"] = torch.tensor(rendered.args, dtype=torch.int64).reshape(
         len(rendered.args), rendered.max_args)
@@ -203,7 +272,9 @@ def pack(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered, max_wai
     users = Counter(_storage(t) for t in lowered.constants.values()) if release_constants \
         else None
     for pool in sched.pools:
-        if pool.kind in ("weight", "state"):
+        if pool.kind in ("weight", "state") and pools is not None:
+            tensors[f"pool.{pool.name}"] = pools[f"pool.{pool.name}"]
+        elif pool.kind in ("weight", "state"):
             tensors[f"pool.{pool.name}"] = fill_pool(pool, sched.buffers, lowered.constants,
                                                      users)
     info = {i.name: i for i in input_info}

@@ -16,7 +16,8 @@ FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 # Placeholders hold data from outside the graph; everything else computes.
 PLACEHOLDER_KINDS = ("input", "weight", "state")
 # The closed set of compute kinds (DESIGN.md, "IR").
-COMPUTE_KINDS = ("matmul", "elementwise", "reduce", "gather", "concat", "state_update", "argmax")
+COMPUTE_KINDS = ("matmul", "elementwise", "reduce", "gather", "concat", "state_update", "argmax",
+                 "topk")
 OP_KINDS = PLACEHOLDER_KINDS + COMPUTE_KINDS
 
 
@@ -89,6 +90,9 @@ class Op:
       state_update inputs (state, value, index); writes value into state at index along
                    `dim` in place; the result aliases the state.
       argmax       over the last dim; output int64 [..., 1].
+      topk         k, largest, result (values | indices): the k largest (smallest) of each
+                   row, in order, ties to the lowest index; output [..., k] of the input's
+                   dtype or int64. Values and indices are two ops over the same row.
     """
 
     name: str
@@ -97,6 +101,10 @@ class Op:
     inputs: tuple[Operand, ...] = ()
     attrs: tuple[tuple[str, Any], ...] = ()
     source: str = ""
+    # The module paths whose forward() produced the op, outermost first (e.g. ("",
+    # "layers.0", "layers.0.indexer", "layers.0.indexer.index_q_proj")): model.yaml roles
+    # claim ops by module (`modules:`).
+    scope: tuple[str, ...] = ()
 
     def attr(self, key: str, default: Any = None) -> Any:
         for k, v in self.attrs:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tilec.ir.tasks import TRANSFER
+
 # Without `roles`, every worker belongs to one role of this name and runs any task.
 DEFAULT_ROLE = "compute"
 
@@ -15,17 +17,28 @@ DEFAULT_ROLE = "compute"
 class Role:
     """A set of workers that run only the tasks given to the role (model.yaml's
     `target.roles`). A task belongs to the role whose `kinds` name its task kind (the
-    fusion group's label, e.g. `matmul_epilogue`) or whose `ops` name an op kind or op
-    name its group contains; tasks no role claims go to the one role with neither."""
+    fusion group's label, e.g. `matmul_epilogue`), whose `ops` name an op kind or op
+    name its group contains, or whose `modules` name a module one of its ops belongs
+    to; tasks no role claims go to the one role that names none of these."""
 
     name: str
     workers: tuple[int, ...]
     kinds: tuple[str, ...] = ()
     ops: tuple[str, ...] = ()
+    # A device role (model.yaml `devices:` on a multi-device target) owns devices, not
+    # workers: its groups are partitioned over these devices (passes/partition.py).
+    devices: tuple[int, ...] = ()
+    # Modules of the model, by path or by the end of one ("indexer" is every
+    # "layers.N.indexer"): the role owns every group with an op one of them computes.
+    modules: tuple[str, ...] = ()
 
     @property
     def takes_the_rest(self) -> bool:
-        return not self.kinds and not self.ops
+        return not self.kinds and not self.ops and not self.modules
+
+    def owns_module(self, scope: tuple[str, ...]) -> bool:
+        """Whether an op computed inside the modules `scope` (Op.scope) is this role's."""
+        return any(path == m or path.endswith("." + m) for m in self.modules for path in scope)
 
 
 @dataclass(frozen=True)
@@ -47,10 +60,29 @@ class Target:
     worker_stream_gbps: float = 0.0
     # Heterogeneous workers; () means one role, DEFAULT_ROLE, with every worker.
     roles: tuple[Role, ...] = ()
+    # Multi-device engines (passes/partition.py): the number of devices, each running its
+    # own kernel on `workers` workers, and roles that own devices (() : one role with
+    # every device). `link_gbps` and `link_latency_us` price a transfer between devices.
+    devices: int = 1
+    device_roles: tuple[Role, ...] = ()
+    link_gbps: float = 0.0
+    link_latency_us: float = 0.0
 
     def all_roles(self) -> tuple[Role, ...]:
         """The roles, or the one implicit role over every worker."""
         return self.roles or (Role(DEFAULT_ROLE, tuple(range(self.workers))),)
+
+    def all_device_roles(self) -> tuple[Role, ...]:
+        """The device roles, or the one implicit role over every device."""
+        return self.device_roles or (Role(DEFAULT_ROLE, (), devices=tuple(range(self.devices))),)
+
+    def comm_worker(self) -> int | None:
+        """The worker that runs transfers (multi-device: the host drives it, the kernel
+        never sees it), or None on a single-device target."""
+        for r in self.roles:
+            if r.kinds == (TRANSFER,) and len(r.workers) == 1:
+                return r.workers[0]
+        return None
 
     def worker_roles(self) -> tuple[str, ...]:
         """The role name of each worker ("" for a worker no role lists)."""
@@ -72,15 +104,20 @@ TARGETS: dict[str, Target] = {
                 "Hopper tuning guide; task overhead is an estimate (one acquire, one "
                 "release and a CTA barrier), 2026-11-29; worker_stream_gbps measured "
                 "2026-11-30 on one H200 (docs/BENCHMARKS.md, run 3): 2.82 GB of task "
-                "traffic in 2.948 ms over 132 workers, less 1 us per task",
+                "traffic in 2.948 ms over 132 workers, less 1 us per task; links: NVLink 4, 900 GB/s "
+                "per GPU both ways (datasheet), so 450 GB/s one way; 3 us per transfer is "
+                "an estimate (a signal and a flag poll across the fabric)",
         worker_stream_gbps=7.6,
+        link_gbps=450.0, link_latency_us=3.0,
     ),
     "h100": Target(
         name="h100", backend="cuda", workers=132, sms=132, mem_gbps=3350.0,
         fp32_tflops=67.0, bf16_tflops=989.0, task_overhead_us=1.0, smem_kb=228, arch=90,
         dtype="bfloat16",
         sources="NVIDIA H100 SXM5 datasheet (3.35 TB/s HBM3, 989 TFLOP/s dense bf16, "
-                "67 TFLOP/s fp32); 132 SMs; task overhead estimated as for h200, 2026-11-29",
+                "67 TFLOP/s fp32); 132 SMs; task overhead estimated as for h200, 2026-11-29; "
+                "links as for h200",
+        link_gbps=450.0, link_latency_us=3.0,
     ),
     "cpu": Target(
         name="cpu", backend="cpu", workers=2, sms=2, mem_gbps=10.0,
@@ -88,6 +125,9 @@ TARGETS: dict[str, Target] = {
         dtype="float32",
         sources="Triton interpreter on a 2-core x86-64 machine, measured 2026-11-29: "
                 "about 20 ms per 64x1024 matvec tile task (DESIGN.md), i.e. task "
-                "overhead dominates; bandwidth and rates are rough",
+                "overhead dominates; bandwidth and rates are rough; links: gloo send/recv "
+                "between two processes on this machine, measured 2026-11-30: about 50-100 "
+                "us one way for small messages, 3.1 GB/s for 4 MB",
+        link_gbps=3.0, link_latency_us=75.0,
     ),
 }

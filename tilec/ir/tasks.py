@@ -65,6 +65,26 @@ class Task:
     moved: tuple[tuple[str, int], ...] = ()
 
 
+# `Task.group` of a communication task. It runs on its device's host-driven comm worker
+# (the last worker of a multi-device schedule), never in the kernel; its tile is
+# (sequence number of its Transfer, 0, 0).
+TRANSFER = "transfer"
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """A region computed on device `src` and read on devices `dsts`: each of them holds
+    one transfer task for it, reading the region on `src` and writing it elsewhere.
+    Transfers run in sequence order on every device (blocking point-to-point messages
+    then always find their partner), so `seq` is also their index in
+    `TaskGraph.transfers`."""
+
+    seq: int
+    region: Region
+    src: int
+    dsts: tuple[int, ...]
+
+
 @dataclass(frozen=True, slots=True)   # slots: a decode step has millions of deps
 class Dep:
     """`after` must not start before `before` is complete (RAW, WAR or WAW)."""
@@ -85,6 +105,11 @@ class TaskGraph:
     # The role of each task, by task id (the roles pass); () when the target has no
     # roles: every task then belongs to the one implicit role.
     roles: tuple[str, ...] = ()
+    # Multi-device engines (passes/partition.py): this graph is device `device`'s part
+    # of `devices`, and `transfers` are every device's transfers, by sequence number.
+    device: int = 0
+    devices: int = 1
+    transfers: tuple[Transfer, ...] = ()
 
     def buffer(self, name: str) -> Buffer:
         for b in self.buffers:

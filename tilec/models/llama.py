@@ -39,6 +39,7 @@ class LlamaConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     max_position_embeddings: int = 2048
+    initializer_range: float = 0.02   # the scale of a family model's random weights
     extra: dict = field(default_factory=dict)
 
     @property
@@ -223,30 +224,40 @@ class DecoderStep(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("positions", torch.arange(max_seq_len), persistent=False)
 
-
-class LlamaDecodeStep(DecoderStep):
-    """forward(token [1] int64, pos [1] int64) -> {"logits": [1, vocab], "next_token": [1]}"""
-
-    def __init__(self, cfg: LlamaConfig, max_seq_len: int):
-        super().__init__(cfg, max_seq_len, Layer)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-
-    @staticmethod
-    def empty(cfg: LlamaConfig, max_seq_len: int, dtype: torch.dtype) -> "LlamaDecodeStep":
+    @classmethod
+    def empty(cls, cfg, max_seq_len: int, dtype: torch.dtype):
         """A model with uninitialised weights in `dtype` and correct buffers, built
         without a float32 copy or a default initialisation (a 1B model in seconds)."""
         with torch.device("meta"):
-            model = LlamaDecodeStep(cfg, max_seq_len)
+            model = cls(cfg, max_seq_len)
         # Cast on meta, where it costs nothing: materialising in float32 first and then
         # casting read 5 GB and wrote 2.5 GB for a 1B model in bfloat16.
         model = model.to(dtype).to_empty(device="cpu")
         if cfg.tie_word_embeddings:  # materialising from meta unties shared parameters
             model.lm_head.weight = model.embed_tokens.weight
         with torch.no_grad():
-            model.inv_freq.copy_(rope_inv_freq(cfg))
+            model.inv_freq.copy_(model.inverse_frequencies())
             model.positions.copy_(torch.arange(max_seq_len))
         model.reset_cache()
         return model
+
+    def inverse_frequencies(self) -> torch.Tensor:
+        """RoPE's inverse frequencies (the `inv_freq` buffer every family registers)."""
+        raise NotImplementedError
+
+    def reset_cache(self) -> None:
+        raise NotImplementedError
+
+
+class LlamaDecodeStep(DecoderStep):
+    """forward(token [1] int64, pos [1] int64) -> {"logits": [1, vocab], "next_token": [1]}"""
+
+    def __init__(self, cfg: LlamaConfig, max_seq_len: int):
+        super().__init__(cfg, max_seq_len, Layer)
+        self.register_buffer("inv_freq", self.inverse_frequencies(), persistent=False)
+
+    def inverse_frequencies(self) -> torch.Tensor:
+        return rope_inv_freq(self.cfg)
 
     def forward(self, token: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.embed_tokens(token)                              # [1, hidden]

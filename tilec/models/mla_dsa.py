@@ -47,6 +47,7 @@ class MlaDsaConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
+    initializer_range: float = 0.02   # the scale of a family model's random weights
 
     @staticmethod
     def from_dict(data: dict, where: str = "config") -> "MlaDsaConfig":
@@ -57,8 +58,15 @@ class MlaDsaConfig:
         cfg = MlaDsaConfig(**data)
         for f in fields(MlaDsaConfig):
             value = getattr(cfg, f.name)
-            if f.type == "int" and not (isinstance(value, int) and value > 0):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if f.type == "int" and not (number and isinstance(value, int) and value > 0):
                 raise ConfigError(f"{where}: {f.name}: expected a positive integer, "
+                                  f"found {value!r}")
+            if f.type == "float" and not (number and value > 0):
+                raise ConfigError(f"{where}: {f.name}: expected a positive number, "
+                                  f"found {value!r}")
+            if f.type == "bool" and not isinstance(value, bool):
+                raise ConfigError(f"{where}: {f.name}: expected true or false, "
                                   f"found {value!r}")
         if cfg.qk_rope_head_dim % 2:
             raise ConfigError(f"{where}: qk_rope_head_dim: must be even for RoPE, "
@@ -78,6 +86,35 @@ def rope_tables(inv_freq: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor
     return cos, torch.cat([-sin, sin])
 
 
+class Indexer(nn.Module):
+    """DSA's lightning indexer: scores every cached token for the query and keeps the
+    top k. Its own module (as in DeepSeek-V3.2's code), so model.yaml roles can give it
+    to its own workers or devices (`roles: {indexer: {modules: [indexer]}}`)."""
+
+    def __init__(self, cfg: MlaDsaConfig, max_seq_len: int):
+        super().__init__()
+        c = self.cfg = cfg
+        self.index_q_proj = nn.Linear(c.q_lora_rank, c.index_n_heads * c.index_head_dim,
+                                      bias=False)
+        self.index_k_proj = nn.Linear(c.hidden_size, c.index_head_dim, bias=False)
+        self.index_weights_proj = nn.Linear(c.hidden_size, c.index_n_heads, bias=False)
+        self.register_buffer("index_cache", torch.zeros(max_seq_len, c.index_head_dim),
+                             persistent=False)
+
+    def forward(self, c_q, x, pos, positions) -> torch.Tensor:
+        """0 for the top-k positions s <= pos by index score, -inf elsewhere: [S]."""
+        c = self.cfg
+        q_index = self.index_q_proj(c_q).view(c.index_n_heads, c.index_head_dim)
+        self.index_cache.index_copy_(0, pos, self.index_k_proj(x).to(self.index_cache.dtype))
+        # sum over index heads as a product: [1, heads] @ [heads, S]
+        weights = self.index_weights_proj(x)
+        scores = (weights @ torch.relu(q_index @ self.index_cache.T)).view(-1)
+        scores = scores.masked_fill(positions > pos, float("-inf"))
+        top = torch.topk(scores, min(c.index_topk, scores.shape[0])).indices
+        hidden = torch.full_like(scores, float("-inf")).index_fill(0, top, 0.0)
+        return hidden.masked_fill(positions > pos, float("-inf"))
+
+
 class Layer(nn.Module):
     def __init__(self, cfg: MlaDsaConfig, max_seq_len: int):
         super().__init__()
@@ -94,20 +131,15 @@ class Layer(nn.Module):
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim),
                                    bias=False)
         self.o_proj = nn.Linear(h * c.v_head_dim, d, bias=False)
-        self.index_q_proj = nn.Linear(c.q_lora_rank, c.index_n_heads * c.index_head_dim,
-                                      bias=False)
-        self.index_k_proj = nn.Linear(d, c.index_head_dim, bias=False)
-        self.index_weights_proj = nn.Linear(d, c.index_n_heads, bias=False)
+        self.indexer = Indexer(cfg, max_seq_len)
         self.post_attention_layernorm = RMSNorm(d, c.rms_norm_eps)
         self.gate_proj = nn.Linear(d, c.intermediate_size, bias=False)
         self.up_proj = nn.Linear(d, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, d, bias=False)
-        # the compressed cache: latent, rotated key part, indexer keys
+        # the compressed cache: latent and rotated key part (the indexer keeps its keys)
         self.register_buffer("ckv_cache", torch.zeros(max_seq_len, c.kv_lora_rank),
                              persistent=False)
         self.register_buffer("kpe_cache", torch.zeros(max_seq_len, c.qk_rope_head_dim),
-                             persistent=False)
-        self.register_buffer("index_cache", torch.zeros(max_seq_len, c.index_head_dim),
                              persistent=False)
 
     def absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,19 +148,6 @@ class Layer(nn.Module):
         w = self.kv_b_proj.weight.view(c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim,
                                        c.kv_lora_rank)
         return w[:, :c.qk_nope_head_dim], w[:, c.qk_nope_head_dim:]
-
-    def indexer_selection(self, c_q, x, pos, positions) -> torch.Tensor:
-        """0 for the top-k positions s <= pos by index score, -inf elsewhere: [S]."""
-        c = self.cfg
-        q_index = self.index_q_proj(c_q).view(c.index_n_heads, c.index_head_dim)
-        self.index_cache.index_copy_(0, pos, self.index_k_proj(x).to(self.index_cache.dtype))
-        # sum over index heads as a product: [1, heads] @ [heads, S]
-        weights = self.index_weights_proj(x)
-        scores = (weights @ torch.relu(q_index @ self.index_cache.T)).view(-1)
-        scores = scores.masked_fill(positions > pos, float("-inf"))
-        top = torch.topk(scores, min(c.index_topk, scores.shape[0])).indices
-        hidden = torch.full_like(scores, float("-inf")).index_fill(0, top, 0.0)
-        return hidden.masked_fill(positions > pos, float("-inf"))
 
     def queries(self, x, cos, sin_signed):
         """(c_q, q_nope [heads, nope], q_rope [heads, rope] rotated)."""
@@ -155,7 +174,7 @@ class Layer(nn.Module):
         k_pe = k_pe * cos + swap_halves(k_pe) * sin_signed
         self.ckv_cache.index_copy_(0, pos, c_kv.to(self.ckv_cache.dtype))
         self.kpe_cache.index_copy_(0, pos, k_pe.to(self.kpe_cache.dtype))
-        selection = self.indexer_selection(c_q, x, pos, positions)
+        selection = self.indexer(c_q, x, pos, positions)
         w_uk, w_uv = self.absorbed()
         q_latent = (q_nope.unsqueeze(1) @ w_uk).squeeze(1)              # [heads, kv_lora]
         scores = q_latent @ self.ckv_cache.T + q_pe @ self.kpe_cache.T   # [heads, S]
@@ -170,12 +189,14 @@ class MlaDsaDecodeStep(DecoderStep):
 
     def __init__(self, cfg: MlaDsaConfig, max_seq_len: int):
         super().__init__(cfg, max_seq_len, Layer)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta),
-                             persistent=False)
+        self.register_buffer("inv_freq", self.inverse_frequencies(), persistent=False)
+
+    def inverse_frequencies(self) -> torch.Tensor:
+        return rope_inv_freq(self.cfg.qk_rope_head_dim, self.cfg.rope_theta)
 
     def reset_cache(self) -> None:
         for layer in self.layers:
-            for cache in (layer.ckv_cache, layer.kpe_cache, layer.index_cache):
+            for cache in (layer.ckv_cache, layer.kpe_cache, layer.indexer.index_cache):
                 cache.zero_()
 
     def forward(self, token: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -194,7 +215,7 @@ def explicit_attention(layer: Layer, x, pos, positions, cos, sin_signed) -> torc
     c = layer.cfg
     heads, nope = c.num_attention_heads, c.qk_nope_head_dim
     c_q, q_nope, q_pe = layer.queries(x, cos, sin_signed)
-    selected = layer.indexer_selection(c_q, x, pos, positions) == 0
+    selected = layer.indexer(c_q, x, pos, positions) == 0
     kv = layer.kv_b_proj(layer.ckv_cache[selected]).view(-1, heads, nope + c.v_head_dim)
     k_nope, v = kv[..., :nope], kv[..., nope:]                       # [n, heads, .]
     k_pe = layer.kpe_cache[selected]                                 # [n, rope]

@@ -10,12 +10,15 @@ from __future__ import annotations
 import numpy as np
 
 from tilec.ir.target import Target
-from tilec.ir.tasks import Task, TaskGraph
+from tilec.ir.tasks import TRANSFER, Task, TaskGraph
 
 LOW_PRECISION = ("bfloat16", "float16")
 
 
 def task_time_us(task: Task, target: Target, dtype: str = "float32") -> float:
+    if task.group == TRANSFER:   # a message between devices: the link's latency and rate
+        rate = target.link_gbps * 1e3 if target.link_gbps > 0 else float("inf")
+        return target.link_latency_us + task.bytes / rate
     workers = max(1, target.workers)
     bytes_per_us = target.mem_gbps * 1e3 / workers           # GB/s = 1e3 bytes/us
     if target.worker_stream_gbps:  # calibrated: what a task body was measured to stream

@@ -19,10 +19,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from tilec.ir.tasks import Dep, TaskGraph
+from tilec.ir.tasks import TRANSFER, Dep, TaskGraph
 
 BLOCK = 2048   # regions compared at once (bounds the overlap matrix)
-KINDS = ("RAW", "WAR", "WAW")
+KINDS = ("RAW", "WAR", "WAW")   # and ORDER: transfers in sequence (transfer_chain)
 
 
 def _boxes(regions: list) -> np.ndarray:
@@ -98,5 +98,20 @@ def conflicts(taskgraph: TaskGraph) -> list[Dep]:
             gc.enable()
 
 
+def transfer_chain(taskgraph: TaskGraph, found: list[Dep]) -> list[Dep]:
+    """`found` plus an ORDER dep between consecutive transfer tasks (multi-device): each
+    device runs its transfers in sequence order, the same order on every device, so a
+    blocking message always finds its partner. Still ordered by (after, before)."""
+    chain = [t.id for t in taskgraph.tasks if t.group == TRANSFER]
+    have = {(d.before, d.after) for d in found}
+    extra = [Dep(a, b, "ORDER", "") for a, b in zip(chain, chain[1:]) if (a, b) not in have]
+    if not extra:
+        return found
+    return sorted(found + extra, key=lambda d: (d.after, d.before))
+
+
 def deps(taskgraph: TaskGraph) -> TaskGraph:
-    return replace(taskgraph, deps=tuple(conflicts(taskgraph)))
+    found = conflicts(taskgraph)
+    if taskgraph.transfers:
+        found = transfer_chain(taskgraph, found)
+    return replace(taskgraph, deps=tuple(found))

@@ -3,7 +3,8 @@
 Elementwise chains and last-dim reductions join a neighbouring group, so the values
 they pass around never get a global buffer:
   * a "row" group computes elementwise ops, last-dim reductions, gathers and concats
-    over one [rows, cols] space (a reduction's result is a [rows, 1] column);
+    over one [rows, cols] space (a reduction's result is a [rows, 1] column), and
+    top-k selections (row groups only; their results go to a buffer);
   * a "matmul" group is one matmul with an epilogue (ops over its [rows, N] result,
     reductions over N allowed when N fits one tile) and a prologue: a row group whose
     only consumers are matmul A operands is copied into each of them, so e.g. an
@@ -59,7 +60,9 @@ def row_layout(operand: Operand) -> tuple[int, int, str] | None:
     return math.prod(lead), width, kind
 
 
-REDUCTIONS = ("reduce", "argmax")
+REDUCTIONS = ("reduce", "argmax", "topk")
+# Never recomputed by another group's tiles: side effects and selections (indices)
+NOT_RECOMPUTED = ("argmax", "topk", "state_update")
 
 
 def iteration_space(op: Op) -> tuple[int, int]:
@@ -147,6 +150,10 @@ def fuse(graph: Graph) -> FusedGraph:
             return False
         if op.kind in ("concat", "gather") and any(o.value in members for o in op.inputs):
             return False  # their inputs are loads with masks or indirection, never registers
+        if op.kind == "topk" and grp.kind != "row":
+            return False  # its k rounds each walk the row: a loop only a row task has
+        if any(o.value in members and ops[o.value].kind == "topk" for o in op.inputs):
+            return False  # a topk stores one column per round: its readers load them
         if grp.kind == "row":
             if width not in (grp.cols, 1) and not (grp.cols == 1 and not grp.has_reduce):
                 return False
@@ -219,7 +226,7 @@ def fuse(graph: Graph) -> FusedGraph:
         if len(escaping) != 1 or escaping[0] in outputs:
             continue
         value = escaping[0]
-        if any(ops[m].kind in ("argmax", "state_update") for m in grp.members):
+        if any(ops[m].kind in NOT_RECOMPUTED for m in grp.members):
             continue  # side effects and index results are never recomputed per tile
         outside = [u for u in users[value] if group_of.get(u) != g]
         consumers = [ops[u] for u in outside]
@@ -317,7 +324,7 @@ def _row_consumer(producer: _Group, b: int, groups: list[_Group], group_of, ops,
     it has the same shape and reads those values row-aligned; else None."""
     if producer.kind != "row" or not producer.members or producer.has_reduce:
         return None
-    if any(ops[m].kind in ("argmax", "state_update") for m in producer.members):
+    if any(ops[m].kind in NOT_RECOMPUTED for m in producer.members):
         return None
     consumer = None
     for m in producer.members:
@@ -396,7 +403,7 @@ def _label(grp: _Group, ops: dict[str, Op]) -> str:
             parts.append("epilogue")
         return "_".join(parts)
     kinds = {ops[m].kind for m in grp.members}
-    for k in ("state_update", "argmax", "gather", "concat"):
+    for k in ("state_update", "argmax", "topk", "gather", "concat"):
         if k in kinds:
             return k
     return "reduce" if "reduce" in kinds else "elementwise"

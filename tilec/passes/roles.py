@@ -33,53 +33,62 @@ def format_workers(workers) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
-def resolve_roles(roles: tuple[Role, ...], workers: int) -> tuple[Role, ...]:
+def resolve_roles(roles: tuple[Role, ...], workers: int, unit: str = "worker") -> tuple[Role, ...]:
     """`roles` as written (a role may leave `workers` empty: it takes every worker no
     other role lists) -> roles with their workers filled in, checked for `workers`
-    workers. A mistake is a ConfigError naming the key path."""
+    workers. A mistake is a ConfigError naming the key path. `unit` names what the
+    ids count in messages: "device" for device roles (resolve_device_roles)."""
     rest = [r.name for r in roles if not r.workers]
     if len(rest) > 1:
         raise ConfigError(f"target.roles: roles {rest[0]!r} and {rest[1]!r} both leave out "
-                          "`workers`; at most one may (it takes the workers no other role "
+                          f"`{unit}s`; at most one may (it takes the {unit}s no other role "
                           "lists)")
     listed = {w for r in roles for w in r.workers}
     leftover = tuple(w for w in range(workers) if w not in listed)
     resolved = tuple(r if r.workers else replace(r, workers=leftover) for r in roles)
-    problems = role_problems(resolved, workers)
+    problems = role_problems(resolved, workers, unit)
     if problems:
         raise ConfigError(problems[0])
     return resolved
 
 
-def role_problems(roles: tuple[Role, ...], workers: int) -> list[str]:
+def resolve_device_roles(roles: tuple[Role, ...], devices: int) -> tuple[Role, ...]:
+    """Like resolve_roles, for roles that own devices (`devices:`) of a multi-device
+    target: one device has one role, and at most one role takes the rest."""
+    as_workers = tuple(replace(r, workers=r.devices, devices=()) for r in roles)
+    resolved = resolve_roles(as_workers, devices, unit="device")
+    return tuple(replace(r, workers=(), devices=r.workers) for r in resolved)
+
+
+def role_problems(roles: tuple[Role, ...], workers: int, unit: str = "worker") -> list[str]:
     """What is wrong with resolved role definitions for a target of `workers` workers:
     one line per problem, each naming its key path ([] when they are sound)."""
     out = []
     owner: dict[int, str] = {}
     names: set[str] = set()
     for r in roles:
-        where = f"target.roles.{r.name}"
+        where = f"target.roles.{r.name}.{unit}s"
         if r.name in names:
             out.append(f"target.roles: role name {r.name!r} is used twice")
         names.add(r.name)
         if not r.workers:
-            out.append(f"{where}.workers: the role has no workers (the other roles "
-                       "list every worker)")
+            out.append(f"{where}: the role has no {unit}s (the other roles list every "
+                       f"{unit})")
         for w in r.workers:
             if not 0 <= w < workers:
-                out.append(f"{where}.workers: worker {w} does not exist (the target has "
-                           f"{workers} workers: {format_workers(range(workers))})")
+                out.append(f"{where}: {unit} {w} does not exist (the target has "
+                           f"{workers} {unit}s: {format_workers(range(workers))})")
             elif w in owner:
-                out.append(f"{where}.workers: worker {w} also belongs to role {owner[w]!r}; "
-                           "a worker has one role")
+                out.append(f"{where}: {unit} {w} also belongs to role {owner[w]!r}; "
+                           f"a {unit} has one role")
             else:
                 owner[w] = r.name
     idle = [w for w in range(workers) if w not in owner]
     if idle:
-        which = f"workers {format_workers(idle)} belong" if len(idle) > 1 else \
-            f"worker {idle[0]} belongs"
-        out.append(f"target.roles: {which} to no role (list it in a role's workers, or "
-                   "leave `workers` out of one role so it takes the rest)")
+        which = f"{unit}s {format_workers(idle)} belong" if len(idle) > 1 else \
+            f"{unit} {idle[0]} belongs"
+        out.append(f"target.roles: {which} to no role (list it in a role's {unit}s, or "
+                   f"leave `{unit}s` out of one role so it takes the rest)")
     rest = [r.name for r in roles if r.takes_the_rest]
     if len(rest) > 1:
         out.append(f"target.roles: roles {rest[0]!r} and {rest[1]!r} both name no kinds or "
@@ -88,10 +97,12 @@ def role_problems(roles: tuple[Role, ...], workers: int) -> list[str]:
 
 
 def claimed_by(group: Group, ops: dict[str, Op], role: Role) -> bool:
-    """Whether `role` names the group's task kind, or an op kind or op name in it."""
+    """Whether `role` names the group's task kind, an op kind or op name in it, or a
+    module one of its ops belongs to."""
     if group.label in role.kinds:
         return True
-    return any(ops[m].kind in role.ops or m in role.ops for m in group.members)
+    return any(ops[m].kind in role.ops or m in role.ops or role.owns_module(ops[m].scope)
+               for m in group.members)
 
 
 def role_of_group(group: Group, ops: dict[str, Op], roles: tuple[Role, ...]) -> str:
@@ -110,7 +121,7 @@ def role_of_group(group: Group, ops: dict[str, Op], roles: tuple[Role, ...]) -> 
     return rest[0]
 
 
-def _check_names_match(groups: tuple[Group, ...], ops: dict[str, Op],
+def check_names_match(groups: tuple[Group, ...], ops: dict[str, Op],
                        roles: tuple[Role, ...]) -> None:
     """Every kind and op a role names occurs in the model: a misspelt name would
     otherwise move nothing, silently."""
@@ -127,6 +138,11 @@ def _check_names_match(groups: tuple[Group, ...], ops: dict[str, Op],
             if word not in op_words:
                 raise ConfigError(f"target.roles.{r.name}.ops: {word!r} is no op kind or op "
                                   f"name in this model's tasks{_suggest(word, op_words)}")
+        paths = sorted({path for o in members for path in o.scope if path})
+        for word in r.modules:
+            if not replace(r, modules=(word,)).owns_module(tuple(paths)):
+                raise ConfigError(f"target.roles.{r.name}.modules: {word!r} is no module of "
+                                  f"this model{_suggest(word, paths)}")
 
 
 def _suggest(word: str, choices: list[str]) -> str:
@@ -135,10 +151,12 @@ def _suggest(word: str, choices: list[str]) -> str:
 
 
 def roles(taskgraph: TaskGraph, target: Target) -> TaskGraph:
+    if taskgraph.devices > 1:
+        return taskgraph   # one device's part: partition gave its tasks compute or comm roles
     if not target.roles:
         return replace(taskgraph, roles=())
     groups = taskgraph.fused.groups
     ops = taskgraph.fused.graph.by_name()
-    _check_names_match(groups, ops, target.roles)
+    check_names_match(groups, ops, target.roles)
     owner = {g.name: role_of_group(g, ops, target.roles) for g in groups}
     return replace(taskgraph, roles=tuple(owner[t.group] for t in taskgraph.tasks))

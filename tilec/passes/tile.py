@@ -42,7 +42,7 @@ def needs_whole_rows(group: Group, ops: dict[str, Op]) -> bool:
     """A group whose tasks must see whole rows: it reduces along them, or it writes
     per-row [rows, 1] results that column tiles would each write again."""
     members = group.epilogue if group.kind == "matmul" else group.members
-    if any(ops[m].kind in ("reduce", "argmax") for m in members):
+    if any(ops[m].kind in ("reduce", "argmax", "topk") for m in members):
         return True
     return group.cols > 1 and any(ops[m].type.cols == 1 for m in group.outputs)
 
@@ -208,8 +208,10 @@ def _task_regions(g: Group, tl: GroupTiling, tile_idx, ops, storage):
     for name, (ra, rb, ca, cb) in spaces:
         op = ops[name]
         out_cols = (0, 1) if _width(op) == 1 else (ca, cb)
-        if op.kind in ("reduce", "argmax") and g.kind != "attention":  # whole input row
+        if op.kind in ("reduce", "argmax", "topk") and g.kind != "attention":  # whole input row
             ca, cb = 0, op.inputs[0].shape[-1]
+            if op.kind == "topk":
+                out_cols = (0, _width(op))   # its k results per row, however wide the row
         elif op.kind == "state_update":
             out_cols = (ca, cb)
         else:

@@ -14,7 +14,8 @@ import numpy as np
 
 from tilec.errors import ConfigError, ScheduleError
 from tilec.ir.schedule import Schedule
-from tilec.ir.tasks import Buffer, Region
+from tilec.ir.target import DEFAULT_ROLE
+from tilec.ir.tasks import TRANSFER, Buffer, Region
 from tilec.passes.roles import role_of_group, role_problems
 from tilec.passes.sync import happens_before_clocks, wait_order
 
@@ -416,6 +417,8 @@ def _roles_respected(ctx: _Context) -> list[str]:
                 owner[g.name] = role_of_group(g, ops, target.roles)
             except ConfigError as e:
                 out.append(f"roles_respected: {e}")
+    # transfers (multi-device) belong to the role that names them: the comm worker's
+    owner[TRANSFER] = next((r.name for r in defined if TRANSFER in r.kinds), DEFAULT_ROLE)
     workers = {r.name: set(r.workers) for r in defined}
     worker_role = target.worker_roles()
     for task, role in zip(ctx.tasks, s.task_roles()):

@@ -24,6 +24,7 @@ import torch
 from tilec.codegen.aot import KERNEL_NAME
 from tilec.errors import EngineError
 from tilec.ir.schedule import Schedule, Wait
+from tilec.ir.tasks import TRANSFER
 from tilec.ir.serial import from_plain, to_plain
 from tilec.version import __version__
 
@@ -32,6 +33,8 @@ FORMAT_VERSION = "1"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                 "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
 FIXED_FIELDS = 6
+TRANSFER_OPCODE = -1         # task records the host runs: transfers between devices
+DEVICES_KEY = "devices"      # metadata of a multi-device engine: the number of devices
 POOL_KINDS = ("weight", "state", "arena")
 AOT_KEY = "aot"              # metadata: the stored GPU binary's description (JSON)
 AOT_CUBIN = "aot.cubin"      # tensor: the binary itself, uint8
@@ -123,7 +126,23 @@ class Engine:
         return decode_schedule(self.manifest, self.tensors)
 
 
+@dataclass
+class DeviceEngines:
+    """A multi-device engine: one Engine per device, each run by its own process (rank),
+    exchanging regions through the transfers of its schedule. The weight and state pools
+    are the same tensors in every device's Engine, stored once in the file."""
+
+    ranks: tuple[Engine, ...]
+
+    @property
+    def devices(self) -> int:
+        return len(self.ranks)
+
+
 def encode_tables(schedule: Schedule, opcodes, max_waits: int) -> dict[str, torch.Tensor]:
+    """One record per task, in queue order. A transfer's record (multi-device; the host
+    runs it, never the kernel) has opcode and group TRANSFER_OPCODE and its sequence
+    number as first tile coordinate."""
     groups = {g.name: i for i, g in enumerate(schedule.taskgraph.fused.groups)}
     width = FIXED_FIELDS + 2 * max_waits + 1
     tasks = schedule.taskgraph.tasks
@@ -131,9 +150,12 @@ def encode_tables(schedule: Schedule, opcodes, max_waits: int) -> dict[str, torc
     for queue in schedule.queues:
         for tid in queue:
             t = tasks[tid]
-            g = groups[t.group]
             waits = schedule.waits[tid]
-            rec = [opcodes[g], g, *t.tile, len(waits)]
+            if t.group == TRANSFER:
+                rec = [TRANSFER_OPCODE, TRANSFER_OPCODE, *t.tile, len(waits)]
+            else:
+                g = groups[t.group]
+                rec = [opcodes[g], g, *t.tile, len(waits)]
             for w in waits:
                 rec += [w.event, w.count]
             rec += [0, 0] * (max_waits - len(waits))
@@ -252,18 +274,46 @@ def _digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save(engine: Engine, path: str | os.PathLike) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename, so a failed
-    or interrupted save leaves an existing file untouched."""
-    manifest = json.dumps(to_plain(engine.manifest), separators=(",", ":"), sort_keys=True)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "tilec_version": __version__,
-            "manifest": manifest, "kernel": engine.kernel_source}
+def _contents(engine: Engine | DeviceEngines) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The file's metadata and tensors. A multi-device engine stores each device's
+    manifest, kernel and tables under `manifest.<d>`, `kernel.<d>` and `device<d>.<name>`,
+    and the pools, shared by all devices, once."""
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "tilec_version": __version__}
+    if isinstance(engine, DeviceEngines):
+        tensors = {}
+        meta[DEVICES_KEY] = str(engine.devices)
+        for d, e in enumerate(engine.ranks):
+            if e.aot is not None:
+                raise EngineError("a multi-device engine cannot store GPU binaries yet")
+            meta[f"manifest.{d}"] = _manifest_text(e.manifest)
+            meta[f"kernel.{d}"] = e.kernel_source
+            for k, v in e.tensors.items():
+                if k.startswith("pool."):
+                    tensors[k] = v.contiguous()
+                else:
+                    tensors[f"device{d}.{k}"] = v.contiguous()
+        if engine.ranks[0].tokenizer is not None:
+            meta["tokenizer"] = engine.ranks[0].tokenizer
+        return meta, tensors
+    meta["manifest"] = _manifest_text(engine.manifest)
+    meta["kernel"] = engine.kernel_source
     if engine.tokenizer is not None:
         meta["tokenizer"] = engine.tokenizer
     tensors = {k: v.contiguous() for k, v in engine.tensors.items()}
     if engine.aot is not None:
         meta[AOT_KEY] = aot_text(engine.aot)
         tensors[AOT_CUBIN] = torch.frombuffer(bytearray(engine.aot.cubin), dtype=torch.uint8)
+    return meta, tensors
+
+
+def _manifest_text(manifest: Manifest) -> str:
+    return json.dumps(to_plain(manifest), separators=(",", ":"), sort_keys=True)
+
+
+def save(engine: Engine | DeviceEngines, path: str | os.PathLike) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename, so a failed
+    or interrupted save leaves an existing file untouched."""
+    meta, tensors = _contents(engine)
     # The checksum is computed in a second thread while the tensors are written (both
     # release the GIL), into a placeholder of its length, filled in at the end.
     meta["sha256"] = SHA_PLACEHOLDER
@@ -313,13 +363,14 @@ def _write_safetensors(f, tensors: dict[str, torch.Tensor], meta: dict[str, str]
     return 8 + text.index(b'"sha256":"') + len(b'"sha256":"')
 
 
-def load(path: str | os.PathLike, trust_engine_code: bool = False) -> Engine:
+def load(path: str | os.PathLike, trust_engine_code: bool = False) -> Engine | DeviceEngines:
     """Read and check an engine file; any problem is an EngineError with one line.
 
     The stored kernel source is only accepted when it is byte-identical to what this
     tilec renders from the manifest (and the args table likewise), unless
     `trust_engine_code` says to run it anyway. Nothing of the file is used before the
-    check that covers it has passed: header, checksum, manifest, tables, views, kernel."""
+    check that covers it has passed: header, checksum, manifest, tables, views, kernel.
+    A multi-device engine gives DeviceEngines, each device's part checked alike."""
     path = Path(path)
     if not path.is_file():
         raise EngineError(f"{path}: no such engine file")
@@ -329,8 +380,11 @@ def load(path: str | os.PathLike, trust_engine_code: bool = False) -> Engine:
                           f"this tilec reads version {FORMAT_VERSION}")
     if meta.get("sha256") != _digest(meta, tensors):
         raise EngineError(f"{path}: checksum mismatch: the file is corrupted or was edited")
+    tokenizer = meta.get("tokenizer")
+    if DEVICES_KEY in meta:
+        return _load_devices(path, meta, tensors, tokenizer, trust_engine_code)
     manifest = _parse_manifest(path, meta.get("manifest"))
-    kernel, tokenizer = meta.get("kernel", ""), meta.get("tokenizer")
+    kernel = meta.get("kernel", "")
     aot = None
     if AOT_KEY in meta or AOT_CUBIN in tensors:
         try:
@@ -338,16 +392,51 @@ def load(path: str | os.PathLike, trust_engine_code: bool = False) -> Engine:
         except (ValueError, RecursionError) as e:
             raise EngineError(f"{path}: bad GPU binary: {_short(e)}") from None
     engine = Engine(manifest, kernel, tensors, tokenizer, aot)
+    problem = _engine_problem(engine, trust_engine_code)
+    if problem:
+        raise EngineError(f"{path}: {problem}")
+    if engine.manifest.schedule.taskgraph.devices != 1:
+        raise EngineError(f"{path}: a single-device file holds one device's part of a "
+                          "multi-device engine")
+    return engine
+
+
+def _engine_problem(engine: Engine, trust_engine_code: bool) -> str | None:
     try:
         problem = check_tables(engine) or check_views(engine) or check_aot(engine)
     except Exception as e:  # a manifest that decodes but contradicts itself
         problem = f"malformed manifest ({type(e).__name__}: {_short(e)})"
-    if problem:
-        raise EngineError(f"{path}: {problem}")
-    problem = check_kernel(engine, trust_engine_code)
-    if problem:
-        raise EngineError(f"{path}: {problem}")
-    return engine
+    return problem or check_kernel(engine, trust_engine_code)
+
+
+def _load_devices(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor],
+                  tokenizer: str | None, trust_engine_code: bool) -> DeviceEngines:
+    text = meta[DEVICES_KEY]
+    if not text.isdigit() or not 2 <= int(text) <= 64:
+        raise EngineError(f"{path}: malformed device count {_clip(text)}")
+    n = int(text)
+    pools = {k: v for k, v in tensors.items() if k.startswith("pool.")}
+    prefixes = tuple(f"device{d}." for d in range(n))
+    stray = [k for k in tensors if k not in pools and not k.startswith(prefixes)]
+    if stray or AOT_KEY in meta:
+        raise EngineError(f"{path}: a multi-device engine with a stray entry "
+                          f"{_clip(stray[0] if stray else AOT_KEY)}")
+    ranks = []
+    for d, prefix in enumerate(prefixes):
+        manifest = _parse_manifest(path, meta.get(f"manifest.{d}"))
+        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        engine = Engine(manifest, meta.get(f"kernel.{d}", ""), {**own, **pools}, tokenizer)
+        problem = _engine_problem(engine, trust_engine_code)
+        tg = manifest.schedule.taskgraph
+        if problem is None and (tg.device, tg.devices) != (d, n):
+            problem = f"its manifest says device {tg.device} of {tg.devices}"
+        if problem:
+            raise EngineError(f"{path}: device {d}: {problem}")
+        ranks.append(engine)
+    if any(r.manifest.schedule.taskgraph.transfers != ranks[0].manifest.schedule.taskgraph.transfers
+           for r in ranks):
+        raise EngineError(f"{path}: the devices list different transfers")
+    return DeviceEngines(tuple(ranks))
 
 
 MAX_HEADER_BYTES = 100_000_000   # safetensors' own limit; a manifest is megabytes at most
@@ -466,14 +555,24 @@ def check_tables(engine: Engine) -> str | None:
     if sorted(ids.tolist()) != list(range(len(tasks))):
         return "task_ids is not a permutation of the tasks"
     tilings = {tl.group: tl for tl in sched.taskgraph.tilings}
+    comm = sched.target.comm_worker()
+    host_rows = range(s[comm], s[comm + 1]) if comm is not None and comm < len(s) - 1 \
+        else range(0)
+    transfers = len(sched.taskgraph.transfers)
     for row, (rec, tid) in enumerate(zip(table.tolist(), ids.tolist())):
         op, g, t0, t1, t2, nw = rec[:FIXED_FIELDS]
-        if not 0 <= g < len(groups) or op != m.opcodes[g]:
-            return f"task record {row}: group/opcode out of range"
         task = tasks[tid]
-        grid = tilings[groups[g].name].grid if groups[g].name in tilings else (0, 0, 0)
-        if task.group != groups[g].name or (t0, t1, t2) != task.tile or not all(
-                0 <= c < n for c, n in zip((t0, t1, t2), grid)):
+        if (row in host_rows) != (task.group == TRANSFER):
+            return f"task record {row}: a transfer off the comm worker or a kernel task on it"
+        if task.group == TRANSFER:   # the host runs it: its sequence number must exist
+            if (op, g) != (TRANSFER_OPCODE,) * 2 or (t0, t1, t2) != task.tile or \
+                    not 0 <= t0 < transfers or (t1, t2) != (0, 0):
+                return f"task record {row}: transfer record does not match task {tid}"
+        elif not 0 <= g < len(groups) or op != m.opcodes[g]:
+            return f"task record {row}: group/opcode out of range"
+        elif task.group != groups[g].name or (t0, t1, t2) != task.tile or not all(
+                0 <= c < n for c, n in zip((t0, t1, t2), tilings[groups[g].name].grid
+                                           if groups[g].name in tilings else (0, 0, 0))):
             return f"task record {row}: tile {(t0, t1, t2)} does not match task {tid}"
         if not 0 <= nw <= m.max_waits:
             return f"task record {row}: {nw} waits (at most {m.max_waits})"
@@ -574,13 +673,27 @@ def _taskgraph_problem(sched, buffers) -> str | None:
     tasks = sched.taskgraph.tasks
     groups = {g.name for g in sched.taskgraph.fused.groups}
     for i, t in enumerate(tasks):
-        if t.id != i or t.group not in groups:
+        if t.id != i or (t.group not in groups and t.group != TRANSFER):
             return f"task record {i} has id {t.id} and group {_clip(t.group)}"
         for r in t.reads + t.writes:
             b = buffers.get(r.buffer)
             if b is None or len(r.box) != len(b.type.shape) or \
                     any(len(iv) != 2 for iv in r.box):
                 return f"task {i} touches {_clip(r.buffer)} with a malformed region"
+    tg = sched.taskgraph
+    if not 0 <= tg.device < tg.devices:
+        return f"device {tg.device} of {tg.devices}"
+    for k, tr in enumerate(tg.transfers):
+        # the host copies these boxes itself (no kernel bounds check): inside the buffer
+        b = buffers.get(tr.region.buffer)
+        if tr.seq != k or b is None or len(tr.region.box) != len(b.type.shape) or any(
+                not 0 <= lo <= hi <= n for (lo, hi), n in zip(tr.region.box, b.type.shape)) \
+                or any(not 0 <= d < tg.devices for d in (tr.src,) + tr.dsts):
+            return f"transfer {k} is malformed or leaves its buffer"
+    for t in tasks:
+        if t.group == TRANSFER and (not 0 <= t.tile[0] < len(tg.transfers) or
+                                    t.reads + t.writes != (tg.transfers[t.tile[0]].region,)):
+            return f"task {t.id} does not carry its transfer's region"
     n = len(tasks)
     for d in sched.taskgraph.deps:
         if not (0 <= d.before < n and 0 <= d.after < n):

@@ -45,7 +45,7 @@ class Executor:
 
     backend = "?"
 
-    def __init__(self, engine: Engine, device: str = "cpu"):
+    def __init__(self, engine: Engine, device: str = "cpu", comm=None):
         self.engine = engine
         self.device = device
         m = engine.manifest
@@ -64,6 +64,20 @@ class Executor:
         self.events = torch.zeros(max(len(sched.events), 1), dtype=torch.int32, device=device)
         self.error = torch.zeros(ERROR_WORDS, dtype=torch.int32, device=device)
         self.step_index = 0
+        # Multi-device: this device's comm worker and the messages it sends and receives
+        tg = sched.taskgraph
+        self.comm_worker = sched.target.comm_worker()
+        # `comm.transfer(transfer, view, step)` sends or receives a region and says
+        # whether it completed: a rank's Communicator (blocking, torch.distributed), or
+        # the in-process exchange of LocalDevices (all devices in this process)
+        self.comm = comm
+        if tg.devices > 1:
+            if device != "cpu":
+                raise RunError("multi-device engines run on the interpret and reference "
+                               "backends (gloo between CPU processes) in this version")
+            if comm is None:
+                from tilec.runtime.distributed import communicator
+                self.comm = communicator(tg.device, tg.devices)
 
     # ---- inputs and outputs ------------------------------------------------------------
     def write_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
@@ -117,8 +131,8 @@ class CooperativeExecutor(Executor):
     """Host-driven interleaving of workers; subclasses say how one worker advances."""
 
     def __init__(self, engine: Engine, policy: str = "round_robin", seed: int = 0,
-                 device: str = "cpu"):
-        super().__init__(engine, device)
+                 device: str = "cpu", comm=None):
+        super().__init__(engine, device, comm)
         if policy not in POLICIES:
             raise RunError(f"unknown interleaving policy {policy!r} (choose from {', '.join(POLICIES)})")
         self.policy = policy
@@ -132,41 +146,90 @@ class CooperativeExecutor(Executor):
     def start_profile(self) -> None:
         self.trace = []
 
+    def _advance(self, worker: int, budget: int) -> None:
+        if worker == self.comm_worker:
+            self.advance_transfers(budget)
+        else:
+            self.advance(worker, budget)
+
+    def advance_transfers(self, budget: int) -> None:
+        """The comm worker: run ready transfers in queue order (each a blocking message
+        to or from the other ranks), as a kernel worker runs ready tasks."""
+        w = self.comm_worker
+        end = int(self.tables["queue_start"][w + 1])
+        row = int(self.cursor[w])
+        transfers = self.schedule.taskgraph.transfers
+        ran = 0
+        while row < end and ran < budget:
+            rec = self.tables["tasks"][row].tolist()
+            if not all(int(self.events[rec[6 + 2 * i]]) >= rec[7 + 2 * i] * (self.step_index + 1)
+                       for i in range(rec[5])):
+                break
+            transfer = transfers[rec[2]]
+            if not self.comm.transfer(transfer, self.region_view(transfer.region),
+                                      self.step_index):
+                break   # in-process: a party is not there yet
+            self.events[rec[-1]] += 1
+            row += 1
+            ran += 1
+        self.cursor[w] = row
+
+    def region_view(self, region) -> torch.Tensor:
+        """A region of a buffer as a view of its pool."""
+        buf = self.buffers[region.buffer]
+        shape = buf.type.shape
+        strides = [1] * len(shape)
+        for i in range(len(shape) - 2, -1, -1):
+            strides[i] = strides[i + 1] * shape[i + 1]
+        whole = torch.as_strided(self.pools[buf.pool], shape, strides, buf.offset)
+        return whole[tuple(slice(a, b) for a, b in region.box)]
+
     def _advance_timed(self, worker: int) -> None:
         """One launch with a budget of one task, its host time recorded if it ran one."""
         row = int(self.cursor[worker])
         t0 = time.perf_counter()
-        self.advance(worker, 1)
+        self._advance(worker, 1)
         t1 = time.perf_counter()
         if int(self.cursor[worker]) != row:
             tid = int(self.engine.tensors["task_ids"][row])
             self.trace.append((self.step_index, worker, tid, t0, t1))
 
     def launch(self) -> None:
+        self.begin_launch()
+        while not self.finished():
+            if not self.pass_over_workers():
+                raise ScheduleHangError(self.deadlock_report(self.live()))
+
+    def begin_launch(self) -> None:
         starts = self.tables["queue_start"].tolist()
-        workers = len(starts) - 1
         self.cursor = torch.tensor(starts[:-1], dtype=torch.int32, device=self.device)
-        ends = starts[1:]
-        while True:
-            live = [w for w in range(workers) if int(self.cursor[w]) < ends[w]]
-            if not live:
-                return
-            if self.policy == "round_robin":
-                picks = [(w, 1 << 30) for w in live]
-            elif self.policy == "reverse":
-                picks = [(w, 1 << 30) for w in reversed(live)]
-            else:  # random worker order, random small budgets: fine-grained interleavings
-                picks = [(w, self.rng.randint(1, 3)) for w in self.rng.sample(live, len(live))]
-            progressed = False
-            for w, budget in picks:
-                before = int(self.cursor[w])
-                if self.trace is None:
-                    self.advance(w, budget)
-                else:
-                    self._advance_timed(w)
-                progressed |= int(self.cursor[w]) != before
-            if not progressed:
-                raise ScheduleHangError(self.deadlock_report(live))
+        self.ends = starts[1:]
+
+    def live(self) -> list[int]:
+        return [w for w in range(len(self.ends)) if int(self.cursor[w]) < self.ends[w]]
+
+    def finished(self) -> bool:
+        return not self.live()
+
+    def pass_over_workers(self) -> bool:
+        """Give every unfinished worker a turn, in the policy's order; whether any ran
+        a task."""
+        live = self.live()
+        if self.policy == "round_robin":
+            picks = [(w, 1 << 30) for w in live]
+        elif self.policy == "reverse":
+            picks = [(w, 1 << 30) for w in reversed(live)]
+        else:  # random worker order, random small budgets: fine-grained interleavings
+            picks = [(w, self.rng.randint(1, 3)) for w in self.rng.sample(live, len(live))]
+        progressed = False
+        for w, budget in picks:
+            before = int(self.cursor[w])
+            if self.trace is None:
+                self._advance(w, budget)
+            else:
+                self._advance_timed(w)
+            progressed |= int(self.cursor[w]) != before
+        return progressed
 
     def deadlock_report(self, live: list[int]) -> str:
         table = self.tables["tasks"]
@@ -188,8 +251,8 @@ class CooperativeExecutor(Executor):
 class InterpretExecutor(CooperativeExecutor):
     backend = "interpret"
 
-    def __init__(self, engine: Engine, policy: str = "round_robin", seed: int = 0):
-        super().__init__(engine, policy, seed)
+    def __init__(self, engine: Engine, policy: str = "round_robin", seed: int = 0, comm=None):
+        super().__init__(engine, policy, seed, comm=comm)
         require_mode(interpret=True)
         self.kernel = load_kernel(engine.kernel_source, KERNEL_NAME)
         self.pool_args = [self.pools[p.name] for p in self.schedule.pools]
@@ -208,8 +271,8 @@ class InterpretExecutor(CooperativeExecutor):
 class ReferenceExecutor(CooperativeExecutor):
     backend = "reference"
 
-    def __init__(self, engine: Engine, policy: str = "round_robin", seed: int = 0):
-        super().__init__(engine, policy, seed)
+    def __init__(self, engine: Engine, policy: str = "round_robin", seed: int = 0, comm=None):
+        super().__init__(engine, policy, seed, comm=comm)
         sched = self.schedule
         fused = sched.taskgraph.fused
         self.runner = TaskRunner(fused.groups, fused.graph.by_name(),
@@ -376,8 +439,9 @@ BACKENDS: dict[str, Callable[..., Executor]] = {
 
 def make_executor(engine: Engine, backend: str = "auto", **kwargs) -> Executor:
     if backend == "auto":
-        backend = "gpu" if (torch.cuda.is_available()
-                            and engine.manifest.schedule.target.backend == "cuda") else "interpret"
+        sched = engine.manifest.schedule
+        backend = "gpu" if (torch.cuda.is_available() and sched.target.backend == "cuda"
+                            and sched.taskgraph.devices == 1) else "interpret"
     if backend not in BACKENDS:
         raise RunError(f"unknown backend {backend!r} (choose from auto, {', '.join(BACKENDS)})")
     if backend == "gpu":

@@ -38,6 +38,10 @@ FNS = {
 }
 
 
+# ops that read whole rows of their input to make each row's results
+WALK_ROWS = ("reduce", "argmax", "topk")
+
+
 class TaskRunner:
     def __init__(self, groups: tuple[Group, ...], ops: dict[str, Op],
                  tilings: dict[str, GroupTiling], buffers: dict[str, Buffer],
@@ -69,7 +73,9 @@ class TaskRunner:
             return self.rows_of(operand, r0, r1, c0, c1)
         if op.kind == "elementwise":
             fn, enc = op.attr("fn"), op.attr("args")
-            args = [arg(a[1]) if isinstance(a, tuple) else torch.tensor(float(a)) for a in enc]
+            # numbers broadcast against the inputs; with no inputs (a fill) they are the tile
+            tile = () if op.inputs else (r1 - r0, c1 - c0)
+            args = [arg(a[1]) if isinstance(a, tuple) else torch.full(tile, float(a)) for a in enc]
             if fn == "cast":
                 x = args[0]
                 if op.type.dtype in ("bfloat16", "float16"):
@@ -83,6 +89,12 @@ class TaskRunner:
             return out * op.attr("scale", 1.0)
         if op.kind == "argmax":
             return arg(0).argmax(-1, keepdim=True)
+        if op.kind == "topk":
+            # torch.topk leaves the order of ties open; a stable sort puts the lowest
+            # index first, as the kernel does (and NaN first when largest, like topk)
+            ranked = torch.sort(arg(0), dim=-1, descending=op.attr("largest"), stable=True)
+            picked = ranked.values if op.attr("result") == "values" else ranked.indices
+            return picked[:, :op.attr("k")]
         if op.kind == "state_update":
             return arg(1)
         if op.kind == "gather":
@@ -140,11 +152,14 @@ class TaskRunner:
             c0, c1 = ni * tl.block_n, min(g.cols, (ni + 1) * tl.block_n)
             for name in g.epilogue:
                 op = self.ops[name]
-                width = op.inputs[0].shape[-1] if op.kind in ("reduce", "argmax") else op.type.cols
+                width = op.inputs[0].shape[-1] if op.kind in WALK_ROWS else op.type.cols
                 env[name] = self.compute(op, env, r0, r1, 0, width)
             for name in g.outputs:
-                v = env[name]
-                self.store(name, v if self.ops[name].type.cols == 1 else v[:, c0:c1], r0, r1, c0, c1)
+                v, cols = env[name], self.ops[name].type.cols
+                if cols == 1 or self.ops[name].kind == "topk":   # all of each row's results
+                    self.store(name, v, r0, r1, 0, cols)
+                else:
+                    self.store(name, v[:, c0:c1], r0, r1, c0, c1)
             return
         if g.kind == "attention":
             return self.run_attention(g, tl, tile)
@@ -166,7 +181,7 @@ class TaskRunner:
         env: dict[str, torch.Tensor] = {}
         for name in g.prologue:
             op = self.ops[name]
-            width = op.inputs[0].shape[-1] if op.kind in ("reduce", "argmax") else op.type.cols
+            width = op.inputs[0].shape[-1] if op.kind in WALK_ROWS else op.type.cols
             env[name] = self.compute(op, env, r0, r1, 0, width)
         a_op, b_op = anchor.inputs
         a = env[a_op.value] if a_op.value in env else self.rows_of(a_op, r0, r1, 0, k)

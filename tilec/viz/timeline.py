@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 from tilec.ir.attention import attention_chunks
 from tilec.ir.schedule import Schedule
+from tilec.ir.tasks import TRANSFER
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,9 @@ def task_kinds(manifest, schedule: Schedule) -> list[str]:
              if t.grid[2] > 1}
     kinds = []
     for t in schedule.taskgraph.tasks:
+        if t.group == TRANSFER:   # multi-device: a message the host's comm worker runs
+            kinds.append(TRANSFER)
+            continue
         kind = manifest.kinds[manifest.opcodes[index[t.group]]]
         if groups[index[t.group]].kind == "attention" and t.group in split:
             kind += "_merge" if t.tile[2] == split[t.group] else "_partial"

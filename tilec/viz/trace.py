@@ -2,7 +2,9 @@
 
 Layout, the same for predicted and measured timelines so the two open side by side in
 https://ui.perfetto.dev or chrome://tracing:
-  * one process per device (pid 0, named "<target>: <source>"),
+  * one process per device (pid 0, named "<target>: <source>"; a multi-device engine:
+    pid = device, named "device <d> (<target>): <source>", with a flow from each
+    transfer's sender to each receiver),
   * one thread (track) per worker, named "worker <w> (<role>)",
   * one complete event (ph "X") per task run, named by its kind, with task, group,
     tile, bytes, flops, waits and signal in `args`; times in microseconds,
@@ -16,13 +18,14 @@ import json
 import os
 from typing import Any
 
+from tilec.ir.tasks import TRANSFER
 from tilec.viz.timeline import Timeline, span_args
 
 PID = 0
 MIN_DUR_US = 1e-3   # the format wants positive durations; a clock tick can read 0
 
 
-def chrome_trace(timeline: Timeline) -> dict[str, Any]:
+def chrome_trace(timeline: Timeline, PID: int = PID, first_flow: int = 1) -> dict[str, Any]:
     events: list[dict[str, Any]] = [
         {"ph": "M", "name": "process_name", "pid": PID,
          "args": {"name": f"{timeline.device}: {timeline.source}"}},
@@ -38,7 +41,8 @@ def chrome_trace(timeline: Timeline) -> dict[str, Any]:
                        "dur": max(span.dur_us, MIN_DUR_US), "args": span_args(timeline, span)})
     for i, flow in enumerate(timeline.flows):
         src, dst = timeline.spans[flow.src], timeline.spans[flow.dst]
-        common = {"name": f"event {flow.event}", "cat": "dependency", "id": i + 1, "pid": PID}
+        common = {"name": f"event {flow.event}", "cat": "dependency", "id": i + first_flow,
+                  "pid": PID}
         events.append({**common, "ph": "s", "tid": src.worker, "ts": _middle(src)})
         events.append({**common, "ph": "f", "bp": "e", "tid": dst.worker, "ts": _middle(dst)})
     return {"traceEvents": events, "displayTimeUnit": "ms",
@@ -52,6 +56,43 @@ def _middle(span) -> float:
     return span.start_us + max(span.dur_us, MIN_DUR_US) / 2
 
 
-def write_chrome_trace(timeline: Timeline, path: str | os.PathLike) -> None:
+def devices_trace(timelines: list[Timeline], senders: dict[int, int]) -> dict[str, Any]:
+    """A multi-device engine's timelines in one trace: one process per device (pid =
+    device), and a flow from each transfer's sender to each of its receivers
+    (`senders`: transfer sequence number -> the device that sends it)."""
+    events: list[dict[str, Any]] = []
+    flows = 1
+    ends: dict[int, dict[int, Any]] = {}   # transfer seq -> device -> its span
+    for d, timeline in enumerate(timelines):
+        own = chrome_trace(timeline, d, flows)["traceEvents"]
+        own[0]["args"]["name"] = f"device {d} ({timeline.device}): {timeline.source}"
+        events += own
+        flows += len(timeline.flows)
+        for span in timeline.spans:
+            task = timeline.tasks[span.task]
+            if task.group == TRANSFER:
+                ends.setdefault(task.tile[0], {})[d] = span
+    sends = {seq: (senders[seq], spans[senders[seq]]) for seq, spans in ends.items()
+             if senders.get(seq) in spans}
+    for seq, (src, sent) in sorted(sends.items()):
+        for d, span in ends[seq].items():
+            if d == src:
+                continue
+            common = {"name": f"transfer {seq}", "cat": "transfer", "id": flows}
+            events.append({**common, "ph": "s", "pid": src, "tid": sent.worker,
+                           "ts": _middle(sent)})
+            events.append({**common, "ph": "f", "bp": "e", "pid": d, "tid": span.worker,
+                           "ts": _middle(span)})
+            flows += 1
+    return {"traceEvents": events, "displayTimeUnit": "ms",
+            "otherData": {"devices": len(timelines), "source": timelines[0].source}}
+
+
+def write_chrome_trace(timeline: Timeline | list[Timeline], path: str | os.PathLike,
+                       senders: dict[int, int] | None = None) -> None:
+    """One timeline, or one per device of a multi-device engine (then `senders`, see
+    devices_trace)."""
+    data = devices_trace(timeline, senders or {}) if isinstance(timeline, list) \
+        else chrome_trace(timeline)
     with open(path, "w") as f:
-        json.dump(chrome_trace(timeline), f)
+        json.dump(data, f)

@@ -1,0 +1,335 @@
+"""partition: TaskGraph -> one TaskGraph per device, with transfers (multi-device engines).
+
+Tensor parallelism at the tile level. Each fused group belongs to a device role
+(model.yaml `target.roles` with `devices:`; without any, one role with every device):
+
+* a group of one task (a norm, a residual add, the last argmax stage) is replicated:
+  every device of its role runs it on its own copy of the data, so what it computes
+  is local wherever it is read next;
+* a group of several tasks is split into contiguous runs of tiles, one run per device
+  of its role: attention by head (tile axis 0: the KV head), other groups along the
+  tile axis with the most blocks (matmuls: output columns). Contiguous runs line up
+  across groups, so the projection of a head's query, key and value lands on the
+  device whose attention reads them.
+
+Every region a task reads on a device where no task writes it becomes a transfer from
+a device that computed it (`Transfer`): one transfer task on the source device (it
+reads the region) and on each destination (it writes the region). A group's regions
+sent from one device to the same buffer travel as one message when they tile one box
+and nothing reads them before the group's last tile. The graph outputs are read by the
+host on every device (each device runs the same generation loop), so they reach all.
+
+Within each device, program order is the order of the tasks in the whole graph, each
+transfer placed right after the last task it carries, so the deps pass derives, on
+each device, what waits for a transfer and what a transfer waits for. Transfers run
+on each device's comm worker in sequence order: the deps pass chains them.
+
+Each device is then scheduled on its own; `time_devices` (after sync) predicts the
+times of all devices together, a transfer starting when all its parties are ready.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from tilec.errors import ConfigError
+from tilec.ir.graph import DTYPE_BYTES, Group
+from tilec.ir.schedule import Schedule
+from tilec.ir.target import Role, Target
+from tilec.ir.tasks import TRANSFER, Region, Task, TaskGraph, Transfer
+from tilec.passes.cost import task_times
+from tilec.passes.roles import check_names_match, role_of_group
+
+
+COMM_ROLE = "comm"          # the comm worker's role in a device's schedule
+COMPUTE_ROLE = "compute"    # every other worker's
+MAX_DEVICES = 62            # devices are bits of an int64 mask below
+BLOCK = 1 << 22             # box comparisons per numpy sweep
+
+
+def device_target(target: Target) -> Target:
+    """The target of one device's schedule: the kernel's workers, plus one comm worker
+    (the last) that only runs transfers, driven by the host."""
+    kernel = tuple(range(target.workers))
+    return replace(target, workers=target.workers + 1,
+                   roles=(Role(COMPUTE_ROLE, kernel), Role(COMM_ROLE, (target.workers,),
+                                                           kinds=(TRANSFER,))))
+
+
+def group_devices(group: Group, ops, target: Target) -> tuple[int, ...]:
+    """The devices of the role that owns `group`."""
+    roles = target.all_device_roles()
+    name = role_of_group(group, ops, roles) if target.device_roles else roles[0].name
+    return next(r.devices for r in roles if r.name == name)
+
+
+def split_axis(group: Group, grid: tuple[int, int, int]) -> int:
+    """The tile axis a group is split along across devices."""
+    if group.kind == "attention":
+        return 0   # KV heads: a head's partial and merge tasks stay on one device
+    return max((2, 0, 1), key=lambda a: grid[a])   # most blocks; ties: columns first
+
+
+def assign_devices(taskgraph: TaskGraph, target: Target) -> list[tuple[int, ...]]:
+    """The devices each task runs on (several: a replicated task), by task id."""
+    ops = taskgraph.fused.graph.by_name()
+    tilings = {t.group: t for t in taskgraph.tilings}
+    by_group: dict[str, list[Task]] = {}
+    for t in taskgraph.tasks:
+        by_group.setdefault(t.group, []).append(t)
+    out: list[tuple[int, ...]] = [()] * len(taskgraph.tasks)
+    for g in taskgraph.fused.groups:
+        tasks = by_group.get(g.name, [])
+        devices = group_devices(g, ops, target)
+        if len(tasks) == 1:
+            out[tasks[0].id] = devices
+            continue
+        axis = split_axis(g, tilings[g.name].grid)
+        blocks = sorted({t.tile[axis] for t in tasks})
+        index = {b: i for i, b in enumerate(blocks)}
+        for t in tasks:
+            out[t.id] = (devices[index[t.tile[axis]] * len(devices) // len(blocks)],)
+    return out
+
+
+def _masks(devices: list[tuple[int, ...]]) -> np.ndarray:
+    masks = np.zeros(len(devices), dtype=np.int64)
+    for i, ds in enumerate(devices):
+        for d in ds:
+            masks[i] |= 1 << d
+    return masks
+
+
+def _box_array(regions: list[Region]) -> np.ndarray:
+    return np.array([r.box for r in regions], dtype=np.int64).reshape(len(regions), -1, 2)
+
+
+def _needs(taskgraph: TaskGraph, masks: np.ndarray, host_mask: int):
+    """Per write (task id, region): the devices that read an overlapping region but do
+    not run the writer, and the first later reading task among them (or n)."""
+    n = len(taskgraph.tasks)
+    outputs = {o.value for _, o in taskgraph.fused.graph.outputs}
+    reads: dict[str, list[tuple[int, Region]]] = {}
+    for t in taskgraph.tasks:
+        for r in t.reads:
+            reads.setdefault(r.buffer, []).append((t.id, r))
+    for b in taskgraph.buffers:   # the host reads every output on every device, last
+        if b.name in outputs:
+            whole = Region(b.name, tuple((0, s) for s in b.type.shape))
+            reads.setdefault(b.name, []).append((n, whole))
+    writes = [(t.id, r) for t in taskgraph.tasks for r in t.writes]
+    found = []
+    for buffer in dict.fromkeys(r.buffer for _, r in writes):
+        ws = [(t, r) for t, r in writes if r.buffer == buffer]
+        rs = reads.get(buffer, [])
+        if not rs:
+            continue
+        w_id = np.array([t for t, _ in ws], dtype=np.int64)
+        r_id = np.array([t for t, _ in rs], dtype=np.int64)
+        w_box, r_box = _box_array([r for _, r in ws]), _box_array([r for _, r in rs])
+        r_mask = np.array([host_mask if t == n else masks[t] for t in r_id.tolist()],
+                          dtype=np.int64)
+        need = np.zeros(len(ws), dtype=np.int64)
+        first = np.full(len(ws), n + 1, dtype=np.int64)
+        step = max(1, BLOCK // max(1, len(rs) * w_box.shape[1]))
+        for a in range(0, len(ws), step):
+            wb = w_box[a:a + step]
+            overlap = np.all((wb[:, None, :, 0] < r_box[None, :, :, 1])
+                             & (r_box[None, :, :, 0] < wb[:, None, :, 1]), axis=2)
+            missing = r_mask[None, :] & ~masks[w_id[a:a + step]][:, None]
+            hit = overlap & (missing != 0)
+            need[a:a + step] = np.bitwise_or.reduce(np.where(hit, missing, 0), axis=1)
+            later = hit & (r_id[None, :] > w_id[a:a + step, None])
+            first[a:a + step] = np.where(later, r_id[None, :], n + 1).min(axis=1)
+        for k in np.flatnonzero(need).tolist():
+            found.append((ws[k][0], ws[k][1], int(need[k]), int(first[k])))
+    return found
+
+
+def _one_box(boxes: list[tuple[tuple[int, int], ...]]) -> tuple[tuple[int, int], ...] | None:
+    """The box the given disjoint-or-not boxes tile exactly, or None."""
+    lo = [min(b[d][0] for b in boxes) for d in range(len(boxes[0]))]
+    hi = [max(b[d][1] for b in boxes) for d in range(len(boxes[0]))]
+    total = int(np.prod([h - l for l, h in zip(lo, hi)]))
+    if sum(Region("", b).numel for b in boxes) != total:
+        return None
+    arr = np.array(boxes, dtype=np.int64)
+    overlap = np.all((arr[:, None, :, 0] < arr[None, :, :, 1])
+                     & (arr[None, :, :, 0] < arr[:, None, :, 1]), axis=2)
+    if np.count_nonzero(overlap) != len(boxes):   # only each box with itself
+        return None
+    return tuple(zip(lo, hi))
+
+
+def _bits(mask: int) -> tuple[int, ...]:
+    return tuple(d for d in range(MAX_DEVICES) if mask >> d & 1)
+
+
+def plan_transfers(taskgraph: TaskGraph, devices: list[tuple[int, ...]],
+                   n_devices: int) -> list[tuple[int, Transfer]]:
+    """(last task carried, transfer) pairs, in the order the transfers run."""
+    masks = _masks(devices)
+    tasks = taskgraph.tasks
+    buckets: dict[tuple[str, str, int], list[tuple[int, Region, int, int]]] = {}
+    for t, region, need, first in _needs(taskgraph, masks, (1 << n_devices) - 1):
+        src = devices[t][0]
+        buckets.setdefault((tasks[t].group, region.buffer, src), []).append(
+            (t, region, need, first))
+    planned: list[tuple[int, Region, int, int]] = []   # (after task, region, src, dst mask)
+    for (_, _, src), items in buckets.items():
+        last = max(t for t, *_ in items)
+        box = _one_box([r.box for _, r, _, _ in items]) if len(items) > 1 else None
+        if box is not None and min(f for *_, f in items) > last:
+            mask = 0
+            for _, _, need, _ in items:
+                mask |= need
+            planned.append((last, Region(items[0][1].buffer, box), src, mask))
+        else:
+            planned += [(t, r, src, need) for t, r, need, _ in items]
+    planned.sort(key=lambda p: (p[0], p[1].buffer, p[1].box))
+    return [(after, Transfer(seq, region, src, _bits(mask)))
+            for seq, (after, region, src, mask) in enumerate(planned)]
+
+
+def _transfer_task(tid: int, transfer: Transfer, device: int, dtype: str) -> Task:
+    nbytes = transfer.region.numel * DTYPE_BYTES[dtype]
+    sends = device == transfer.src
+    return Task(tid, TRANSFER, (transfer.seq, 0, 0),
+                reads=(transfer.region,) if sends else (),
+                writes=() if sends else (transfer.region,),
+                flops=0, bytes=nbytes, moved=((transfer.region.buffer, nbytes),))
+
+
+def partition(taskgraph: TaskGraph, target: Target) -> tuple[TaskGraph, ...]:
+    n_devices = target.devices
+    if not 1 < n_devices <= MAX_DEVICES:
+        raise ConfigError(f"target.devices: a multi-device engine has 2 to {MAX_DEVICES} "
+                          f"devices, not {n_devices}")
+    if target.device_roles:
+        check_names_match(taskgraph.fused.groups, taskgraph.fused.graph.by_name(),
+                          target.device_roles)
+    devices = assign_devices(taskgraph, target)
+    planned = plan_transfers(taskgraph, devices, n_devices)
+    transfers = tuple(t for _, t in planned)
+    dtypes = {b.name: b.type.dtype for b in taskgraph.buffers}
+    after: dict[int, list[Transfer]] = {}
+    for last, t in planned:
+        after.setdefault(last, []).append(t)
+    parts = []
+    for d in range(n_devices):
+        tasks: list[Task] = []
+        roles: list[str] = []
+        for task in taskgraph.tasks:
+            if d in devices[task.id]:
+                tasks.append(replace(task, id=len(tasks)))
+                roles.append(COMPUTE_ROLE)
+            for t in after.get(task.id, ()):
+                if d == t.src or d in t.dsts:
+                    tasks.append(_transfer_task(len(tasks), t, d, dtypes[t.region.buffer]))
+                    roles.append(COMM_ROLE)
+        parts.append(replace(taskgraph, tasks=tuple(tasks), deps=(), roles=tuple(roles),
+                             device=d, devices=n_devices, transfers=transfers))
+    return tuple(parts)
+
+
+def device_role_problems(taskgraph_parts: tuple[TaskGraph, ...], target: Target) -> list[str]:
+    """Every compute task runs on a device of the role its group belongs to (recomputed
+    from the role definitions), and every tile of the model runs on some device."""
+    if not taskgraph_parts:
+        return []
+    fused = taskgraph_parts[0].fused
+    ops = fused.graph.by_name()
+    groups = {g.name: g for g in fused.groups}
+    out = []
+    seen: set[tuple[str, tuple[int, int, int]]] = set()
+    for part in taskgraph_parts:
+        for task in part.tasks:
+            if task.group == TRANSFER:
+                continue
+            seen.add((task.group, task.tile))
+            g = groups.get(task.group)
+            if g is None:
+                out.append(f"device {part.device}: task {task.id} names unknown group "
+                           f"{task.group}")
+                continue
+            try:
+                allowed = group_devices(g, ops, target)
+            except ConfigError as e:
+                out.append(f"device {part.device}: {e}")
+                continue
+            if part.device not in allowed:
+                out.append(f"device {part.device}: task {task.id} (group {task.group}) "
+                           f"runs outside its role's devices {list(allowed)}")
+    for tl in taskgraph_parts[0].tilings:
+        nb, nm, nn = tl.grid
+        missing = [(b, m, c) for b in range(nb) for m in range(nm) for c in range(nn)
+                   if (tl.group, (b, m, c)) not in seen]
+        if missing:
+            out.append(f"tile {missing[0]} of group {tl.group} runs on no device")
+    return out
+
+
+def time_devices(scheds: tuple[Schedule, ...]) -> tuple[Schedule, ...]:
+    """Predicted times of every device's tasks, with the devices run together: each
+    device's schedule was timed alone, as if its received regions came at once. Here a
+    transfer starts when every party has it next on its comm worker and is ready, and
+    takes the link's time for all of them (cost.task_times), so a device waits for the
+    others where it really would. Replaces each schedule's start and finish times."""
+    times = [task_times(s.taskgraph, s.target) for s in scheds]
+    comm = [s.target.comm_worker() for s in scheds]
+    cursor = [[0] * len(s.queues) for s in scheds]
+    free = [[0.0] * len(s.queues) for s in scheds]
+    signalled: list[list[list[float]]] = [[[] for _ in s.events] for s in scheds]
+    start = [[0.0] * len(s.taskgraph.tasks) for s in scheds]
+    finish = [[0.0] * len(s.taskgraph.tasks) for s in scheds]
+
+    def ready_at(d: int, t: int) -> float | None:
+        """When task t's waits are met, or None if not yet known."""
+        at = 0.0
+        for w in scheds[d].waits[t]:
+            got = signalled[d][w.event]
+            if len(got) < scheds[d].events[w.event].signals:   # wait for all of them
+                return None
+            at = max(at, sorted(got)[w.count - 1])
+        return at
+
+    def run(d: int, w: int, t: int, begin: float, length: float) -> None:
+        start[d][t], finish[d][t] = begin, begin + length
+        free[d][w] = begin + length
+        signalled[d][scheds[d].signal[t]].append(begin + length)
+        cursor[d][w] += 1
+
+    def head(d: int, w: int) -> int | None:
+        q = scheds[d].queues[w]
+        return q[cursor[d][w]] if cursor[d][w] < len(q) else None
+
+    transfers = scheds[0].taskgraph.transfers
+    progressed = True
+    while progressed:
+        progressed = False
+        for d, s in enumerate(scheds):
+            for w in range(len(s.queues)):
+                while w != comm[d] and (t := head(d, w)) is not None:
+                    at = ready_at(d, t)
+                    if at is None:
+                        break
+                    run(d, w, t, max(free[d][w], at), times[d][t])
+                    progressed = True
+        for tr in transfers:
+            parties = (tr.src,) + tr.dsts
+            heads = [head(p, comm[p]) for p in parties]
+            if any(h is None or scheds[p].taskgraph.tasks[h].tile[0] != tr.seq
+                   for p, h in zip(parties, heads)):
+                continue
+            ready = [ready_at(p, h) for p, h in zip(parties, heads)]
+            if any(r is None for r in ready):
+                continue
+            begin = max(max(free[p][comm[p]], r) for p, r in zip(parties, ready))
+            for p, h in zip(parties, heads):
+                run(p, comm[p], h, begin, times[p][h])
+            progressed = True
+    if any(head(d, w) is not None for d, s in enumerate(scheds) for w in range(len(s.queues))):
+        return scheds   # the devices cannot finish a step: verify_devices says why
+    return tuple(replace(s, start_us=tuple(a), finish_us=tuple(b))
+                 for s, a, b in zip(scheds, start, finish))

@@ -1,0 +1,221 @@
+"""verify_devices: the checks a multi-device engine needs beyond each device's own.
+
+`verify` proves each device's schedule race- and deadlock-free on its own, transfer
+tasks included (on the destination a transfer writes its region, so a reader that
+does not wait for it is an unordered RAW). What only the devices together show:
+
+* devices_agree: every part names the same devices, transfers and model, and the
+  weight and state pools are laid out alike (they are stored once);
+* transfers_matched: each transfer has one task on its source that reads exactly its
+  region, one on each destination that writes it, and none elsewhere; each device
+  runs its transfers on its comm worker in sequence order;
+* reads_delivered: every region a device reads, written earlier in the step by a
+  tile that runs on another device, reaches it by a transfer from that device (so a
+  transfer the partitioner forgot is caught, not read as stale memory);
+* progress_across_devices: all devices run to the end together. A simulation with
+  the stored queues, signals and waits, where a transfer completes only when every
+  device taking part has it next on its comm worker and ready;
+* device_roles: every tile runs on a device of its role, and every tile somewhere.
+"""
+from __future__ import annotations
+
+from tilec.ir.schedule import Schedule
+from tilec.ir.tasks import TRANSFER, Region
+from tilec.passes.partition import device_role_problems
+from tilec.passes.verify import MAX_REPORTED, VerifyReport
+
+CHECKS = ("devices_agree", "transfers_matched", "reads_delivered",
+          "progress_across_devices", "device_roles")
+
+
+def verify_devices(parts: tuple[Schedule, ...], target) -> VerifyReport:
+    """`target`: the multi-device target the parts were compiled for (its device
+    roles); each part's own target is its device's."""
+    found: dict[str, list[str]] = {name: [] for name in CHECKS}
+    found["devices_agree"] = _agree(parts)
+    if not found["devices_agree"]:
+        found["transfers_matched"] = _matched(parts)
+        found["reads_delivered"] = _delivered(parts)
+        if not found["transfers_matched"]:
+            found["progress_across_devices"] = _progress(parts)
+        else:
+            found["progress_across_devices"] = [
+                "progress_across_devices: not checkable until transfers match"]
+        found["device_roles"] = [f"device_roles: {p}" for p in
+                                 device_role_problems(tuple(p.taskgraph for p in parts), target)]
+    else:
+        for name in CHECKS[1:]:
+            found[name] = [f"{name}: not checkable while the devices disagree"]
+    violations: list[str] = []
+    for name in CHECKS:
+        items = found[name]
+        violations += items[:MAX_REPORTED]
+        if len(items) > MAX_REPORTED:
+            violations.append(f"{name}: ... and {len(items) - MAX_REPORTED} more")
+    checks = {name: not found[name] for name in CHECKS}
+    return VerifyReport(all(checks.values()), checks, tuple(violations))
+
+
+def _agree(parts: tuple[Schedule, ...]) -> list[str]:
+    out = []
+    first = parts[0].taskgraph
+    fixed = [(b.name, b.pool, b.offset) for b in parts[0].buffers if b.kind in ("weight", "state")]
+    fixed_pools = [p for p in parts[0].pools if p.kind in ("weight", "state")]
+    for d, p in enumerate(parts):
+        tg = p.taskgraph
+        if tg.device != d or tg.devices != len(parts):
+            out.append(f"devices_agree: part {d} says it is device {tg.device} of {tg.devices}")
+        if tg.transfers != first.transfers:
+            out.append(f"devices_agree: device {d} lists other transfers than device 0")
+        if tg.fused != first.fused or tg.tilings != first.tilings:
+            out.append(f"devices_agree: device {d} compiles another model than device 0")
+        mine = [(b.name, b.pool, b.offset) for b in p.buffers if b.kind in ("weight", "state")]
+        if mine != fixed or [q for q in p.pools if q.kind in ("weight", "state")] != fixed_pools:
+            out.append(f"devices_agree: device {d} lays out weights or state unlike device 0 "
+                       "(they are stored once)")
+        if p.target.comm_worker() is None:
+            out.append(f"devices_agree: device {d}'s schedule has no comm worker")
+    for k, t in enumerate(first.transfers):
+        if t.seq != k or not 0 <= t.src < len(parts) or t.src in t.dsts or not t.dsts or \
+                any(not 0 <= d < len(parts) for d in t.dsts):
+            out.append(f"devices_agree: transfer {k} is malformed ({t.src} -> {list(t.dsts)})")
+    return out
+
+
+def _matched(parts: tuple[Schedule, ...]) -> list[str]:
+    out = []
+    transfers = parts[0].taskgraph.transfers
+    for d, p in enumerate(parts):
+        comm = p.target.comm_worker()
+        tasks = p.taskgraph.tasks
+        held = [t for t in tasks if t.group == TRANSFER]
+        seqs = [t.tile[0] for t in held]
+        want = [k for k, tr in enumerate(transfers) if d == tr.src or d in tr.dsts]
+        if sorted(seqs) != want:
+            missing = sorted(set(want) - set(seqs))
+            extra = sorted(set(seqs) - set(want))
+            out.append(f"transfers_matched: device {d} holds transfers {_few(seqs)}; it takes "
+                       f"part in {_few(want)} (missing {_few(missing)}, extra {_few(extra)})")
+            continue
+        for t in held:
+            tr = transfers[t.tile[0]]
+            sends = d == tr.src
+            if (t.reads, t.writes) != (((tr.region,), ()) if sends else ((), (tr.region,))):
+                out.append(f"transfers_matched: device {d} task {t.id} does not "
+                           f"{'send' if sends else 'receive'} transfer {tr.seq}'s region")
+        if comm is not None and comm < len(p.queues):
+            queued = [tasks[t].tile[0] for t in p.queues[comm] if tasks[t].group == TRANSFER]
+            if len(p.queues[comm]) != len(queued) or queued != want:
+                out.append(f"transfers_matched: device {d}'s comm worker runs "
+                           f"{_few(queued)}, not the transfers {_few(want)} alone, in order")
+    return out
+
+
+def _few(xs) -> str:
+    xs = list(xs)
+    return str(xs) if len(xs) <= 8 else f"[{', '.join(map(str, xs[:8]))}, ...] ({len(xs)})"
+
+
+def _program_key(parts: tuple[Schedule, ...]):
+    """(group, tile) -> its place in the step's program order: the order `tile` made
+    the tasks in (groups in fused order, then tiles row-major)."""
+    index = {g.name: i for i, g in enumerate(parts[0].taskgraph.fused.groups)}
+    return lambda task: (index[task.group], task.tile)
+
+
+def _delivered(parts: tuple[Schedule, ...]) -> list[str]:
+    key = _program_key(parts)
+    runs: dict[tuple, set[int]] = {}              # tile -> devices that run it
+    writes: dict[str, dict[tuple, Region]] = {}   # buffer -> tile -> region it writes
+    for d, p in enumerate(parts):
+        for t in p.taskgraph.tasks:
+            if t.group != TRANSFER:
+                runs.setdefault(key(t), set()).add(d)
+                for r in t.writes:
+                    writes.setdefault(r.buffer, {})[key(t)] = r
+    transfers = parts[0].taskgraph.transfers
+    out = []
+    for d, p in enumerate(parts):
+        received = [(transfers[t.tile[0]].src, t.writes[0]) for t in p.taskgraph.tasks
+                    if t.group == TRANSFER and t.writes]
+        for t in p.taskgraph.tasks:
+            if t.group == TRANSFER:
+                continue
+            k = key(t)
+            for r in t.reads:
+                for wk, w in writes.get(r.buffer, {}).items():
+                    if wk >= k or d in runs[wk] or not w.overlaps(r):
+                        continue
+                    need = _intersection(w, r)
+                    if not any(s in runs[wk] and _contains(x, need) for s, x in received):
+                        out.append(f"reads_delivered: device {d} task {t.id} ({t.group} tile "
+                                   f"{t.tile}) reads {r.buffer} {list(need.box)}, written on "
+                                   f"device {min(runs[wk])}, and no transfer brings it")
+                        break
+    return out
+
+
+def _intersection(a: Region, b: Region) -> Region:
+    return Region(a.buffer, tuple((max(x0, y0), min(x1, y1))
+                                  for (x0, x1), (y0, y1) in zip(a.box, b.box)))
+
+
+def _contains(outer: Region, inner: Region) -> bool:
+    return outer.buffer == inner.buffer and all(
+        o0 <= i0 and i1 <= o1 for (o0, o1), (i0, i1) in zip(outer.box, inner.box))
+
+
+def _progress(parts: tuple[Schedule, ...]) -> list[str]:
+    """Run every device's queues together on event counters (one step)."""
+    n_dev = len(parts)
+    cursor = [[0] * len(p.queues) for p in parts]
+    events = [[0] * len(p.events) for p in parts]
+    comm = [p.target.comm_worker() for p in parts]
+
+    def ready(d: int, t: int) -> bool:
+        return all(events[d][w.event] >= w.count for w in parts[d].waits[t])
+
+    def head(d: int, w: int) -> int | None:
+        q = parts[d].queues[w]
+        return q[cursor[d][w]] if cursor[d][w] < len(q) else None
+
+    def finish(d: int, w: int, t: int) -> None:
+        events[d][parts[d].signal[t]] += 1
+        cursor[d][w] += 1
+
+    transfers = parts[0].taskgraph.transfers
+    while True:
+        progressed = False
+        for d, p in enumerate(parts):
+            for w in range(len(p.queues)):
+                if w == comm[d]:
+                    continue
+                t = head(d, w)
+                while t is not None and ready(d, t):
+                    finish(d, w, t)
+                    progressed = True
+                    t = head(d, w)
+        # a transfer completes when every device taking part has it next and ready
+        for k, tr in enumerate(transfers):
+            members = (tr.src,) + tr.dsts
+            heads = [head(d, comm[d]) for d in members]
+            if all(h is not None and parts[d].taskgraph.tasks[h].tile[0] == k and ready(d, h)
+                   for d, h in zip(members, heads)):
+                for d, h in zip(members, heads):
+                    finish(d, comm[d], h)
+                progressed = True
+        if not progressed:
+            break
+    stuck = []
+    for d, p in enumerate(parts):
+        for w in range(len(p.queues)):
+            t = head(d, w)
+            if t is not None:
+                task = p.taskgraph.tasks[t]
+                what = f"transfer {task.tile[0]}" if task.group == TRANSFER else \
+                    f"{task.group} tile {task.tile}"
+                stuck.append(f"device {d} worker {w} at task {t} ({what})")
+    if not stuck:
+        return []
+    return [f"progress_across_devices: the devices stop before the end of a step: "
+            f"{'; '.join(stuck[:6])}" + (f"; ... ({len(stuck)} workers)" if len(stuck) > 6 else "")]
