@@ -135,6 +135,45 @@ def test_fan_blocks_and_thresholds():
             assert w.count == s.events[w.event].signals
 
 
+def two_waves(tiles: int, q_us: float) -> TaskGraph:
+    """A decode layer's projections in miniature: `tiles` q tiles (`q_us` each) feed the
+    attention `a` directly; as many k tiles (2 us each) feed it through `r` (1 us), as k
+    feeds it through RoPE and the cache append. `a` takes 1 us. Times on h200: 1 us of
+    overhead plus the bytes at its 7.6 GB/s per worker; ids in program order q, k, r, a."""
+    rate = TARGETS["h200"].worker_stream_gbps * 1e3        # bytes per us
+    buffers = (Buffer("q", TensorType((tiles, 4), "bfloat16"), "activation"),
+               Buffer("k", TensorType((tiles, 4), "bfloat16"), "activation"),
+               Buffer("r", TensorType((1, 4), "bfloat16"), "activation"),
+               Buffer("a", TensorType((1, 4), "bfloat16"), "output"))
+
+    def row(buffer: str, i: int) -> Region:
+        return Region(buffer, ((i, i + 1), (0, 4)))
+    tasks = [("q", (), (row("q", i),), q_us) for i in range(tiles)]
+    tasks += [("k", (), (row("k", i),), 2.0) for i in range(tiles)]
+    tasks += [("r", tuple(row("k", i) for i in range(tiles)), (row("r", 0),), 1.0),
+              ("a", tuple(row("q", i) for i in range(tiles)) + (row("r", 0),),
+               (row("a", 0),), 1.0)]
+    return deps(TaskGraph(EMPTY, buffers, (), tuple(
+        Task(i, group, (0, i, 0), reads, writes, 0, round((us - 1.0) * rate))
+        for i, (group, reads, writes, us) in enumerate(tasks))))
+
+
+@pytest.mark.parametrize("tiles,workers,q_us,makespan", [
+    # q's bottom level (4.2 + 1) beats k's (2 + 1 + 1): by it both qs go first and the
+    # ks share the third worker, then r and a follow there at 4 and 5 (end 6). Ranking
+    # by what follows a task instead puts the ks first and ends at 7.2: the first wins.
+    (2, 3, 4.2, 6.0),
+    # 4 q and 4 k tiles on 5 workers: the bottom level puts every q first and two ks in
+    # a second wave, so r runs at 6.5 and a ends at 8.5; ranking by what follows puts
+    # the ks first, r runs at 2.5 beside the qs and a ends at 7.5: the second wins.
+    (4, 5, 4.0, 7.5),
+])
+def test_the_shorter_of_two_priority_rules_is_kept(tiles, workers, q_us, makespan):
+    s = schedule(two_waves(tiles, q_us), replace(TARGETS["h200"], workers=workers))
+    assert max(s.finish_us) == pytest.approx(makespan)
+    assert verify(memplan(sync(s))).ok
+
+
 def test_schedule_is_deterministic():
     tg = fan()
     for policy in ("critical_path", "round_robin"):

@@ -99,7 +99,10 @@ def default_tiles(target: Target) -> TileOptions:
         # registers are numpy arrays, so tiles need no size bound.
         return TileOptions(tile_m=32, tile_n=128, tile_k=128, row_chunk=4096,
                            max_tile_elems=1 << 22)
-    return TileOptions(tile_m=16, tile_n=64, tile_k=512, row_chunk=1024)
+    # GPU: the tile pass picks each matmul's width between these (balance_widths). 128
+    # columns keep a matvec tile's K chunk at 64 (8192 elements), 128 contiguous bytes
+    # of each [N, K] weight row per load; 8 columns are one 16-byte vector of a bf16 row.
+    return TileOptions(tile_m=16, tile_n=128, tile_k=512, row_chunk=1024, min_tile_n=8)
 
 
 @dataclass
@@ -165,7 +168,7 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
     dump.json("02_ir.json", lowered.graph)
     fused = progress.run("fuse", fuse, lowered.graph)
     dump.json("03_fused.json", fused.groups)
-    taskgraph = progress.run("tile", tile, fused, options.tiles)
+    taskgraph = progress.run("tile", tile, fused, options.tiles, options.target)
     multi = options.target.devices > 1
     if multi:
         parts = progress.run("partition", partition, taskgraph, options.target)

@@ -7,6 +7,8 @@ or, where the target carries a measured per-worker streaming rate, at that rate.
 """
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 
 from tilec.ir.target import Target
@@ -28,6 +30,17 @@ def task_time_us(task: Task, target: Target, dtype: str = "float32") -> float:
     memory = task.bytes / bytes_per_us if bytes_per_us > 0 else 0.0
     compute = task.flops / flops_per_us if flops_per_us > 0 else 0.0
     return target.task_overhead_us + max(memory, compute)
+
+
+def list_makespan(jobs: list[tuple[float, int]], workers: int) -> float:
+    """When the last of `count` independent tasks of each `time` ((time, count) pairs)
+    finishes, dealt longest first, each to the worker free first (LPT list scheduling,
+    within 4/3 of the best possible, Graham 1969): what a stage takes on `workers`."""
+    free = [0.0] * max(1, workers)
+    for time, count in sorted(jobs, reverse=True):
+        for _ in range(count):
+            heapq.heapreplace(free, free[0] + time)
+    return max(free)
 
 
 def task_dtype(task: Task, dtypes: dict[str, str]) -> str:

@@ -7,13 +7,23 @@ the deps pass can find conflicts by intersection.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
+from tilec.errors import ConfigError
 from tilec.ir.attention import attention_chunks, attention_parts, partial_names
 from tilec.ir.graph import DTYPE_BYTES, FusedGraph, Group, Op, Operand, TensorType
+from tilec.ir.target import Target
 from tilec.ir.tasks import Buffer, GroupTiling, Region, Task, TaskGraph
+from tilec.passes.cost import list_makespan, task_dtype, task_time_us
 from tilec.passes.geometry import Box, range_to_box, rows_box, view_region
+from tilec.passes.roles import role_of_group
+
+
+# `balance_widths` tries every combination of a stage's matmul widths up to this many
+# (Llama-3.2-1B's q, k and v projections on a GPU: 5 x 5 x 5); beyond, one at a time.
+MAX_COMBINATIONS = 512
 
 
 @dataclass(frozen=True)
@@ -22,8 +32,8 @@ class TileOptions:
     tile_n: int = 64      # output columns per task (at most)
     tile_k: int = 64      # reduction chunk of a matmul
     row_chunk: int = 1024  # column chunk of a row group that walks whole rows
-    workers: int = 1      # narrow a matmul's column tiles until it has a task per worker
-    min_tile_n: int = 16
+    workers: int = 1      # spread each stage's matmul tiles over this many workers
+    min_tile_n: int = 16  # narrowest matmul column tile
     max_tile_elems: int = 8192  # a whole-row matmul's K chunk keeps BK x BN under this
     kv_chunk: int = 0     # keys per attention partial task; 0: enough chunks for the workers
 
@@ -84,6 +94,31 @@ def partial_buffers(group: Group, ops: dict[str, Op], tiling: GroupTiling) -> li
             Buffer(sm, TensorType((group.rows, chunks), "float32"), "activation")]
 
 
+def matmul_tiling(group: Group, ops: dict[str, Op], opt: TileOptions, bn: int) -> GroupTiling:
+    """A matmul group cut into tiles of `bn` output columns."""
+    batch, m, n, k = matmul_dims(ops[group.anchor])
+    bm = min(opt.tile_m, pow2(m))
+    bk = min(opt.tile_k, pow2(k))
+    # Below 16 rows the product is a broadcast multiply and a sum over a
+    # [BM, BK, BN] block held in registers: bound it (tensor-core tiles need BK >= 16).
+    limit = opt.max_tile_elems // (bm * bn)
+    while bk > 1 and bk > limit and (bm < 16 or bk > 16):
+        bk //= 2
+    return GroupTiling(group.name, bm, bn, bk, (batch, -(-m // bm), -(-n // bn)))
+
+
+def width_choices(group: Group, ops: dict[str, Op], opt: TileOptions) -> list[int]:
+    """The column widths a matmul group without whole rows may be cut into, widest
+    first: powers of two from `tile_n` down to `min_tile_n`, and never below 16 for a
+    tensor-core tile (16 rows or more), which `tl.dot` needs."""
+    _, m, n, _ = matmul_dims(ops[group.anchor])
+    low = opt.min_tile_n if min(opt.tile_m, pow2(m)) < 16 else max(16, opt.min_tile_n)
+    widths = [min(opt.tile_n, pow2(n))]
+    while widths[-1] // 2 >= low:
+        widths.append(widths[-1] // 2)
+    return widths
+
+
 def group_tiling(group: Group, ops: dict[str, Op], opt: TileOptions) -> GroupTiling:
     if group.kind == "attention":
         return attention_tiling(group, ops, opt)
@@ -91,20 +126,15 @@ def group_tiling(group: Group, ops: dict[str, Op], opt: TileOptions) -> GroupTil
     if group.kind == "matmul":
         batch, m, n, k = matmul_dims(ops[group.anchor])
         bm = min(opt.tile_m, pow2(m))
-        bk = min(opt.tile_k, pow2(k))
         if whole:
             bn = pow2(n)
         else:
             # every stage should give each worker a tile: narrow the columns until it does
+            # (without a target to price tasks with; `balance_widths` does better)
             bn = min(opt.tile_n, pow2(n))
             while bn > opt.min_tile_n and batch * -(-m // bm) * -(-n // bn) < opt.workers:
                 bn //= 2
-        # Below 16 rows the product is a broadcast multiply and a sum over a
-        # [BM, BK, BN] block held in registers: bound it (tensor-core tiles need BK >= 16).
-        limit = opt.max_tile_elems // (bm * bn)
-        while bk > 1 and bk > limit and (bm < 16 or bk > 16):
-            bk //= 2
-        return GroupTiling(group.name, bm, bn, bk, (batch, -(-m // bm), -(-n // bn)))
+        return matmul_tiling(group, ops, opt, bn)
     rows, cols = group.rows, group.cols
     bm = min(opt.tile_m, pow2(rows))
     if whole:
@@ -114,11 +144,21 @@ def group_tiling(group: Group, ops: dict[str, Op], opt: TileOptions) -> GroupTil
     return GroupTiling(group.name, bm, bn, bn, (1, -(-rows // bm), -(-cols // bn)))
 
 
+def storage_of(ops: dict[str, Op], value: str) -> str:
+    """Buffer holding `value` (a state update aliases its state)."""
+    op = ops[value]
+    return storage_of(ops, op.inputs[0].value) if op.kind == "state_update" else value
+
+
 def _width(op: Op) -> int:
     return op.type.cols
 
 
-def tile(fused: FusedGraph, opt: TileOptions = TileOptions()) -> TaskGraph:
+def tile(fused: FusedGraph, opt: TileOptions = TileOptions(),
+         target: Target | None = None) -> TaskGraph:
+    """`target`: price candidate tiles with its cost model and choose the matmul widths
+    that spread each stage over its `opt.workers` workers (`balance_widths`); without
+    one (or with one worker) matmuls are narrowed until they have a tile per worker."""
     graph = fused.graph
     ops = graph.by_name()
     outputs = {o.value for _, o in graph.outputs}
@@ -133,34 +173,150 @@ def tile(fused: FusedGraph, opt: TileOptions = TileOptions()) -> TaskGraph:
             buffers.append(Buffer(v, ops[v].type, "output" if v in outputs else "activation"))
 
     def storage(value: str) -> str:
-        """Buffer holding `value` (a state update aliases its state)."""
-        op = ops[value]
-        return storage(op.inputs[0].value) if op.kind == "state_update" else value
+        return storage_of(ops, value)
 
     tilings = [group_tiling(g, ops, opt) for g in fused.groups]
     for g, tl in zip(fused.groups, tilings):
         if g.kind == "attention":
             buffers += partial_buffers(g, ops, tl)
     buffer_of = {b.name: b for b in buffers}
+
+    def make_task(task_id: int, g: Group, tl: GroupTiling, tile_idx) -> Task:
+        reads, writes, flops, indirect = _task_regions(g, tl, tile_idx, ops, storage)
+        # bytes moved: what the regions cover, except that a gather reads only the rows
+        # it looks up, not the whole table its region spans, and a state update writes
+        # one position, not the whole dim
+        moved = dict(indirect)
+        for r in reads + writes:
+            if r.buffer not in indirect:
+                moved[r.buffer] = moved.get(r.buffer, 0) + \
+                    r.numel * DTYPE_BYTES[buffer_of[r.buffer].type.dtype]
+        return Task(task_id, g.name, tile_idx, reads, writes, flops, sum(moved.values()),
+                    tuple(moved.items()))
+
+    if target is not None and opt.workers > 1:
+        dtypes = {b.name: b.type.dtype for b in buffers}
+
+        def time_of(g: Group, tl: GroupTiling) -> float:
+            """Predicted time of the group's first tile (a full one, unless the whole
+            group is narrower than a tile)."""
+            task = make_task(0, g, tl, (0, 0, 0))
+            return task_time_us(task, target, task_dtype(task, dtypes))
+
+        tilings = balance_widths(fused, tilings, opt, target, time_of)
     tasks: list[Task] = []
     for g, tl in zip(fused.groups, tilings):
         nb, nm, nn = tl.grid
         for b in range(nb):
             for mi in range(nm):
                 for ni in range(nn):
-                    reads, writes, flops, indirect = _task_regions(g, tl, (b, mi, ni), ops,
-                                                                    storage)
-                    # bytes moved: what the regions cover, except that a gather reads
-                    # only the rows it looks up, not the whole table its region spans,
-                    # and a state update writes one position, not the whole dim
-                    moved = dict(indirect)
-                    for r in reads + writes:
-                        if r.buffer not in indirect:
-                            moved[r.buffer] = moved.get(r.buffer, 0) + \
-                                r.numel * DTYPE_BYTES[buffer_of[r.buffer].type.dtype]
-                    tasks.append(Task(len(tasks), g.name, (b, mi, ni), reads, writes,
-                                      flops, sum(moved.values()), tuple(moved.items())))
+                    tasks.append(make_task(len(tasks), g, tl, (b, mi, ni)))
     return TaskGraph(fused, tuple(buffers), tuple(tilings), tuple(tasks))
+
+
+def group_depths(fused: FusedGraph) -> list[int]:
+    """Each group's depth in the group DAG: 0 for a group that reads no other group's
+    output, else one more than the deepest group whose output it reads. Groups of one
+    depth can run side by side, so they are balanced together (a stage)."""
+    ops = fused.graph.by_name()
+    writer: dict[str, int] = {}     # buffer -> the latest group that writes it
+    depth: list[int] = []
+    for g in fused.groups:
+        members = set(g.members)
+        read = {storage_of(ops, o.value) for m in g.members for o in ops[m].inputs
+                if o.value not in members}
+        depth.append(1 + max((depth[writer[b]] for b in read if b in writer), default=-1))
+        for v in g.outputs:
+            writer[storage_of(ops, v)] = len(depth) - 1
+    return depth
+
+
+def balance_widths(fused: FusedGraph, tilings: list[GroupTiling], opt: TileOptions,
+                   target: Target, time_of) -> list[GroupTiling]:
+    """The column width of every matmul group that may choose one (`width_choices`),
+    chosen per stage (groups of one depth) to minimise the stage's predicted span: its
+    tasks, each priced by `time_of(group, tiling)`, dealt longest first to the workers
+    of their role (`cost.list_makespan`); ties go to fewer tasks.
+
+    At batch 1 a decode step is a chain of such stages (each matmul reads the whole
+    vector the stage before wrote), so a stage's last, partly filled round of tasks
+    idles the other workers: 192 equal tiles on 132 workers take two rounds where 128
+    wide and 128 narrow ones take one and a half. Narrow tiles pay the per-task
+    overhead and re-read the input row more often; the cost model weighs both.
+
+    Every combination of a stage's widths is tried, up to MAX_COMBINATIONS; a stage
+    with more is improved one group at a time instead (`_descend`)."""
+    ops = fused.graph.by_name()
+    groups = fused.groups
+    workers = _role_workers(groups, ops, opt, target)
+    choices: list[list[GroupTiling]] = []
+    for g, tl in zip(groups, tilings):
+        free = g.kind == "matmul" and not needs_whole_rows(g, ops)
+        choices.append([matmul_tiling(g, ops, opt, bn) for bn in width_choices(g, ops, opt)]
+                       if free else [tl])
+    jobs = [[(time_of(g, tl), math.prod(tl.grid)) for tl in options]
+            for g, options in zip(groups, choices)]
+    stages: dict[int, list[int]] = {}
+    for i, d in enumerate(group_depths(fused)):
+        stages.setdefault(d, []).append(i)
+    chosen = [0] * len(groups)
+    spans: dict[tuple, float] = {}   # layers repeat: the same stage is priced once
+
+    def cost(members: list[int], pick: dict[int, int]) -> tuple[float, int]:
+        by_role: dict[int, list[tuple[float, int]]] = {}
+        for i in members:
+            by_role.setdefault(workers[i], []).append(jobs[i][pick[i]])
+        span = 0.0
+        for w, role_jobs in by_role.items():
+            key = (w, tuple(sorted(role_jobs)))
+            if key not in spans:
+                spans[key] = list_makespan(role_jobs, w)
+            span = max(span, spans[key])
+        # rounded: spans equal but for float noise are a tie, which fewer tasks win
+        return round(span, 6), sum(jobs[i][pick[i]][1] for i in members)
+
+    for members in stages.values():
+        free = [i for i in members if len(choices[i]) > 1]
+        if not free:
+            continue
+        fixed = {i: 0 for i in members if i not in free}
+        if math.prod(len(choices[i]) for i in free) <= MAX_COMBINATIONS:
+            pick = min(({**fixed, **dict(zip(free, combo))} for combo in
+                        itertools.product(*(range(len(choices[i])) for i in free))),
+                       key=lambda p: cost(members, p))
+        else:
+            pick = _descend(members, free, fixed, choices, cost)
+        for i in members:
+            chosen[i] = pick[i]
+    return [options[c] for options, c in zip(choices, chosen)]
+
+
+def _descend(members: list[int], free: list[int], fixed: dict[int, int],
+             choices: list[list[GroupTiling]], cost) -> dict[int, int]:
+    """From each group's best width alone, the single change of one group's width that
+    improves the stage most, until none does."""
+    pick = {**fixed, **{i: min(range(len(choices[i])), key=lambda c: cost([i], {i: c}))
+                        for i in free}}
+    best = cost(members, pick)
+    while True:
+        trials = [(cost(members, {**pick, i: c}), i, c)
+                  for i in free for c in range(len(choices[i])) if c != pick[i]]
+        trial, i, c = min(trials)
+        if trial >= best:
+            return pick
+        best, pick[i] = trial, c
+
+
+def _role_workers(groups, ops: dict[str, Op], opt: TileOptions, target: Target) -> list[int]:
+    """How many workers may run each group's tasks: its role's, or all `opt.workers`."""
+    if not target.roles:
+        return [opt.workers] * len(groups)
+    try:
+        return [len(next(r.workers for r in target.roles
+                         if r.name == role_of_group(g, ops, target.roles)))
+                for g in groups]
+    except ConfigError:
+        return [opt.workers] * len(groups)   # the roles pass reports the mistake
 
 
 def _task_regions(g: Group, tl: GroupTiling, tile_idx, ops, storage):
