@@ -26,7 +26,7 @@ WORKERS = 3
 CHROMIUM = Path("/usr/bin/chromium")
 SUMMARY_KEYS = ("model", "target", "backend", "workers", "tasks", "events", "waits",
                 "task_kinds", "roles", "per_worker", "predicted_step_us", "lower_bound_us",
-                "critical_path_us", "critical_path", "memory_bound_us", "bytes",
+                "critical_path_us", "critical_path", "memory_bound_us", "work_bound_us", "bytes",
                 "fusion_groups", "event_table", "kernel", "cross_worker_waits")
 
 
@@ -77,7 +77,8 @@ def test_json_keys_and_invariants(capsys, built):
     assert s["tasks"] == len(tg.tasks) == sum(s["task_kinds"].values())
     busy = sum(sched.finish_us[t] - sched.start_us[t] for t in range(len(tg.tasks)))
     assert s["roles"] == [{"name": "compute", "workers": list(range(WORKERS)), "kinds": [],
-                           "ops": [], "tasks": len(tg.tasks), "busy_us": pytest.approx(busy)}]
+                           "ops": [], "modules": [], "tasks": len(tg.tasks),
+                           "busy_us": pytest.approx(busy)}]
     assert all(w["role"] == "compute" for w in s["per_worker"])
     assert sum(w["tasks"] for w in s["per_worker"]) == s["tasks"]
     assert all(0 < w["utilisation"] <= 1 for w in s["per_worker"])
@@ -93,7 +94,11 @@ def test_json_keys_and_invariants(capsys, built):
     assert s["critical_path_us"] == pytest.approx(longest_path(engine))
     assert s["critical_path_us"] == pytest.approx(
         sum(c["finish_us"] - c["start_us"] for c in s["critical_path"]))
-    assert s["lower_bound_us"] == max(s["critical_path_us"], s["memory_bound_us"])
+    busy = [sum(s["per_worker"][w]["busy_us"] for w in r["workers"]) / len(r["workers"])
+            for r in s["roles"]]
+    assert s["work_bound_us"] == pytest.approx(max(busy))
+    assert s["lower_bound_us"] == max(s["critical_path_us"], s["work_bound_us"],
+                                      s["memory_bound_us"])
     assert s["lower_bound_us"] <= s["predicted_step_us"] * (1 + 1e-9)
 
     # bytes: every weight is read at least once; fusion keeps intermediates in registers

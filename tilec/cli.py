@@ -152,6 +152,15 @@ def cmd_run(args) -> int:
 
         rank = rank_from_env()
         if rank is None:   # start one process per device, each running this command
+            if args.backend not in ("auto", "interpret", "reference"):
+                raise RunError(f"--backend {args.backend}: multi-device engines run on the "
+                               "interpret and reference backends (gloo between processes)")
+            if engine.generation_spec is not None and not args.inputs:
+                from tilec.runtime.generate import check_prompt
+
+                # a bad prompt is one line here, not the same error from every rank
+                check_prompt(engine.generation_spec, _parse_prompt(engine, args),
+                             args.max_new_tokens)
             return launch(args.argv, engine.devices)
         if rank[0] != 0:   # every rank computes the same outputs; rank 0 reports them
             sys.stdout = open(os.devnull, "w")

@@ -8,8 +8,8 @@
                                 on another worker
   groups                        number of fusion groups
   task_kinds                    {kind: number of tasks}
-  roles                         [{name, workers: [ids], kinds, ops, tasks, busy_us}]:
-                                model.yaml's target.roles (kinds and ops as written;
+  roles                         [{name, workers: [ids], kinds, ops, modules, tasks,
+                                busy_us}]: model.yaml's target.roles (as written;
                                 tasks and busy_us: the role's tasks and the sum of
                                 their predicted times), or one implicit role "compute"
                                 with every worker, no kinds and no ops
@@ -18,8 +18,14 @@
   critical_path_us              longest path through the dependency DAG (task times
                                 of the cost model)
   critical_path                 [{task, kind, group, tile, worker, start_us, finish_us}]
-  memory_bound_us               bytes.cost_model / the target's memory bandwidth
-  lower_bound_us                max(critical_path_us, memory_bound_us)
+  memory_bound_us               bytes.cost_model / the target's memory bandwidth (the
+                                HBM floor: no schedule of these bytes beats it)
+  work_bound_us                 the most loaded role's predicted task time per worker
+                                (sum of its tasks' times / its workers): under the cost
+                                model no schedule of these tasks beats it either
+  lower_bound_us                max(critical_path_us, work_bound_us, memory_bound_us):
+                                predicted_step_us / lower_bound_us is what the schedule
+                                loses to dependencies and idle workers
   bytes                         per step: weights, kv, intermediate (bytes of the
                                 regions tasks read and write in buffers of kind weight,
                                 state, and input/output/activation; a gather's read
@@ -86,6 +92,8 @@ def summary(engine: Engine, aot: bool = False) -> dict[str, Any]:
     moved = bytes_moved(sched)
     memory_us = moved["cost_model"] / (target.mem_gbps * 1e3) if target.mem_gbps > 0 else 0.0
     tasks_per_group = Counter(t.group for t in tg.tasks)
+    roles = role_table(sched)
+    work_us = max((r["busy_us"] / len(r["workers"]) for r in roles if r["workers"]), default=0.0)
     return {
         "model": m.model,
         "target": target.name,
@@ -97,7 +105,7 @@ def summary(engine: Engine, aot: bool = False) -> dict[str, Any]:
         "cross_worker_waits": len({(b, ev) for _, b, ev in cross_worker_edges(sched)}),
         "groups": len(tg.fused.groups),
         "task_kinds": dict(sorted(kinds.items())),
-        "roles": role_table(sched),
+        "roles": roles,
         "per_worker": [{"worker": w, "role": worker_role[w] if w < len(worker_role) else "",
                         "tasks": len(q), "busy_us": busy[w],
                         "utilisation": (busy[w] / span) if span else 0.0}
@@ -109,7 +117,8 @@ def summary(engine: Engine, aot: bool = False) -> dict[str, Any]:
                            "start_us": sched.start_us[t], "finish_us": sched.finish_us[t]}
                           for t in cp_tasks],
         "memory_bound_us": memory_us,
-        "lower_bound_us": max(cp_us, memory_us),
+        "work_bound_us": work_us,
+        "lower_bound_us": max(cp_us, work_us, memory_us),
         "bytes": moved,
         "fusion_groups": [{"name": g.name, "kind": g.kind, "anchor": g.anchor,
                            "prologue": list(g.prologue), "epilogue": list(g.epilogue),
@@ -131,7 +140,8 @@ def role_table(sched: Schedule) -> list[dict[str, Any]]:
     for t, role in enumerate(sched.task_roles()):
         busy[role] += sched.finish_us[t] - sched.start_us[t]
     return [{"name": r.name, "workers": list(r.workers), "kinds": list(r.kinds),
-             "ops": list(r.ops), "tasks": tasks[r.name], "busy_us": busy[r.name]}
+             "ops": list(r.ops), "modules": list(r.modules), "tasks": tasks[r.name],
+             "busy_us": busy[r.name]}
             for r in sched.target.all_roles()]
 
 
@@ -254,7 +264,7 @@ def print_summary(s: dict[str, Any], console) -> None:
         for col in ("role", "workers", "owns", "tasks", "busy us"):
             table.add_column(col, justify="right" if col in ("tasks", "busy us") else "left")
         for r in s["roles"]:
-            owns = ", ".join(r["kinds"] + r["ops"]) or "the rest"
+            owns = ", ".join(r["kinds"] + r["ops"] + r.get("modules", [])) or "the rest"
             table.add_row(r["name"], format_workers(r["workers"]), owns, str(r["tasks"]),
                           f"{r['busy_us']:.1f}")
         console.print(table)
@@ -280,7 +290,8 @@ def print_summary(s: dict[str, Any], console) -> None:
     timing.add_row("predicted step", f"{s['predicted_step_us']:.1f}")
     timing.add_row("lower bound", f"{s['lower_bound_us']:.1f}")
     timing.add_row("  critical path", f"{s['critical_path_us']:.1f}")
-    timing.add_row("  bytes / bandwidth", f"{s['memory_bound_us']:.1f}")
+    timing.add_row("  work / workers", f"{s['work_bound_us']:.1f}")
+    timing.add_row("  bytes / HBM bandwidth", f"{s['memory_bound_us']:.1f}")
     console.print(timing)
 
     path = Table(title=f"critical path: {len(s['critical_path'])} tasks, "

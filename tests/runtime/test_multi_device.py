@@ -365,3 +365,13 @@ def test_device_roles_place_groups_and_keep_the_bits(tmp_path):
     want = one.new_executor("reference").run(dict(inputs))
     got = many.new_executor("reference", "random", 4).run(dict(inputs))
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_mistakes_are_one_line_before_any_rank_starts(folder, capsys):
+    from engines import run_cli
+    path = engine_file_for(2, None, folder)
+    for argv, message in [(("--max-new-tokens", 100), "exceeds max_seq_len 64"),
+                          (("--backend", "gpu"), "--backend gpu: multi-device engines run on "
+                                                 "the interpret and reference backends")]:
+        code, out, err = run_cli(capsys, "run", path, *argv)
+        assert code == 2 and err.count("\n") == 1 and message in err, err
