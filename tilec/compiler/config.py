@@ -52,6 +52,7 @@ import yaml
 
 from tilec.errors import ConfigError
 from tilec.ir.target import TARGETS, Role
+from tilec.passes.partition import MAX_DEVICES
 from tilec.passes.roles import resolve_device_roles, resolve_roles
 
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,7 +68,6 @@ DEFAULT_MAX_SEQ_LEN = 256
 INPUT_KEYS = ("name", "shape", "dtype", "low", "high")
 TARGET_KEYS = ("name", "workers", "devices", "roles")
 ROLE_KEYS = ("workers", "devices", "kinds", "ops", "modules")
-MAX_DEVICES = 62   # passes/partition.py keeps device sets in int64 bit masks
 SCHEDULE_KEYS = ("policy", "tile_m", "tile_n", "tile_k", "kv_chunk")
 
 

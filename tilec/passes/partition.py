@@ -106,8 +106,10 @@ def _box_array(regions: list[Region]) -> np.ndarray:
 
 
 def _needs(taskgraph: TaskGraph, masks: np.ndarray, host_mask: int):
-    """Per write (task id, region): the devices that read an overlapping region but do
-    not run the writer, and the first later reading task among them (or n)."""
+    """Per write (task id, region, device mask, first reader): the devices that read an
+    overlapping region but do not run the writer, and the first later task reading it
+    on one of them (n: only the host, which reads the outputs after the step; n + 1:
+    no later reader)."""
     n = len(taskgraph.tasks)
     outputs = {o.value for _, o in taskgraph.fused.graph.outputs}
     reads: dict[str, list[tuple[int, Region]]] = {}
@@ -118,10 +120,12 @@ def _needs(taskgraph: TaskGraph, masks: np.ndarray, host_mask: int):
         if b.name in outputs:
             whole = Region(b.name, tuple((0, s) for s in b.type.shape))
             reads.setdefault(b.name, []).append((n, whole))
-    writes = [(t.id, r) for t in taskgraph.tasks for r in t.writes]
+    writes: dict[str, list[tuple[int, Region]]] = {}
+    for t in taskgraph.tasks:
+        for r in t.writes:
+            writes.setdefault(r.buffer, []).append((t.id, r))
     found = []
-    for buffer in dict.fromkeys(r.buffer for _, r in writes):
-        ws = [(t, r) for t, r in writes if r.buffer == buffer]
+    for buffer, ws in writes.items():
         rs = reads.get(buffer, [])
         if not rs:
             continue
@@ -148,7 +152,7 @@ def _needs(taskgraph: TaskGraph, masks: np.ndarray, host_mask: int):
 
 
 def _one_box(boxes: list[tuple[tuple[int, int], ...]]) -> tuple[tuple[int, int], ...] | None:
-    """The box the given disjoint-or-not boxes tile exactly, or None."""
+    """The one box that `boxes` tile exactly (no overlaps, no gaps), or None."""
     lo = [min(b[d][0] for b in boxes) for d in range(len(boxes[0]))]
     hi = [max(b[d][1] for b in boxes) for d in range(len(boxes[0]))]
     total = int(np.prod([h - l for l, h in zip(lo, hi)]))

@@ -31,6 +31,7 @@ import torch
 from tilec.codegen import aot
 from tilec.codegen.aot import KERNEL_NAME, NUM_WARPS, SPIN_LIMIT
 from tilec.errors import RunError, ScheduleHangError
+from tilec.ir.graph import contiguous_strides
 from tilec.runtime.engine import TORCH_DTYPES, AOTKernel, Engine
 from tilec.runtime.kernel import load_kernel, require_mode
 from tilec.runtime.reference import TaskRunner
@@ -178,10 +179,8 @@ class CooperativeExecutor(Executor):
         """A region of a buffer as a view of its pool."""
         buf = self.buffers[region.buffer]
         shape = buf.type.shape
-        strides = [1] * len(shape)
-        for i in range(len(shape) - 2, -1, -1):
-            strides[i] = strides[i + 1] * shape[i + 1]
-        whole = torch.as_strided(self.pools[buf.pool], shape, strides, buf.offset)
+        whole = torch.as_strided(self.pools[buf.pool], shape, contiguous_strides(shape),
+                                 buf.offset)
         return whole[tuple(slice(a, b) for a, b in region.box)]
 
     def _advance_timed(self, worker: int) -> None:
