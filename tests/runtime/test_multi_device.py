@@ -205,9 +205,18 @@ def test_engine_file_round_trip_and_damage(folder, tmp_path):
     path = engine_file_for(2, 16, folder)
     loaded = engine_file.load(path)
     assert isinstance(loaded, engine_file.DeviceEngines) and loaded.devices == 2
-    # weights stored once, shared by both devices
-    pools = [k for k in loaded.ranks[0].tensors if k.startswith("pool.")]
-    assert pools and all(loaded.ranks[0].tensors[k] is loaded.ranks[1].tensors[k] for k in pools)
+    # the state's initial contents are stored once, shared by both devices; each device
+    # holds its own part of the split weights, smaller than all of them
+    ranks = loaded.ranks
+    state = [f"pool.{q.name}" for q in ranks[0].manifest.schedule.pools if q.kind == "state"]
+    assert state and all(ranks[0].tensors[k] is ranks[1].tensors[k] for k in state)
+    one = engine_file.load(engine_file_for(1, 16, folder))
+    whole = one.tensors["pool.w_float32"].numel()
+    for r in ranks:
+        part = r.tensors["pool.w_float32"].numel()
+        assert part < 0.8 * whole, (part, whole)
+        stored = [b for b in r.manifest.schedule.buffers if b.stored]
+        assert stored and any(b.stored[1] - b.stored[0] < b.type.numel for b in stored)
     copy = tmp_path / "again.engine"
     engine_file.save(loaded, copy)
     assert copy.read_bytes() == path.read_bytes()
@@ -375,3 +384,16 @@ def test_mistakes_are_one_line_before_any_rank_starts(folder, capsys):
                                                  "the interpret and reference backends")]:
         code, out, err = run_cli(capsys, "run", path, *argv)
         assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_verify_catches_a_read_outside_the_stored_part_of_a_weight(folder):
+    e = tilec.api.load(engine_file_for(2, 16, folder))
+    sched = e.parts[1].schedule()
+    assert verify(sched).ok
+    b = next(b for b in sched.buffers if b.stored and b.stored[1] > b.stored[0] + 16)
+    shrunk = replace(b, stored=(b.stored[0] + 16, b.stored[1]))
+    broken = replace(sched, buffers=tuple(shrunk if x.name == b.name else x
+                                          for x in sched.buffers))
+    report = verify(broken)
+    assert not report.checks["regions_in_buffers"]
+    assert "outside the part" in " ".join(report.violations)

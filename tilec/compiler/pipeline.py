@@ -245,14 +245,20 @@ def _verify_all(scheds: tuple[Schedule, ...], target: Target) -> list:
 
 def pack_devices(scheds, rendered, lowered, max_waits, name, input_info, seed, binary,
                  release_constants) -> list[Engine]:
-    """One Engine per device. Every device lays out weights and state alike (memplan
-    places them in buffer order; verify_devices checks it), so their pools are filled
-    once and shared."""
-    first = pack(scheds[0], rendered[0], lowered, max_waits, name, input_info, seed, binary,
-                 release_constants)
-    shared = {k: v for k, v in first.tensors.items() if k.startswith("pool.")}
-    return [first] + [pack(s, r, lowered, max_waits, name, input_info, seed, None,
-                           pools=shared) for s, r in zip(scheds[1:], rendered[1:])]
+    """One Engine per device. Each device's weight pool holds its own parts of the
+    weights (memplan); every device lays out state alike (verify_devices checks it), so
+    the state pools are filled once and shared. Constants are released (see pack) only
+    by the last device's pack, after every device has copied its parts."""
+    engines: list[Engine] = []
+    shared: dict[str, torch.Tensor] | None = None
+    for i, (s, r) in enumerate(zip(scheds, rendered)):
+        engines.append(pack(s, r, lowered, max_waits, name, input_info, seed,
+                            binary if i == 0 else None,
+                            release_constants and i == len(scheds) - 1, pools=shared))
+        if shared is None:
+            state = {f"pool.{p.name}" for p in s.pools if p.kind == "state"}
+            shared = {k: v for k, v in engines[0].tensors.items() if k in state}
+    return engines
 
 
 def render_schedule(sched: Schedule, max_waits: int, name: str) -> Rendered:
@@ -266,8 +272,8 @@ def pack(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered, max_wai
          pools: dict[str, torch.Tensor] | None = None) -> Engine:
     """`release_constants`: the module is tilec's own (built from a model.yaml), so each
     weight's memory is freed once it is copied into its pool: the peak is then one copy
-    of the weights, not two. Never for a caller's module. `pools`: the weight and state
-    pools, already filled (by another device's pack)."""
+    of the weights, not two. Never for a caller's module. `pools`: pools already filled
+    (by another device's pack), by tensor name."""
     tensors = encode_tables(sched, rendered.opcodes, max_waits)
     tensors["args"] = torch.tensor(rendered.args, dtype=torch.int64).reshape(
         len(rendered.args), rendered.max_args)
@@ -275,7 +281,7 @@ def pack(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered, max_wai
     users = Counter(_storage(t) for t in lowered.constants.values()) if release_constants \
         else None
     for pool in sched.pools:
-        if pool.kind in ("weight", "state") and pools is not None:
+        if pools is not None and f"pool.{pool.name}" in pools:
             tensors[f"pool.{pool.name}"] = pools[f"pool.{pool.name}"]
         elif pool.kind in ("weight", "state"):
             tensors[f"pool.{pool.name}"] = fill_pool(pool, sched.buffers, lowered.constants,
@@ -318,8 +324,9 @@ def fill_pool(pool, buffers, constants: dict[str, torch.Tensor],
         if b.pool == pool.name and b.name in constants:
             constant = constants[b.name]
             value = constant.to(data.dtype).contiguous().reshape(-1)
-            data[b.offset:b.offset + value.numel()] = value
-            spans.append((b.offset, b.offset + value.numel()))
+            lo, hi = b.stored or (0, value.numel())   # a device's part of a weight
+            data[b.offset + lo:b.offset + hi] = value[lo:hi]
+            spans.append((b.offset + lo, b.offset + hi))
             if users is not None:
                 users[_storage(constant)] -= 1
                 if users[_storage(constant)] == 0:

@@ -4,7 +4,9 @@ One flat allocation per (kind, dtype), so the kernel takes one pointer per pool:
 weights `w_<dtype>`, state `s_<dtype>`, everything else `a_<dtype>` (the arena).
 Offsets are multiples of 16 elements so vector loads stay aligned for every dtype.
 
-Weights and state live across steps: back to back, never shared. Inputs and outputs
+Weights and state live across steps: back to back, never shared. On a multi-device
+engine each device's pool holds only the part of each weight its tasks read
+(`Buffer.stored`), placed so the whole buffer still lies inside the pool. Inputs and outputs
 are touched by the host before and after the launch, so they are live for the whole
 step and share bytes with nothing. An activation may reuse arena bytes of another
 activation only when one's accesses all happen-before the other's, by the schedule's
@@ -17,6 +19,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from tilec.ir.graph import contiguous_strides
 from tilec.ir.schedule import POOL_ALIGN, Pool, Schedule
 from tilec.ir.tasks import Buffer
 from tilec.passes.sync import happens_before_clocks
@@ -82,6 +85,26 @@ class Lifetimes:
         return self.before(x, y) or self.before(y, x)
 
 
+def read_ranges(schedule: Schedule, weights: list[Buffer]) -> dict[str, tuple[int, int]]:
+    """Per weight buffer, the flat element range [lo, hi) the schedule's tasks read (lo
+    aligned down, so the buffer's base stays aligned); (0, 0) for one no task reads.
+    Boxes are of the buffer's own row-major shape."""
+    want = {b.name: b for b in weights}
+    out = {name: (b.type.numel, 0) for name, b in want.items()}
+    for task in schedule.taskgraph.tasks:
+        for r in task.reads:
+            b = want.get(r.buffer)
+            if b is None or r.numel == 0:
+                continue
+            strides = contiguous_strides(b.type.shape)
+            first = sum(a * s for (a, _), s in zip(r.box, strides))
+            last = sum((z - 1) * s for (_, z), s in zip(r.box, strides))
+            lo, hi = out[r.buffer]
+            out[r.buffer] = (min(lo, first), max(hi, last + 1))
+    return {name: ((lo // ALIGN) * ALIGN, hi) if hi > lo else (0, 0)
+            for name, (lo, hi) in out.items()}
+
+
 def first_fit(size: int, taken: list[tuple[int, int]]) -> int:
     """Lowest aligned offset where [offset, offset + size) misses every interval."""
     offset = 0
@@ -98,6 +121,7 @@ def memplan(schedule: Schedule) -> Schedule:
     rank = {t: i for i, t in enumerate(schedule.order)}
     offsets: dict[str, int] = {}
     ends: dict[str, int] = {}                      # pool -> end of its last buffer
+    tails: dict[str, int] = {}                     # pool -> end of its partly stored buffers
     placed: dict[str, list[Buffer]] = {}           # arena pool -> placed buffers
     index = {b.name: i for i, b in enumerate(buffers)}
     lifetimes = None
@@ -108,6 +132,20 @@ def memplan(schedule: Schedule) -> Schedule:
 
     # Fixed buffers first (they pin their bytes), then activations by first use.
     fixed = [b for b in buffers if b.kind != "activation"]
+    stored: dict[str, tuple[int, int]] = {}
+    if schedule.taskgraph.devices > 1:   # each device holds the part of a weight it reads
+        stored = read_ranges(schedule, [b for b in fixed if b.kind == "weight"])
+        # lowest parts first: each starts at or after its `lo`, so its base, start - lo,
+        # is not below the pool; what a part does not store may overlap its neighbours
+        for b in sorted((b for b in fixed if b.name in stored),
+                        key=lambda b: (stored[b.name][0], index[b.name])):
+            pool, _ = pool_of(b)
+            lo, hi = stored[b.name]
+            start = max(align(ends.get(pool, 0)), lo)
+            offsets[b.name] = start - lo
+            ends[pool] = start + (hi - lo)
+            tails[pool] = max(tails.get(pool, 0), offsets[b.name] + size_of(b))
+        fixed = [b for b in fixed if b.name not in stored]
     scratch = sorted((b for b in buffers if b.kind == "activation"), key=first_use)
     for b in fixed:
         pool, kind = pool_of(b)
@@ -130,7 +168,10 @@ def memplan(schedule: Schedule) -> Schedule:
         placed.setdefault(pool, []).append(b)
         ends[pool] = max(ends.get(pool, 0), offsets[b.name] + size_of(b))
 
-    planned = tuple(replace(b, pool=pool_of(b)[0], offset=offsets[b.name]) for b in buffers)
+    for pool, tail in tails.items():   # a partly stored buffer still fits in its pool
+        ends[pool] = max(ends[pool], tail)
+    planned = tuple(replace(b, pool=pool_of(b)[0], offset=offsets[b.name],
+                            stored=stored.get(b.name, ())) for b in buffers)
     pools, seen = [], set()
     for b in buffers:
         name, kind = pool_of(b)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tilec.errors import ConfigError, ScheduleError
+from tilec.ir.graph import contiguous_strides
 from tilec.ir.schedule import Schedule
 from tilec.ir.target import DEFAULT_ROLE
 from tilec.ir.tasks import TRANSFER, Buffer, Region
@@ -300,7 +301,20 @@ def _regions_in_buffers(ctx: _Context) -> list[str]:
             if not ok:
                 out.append(f"regions_in_buffers: {ctx.who(task.id)} touches {_fmt(r)}, "
                            f"outside or empty in buffer {r.buffer!r} of shape {list(shape)}")
+            elif b.stored and not _within_stored(r, b):
+                out.append(f"regions_in_buffers: {ctx.who(task.id)} touches {_fmt(r)}, "
+                           f"outside the part [{b.stored[0]}, {b.stored[1]}) of buffer "
+                           f"{r.buffer!r} this device holds")
     return out
+
+
+def _within_stored(region: Region, buffer: Buffer) -> bool:
+    """A region of a partly stored buffer (Buffer.stored) lies in the stored flat range."""
+    strides = contiguous_strides(buffer.type.shape)
+    first = sum(a * st for (a, _), st in zip(region.box, strides))
+    last = sum((z - 1) * st for (_, z), st in zip(region.box, strides))
+    lo, hi = buffer.stored
+    return lo <= first and last < hi
 
 
 def _arena_disjoint(ctx: _Context) -> list[str]:
@@ -329,21 +343,29 @@ def _arena_disjoint(ctx: _Context) -> list[str]:
         by_pool.setdefault(b.pool, []).append(b)
     users = _users(ctx)
     for name, bs in by_pool.items():
-        bs = sorted(bs, key=lambda b: b.offset)
+        bs = sorted((b for b in bs if _span(b)[0] < _span(b)[1]), key=lambda b: _span(b)[0])
         for i, x in enumerate(bs):
             for y in bs[i + 1:]:
-                if y.offset >= x.offset + _size(x):
+                if _span(y)[0] >= _span(x)[1]:
                     break
                 problem = _sharing_problem(ctx, x, y, users)
                 if problem:
-                    out.append(f"arena_disjoint: buffers {x.name!r} [{x.offset}, "
-                               f"{x.offset + _size(x)}) and {y.name!r} [{y.offset}, "
-                               f"{y.offset + _size(y)}) overlap in pool {name!r}: {problem}")
+                    out.append(f"arena_disjoint: buffers {x.name!r} {list(_span(x))} and "
+                               f"{y.name!r} {list(_span(y))} overlap in pool {name!r}: "
+                               f"{problem}")
     return out
 
 
 def _size(b: Buffer) -> int:
     return max(b.type.numel, 1)
+
+
+def _span(b: Buffer) -> tuple[int, int]:
+    """The pool elements holding the buffer's values: all of it, or the part a device
+    stores (Buffer.stored; the rest of its range may hold other buffers)."""
+    if b.stored:
+        return b.offset + b.stored[0], b.offset + b.stored[1]
+    return b.offset, b.offset + _size(b)
 
 
 def _users(ctx: _Context) -> dict[str, list[int]]:

@@ -276,8 +276,9 @@ def _digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
 
 def _contents(engine: Engine | DeviceEngines) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """The file's metadata and tensors. A multi-device engine stores each device's
-    manifest, kernel and tables under `manifest.<d>`, `kernel.<d>` and `device<d>.<name>`,
-    and the pools, shared by all devices, once."""
+    manifest, kernel, tables and own pools (its parts of the weights) under
+    `manifest.<d>`, `kernel.<d>` and `device<d>.<name>`, and a pool every device shares
+    (the state's initial contents) once, as `pool.<name>`."""
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "tilec_version": __version__}
     if isinstance(engine, DeviceEngines):
         tensors = {}
@@ -288,8 +289,8 @@ def _contents(engine: Engine | DeviceEngines) -> tuple[dict[str, str], dict[str,
             meta[f"manifest.{d}"] = _manifest_text(e.manifest)
             meta[f"kernel.{d}"] = e.kernel_source
             for k, v in e.tensors.items():
-                if k.startswith("pool."):
-                    tensors[k] = v.contiguous()
+                if k.startswith("pool.") and all(_same(r.tensors.get(k), v) for r in engine.ranks):
+                    tensors[k] = v.contiguous()   # the same pool on every device: once
                 else:
                     tensors[f"device{d}.{k}"] = v.contiguous()
         if engine.ranks[0].tokenizer is not None:
@@ -304,6 +305,11 @@ def _contents(engine: Engine | DeviceEngines) -> tuple[dict[str, str], dict[str,
         meta[AOT_KEY] = aot_text(engine.aot)
         tensors[AOT_CUBIN] = torch.frombuffer(bytearray(engine.aot.cubin), dtype=torch.uint8)
     return meta, tensors
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    return a is b or (a is not None and a.dtype == b.dtype and a.shape == b.shape and
+                      torch.equal(a, b))
 
 
 def _manifest_text(manifest: Manifest) -> str:
@@ -425,7 +431,7 @@ def _load_devices(path: Path, meta: dict[str, str], tensors: dict[str, torch.Ten
     for d, prefix in enumerate(prefixes):
         manifest = _parse_manifest(path, meta.get(f"manifest.{d}"))
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        engine = Engine(manifest, meta.get(f"kernel.{d}", ""), {**own, **pools}, tokenizer)
+        engine = Engine(manifest, meta.get(f"kernel.{d}", ""), {**pools, **own}, tokenizer)
         problem = _engine_problem(engine, trust_engine_code)
         tg = manifest.schedule.taskgraph
         if problem is None and (tg.device, tg.devices) != (d, n):
@@ -595,6 +601,9 @@ def check_tables(engine: Engine) -> str | None:
             return f"buffer {b.name} lies outside its pool"
         if b.type.dtype != p.dtype:
             return f"buffer {b.name} ({_clip(b.type.dtype)}) is in pool {p.name} of {p.dtype}"
+        if b.stored and (len(b.stored) != 2 or b.kind != "weight" or
+                         not 0 <= b.stored[0] <= b.stored[1] <= b.type.numel):
+            return f"buffer {b.name} stores a malformed part {_clip(list(b.stored))}"
     for p in sched.pools:
         if p.kind in ("weight", "state"):
             tensor = t.get(f"pool.{p.name}")
