@@ -46,7 +46,7 @@ def gpu_engine(tmp_path_factory) -> tuple[Path, dict[str, float], tilec.api.Engi
 def test_gpu_compile_has_an_aot_stage_and_stores_the_binary(gpu_engine):
     path, stages, engine = gpu_engine
     names = list(stages)
-    assert names.index("render") < names.index("aot") < names.index("pack")
+    assert names.index("render") < names.index("pack") < names.index("aot")
     dumped = (path.parent / "dump" / "08_aot.json").read_text()
     assert dumped == engine_file.aot_text(engine.data.aot) == read_raw(path)[0][AOT_KEY]
     binary = engine.data.aot

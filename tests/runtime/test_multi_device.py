@@ -205,11 +205,15 @@ def test_engine_file_round_trip_and_damage(folder, tmp_path):
     path = engine_file_for(2, 16, folder)
     loaded = engine_file.load(path)
     assert isinstance(loaded, engine_file.DeviceEngines) and loaded.devices == 2
-    # the state's initial contents are stored once, shared by both devices; each device
-    # holds its own part of the split weights, smaller than all of them
+    # each device holds its own parts of the split weights (and of the KV cache),
+    # smaller than all of them; a pool the same on every device is stored once
     ranks = loaded.ranks
-    state = [f"pool.{q.name}" for q in ranks[0].manifest.schedule.pools if q.kind == "state"]
-    assert state and all(ranks[0].tensors[k] is ranks[1].tensors[k] for k in state)
+    from engines import read_raw
+    _, stored = read_raw(path)
+    for k in ranks[0].tensors:
+        if k.startswith("pool."):
+            same = all(torch.equal(r.tensors[k], ranks[0].tensors[k]) for r in ranks)
+            assert (k in stored) == same and (f"device1.{k}" in stored) == (not same), k
     one = engine_file.load(engine_file_for(1, 16, folder))
     whole = one.tensors["pool.w_float32"].numel()
     for r in ranks:
@@ -220,7 +224,7 @@ def test_engine_file_round_trip_and_damage(folder, tmp_path):
     copy = tmp_path / "again.engine"
     engine_file.save(loaded, copy)
     assert copy.read_bytes() == path.read_bytes()
-    from engines import read_raw, write_signed
+    from engines import write_signed
     meta, tensors = read_raw(path)
     meta["manifest.1"] = meta["manifest.0"]   # device 1's slot holds device 0's part
     write_signed(tmp_path / "swapped.engine", meta, tensors)

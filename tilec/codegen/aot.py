@@ -27,6 +27,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -91,15 +92,68 @@ def constexprs(spin_limit: int = SPIN_LIMIT, profile: bool = False) -> dict[str,
 def aot_kernel(source: str, pools: Iterable[Any], arch: int) -> AOTKernel:
     """Compile `source` for sm_`arch` and keep what launching it needs (the engine's
     stored binary)."""
+    return _binary(compile_for_gpu(source, pools, arch=arch), source, arch)
+
+
+def _binary(info: dict[str, Any], source: str, arch: int) -> AOTKernel:
     from tilec.runtime.engine import AOTKernel
 
-    info = compile_for_gpu(source, pools, arch=arch)
     return AOTKernel(cubin=info["cubin"], arch=arch, ptx_target=info["ptx_target"],
                      num_warps=info["num_warps"], shared=info["shared"],
                      n_regs=info["n_regs"], n_spills=info["n_spills"], spin_limit=SPIN_LIMIT,
                      triton_version=info["triton_version"],
                      kernel_sha256=hashlib.sha256(source.encode()).hexdigest(),
                      triton_metadata=info["metadata"])
+
+
+class PendingKernel:
+    """`aot_kernel(source, pools, arch)`, running in a child process (`python -m
+    tilec.codegen.aot`, as for an interpreting process) from the moment it is made, so
+    the compile, seconds of one core, overlaps what the caller does meanwhile; `result()`
+    waits for it. The compiler starts one as soon as it can predict the kernel's source
+    (pipeline.SpeculativeAOT) and uses it only if the source turns out to be that."""
+
+    def __init__(self, source: str, pools: Iterable[Any], arch: int,
+                 timeout: float = 600.0):
+        self.source, self.pools, self.arch = source, _pool_pairs(pools), arch
+        self._timeout = timeout
+        self._outcome: tuple[int, str, str] | BaseException | None = None
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "tilec.codegen.aot"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=dict(os.environ, TRITON_INTERPRET="0"))
+        # communicate() in a thread: the child's output (the cubin) can be larger than a
+        # pipe holds, so it is read while the caller goes on
+        request = _request(self.source, self.pools, arch, NUM_WARPS, False)
+        self._reader = threading.Thread(target=self._communicate, args=(request,),
+                                        daemon=True, name="tilec-aot")
+        self._reader.start()
+
+    def _communicate(self, request: str) -> None:
+        try:
+            out, err = self._proc.communicate(request)
+            self._outcome = (self._proc.returncode, out, err)
+        except BaseException as exc:   # raised again by result()
+            self._outcome = exc
+
+    def is_for(self, source: str, pools: Iterable[Any], arch: int) -> bool:
+        return (source, _pool_pairs(pools), arch) == (self.source, self.pools, self.arch)
+
+    def result(self) -> AOTKernel:
+        self._reader.join(self._timeout)
+        if self._reader.is_alive():
+            self.cancel()
+            raise AOTError(f"compiling for sm_{self.arch} took more than "
+                           f"{self._timeout:.0f} s")
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        return _binary(_child_info(*self._outcome, self.arch), self.source, self.arch)
+
+    def cancel(self) -> None:
+        """Stop the compile (its result is not wanted); a no-op once it has finished."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._reader.join()
 
 
 def load_binary(binary: AOTKernel, fn, pools: Iterable[Any]):
@@ -144,20 +198,31 @@ def compile_for_gpu(source: str, pools: Iterable[Any], arch: int = 90,
     pairs = _pool_pairs(pools)
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         return _compile_here(source, pairs, arch, num_warps, profile)
-    request = json.dumps({"source": source, "pools": pairs, "arch": arch,
-                          "num_warps": num_warps, "profile": profile})
     env = dict(os.environ, TRITON_INTERPRET="0")
     try:
-        proc = subprocess.run([sys.executable, "-m", "tilec.codegen.aot"], input=request,
+        proc = subprocess.run([sys.executable, "-m", "tilec.codegen.aot"],
+                              input=_request(source, pairs, arch, num_warps, profile),
                               capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise AOTError(f"compiling for sm_{arch} took more than {timeout:.0f} s") from None
-    if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        last = lines[-1] if lines else f"exit status {proc.returncode}, no message"
+    return _child_info(proc.returncode, proc.stdout, proc.stderr, arch)
+
+
+def _request(source: str, pools: list[tuple[str, str]], arch: int, num_warps: int,
+             profile: bool) -> str:
+    """What the child process (`_main`) reads on stdin."""
+    return json.dumps({"source": source, "pools": pools, "arch": arch,
+                       "num_warps": num_warps, "profile": profile})
+
+
+def _child_info(returncode: int, stdout: str, stderr: str, arch: int) -> dict[str, Any]:
+    """compile_for_gpu's answer from the child process's exit status and output."""
+    if returncode != 0:
+        lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+        last = lines[-1] if lines else f"exit status {returncode}, no message"
         raise AOTError(last.removeprefix("error: ") if last.startswith("error: ")
                        else f"compiling for sm_{arch} failed: {last}")
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    info = json.loads(stdout.strip().splitlines()[-1])
     info["cubin"] = base64.b64decode(info["cubin"])
     return info
 

@@ -1,11 +1,13 @@
 """The one pipeline: model -> ir.Graph -> passes -> kernel -> Engine (DESIGN.md diagram).
 
-    export ▶ lower ▶ fuse ▶ tile ▶ [partition] ▶ deps ▶ roles ▶ schedule ▶ sync ▶ memplan ▶ verify ▶ render ▶ aot ▶ pack
+    export ▶ lower ▶ fuse ▶ tile ▶ [partition] ▶ deps ▶ roles ▶ schedule ▶ sync ▶ memplan ▶ verify ▶ render ▶ pack ▶ aot
 
 Each stage is a pure function of the previous stage's result; `compile_module` runs
 them in order, reports each stage's time, and can dump every stage as text. `aot`
 runs for GPU targets only (and not with `CompileOptions(aot=False)`): it compiles the
 kernel for the target's GPU, on a machine without one, and the engine stores the cubin.
+It needs only the rendered source, which can be predicted after `tile`, so it runs in
+a child process from there on (SpeculativeAOT); the stage is the wait for it at the end.
 `partition` runs for multi-device targets only: it cuts the task graph into one part
 per device, with transfers between them, and every stage after it runs on each part;
 the engine is then one Engine per device (`DeviceEngines`).
@@ -25,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from tilec.codegen.aot import aot_kernel
+from tilec.codegen.aot import PendingKernel
 from tilec.codegen.render import Rendered, render
 from tilec.compiler import frontend
 from tilec.errors import ConfigError
@@ -35,7 +37,7 @@ from tilec.ir.serial import to_plain
 from tilec.ir.target import TARGETS, Role, Target
 from tilec.passes.deps import deps
 from tilec.passes.fuse import fuse
-from tilec.passes.memplan import memplan
+from tilec.passes.memplan import memplan, unplaced
 from tilec.passes.partition import device_target, partition, time_devices
 from tilec.passes.roles import resolve_device_roles, resolve_roles, roles
 from tilec.passes.schedule import schedule
@@ -175,49 +177,102 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
         target = device_target(options.target)
     else:
         parts, target = (taskgraph,), options.target
-    del taskgraph
-    parts = progress.run("deps", _each(deps), parts)
-    parts = progress.run("roles", _each(roles), parts, target)
-    for p in parts:
-        dump.json(_per_device("04_tasks.json", p), {
-            "tilings": p.tilings, "tasks": p.tasks, "transfers": p.transfers,
-            "deps": [(d.before, d.after, d.kind, d.buffer) for d in p.deps],
-            "roles": p.roles})
-    scheds = progress.run("schedule", _each(schedule), parts, target, options.policy)
-    scheds = progress.run("sync", _each(sync), scheds, options.max_waits)
-    if multi:   # the devices' predicted times, with each transfer waiting for its parties
-        scheds = progress.run("timing", time_devices, scheds)
-    # Nothing after sync reads the deps (verify recomputes conflicts from the regions, and
-    # the engine does not store them): free them before the weights are packed (2.3 M
-    # objects, a few hundred MB, for Llama-1B).
-    scheds = tuple(replace(s, taskgraph=replace(s.taskgraph, deps=())) for s in scheds)
-    del parts
-    scheds = progress.run("memplan", _each(memplan), scheds)
-    for s in scheds:
-        dump.json(_per_device("05_schedule.json", s.taskgraph),
-                  {"queues": s.queues, "events": s.events, "waits": s.waits,
-                   "signal": s.signal, "buffers": s.buffers, "pools": s.pools})
-    reports = progress.run("verify", _verify_all, scheds, options.target)
-    dump.text("07_verify.txt", "\n".join(verify_text(r) for r in reports))
-    for report in reports:
-        check(report)
-    max_waits = max([len(w) for s in scheds for w in s.waits] + [1])
-    rendered = progress.run("render", _each(render_schedule), scheds, max_waits, name)
-    for s, r in zip(scheds, rendered):
-        dump.text(_per_device("06_kernel.py", s.taskgraph), r.source)
-    binary = None
-    if options.aot and target.backend == "cuda" and not multi:
-        binary = progress.run("aot", aot_kernel, rendered[0].source, scheds[0].pools,
-                              target.arch)
-        dump.text("08_aot.json", aot_text(binary))
-    if weights_ready is not None:
-        progress.run("weights", weights_ready)
-    engines = progress.run("pack", pack_devices, scheds, rendered, lowered, max_waits, name,
-                           input_info, seed, binary, release_constants)
+    with SpeculativeAOT(target.arch if options.aot and target.backend == "cuda" and not multi
+                        else None, target.workers, name) as gpu_kernel:
+        gpu_kernel.guess(taskgraph, options.max_waits)
+        del taskgraph
+        parts = progress.run("deps", _each(deps), parts)
+        parts = progress.run("roles", _each(roles), parts, target)
+        for p in parts:
+            dump.json(_per_device("04_tasks.json", p), {
+                "tilings": p.tilings, "tasks": p.tasks, "transfers": p.transfers,
+                "deps": [(d.before, d.after, d.kind, d.buffer) for d in p.deps],
+                "roles": p.roles})
+        scheds = progress.run("schedule", _each(schedule), parts, target, options.policy)
+        scheds = progress.run("sync", _each(sync), scheds, options.max_waits)
+        max_waits = max([len(w) for s in scheds for w in s.waits] + [1])
+        if max_waits != options.max_waits:
+            gpu_kernel.guess(scheds[0].taskgraph, max_waits)
+        if multi:   # the devices' predicted times, with each transfer waiting for its parties
+            scheds = progress.run("timing", time_devices, scheds)
+        # Nothing after sync reads the deps (verify recomputes conflicts from the regions,
+        # and the engine does not store them): free them before the weights are packed
+        # (2.3 M objects, a few hundred MB, for Llama-1B).
+        scheds = tuple(replace(s, taskgraph=replace(s.taskgraph, deps=())) for s in scheds)
+        del parts
+        scheds = progress.run("memplan", _each(memplan), scheds)
+        for s in scheds:
+            dump.json(_per_device("05_schedule.json", s.taskgraph),
+                      {"queues": s.queues, "events": s.events, "waits": s.waits,
+                       "signal": s.signal, "buffers": s.buffers, "pools": s.pools})
+        reports = progress.run("verify", _verify_all, scheds, options.target)
+        dump.text("07_verify.txt", "\n".join(verify_text(r) for r in reports))
+        for report in reports:
+            check(report)
+        rendered = progress.run("render", _each(render_schedule), scheds, max_waits, name)
+        for s, r in zip(scheds, rendered):
+            dump.text(_per_device("06_kernel.py", s.taskgraph), r.source)
+        gpu_kernel.start(rendered[0].source, scheds[0].pools)
+        if weights_ready is not None:
+            progress.run("weights", weights_ready)
+        engines = progress.run("pack", pack_devices, scheds, rendered, lowered, max_waits,
+                               name, input_info, seed, None, release_constants)
+        if gpu_kernel.arch is not None:
+            engines[0].aot = progress.run("aot", gpu_kernel.result)
+            dump.text("08_aot.json", aot_text(engines[0].aot))
     if generation is not None:
         for e in engines:
             e.manifest = replace(e.manifest, generation=generation)
     return DeviceEngines(tuple(engines)) if multi else engines[0]
+
+
+class SpeculativeAOT:
+    """The `aot` stage: the kernel compiled for the target's GPU (None: no compile), in
+    a child process (aot.PendingKernel) started as soon as the kernel's source can be
+    predicted, so that its seconds of one core overlap the passes, the verifier and
+    pack on the other. The source depends on where buffers are only through which pool
+    holds each one and their alignment (memplan.unplaced), and on the record's number of
+    waits, known after `sync`: so a first compile starts after `tile`, guessing the cap
+    (what sync leaves a large model's busiest tasks), and another after `sync` if the
+    guess was wrong. `result` uses a compile only if it was for exactly the rendered
+    source and pools, and otherwise compiles them anew: the binary is the same as if
+    the compile had started after `render`. Leaving the `with` block stops any compile
+    still running (a compile that failed, or a guess not used)."""
+
+    def __init__(self, arch: int | None, workers: int, name: str):
+        self.arch, self.workers, self.name = arch, workers, name
+        self.pending: PendingKernel | None = None
+
+    def __enter__(self) -> SpeculativeAOT:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
+            self.pending = None
+
+    def guess(self, taskgraph, max_waits: int) -> None:
+        """Start compiling the kernel `render` will make from this task graph once
+        memplan has placed its buffers, if sync leaves at most `max_waits` waits a task."""
+        if self.arch is None:
+            return
+        buffers, pools = unplaced(taskgraph.buffers)
+        source = render(taskgraph.fused, taskgraph.tilings, buffers, pools, max_waits,
+                        self.workers, self.name, __version__).source
+        self.start(source, pools)
+
+    def start(self, source: str, pools) -> None:
+        """Compile `source` for this pool list, unless that compile is running already."""
+        if self.arch is None or (self.pending is not None and
+                                 self.pending.is_for(source, pools, self.arch)):
+            return
+        self.__exit__()
+        self.pending = PendingKernel(source, pools, self.arch)
+
+    def result(self) -> AOTKernel:
+        """The binary of the last source `start`ed (waits for its compile)."""
+        pending, self.pending = self.pending, None
+        return pending.result()
 
 
 def _each(fn):
@@ -245,20 +300,12 @@ def _verify_all(scheds: tuple[Schedule, ...], target: Target) -> list:
 
 def pack_devices(scheds, rendered, lowered, max_waits, name, input_info, seed, binary,
                  release_constants) -> list[Engine]:
-    """One Engine per device. Each device's weight pool holds its own parts of the
-    weights (memplan); every device lays out state alike (verify_devices checks it), so
-    the state pools are filled once and shared. Constants are released (see pack) only
-    by the last device's pack, after every device has copied its parts."""
-    engines: list[Engine] = []
-    shared: dict[str, torch.Tensor] | None = None
-    for i, (s, r) in enumerate(zip(scheds, rendered)):
-        engines.append(pack(s, r, lowered, max_waits, name, input_info, seed,
-                            binary if i == 0 else None,
-                            release_constants and i == len(scheds) - 1, pools=shared))
-        if shared is None:
-            state = {f"pool.{p.name}" for p in s.pools if p.kind == "state"}
-            shared = {k: v for k, v in engines[0].tensors.items() if k in state}
-    return engines
+    """One Engine per device, each pool holding the device's own parts of the weights
+    and the state (memplan). Constants are released (see pack) only by the last
+    device's pack, after every device has copied its parts."""
+    return [pack(s, r, lowered, max_waits, name, input_info, seed,
+                 binary if i == 0 else None, release_constants and i == len(scheds) - 1)
+            for i, (s, r) in enumerate(zip(scheds, rendered))]
 
 
 def render_schedule(sched: Schedule, max_waits: int, name: str) -> Rendered:
@@ -268,12 +315,10 @@ def render_schedule(sched: Schedule, max_waits: int, name: str) -> Rendered:
 
 def pack(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered, max_waits: int,
          name: str, input_info: tuple[InputInfo, ...], seed: int,
-         binary: AOTKernel | None = None, release_constants: bool = False,
-         pools: dict[str, torch.Tensor] | None = None) -> Engine:
+         binary: AOTKernel | None = None, release_constants: bool = False) -> Engine:
     """`release_constants`: the module is tilec's own (built from a model.yaml), so each
     weight's memory is freed once it is copied into its pool: the peak is then one copy
-    of the weights, not two. Never for a caller's module. `pools`: pools already filled
-    (by another device's pack), by tensor name."""
+    of the weights, not two. Never for a caller's module."""
     tensors = encode_tables(sched, rendered.opcodes, max_waits)
     tensors["args"] = torch.tensor(rendered.args, dtype=torch.int64).reshape(
         len(rendered.args), rendered.max_args)
@@ -281,9 +326,7 @@ def pack(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered, max_wai
     users = Counter(_storage(t) for t in lowered.constants.values()) if release_constants \
         else None
     for pool in sched.pools:
-        if pools is not None and f"pool.{pool.name}" in pools:
-            tensors[f"pool.{pool.name}"] = pools[f"pool.{pool.name}"]
-        elif pool.kind in ("weight", "state"):
+        if pool.kind in ("weight", "state"):
             tensors[f"pool.{pool.name}"] = fill_pool(pool, sched.buffers, lowered.constants,
                                                      users)
     info = {i.name: i for i in input_info}

@@ -17,8 +17,8 @@ class Buffer:
     kind: str
     pool: str = ""      # filled by memplan: the typed pool the buffer lives in
     offset: int = -1    # filled by memplan: element offset inside that pool
-    # Multi-device weights (memplan): the flat element range [lo, hi) of the buffer this
-    # device's pool holds, the part its tasks read; () for all of it. The buffer still
+    # Multi-device weights and state (memplan): the flat element range [lo, hi) of the
+    # buffer this device's pool holds, the part its tasks touch; () for all of it. The buffer still
     # spans [offset, offset + numel) of the pool, so any in-grid tile addresses memory
     # inside the pool, but only [offset + lo, offset + hi) holds the buffer's values.
     stored: tuple[int, ...] = ()

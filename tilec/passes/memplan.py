@@ -5,8 +5,8 @@ weights `w_<dtype>`, state `s_<dtype>`, everything else `a_<dtype>` (the arena).
 Offsets are multiples of 16 elements so vector loads stay aligned for every dtype.
 
 Weights and state live across steps: back to back, never shared. On a multi-device
-engine each device's pool holds only the part of each weight its tasks read
-(`Buffer.stored`), placed so the whole buffer still lies inside the pool. Inputs and outputs
+engine each device's pool holds only the part of each weight and state buffer its
+tasks touch (`Buffer.stored`), placed so the whole buffer still lies inside the pool. Inputs and outputs
 are touched by the host before and after the launch, so they are live for the whole
 step and share bytes with nothing. An activation may reuse arena bytes of another
 activation only when one's accesses all happen-before the other's, by the schedule's
@@ -85,14 +85,14 @@ class Lifetimes:
         return self.before(x, y) or self.before(y, x)
 
 
-def read_ranges(schedule: Schedule, weights: list[Buffer]) -> dict[str, tuple[int, int]]:
-    """Per weight buffer, the flat element range [lo, hi) the schedule's tasks read (lo
-    aligned down, so the buffer's base stays aligned); (0, 0) for one no task reads.
+def touched_ranges(schedule: Schedule, buffers: list[Buffer]) -> dict[str, tuple[int, int]]:
+    """Per buffer, the flat element range [lo, hi) the schedule's tasks read or write (lo
+    aligned down, so the buffer's base stays aligned); (0, 0) for one no task touches.
     Boxes are of the buffer's own row-major shape."""
-    want = {b.name: b for b in weights}
+    want = {b.name: b for b in buffers}
     out = {name: (b.type.numel, 0) for name, b in want.items()}
     for task in schedule.taskgraph.tasks:
-        for r in task.reads:
+        for r in task.reads + task.writes:
             b = want.get(r.buffer)
             if b is None or r.numel == 0:
                 continue
@@ -133,8 +133,9 @@ def memplan(schedule: Schedule) -> Schedule:
     # Fixed buffers first (they pin their bytes), then activations by first use.
     fixed = [b for b in buffers if b.kind != "activation"]
     stored: dict[str, tuple[int, int]] = {}
-    if schedule.taskgraph.devices > 1:   # each device holds the part of a weight it reads
-        stored = read_ranges(schedule, [b for b in fixed if b.kind == "weight"])
+    if schedule.taskgraph.devices > 1:   # each device holds the part of a weight or
+        # state buffer (a KV cache) its tasks touch
+        stored = touched_ranges(schedule, [b for b in fixed if b.kind in ("weight", "state")])
         # lowest parts first: each starts at or after its `lo`, so its base, start - lo,
         # is not below the pool; what a part does not store may overlap its neighbours
         for b in sorted((b for b in fixed if b.name in stored),
@@ -172,12 +173,26 @@ def memplan(schedule: Schedule) -> Schedule:
         ends[pool] = max(ends[pool], tail)
     planned = tuple(replace(b, pool=pool_of(b)[0], offset=offsets[b.name],
                             stored=stored.get(b.name, ())) for b in buffers)
+    return replace(schedule, buffers=planned, pools=_pools(buffers, ends))
+
+
+def _pools(buffers: tuple[Buffer, ...], ends: dict[str, int]) -> tuple[Pool, ...]:
+    """The pools, in the kernel's argument order, each `ends[name]` elements long."""
     pools, seen = [], set()
     for b in buffers:
         name, kind = pool_of(b)
         if name not in seen:
             seen.add(name)
-            pools.append(Pool(name, b.type.dtype, max(1, ends[name]), kind))
+            pools.append(Pool(name, b.type.dtype, max(1, ends.get(name, 0)), kind))
     order = {"weight": 0, "state": 1, "arena": 2}
     pools.sort(key=lambda p: order[p.kind])
-    return replace(schedule, buffers=planned, pools=tuple(pools))
+    return tuple(pools)
+
+
+def unplaced(buffers: tuple[Buffer, ...]) -> tuple[tuple[Buffer, ...], tuple[Pool, ...]]:
+    """Every buffer in the pool memplan puts it in, at offset 0, and those pools, with no
+    sizes: before there is a schedule to place buffers by, what the kernel's source
+    depends on (which pool holds a buffer, the pools' order; offsets only by alignment,
+    and every offset memplan chooses is aligned). The compiler renders a provisional
+    kernel with them, to start compiling it for the GPU early (pipeline.SpeculativeAOT)."""
+    return tuple(replace(b, pool=pool_of(b)[0], offset=0) for b in buffers), _pools(buffers, {})

@@ -4,8 +4,8 @@
 tasks included (on the destination a transfer writes its region, so a reader that
 does not wait for it is an unordered RAW). What only the devices together show:
 
-* devices_agree: every part names the same devices, transfers and model, and the
-  state pools are laid out alike (their initial contents are stored once);
+* devices_agree: every part names the same devices, transfers and model (each lays
+  out its own pools: it holds its own parts of the weights and the state);
 * transfers_matched: each transfer has one task on its source that reads exactly its
   region, one on each destination that writes it, and none elsewhere; each device
   runs its transfers on its comm worker in sequence order;
@@ -59,10 +59,6 @@ def verify_devices(parts: tuple[Schedule, ...], target) -> VerifyReport:
 def _agree(parts: tuple[Schedule, ...]) -> list[str]:
     out = []
     first = parts[0].taskgraph
-    # state is laid out alike on every device (its initial contents are stored once);
-    # weights not: each device's pool holds its own parts of them
-    fixed = [(b.name, b.pool, b.offset) for b in parts[0].buffers if b.kind == "state"]
-    fixed_pools = [p for p in parts[0].pools if p.kind == "state"]
     for d, p in enumerate(parts):
         tg = p.taskgraph
         if tg.device != d or tg.devices != len(parts):
@@ -71,10 +67,6 @@ def _agree(parts: tuple[Schedule, ...]) -> list[str]:
             out.append(f"devices_agree: device {d} lists other transfers than device 0")
         if tg.fused != first.fused or tg.tilings != first.tilings:
             out.append(f"devices_agree: device {d} compiles another model than device 0")
-        mine = [(b.name, b.pool, b.offset) for b in p.buffers if b.kind == "state"]
-        if mine != fixed or [q for q in p.pools if q.kind == "state"] != fixed_pools:
-            out.append(f"devices_agree: device {d} lays out state unlike device 0 (its "
-                       "initial contents are stored once)")
         if p.target.comm_worker() is None:
             out.append(f"devices_agree: device {d}'s schedule has no comm worker")
     for k, t in enumerate(first.transfers):

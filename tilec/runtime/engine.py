@@ -601,7 +601,7 @@ def check_tables(engine: Engine) -> str | None:
             return f"buffer {b.name} lies outside its pool"
         if b.type.dtype != p.dtype:
             return f"buffer {b.name} ({_clip(b.type.dtype)}) is in pool {p.name} of {p.dtype}"
-        if b.stored and (len(b.stored) != 2 or b.kind != "weight" or
+        if b.stored and (len(b.stored) != 2 or b.kind not in ("weight", "state") or
                          not 0 <= b.stored[0] <= b.stored[1] <= b.type.numel):
             return f"buffer {b.name} stores a malformed part {_clip(list(b.stored))}"
     for p in sched.pools:
