@@ -54,9 +54,10 @@ class Engine:
     def __repr__(self) -> str:
         m = self._data.manifest
         sched = m.schedule
-        devices = f"{self.devices} devices x " if self.devices > 1 else ""
-        return (f"<tilec.Engine {m.model!r}: target {sched.target.name}, {devices}"
-                f"{sched.target.workers} workers, {len(sched.taskgraph.tasks)} tasks, "
+        workers = f"{self.devices} devices x {sched.target.workers - 1} workers (+1 comm)" \
+            if self.devices > 1 else f"{sched.target.workers} workers"
+        return (f"<tilec.Engine {m.model!r}: target {sched.target.name}, {workers}, "
+                f"{len(sched.taskgraph.tasks)} tasks, "
                 f"inputs {list(self.input_names)}, outputs {list(self.output_names)}>")
 
     @property
@@ -255,7 +256,8 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
     policy, tile_m, tile_n, tile_k, kv_chunk: schedule options, as in model.yaml's
         `schedule` (tile sizes are powers of two; unset = the target's choice).
     devices: a multi-device engine of this many devices (default: the yaml's, or 1):
-        one kernel per device, each run by its own process (docs/multi-device.md).
+        one kernel per device, each run by its own process (docs/model-yaml.md,
+        "Devices").
     name: the engine's model name (default: the yaml's file stem or the class name).
     seed: seeds the weights and example inputs of a yaml model; stored in the engine.
     dump_dir: write every compiler stage as text into this folder.
