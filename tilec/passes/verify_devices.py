@@ -130,8 +130,11 @@ def _delivered(parts: tuple[Schedule, ...]) -> list[str]:
     transfers = parts[0].taskgraph.transfers
     out = []
     for d, p in enumerate(parts):
-        received = [(transfers[t.tile[0]].src, t.writes[0]) for t in p.taskgraph.tasks
-                    if t.group == TRANSFER and t.writes]
+        received: dict[str, list[tuple[int, Region]]] = {}   # buffer -> (src, region)
+        for t in p.taskgraph.tasks:
+            if t.group == TRANSFER and t.writes:
+                received.setdefault(t.writes[0].buffer, []).append(
+                    (transfers[t.tile[0]].src, t.writes[0]))
         for t in p.taskgraph.tasks:
             if t.group == TRANSFER:
                 continue
@@ -141,7 +144,8 @@ def _delivered(parts: tuple[Schedule, ...]) -> list[str]:
                     if wk >= k or d in runs[wk] or not w.overlaps(r):
                         continue
                     need = _intersection(w, r)
-                    if not any(s in runs[wk] and _contains(x, need) for s, x in received):
+                    if not any(s in runs[wk] and _contains(x, need)
+                               for s, x in received.get(r.buffer, ())):
                         out.append(f"reads_delivered: device {d} task {t.id} ({t.group} tile "
                                    f"{t.tile}) reads {r.buffer} {list(need.box)}, written on "
                                    f"device {min(runs[wk])}, and no transfer brings it")
