@@ -313,7 +313,7 @@ def _inspect_files(engine, s, args) -> list[str]:
         if len(engine.parts) > 1:   # every device, one trace process each
             transfers = engine.data.manifest.schedule.taskgraph.transfers
             write_chrome_trace([predicted_timeline(p) for p in engine.parts], args.trace,
-                               {t.seq: t.src for t in transfers})
+                               transfers)
         else:
             write_chrome_trace(predicted_timeline(engine.data), args.trace)
         written.append(f"{args.trace} (predicted timeline, Chrome/Perfetto trace)")

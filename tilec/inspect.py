@@ -226,13 +226,16 @@ def roles_line(roles: list[dict[str, Any]]) -> str:
 
 def device_table(parts: tuple[Engine, ...]) -> list[dict[str, Any]]:
     """Per device of a multi-device engine: its tasks, its transfers and the bytes they
-    send and receive, and its predicted step (every device's ends with the step)."""
+    send (each region once, whatever its number of receivers) and receive, and its
+    predicted step."""
     out = []
     for d, part in enumerate(parts):
         sched = part.manifest.schedule
         tg = sched.taskgraph
-        sent = sum(t.bytes for t in tg.tasks if t.group == TRANSFER and t.reads)
-        received = sum(t.bytes for t in tg.tasks if t.group == TRANSFER and t.writes)
+        size = {b.name: DTYPE_BYTES[b.type.dtype] for b in tg.buffers}
+        comm = [t for t in tg.tasks if t.group == TRANSFER]
+        sent = sum(r.numel * size[r.buffer] for t in comm for r in t.reads)
+        received = sum(r.numel * size[r.buffer] for t in comm for r in t.writes)
         out.append({"device": d, "tasks": sum(t.group != TRANSFER for t in tg.tasks),
                     "transfers": sum(t.group == TRANSFER for t in tg.tasks),
                     "bytes_sent": sent, "bytes_received": received,

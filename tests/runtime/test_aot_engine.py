@@ -316,18 +316,21 @@ def test_an_engine_without_a_binary_is_compiled_without_a_warning(monkeypatch, c
 # ---- packing pools -----------------------------------------------------------------------
 
 def test_fill_pool_zeroes_exactly_the_gaps(monkeypatch):
-    """Constants at their offsets (overlaps: the later buffer wins, as before), zeros in
-    every gap; torch.empty is made to return NaNs so an unfilled gap shows."""
+    """Constants at their offsets (overlaps: the later buffer wins, as before), a
+    device's part of a constant (Buffer.stored) at its place, zeros in every gap;
+    torch.empty is made to return NaNs so an unfilled gap shows."""
     empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda n, dtype: empty(n, dtype=dtype).fill_(float("nan")))
-    pool = SimpleNamespace(name="w_float32", numel=20, dtype="float32")
-    buffers = [SimpleNamespace(pool="w_float32", name=n, offset=o)
-               for n, o in [("a", 2), ("b", 9), ("c", 11), ("other", 0), ("d", 16)]]
+    pool = SimpleNamespace(name="w_float32", numel=24, dtype="float32")
+    buffers = [SimpleNamespace(pool="w_float32", name=n, offset=o, stored=part)
+               for n, o, part in [("a", 2, ()), ("b", 9, ()), ("c", 11, ()), ("other", 0, ()),
+                                  ("d", 16, ()), ("e", 18, (2, 4))]]
     constants = {"a": torch.ones(3), "b": torch.full((4,), 2.0), "c": torch.full((2,), 3.0),
-                 "d": torch.full((2,), 4.0)}
+                 "d": torch.full((2,), 4.0), "e": torch.tensor([5.0, 6.0, 7.0, 8.0])}
     got = fill_pool(pool, buffers, constants)
-    want = torch.zeros(20)
+    want = torch.zeros(24)
     want[2:5], want[9:13], want[11:13], want[16:18] = 1.0, 2.0, 3.0, 4.0
+    want[20:22] = torch.tensor([7.0, 8.0])
     assert torch.equal(got, want)
 
 

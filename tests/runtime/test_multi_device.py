@@ -184,15 +184,16 @@ def test_reads_delivered_catches_a_region_nobody_sends(folder):
     # shrink one received region to nothing on both ends: the message still matches,
     # but what the reader needs is no longer brought
     tg0 = scheds[0].taskgraph
-    k = next(t for t in tg0.transfers if t.src == 0)
-    empty = replace(k.region, box=tuple((a, a) for a, _ in k.region.box))
-    transfers = tuple(replace(t, region=empty) if t.seq == k.seq else t
-                      for t in tg0.transfers)
+    k = next(t for t in tg0.transfers if t.parts[0].src == 0)
+    part = k.parts[0]
+    empty = replace(part.region, box=tuple((a, a) for a, _ in part.region.box))
+    shrunk = replace(k, parts=(replace(part, region=empty),) + k.parts[1:])
+    transfers = tuple(shrunk if t.seq == k.seq else t for t in tg0.transfers)
 
     def shrink(sched):
         tg = sched.taskgraph
-        tasks = tuple(replace(t, reads=(empty,) if t.reads else (),
-                              writes=(empty,) if t.writes else ())
+        d = tg.device
+        tasks = tuple(replace(t, reads=shrunk.sends(d), writes=shrunk.receives(d))
                       if t.group == TRANSFER and t.tile[0] == k.seq else t for t in tg.tasks)
         return replace(sched, taskgraph=replace(tg, tasks=tasks, transfers=transfers))
 
@@ -349,7 +350,8 @@ def test_inspect_shows_every_device_and_traces_the_transfers(folder, tmp_path, c
     events = json.loads(trace.read_text())["traceEvents"]
     assert {e["pid"] for e in events} == {0, 1, 2, 3}
     arrows = [e for e in events if e.get("cat") == "transfer" and e["ph"] == "s"]
-    assert len(arrows) == sum(len(t.dsts) for t in transfers)
+    assert len(arrows) == sum(len(p.dsts) for t in transfers for p in t.parts)
+    assert any(len(t.parts) > 1 for t in transfers)   # split groups all-gather at once
     code, out, err = run_cli(capsys, "inspect", path, "--device", "4")
     assert code == 2 and err.startswith("error: --device 4: the engine has 4 devices")
 

@@ -77,17 +77,36 @@ TRANSFER = "transfer"
 
 
 @dataclass(frozen=True)
+class TransferPart:
+    """A region computed on device `src`, sent to the devices `dsts` that read it."""
+
+    src: int
+    region: Region
+    dsts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Transfer:
-    """A region computed on device `src` and read on devices `dsts`: each of them holds
-    one transfer task for it, reading the region on `src` and writing it elsewhere.
-    Transfers run in sequence order on every device (blocking point-to-point messages
-    then always find their partner), so `seq` is also their index in
-    `TaskGraph.transfers`."""
+    """One collective exchange between devices: its parts, sent in order (one part: a
+    send; a part from each device of a split group: an all-gather). Every device taking
+    part holds one transfer task for it, which reads the regions it sends and writes
+    the regions it receives. Transfers run in sequence order on every device, and the
+    parts of one in their order, so blocking point-to-point messages always find their
+    partner; `seq` is also the transfer's index in `TaskGraph.transfers`."""
 
     seq: int
-    region: Region
-    src: int
-    dsts: tuple[int, ...]
+    parts: tuple[TransferPart, ...]
+
+    @property
+    def members(self) -> tuple[int, ...]:
+        """The devices taking part, ascending."""
+        return tuple(sorted({d for p in self.parts for d in (p.src,) + p.dsts}))
+
+    def sends(self, device: int) -> tuple[Region, ...]:
+        return tuple(p.region for p in self.parts if p.src == device)
+
+    def receives(self, device: int) -> tuple[Region, ...]:
+        return tuple(p.region for p in self.parts if device in p.dsts)
 
 
 @dataclass(frozen=True, slots=True)   # slots: a decode step has millions of deps

@@ -12,12 +12,14 @@ Tensor parallelism at the tile level. Each fused group belongs to a device role
   across groups, so the projection of a head's query, key and value lands on the
   device whose attention reads them.
 
-Every region a task reads on a device where no task writes it becomes a transfer from
-a device that computed it (`Transfer`): one transfer task on the source device (it
-reads the region) and on each destination (it writes the region). A group's regions
-sent from one device to the same buffer travel as one message when they tile one box
-and nothing reads them before the group's last tile. The graph outputs are read by the
-host on every device (each device runs the same generation loop), so they reach all.
+Every region a task reads on a device where no task writes it is sent there from a
+device that computed it, as a part of a `Transfer`: each device taking part holds one
+transfer task, which reads the regions it sends and writes those it receives. The
+parts of a split group (every device's tiles of its output) form one transfer, an
+all-gather, when nothing reads them before the group's last tile; a device's tiles of
+one buffer travel as one region when they make one box. The graph outputs are read by
+the host on every device (each device runs the same generation loop), so they reach
+all.
 
 Within each device, program order is the order of the tasks in the whole graph, each
 transfer placed right after the last task it carries, so the deps pass derives, on
@@ -37,7 +39,7 @@ from tilec.errors import ConfigError
 from tilec.ir.graph import DTYPE_BYTES, Group
 from tilec.ir.schedule import Schedule
 from tilec.ir.target import Role, Target
-from tilec.ir.tasks import TRANSFER, Region, Task, TaskGraph, Transfer
+from tilec.ir.tasks import TRANSFER, Region, Task, TaskGraph, Transfer, TransferPart
 from tilec.passes.cost import task_times
 from tilec.passes.roles import check_names_match, role_of_group
 
@@ -172,37 +174,55 @@ def _bits(mask: int) -> tuple[int, ...]:
 
 def plan_transfers(taskgraph: TaskGraph, devices: list[tuple[int, ...]],
                    n_devices: int) -> list[tuple[int, Transfer]]:
-    """(last task carried, transfer) pairs, in the order the transfers run."""
+    """(last task carried, transfer) pairs, in the order the transfers run.
+
+    A part is what one device sends of one group's output buffer: one box when its
+    tiles make one and nothing reads them before the last of them, else a part per
+    tile. A group's parts, from every device and buffer, make one transfer (the
+    all-gather of a split group) when nothing reads any of them before the last;
+    else each part is its own transfer, right after its writer."""
     masks = _masks(devices)
     tasks = taskgraph.tasks
     buckets: dict[tuple[str, str, int], list[tuple[int, Region, int, int]]] = {}
     for t, region, need, first in _needs(taskgraph, masks, (1 << n_devices) - 1):
-        src = devices[t][0]
-        buckets.setdefault((tasks[t].group, region.buffer, src), []).append(
+        buckets.setdefault((tasks[t].group, region.buffer, devices[t][0]), []).append(
             (t, region, need, first))
-    planned: list[tuple[int, Region, int, int]] = []   # (after task, region, src, dst mask)
-    for (_, _, src), items in buckets.items():
+    by_group: dict[str, list[tuple[int, int, TransferPart]]] = {}   # (last, first, part)
+    for (group, _, src), items in buckets.items():
         last = max(t for t, *_ in items)
+        first = min(f for *_, f in items)
         box = _one_box([r.box for _, r, _, _ in items]) if len(items) > 1 else None
-        if box is not None and min(f for *_, f in items) > last:
+        if box is not None and first > last:
             mask = 0
             for _, _, need, _ in items:
                 mask |= need
-            planned.append((last, Region(items[0][1].buffer, box), src, mask))
+            parts = [(last, first, TransferPart(src, Region(items[0][1].buffer, box),
+                                                _bits(mask)))]
         else:
-            planned += [(t, r, src, need) for t, r, need, _ in items]
-    planned.sort(key=lambda p: (p[0], p[1].buffer, p[1].box))
-    return [(after, Transfer(seq, region, src, _bits(mask)))
-            for seq, (after, region, src, mask) in enumerate(planned)]
+            parts = [(t, f, TransferPart(src, r, _bits(need))) for t, r, need, f in items]
+        by_group.setdefault(group, []).extend(parts)
+    planned: list[tuple[int, tuple[TransferPart, ...]]] = []
+    for items in by_group.values():
+        last = max(t for t, _, _ in items)
+        if min(f for _, f, _ in items) > last:
+            planned.append((last, tuple(sorted((p for *_, p in items), key=_part_key))))
+        else:
+            planned += [(t, (p,)) for t, _, p in items]
+    planned.sort(key=lambda p: (p[0], [_part_key(x) for x in p[1]]))
+    return [(after, Transfer(seq, parts)) for seq, (after, parts) in enumerate(planned)]
 
 
-def _transfer_task(tid: int, transfer: Transfer, device: int, dtype: str) -> Task:
-    nbytes = transfer.region.numel * DTYPE_BYTES[dtype]
-    sends = device == transfer.src
-    return Task(tid, TRANSFER, (transfer.seq, 0, 0),
-                reads=(transfer.region,) if sends else (),
-                writes=() if sends else (transfer.region,),
-                flops=0, bytes=nbytes, moved=((transfer.region.buffer, nbytes),))
+def _part_key(part: TransferPart):
+    return part.region.buffer, part.src, part.region.box
+
+
+def _transfer_task(tid: int, transfer: Transfer, device: int, dtypes: dict[str, str]) -> Task:
+    reads, writes = transfer.sends(device), transfer.receives(device)
+    moved: dict[str, int] = {}
+    for r in reads + writes:
+        moved[r.buffer] = moved.get(r.buffer, 0) + r.numel * DTYPE_BYTES[dtypes[r.buffer]]
+    return Task(tid, TRANSFER, (transfer.seq, 0, 0), reads=reads, writes=writes, flops=0,
+                bytes=sum(moved.values()), moved=tuple(moved.items()))
 
 
 def partition(taskgraph: TaskGraph, target: Target) -> tuple[TaskGraph, ...]:
@@ -229,8 +249,8 @@ def partition(taskgraph: TaskGraph, target: Target) -> tuple[TaskGraph, ...]:
                 tasks.append(replace(task, id=len(tasks)))
                 roles.append(COMPUTE_ROLE)
             for t in after.get(task.id, ()):
-                if d == t.src or d in t.dsts:
-                    tasks.append(_transfer_task(len(tasks), t, d, dtypes[t.region.buffer]))
+                if d in t.members:
+                    tasks.append(_transfer_task(len(tasks), t, d, dtypes))
                     roles.append(COMM_ROLE)
         parts.append(replace(taskgraph, tasks=tuple(tasks), deps=(), roles=tuple(roles),
                              device=d, devices=n_devices, transfers=transfers))
@@ -278,8 +298,9 @@ def time_devices(scheds: tuple[Schedule, ...]) -> tuple[Schedule, ...]:
     """Predicted times of every device's tasks, with the devices run together: each
     device's schedule was timed alone, as if its received regions came at once. Here a
     transfer starts when every party has it next on its comm worker and is ready, and
-    takes the link's time for all of them (cost.task_times), so a device waits for the
-    others where it really would. Replaces each schedule's start and finish times."""
+    ends for all of them when the party with the most bytes is done (cost.task_times),
+    so a device waits for the others where it really would. Replaces each schedule's
+    start and finish times."""
     times = [task_times(s.taskgraph, s.target) for s in scheds]
     comm = [s.target.comm_worker() for s in scheds]
     cursor = [[0] * len(s.queues) for s in scheds]
@@ -321,7 +342,7 @@ def time_devices(scheds: tuple[Schedule, ...]) -> tuple[Schedule, ...]:
                     run(d, w, t, max(free[d][w], at), times[d][t])
                     progressed = True
         for tr in transfers:
-            parties = (tr.src,) + tr.dsts
+            parties = tr.members
             heads = [head(p, comm[p]) for p in parties]
             if any(h is None or scheds[p].taskgraph.tasks[h].tile[0] != tr.seq
                    for p, h in zip(parties, heads)):
@@ -330,8 +351,9 @@ def time_devices(scheds: tuple[Schedule, ...]) -> tuple[Schedule, ...]:
             if any(r is None for r in ready):
                 continue
             begin = max(max(free[p][comm[p]], r) for p, r in zip(parties, ready))
+            length = max(times[p][h] for p, h in zip(parties, heads))   # ends together
             for p, h in zip(parties, heads):
-                run(p, comm[p], h, begin, times[p][h])
+                run(p, comm[p], h, begin, length)
             progressed = True
     if any(head(d, w) is not None for d, s in enumerate(scheds) for w in range(len(s.queues))):
         return scheds   # the devices cannot finish a step: verify_devices says why

@@ -70,9 +70,11 @@ def _agree(parts: tuple[Schedule, ...]) -> list[str]:
         if p.target.comm_worker() is None:
             out.append(f"devices_agree: device {d}'s schedule has no comm worker")
     for k, t in enumerate(first.transfers):
-        if t.seq != k or not 0 <= t.src < len(parts) or t.src in t.dsts or not t.dsts or \
-                any(not 0 <= d < len(parts) for d in t.dsts):
-            out.append(f"devices_agree: transfer {k} is malformed ({t.src} -> {list(t.dsts)})")
+        if t.seq != k or not t.parts or any(
+                not 0 <= x.src < len(parts) or x.src in x.dsts or not x.dsts or
+                any(not 0 <= d < len(parts) for d in x.dsts) for x in t.parts):
+            out.append(f"devices_agree: transfer {k} is malformed "
+                       f"({[(x.src, list(x.dsts)) for x in t.parts]})")
     return out
 
 
@@ -84,7 +86,7 @@ def _matched(parts: tuple[Schedule, ...]) -> list[str]:
         tasks = p.taskgraph.tasks
         held = [t for t in tasks if t.group == TRANSFER]
         seqs = [t.tile[0] for t in held]
-        want = [k for k, tr in enumerate(transfers) if d == tr.src or d in tr.dsts]
+        want = [k for k, tr in enumerate(transfers) if d in tr.members]
         if sorted(seqs) != want:
             missing = sorted(set(want) - set(seqs))
             extra = sorted(set(seqs) - set(want))
@@ -93,10 +95,9 @@ def _matched(parts: tuple[Schedule, ...]) -> list[str]:
             continue
         for t in held:
             tr = transfers[t.tile[0]]
-            sends = d == tr.src
-            if (t.reads, t.writes) != (((tr.region,), ()) if sends else ((), (tr.region,))):
-                out.append(f"transfers_matched: device {d} task {t.id} does not "
-                           f"{'send' if sends else 'receive'} transfer {tr.seq}'s region")
+            if (t.reads, t.writes) != (tr.sends(d), tr.receives(d)):
+                out.append(f"transfers_matched: device {d} task {t.id} does not send and "
+                           f"receive the regions of transfer {tr.seq} that are its part")
         if comm is not None and comm < len(p.queues):
             queued = [tasks[t].tile[0] for t in p.queues[comm] if tasks[t].group == TRANSFER]
             if len(p.queues[comm]) != len(queued) or queued != want:
@@ -132,9 +133,11 @@ def _delivered(parts: tuple[Schedule, ...]) -> list[str]:
     for d, p in enumerate(parts):
         received: dict[str, list[tuple[int, Region]]] = {}   # buffer -> (src, region)
         for t in p.taskgraph.tasks:
-            if t.group == TRANSFER and t.writes:
-                received.setdefault(t.writes[0].buffer, []).append(
-                    (transfers[t.tile[0]].src, t.writes[0]))
+            if t.group == TRANSFER and 0 <= t.tile[0] < len(transfers):
+                for part in transfers[t.tile[0]].parts:
+                    if d in part.dsts and part.region in t.writes:
+                        received.setdefault(part.region.buffer, []).append(
+                            (part.src, part.region))
         for t in p.taskgraph.tasks:
             if t.group == TRANSFER:
                 continue
@@ -195,7 +198,7 @@ def _progress(parts: tuple[Schedule, ...]) -> list[str]:
                     t = head(d, w)
         # a transfer completes when every device taking part has it next and ready
         for k, tr in enumerate(transfers):
-            members = (tr.src,) + tr.dsts
+            members = tr.members
             heads = [head(d, comm[d]) for d in members]
             if all(h is not None and parts[d].taskgraph.tasks[h].tile[0] == k and ready(d, h)
                    for d, h in zip(members, heads)):

@@ -76,25 +76,28 @@ class Communicator:
         fault = os.environ.get(FAULT_ENV, "")
         self.fault = tuple(int(x) for x in fault.split(":")) if fault else None
 
-    def transfer(self, transfer: Transfer, view: torch.Tensor, step: int) -> bool:
-        """Send `view` (this rank computed it) to the destinations, or receive it;
-        blocks until done (True)."""
+    def transfer(self, transfer: Transfer, view_of, step: int) -> bool:
+        """Send the parts this rank computed to their destinations and receive the parts
+        it reads, in the transfer's order (`view_of(region)`: a region of this rank's
+        buffers); blocks until done (True)."""
         if self.fault == (self.rank, step):
             os.kill(os.getpid(), signal.SIGKILL)
-        peer = transfer.src
-        try:
-            if self.rank == transfer.src:
-                data = view.contiguous()
-                for peer in transfer.dsts:
-                    self.dist.send(data, peer)
-            elif self.rank in transfer.dsts:
-                data = torch.empty(view.shape, dtype=view.dtype)
-                self.dist.recv(data, transfer.src)
-                view.copy_(data)
-        except RuntimeError as e:
-            raise RunError(f"rank {self.rank}: transfer {transfer.seq} of "
-                           f"{transfer.region.buffer} with rank {peer} failed, rank {peer} "
-                           f"stopped or is unreachable ({_first_line(e)})") from None
+        for part in transfer.parts:
+            peer = part.src
+            try:
+                if self.rank == part.src:
+                    data = view_of(part.region).contiguous()
+                    for peer in part.dsts:
+                        self.dist.send(data, peer)
+                elif self.rank in part.dsts:
+                    view = view_of(part.region)
+                    data = torch.empty(view.shape, dtype=view.dtype)
+                    self.dist.recv(data, part.src)
+                    view.copy_(data)
+            except RuntimeError as e:
+                raise RunError(f"rank {self.rank}: transfer {transfer.seq} of "
+                               f"{part.region.buffer} with rank {peer} failed, rank {peer} "
+                               f"stopped or is unreachable ({_first_line(e)})") from None
         return True
 
     def close(self) -> None:
@@ -132,31 +135,32 @@ def communicator(device: int, devices: int) -> Communicator:
 # ---- every device in this process --------------------------------------------------------
 class LocalExchange:
     """Transfers between devices that share this process: a transfer completes when
-    every party has offered its view (each only once its waits are met), by copying the
-    source's view into the destinations'. Until then an offer returns False and the
+    every party has offered its buffers (each only once its waits are met), by copying
+    each part from its source's buffer into its destinations'. Until then an offer returns False and the
     party tries again on its next turn, as a cooperative worker retries a wait."""
 
     def __init__(self):
-        self.offers: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
+        # (step, seq) -> device -> its region views (`view_of`), once it offered
+        self.offers: dict[tuple[int, int], dict[int, object]] = {}
         self.done: set[tuple[int, int, int]] = set()   # (step, seq, device) completed
 
     def for_device(self, device: int) -> "LocalComm":
         return LocalComm(self, device)
 
-    def offer(self, device: int, transfer: Transfer, view: torch.Tensor, step: int) -> bool:
+    def offer(self, device: int, transfer: Transfer, view_of, step: int) -> bool:
         key = (step, transfer.seq)
         if (step, transfer.seq, device) in self.done:
             self.done.discard((step, transfer.seq, device))
             return True
         offers = self.offers.setdefault(key, {})
-        offers[device] = view
-        parties = (transfer.src,) + transfer.dsts
-        if not all(p in offers for p in parties):
+        offers[device] = view_of
+        if not all(d in offers for d in transfer.members):
             return False
-        for d in transfer.dsts:
-            offers[d].copy_(offers[transfer.src])
+        for part in transfer.parts:
+            for d in part.dsts:
+                offers[d](part.region).copy_(offers[part.src](part.region))
         del self.offers[key]
-        self.done.update((step, transfer.seq, p) for p in parties if p != device)
+        self.done.update((step, transfer.seq, d) for d in transfer.members if d != device)
         return True
 
 
@@ -166,8 +170,8 @@ class LocalComm:
     def __init__(self, exchange: LocalExchange, device: int):
         self.exchange, self.device = exchange, device
 
-    def transfer(self, transfer: Transfer, view: torch.Tensor, step: int) -> bool:
-        return self.exchange.offer(self.device, transfer, view, step)
+    def transfer(self, transfer: Transfer, view_of, step: int) -> bool:
+        return self.exchange.offer(self.device, transfer, view_of, step)
 
 
 class LocalDevices:

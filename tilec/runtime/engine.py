@@ -799,16 +799,22 @@ def _taskgraph_problem(sched, buffers) -> str | None:
     if not 0 <= tg.device < tg.devices:
         return f"device {tg.device} of {tg.devices}"
     for k, tr in enumerate(tg.transfers):
+        if tr.seq != k or not tr.parts:
+            return f"transfer {k} is malformed"
         # the host copies these boxes itself (no kernel bounds check): inside the buffer
-        b = buffers.get(tr.region.buffer)
-        if tr.seq != k or b is None or len(tr.region.box) != len(b.type.shape) or any(
-                not 0 <= lo <= hi <= n for (lo, hi), n in zip(tr.region.box, b.type.shape)) \
-                or any(not 0 <= d < tg.devices for d in (tr.src,) + tr.dsts):
-            return f"transfer {k} is malformed or leaves its buffer"
+        for part in tr.parts:
+            b = buffers.get(part.region.buffer)
+            box = part.region.box
+            if b is None or len(box) != len(b.type.shape) or any(
+                    not 0 <= lo <= hi <= n for (lo, hi), n in zip(box, b.type.shape)) \
+                    or any(not 0 <= d < tg.devices for d in (part.src,) + part.dsts):
+                return f"transfer {k} is malformed or leaves its buffer"
     for t in tasks:
-        if t.group == TRANSFER and (not 0 <= t.tile[0] < len(tg.transfers) or
-                                    t.reads + t.writes != (tg.transfers[t.tile[0]].region,)):
-            return f"task {t.id} does not carry its transfer's region"
+        if t.group == TRANSFER and (
+                not 0 <= t.tile[0] < len(tg.transfers) or
+                (t.reads, t.writes) != (tg.transfers[t.tile[0]].sends(tg.device),
+                                        tg.transfers[t.tile[0]].receives(tg.device))):
+            return f"task {t.id} does not carry its transfer's regions"
     n = len(tasks)
     for d in sched.taskgraph.deps:
         if not (0 <= d.before < n and 0 <= d.after < n):

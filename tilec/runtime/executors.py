@@ -68,8 +68,8 @@ class Executor:
         # Multi-device: this device's comm worker and the messages it sends and receives
         tg = sched.taskgraph
         self.comm_worker = sched.target.comm_worker()
-        # `comm.transfer(transfer, view, step)` sends or receives a region and says
-        # whether it completed: a rank's Communicator (blocking, torch.distributed), or
+        # `comm.transfer(transfer, view_of, step)` sends and receives this device's parts
+        # (view_of: region -> view of this device's buffer) and says whether it completed: a rank's Communicator (blocking, torch.distributed), or
         # the in-process exchange of LocalDevices (all devices in this process)
         self.comm = comm
         if tg.devices > 1:
@@ -166,9 +166,7 @@ class CooperativeExecutor(Executor):
             if not all(int(self.events[rec[6 + 2 * i]]) >= rec[7 + 2 * i] * (self.step_index + 1)
                        for i in range(rec[5])):
                 break
-            transfer = transfers[rec[2]]
-            if not self.comm.transfer(transfer, self.region_view(transfer.region),
-                                      self.step_index):
+            if not self.comm.transfer(transfers[rec[2]], self.region_view, self.step_index):
                 break   # in-process: a party is not there yet
             self.events[rec[-1]] += 1
             row += 1

@@ -4,7 +4,7 @@ Layout, the same for predicted and measured timelines so the two open side by si
 https://ui.perfetto.dev or chrome://tracing:
   * one process per device (pid 0, named "<target>: <source>"; a multi-device engine:
     pid = device, named "device <d> (<target>): <source>", with a flow from each
-    transfer's sender to each receiver),
+    transfer part's sender to each receiver),
   * one thread (track) per worker, named "worker <w> (<role>)",
   * one complete event (ph "X") per task run, named by its kind, with task, group,
     tile, bytes, flops, waits and signal in `args`; times in microseconds,
@@ -56,10 +56,10 @@ def _middle(span) -> float:
     return span.start_us + max(span.dur_us, MIN_DUR_US) / 2
 
 
-def devices_trace(timelines: list[Timeline], senders: dict[int, int]) -> dict[str, Any]:
+def devices_trace(timelines: list[Timeline], transfers) -> dict[str, Any]:
     """A multi-device engine's timelines in one trace: one process per device (pid =
-    device), and a flow from each transfer's sender to each of its receivers
-    (`senders`: transfer sequence number -> the device that sends it)."""
+    device), and a flow from each transfer part's sender to each of its receivers
+    (`transfers`: the engine's, by sequence number)."""
     events: list[dict[str, Any]] = []
     flows = 1
     ends: dict[int, dict[int, Any]] = {}   # transfer seq -> device -> its span
@@ -72,27 +72,28 @@ def devices_trace(timelines: list[Timeline], senders: dict[int, int]) -> dict[st
             task = timeline.tasks[span.task]
             if task.group == TRANSFER:
                 ends.setdefault(task.tile[0], {})[d] = span
-    sends = {seq: (senders[seq], spans[senders[seq]]) for seq, spans in ends.items()
-             if senders.get(seq) in spans}
-    for seq, (src, sent) in sorted(sends.items()):
-        for d, span in ends[seq].items():
-            if d == src:
-                continue
-            common = {"name": f"transfer {seq}", "cat": "transfer", "id": flows}
-            events.append({**common, "ph": "s", "pid": src, "tid": sent.worker,
-                           "ts": _middle(sent)})
-            events.append({**common, "ph": "f", "bp": "e", "pid": d, "tid": span.worker,
-                           "ts": _middle(span)})
-            flows += 1
+    for seq, spans in sorted(ends.items()):
+        for part in transfers[seq].parts:
+            for d in part.dsts:
+                if part.src not in spans or d not in spans:
+                    continue
+                sent, got = spans[part.src], spans[d]
+                common = {"name": f"transfer {seq}: {part.region.buffer}", "cat": "transfer",
+                          "id": flows}
+                events.append({**common, "ph": "s", "pid": part.src, "tid": sent.worker,
+                               "ts": _middle(sent)})
+                events.append({**common, "ph": "f", "bp": "e", "pid": d, "tid": got.worker,
+                               "ts": _middle(got)})
+                flows += 1
     return {"traceEvents": events, "displayTimeUnit": "ms",
             "otherData": {"devices": len(timelines), "source": timelines[0].source}}
 
 
 def write_chrome_trace(timeline: Timeline | list[Timeline], path: str | os.PathLike,
-                       senders: dict[int, int] | None = None) -> None:
-    """One timeline, or one per device of a multi-device engine (then `senders`, see
-    devices_trace)."""
-    data = devices_trace(timeline, senders or {}) if isinstance(timeline, list) \
+                       transfers=()) -> None:
+    """One timeline, or one per device of a multi-device engine (then its `transfers`,
+    see devices_trace)."""
+    data = devices_trace(timeline, transfers) if isinstance(timeline, list) \
         else chrome_trace(timeline)
     with open(path, "w") as f:
         json.dump(data, f)
