@@ -277,11 +277,19 @@ def test_ranks_generate_what_one_device_and_eager_generate(folder, tmp_path, dev
     assert (many_logits - logits).abs().max() <= 1e-3
 
 
-def test_glm_dsa_on_four_devices_with_an_indexer_device(tmp_path):
-    """examples/glm_dsa_tiny_4dev.yaml: the indexer on device 0, the rest split over
-    devices 1-3; generation past index_topk (the selection drops cached tokens) gives the
-    tokens of the one-device engine and of eager PyTorch, logits within 1e-3."""
-    four = tilec.api.compile(str(EXAMPLES / "glm_dsa_tiny_4dev.yaml"))
+@pytest.mark.parametrize("devices", [2, 4])
+def test_glm_dsa_on_devices_with_an_indexer_device(tmp_path, devices):
+    """examples/glm_dsa_tiny_4dev.yaml (and the same on 2 devices): the indexer on
+    device 0, the rest split over the others; generation past index_topk (the selection
+    drops cached tokens) gives the tokens of the one-device engine and of eager PyTorch,
+    logits within 1e-3."""
+    data = yaml.safe_load((EXAMPLES / "glm_dsa_tiny_4dev.yaml").read_text())
+    data["target"]["devices"] = devices
+    data["target"]["roles"]["mla"] = {"devices": f"1-{devices - 1}"}
+    source = tmp_path / "glm.yaml"
+    source.write_text(yaml.safe_dump(data))
+    four = tilec.api.compile(str(source))
+    assert four.devices == devices
     report = four.verify()
     assert report.ok, report.violations
     ops = four.data.manifest.schedule.taskgraph.fused.graph.by_name()
