@@ -19,6 +19,8 @@ does not wait for it is an unordered RAW). What only the devices together show:
 """
 from __future__ import annotations
 
+import numpy as np
+
 from tilec.ir.schedule import Schedule
 from tilec.ir.tasks import TRANSFER, Region
 from tilec.passes.partition import device_role_problems
@@ -118,52 +120,75 @@ def _program_key(parts: tuple[Schedule, ...]):
     return lambda task: (index[task.group], task.tile)
 
 
+def _boxes(regions: list[Region]) -> np.ndarray:
+    return np.array([r.box for r in regions], dtype=np.int64).reshape(len(regions), -1, 2)
+
+
 def _delivered(parts: tuple[Schedule, ...]) -> list[str]:
+    """Per device and buffer, with numpy: the (reader, earlier writer elsewhere) pairs of
+    overlapping regions, and for each the received region from a device that ran the
+    writer which contains their intersection."""
     key = _program_key(parts)
-    runs: dict[tuple, set[int]] = {}              # tile -> devices that run it
+    runs: dict[tuple, int] = {}                   # tile -> mask of the devices running it
     writes: dict[str, dict[tuple, Region]] = {}   # buffer -> tile -> region it writes
     for d, p in enumerate(parts):
         for t in p.taskgraph.tasks:
             if t.group != TRANSFER:
-                runs.setdefault(key(t), set()).add(d)
+                runs[key(t)] = runs.get(key(t), 0) | 1 << d
                 for r in t.writes:
                     writes.setdefault(r.buffer, {})[key(t)] = r
+    rank = {k: i for i, k in enumerate(sorted(runs))}   # program order
+    writers = {b: (list(ws), _boxes(list(ws.values())),
+                   np.array([rank[k] for k in ws], dtype=np.int64),
+                   np.array([runs[k] for k in ws], dtype=np.int64))
+               for b, ws in writes.items()}
     transfers = parts[0].taskgraph.transfers
     out = []
     for d, p in enumerate(parts):
         received: dict[str, list[tuple[int, Region]]] = {}   # buffer -> (src, region)
+        reads: dict[str, list[tuple[object, Region]]] = {}    # buffer -> (task, region)
         for t in p.taskgraph.tasks:
             if t.group == TRANSFER and 0 <= t.tile[0] < len(transfers):
                 for part in transfers[t.tile[0]].parts:
                     if d in part.dsts and part.region in t.writes:
                         received.setdefault(part.region.buffer, []).append(
                             (part.src, part.region))
-        for t in p.taskgraph.tasks:
-            if t.group == TRANSFER:
+            elif t.group != TRANSFER:
+                for r in t.reads:
+                    if r.buffer in writers:
+                        reads.setdefault(r.buffer, []).append((t, r))
+        for buffer, rs in reads.items():
+            keys, w_box, w_rank, w_mask = writers[buffer]
+            r_box = _boxes([r for _, r in rs])
+            r_rank = np.array([rank[key(t)] for t, _ in rs], dtype=np.int64)
+            pairs = np.all((r_box[:, None, :, 0] < w_box[None, :, :, 1])
+                           & (w_box[None, :, :, 0] < r_box[:, None, :, 1]), axis=2)
+            pairs &= (w_rank[None, :] < r_rank[:, None]) & ((w_mask[None, :] >> d) & 1 == 0)
+            ri, wi = np.nonzero(pairs)
+            if not len(ri):
                 continue
-            k = key(t)
-            for r in t.reads:
-                for wk, w in writes.get(r.buffer, {}).items():
-                    if wk >= k or d in runs[wk] or not w.overlaps(r):
-                        continue
-                    need = _intersection(w, r)
-                    if not any(s in runs[wk] and _contains(x, need)
-                               for s, x in received.get(r.buffer, ())):
-                        out.append(f"reads_delivered: device {d} task {t.id} ({t.group} tile "
-                                   f"{t.tile}) reads {r.buffer} {list(need.box)}, written on "
-                                   f"device {min(runs[wk])}, and no transfer brings it")
-                        break
+            lo = np.maximum(r_box[ri, :, 0], w_box[wi, :, 0])
+            hi = np.minimum(r_box[ri, :, 1], w_box[wi, :, 1])
+            got = received.get(buffer, [])
+            ok = np.zeros(len(ri), dtype=bool)
+            if got:
+                x_box = _boxes([x for _, x in got])
+                x_src = np.array([src for src, _ in got], dtype=np.int64)
+                inside = np.all((x_box[None, :, :, 0] <= lo[:, None, :])
+                                & (hi[:, None, :] <= x_box[None, :, :, 1]), axis=2)
+                ok = np.any(inside & ((w_mask[wi][:, None] >> x_src[None, :]) & 1 == 1), axis=1)
+            reported = set()
+            for i in np.flatnonzero(~ok).tolist():
+                t, _ = rs[ri[i]]
+                if t.id in reported:
+                    continue   # one line per reading task
+                reported.add(t.id)
+                src = (int(w_mask[wi[i]]) & -int(w_mask[wi[i]])).bit_length() - 1
+                box = [(int(a), int(b)) for a, b in zip(lo[i], hi[i])]
+                out.append(f"reads_delivered: device {d} task {t.id} ({t.group} tile "
+                           f"{t.tile}) reads {buffer} {box}, written on device {src}, and "
+                           "no transfer brings it")
     return out
-
-
-def _intersection(a: Region, b: Region) -> Region:
-    return Region(a.buffer, tuple((max(x0, y0), min(x1, y1))
-                                  for (x0, x1), (y0, y1) in zip(a.box, b.box)))
-
-
-def _contains(outer: Region, inner: Region) -> bool:
-    return outer.buffer == inner.buffer and all(
-        o0 <= i0 and i1 <= o1 for (o0, o1), (i0, i1) in zip(outer.box, inner.box))
 
 
 def _progress(parts: tuple[Schedule, ...]) -> list[str]:
