@@ -33,14 +33,18 @@ def cold_caches(folder: str) -> dict[str, str]:
             "TORCHINDUCTOR_CACHE_DIR": os.path.join(folder, "inductor")}
 
 
-def tilec_compile_seconds(config: str, out: str, caches: str) -> tuple[float, float]:
+def tilec_compile_seconds(config: str, out: str, caches: str) -> tuple[float, float, str]:
+    """Seconds, peak RSS (bytes) and the stage times `tilec compile` printed."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "tilec", "compile", config, "-o", out], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   env={**os.environ, **cold_caches(caches)})
+    proc = subprocess.run([sys.executable, "-m", "tilec", "compile", config, "-o", out],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, **cold_caches(caches)})
     seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"tilec compile failed:\n{proc.stderr}")
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return seconds, peak_kb * 1024
+    stages = "\n".join(line for line in proc.stderr.splitlines() if line.endswith(" ms"))
+    return seconds, peak_kb * 1024, stages
 
 
 def torch_compile_seconds(config: str, caches: str) -> tuple[float, int]:
@@ -79,8 +83,10 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tilec_caches, \
             tempfile.TemporaryDirectory() as torch_caches:
-        tilec_s, peak = tilec_compile_seconds(args.config, args.out, tilec_caches)
-        print(f"tilec compile: {tilec_s:.1f} s, peak RSS {peak / 1e9:.2f} GB", flush=True)
+        tilec_s, peak, stages = tilec_compile_seconds(args.config, args.out, tilec_caches)
+        print(f"tilec compile: {tilec_s:.1f} s, peak RSS {peak / 1e9:.2f} GB; stages (the "
+              f"aot compile runs from tile on, `aot` is the wait for it):\n{stages}",
+              flush=True)
         torch_s, weight_bytes = torch_compile_seconds(args.config, torch_caches)
     print(f"torch.compile first call: {torch_s:.1f} s", flush=True)
     result = {"config": args.config, "tilec_s": tilec_s, "torch_compile_first_call_s": torch_s,

@@ -121,7 +121,7 @@ class PendingKernel:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "tilec.codegen.aot"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=dict(os.environ, TRITON_INTERPRET="0"))
+            env=_child_env())
         # communicate() in a thread: the child's output (the cubin) can be larger than a
         # pipe holds, so it is read while the caller goes on
         request = _request(self.source, self.pools, arch, NUM_WARPS, False)
@@ -198,14 +198,24 @@ def compile_for_gpu(source: str, pools: Iterable[Any], arch: int = 90,
     pairs = _pool_pairs(pools)
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         return _compile_here(source, pairs, arch, num_warps, profile)
-    env = dict(os.environ, TRITON_INTERPRET="0")
     try:
         proc = subprocess.run([sys.executable, "-m", "tilec.codegen.aot"],
                               input=_request(source, pairs, arch, num_warps, profile),
-                              capture_output=True, text=True, env=env, timeout=timeout)
+                              capture_output=True, text=True, env=_child_env(),
+                              timeout=timeout)
     except subprocess.TimeoutExpired:
         raise AOTError(f"compiling for sm_{arch} took more than {timeout:.0f} s") from None
     return _child_info(proc.returncode, proc.stdout, proc.stderr, arch)
+
+
+def _child_env() -> dict[str, str]:
+    """The environment of a compiling child process: not interpreting, and importing
+    this tilec however the parent found it (the compiler starts one on every machine:
+    PendingKernel)."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, TRITON_INTERPRET="0",
+                PYTHONPATH=os.pathsep.join([root, path] if path else [root]))
 
 
 def _request(source: str, pools: list[tuple[str, str]], arch: int, num_warps: int,

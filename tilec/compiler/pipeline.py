@@ -42,7 +42,7 @@ from tilec.passes.partition import device_target, partition, time_devices
 from tilec.passes.roles import resolve_device_roles, resolve_roles, roles
 from tilec.passes.schedule import schedule
 from tilec.passes.sync import sync
-from tilec.passes.tile import TileOptions, tile
+from tilec.passes.tile import TileOptions, tile, tile_plan
 from tilec.passes.verify import check, verify
 from tilec.passes.verify_devices import verify_devices
 from tilec.runtime.engine import (AOTKernel, DeviceEngines, Engine, GenerationSpec, IOSpec,
@@ -170,16 +170,15 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
     dump.json("02_ir.json", lowered.graph)
     fused = progress.run("fuse", fuse, lowered.graph)
     dump.json("03_fused.json", fused.groups)
-    taskgraph = progress.run("tile", tile, fused, options.tiles, options.target)
     multi = options.target.devices > 1
-    if multi:
-        parts = progress.run("partition", partition, taskgraph, options.target)
-        target = device_target(options.target)
-    else:
-        parts, target = (taskgraph,), options.target
+    target = device_target(options.target) if multi else options.target
     with SpeculativeAOT(target.arch if options.aot and target.backend == "cuda" and not multi
                         else None, target.workers, name) as gpu_kernel:
-        gpu_kernel.guess(taskgraph, options.max_waits)
+        taskgraph = progress.run("tile", _tile, fused, options, gpu_kernel)
+        if multi:
+            parts = progress.run("partition", partition, taskgraph, options.target)
+        else:
+            parts = (taskgraph,)
         del taskgraph
         parts = progress.run("deps", _each(deps), parts)
         parts = progress.run("roles", _each(roles), parts, target)
@@ -192,7 +191,8 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
         scheds = progress.run("sync", _each(sync), scheds, options.max_waits)
         max_waits = max([len(w) for s in scheds for w in s.waits] + [1])
         if max_waits != options.max_waits:
-            gpu_kernel.guess(scheds[0].taskgraph, max_waits)
+            tg = scheds[0].taskgraph
+            gpu_kernel.guess(tg.fused, tg.tilings, tg.buffers, max_waits)
         if multi:   # the devices' predicted times, with each transfer waiting for its parties
             scheds = progress.run("timing", time_devices, scheds)
         # Nothing after sync reads the deps (verify recomputes conflicts from the regions,
@@ -217,12 +217,15 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
             progress.run("weights", weights_ready)
         engines = progress.run("pack", pack_devices, scheds, rendered, lowered, max_waits,
                                name, input_info, seed, None, release_constants)
+        if generation is not None:
+            for e in engines:
+                e.manifest = replace(e.manifest, generation=generation)
         if gpu_kernel.arch is not None:
+            # a save encodes the manifest before anything else: do it while the GPU
+            # compile runs on
+            progress.run("manifest", engines[0].manifest_text)
             engines[0].aot = progress.run("aot", gpu_kernel.result)
             dump.text("08_aot.json", aot_text(engines[0].aot))
-    if generation is not None:
-        for e in engines:
-            e.manifest = replace(e.manifest, generation=generation)
     return DeviceEngines(tuple(engines)) if multi else engines[0]
 
 
@@ -232,12 +235,13 @@ class SpeculativeAOT:
     predicted, so that its seconds of one core overlap the passes, the verifier and
     pack on the other. The source depends on where buffers are only through which pool
     holds each one and their alignment (memplan.unplaced), and on the record's number of
-    waits, known after `sync`: so a first compile starts after `tile`, guessing the cap
-    (what sync leaves a large model's busiest tasks), and another after `sync` if the
-    guess was wrong. `result` uses a compile only if it was for exactly the rendered
-    source and pools, and otherwise compiles them anew: the binary is the same as if
-    the compile had started after `render`. Leaving the `with` block stops any compile
-    still running (a compile that failed, or a guess not used)."""
+    waits, known after `sync`: so a first compile starts once `tile` has chosen the
+    tilings (tile_plan), guessing the cap (what sync leaves a large model's busiest
+    tasks), and another after `sync` if the guess was wrong. `result` uses a compile
+    only if it was for exactly the rendered source and pools, and otherwise compiles
+    them anew: the binary is the same as if the compile had started after `render`.
+    Leaving the `with` block stops any compile still running (a compile that failed,
+    or a guess not used)."""
 
     def __init__(self, arch: int | None, workers: int, name: str):
         self.arch, self.workers, self.name = arch, workers, name
@@ -247,18 +251,22 @@ class SpeculativeAOT:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.cancel()
+
+    def cancel(self) -> None:
+        """Stop the compile running, if any (its result is not wanted)."""
         if self.pending is not None:
             self.pending.cancel()
             self.pending = None
 
-    def guess(self, taskgraph, max_waits: int) -> None:
-        """Start compiling the kernel `render` will make from this task graph once
-        memplan has placed its buffers, if sync leaves at most `max_waits` waits a task."""
+    def guess(self, fused, tilings, buffers, max_waits: int) -> None:
+        """Start compiling the kernel `render` will make of these tilings and buffers once
+        memplan has placed them, if sync leaves at most `max_waits` waits a task."""
         if self.arch is None:
             return
-        buffers, pools = unplaced(taskgraph.buffers)
-        source = render(taskgraph.fused, taskgraph.tilings, buffers, pools, max_waits,
-                        self.workers, self.name, __version__).source
+        buffers, pools = unplaced(buffers)
+        source = render(fused, tilings, buffers, pools, max_waits, self.workers, self.name,
+                        __version__).source
         self.start(source, pools)
 
     def start(self, source: str, pools) -> None:
@@ -266,13 +274,20 @@ class SpeculativeAOT:
         if self.arch is None or (self.pending is not None and
                                  self.pending.is_for(source, pools, self.arch)):
             return
-        self.__exit__()
+        self.cancel()
         self.pending = PendingKernel(source, pools, self.arch)
 
     def result(self) -> AOTKernel:
         """The binary of the last source `start`ed (waits for its compile)."""
         pending, self.pending = self.pending, None
         return pending.result()
+
+
+def _tile(fused, options: CompileOptions, gpu_kernel: SpeculativeAOT):
+    """The tile pass, with the GPU compile started as soon as the tiles are chosen."""
+    plan = tile_plan(fused, options.tiles, options.target)
+    gpu_kernel.guess(fused, plan.tilings, plan.buffers, options.max_waits)
+    return tile(fused, options.tiles, options.target, plan)
 
 
 def _each(fn):

@@ -20,6 +20,7 @@ from dataclasses import replace
 import numpy as np
 
 from tilec.ir.tasks import TRANSFER, Dep, TaskGraph
+from tilec.passes.cost import DepTuple
 
 BLOCK = 2048   # regions compared at once (bounds the overlap matrix)
 KINDS = ("RAW", "WAR", "WAW")   # and ORDER: transfers in sequence (transfer_chain)
@@ -50,6 +51,11 @@ def _pairs(first: list, second: list) -> tuple[np.ndarray, np.ndarray]:
 
 
 def conflicts(taskgraph: TaskGraph) -> list[Dep]:
+    return _conflicts(taskgraph)[0]
+
+
+def _conflicts(taskgraph: TaskGraph) -> tuple[list[Dep], np.ndarray, np.ndarray]:
+    """`conflicts`, and their before and after task ids as arrays (cost.edges)."""
     reads: dict[str, list] = defaultdict(list)
     writes: dict[str, list] = defaultdict(list)
     for task in taskgraph.tasks:
@@ -69,7 +75,7 @@ def conflicts(taskgraph: TaskGraph) -> list[Dep]:
             tags.append(np.full(len(before), len(sources), dtype=np.int64))
             sources.append((kind, buffer))
     if not sources:
-        return []
+        return [], np.zeros(0, np.int64), np.zeros(0, np.int64)
     before, after, tag = np.concatenate(befores), np.concatenate(afters), np.concatenate(tags)
     # Keep each pair's first occurrence (a stable sort: the lowest tag), ordered by
     # (after, before) as the passes after this one expect.
@@ -80,6 +86,7 @@ def conflicts(taskgraph: TaskGraph) -> list[Dep]:
     first = np.ones(len(key), dtype=bool)
     first[1:] = key[1:] != key[:-1]
     keep = order[first]
+    before, after = before[keep], after[keep]
     kinds = [kind for kind, _ in sources]
     buffers = [buffer for _, buffer in sources]
     tag = tag[keep].tolist()
@@ -90,9 +97,10 @@ def conflicts(taskgraph: TaskGraph) -> list[Dep]:
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return list(map(Dep, map(ids.__getitem__, before[keep].tolist()),
-                        map(ids.__getitem__, after[keep].tolist()),
-                        [kinds[t] for t in tag], [buffers[t] for t in tag]))
+        return list(map(Dep, map(ids.__getitem__, before.tolist()),
+                        map(ids.__getitem__, after.tolist()),
+                        map(kinds.__getitem__, tag), map(buffers.__getitem__, tag))), \
+            before, after
     finally:
         if enabled:
             gc.enable()
@@ -111,7 +119,9 @@ def transfer_chain(taskgraph: TaskGraph, found: list[Dep]) -> list[Dep]:
 
 
 def deps(taskgraph: TaskGraph) -> TaskGraph:
-    found = conflicts(taskgraph)
+    found, before, after = _conflicts(taskgraph)
     if taskgraph.transfers:
-        found = transfer_chain(taskgraph, found)
-    return replace(taskgraph, deps=tuple(found))
+        chained = transfer_chain(taskgraph, found)
+        if chained is not found:
+            return replace(taskgraph, deps=tuple(chained))
+    return replace(taskgraph, deps=DepTuple(found, before, after))

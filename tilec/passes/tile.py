@@ -154,11 +154,37 @@ def _width(op: Op) -> int:
     return op.type.cols
 
 
+@dataclass(frozen=True)
+class TilePlan:
+    """What `tile` decides before it cuts a single task: every buffer, and every group's
+    tiling. The kernel's source depends on nothing else of the task graph, so the
+    compiler starts compiling it for the GPU from here (pipeline.SpeculativeAOT)."""
+
+    buffers: tuple[Buffer, ...]
+    tilings: tuple[GroupTiling, ...]
+
+
 def tile(fused: FusedGraph, opt: TileOptions = TileOptions(),
-         target: Target | None = None) -> TaskGraph:
+         target: Target | None = None, plan: TilePlan | None = None) -> TaskGraph:
     """`target`: price candidate tiles with its cost model and choose the matmul widths
     that spread each stage over its `opt.workers` workers (`balance_widths`); without
-    one (or with one worker) matmuls are narrowed until they have a tile per worker."""
+    one (or with one worker) matmuls are narrowed until they have a tile per worker.
+    `plan`: `tile_plan(fused, opt, target)`, when the caller has it already."""
+    plan = plan or tile_plan(fused, opt, target)
+    make_task = _task_maker(fused, plan.buffers)
+    tasks: list[Task] = []
+    for g, tl in zip(fused.groups, plan.tilings):
+        nb, nm, nn = tl.grid
+        for b in range(nb):
+            for mi in range(nm):
+                for ni in range(nn):
+                    tasks.append(make_task(len(tasks), g, tl, (b, mi, ni)))
+    return TaskGraph(fused, plan.buffers, plan.tilings, tuple(tasks))
+
+
+def tile_plan(fused: FusedGraph, opt: TileOptions = TileOptions(),
+              target: Target | None = None) -> TilePlan:
+    """The buffers and tilings of `tile(fused, opt, target)`."""
     graph = fused.graph
     ops = graph.by_name()
     outputs = {o.value for _, o in graph.outputs}
@@ -171,18 +197,46 @@ def tile(fused: FusedGraph, opt: TileOptions = TileOptions(),
             if ops[v].kind == "state_update":
                 continue  # writes its state buffer in place
             buffers.append(Buffer(v, ops[v].type, "output" if v in outputs else "activation"))
-
-    def storage(value: str) -> str:
-        return storage_of(ops, value)
-
     tilings = [group_tiling(g, ops, opt) for g in fused.groups]
     for g, tl in zip(fused.groups, tilings):
         if g.kind == "attention":
             buffers += partial_buffers(g, ops, tl)
+    if target is not None and opt.workers > 1:
+        make_task = _task_maker(fused, buffers)
+        dtypes = {b.name: b.type.dtype for b in buffers}
+
+        def time_of(g: Group, tl: GroupTiling) -> float:
+            """Predicted time of the group's first tile (a full one, unless the whole
+            group is narrower than a tile)."""
+            task = make_task(0, g, tl, (0, 0, 0))
+            return task_time_us(task, target, task_dtype(task, dtypes))
+
+        tilings = balance_widths(fused, tilings, opt, target, time_of)
+    return TilePlan(tuple(buffers), tuple(tilings))
+
+
+def _task_maker(fused: FusedGraph, buffers):
+    """make_task(task_id, group, tiling, tile index) -> the Task of that tile."""
+    ops = fused.graph.by_name()
     buffer_of = {b.name: b for b in buffers}
 
+    storages: dict[str, str] = {}
+    regions: dict[tuple, Box | None] = {}
+
+    def storage(value: str) -> str:
+        if value not in storages:
+            storages[value] = storage_of(ops, value)
+        return storages[value]
+
+    def view(operand: Operand, box: Box, shape: tuple[int, ...]) -> Box | None:
+        """view_region, once per distinct view and box: the layers repeat them."""
+        key = (operand.shape, operand.strides, operand.offset, box, shape)
+        if key not in regions:
+            regions[key] = view_region(operand, box, shape)
+        return regions[key]
+
     def make_task(task_id: int, g: Group, tl: GroupTiling, tile_idx) -> Task:
-        reads, writes, flops, indirect = _task_regions(g, tl, tile_idx, ops, storage)
+        reads, writes, flops, indirect = _task_regions(g, tl, tile_idx, ops, storage, view)
         # bytes moved: what the regions cover, except that a gather reads only the rows
         # it looks up, not the whole table its region spans, and a state update writes
         # one position, not the whole dim
@@ -193,25 +247,7 @@ def tile(fused: FusedGraph, opt: TileOptions = TileOptions(),
                     r.numel * DTYPE_BYTES[buffer_of[r.buffer].type.dtype]
         return Task(task_id, g.name, tile_idx, reads, writes, flops, sum(moved.values()),
                     tuple(moved.items()))
-
-    if target is not None and opt.workers > 1:
-        dtypes = {b.name: b.type.dtype for b in buffers}
-
-        def time_of(g: Group, tl: GroupTiling) -> float:
-            """Predicted time of the group's first tile (a full one, unless the whole
-            group is narrower than a tile)."""
-            task = make_task(0, g, tl, (0, 0, 0))
-            return task_time_us(task, target, task_dtype(task, dtypes))
-
-        tilings = balance_widths(fused, tilings, opt, target, time_of)
-    tasks: list[Task] = []
-    for g, tl in zip(fused.groups, tilings):
-        nb, nm, nn = tl.grid
-        for b in range(nb):
-            for mi in range(nm):
-                for ni in range(nn):
-                    tasks.append(make_task(len(tasks), g, tl, (b, mi, ni)))
-    return TaskGraph(fused, tuple(buffers), tuple(tilings), tuple(tasks))
+    return make_task
 
 
 def group_depths(fused: FusedGraph) -> list[int]:
@@ -319,7 +355,7 @@ def _role_workers(groups, ops: dict[str, Op], opt: TileOptions, target: Target) 
         return [opt.workers] * len(groups)   # the roles pass reports the mistake
 
 
-def _task_regions(g: Group, tl: GroupTiling, tile_idx, ops, storage):
+def _task_regions(g: Group, tl: GroupTiling, tile_idx, ops, storage, view=view_region):
     b, mi, ni = tile_idx
     reads: dict[tuple, Region] = {}
     writes: list[Region] = []
@@ -330,7 +366,7 @@ def _task_regions(g: Group, tl: GroupTiling, tile_idx, ops, storage):
         if box is None:
             return
         buf = storage(operand.value)
-        region = view_region(operand, box, ops[buf].type.shape)
+        region = view(operand, box, ops[buf].type.shape)
         if region is not None:
             reads.setdefault((buf, region), Region(buf, region))
 

@@ -254,19 +254,23 @@ def _kv_appends_ordered(ctx: _Context) -> list[str]:
             if kinds.get(r.buffer) == "state":
                 reads.setdefault(r.buffer, []).append((task.id, r))
     out = []
+    far = 1 << 62   # zip in Region.overlaps: dims past the shorter box overlap
+    boxes: dict[tuple[str, int], tuple] = {}   # the reads of a buffer, once per width
     for a, w in writes:
         rs = reads.get(w.buffer, [])
         if not rs:
             continue
-        far = 1 << 62   # zip in Region.overlaps: dims past the shorter box overlap
         ndim = max(len(w.box), max(len(r.box) for _, r in rs))
-        lo = np.array([[x for x, _ in r.box] + [-far] * (ndim - len(r.box)) for _, r in rs],
-                      dtype=np.int64).reshape(len(rs), ndim)
-        hi = np.array([[y for _, y in r.box] + [far] * (ndim - len(r.box)) for _, r in rs],
-                      dtype=np.int64).reshape(len(rs), ndim)
+        if (w.buffer, ndim) not in boxes:
+            boxes[w.buffer, ndim] = (
+                np.array([[x for x, _ in r.box] + [-far] * (ndim - len(r.box)) for _, r in rs],
+                         dtype=np.int64).reshape(len(rs), ndim),
+                np.array([[y for _, y in r.box] + [far] * (ndim - len(r.box)) for _, r in rs],
+                         dtype=np.int64).reshape(len(rs), ndim),
+                np.array([t for t, _ in rs], dtype=np.int64))
+        lo, hi, tid = boxes[w.buffer, ndim]
         w_lo = np.array([x for x, _ in w.box] + [-far] * (ndim - len(w.box)), dtype=np.int64)
         w_hi = np.array([y for _, y in w.box] + [far] * (ndim - len(w.box)), dtype=np.int64)
-        tid = np.array([t for t, _ in rs], dtype=np.int64)
         wa, ia = ctx.where[a]
         racy = (tid > a) & np.all((lo < w_hi) & (w_lo < hi), axis=1) & \
             (ctx.clocks[tid, wa] <= ia)

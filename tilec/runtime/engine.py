@@ -21,7 +21,7 @@ import queue
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -121,6 +121,18 @@ class Engine:
     tensors: dict[str, torch.Tensor]
     tokenizer: str | None = None    # tokenizer.json text, for decoder engines
     aot: AOTKernel | None = None    # GPU targets: the kernel compiled ahead of time
+    _encoded: tuple[Manifest, str] | None = field(default=None, init=False, repr=False,
+                                                  compare=False)
+
+    def manifest_text(self) -> str:
+        """The manifest as the file stores it (JSON). Encoding a large model's takes
+        seconds (Llama-1B: 1.4 M objects) and a save needs it before anything can be
+        hashed or written, so the compiler encodes it while the GPU compile finishes; it
+        is kept for as long as the manifest is this one."""
+        if self._encoded is None or self._encoded[0] is not self.manifest:
+            self._encoded = (self.manifest, json.dumps(to_plain(self.manifest),
+                                                       separators=(",", ":"), sort_keys=True))
+        return self._encoded[1]
 
     @property
     def record_width(self) -> int:
@@ -291,7 +303,7 @@ def _contents(engine: Engine | DeviceEngines) -> tuple[dict[str, str], dict[str,
         for d, e in enumerate(engine.ranks):
             if e.aot is not None:
                 raise EngineError("a multi-device engine cannot store GPU binaries yet")
-            meta[f"manifest.{d}"] = _manifest_text(e.manifest)
+            meta[f"manifest.{d}"] = e.manifest_text()
             meta[f"kernel.{d}"] = e.kernel_source
             for k, v in e.tensors.items():
                 if k.startswith("pool.") and all(_same(r.tensors.get(k), v) for r in engine.ranks):
@@ -301,7 +313,7 @@ def _contents(engine: Engine | DeviceEngines) -> tuple[dict[str, str], dict[str,
         if engine.ranks[0].tokenizer is not None:
             meta["tokenizer"] = engine.ranks[0].tokenizer
         return meta, tensors
-    meta["manifest"] = _manifest_text(engine.manifest)
+    meta["manifest"] = engine.manifest_text()
     meta["kernel"] = engine.kernel_source
     if engine.tokenizer is not None:
         meta["tokenizer"] = engine.tokenizer
@@ -315,10 +327,6 @@ def _contents(engine: Engine | DeviceEngines) -> tuple[dict[str, str], dict[str,
 def _same(a: torch.Tensor | None, b: torch.Tensor) -> bool:
     return a is b or (a is not None and a.dtype == b.dtype and a.shape == b.shape and
                       torch.equal(a, b))
-
-
-def _manifest_text(manifest: Manifest) -> str:
-    return json.dumps(to_plain(manifest), separators=(",", ":"), sort_keys=True)
 
 
 def save(engine: Engine | DeviceEngines, path: str | os.PathLike) -> None:
