@@ -6,9 +6,9 @@ Offsets are multiples of 16 elements so vector loads stay aligned for every dtyp
 
 Weights and state live across steps: back to back, never shared. On a multi-device
 engine each device's pool holds only the part of each weight and state buffer its
-tasks touch (`Buffer.stored`), placed so the whole buffer still lies inside the pool. Inputs and outputs
-are touched by the host before and after the launch, so they are live for the whole
-step and share bytes with nothing. An activation may reuse arena bytes of another
+tasks touch (`Buffer.stored`), placed so the whole buffer still lies inside the pool.
+Inputs and outputs are touched by the host before and after the launch, so they are
+live for the whole step and share bytes with nothing. An activation may reuse arena bytes of another
 activation only when one's accesses all happen-before the other's, by the schedule's
 own queues and waits (the vector clocks of `sync`), so no interleaving the kernel can
 take reads bytes that another buffer is still using.
