@@ -26,7 +26,7 @@ import yaml
 from tilec.cli import build_parser, main
 from tilec.codegen import exprs
 from tilec.compiler import config as cfgmod
-from tilec.compiler import aten_ops, frontend
+from tilec.compiler import aten_ops
 from tilec.ir.target import TARGETS
 from tilec.runtime import engine as engine_file
 from tilec.runtime import reference

@@ -19,7 +19,6 @@ import torch
 import tilec.api
 from engines import run_cli
 from tilec.cli import main
-from tilec.errors import RunError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 WORKERS = 3

@@ -191,17 +191,9 @@ class Engine:
         (one line each); it does not raise. `tilec verify --interleavings N` also runs
         random worker interleavings.
         """
-        from tilec.passes.verify import VerifyReport, verify
-        from tilec.passes.verify_devices import verify_devices
+        from tilec.passes.verify_devices import verify_parts
 
-        if len(self._parts) == 1:
-            return verify(self._data.schedule())
-        scheds = tuple(p.schedule() for p in self._parts)
-        reports = [(f"device {d}: ", verify(s)) for d, s in enumerate(scheds)]
-        reports.append(("", verify_devices(scheds, scheds[0].target)))
-        checks = {f"{prefix}{name}": ok for prefix, r in reports for name, ok in r.checks.items()}
-        violations = tuple(f"{prefix}{v}" for prefix, r in reports for v in r.violations)
-        return VerifyReport(all(checks.values()), checks, violations)
+        return verify_parts(tuple(p.schedule() for p in self._parts))
 
     @property
     def data(self) -> engine_file.Engine:

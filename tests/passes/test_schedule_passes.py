@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tilec.errors import ScheduleError
 from tilec.ir.graph import FusedGraph, Graph, TensorType
-from tilec.ir.schedule import Schedule, Wait
+from tilec.ir.schedule import Schedule
 from tilec.ir.target import TARGETS, Role
 from tilec.ir.tasks import Buffer, Region, Task, TaskGraph
 from tilec.passes.cost import bottom_levels, critical_path, task_time_us, task_times

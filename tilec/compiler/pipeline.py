@@ -43,8 +43,8 @@ from tilec.passes.roles import resolve_device_roles, resolve_roles, roles
 from tilec.passes.schedule import schedule
 from tilec.passes.sync import sync
 from tilec.passes.tile import TileOptions, tile, tile_plan
-from tilec.passes.verify import check, verify
-from tilec.passes.verify_devices import verify_devices
+from tilec.passes.verify import check
+from tilec.passes.verify_devices import verify_parts
 from tilec.runtime.engine import (AOTKernel, DeviceEngines, Engine, GenerationSpec, IOSpec,
                                   Manifest, TORCH_DTYPES, aot_text, encode_tables)
 from tilec.version import __version__
@@ -205,10 +205,9 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
             dump.json(_per_device("05_schedule.json", s.taskgraph),
                       {"queues": s.queues, "events": s.events, "waits": s.waits,
                        "signal": s.signal, "buffers": s.buffers, "pools": s.pools})
-        reports = progress.run("verify", _verify_all, scheds, options.target)
-        dump.text("07_verify.txt", "\n".join(verify_text(r) for r in reports))
-        for report in reports:
-            check(report)
+        report = progress.run("verify", verify_parts, scheds)
+        dump.text("07_verify.txt", verify_text(report))
+        check(report)
         rendered = progress.run("render", _each(render_schedule), scheds, max_waits, name)
         for s, r in zip(scheds, rendered):
             dump.text(_per_device("06_kernel.py", s.taskgraph), r.source)
@@ -304,13 +303,6 @@ def _per_device(name: str, taskgraph) -> str:
         return name
     stem, ext = name.split(".", 1)
     return f"{stem}.device{taskgraph.device}.{ext}"
-
-
-def _verify_all(scheds: tuple[Schedule, ...], target: Target) -> list:
-    reports = [verify(s) for s in scheds]
-    if len(scheds) > 1:
-        reports.append(verify_devices(scheds, target))
-    return reports
 
 
 def pack_devices(scheds, rendered, lowered, max_waits, name, input_info, seed, binary,

@@ -53,13 +53,19 @@ def verify(schedule: Schedule) -> VerifyReport:
     found["regions_in_buffers"] = _regions_in_buffers(ctx)
     found["arena_disjoint"] = _arena_disjoint(ctx)
     found["roles_respected"] = _roles_respected(ctx)
+    return report_of(found, CHECKS)
+
+
+def report_of(found: dict[str, list[str]], names: tuple[str, ...]) -> VerifyReport:
+    """The report of checks `names` (in that order) from each one's violations: at most
+    MAX_REPORTED lines per check, then a count of the rest."""
     violations: list[str] = []
-    for name in CHECKS:
+    for name in names:
         items = found[name]
         violations += items[:MAX_REPORTED]
         if len(items) > MAX_REPORTED:
             violations.append(f"{name}: ... and {len(items) - MAX_REPORTED} more")
-    checks = {name: not found[name] for name in CHECKS}
+    checks = {name: not found[name] for name in names}
     return VerifyReport(all(checks.values()), checks, tuple(violations))
 
 

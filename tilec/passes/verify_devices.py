@@ -24,15 +24,28 @@ import numpy as np
 from tilec.ir.schedule import Schedule
 from tilec.ir.tasks import TRANSFER, Region
 from tilec.passes.partition import device_role_problems
-from tilec.passes.verify import MAX_REPORTED, VerifyReport
+from tilec.passes.verify import VerifyReport, report_of, verify
 
 CHECKS = ("devices_agree", "transfers_matched", "reads_delivered",
           "progress_across_devices", "device_roles")
 
 
+def verify_parts(parts: tuple[Schedule, ...]) -> VerifyReport:
+    """An engine's schedules as one report: a one-device engine's own, or every device's
+    checks (named `device D: <check>`, violations likewise), then the devices'
+    together."""
+    if len(parts) == 1:
+        return verify(parts[0])
+    reports = [(f"device {d}: ", verify(s)) for d, s in enumerate(parts)]
+    reports.append(("", verify_devices(parts, parts[0].target)))
+    checks = {f"{prefix}{name}": ok for prefix, r in reports for name, ok in r.checks.items()}
+    violations = tuple(f"{prefix}{v}" for prefix, r in reports for v in r.violations)
+    return VerifyReport(all(checks.values()), checks, violations)
+
+
 def verify_devices(parts: tuple[Schedule, ...], target) -> VerifyReport:
-    """`target`: the multi-device target the parts were compiled for (its device
-    roles); each part's own target is its device's."""
+    """The cross-device checks. `target`: one carrying the engine's device roles (each
+    part's own target does)."""
     found: dict[str, list[str]] = {name: [] for name in CHECKS}
     found["devices_agree"] = _agree(parts)
     if not found["devices_agree"]:
@@ -48,14 +61,7 @@ def verify_devices(parts: tuple[Schedule, ...], target) -> VerifyReport:
     else:
         for name in CHECKS[1:]:
             found[name] = [f"{name}: not checkable while the devices disagree"]
-    violations: list[str] = []
-    for name in CHECKS:
-        items = found[name]
-        violations += items[:MAX_REPORTED]
-        if len(items) > MAX_REPORTED:
-            violations.append(f"{name}: ... and {len(items) - MAX_REPORTED} more")
-    checks = {name: not found[name] for name in CHECKS}
-    return VerifyReport(all(checks.values()), checks, tuple(violations))
+    return report_of(found, CHECKS)
 
 
 def _agree(parts: tuple[Schedule, ...]) -> list[str]:
