@@ -246,7 +246,7 @@ def _describe_exit(code: int) -> str:
 def launch(argv: list[str], devices: int) -> int:
     """Run `python -m tilec` + argv once per device and wait for all of them. Rank 0's
     stdout is this process's; every rank's stderr is passed on, each line prefixed by
-    its rank. When a rank fails, the others get GRACE_S seconds to stop (their messages
+    its rank (but its `error:` line). When a rank fails, the others get GRACE_S seconds to stop (their messages
     to it fail), then are killed; the error names the rank that failed first."""
     port = _free_port()
     procs = []
@@ -303,10 +303,13 @@ def launch(argv: list[str], devices: int) -> int:
 
 
 def _pump(stream, rank: int, tail: list[str]) -> None:
+    """A rank's stderr, passed on prefixed by its rank, except its `error:` line: the
+    launcher's own one line names the rank that failed first and quotes its error."""
     for line in stream:
         tail.append(line.rstrip("\n"))
         del tail[:-20]
-        sys.stderr.write(f"[rank {rank}] {line}")
+        if not line.startswith("error: "):
+            sys.stderr.write(f"[rank {rank}] {line}")
     stream.close()
 
 
