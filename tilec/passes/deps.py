@@ -20,14 +20,11 @@ from dataclasses import replace
 import numpy as np
 
 from tilec.ir.tasks import TRANSFER, Dep, TaskGraph
+from tilec.passes.geometry import box_array, overlap_matrix
 from tilec.passes.cost import DepTuple
 
 BLOCK = 2048   # regions compared at once (bounds the overlap matrix)
 KINDS = ("RAW", "WAR", "WAW")   # and ORDER: transfers in sequence (transfer_chain)
-
-
-def _boxes(regions: list) -> np.ndarray:
-    return np.array([r.box for _, r in regions], dtype=np.int64).reshape(len(regions), -1, 2)
 
 
 def _pairs(first: list, second: list) -> tuple[np.ndarray, np.ndarray]:
@@ -37,13 +34,12 @@ def _pairs(first: list, second: list) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     found = []
     a_ids = np.array([t for t, _ in first], dtype=np.int64)
-    a_box = _boxes(first)
+    a_box = box_array([r for _, r in first])
     for start in range(0, len(second), BLOCK):
         chunk = second[start:start + BLOCK]
         b_ids = np.array([t for t, _ in chunk], dtype=np.int64)
-        b_box = _boxes(chunk)
-        overlap = np.all((b_box[:, None, :, 0] < a_box[None, :, :, 1])
-                         & (a_box[None, :, :, 0] < b_box[:, None, :, 1]), axis=2)
+        b_box = box_array([r for _, r in chunk])
+        overlap = overlap_matrix(b_box, a_box)
         later = b_ids[:, None] > a_ids[None, :]
         bi, ai = np.nonzero(overlap & later)
         found.append((a_ids[ai], b_ids[bi]))

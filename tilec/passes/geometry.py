@@ -9,9 +9,22 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from tilec.ir.graph import Operand, contiguous_strides
 
 Box = tuple[tuple[int, int], ...]
+
+
+def box_array(regions) -> np.ndarray:
+    """The boxes of regions (all of one buffer) as an int64 array [regions, dims, 2]."""
+    return np.array([r.box for r in regions], dtype=np.int64).reshape(len(regions), -1, 2)
+
+
+def overlap_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[len(a), len(b)]: whether box i of `a` and box j of `b` (box_array) intersect."""
+    return np.all((a[:, None, :, 0] < b[None, :, :, 1]) & (b[None, :, :, 0] < a[:, None, :, 1]),
+                  axis=2)
 
 
 def range_to_box(lo: int, hi: int, shape: tuple[int, ...]) -> Box:

@@ -41,6 +41,7 @@ from tilec.ir.schedule import Schedule
 from tilec.ir.target import Role, Target
 from tilec.ir.tasks import TRANSFER, Region, Task, TaskGraph, Transfer, TransferPart
 from tilec.passes.cost import task_times
+from tilec.passes.geometry import box_array, overlap_matrix
 from tilec.passes.roles import check_names_match, role_of_group
 
 
@@ -103,10 +104,6 @@ def _masks(devices: list[tuple[int, ...]]) -> np.ndarray:
     return masks
 
 
-def _box_array(regions: list[Region]) -> np.ndarray:
-    return np.array([r.box for r in regions], dtype=np.int64).reshape(len(regions), -1, 2)
-
-
 def _needs(taskgraph: TaskGraph, masks: np.ndarray, host_mask: int):
     """Per write (task id, region, device mask, first reader): the devices that read an
     overlapping region but do not run the writer, and the first later task reading it
@@ -133,7 +130,7 @@ def _needs(taskgraph: TaskGraph, masks: np.ndarray, host_mask: int):
             continue
         w_id = np.array([t for t, _ in ws], dtype=np.int64)
         r_id = np.array([t for t, _ in rs], dtype=np.int64)
-        w_box, r_box = _box_array([r for _, r in ws]), _box_array([r for _, r in rs])
+        w_box, r_box = box_array([r for _, r in ws]), box_array([r for _, r in rs])
         r_mask = np.array([host_mask if t == n else masks[t] for t in r_id.tolist()],
                           dtype=np.int64)
         need = np.zeros(len(ws), dtype=np.int64)
@@ -141,8 +138,7 @@ def _needs(taskgraph: TaskGraph, masks: np.ndarray, host_mask: int):
         step = max(1, BLOCK // max(1, len(rs) * w_box.shape[1]))
         for a in range(0, len(ws), step):
             wb = w_box[a:a + step]
-            overlap = np.all((wb[:, None, :, 0] < r_box[None, :, :, 1])
-                             & (r_box[None, :, :, 0] < wb[:, None, :, 1]), axis=2)
+            overlap = overlap_matrix(wb, r_box)
             missing = r_mask[None, :] & ~masks[w_id[a:a + step]][:, None]
             hit = overlap & (missing != 0)
             need[a:a + step] = np.bitwise_or.reduce(np.where(hit, missing, 0), axis=1)
@@ -161,9 +157,7 @@ def _one_box(boxes: list[tuple[tuple[int, int], ...]]) -> tuple[tuple[int, int],
     if sum(Region("", b).numel for b in boxes) != total:
         return None
     arr = np.array(boxes, dtype=np.int64)
-    overlap = np.all((arr[:, None, :, 0] < arr[None, :, :, 1])
-                     & (arr[None, :, :, 0] < arr[:, None, :, 1]), axis=2)
-    if np.count_nonzero(overlap) != len(boxes):   # only each box with itself
+    if np.count_nonzero(overlap_matrix(arr, arr)) != len(boxes):   # each with itself only
         return None
     return tuple(zip(lo, hi))
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from tilec.ir.schedule import Schedule
 from tilec.ir.tasks import TRANSFER, Region
+from tilec.passes.geometry import box_array, overlap_matrix
 from tilec.passes.partition import device_role_problems
 from tilec.passes.verify import VerifyReport, report_of, verify
 
@@ -126,10 +127,6 @@ def _program_key(parts: tuple[Schedule, ...]):
     return lambda task: (index[task.group], task.tile)
 
 
-def _boxes(regions: list[Region]) -> np.ndarray:
-    return np.array([r.box for r in regions], dtype=np.int64).reshape(len(regions), -1, 2)
-
-
 def _delivered(parts: tuple[Schedule, ...]) -> list[str]:
     """Per device and buffer, with numpy: the (reader, earlier writer elsewhere) pairs of
     overlapping regions, and for each the received region from a device that ran the
@@ -144,7 +141,7 @@ def _delivered(parts: tuple[Schedule, ...]) -> list[str]:
                 for r in t.writes:
                     writes.setdefault(r.buffer, {})[key(t)] = r
     rank = {k: i for i, k in enumerate(sorted(runs))}   # program order
-    writers = {b: (list(ws), _boxes(list(ws.values())),
+    writers = {b: (list(ws), box_array(list(ws.values())),
                    np.array([rank[k] for k in ws], dtype=np.int64),
                    np.array([runs[k] for k in ws], dtype=np.int64))
                for b, ws in writes.items()}
@@ -165,10 +162,9 @@ def _delivered(parts: tuple[Schedule, ...]) -> list[str]:
                         reads.setdefault(r.buffer, []).append((t, r))
         for buffer, rs in reads.items():
             keys, w_box, w_rank, w_mask = writers[buffer]
-            r_box = _boxes([r for _, r in rs])
+            r_box = box_array([r for _, r in rs])
             r_rank = np.array([rank[key(t)] for t, _ in rs], dtype=np.int64)
-            pairs = np.all((r_box[:, None, :, 0] < w_box[None, :, :, 1])
-                           & (w_box[None, :, :, 0] < r_box[:, None, :, 1]), axis=2)
+            pairs = overlap_matrix(r_box, w_box)
             pairs &= (w_rank[None, :] < r_rank[:, None]) & ((w_mask[None, :] >> d) & 1 == 0)
             ri, wi = np.nonzero(pairs)
             if not len(ri):
@@ -178,7 +174,7 @@ def _delivered(parts: tuple[Schedule, ...]) -> list[str]:
             got = received.get(buffer, [])
             ok = np.zeros(len(ri), dtype=bool)
             if got:
-                x_box = _boxes([x for _, x in got])
+                x_box = box_array([x for _, x in got])
                 x_src = np.array([src for src, _ in got], dtype=np.int64)
                 inside = np.all((x_box[None, :, :, 0] <= lo[:, None, :])
                                 & (hi[:, None, :] <= x_box[None, :, :, 1]), axis=2)
