@@ -1,9 +1,11 @@
 """The llama family's seeded random weights: drawn a chunk at a time (and, when
 compiling, in a background thread), yet the same bit for bit as one draw per tensor."""
+import math
 import dataclasses
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,22 +18,24 @@ TINY = {"vocab_size": 37, "hidden_size": 48, "intermediate_size": 80,
 
 
 def one_call_per_tensor(model, seed, std):
-    """The definition: each tensor drawn whole in float32, scaled, rounded into place."""
-    gen = torch.Generator().manual_seed(seed)
+    """The definition: tensor i's bytes, from the PCG64 stream seeded by (seed, i), all
+    drawn at once; byte b (int8) is (2b + 1) * std / sqrt((256**2 - 1) / 3)."""
     out = {}
-    for name, p in model.named_parameters():
+    for index, (name, p) in enumerate(model.named_parameters()):
         if name.endswith("layernorm.weight") or name == "norm.weight":
             out[name] = torch.ones_like(p)
-        else:
-            out[name] = torch.randn(p.shape, generator=gen).mul_(std).to(p.dtype)
+            continue
+        stream = np.random.PCG64(np.random.SeedSequence((seed, index)))
+        raw = stream.random_raw((p.numel() + 7) // 8).view(np.int8)[:p.numel()]
+        odd = torch.from_numpy(raw).to(torch.float32) * 2 + 1
+        out[name] = (odd * (std / math.sqrt((256 ** 2 - 1) / 3))).reshape(p.shape).to(p.dtype)
     return out
 
 
-@pytest.mark.parametrize("chunk", [16, 48, 1024, 1 << 22])
+@pytest.mark.parametrize("chunk", [8, 48, 1024, 1 << 20])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_draw_matches_one_draw_per_tensor(monkeypatch, chunk, dtype):
-    # 37 x 48 and 80 x 48 values: chunks that divide them and chunks that leave a tail,
-    # including a tail under 16 (which joins the chunk before it)
+    # 37 x 48 and 80 x 48 values: chunks that divide them and chunks that leave a tail
     monkeypatch.setattr(llama, "INIT_CHUNK", chunk)
     cfg = llama.LlamaConfig.from_dict(TINY)
     model = llama.LlamaDecodeStep.empty(cfg, 8, dtype)
@@ -42,14 +46,15 @@ def test_chunked_draw_matches_one_draw_per_tensor(monkeypatch, chunk, dtype):
         assert torch.equal(p.view(-1).view(torch.uint8), want[name].view(-1).view(torch.uint8)), name
 
 
-def test_chunks_keep_every_tail_at_least_16(monkeypatch):
-    monkeypatch.setattr(llama, "INIT_CHUNK", 32)
-    for n in range(1, 200):
-        spans = llama._chunks(n)
-        assert spans[0][0] == 0 and spans[-1][1] == n
-        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
-        assert all((b - a) % 16 == 0 for a, b in spans[:-1])
-        assert len(spans) == 1 or spans[-1][1] - spans[-1][0] >= 16
+def test_draws_have_the_std_asked_for_and_differ_by_seed():
+    cfg = llama.LlamaConfig.from_dict(dict(TINY, vocab_size=4096))
+    model = llama.LlamaDecodeStep.empty(cfg, 8, torch.float32)
+    llama.init_random(list(model.named_parameters()), seed=1, std=0.3)
+    embed = model.embed_tokens.weight.detach().clone()
+    assert abs(embed.std().item() - 0.3) < 0.01 and abs(embed.mean().item()) < 0.01
+    assert embed.unique().numel() == 256
+    llama.init_random(list(model.named_parameters()), seed=2, std=0.3)
+    assert (model.embed_tokens.weight != embed).float().mean() > 0.99
 
 
 def family_config(tmp_path, **changes):
@@ -80,13 +85,13 @@ def test_background_draw_gives_the_definition(tmp_path):
 def test_cancelled_draw_stops(tmp_path, monkeypatch):
     """A draw cancelled before its first chunk draws nothing more: the thread is held
     at its first chunk until the stop is set, then must leave every weight alone."""
-    gate, chunks = threading.Event(), llama._chunks
+    gate, stream = threading.Event(), llama._stream
 
-    def gated(n):
+    def gated(seed, index):
         gate.wait()
-        return chunks(n)
+        return stream(seed, index)
 
-    monkeypatch.setattr(llama, "_chunks", gated)
+    monkeypatch.setattr(llama, "_stream", gated)
     model, _, pending = cfgmod.build_model_async(family_config(tmp_path))
     with torch.no_grad():
         for p in model.parameters():

@@ -412,7 +412,7 @@ def build_model(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Tensor, 
 class PendingWeights:
     """A family model's seeded random weights, being drawn by a background thread.
 
-    Drawing the 1.2 B normal numbers of a 1B model takes 6-8 s of one core. Until it
+    Drawing the 1.2 G values of a 1B model takes 1-2 s of one core. Until it
     packs the engine, the compiler reads only the module's shapes (export traces it with
     fake tensors in place of the parameters), so `tilec.compile` exports and runs the
     passes meanwhile, on the other core, and calls `wait()` before packing."""

@@ -17,6 +17,7 @@ import math
 import threading
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -109,47 +110,52 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     return inv_freq
 
 
-INIT_CHUNK = 1 << 22   # values drawn per call (a multiple of 16: see init_random)
+INIT_CHUNK = 1 << 20   # values drawn per call (a multiple of 8: see init_random)
+# The standard deviation of the odd integers -255, -253, ..., 255 drawn with equal
+# chances: sqrt((256**2 - 1) / 3).
+ODD_BYTE_STD = math.sqrt((256 ** 2 - 1) / 3)
 
 
 def init_random(params: list[tuple[str, nn.Parameter]], seed: int, std: float = 0.02,
                 stop: threading.Event | None = None) -> None:
-    """Hugging Face's initialisation: N(0, std) for projections and embeddings, norms at
-    one; seeded so an engine and its eager twin get the same weights. `params`:
-    `list(model.named_parameters())`, listed before the model is traced (non-strict
-    torch.export swaps fake tensors into the module while it traces, and this may run in
-    another thread meanwhile: compiler/config.PendingWeights).
+    """Seeded random weights with standard deviation `std` (Hugging Face's scale for
+    projections and embeddings), norms at one, so an engine and its eager twin get the
+    same weights. `params`: `list(model.named_parameters())`, listed before the model is
+    traced (non-strict torch.export swaps fake tensors into the module while it traces,
+    and this may run in another thread meanwhile: compiler/config.PendingWeights).
 
-    Each tensor gets `torch.randn(p.shape, generator=gen).mul_(std)` drawn in float32 and
-    rounded into place, but drawn a chunk at a time into one small buffer, so no float32
-    copy of a whole tensor is made (Llama 3's embedding alone is 1 GB in float32). The
-    values are the same bit for bit: torch's CPU sampler draws the uniforms in order and
-    turns them into normals in blocks of 16, redrawing the last 16 when the size is not
-    a multiple of 16; so every chunk but the last is a multiple of 16 and the last one
-    has at least 16 values (tests/models/test_llama_init.py checks it against the
-    one-call draw). `stop`, when set, ends the drawing early (a compile that failed)."""
-    gen = torch.Generator().manual_seed(seed)
-    buf = torch.empty(INIT_CHUNK + 16, dtype=torch.float32)
+    The values are uniform, not normal (as torch's own nn.Linear initialisation is):
+    each is a random byte b (as int8) mapped to (2b + 1) * std / ODD_BYTE_STD, so zero
+    mean, the given std, 256 levels. Why: a 1B model's 1.2 G normal numbers took 7-8 s of
+    a core with torch's sampler, the largest single cost of compiling it from a
+    model.yaml; raw bytes of a PCG64 stream cost a tenth of that. Tensor i draws from
+    its own stream, seeded by (seed, i), a chunk of INIT_CHUNK bytes at a time (8 bytes
+    per raw draw, so chunks continue the stream exactly: the values do not depend on
+    the chunk size, tests/models/test_llama_init.py), through one small float32
+    buffer, and are rounded into place. `stop`, when set, ends the drawing early (a
+    compile that failed)."""
+    scale = std / ODD_BYTE_STD
+    buf = torch.empty(INIT_CHUNK, dtype=torch.float32)
     with torch.no_grad():
-        for name, p in params:
+        for index, (name, p) in enumerate(params):
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 p.fill_(1.0)
                 continue
+            stream = _stream(seed, index)
             flat = p.view(-1)
-            for start, end in _chunks(flat.numel()):
+            for start in range(0, flat.numel(), INIT_CHUNK):
                 if stop is not None and stop.is_set():
                     return
-                drawn = torch.randn(end - start, generator=gen, out=buf[:end - start])
-                flat[start:end].copy_(drawn.mul_(std))
+                end = min(start + INIT_CHUNK, flat.numel())
+                raw = stream.random_raw((end - start + 7) // 8).view(np.int8)[:end - start]
+                values = buf[:end - start]
+                values.copy_(torch.from_numpy(raw))
+                flat[start:end].copy_(values.mul_(2).add_(1).mul_(scale))
 
 
-def _chunks(n: int) -> list[tuple[int, int]]:
-    """[start, end) spans of INIT_CHUNK values; a last span under 16 joins the one
-    before it (see init_random)."""
-    spans = [(s, min(s + INIT_CHUNK, n)) for s in range(0, n, INIT_CHUNK)]
-    if len(spans) > 1 and spans[-1][1] - spans[-1][0] < 16:
-        spans[-2:] = [(spans[-2][0], n)]
-    return spans
+def _stream(seed: int, index: int) -> np.random.PCG64:
+    """The random stream of the `index`-th parameter."""
+    return np.random.PCG64(np.random.SeedSequence((seed, index)))
 
 
 class RMSNorm(nn.Module):
