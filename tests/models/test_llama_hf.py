@@ -24,7 +24,8 @@ def make_checkpoint(folder, kv_heads, tied, llama3, seed=0):
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16} if llama3 else None
     cfg = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        # three layers where tied: the compiler traces two and builds the third from them
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3 if tied else 2,
         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tied,
         attention_bias="bias" in folder.name, rope_scaling=rope)

@@ -61,8 +61,30 @@ class Lowered:
     state_names: dict[str, str]               # state op name -> module buffer name
 
 
-def export(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]):
-    """torch.export in non-strict mode, then the core ATen decompositions."""
+@dataclass(frozen=True)
+class Exported:
+    """What `export` traced: the module's program or, for a module whose layers repeat,
+    the program of a copy of it holding only its first two layers (`layers`, then, says
+    how `lower` builds the others: compiler/layers.py)."""
+
+    program: Any                  # torch.export.ExportedProgram
+    layers: Any = None            # layers.RepeatedLayers | None
+    example_inputs: tuple = ()
+
+
+def export(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Exported:
+    """torch.export in non-strict mode, then the core ATen decompositions; for a module
+    that declares repeated layers, of its first two layers only."""
+    from tilec.compiler.layers import declared_layers, first_two
+
+    layers = declared_layers(module)
+    if layers is not None:
+        return Exported(_export(first_two(layers), example_inputs), layers,
+                        tuple(example_inputs))
+    return Exported(_export(module, example_inputs))
+
+
+def _export(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch-internal pytree deprecations
         ep = torch.export.export(module, tuple(example_inputs), strict=False)
@@ -372,9 +394,18 @@ def user_output_names(ep, count: int) -> list[str]:
     return [f"output{i}" for i in range(count)]
 
 
-def lower(ep) -> Lowered:
-    """Lower an ExportedProgram (core ATen) to an `ir.Graph` plus its constant data."""
-    return _Lowering(ep).run()
+def lower(exported: Exported) -> Lowered:
+    """Lower an exported program (core ATen) to an `ir.Graph` plus its constant data;
+    for two traced layers of many, with the other layers built from the second."""
+    lowered = _Lowering(exported.program).run()
+    if exported.layers is None:
+        return lowered
+    from tilec.compiler.layers import repeat_layers
+
+    whole = repeat_layers(lowered, exported.layers)
+    if whole is None:   # the two layers differ after all: trace every layer
+        whole = _Lowering(_export(exported.layers.module, exported.example_inputs)).run()
+    return whole
 
 
 def supported_ops() -> list[str]:

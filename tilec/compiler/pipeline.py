@@ -164,9 +164,9 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
     (see there); it is unusable afterwards."""
     progress = progress or Progress()
     dump = _Dumper(dump_dir)
-    ep = progress.run("export", frontend.export, module, example_inputs)
-    dump.text("01_exported_fx.txt", str(ep.graph_module.graph))
-    lowered = progress.run("lower", frontend.lower, ep)
+    exported = progress.run("export", frontend.export, module, example_inputs)
+    dump.text("01_exported_fx.txt", str(exported.program.graph_module.graph))
+    lowered = progress.run("lower", frontend.lower, exported)
     dump.json("02_ir.json", lowered.graph)
     fused = progress.run("fuse", fuse, lowered.graph)
     dump.json("03_fused.json", fused.groups)

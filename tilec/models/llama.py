@@ -216,7 +216,13 @@ class Layer(nn.Module):
 class DecoderStep(nn.Module):
     """What the decode-step families share: token embeddings, `num_hidden_layers` of
     `layer(cfg, max_seq_len)`, the final RMSNorm, an lm_head (the embeddings, if tied)
-    and the cache positions 0..max_seq_len-1 (the causal mask compares them to `pos`)."""
+    and the cache positions 0..max_seq_len-1 (the causal mask compares them to `pos`).
+
+    forward() runs each of `layers` once, in order, each handed the hidden state of the
+    one before and otherwise the same values: so the compiler traces two layers and
+    builds the others from the second (compiler/layers.py, which checks the two agree)."""
+
+    repeated_layers = "layers"
 
     def __init__(self, cfg, max_seq_len: int, layer):
         super().__init__()
