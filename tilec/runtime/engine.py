@@ -30,7 +30,7 @@ from tilec.codegen.aot import KERNEL_NAME
 from tilec.errors import EngineError
 from tilec.ir.schedule import Schedule, Wait
 from tilec.ir.tasks import TRANSFER
-from tilec.ir.serial import from_plain, to_plain
+from tilec.ir.serial import from_plain, to_json
 from tilec.version import __version__
 
 FORMAT = "tilec-engine"
@@ -130,8 +130,7 @@ class Engine:
         hashed or written, so the compiler encodes it while the GPU compile finishes; it
         is kept for as long as the manifest is this one."""
         if self._encoded is None or self._encoded[0] is not self.manifest:
-            self._encoded = (self.manifest, json.dumps(to_plain(self.manifest),
-                                                       separators=(",", ":"), sort_keys=True))
+            self._encoded = (self.manifest, to_json(self.manifest))
         return self._encoded[1]
 
     @property
