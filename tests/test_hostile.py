@@ -209,7 +209,7 @@ def test_signed_raw_manifest_text(capsys, block, tmp_path, text):
 
 
 def test_signed_format_version(capsys, block, tmp_path):
-    path = resign(block, tmp_path / "e", meta=lambda m: m.__setitem__("format_version", "2"))
+    path = resign(block, tmp_path / "e", meta=lambda m: m.__setitem__("format_version", "1"))
     assert_refused(capsys, path, ["run"], match="format version")
 
 

@@ -34,7 +34,7 @@ from tilec.ir.serial import from_plain, to_json
 from tilec.version import __version__
 
 FORMAT = "tilec-engine"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                 "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
 FIXED_FIELDS = 6
@@ -278,16 +278,25 @@ def _raw(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
+HASH_SEGMENT = 64 << 20   # bytes of a tensor hashed as one piece (see _digest)
+
+
 def _digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(meta):
-        if key != "sha256":
-            h.update(f"{key}\0{meta[key]}\0".encode())
+    """The file's checksum: SHA-256 over the SHA-256 digests of its pieces, in order:
+    each metadata entry but this one (key, value), each tensor's header (name, dtype,
+    shape) and its bytes in HASH_SEGMENT pieces, tensors and keys sorted. The pieces
+    are hashed on every core: one SHA-256 stream ran at about 1.1 GB/s here, the
+    largest part of saving or loading a 2.5 GB engine."""
+    pieces: list[bytes | memoryview] = [f"{key}\0{meta[key]}\0".encode()
+                                        for key in sorted(meta) if key != "sha256"]
     for name in sorted(tensors):
         t = tensors[name].contiguous()
-        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(_raw(t))
-    return h.hexdigest()
+        pieces.append(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        raw = _raw(t)
+        pieces.extend(raw[i:i + HASH_SEGMENT] for i in range(0, len(raw), HASH_SEGMENT))
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:  # hashlib frees the GIL
+        digests = pool.map(lambda piece: hashlib.sha256(piece).digest(), pieces)
+        return hashlib.sha256(b"".join(digests)).hexdigest()
 
 
 def _contents(engine: Engine | DeviceEngines) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
