@@ -8,11 +8,12 @@ or, where the target carries a measured per-worker streaming rate, at that rate.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 
 import numpy as np
 
 from tilec.ir.target import Target
-from tilec.ir.tasks import TRANSFER, Task, TaskGraph
+from tilec.ir.tasks import TRANSFER, Dep, Task, TaskGraph
 
 LOW_PRECISION = ("bfloat16", "float16")
 
@@ -62,27 +63,56 @@ def task_times(taskgraph: TaskGraph, target: Target) -> list[float]:
 def edges(taskgraph: TaskGraph) -> tuple[np.ndarray, np.ndarray]:
     """(before, after) task ids of every dep, as int64 arrays in deps order. A decode
     step has millions of deps: the passes work on these arrays, not loop over objects.
-    Read-only arrays when the deps pass made them (DepTuple)."""
+    Read-only arrays when the deps pass made them (DepArrays)."""
     deps = taskgraph.deps
-    if isinstance(deps, DepTuple):
+    if isinstance(deps, DepArrays):
         return deps.arrays
     return (np.fromiter((d.before for d in deps), dtype=np.int64, count=len(deps)),
             np.fromiter((d.after for d in deps), dtype=np.int64, count=len(deps)))
 
 
-class DepTuple(tuple):
-    """A task graph's deps as the deps pass makes them: the tuple of Dep, carrying the
-    `edges` arrays the pass had in hand anyway (rebuilding them from Llama-1B's 1.5 M
-    Dep objects took 0.2-0.4 s, each time a pass asked)."""
+class DepArrays(Sequence):
+    """A task graph's deps as the deps pass makes them: a read-only sequence of Dep
+    kept as arrays, each Dep made when it is read. The passes read only the `edges`
+    arrays; making Llama-1B's 1.5 M Dep objects up front took 1.5 s of the 1.8 s deps
+    pass, and only the stage dump and error messages ever look at them.
+    Dep i is (before[i], after[i], kinds[tag[i]], buffers[tag[i]])."""
 
-    def __new__(cls, deps, before: np.ndarray, after: np.ndarray) -> DepTuple:
-        self = super().__new__(cls, deps)
-        before.flags.writeable = after.flags.writeable = False
+    def __init__(self, before: np.ndarray, after: np.ndarray, tag: np.ndarray,
+                 kinds: list[str], buffers: list[str]):
+        before.flags.writeable = after.flags.writeable = tag.flags.writeable = False
         self.arrays = (before, after)
-        return self
+        self._tag, self._kinds, self._buffers = tag, kinds, buffers
+
+    def __len__(self) -> int:
+        return len(self._tag)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(self[j] for j in range(*i.indices(len(self))))
+        tag = int(self._tag[i])
+        return Dep(int(self.arrays[0][i]), int(self.arrays[1][i]), self._kinds[tag],
+                   self._buffers[tag])
+
+    def __iter__(self):
+        kinds, buffers = self._kinds, self._buffers
+        for b, a, tag in zip(self.arrays[0].tolist(), self.arrays[1].tolist(),
+                             self._tag.tolist()):
+            yield Dep(b, a, kinds[tag], buffers[tag])
+
+    def __eq__(self, other) -> bool:   # as the tuple of Dep it stands for
+        if not isinstance(other, (tuple, DepArrays)):
+            return NotImplemented
+        return len(self) == len(other) and tuple(self) == tuple(other)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
 
     def __reduce__(self):
-        return DepTuple, (tuple(self), *self.arrays)
+        return DepArrays, (*self.arrays, self._tag, self._kinds, self._buffers)
 
 
 def adjacency(n: int, key: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, list[int]]:
@@ -117,13 +147,16 @@ def successors(taskgraph: TaskGraph) -> list[list[int]]:
 
 
 def bottom_levels(taskgraph: TaskGraph, target: Target,
-                  dep_edges: tuple[np.ndarray, np.ndarray] | None = None) -> list[float]:
+                  dep_edges: tuple[np.ndarray, np.ndarray] | None = None,
+                  times: list[float] | None = None) -> list[float]:
     """Longest path (in predicted time) from each task to a sink, the task included.
-    `dep_edges`: `edges(taskgraph)`, when the caller has them already.
+    `dep_edges`, `times`: `edges(taskgraph)` and `task_times(taskgraph, target)`, when
+    the caller has them already.
 
     Deps always point from a lower to a higher id, so one sweep in reverse id order
     sees every successor before its predecessors."""
-    times = task_times(taskgraph, target)
+    if times is None:
+        times = task_times(taskgraph, target)
     before, after = dep_edges if dep_edges is not None else edges(taskgraph)
     succ, bounds = adjacency(len(times), before, after)
     level = np.zeros(len(times))

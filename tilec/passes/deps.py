@@ -7,13 +7,12 @@ a decode step has thousands of tasks reading the same few buffers.
 
 A pair of tasks gets one dep even when they conflict on several buffers or in several
 ways: the first found, buffers in the order their first write appears, and per buffer
-RAW, then WAR, then WAW. Pairs are collected and de-duplicated as arrays; only the
-final deps become `Dep` objects (a Llama-1B decode step has 2.3 M of them, and a
-Python loop per pair took seconds).
+RAW, then WAR, then WAW. Pairs are collected and de-duplicated as arrays, and the
+deps stay arrays (cost.DepArrays): a Llama-1B decode step has 1.5 M of them, and
+making a `Dep` object for each took most of the pass; one is made only when read.
 """
 from __future__ import annotations
 
-import gc
 from collections import defaultdict
 from dataclasses import replace
 
@@ -21,37 +20,43 @@ import numpy as np
 
 from tilec.ir.tasks import TRANSFER, Dep, TaskGraph
 from tilec.passes.geometry import box_array, overlap_matrix
-from tilec.passes.cost import DepTuple
+from tilec.passes.cost import DepArrays
 
 BLOCK = 2048   # regions compared at once (bounds the overlap matrix)
 KINDS = ("RAW", "WAR", "WAW")   # and ORDER: transfers in sequence (transfer_chain)
 
 
-def _pairs(first: list, second: list) -> tuple[np.ndarray, np.ndarray]:
+def _accesses(items: list) -> tuple[np.ndarray, np.ndarray]:
+    """(task ids, box_array) of (task id, region) pairs."""
+    if not items:
+        return np.zeros(0, np.int64), np.zeros((0, 0, 2), np.int64)
+    return np.array([t for t, _ in items], dtype=np.int64).reshape(len(items)), \
+        box_array([r for _, r in items])
+
+
+def _pairs(first: tuple[np.ndarray, np.ndarray],
+           second: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(before, after) task ids: accesses in `first` and overlapping, later accesses in
-    `second`."""
-    if not first or not second:
+    `second` (each as _accesses)."""
+    a_ids, a_box = first
+    if not len(a_ids) or not len(second[0]):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     found = []
-    a_ids = np.array([t for t, _ in first], dtype=np.int64)
-    a_box = box_array([r for _, r in first])
-    for start in range(0, len(second), BLOCK):
-        chunk = second[start:start + BLOCK]
-        b_ids = np.array([t for t, _ in chunk], dtype=np.int64)
-        b_box = box_array([r for _, r in chunk])
+    for start in range(0, len(second[0]), BLOCK):
+        b_ids = second[0][start:start + BLOCK]
+        b_box = second[1][start:start + BLOCK]
         overlap = overlap_matrix(b_box, a_box)
-        later = b_ids[:, None] > a_ids[None, :]
-        bi, ai = np.nonzero(overlap & later)
+        overlap &= b_ids[:, None] > a_ids[None, :]
+        bi, ai = np.nonzero(overlap)
         found.append((a_ids[ai], b_ids[bi]))
     return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
 
 
 def conflicts(taskgraph: TaskGraph) -> list[Dep]:
-    return _conflicts(taskgraph)[0]
+    return list(_conflicts(taskgraph))
 
 
-def _conflicts(taskgraph: TaskGraph) -> tuple[list[Dep], np.ndarray, np.ndarray]:
-    """`conflicts`, and their before and after task ids as arrays (cost.edges)."""
+def _conflicts(taskgraph: TaskGraph) -> DepArrays:
     reads: dict[str, list] = defaultdict(list)
     writes: dict[str, list] = defaultdict(list)
     for task in taskgraph.tasks:
@@ -63,7 +68,8 @@ def _conflicts(taskgraph: TaskGraph) -> tuple[list[Dep], np.ndarray, np.ndarray]
     sources: list[tuple[str, str]] = []
     befores, afters, tags = [], [], []
     for buffer, ws in writes.items():
-        rs = reads.get(buffer, [])
+        ws = _accesses(ws)
+        rs = _accesses(reads.get(buffer, []))
         for kind, (first, second) in zip(KINDS, ((ws, rs), (rs, ws), (ws, ws))):
             before, after = _pairs(first, second)
             befores.append(before)
@@ -71,35 +77,26 @@ def _conflicts(taskgraph: TaskGraph) -> tuple[list[Dep], np.ndarray, np.ndarray]
             tags.append(np.full(len(before), len(sources), dtype=np.int64))
             sources.append((kind, buffer))
     if not sources:
-        return [], np.zeros(0, np.int64), np.zeros(0, np.int64)
+        empty = np.zeros(0, np.int64)
+        return DepArrays(empty, empty.copy(), empty.copy(), [], [])
     before, after, tag = np.concatenate(befores), np.concatenate(afters), np.concatenate(tags)
-    # Keep each pair's first occurrence (a stable sort: the lowest tag), ordered by
-    # (after, before) as the passes after this one expect.
+    # Keep each pair's first occurrence (the lowest tag), ordered by (after, before) as
+    # the passes after this one expect: one sort of (after, before, tag) packed into an
+    # int64 (a stable argsort of the pairs took 4x as long), if it fits.
     n = 1 + max(task.id for task in taskgraph.tasks)   # ids are 0..n-1 (schedule checks)
+    m = len(sources)
     key = after * n + before
-    order = np.argsort(key, kind="stable")
-    key = key[order]
+    if n * n * m < 1 << 62:
+        packed = np.sort(key * m + tag)
+        key, tag = packed // m, packed % m
+    else:
+        order = np.argsort(key, kind="stable")
+        key, tag = key[order], tag[order]
     first = np.ones(len(key), dtype=bool)
     first[1:] = key[1:] != key[:-1]
-    keep = order[first]
-    before, after = before[keep], after[keep]
-    kinds = [kind for kind, _ in sources]
-    buffers = [buffer for _, buffer in sources]
-    tag = tag[keep].tolist()
-    ids = list(range(n))   # one int object per task id, shared by all its deps (memory)
-    # The cyclic garbage collector, triggered by allocation counts, walks the whole heap
-    # again and again while millions of Deps are made (3 s of 5.5 s for Llama-1B). Deps
-    # form no cycles, so it is paused while they are built.
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        return list(map(Dep, map(ids.__getitem__, before.tolist()),
-                        map(ids.__getitem__, after.tolist()),
-                        map(kinds.__getitem__, tag), map(buffers.__getitem__, tag))), \
-            before, after
-    finally:
-        if enabled:
-            gc.enable()
+    key = key[first]
+    return DepArrays(key % n, key // n, tag[first],
+                     [kind for kind, _ in sources], [buffer for _, buffer in sources])
 
 
 def transfer_chain(taskgraph: TaskGraph, found: list[Dep]) -> list[Dep]:
@@ -115,9 +112,9 @@ def transfer_chain(taskgraph: TaskGraph, found: list[Dep]) -> list[Dep]:
 
 
 def deps(taskgraph: TaskGraph) -> TaskGraph:
-    found, before, after = _conflicts(taskgraph)
+    found = _conflicts(taskgraph)
     if taskgraph.transfers:
-        chained = transfer_chain(taskgraph, found)
-        if chained is not found:
+        chained = transfer_chain(taskgraph, list(found))
+        if len(chained) != len(found):
             return replace(taskgraph, deps=tuple(chained))
-    return replace(taskgraph, deps=DepTuple(found, before, after))
+    return replace(taskgraph, deps=found)

@@ -70,16 +70,15 @@ class Lifetimes:
             if not ts:
                 continue
             need = np.zeros(clocks.shape[1], dtype=np.int64)
-            for t in ts:
-                w, i = where[t]
-                need[w] = max(need[w], i + 1)
+            places = np.array([where[t] for t in ts], dtype=np.int64)
+            np.maximum.at(need, places[:, 0], places[:, 1] + 1)
             self.need[name] = need
             self.meet[name] = clocks[ts].min(axis=0)
 
     def before(self, x: str, y: str) -> bool:
         if x not in self.need or y not in self.need:
             return False   # a buffer no task touches is treated as always live
-        return bool(np.all(self.meet[y] >= self.need[x]))
+        return not (self.meet[y] < self.need[x]).any()
 
     def disjoint(self, x: str, y: str) -> bool:
         return self.before(x, y) or self.before(y, x)

@@ -51,7 +51,7 @@ def schedule(taskgraph: TaskGraph, target: Target, policy: str = "critical_path"
     preds = adjacency(n, after, before)
     if policy == "round_robin":
         return _place(taskgraph, target, workers, list(range(n)), _round_robin,
-                      role_workers, role, preds)
+                      role_workers, role, preds, task_times(taskgraph, target))
     # Two priority rules, the schedule that finishes first kept (ties: the first rule).
     # The longest path from a task to the end, the task included (bottom level), is the
     # classic rule; the same without the task's own time (its latest finish, reversed)
@@ -59,10 +59,11 @@ def schedule(taskgraph: TaskGraph, target: Target, policy: str = "critical_path"
     # v projections (8 us tiles) lead through RoPE and the cache append to attention,
     # the q projection (12 us tiles) leads there directly: with 256 tiles on 132 workers
     # one of them runs in a second wave, and that should be q, whose chain is shorter.
-    level = np.array(bottom_levels(taskgraph, target, (before, after)))
-    rules = (level, level - np.array(task_times(taskgraph, target)))
+    times = task_times(taskgraph, target)
+    level = np.array(bottom_levels(taskgraph, target, (before, after), times))
+    rules = (level, level - np.array(times))
     schedules = [_place(taskgraph, target, workers, _priority_sequence(rule, before, after),
-                        _earliest_start, role_workers, role, preds) for rule in rules]
+                        _earliest_start, role_workers, role, preds, times) for rule in rules]
     return min(schedules, key=lambda s: max(s.finish_us, default=0.0))
 
 
@@ -90,9 +91,16 @@ def _priority_sequence(priority: np.ndarray, before: np.ndarray,
                        after: np.ndarray) -> list[int]:
     """Tasks in the order list scheduling picks them: among ready tasks, the largest
     priority first (ties: lowest id). The result is a topological order."""
+    n = len(priority)
+    if bool((priority[before] > priority[after]).all()):
+        # Every task ranks below all its predecessors (the rules' priorities are path
+        # lengths, and each task takes time; checked here, since rounding could tie):
+        # then the most urgent task not yet picked is always ready, and the picking
+        # order is simply the tasks by priority, descending (ties: lowest id).
+        return np.lexsort((np.arange(n), -priority)).tolist()
     level = priority.tolist()
-    succ, bounds = adjacency(len(level), before, after)
-    missing = np.bincount(after, minlength=len(level))
+    succ, bounds = adjacency(n, before, after)
+    missing = np.bincount(after, minlength=n)
     ready = [(-level[t], t) for t in np.flatnonzero(missing == 0).tolist()]
     heapq.heapify(ready)
     sequence = []
@@ -112,37 +120,27 @@ def _earliest_start(preds, worker_of, finish, free, latency, allowed, rank):
     start first (ties: lowest index), and when.
 
     Every worker sees the remote arrival time of the latest predecessor, plus the sync
-    latency, except the workers that ran predecessors themselves: on those the task
-    may start after their own latest predecessor and the latest finish among the OTHER
-    workers (plus the latency)."""
-    latest = np.full(len(free), -1.0)    # worker -> latest finish of a predecessor on it
-    np.maximum.at(latest, worker_of[preds], finish[preds])
-    ran = latest >= 0.0
-    remote, second = 0.0, 0.0            # `second`: the arrival seen by the top worker
-    top = -1
+    latency, except the worker that ran that predecessor (the top worker; ties: the
+    lowest): there the task may start after its own latest predecessor and the latest
+    finish among the OTHER workers (plus the latency). Any other worker that ran a
+    predecessor gains nothing from it: that one finished no later than the latest, so
+    the remote arrival (latest finish + latency >= 0) covers it."""
+    remote, top = 0.0, -1
     if len(preds):
-        top = int(np.argmax(latest))     # first maximum: ties go to the lowest worker
-        remote = latest[top] + latency
-        rest = latest.copy()
-        rest[top] = -1.0
-        runner_up = rest.max()
-        if runner_up >= 0.0:             # another worker ran a predecessor too
-            second = runner_up + latency
-    best_w, best_t = -1, float("inf")
-    ran_allowed = ran[allowed]
-    idle = allowed[~ran_allowed]
-    if len(idle):
-        t = np.maximum(free[idle], remote)
-        i = int(np.argmin(t))
-        best_w, best_t = int(idle[i]), float(t[i])
-    busy = allowed[ran_allowed]
-    if len(busy):
-        others = np.where(busy == top, second, remote)
-        t = np.maximum(np.maximum(free[busy], latest[busy]), others)
-        i = int(np.argmin(t))
-        if t[i] < best_t or (t[i] == best_t and busy[i] < best_w):
-            best_w, best_t = int(busy[i]), float(t[i])
-    return best_w, best_t
+        f = finish[preds]
+        w = worker_of[preds]
+        latest = f.max()
+        top = int(w[f == latest].min())
+        remote = latest + latency
+        rest = f[w != top]
+        second = rest.max() + latency if len(rest) else 0.0
+    t = np.maximum(free[allowed], remote)
+    if top >= 0:
+        k = int(allowed.searchsorted(top))
+        if k < len(allowed) and allowed[k] == top:
+            t[k] = max(free[top], latest, second)
+    i = int(t.argmin())                  # first minimum: ties go to the lowest worker
+    return int(allowed[i]), float(t[i])
 
 
 def _round_robin(preds, worker_of, finish, free, latency, allowed, rank):
@@ -155,11 +153,10 @@ def _round_robin(preds, worker_of, finish, free, latency, allowed, rank):
 
 def _place(taskgraph: TaskGraph, target: Target, workers: int, sequence: list[int],
            place, role_workers: list[tuple[int, ...]], role: list[int],
-           preds: tuple[np.ndarray, list[int]]) -> Schedule:
+           preds: tuple[np.ndarray, list[int]], times: list[float]) -> Schedule:
     """Each task of `sequence` onto the worker `place` picks. `preds`: predecessor ids
-    grouped by task (cost.adjacency)."""
+    grouped by task (cost.adjacency); `times`: cost.task_times."""
     n = len(taskgraph.tasks)
-    times = task_times(taskgraph, target)
     pred_ids, bounds = preds
     latency = sync_latency_us(target)
     queues: list[list[int]] = [[] for _ in range(workers)]

@@ -102,8 +102,9 @@ def _blocks(schedule: Schedule, needs) -> tuple[list[int], list[list[int]]]:
     tasks = schedule.taskgraph.tasks
     producer, consumer = needs
     flat, bounds = adjacency(len(tasks), producer, consumer)   # consumers ascending
-    flat = flat.tolist()
-    consumers = [tuple(flat[a:b]) for a, b in zip(bounds, bounds[1:])]
+    # Each task's consumers as bytes: equal exactly when the id lists are, and unlike a
+    # tuple's, a bytes object's hash is computed once (the sets are hashed repeatedly).
+    consumers = [flat[a:b].tobytes() for a, b in zip(bounds, bounds[1:])]
     whole = _whole_group_events(schedule, consumers, needs)
     ids: dict[tuple, int] = {}
     event_of, members = [], []
@@ -149,7 +150,7 @@ def _join(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _covers(clock: np.ndarray, need: np.ndarray) -> bool:
-    return bool((clock >= need).all())
+    return not (clock < need).any()
 
 
 def _prune(schedule: Schedule, where, event_of, members, wanted) -> list[list[int]]:
@@ -187,14 +188,20 @@ def _prune(schedule: Schedule, where, event_of, members, wanted) -> list[list[in
             if not _covers(clock, need[e]):
                 kept[t].append(e)
                 clock = _join(clock, clock_of(e))
-        # A wait kept early may be implied by ones kept after it.
-        for e in list(kept[t]):
-            others = base
-            for o in kept[t]:
-                if o != e:
-                    others = _join(others, clock_of(o))
-            if _covers(others, need[e]):
-                kept[t].remove(e)
+        # A wait kept early may be implied by ones kept after it: each is checked, in
+        # turn, against the base and the other waits still kept (those before it that
+        # stayed, joined as we go, and all after it: suffix joins). A single kept wait
+        # is not implied: the base alone did not cover it.
+        waits = kept[t]
+        if len(waits) > 1:
+            suffix = [zero] * (len(waits) + 1)
+            for j in range(len(waits) - 1, 0, -1):
+                suffix[j] = _join(suffix[j + 1], clock_of(waits[j]))
+            others, kept[t] = base, []
+            for j, e in enumerate(waits):
+                if not _covers(_join(others, suffix[j + 1]), need[e]):
+                    kept[t].append(e)
+                    others = _join(others, clock_of(e))
         clock[w] = i + 1
         after[t] = clock
     return kept
