@@ -10,7 +10,7 @@ import functools
 import json
 import types
 import typing
-from typing import Any
+from typing import Any, Callable
 
 
 def to_plain(x: Any) -> Any:
@@ -60,49 +60,93 @@ def _fields(tp: type) -> tuple[dict[str, Any], frozenset[str]]:
 
 
 def from_plain(tp: Any, data: Any) -> Any:
+    """`data` (plain JSON) as a value of type `tp`, checked against the type hints;
+    ValueError (or TypeError) when it does not fit."""
+    return _decoder(tp)(data)
+
+
+@functools.lru_cache(maxsize=None)
+def _decoder(tp: Any) -> Callable[[Any], Any]:
+    """The function decoding plain data into `tp`, made once per type: a manifest holds a
+    million values of a few dozen types, and working out how to decode each of them
+    from its type hints every time took seconds of every load."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        if not isinstance(data, dict):
-            raise ValueError(f"expected an object for {tp.__name__}, got {type(data).__name__}")
-        hints, names = _fields(tp)
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"unknown fields {sorted(unknown)} for {tp.__name__}")
-        return tp(**{k: from_plain(hints[k], v) for k, v in data.items()})
+        return _dataclass_decoder(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if data is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return from_plain(arg, data)
-            except (ValueError, TypeError):
-                continue
-        raise ValueError(f"{data!r} matches none of {tp}")
+        options = [_decoder(a) for a in args if a is not type(None)]
+        optional = type(None) in args
+
+        def union(data):
+            if data is None and optional:
+                return None
+            for decode in options:
+                try:
+                    return decode(data)
+                except (ValueError, TypeError):
+                    continue
+            raise ValueError(f"{data!r} matches none of {tp}")
+        return union
     if origin is tuple:
         args = typing.get_args(tp)
-        if not isinstance(data, list):
-            raise ValueError(f"expected a list for {tp}, got {type(data).__name__}")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(from_plain(args[0], v) for v in data)
-        if len(args) != len(data):
-            raise ValueError(f"expected {len(args)} items for {tp}, got {len(data)}")
-        return tuple(from_plain(a, v) for a, v in zip(args, data))
+            item = _decoder(args[0])
+
+            def tuple_of(data):
+                if not isinstance(data, list):
+                    raise ValueError(f"expected a list for {tp}, got {type(data).__name__}")
+                return tuple(map(item, data))
+            return tuple_of
+        items = [_decoder(a) for a in args]
+
+        def fixed_tuple(data):
+            if not isinstance(data, list):
+                raise ValueError(f"expected a list for {tp}, got {type(data).__name__}")
+            if len(items) != len(data):
+                raise ValueError(f"expected {len(items)} items for {tp}, got {len(data)}")
+            return tuple(decode(v) for decode, v in zip(items, data))
+        return fixed_tuple
     if origin is dict:
-        kt, vt = typing.get_args(tp)
-        if not isinstance(data, dict):
-            raise ValueError(f"expected an object for {tp}")
-        return {k: from_plain(vt, v) for k, v in data.items()}
+        value = _decoder(typing.get_args(tp)[1])
+
+        def dict_of(data):
+            if not isinstance(data, dict):
+                raise ValueError(f"expected an object for {tp}")
+            return {k: value(v) for k, v in data.items()}
+        return dict_of
     if tp is Any:
-        return freeze(data)
+        return freeze
     if tp is float:
-        if isinstance(data, bool) or not isinstance(data, (int, float)):
-            raise ValueError(f"expected a number, got {data!r}")
-        return float(data)
+        def number(data):
+            if isinstance(data, bool) or not isinstance(data, (int, float)):
+                raise ValueError(f"expected a number, got {data!r}")
+            return float(data)
+        return number
     if tp in (int, str, bool):
-        if type(data) is not tp:
-            raise ValueError(f"expected {tp.__name__}, got {data!r}")
-        return data
+        def exactly(data):
+            if type(data) is not tp:
+                raise ValueError(f"expected {tp.__name__}, got {data!r}")
+            return data
+        return exactly
     raise TypeError(f"cannot decode type {tp}")
+
+
+def _dataclass_decoder(tp: type) -> Callable[[Any], Any]:
+    hints, names = _fields(tp)
+    fields: dict[str, Callable[[Any], Any]] = {}   # filled on first use: types may nest
+
+    def dataclass(data):
+        if not isinstance(data, dict):
+            raise ValueError(f"expected an object for {tp.__name__}, got {type(data).__name__}")
+        unknown = data.keys() - names
+        if unknown:
+            raise ValueError(f"unknown fields {sorted(unknown)} for {tp.__name__}")
+        values = {}
+        for k, v in data.items():
+            decode = fields.get(k)
+            if decode is None:
+                decode = fields[k] = _decoder(hints[k])
+            values[k] = decode(v)
+        return tp(**values)
+    return dataclass
