@@ -1,5 +1,3 @@
-import sys
+from tilec.cli import entry
 
-from tilec.cli import main
-
-sys.exit(main())
+entry()

@@ -78,6 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def entry() -> None:
+    """The `tilec` command and `python -m tilec`: `main`, then the process ends. After a
+    compile it ends at once (output flushed), without tearing the interpreter down:
+    that took 0.8 s of a 1B model's compile, with nothing left to do. Every other
+    command, and `main` called in-process, exits the usual way."""
+    argv = sys.argv[1:]
+    code = main(argv)
+    if build_parser().parse_known_args(argv)[0].command == "compile":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)   # for the ranks `run` starts
