@@ -145,21 +145,29 @@ def test_packing_a_yaml_model_frees_its_weights_and_packs_the_same_pools(tmp_pat
         assert torch.equal(p, kept[name]), name
 
 
-def test_pack_frees_the_weights_it_may_and_only_those(tmp_path):
-    """compile_module(release_constants=True) leaves the module's weights without
-    memory (each freed once copied into its pool); without it, they are untouched."""
+def test_pack_takes_or_frees_the_weights_it_may_and_only_those(tmp_path):
+    """compile_module(release_constants=True): weights laid out as the pool wants them
+    (a family model's: DecoderStep.empty) become the pool, others are freed once
+    copied into it; without it (a caller's module), they are untouched and share no
+    memory with the engine."""
+    import copy
+
     from tilec.compiler.pipeline import compile_module
 
     cfg = family_config(tmp_path, seed=1)
-    for release in (False, True):
+    for release, laid_out in ((False, True), (True, True), (True, False)):
         module, inputs = cfgmod.build_model(cfg)
+        if not laid_out:
+            module = copy.deepcopy(module)   # each weight in memory of its own
         before = {n: p.clone() for n, p in module.named_parameters()}
-        compile_module(module, inputs, release_constants=release)
+        engine = compile_module(module, inputs, release_constants=release)
+        pool = engine.tensors["pool.w_float32"].untyped_storage().data_ptr()
         for name, p in module.named_parameters():
-            if release:
+            if release and not laid_out:
                 assert p.untyped_storage().size() == 0, name
-            else:
-                assert torch.equal(p, before[name]), name
+                continue
+            assert torch.equal(p, before[name]), name
+            assert (p.untyped_storage().data_ptr() == pool) == release, name
 
 
 def test_a_weight_pack_cannot_free_stays_and_the_compile_succeeds(tmp_path):

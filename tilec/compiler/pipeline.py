@@ -165,7 +165,8 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
     progress = progress or Progress()
     dump = _Dumper(dump_dir)
     exported = progress.run("export", frontend.export, module, example_inputs)
-    dump.text("01_exported_fx.txt", str(exported.program.graph_module.graph))
+    if dump.on:   # (the dumps' arguments alone can take seconds to build)
+        dump.text("01_exported_fx.txt", str(exported.program.graph_module.graph))
     lowered = progress.run("lower", frontend.lower, exported)
     dump.json("02_ir.json", lowered.graph)
     fused = progress.run("fuse", fuse, lowered.graph)
@@ -182,7 +183,7 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
         del taskgraph
         parts = progress.run("deps", _each(deps), parts)
         parts = progress.run("roles", _each(roles), parts, target)
-        for p in parts:
+        for p in parts if dump.on else ():
             dump.json(_per_device("04_tasks.json", p), {
                 "tilings": p.tilings, "tasks": p.tasks, "transfers": p.transfers,
                 "deps": [(d.before, d.after, d.kind, d.buffer) for d in p.deps],
@@ -367,7 +368,15 @@ def fill_pool(pool, buffers, constants: dict[str, torch.Tensor],
     """One flat pool: each constant at its buffer's offset, zeros elsewhere. Only the
     gaps are zeroed (zeroing a pool of weights, then writing every byte again, cost a
     second pass over gigabytes). With `users` (constants per storage, counted over all
-    pools), a constant's storage is freed after the last constant in it is copied."""
+    pools), a constant's storage is freed after the last constant in it is copied; and
+    if the constants already lie as the pool wants them, their memory becomes the pool
+    (only then: a caller's module must not share memory with the engine)."""
+    data = _laid_out(pool, buffers, constants) if users is not None else None
+    if data is not None:   # the weights lie where the pool wants them: take them as is
+        spans = [(b.offset, b.offset + b.type.numel) for b in buffers
+                 if b.pool == pool.name and b.name in constants]
+        _zero_gaps(data, spans)
+        return data
     data = torch.empty(pool.numel, dtype=TORCH_DTYPES[pool.dtype])
     spans = []
     for b in buffers:
@@ -385,12 +394,38 @@ def fill_pool(pool, buffers, constants: dict[str, torch.Tensor],
                         constant.untyped_storage().resize_(0)
                     except RuntimeError:
                         pass   # not ours to free (numpy or mmap memory): it stays
+    _zero_gaps(data, spans)
+    return data
+
+
+def _zero_gaps(data: torch.Tensor, spans: list[tuple[int, int]]) -> None:
     end = 0
-    for start, stop in sorted(spans) + [(pool.numel, pool.numel)]:
+    for start, stop in sorted(spans) + [(len(data), len(data))]:
         if start > end:
             data[end:start] = 0
         end = max(end, stop)
-    return data
+
+
+def _laid_out(pool, buffers, constants: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The pool as a view of the memory its constants already share, if each lies there
+    at its buffer's offset, whole and contiguous (a family model's parameters are laid
+    out so: models/llama.py, DecoderStep.empty); None otherwise."""
+    dtype = TORCH_DTYPES[pool.dtype]
+    storage = None
+    for b in buffers:
+        if b.pool != pool.name or b.name not in constants:
+            continue
+        c = constants[b.name]
+        if b.stored or c.dtype != dtype or not c.is_contiguous() or \
+                c.storage_offset() != b.offset:
+            return None
+        if storage is None:
+            storage = c.untyped_storage()
+        elif c.untyped_storage().data_ptr() != storage.data_ptr():
+            return None
+    if storage is None or storage.nbytes() < pool.numel * dtype.itemsize:
+        return None
+    return torch.empty(0, dtype=dtype).set_(storage)[:pool.numel]
 
 
 def verify_text(report) -> str:
@@ -408,6 +443,10 @@ class _Dumper:
         self.folder = Path(folder) if folder else None
         if self.folder:
             self.folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def on(self) -> bool:
+        return self.folder is not None
 
     def text(self, name: str, text: str) -> None:
         if self.folder:

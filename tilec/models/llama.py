@@ -213,6 +213,36 @@ class Layer(nn.Module):
         return h + self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def _lay_out_constants(model: nn.Module) -> None:
+    """Replace the (meta) parameters of `model`, then its own buffers (not its layers':
+    those are the KV caches, the engine's state), by views into one flat CPU tensor per
+    dtype, in that order (a tied parameter once), each aligned to POOL_ALIGN elements:
+    the order and alignment in which the memory plan places weights (see
+    DecoderStep.empty). The layers' buffers get memory of their own."""
+    from tilec.ir.schedule import POOL_ALIGN
+
+    constants = list(model.named_parameters()) + list(model._buffers.items())
+    ends: dict[torch.dtype, int] = {}
+    offsets = []
+    for _, t in constants:
+        start = -(-ends.get(t.dtype, 0) // POOL_ALIGN) * POOL_ALIGN
+        offsets.append(start)
+        ends[t.dtype] = start + t.numel()
+    flat = {dt: torch.empty(end, dtype=dt) for dt, end in ends.items()}
+    real = {id(t): flat[t.dtype][start:start + t.numel()].view(t.shape)
+            for (_, t), start in zip(constants, offsets)}
+    params = {id(p): nn.Parameter(real[id(p)], requires_grad=p.requires_grad)
+              for _, p in model.named_parameters()}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = params[id(p)]
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = real[id(buf)] if module is model else \
+                    torch.empty_like(buf, device="cpu")
+
+
 class DecoderStep(nn.Module):
     """What the decode-step families share: token embeddings, `num_hidden_layers` of
     `layer(cfg, max_seq_len)`, the final RMSNorm, an lm_head (the embeddings, if tied)
@@ -239,14 +269,19 @@ class DecoderStep(nn.Module):
     @classmethod
     def empty(cls, cfg, max_seq_len: int, dtype: torch.dtype):
         """A model with uninitialised weights in `dtype` and correct buffers, built
-        without a float32 copy or a default initialisation (a 1B model in seconds)."""
+        without a float32 copy or a default initialisation (a 1B model in seconds).
+
+        The parameters and the model's own buffers are views into one flat tensor per
+        dtype, in that order, each starting at a multiple of POOL_ALIGN elements: where
+        the memory plan puts a model's weights in the engine's weight pools. Packing the engine
+        then takes that tensor as the pool instead of copying 2.5 GB into a new one
+        (pipeline.fill_pool checks that the offsets agree, and copies if they do not)."""
         with torch.device("meta"):
             model = cls(cfg, max_seq_len)
         # Cast on meta, where it costs nothing: materialising in float32 first and then
         # casting read 5 GB and wrote 2.5 GB for a 1B model in bfloat16.
-        model = model.to(dtype).to_empty(device="cpu")
-        if cfg.tie_word_embeddings:  # materialising from meta unties shared parameters
-            model.lm_head.weight = model.embed_tokens.weight
+        model = model.to(dtype)
+        _lay_out_constants(model)
         with torch.no_grad():
             model.inv_freq.copy_(model.inverse_frequencies())
             model.positions.copy_(torch.arange(max_seq_len))
