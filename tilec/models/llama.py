@@ -110,7 +110,7 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     return inv_freq
 
 
-INIT_CHUNK = 1 << 20   # values drawn per call (a multiple of 8: see init_random)
+INIT_CHUNK = 1 << 24   # values drawn per call (a multiple of 8: see init_random)
 # The standard deviation of the odd integers -255, -253, ..., 255 drawn with equal
 # chances: sqrt((256**2 - 1) / 3).
 ODD_BYTE_STD = math.sqrt((256 ** 2 - 1) / 3)
