@@ -373,7 +373,7 @@ def test_interrupted_save_keeps_the_old_file(block, tmp_path, monkeypatch):
     engine = engine_file.load(block)
     real = engine_file._write_safetensors
 
-    def interrupted(f, tensors, meta):
+    def interrupted(f, tensors, meta, header_bytes):
         f.write(b"partial")
         raise KeyboardInterrupt
 

@@ -233,7 +233,8 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
             name: str | None = None,
             seed: int | None = None,
             dump_dir: str | os.PathLike | None = None,
-            on_stage: Callable[[str, float], None] | None = None, aot: bool = True) -> Engine:
+            on_stage: Callable[[str, float], None] | None = None, aot: bool = True,
+            output: str | os.PathLike | None = None) -> Engine:
     """Compile a model into an Engine.
 
     model_or_yaml: an `nn.Module` (then `example_inputs` is required: a tuple of
@@ -256,6 +257,8 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
     on_stage: called as `on_stage(stage_name, seconds)` after each compiler stage.
     aot: GPU targets: also compile the kernel for the target's GPU (no GPU needed) and
         store the binary, so a run launches it without compiling (seconds at compile).
+    output: also write the engine file there, as `Engine.save` does; with a GPU
+        compile, the weights are written while it finishes (stages `save`, `aot`, `seal`).
 
     Keyword options override the yaml's target and schedule sections. Mistakes are
     `ConfigError`; an operator tilec cannot lower is `UnsupportedOpError`.
@@ -323,11 +326,12 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
                 dump_dir=os.fspath(dump_dir) if dump_dir is not None else None,
                 generation=generation,
                 weights_ready=weights.wait if weights is not None else None,
-                release_constants=cfg is not None)   # tilec built the module
+                release_constants=cfg is not None,   # tilec built the module
+                output=os.fspath(output) if output is not None else None,
+                tokenizer=tokenizer)
     finally:
         if weights is not None:
             weights.cancel()   # a compile that failed leaves no thread drawing
-    data.tokenizer = tokenizer
     return Engine(data)
 
 

@@ -136,10 +136,7 @@ def cmd_compile(args) -> int:
 
     engine = compile_model(args.model, target=args.target, workers=args.workers,
                            devices=args.devices, dump_dir=args.dump_dir, on_stage=on_stage,
-                           aot=not args.no_aot)
-    saving = time.perf_counter()
-    engine.save(args.output)
-    on_stage("save", time.perf_counter() - saving)
+                           aot=not args.no_aot, output=args.output)
     # Read from the manifest: engine.summary() (tilec inspect's report) recomputes every
     # dependency edge and the critical path, seconds for a 1B model.
     m = engine.data.manifest

@@ -6,6 +6,7 @@ choice between the stored binary and the JIT is a pure function tested here with
 device capabilities. The launch itself needs a GPU (`pytest -m gpu`)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -95,6 +96,34 @@ def test_the_checksum_is_the_documented_one(gpu_engine):
         data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
         digests += [hashlib.sha256(data[i:i + piece]).digest() for i in range(0, len(data), piece)]
     assert hashlib.sha256(b"".join(digests)).hexdigest() == meta["sha256"]
+
+
+def test_a_save_begun_before_the_binary_writes_the_same_bytes(gpu_engine, tmp_path,
+                                                              monkeypatch):
+    """compile(output=...) writes the tensors while the GPU compile runs (PendingSave),
+    then the binary and the header: the file is byte for byte what `save` of the finished
+    engine writes; if the binary's entries do not fit the room kept for them, the file
+    is written again, still the same bytes; a cancelled one leaves nothing."""
+    path, _, engine = gpu_engine
+    data = engine._data
+    stages = []
+    tilec.api.compile(str(EXAMPLES / "block.yaml"), **GPU_OPTIONS, output=tmp_path / "a",
+                      on_stage=lambda name, s: stages.append(name))
+    assert stages.index("manifest") < stages.index("save") < stages.index("aot") \
+        < stages.index("seal")
+    assert (tmp_path / "a").read_bytes() == path.read_bytes()
+    without = dataclasses.replace(data, aot=None)
+    pending = engine_file.PendingSave(without, tmp_path / "b")
+    pending.finish(data.aot)
+    assert (tmp_path / "b").read_bytes() == path.read_bytes()
+    monkeypatch.setattr(engine_file, "BINARY_ROOM", 0)   # the header's room is too small
+    pending = engine_file.PendingSave(without, tmp_path / "c")
+    monkeypatch.setattr(engine_file, "BINARY_ROOM", 64 << 10)
+    pending.finish(data.aot)
+    assert (tmp_path / "c").read_bytes() == path.read_bytes()
+    pending = engine_file.PendingSave(without, tmp_path / "d")
+    pending.cancel()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
 
 
 def test_no_aot_and_cpu_engines_carry_no_binary(capsys, tmp_path):

@@ -46,7 +46,8 @@ from tilec.passes.tile import TileOptions, tile, tile_plan
 from tilec.passes.verify import check
 from tilec.passes.verify_devices import verify_parts
 from tilec.runtime.engine import (AOTKernel, DeviceEngines, Engine, GenerationSpec, IOSpec,
-                                  Manifest, TORCH_DTYPES, aot_text, encode_tables)
+                                  Manifest, PendingSave, TORCH_DTYPES, aot_text,
+                                  encode_tables, save)
 from tilec.version import __version__
 
 MAX_WAITS = 8
@@ -156,12 +157,16 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
                    progress: Progress | None = None, dump_dir: str | None = None,
                    generation: GenerationSpec | None = None,
                    weights_ready: Callable[[], None] | None = None,
-                   release_constants: bool = False) -> Engine | DeviceEngines:
+                   release_constants: bool = False,
+                   output: str | None = None,
+                   tokenizer: str | None = None) -> Engine | DeviceEngines:
     """`weights_ready`, if given, blocks until the module's weights are written: the
     stages before `pack` read only shapes, so a family model's random weights are drawn
     meanwhile (config.PendingWeights); the wait is timed as the stage `weights`.
     `release_constants`: the module is tilec's own and may lose its weights to `pack`
-    (see there); it is unusable afterwards."""
+    (see there); it is unusable afterwards. `output`: write the engine file there too;
+    when the GPU compile is still running after `manifest`, the tensors are written
+    meanwhile (`save`) and the binary, header and checksum after it (`seal`)."""
     progress = progress or Progress()
     dump = _Dumper(dump_dir)
     exported = progress.run("export", frontend.export, module, example_inputs)
@@ -217,16 +222,29 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
             progress.run("weights", weights_ready)
         engines = progress.run("pack", pack_devices, scheds, rendered, lowered, max_waits,
                                name, input_info, seed, None, release_constants)
-        if generation is not None:
-            for e in engines:
+        for e in engines:
+            if generation is not None:
                 e.manifest = replace(e.manifest, generation=generation)
+            e.tokenizer = tokenizer
         if gpu_kernel.arch is not None:
             # a save encodes the manifest before anything else: do it while the GPU
-            # compile runs on
+            # compile runs on, then write the weights meanwhile too
             progress.run("manifest", engines[0].manifest_text)
-            engines[0].aot = progress.run("aot", gpu_kernel.result)
+            pending = progress.run("save", PendingSave, engines[0], output) if output else None
+            try:
+                engines[0].aot = progress.run("aot", gpu_kernel.result)
+            except BaseException:
+                if pending is not None:
+                    pending.cancel()
+                raise
+            if pending is not None:
+                progress.run("seal", pending.finish, engines[0].aot)
+                output = None
             dump.text("08_aot.json", aot_text(engines[0].aot))
-    return DeviceEngines(tuple(engines)) if multi else engines[0]
+    result = DeviceEngines(tuple(engines)) if multi else engines[0]
+    if output is not None:
+        progress.run("save", save, result, output)
+    return result
 
 
 class SpeculativeAOT:

@@ -154,6 +154,10 @@ class DeviceEngines:
     def devices(self) -> int:
         return len(self.ranks)
 
+    @property
+    def tokenizer(self) -> str | None:
+        return self.ranks[0].tokenizer
+
 
 def encode_tables(schedule: Schedule, opcodes, max_waits: int) -> dict[str, torch.Tensor]:
     """One record per task, in queue order. A transfer's record (multi-device; the host
@@ -281,22 +285,49 @@ def _raw(t: torch.Tensor) -> memoryview:
 HASH_SEGMENT = 64 << 20   # bytes of a tensor hashed as one piece (see _digest)
 
 
-def _digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+def _digest(meta: dict[str, str], tensors: dict[str, torch.Tensor],
+            known: dict[str, list[bytes]] | None = None) -> str:
     """The file's checksum: SHA-256 over the SHA-256 digests of its pieces, in order:
     each metadata entry but this one (key, value), each tensor's header (name, dtype,
     shape) and its bytes in HASH_SEGMENT pieces, tensors and keys sorted. The pieces
     are hashed on every core: one SHA-256 stream ran at about 1.1 GB/s here, the
-    largest part of saving or loading a 2.5 GB engine."""
+    largest part of saving or loading a 2.5 GB engine. `known`: the digests of some
+    tensors' byte pieces, hashed before (_tensor_digests)."""
+    known = known or {}
     pieces: list[bytes | memoryview] = [f"{key}\0{meta[key]}\0".encode()
                                         for key in sorted(meta) if key != "sha256"]
+    where: dict[int, list[bytes]] = {}   # piece index -> digests known for it
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         pieces.append(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        raw = _raw(t)
-        pieces.extend(raw[i:i + HASH_SEGMENT] for i in range(0, len(raw), HASH_SEGMENT))
-    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:  # hashlib frees the GIL
-        digests = pool.map(lambda piece: hashlib.sha256(piece).digest(), pieces)
-        return hashlib.sha256(b"".join(digests)).hexdigest()
+        if name in known:
+            where[len(pieces)] = known[name]
+            pieces.append(b"")   # a stand-in, replaced below
+        else:
+            pieces.extend(_segments(t))
+    digests = _hash_all([p for i, p in enumerate(pieces) if i not in where])
+    ordered, taken = [], iter(digests)
+    for i in range(len(pieces)):
+        ordered.extend(where[i] if i in where else [next(taken)])
+    return hashlib.sha256(b"".join(ordered)).hexdigest()
+
+
+def _tensor_digests(tensors: dict[str, torch.Tensor]) -> dict[str, list[bytes]]:
+    """Each tensor's byte pieces' digests, as _digest hashes them."""
+    names = sorted(tensors)
+    segments = [_segments(tensors[n].contiguous()) for n in names]
+    digests = iter(_hash_all([piece for pieces in segments for piece in pieces]))
+    return {n: [next(digests) for _ in pieces] for n, pieces in zip(names, segments)}
+
+
+def _segments(t: torch.Tensor) -> list[memoryview]:
+    raw = _raw(t)
+    return [raw[i:i + HASH_SEGMENT] for i in range(0, len(raw), HASH_SEGMENT)]
+
+
+def _hash_all(pieces: list) -> list[bytes]:
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:   # hashlib frees the GIL
+        return list(pool.map(lambda piece: hashlib.sha256(piece).digest(), pieces))
 
 
 def _contents(engine: Engine | DeviceEngines) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -327,9 +358,13 @@ def _contents(engine: Engine | DeviceEngines) -> tuple[dict[str, str], dict[str,
         meta["tokenizer"] = engine.tokenizer
     tensors = {k: v.contiguous() for k, v in engine.tensors.items()}
     if engine.aot is not None:
-        meta[AOT_KEY] = aot_text(engine.aot)
-        tensors[AOT_CUBIN] = torch.frombuffer(bytearray(engine.aot.cubin), dtype=torch.uint8)
+        _add_binary(meta, tensors, engine.aot)
     return meta, tensors
+
+
+def _add_binary(meta: dict[str, str], tensors: dict[str, torch.Tensor], aot: AOTKernel) -> None:
+    meta[AOT_KEY] = aot_text(aot)
+    tensors[AOT_CUBIN] = torch.frombuffer(bytearray(aot.cubin), dtype=torch.uint8)
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor) -> bool:
@@ -344,20 +379,99 @@ def save(engine: Engine | DeviceEngines, path: str | os.PathLike) -> None:
     # The checksum is computed in a second thread while the tensors are written (both
     # release the GIL), into a placeholder of its length, filled in at the end.
     meta["sha256"] = SHA_PLACEHOLDER
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    header_bytes = _header_size(meta, tensors)
+    file = _TempFile(path)
     try:
-        with ThreadPoolExecutor(1) as hasher, os.fdopen(fd, "wb") as f:
+        with ThreadPoolExecutor(1) as hasher:
             digest = hasher.submit(_digest, meta, tensors)
-            with _DirectWriter(f) as out:
-                at = _write_safetensors(out, tensors, meta)
+            with _DirectWriter(file.f) as out:
+                at = _write_safetensors(out, tensors, meta, header_bytes)
+            file.f.seek(at)
+            file.f.write(digest.result().encode())
+        file.commit()
+    finally:
+        file.discard()
+
+
+class PendingSave:
+    """`save` of an engine whose GPU binary is still being compiled, in two steps, so
+    that writing and hashing gigabytes of weights overlaps the compile: the constructor
+    writes every tensor (and hashes it) after the room the header will take, `finish`
+    adds the binary, the header and the checksum. The file has the bytes `save` of the
+    finished engine writes (the header's room, _header_size, is fixed before the binary
+    is known), or, if the binary's entries do not fit the room kept for them, is written
+    again by `save`. `cancel` leaves no file behind."""
+
+    def __init__(self, engine: Engine, path: str | os.PathLike):
+        if engine.aot is not None:
+            raise ValueError("PendingSave is for an engine still without its GPU binary")
+        self.engine, self.path = engine, path
+        self.meta, self.tensors = _contents(engine)
+        self.meta["sha256"] = SHA_PLACEHOLDER
+        self.header_bytes = _header_size(self.meta, self.tensors, binary_coming=True)
+        self.order = _data_order(self.tensors)
+        self.file = _TempFile(path)
+        try:
+            with ThreadPoolExecutor(1) as hasher:
+                digests = hasher.submit(_tensor_digests, self.tensors)
+                self.file.f.seek(self.header_bytes)
+                with _DirectWriter(self.file.f) as out:
+                    for name in self.order:
+                        out.write(_raw(self.tensors[name]))
+                self.known = digests.result()
+        except BaseException:
+            self.file.discard()
+            raise
+
+    def finish(self, aot: AOTKernel) -> None:
+        """Add the binary, the header and the checksum; the file is then in place."""
+        engine = replace(self.engine, aot=aot)
+        meta, tensors = dict(self.meta), dict(self.tensors)
+        _add_binary(meta, tensors, aot)
+        if _data_order(tensors) != self.order + [AOT_CUBIN] or \
+                _header_size(meta, tensors) != self.header_bytes:
+            self.cancel()   # the binary's entries did not fit the room kept: write anew
+            save(engine, self.path)
+            return
+        try:
+            f = self.file.f
+            f.seek(0, os.SEEK_END)
+            f.write(_raw(tensors[AOT_CUBIN]))
+            f.seek(0)
+            at = _write_header(f, tensors, meta, self.header_bytes)
             f.seek(at)
-            f.write(digest.result().encode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            f.write(_digest(meta, tensors, self.known).encode())
+            self.file.commit()
+        finally:
+            self.file.discard()
+
+    def cancel(self) -> None:
+        """Remove the unfinished file (a no-op once finished)."""
+        self.file.discard()
+
+
+class _TempFile:
+    """A temporary file `f` beside `path` (its folders created), put in place by
+    `commit` or removed by `discard` (whichever comes first; the other is a no-op)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        self.f = os.fdopen(fd, "wb")
+        self.open = True
+
+    def commit(self) -> None:
+        if self.open:
+            self.open = False
+            self.f.close()
+            os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        if self.open:
+            self.open = False
+            self.f.close()
+            Path(self.tmp).unlink(missing_ok=True)
 
 
 class _DirectWriter:
@@ -376,6 +490,7 @@ class _DirectWriter:
     def __init__(self, f):
         f.flush()
         self.fd = f.fileno()
+        self.start = os.lseek(self.fd, 0, os.SEEK_CUR)   # a multiple of BLOCK
         self.direct = _direct_io(self.fd, True)
         self.size = 0                    # bytes written to the stream so far
         self.error: BaseException | None = None
@@ -440,7 +555,7 @@ class _DirectWriter:
         self.full.put(None)
         self.writer.join()
         if padded:
-            os.ftruncate(self.fd, self.size)
+            os.ftruncate(self.fd, self.start + self.size)
         _direct_io(self.fd, False)
         if kind is None and self.error is not None:
             raise self.error
@@ -465,16 +580,23 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
                       torch.int16: "I16"}
 
 
-def _write_safetensors(f, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> int:
-    """The safetensors layout, written deterministically (the library's writer orders the
-    metadata keys differently from run to run), so save(load(file)) gives the same bytes:
-    sorted keys; tensors by alignment, then name, each aligned; header padded to 8.
-    Returns the file offset of meta["sha256"]'s value (in the metadata, every `"` of a
-    value is escaped, so the first `"sha256":"` is the key)."""
-    names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+HEADER_ALIGN = 4096   # the tensor data starts at a multiple of this (see _header_size)
+BINARY_ROOM = 64 << 10   # header bytes kept for a GPU binary's entries (aot: 1-2 kB)
+
+
+def _data_order(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The order of the tensors' bytes in the file: by alignment, then name (so a GPU
+    binary, uint8 and named `aot.cubin`, comes last)."""
+    return sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+
+
+def _header_json(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
+    """The safetensors header, written deterministically (the library's writer orders
+    the metadata keys differently from run to run), so save(load(file)) gives the same
+    bytes: sorted keys; tensors in _data_order, each after the one before."""
     header: dict[str, object] = {"__metadata__": meta}
     offset = 0
-    for name in names:
+    for name in _data_order(tensors):
         t = tensors[name]
         if t.dtype not in SAFETENSORS_DTYPES:
             raise EngineError(f"tensor {name!r}: dtype {t.dtype} cannot be stored")
@@ -482,13 +604,45 @@ def _write_safetensors(f, tensors: dict[str, torch.Tensor], meta: dict[str, str]
         header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
+    return json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _header_size(meta: dict[str, str], tensors: dict[str, torch.Tensor],
+                 binary_coming: bool = False) -> int:
+    """Bytes before the tensor data (the 8-byte length and the header, padded with
+    spaces): what the header takes without a GPU binary, plus BINARY_ROOM if the engine
+    has one (or will: PendingSave), rounded up to HEADER_ALIGN; more if the header
+    needs it. So a save can write the data before the binary exists, and the data
+    starts page-aligned."""
+    binary = binary_coming or AOT_CUBIN in tensors
+    without = _header_json({k: v for k, v in tensors.items() if k != AOT_CUBIN},
+                           {k: v for k, v in meta.items() if k != AOT_KEY})
+    room = 8 + len(without) + (BINARY_ROOM if binary else 0)
+    if AOT_CUBIN in tensors:
+        room = max(room, 8 + len(_header_json(tensors, meta)))
+    return -(-room // HEADER_ALIGN) * HEADER_ALIGN
+
+
+def _write_header(f, tensors: dict[str, torch.Tensor], meta: dict[str, str],
+                  header_bytes: int) -> int:
+    """The 8-byte length and the header, padded to `header_bytes`; returns the file
+    offset of meta["sha256"]'s value (in the metadata, every `"` of a value is escaped,
+    so the first `"sha256":"` is the key)."""
+    text = _header_json(tensors, meta)
+    text += b" " * (header_bytes - 8 - len(text))
     f.write(len(text).to_bytes(8, "little"))
     f.write(text)
-    for name in names:
-        f.write(_raw(tensors[name].contiguous()))
     return 8 + text.index(b'"sha256":"') + len(b'"sha256":"')
+
+
+def _write_safetensors(f, tensors: dict[str, torch.Tensor], meta: dict[str, str],
+                       header_bytes: int) -> int:
+    """The whole file: header (see _write_header, whose offset it returns), then the
+    tensors' bytes in _data_order."""
+    at = _write_header(f, tensors, meta, header_bytes)
+    for name in _data_order(tensors):
+        f.write(_raw(tensors[name].contiguous()))
+    return at
 
 
 def load(path: str | os.PathLike, trust_engine_code: bool = False) -> Engine | DeviceEngines:
