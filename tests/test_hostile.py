@@ -161,6 +161,27 @@ def test_signed_edit_through_save(capsys, block, tmp_path):
     assert_refused(capsys, tmp_path / "e", match="out of range")
 
 
+def nested(depth: int, leaf):
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf
+
+
+@pytest.mark.parametrize("plain,problem", [
+    (nested(64, 1), None), (nested(65, 1), "nested"), (nested(64, []), None),
+    ({"a": nested(62, {"b": 1})}, None), ({"a": nested(63, {"b": 1})}, "nested"),
+    ([2 ** 53, -2 ** 53, True, 1.5e300, "9" * 30], None), ([[2 ** 53 + 1]], "out of range"),
+    ({"k": -2 ** 53 - 1}, "out of range"), (2 ** 60, "out of range"), ("text", None)])
+def test_manifest_nesting_and_integers_are_bounded(plain, problem):
+    """What a decoded manifest may hold: nothing deeper than MAX_DEPTH (64) below the
+    root, no integer beyond +-2**53."""
+    if problem is None:
+        engine_file._check_plain(plain)
+    else:
+        with pytest.raises(ValueError, match=problem):
+            engine_file._check_plain(plain)
+
+
 def edit_manifest(fn):
     return lambda plain: fn(plain)
 

@@ -91,6 +91,8 @@ def _decoder(tp: Any) -> Callable[[Any], Any]:
     if origin is tuple:
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
+            if args[0] is int:    # the commonest by far (tiles, boxes): no call per item
+                return functools.partial(_ints, tp, None)
             item = _decoder(args[0])
 
             def tuple_of(data):
@@ -98,6 +100,8 @@ def _decoder(tp: Any) -> Callable[[Any], Any]:
                     raise ValueError(f"expected a list for {tp}, got {type(data).__name__}")
                 return tuple(map(item, data))
             return tuple_of
+        if all(a is int for a in args):
+            return functools.partial(_ints, tp, len(args))
         items = [_decoder(a) for a in args]
 
         def fixed_tuple(data):
@@ -130,6 +134,18 @@ def _decoder(tp: Any) -> Callable[[Any], Any]:
             return data
         return exactly
     raise TypeError(f"cannot decode type {tp}")
+
+
+def _ints(tp: Any, length: int | None, data: Any) -> tuple[int, ...]:
+    """A tuple of ints (of `length` items, if given)."""
+    if not isinstance(data, list):
+        raise ValueError(f"expected a list for {tp}, got {type(data).__name__}")
+    if length is not None and length != len(data):
+        raise ValueError(f"expected {length} items for {tp}, got {len(data)}")
+    for v in data:
+        if type(v) is not int:
+            raise ValueError(f"expected int, got {v!r}")
+    return tuple(data)
 
 
 def _dataclass_decoder(tp: type) -> Callable[[Any], Any]:

@@ -765,18 +765,24 @@ def _parse_manifest(path: Path, text) -> Manifest:
 
 
 def _check_plain(plain) -> None:
-    """Bounded nesting and integers, so nothing downstream overflows or recurses."""
-    stack = [(plain, 0)]
-    while stack:
-        x, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise ValueError(f"nested more than {MAX_DEPTH} levels deep")
-        if isinstance(x, dict):
-            stack.extend((v, depth + 1) for v in x.values())
-        elif isinstance(x, list):
-            stack.extend((v, depth + 1) for v in x)
-        elif isinstance(x, int) and not isinstance(x, bool) and not -MAX_INT <= x <= MAX_INT:
-            raise ValueError(f"integer {x} out of range")
+    """Bounded nesting and integers, so nothing downstream overflows or recurses. Walked
+    a level at a time with only the containers kept: a manifest holds over a million
+    values, and a stack entry for each of them took most of a second."""
+    level, depth = [[plain]], -1   # the root, as the child of a stand-in at depth -1
+    while level:
+        depth += 1                 # the depth of the children of this level
+        nested = []
+        for x in level:
+            if depth > MAX_DEPTH and x:
+                raise ValueError(f"nested more than {MAX_DEPTH} levels deep")
+            for v in (x.values() if type(x) is dict else x):
+                kind = type(v)
+                if kind is int:
+                    if not -MAX_INT <= v <= MAX_INT:
+                        raise ValueError(f"integer {v} out of range")
+                elif kind is list or kind is dict:
+                    nested.append(v)
+        level = nested
 
 
 def _clip(x) -> str:
