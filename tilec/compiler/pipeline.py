@@ -16,8 +16,6 @@ A family model's random weights are drawn in the background meanwhile; `weights`
 """
 from __future__ import annotations
 
-import functools
-import gc
 import json
 import time
 from collections import Counter
@@ -28,6 +26,7 @@ from typing import Callable
 import torch
 
 from tilec.codegen.aot import PendingKernel
+from tilec.gcpause import without_cyclic_gc
 from tilec.codegen.render import Rendered, render
 from tilec.compiler import frontend
 from tilec.errors import ConfigError
@@ -130,24 +129,6 @@ class InputInfo:
     name: str
     low: int = 0
     high: int | None = None
-
-
-def without_cyclic_gc(fn):
-    """Runs `fn` with Python's cyclic garbage collector paused. The passes build millions
-    of small, long-lived objects without cycles (tasks, regions, 2.3 M deps for
-    Llama-1B); the collector, triggered by allocation counts, walked them all again and
-    again (seconds per compile). The few cycles a compile leaves (FX graphs) are
-    collected as usual once it returns."""
-    @functools.wraps(fn)
-    def paused(*args, **kwargs):
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            if enabled:
-                gc.enable()
-    return paused
 
 
 @without_cyclic_gc

@@ -92,7 +92,7 @@ def _decoder(tp: Any) -> Callable[[Any], Any]:
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
             if args[0] is int:    # the commonest by far (tiles, boxes): no call per item
-                return functools.partial(_ints, tp, None)
+                return functools.partial(_scalars, tp, None)
             item = _decoder(args[0])
 
             def tuple_of(data):
@@ -100,8 +100,8 @@ def _decoder(tp: Any) -> Callable[[Any], Any]:
                     raise ValueError(f"expected a list for {tp}, got {type(data).__name__}")
                 return tuple(map(item, data))
             return tuple_of
-        if all(a is int for a in args):
-            return functools.partial(_ints, tp, len(args))
+        if all(a in (int, str, bool) for a in args):   # (name, bytes) pairs, boxes
+            return functools.partial(_scalars, tp, args)
         items = [_decoder(a) for a in args]
 
         def fixed_tuple(data):
@@ -136,15 +136,21 @@ def _decoder(tp: Any) -> Callable[[Any], Any]:
     raise TypeError(f"cannot decode type {tp}")
 
 
-def _ints(tp: Any, length: int | None, data: Any) -> tuple[int, ...]:
-    """A tuple of ints (of `length` items, if given)."""
+def _scalars(tp: Any, kinds: tuple[type, ...] | None, data: Any) -> tuple:
+    """A tuple of ints, strs or bools, item i of type kinds[i] (`kinds` None: any number
+    of ints), checked without a call per item."""
     if not isinstance(data, list):
         raise ValueError(f"expected a list for {tp}, got {type(data).__name__}")
-    if length is not None and length != len(data):
-        raise ValueError(f"expected {length} items for {tp}, got {len(data)}")
-    for v in data:
-        if type(v) is not int:
-            raise ValueError(f"expected int, got {v!r}")
+    if kinds is None:
+        for v in data:
+            if type(v) is not int:
+                raise ValueError(f"expected int, got {v!r}")
+        return tuple(data)
+    if len(kinds) != len(data):
+        raise ValueError(f"expected {len(kinds)} items for {tp}, got {len(data)}")
+    for kind, v in zip(kinds, data):
+        if type(v) is not kind:
+            raise ValueError(f"expected {kind.__name__}, got {v!r}")
     return tuple(data)
 
 

@@ -28,6 +28,7 @@ import torch
 
 from tilec.codegen.aot import KERNEL_NAME
 from tilec.errors import EngineError
+from tilec.gcpause import without_cyclic_gc
 from tilec.ir.schedule import Schedule, Wait
 from tilec.ir.tasks import TRANSFER
 from tilec.ir.serial import from_plain, to_json
@@ -753,6 +754,7 @@ def _read_container(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]
     return meta, tensors
 
 
+@without_cyclic_gc
 def _parse_manifest(path: Path, text) -> Manifest:
     try:
         if not isinstance(text, str):
