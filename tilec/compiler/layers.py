@@ -26,6 +26,7 @@ the whole trace (tests/compiler/test_layers.py compares the two).
 """
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, replace
 
@@ -57,8 +58,6 @@ def declared_layers(module: torch.nn.Module) -> RepeatedLayers | None:
 def first_two(layers: RepeatedLayers) -> torch.nn.Module:
     """A shallow copy of the module holding only its first two layers (the same layer
     objects, so the same parameters and buffers)."""
-    import copy
-
     short = copy.copy(layers.module)
     short._modules = dict(short._modules)
     short._modules[layers.attr] = torch.nn.ModuleList(list(getattr(short, layers.attr))[:2])

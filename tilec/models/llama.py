@@ -110,7 +110,10 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     return inv_freq
 
 
-INIT_CHUNK = 1 << 24   # values drawn per call (a multiple of 8: see init_random)
+# Values drawn per call (a multiple of 8: see init_random). Large on purpose: the draw
+# runs beside a busy main thread, and each call hands the GIL over; with 1 M values per
+# call the thousands of hand-overs made the draw finish seconds late.
+INIT_CHUNK = 1 << 24
 # The standard deviation of the odd integers -255, -253, ..., 255 drawn with equal
 # chances: sqrt((256**2 - 1) / 3).
 ODD_BYTE_STD = math.sqrt((256 ** 2 - 1) / 3)
@@ -131,8 +134,8 @@ def init_random(params: list[tuple[str, nn.Parameter]], seed: int, std: float = 
     model.yaml; raw bytes of a PCG64 stream cost a tenth of that. Tensor i draws from
     its own stream, seeded by (seed, i), a chunk of INIT_CHUNK bytes at a time (8 bytes
     per raw draw, so chunks continue the stream exactly: the values do not depend on
-    the chunk size, tests/models/test_llama_init.py), through one small float32
-    buffer, and are rounded into place. `stop`, when set, ends the drawing early (a
+    the chunk size, tests/models/test_llama_init.py), through one float32 buffer of a
+    chunk, and are rounded into place. `stop`, when set, ends the drawing early (a
     compile that failed)."""
     scale = std / ODD_BYTE_STD
     buf = torch.empty(INIT_CHUNK, dtype=torch.float32)
@@ -273,9 +276,9 @@ class DecoderStep(nn.Module):
 
         The parameters and the model's own buffers are views into one flat tensor per
         dtype, in that order, each starting at a multiple of POOL_ALIGN elements: where
-        the memory plan puts a model's weights in the engine's weight pools. Packing the engine
-        then takes that tensor as the pool instead of copying 2.5 GB into a new one
-        (pipeline.fill_pool checks that the offsets agree, and copies if they do not)."""
+        the memory plan puts a model's weights in the engine's weight pools. Packing
+        the engine then takes that tensor as the pool instead of copying 2.5 GB into a
+        new one (pipeline.fill_pool checks that the offsets agree, and copies if not)."""
         with torch.device("meta"):
             model = cls(cfg, max_seq_len)
         # Cast on meta, where it costs nothing: materialising in float32 first and then
