@@ -67,6 +67,30 @@ def test_compile_reports_stages_and_writes_engine(capsys, tmp_path):
     assert "wrote" in err and "tasks on" in err
 
 
+@pytest.mark.parametrize("where", ["folder", "under_a_file"])
+def test_compile_to_a_path_it_cannot_write_fails_before_compiling(capsys, tmp_path, where):
+    (tmp_path / "a_file").write_text("x")
+    out_path = tmp_path if where == "folder" else tmp_path / "a_file" / "sub" / "m.engine"
+    code, _, err = run_cli(capsys, "compile", EXAMPLES / "mlp.yaml", "-o", out_path)
+    assert_compile_error(code, err)
+    assert "cannot write" in err and "export" not in err   # before any stage ran
+
+
+def test_a_save_that_fails_is_one_error_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """When the folder vanishes between the check and the save (here: the check is
+    skipped), the save's own failure is still an EngineError with one line."""
+    import tilec.api
+    from tilec.errors import EngineError
+    from tilec.runtime import engine as engine_file
+
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setattr(engine_file, "check_writable", lambda path: None)
+    with pytest.raises(EngineError, match="cannot write") as info:
+        tilec.api.compile(str(EXAMPLES / "mlp.yaml"), output=tmp_path / "a_file" / "m.engine")
+    assert len(str(info.value).splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
 def test_compile_dump_dir(capsys, tmp_path):
     dump = tmp_path / "dump"
     code, _, err = run_cli(capsys, "compile", EXAMPLES / "mlp.yaml", "-o", tmp_path / "m.engine",

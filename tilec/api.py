@@ -268,6 +268,8 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
 
     _check_options(cfgmod, dtype, policy, tile_m=tile_m, tile_n=tile_n, tile_k=tile_k,
                    kv_chunk=kv_chunk)
+    if output is not None:
+        engine_file.check_writable(output)
     if isinstance(model_or_yaml, (str, os.PathLike)):
         cfg = cfgmod.load_config(model_or_yaml)
     elif isinstance(model_or_yaml, cfgmod.ModelConfig):

@@ -451,14 +451,31 @@ class PendingSave:
         self.file.discard()
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """An EngineError (one line) unless an engine file can be written at `path`: its
+    folder, or the nearest folder above it that exists (save creates the rest), is a
+    writable folder. Checked before a compile, so a typo fails in a moment, not after it."""
+    path = Path(path).absolute()
+    if path.is_dir():
+        raise EngineError(f"cannot write {path}: it is a folder")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not (folder.is_dir() and os.access(folder, os.W_OK)):
+        raise EngineError(f"cannot write {path}: {folder} is not a writable folder")
+
+
 class _TempFile:
     """A temporary file `f` beside `path` (its folders created), put in place by
     `commit` or removed by `discard` (whichever comes first; the other is a no-op)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        except OSError as e:
+            raise EngineError(f"cannot write {path}: {e.strerror or e}") from None
         self.f = os.fdopen(fd, "wb")
         self.open = True
 
