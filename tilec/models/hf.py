@@ -16,6 +16,43 @@ from tilec.models.llama import LlamaConfig, LlamaDecodeStep
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 
+# Every config.json field is honoured, metadata, or refused: a field tilec does not
+# know may change what the model computes, and ignoring it would be a silently wrong
+# answer. Honoured: LlamaConfig computes with them (or, for the first two, read_config
+# checks them).
+HONOURED = (
+    "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+    "tie_word_embeddings", "attention_bias", "mlp_bias", "max_position_embeddings",
+)
+_GENERATION_DEFAULT = ("a default of transformers' generate(), not of the model: "
+                       "tilec run takes its own sampling flags")
+# Metadata: fields that do not change what the model computes, and why.
+METADATA = {
+    "_name_or_path": "where transformers loaded the checkpoint from",
+    "transformers_version": "the version of transformers that wrote the file",
+    "torch_dtype": "the stored weights' dtype: the engine computes in model.yaml's dtype",
+    "dtype": "the stored weights' dtype: the engine computes in model.yaml's dtype",
+    "bos_token_id": "a token id, for tokenizers",
+    "pad_token_id": "a token id, for batching (tilec decodes one sequence)",
+    "eos_token_id": "a token id: tilec run stops at it (eos_token_ids)",
+    "tokenizer_class": "names the tokenizer, not part of the model",
+    "initializer_range": "the scale of a training run's random weights: these come from "
+                         "the checkpoint",
+    "attention_dropout": "dropout is off at inference",
+    "use_cache": "a transformers forward option: tilec always keeps a KV cache",
+    "pretraining_tp": "the tensor-parallel split of pretraining: transformers computes "
+                      "the same function with any value",
+    "output_attentions": "a transformers forward option (what it returns)",
+    "output_hidden_states": "a transformers forward option (what it returns)",
+    "return_dict": "a transformers forward option (what it returns)",
+    "torchscript": "a transformers export option",
+    **{key: _GENERATION_DEFAULT for key in (
+        "max_length", "min_length", "do_sample", "temperature", "top_k", "top_p",
+        "repetition_penalty", "num_beams")},
+}
+
 
 def read_config(folder: str | os.PathLike) -> LlamaConfig:
     folder = Path(folder)
@@ -31,10 +68,21 @@ def read_config(folder: str | os.PathLike) -> LlamaConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     archs = data.get("architectures") or []
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+    if not isinstance(archs, list) or not any(a in SUPPORTED_ARCHITECTURES for a in archs):
         raise ConfigError(f"{path}: architectures: {archs!r} is not supported "
                           f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    return LlamaConfig.from_dict(data, where=str(path))
+    if data.get("model_type", "llama") != "llama":
+        raise ConfigError(f"{path}: model_type: {data['model_type']!r} is not supported "
+                          f"(supported: 'llama')")
+    for key, value in data.items():
+        if key not in HONOURED and key not in METADATA:
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise ConfigError(f"{path}: {key}: {shown} is not supported by tilec's Llama "
+                              f"(a field tilec does not know may change what the model "
+                              f"computes; the fields it honours: docs/model-yaml.md)")
+    cfg = {k: v for k, v in data.items() if k in HONOURED and k not in ("architectures",
+                                                                         "model_type")}
+    return LlamaConfig.from_dict(cfg, where=str(path))
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
@@ -76,31 +124,74 @@ def hf_name(ours: str) -> str:
 
 
 def load_checkpoint(folder: str | os.PathLike, max_seq_len: int) -> LlamaDecodeStep:
-    from safetensors import safe_open
-
+    """The checkpoint as tilec's Llama: every tensor in it is consumed or refused."""
     folder = Path(folder)
     cfg = read_config(folder)
+    cfg.check_max_seq_len(max_seq_len, str(folder / "config.json"))
     files = weight_files(folder)
     model = LlamaDecodeStep(cfg, max_seq_len)
-    handles: dict[Path, object] = {}
-    try:
+    with _Tensors(files) as tensors:
         for name, param in model.named_parameters():
             key = hf_name(name)
             if key not in files:
                 raise ConfigError(f"{folder}: tensor {key} missing from the checkpoint")
-            path = files[key]
-            if path not in handles:
-                handles[path] = safe_open(str(path), framework="pt").__enter__()
-            tensor = handles[path].get_tensor(key)
+            tensor = tensors.get(key)
             if tuple(tensor.shape) != tuple(param.shape):
-                raise ConfigError(f"{path.name}: tensor {key} has shape {tuple(tensor.shape)}, "
-                                  f"config.json implies {tuple(param.shape)}")
+                raise ConfigError(f"{files[key].name}: tensor {key} has shape "
+                                  f"{tuple(tensor.shape)}, config.json implies {tuple(param.shape)}")
+            if not tensor.is_floating_point():
+                raise ConfigError(f"{files[key].name}: tensor {key} has dtype {tensor.dtype}, "
+                                  f"expected a floating-point type (quantized weights are not "
+                                  f"supported)")
             with torch.no_grad():
                 param.copy_(tensor.to(param.dtype))
-    finally:
-        for h in handles.values():
-            h.__exit__(None, None, None)
+        for key in sorted(set(files) - tensors.read):
+            _check_redundant(model, key, tensors.get(key), files[key])
     return model.eval()
+
+
+class _Tensors:
+    """Tensors read by name from the checkpoint's files, each file opened once."""
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = files
+        self.handles: dict[Path, object] = {}
+        self.read: set[str] = set()
+
+    def get(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self.files[key]
+        if path not in self.handles:
+            self.handles[path] = safe_open(str(path), framework="pt").__enter__()
+        self.read.add(key)
+        return self.handles[path].get_tensor(key)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles.values():
+            h.__exit__(None, None, None)
+
+
+def _check_redundant(model: LlamaDecodeStep, key: str, tensor: torch.Tensor, path: Path) -> None:
+    """A checkpoint tensor no parameter took: accepted only where it repeats what the
+    model has (a tied lm_head stored anyway, old checkpoints' RoPE frequencies), else
+    refused, since dropping it would compute another model than the checkpoint's."""
+    repeats = None
+    if key == "lm_head.weight" and model.cfg.tie_word_embeddings:
+        repeats = model.embed_tokens.weight
+    elif key.startswith("model.layers.") and key.endswith(".self_attn.rotary_emb.inv_freq"):
+        repeats = model.inv_freq
+    if repeats is not None and tensor.shape == repeats.shape and torch.allclose(
+            tensor.float(), repeats.float(), rtol=1e-3, atol=0):
+        return
+    why = "it differs from what this config.json implies" if repeats is not None else \
+        "tilec's Llama with this config.json has no such tensor"
+    hint = " (see attention_bias, mlp_bias)" if key.endswith(".bias") else ""
+    raise ConfigError(f"{path.name}: tensor {key} {tuple(tensor.shape)} would be ignored: "
+                      f"{why}{hint}")
 
 
 def tokenizer_json(folder: str | os.PathLike) -> str | None:
@@ -132,7 +223,7 @@ def to_transformers(model: LlamaDecodeStep, device: str = "cpu"):
         intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
         num_attention_heads=c.num_attention_heads, num_key_value_heads=c.kv_heads,
         head_dim=c.dim_head, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
-        rope_scaling=c.rope_scaling, tie_word_embeddings=c.tie_word_embeddings,
+        rope_scaling=c.rope_scaling, hidden_act=c.hidden_act, tie_word_embeddings=c.tie_word_embeddings,
         attention_bias=c.attention_bias, mlp_bias=c.mlp_bias,
         max_position_embeddings=max(c.max_position_embeddings, model.max_seq_len))
     dtype = model.embed_tokens.weight.dtype

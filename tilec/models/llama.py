@@ -9,7 +9,8 @@ special-cased by name. It is written so the fusion pass finds the decode tasks:
   * RoPE uses `x * cos + swap_halves(x) * sin_signed`, whose swap is a concat of two
     views of the projection output (no separate negation op).
 Numerically it is Hugging Face's LlamaForCausalLM (RMSNorm in float32, softmax in
-float32, llama3 rope scaling), one token per call.
+float32, its activations and rope scaling types: ACTIVATIONS, ROPE_KEYS), one token
+per call.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
+    hidden_act: str = "silu"
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
@@ -56,15 +58,19 @@ class LlamaConfig:
         known = {f.name for f in fields(LlamaConfig)} - {"extra"}
         data = dict(data)
         # transformers 5.x writes rope_parameters (rope_theta and scaling inside) instead
-        # of 4.x's rope_theta + rope_scaling; accept both.
+        # of 4.x's rope_theta + rope_scaling; accept both, with transformers' priorities:
+        # rope_scaling over rope_parameters, and the dict's rope_theta over the top level's.
         params = data.pop("rope_parameters", None)
-        if isinstance(params, dict):
-            params = dict(params)
-            if "rope_theta" in params:
-                data.setdefault("rope_theta", params.pop("rope_theta"))
-            kind = params.get("rope_type", params.get("type", "default"))
-            if kind != "default":
-                data.setdefault("rope_scaling", params)
+        scaling = data.get("rope_scaling") or params
+        if scaling is not None:
+            if not isinstance(scaling, dict):
+                raise ConfigError(f"{where}: rope_parameters: expected a mapping, found {scaling!r}")
+            scaling = dict(scaling)
+            if "rope_theta" in scaling:
+                data["rope_theta"] = scaling.pop("rope_theta")
+            plain = set(scaling) <= {"rope_type", "type"} and \
+                scaling.get("rope_type", scaling.get("type", "default")) == "default"
+            data["rope_scaling"] = None if plain else scaling
         args = {k: v for k, v in data.items() if k in known}
         cfg = LlamaConfig(**args, extra={k: v for k, v in data.items() if k not in known})
         cfg.validate(where)
@@ -78,36 +84,183 @@ class LlamaConfig:
                     "num_attention_heads"):
             value = getattr(self, key)
             need(isinstance(value, int) and value > 0, key, f"expected a positive integer, found {value!r}")
+        for key in ("num_key_value_heads", "head_dim"):
+            value = getattr(self, key)
+            need(value is None or (isinstance(value, int) and not isinstance(value, bool)
+                                   and value > 0),
+                 key, f"expected a positive integer or null, found {value!r}")
+        for key in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            value = getattr(self, key)
+            need(isinstance(value, bool), key, f"expected true or false, found {value!r}")
+        for key in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, key)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+                 key, f"expected a positive number, found {value!r}")
         need(self.num_attention_heads % self.kv_heads == 0, "num_key_value_heads",
              f"{self.kv_heads} does not divide num_attention_heads {self.num_attention_heads}")
         need(self.dim_head % 2 == 0, "head_dim", f"must be even for RoPE, found {self.dim_head}")
         if self.head_dim is None:
             need(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
                  "not divisible by num_attention_heads")
+        need(isinstance(self.hidden_act, str) and self.hidden_act in ACTIVATIONS, "hidden_act",
+             f"{self.hidden_act!r} is not supported by tilec's Llama "
+             f"(supported: {', '.join(ACTIVATIONS)})")
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            need(kind in ("llama3", "default"), "rope_scaling.rope_type",
-                 f"only 'llama3' is supported, found {kind!r}")
+            check_rope_scaling(self.rope_scaling, where)
+
+    @property
+    def rope_type(self) -> str:
+        scaling = self.rope_scaling or {}
+        return scaling.get("rope_type", scaling.get("type", "default"))
+
+    def check_max_seq_len(self, max_seq_len: int, where: str) -> None:
+        """The rope types whose frequencies transformers changes with the sequence length
+        are honoured only where they do not change: tilec's frequencies are fixed."""
+        scaling = self.rope_scaling or {}
+        if self.rope_type == "dynamic":
+            limit, name = self.max_position_embeddings, "max_position_embeddings"
+        elif self.rope_type == "longrope":
+            limit = scaling.get("original_max_position_embeddings", self.max_position_embeddings)
+            name = "rope_scaling.original_max_position_embeddings"
+        else:
+            return
+        if max_seq_len > limit:
+            raise ConfigError(
+                f"{where}: rope_scaling: rope_type {self.rope_type!r} changes its frequencies "
+                f"past {name} {limit}, which tilec does not implement: max_seq_len must be at "
+                f"most {limit}, found {max_seq_len}")
 
 
-def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
-    """Inverse frequencies, with Llama 3's frequency-dependent scaling if configured."""
+def _gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """transformers' NewGELUActivation, written out as it is (not F.gelu's tanh form)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+# hidden_act -> the function, as transformers' ACT2FN computes it
+ACTIVATIONS = {
+    "silu": nn.functional.silu,
+    "swish": nn.functional.silu,
+    "gelu": nn.functional.gelu,
+    "gelu_pytorch_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),
+    "gelu_new": _gelu_new,
+    "relu": nn.functional.relu,
+}
+
+# rope type -> (required, optional) keys of rope_scaling besides rope_type/type, rope_theta
+# and partial_rotary_factor, as transformers validates them
+ROPE_KEYS = {
+    "default": ((), ()),
+    "linear": (("factor",), ()),
+    "dynamic": (("factor",), ()),
+    "yarn": (("factor",), ("original_max_position_embeddings", "attention_factor", "beta_fast",
+                           "beta_slow", "mscale", "mscale_all_dim", "truncate")),
+    "longrope": (("long_factor", "short_factor"),
+                 ("factor", "attention_factor", "original_max_position_embeddings")),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor"),
+               ("original_max_position_embeddings",)),
+}
+
+
+def check_rope_scaling(scaling: dict, where: str) -> None:
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"{where}: rope_scaling: expected a mapping, found {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_KEYS:
+        raise ConfigError(f"{where}: rope_scaling: rope_type {kind!r} is not supported by "
+                          f"tilec's Llama (supported: {', '.join(ROPE_KEYS)})")
+    required, optional = ROPE_KEYS[kind]
+    for key in required:
+        if key not in scaling:
+            raise ConfigError(f"{where}: rope_scaling: rope_type {kind!r} needs {key!r}")
+    allowed = set(required) | set(optional) | {"rope_type", "type", "rope_theta",
+                                               "partial_rotary_factor"}
+    for key in scaling:
+        if key not in allowed:
+            raise ConfigError(f"{where}: rope_scaling: {key!r} is not supported with rope_type "
+                              f"{kind!r} (supported: {', '.join(sorted(allowed))})")
+    partial = scaling.get("partial_rotary_factor", 1.0)
+    if partial != 1.0:
+        raise ConfigError(f"{where}: rope_scaling: partial_rotary_factor {partial!r} is not "
+                          f"supported by tilec's Llama (supported: 1.0)")
+    if kind == "longrope":
+        for key in ("long_factor", "short_factor"):
+            if not isinstance(scaling[key], list):
+                raise ConfigError(f"{where}: rope_scaling: {key}: expected a list of numbers, "
+                                  f"found {scaling[key]!r}")
+
+
+def rope_parameters(cfg: LlamaConfig) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies and the factor transformers multiplies cos and sin by,
+    for each rope type of ROPE_KEYS as transformers' modeling_rope_utils computes them
+    (`dynamic` and `longrope` at lengths where their frequencies stay fixed: see
+    LlamaConfig.check_max_seq_len)."""
     dim = cfg.dim_head
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    base = cfg.rope_theta
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    inv_freq = 1.0 / (base ** exponents)
     scaling = cfg.rope_scaling or {}
-    if scaling.get("rope_type", scaling.get("type")) == "llama3":
-        factor = scaling["factor"]
-        low = scaling.get("low_freq_factor", 1.0)
-        high = scaling.get("high_freq_factor", 4.0)
-        old_ctx = scaling["original_max_position_embeddings"]
-        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        inv_freq = torch.where(medium, smoothed, scaled)
-    return inv_freq
+    kind = cfg.rope_type
+    old_ctx = scaling.get("original_max_position_embeddings", cfg.max_position_embeddings)
+    if kind == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling, old_ctx), 1.0
+    if kind == "yarn":
+        return _yarn_parameters(cfg, scaling, old_ctx)
+    if kind == "longrope":
+        factor = scaling.get("factor") or cfg.max_position_embeddings / old_ctx
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else \
+                math.sqrt(1 + math.log(factor) / math.log(old_ctx))
+        short = torch.tensor(scaling["short_factor"], dtype=torch.float32)
+        return 1.0 / (short * base ** exponents), attention
+    return inv_freq, 1.0   # default; dynamic below max_position_embeddings
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict, old_ctx: float) -> torch.Tensor:
+    """Llama 3's frequency-dependent scaling."""
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _yarn_parameters(cfg: LlamaConfig, scaling: dict, old_ctx: float) -> tuple[torch.Tensor, float]:
+    """YaRN: frequencies blended between interpolation and extrapolation by a linear ramp
+    over the dimensions, cos and sin scaled by an attention factor."""
+    dim, base = cfg.dim_head, cfg.rope_theta
+    factor = scaling.get("factor") or cfg.max_position_embeddings / old_ctx
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all \
+            else mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = correction_dim(scaling.get("beta_fast") or 32)
+    high = correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001   # as transformers does: no division by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, attention
 
 
 # Values drawn per call (a multiple of 8: see init_random). Large on purpose: the draw
@@ -193,6 +346,7 @@ class Layer(nn.Module):
         self.gate_proj = nn.Linear(d, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(d, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, d, bias=cfg.mlp_bias)
+        self.act = ACTIVATIONS[cfg.hidden_act]
         self.register_buffer("k_cache", torch.zeros(self.kv_heads, max_seq_len, hd), persistent=False)
         self.register_buffer("v_cache", torch.zeros(self.kv_heads, max_seq_len, hd), persistent=False)
 
@@ -213,7 +367,7 @@ class Layer(nn.Module):
         attn = (probs @ self.v_cache).reshape(1, self.heads * hd)
         h = h + self.o_proj(attn)
         x = self.post_attention_layernorm(h)
-        return h + self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        return h + self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 def _lay_out_constants(model: nn.Module) -> None:
@@ -303,17 +457,22 @@ class LlamaDecodeStep(DecoderStep):
     """forward(token [1] int64, pos [1] int64) -> {"logits": [1, vocab], "next_token": [1]}"""
 
     def __init__(self, cfg: LlamaConfig, max_seq_len: int):
+        cfg.check_max_seq_len(max_seq_len, "model")
         super().__init__(cfg, max_seq_len, Layer)
+        # transformers scales cos and sin by it (yarn, longrope); 1.0 otherwise
+        self.rope_attention_factor = rope_parameters(cfg)[1]
         self.register_buffer("inv_freq", self.inverse_frequencies(), persistent=False)
 
     def inverse_frequencies(self) -> torch.Tensor:
-        return rope_inv_freq(self.cfg)
+        return rope_parameters(self.cfg)[0]
 
     def forward(self, token: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.embed_tokens(token)                              # [1, hidden]
         freqs = pos.to(torch.float32)[:, None] * self.inv_freq[None, :]
         cos = torch.cat([freqs, freqs], dim=-1).cos()             # [1, head_dim]
         sin = freqs.sin()
+        if self.rope_attention_factor != 1.0:
+            cos, sin = cos * self.rope_attention_factor, sin * self.rope_attention_factor
         sin_signed = torch.cat([-sin, sin], dim=-1).to(h.dtype)
         cos = cos.to(h.dtype)
         for layer in self.layers:
