@@ -32,6 +32,21 @@ class EmbedMix(nn.Module):
         return torch.cat([torch.softmax(h, dim=-1), x], dim=-1)
 
 
+class ZeroDAndEmpty(nn.Module):
+    """0-d tensors (a buffer, a constant) and empty ones (a cat piece, a product over no
+    columns, a sum of none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(8.0))
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.fc(x) * self.scale * torch.tensor(0.5)
+        h = torch.cat([h + 1, (h * 2)[..., 16:]], -1)
+        return h + x[:, :0] @ torch.ones(0, 16) + x[:, :0].sum(-1, keepdim=True)
+
+
 def block_engine(**options):
     return tilec.api.compile(str(EXAMPLES / "block.yaml"), **options)
 
@@ -45,6 +60,8 @@ ENGINES = {
     "block-h200-bf16": lambda: block_engine(target="h200", workers=8, dtype="bfloat16",
                                             aot=False),
     "embed_mix": embed_mix_engine,
+    "zero_d_and_empty": lambda: tilec.api.compile(ZeroDAndEmpty(), (torch.randn(4, 16),),
+                                                  workers=2),
     # attention: one chunk per head (cpu), and split into partials + merge with a
     # skip test for chunks past the position (bf16)
     "llama_tiny-cpu-fp32": lambda: tilec.api.compile(str(EXAMPLES / "llama_tiny.yaml")),

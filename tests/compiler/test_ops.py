@@ -54,8 +54,23 @@ class EmbedThenScale(nn.Module):
         return self.emb(idx) * x
 
 
+class WithConstant(nn.Module):
+    """forward(x) = fn(x, c): a 0-d (or any) tensor held as a buffer or a parameter."""
+
+    def __init__(self, fn, c: torch.Tensor, parameter: bool = False):
+        super().__init__()
+        self.fn = fn
+        if parameter:
+            self.c = nn.Parameter(c)
+        else:
+            self.register_buffer("c", c)
+
+    def forward(self, x):
+        return self.fn(x, self.c)
+
+
 def randn(*shape, seed: int):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
 def positive(*shape, seed: int):
@@ -158,10 +173,40 @@ CASES = {
     "expand_then_mul": B(lambda x, y: x.expand(4, 32) * y, (4, 1), (4, 32)),
     "clone": U(lambda x: x.clone(), 4, 32),
     "clone_then_neg": U(lambda x: -x.clone(), 4, 32),
+    # 0-d tensors: constants, buffers, parameters, inputs and outputs
+    "mul_0d_constant": U(lambda x: x * torch.tensor(8.0), 4, 32),
+    "mul_0d_buffer": (lambda: WithConstant(torch.mul, torch.tensor(8.0)), {"x": X(4, 32)}),
+    "add_0d_parameter": (lambda: WithConstant(torch.add, torch.tensor(0.5), parameter=True),
+                         {"x": X(4, 32)}),
+    "mul_0d_input": B(torch.mul, (4, 32), ()),
+    "elementwise_0d": U(lambda x: x * 2.0 + 1.0),
+    "linear_then_0d_scale": (lambda: WithConstant(lambda x, c: F.linear(x, torch.ones(8, 32)) * c,
+                                                  torch.tensor(3.0)), {"x": X(4, 32)}),
+    "embedding_0d_index": (lambda: Embed(), {"idx": lambda seed: torch.randint(
+        0, 50, (), generator=torch.Generator().manual_seed(seed))}),
+    # empty tensors: pieces of a cat, a product over no columns, a reduction of none
+    "cat_empty_piece": U(lambda x: torch.cat([x, x[..., 16:]], -1) * 2.0, 4, 16),
+    "cat_empty_piece_of_computed": U(lambda x: torch.cat([x + 1, (x * 2)[..., 16:]], -1), 4, 16),
+    "cat_empty_first_piece_3d": U(lambda x: torch.cat([x[..., :0], x], -1), 2, 4, 16),
+    "cat_empty_dim0": U(lambda x: torch.cat([x, x[4:]], 0) * 3.0, 4, 16),
+    "cat_all_empty": U(lambda x: torch.cat([x[..., :0], x[..., 16:]], -1) + 1.0, 4, 16),
+    "slice_empty": U(lambda x: x[:, 16:] + 1.0, 4, 16),
+    "matmul_k0": B(lambda x, y: x[:, :0] @ y[:0] + 1.0, (4, 16), (16, 8)),
+    "mm_no_rows": B(torch.mm, (0, 16), (16, 8)),
+    "bmm_no_batch": B(torch.bmm, (0, 4, 8), (0, 8, 4)),
+    "sum_of_empty": U(lambda x: x[:, :0].sum(-1) + x[:, 0], 4, 16),
+    "mean_of_empty": U(lambda x: x[:, :0].mean(-1), 4, 16),   # NaN, as torch's
+    "softmax_of_empty": U(lambda x: torch.softmax(x[:, :0], -1), 4, 16),
 }
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest error relative to the largest value; NaN must be where eager has NaN."""
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan), "NaN where eager PyTorch has none, or missing"
+    got, want = got[~nan], want[~nan]
+    if not want.numel():
+        return 0.0
     return float((got - want).abs().max() / max(float(want.abs().max()), 1e-6))
 
 

@@ -137,7 +137,9 @@ def _cat(L, tensors, dim=0):
     views = [L.tensor(t) for t in tensors]
     shape = L.out_shape()
     dim %= len(shape)
-    views = [v for v in views if v.shape[dim] > 0]
+    views = [v for v in views if v.shape[dim] > 0]   # empty pieces add nothing
+    if len(views) == 1:
+        return views[0]   # the one piece left is the result: a view of it, no copy
     return L.emit("concat", shape, L.out_dtype(), tuple(v.operand() for v in views), dim=dim)
 
 
@@ -263,7 +265,9 @@ def _sum_all(L, x, dtype=None):
 @handles(aten.mean.dim)
 def _mean(L, x, dims=None, keepdim=False, dtype=None):
     v = L.tensor(x)
-    return L.reduce_last("sum", v, dims, keepdim, scale=1.0 / v.shape[-1])
+    # the mean of no values is NaN, as in torch (0 * NaN)
+    scale = 1.0 / v.shape[-1] if v.shape[-1] else float("nan")
+    return L.reduce_last("sum", v, dims, keepdim, scale=scale)
 
 
 @handles(aten.amax.default)

@@ -31,6 +31,11 @@ MAX_EPILOGUE_REDUCE_N = 2048
 SMALL_ROW = 64   # a weight matmul this narrow is one tile per row block anyway
 
 
+# Ops whose inputs are loads with masks or indirection, never registers: they never
+# share a group with the ops that compute their inputs.
+READ_FROM_BUFFERS = ("concat", "gather")
+
+
 def epilogue_may_reduce(grp, ops: dict[str, Op]) -> bool:
     """A reduction in a matmul epilogue makes one task own whole rows of the result.
     That is right for attention scores (short rows, the other operand a cache), and
@@ -148,8 +153,8 @@ def fuse(graph: Graph) -> FusedGraph:
         rows, width = iteration_space(op)
         if rows != grp.rows:
             return False
-        if op.kind in ("concat", "gather") and any(o.value in members for o in op.inputs):
-            return False  # their inputs are loads with masks or indirection, never registers
+        if op.kind in READ_FROM_BUFFERS and any(o.value in members for o in op.inputs):
+            return False
         if op.kind == "topk" and grp.kind != "row":
             return False  # its k rounds each walk the row: a loop only a row task has
         if any(o.value in members and ops[o.value].kind == "topk" for o in op.inputs):
@@ -337,7 +342,7 @@ def _row_consumer(producer: _Group, b: int, groups: list[_Group], group_of, ops,
                 return None
             consumer = a
             if any(o.value == m and not _aligned(o, ops[m], producer.rows, producer.cols)
-                   for o in ops[u].inputs):
+                   for o in ops[u].inputs) or ops[u].kind in READ_FROM_BUFFERS:
                 return None
     if consumer is None:
         return None

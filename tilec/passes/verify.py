@@ -215,7 +215,7 @@ def _conflicts_ordered(ctx: _Context) -> list[str]:
         write = np.array([w for _, _, w in acc], dtype=bool)
         index = np.arange(len(acc))
         xs_all = np.flatnonzero(write)
-        block = max(1, BLOCK_CELLS // (len(acc) * ndim))
+        block = max(1, BLOCK_CELLS // (len(acc) * max(ndim, 1)))   # 0-d: one cell
         for start in range(0, len(xs_all), block):
             xs = xs_all[start:start + block]
             # Each unordered pair once: a write against reads, and writes after it.

@@ -8,6 +8,7 @@ the same algorithm as the kernel's, so tests also compare both with eager PyTorc
 """
 from __future__ import annotations
 
+import math
 
 import torch
 
@@ -62,7 +63,7 @@ class TaskRunner:
     def rows_of(self, operand: Operand, r0, r1, c0, c1) -> torch.Tensor:
         t = self.view(operand)
         width = operand.shape[-1] if operand.shape else 1
-        t = t.reshape(-1, width)
+        t = t.reshape(math.prod(operand.shape[:-1]), width)   # (not -1: width may be 0)
         return t[r0:r1, c0:c1] if width > 1 else t[r0:r1]
 
     def compute(self, op: Op, env, r0, r1, c0, c1) -> torch.Tensor:
@@ -85,7 +86,11 @@ class TaskRunner:
             return out.long() if op.type.dtype in ("int64", "int32") else out.float()
         if op.kind == "reduce":
             x = arg(0)
-            out = x.sum(-1, keepdim=True) if op.attr("fn") == "sum" else x.amax(-1, keepdim=True)
+            if op.attr("fn") == "sum":
+                out = x.sum(-1, keepdim=True)
+            else:   # the max of no values is -inf, as the kernel's (torch.amax refuses)
+                out = x.amax(-1, keepdim=True) if x.shape[-1] else \
+                    torch.full((x.shape[0], 1), float("-inf"))
             return out * op.attr("scale", 1.0)
         if op.kind == "argmax":
             return arg(0).argmax(-1, keepdim=True)
@@ -187,7 +192,7 @@ class TaskRunner:
         a = env[a_op.value] if a_op.value in env else self.rows_of(a_op, r0, r1, 0, k)
         if self.ops[a_op.value].type.dtype in ("bfloat16", "float16"):
             a = a.to(_TORCH[self.ops[a_op.value].type.dtype]).float()
-        bmat = self.view(b_op).reshape(-1, k, n)[b, :, c0:c1]
+        bmat = self.view(b_op).reshape(math.prod(b_op.shape[:-2]), k, n)[b, :, c0:c1]
         return {g.anchor: a.double().matmul(bmat.double()).float()}
 
     def run_attention(self, g: Group, tl: GroupTiling, tile: tuple[int, int, int]) -> None:
