@@ -339,12 +339,13 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
 
 @contextlib.contextmanager
 def _naming_the_yaml(cfg):
-    """Roles are checked against the final worker count and the traced model, after the
-    yaml is parsed: their errors name a yaml key path, so prefix the yaml file too."""
+    """Roles are checked against the final worker count and the traced model, and the
+    inputs' ranges against the traced model, after the yaml is parsed: their errors
+    name a yaml key path, so prefix the yaml file too."""
     try:
         yield
     except ConfigError as e:
-        if cfg is None or not str(e).startswith("target."):
+        if cfg is None or not str(e).startswith(("target.", "inputs:")):
             raise
         raise ConfigError(f"{cfg.path}: {e}") from None
 

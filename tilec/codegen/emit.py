@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from tilec.codegen.exprs import EXPRS, TL_DTYPES, cast, literal
 from tilec.codegen.topk import topk_phase
 from tilec.ir.attention import attention_chunks, attention_parts, partial_names
-from tilec.ir.graph import FLOAT_DTYPES, Group, Op, Operand
+from tilec.ir.graph import FLOAT_DTYPES, Group, Op, Operand, index_checks
 from tilec.ir.tasks import Buffer, GroupTiling
 
 
@@ -196,9 +196,7 @@ class GroupEmitter:
             rows = table.shape[0]
             self.code.preamble.append(
                 f"{name} = tl.load({ptr} + {ro}, mask=rmask, other=0).to(tl.int64)")
-            # never read outside the table, whatever the ids (the runtime rejects bad ids)
-            self.code.preamble.append(
-                f"{name} = tl.where(({name} >= 0) & ({name} < {rows}), {name}, 0)")
+            self.check_index(op, name, "rmask", rows)
             self.leaf_vars[key] = name
         gi = self.leaf_vars[key]
         ptr = self.pointer(table.value, table.offset)
@@ -206,6 +204,21 @@ class GroupEmitter:
         col = "cols[None, :]" if s1 == 1 else f"cols[None, :] * {s1}"
         return self.upcast(f"tl.load({ptr} + {gi}[:, None] * {s0} + {col}, mask=mask, other=0)",
                            self.dtype(table.value))
+
+    def check_index(self, op: Op, index: str, valid: str, bound: int,
+                    replace: bool = True) -> None:
+        """Preamble lines that check the run-time indices `index` (lanes where `valid`)
+        against [0, bound): the first out of range is recorded in the error buffer for
+        the host (`index_error` in kernel.py.j2). With `replace`, an index out of range
+        then becomes 0, so a read never leaves its table (a write masks them instead)."""
+        check = index_checks(self.g, self.ops).index(op.name)
+        bad = f"{index}_bad"
+        self.code.preamble += [
+            f"{bad} = {valid} & (({index} < 0) | ({index} >= {bound}))",
+            f"index_error(error, arow, t0, t1, t2, {check}, {index}, {bad}, {bound})",
+        ]
+        if replace:
+            self.code.preamble.append(f"{index} = tl.where({bad}, 0, {index})")
 
     def concat(self, op: Op) -> str:
         dim = op.attr("dim")
@@ -375,6 +388,7 @@ def _state_store_lines(e: "GroupEmitter", op: Op) -> list[str]:
     # the position as a per-row vector: the interpreter rejects scalar & block masks
     e.code.preamble.append(
         f"{pos} = rows.to(tl.int64) * 0 + tl.load({e.pointer(index.value, index.offset)}).to(tl.int64)")
+    e.check_index(op, pos, "rmask", size, replace=False)
     ptr = e.pointer(state.value, state.offset)
     valid = f"mask & (({pos} >= 0) & ({pos} < {size}))[:, None]"
     stored = f"{e.var[op.name]}.to({TL_DTYPES[op.type.dtype]})"
@@ -396,7 +410,7 @@ def _state_store_lines(e: "GroupEmitter", op: Op) -> list[str]:
     s_last = state.strides[-1]
     col = "cols[None, :]" if s_last == 1 else f"cols[None, :] * {s_last}"
     rows = f"{ro}[:, None] + " if ro else ""
-    # a position outside the cache writes nothing (the runtime rejects such prompts)
+    # a position outside the state writes nothing (and is reported: check_index)
     return [f"tl.store({ptr} + {rows}{pos}[:, None] * {state.strides[dim]} + {col}, "
             f"{stored}, mask={valid})"]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -16,9 +17,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from tilec.errors import UnsupportedOpError
-from tilec.ir.graph import (PLACEHOLDER_KINDS, Graph, Op, Operand, TensorType,
-                            contiguous_strides)
+from tilec.errors import ConfigError, UnsupportedOpError
+from tilec.ir.graph import (INDEXED_KINDS, PLACEHOLDER_KINDS, Graph, Op, Operand, TensorType,
+                            contiguous_strides, run_time_index)
 
 aten = torch.ops.aten
 
@@ -91,13 +92,37 @@ def _export(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]):
         return ep.run_decompositions()
 
 
+TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
+def check_input_ranges(lowered: Lowered, ranges) -> None:
+    """Integer inputs declared to draw from [low, high) (model.yaml `inputs`) that an op
+    uses as a run-time index directly must stay in its bound, or the random inputs of
+    `tilec run` would be out of range: a ConfigError naming the input and the bound."""
+    declared = {r.name: r for r in ranges if r.high is not None}
+    by_value = dict(zip(lowered.graph.inputs, lowered.input_names))
+    for op in lowered.graph.ops:
+        if op.kind not in INDEXED_KINDS:
+            continue
+        operand, bound = run_time_index(op)
+        r = declared.get(by_value.get(operand.value))
+        if r is None or (0 <= r.low and r.high <= bound):
+            continue
+        where = f" at {op.source}" if op.source else ""
+        raise ConfigError(f"inputs: {r.name}: values from [{r.low}, {r.high}) index "
+                          f"{op.kind} {op.name!r}, whose bound is {bound}{where}: "
+                          f"low must be >= 0 and high <= {bound}")
+
+
 def source_line(node: torch.fx.Node) -> str:
     """The user's source line that produced `node` ('file:line: code')."""
     trace = node.meta.get("stack_trace") or ""
     frames = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', trace)
     if not frames:
         return "unknown source line"
-    file, line, code = frames[-1]
+    # the innermost frame outside torch itself (nn.Embedding's forward is not the user's)
+    theirs = [f for f in frames if not f[0].startswith(TORCH_DIR)]
+    file, line, code = (theirs or frames)[-1]
     return f"{file}:{line}: {code.strip()}"
 
 

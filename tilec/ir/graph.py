@@ -174,6 +174,26 @@ class Group:
         return self.name.split("_", 1)[1] if "_" in self.name else self.name
 
 
+# Ops that read or write at an index known only at run time. The kernel checks each
+# such index against its bound (codegen/emit.py check_index) and records the first one
+# out of range in the error buffer, which the host reports after the step.
+INDEXED_KINDS = ("gather", "state_update")
+
+
+def run_time_index(op: Op) -> tuple[Operand, int]:
+    """The operand an INDEXED_KINDS op reads its run-time index from, and the bound
+    that index must stay below."""
+    if op.kind == "gather":
+        return op.inputs[1], op.inputs[0].shape[0]
+    return op.inputs[2], op.type.shape[op.attr("dim")]   # a state update's position
+
+
+def index_checks(group: Group, ops: dict[str, Op]) -> tuple[str, ...]:
+    """The ops of `group` whose run-time indices the kernel checks, in the order of
+    their check numbers (the error buffer names a check by its position here)."""
+    return tuple(m for m in group.members if ops[m].kind in INDEXED_KINDS)
+
+
 @dataclass(frozen=True)
 class FusedGraph:
     graph: Graph

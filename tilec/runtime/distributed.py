@@ -220,6 +220,8 @@ class LocalDevices:
                 raise ScheduleHangError(f"the devices stopped: {stuck}")
         for ex in self.executors:
             ex.step_index += 1
+        for ex in self.executors:
+            ex.raise_recorded_error(ex.step_index - 1)
         return self.executors[0].read_outputs()
 
     def start_profile(self) -> None:

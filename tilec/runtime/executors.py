@@ -31,13 +31,18 @@ import torch
 from tilec.codegen import aot
 from tilec.codegen.aot import KERNEL_NAME, NUM_WARPS, SPIN_LIMIT
 from tilec.errors import RunError, ScheduleHangError
-from tilec.ir.graph import contiguous_strides
+from tilec.ir.graph import FusedGraph, contiguous_strides, index_checks
 from tilec.runtime.engine import TORCH_DTYPES, AOTKernel, Engine
 from tilec.runtime.kernel import load_kernel, require_mode
-from tilec.runtime.reference import TaskRunner
+from tilec.runtime.reference import INDEX_ERROR, TaskRunner
 
 POLICIES = ("round_robin", "random", "reverse")
+# The error buffer: its first word says what the kernel (or the reference) recorded,
+# the rest are that error's fields: the hang watchdog's [HANG, worker, task row, event,
+# seen, wanted], or a run-time index out of range: [INDEX_ERROR, group, t0, t1, t2,
+# check, index, bound] (`index_error` in kernel.py.j2).
 ERROR_WORDS = 8
+HANG = 1
 log = logging.getLogger(__name__)
 
 
@@ -109,9 +114,31 @@ class Executor:
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.write_inputs(inputs)
-        self.launch()
+        try:
+            self.launch()
+        except Exception:
+            # an index out of range is the cause of what failed after it (NaN everywhere
+            # past an attention at position -1, say): report it, if the step recorded one
+            self.raise_recorded_error(self.step_index)
+            raise
         self.step_index += 1
+        self.raise_recorded_error(self.step_index - 1)
         return self.read_outputs()
+
+    def raise_recorded_error(self, step: int) -> None:
+        """What the step recorded in the error buffer, as one exception; the buffer is
+        cleared, so a later step starts clean (an index error ends the step's work, every
+        task ran and signalled, only its outputs are void)."""
+        words = self.error.tolist()
+        if not words[0]:
+            return
+        self.error.zero_()
+        if words[0] == HANG:
+            raise ScheduleHangError(watchdog_message(words, step, self.describe_task))
+        if words[0] == INDEX_ERROR:
+            raise RunError(index_error_message(words, step, self.schedule.taskgraph.fused))
+        raise RunError(f"step {step}: the kernel recorded error code {words[0]}, which this "
+                       f"tilec does not know")
 
     def launch(self) -> None:
         raise NotImplementedError
@@ -274,7 +301,7 @@ class ReferenceExecutor(CooperativeExecutor):
         fused = sched.taskgraph.fused
         self.runner = TaskRunner(fused.groups, fused.graph.by_name(),
                                  {t.group: t for t in sched.taskgraph.tilings},
-                                 self.buffers, self.pools)
+                                 self.buffers, self.pools, self.error)
         self.records = self.tables["tasks"].tolist()
 
     def advance(self, worker: int, budget: int) -> None:
@@ -381,15 +408,15 @@ class GPUExecutor(Executor):
 
     def check(self) -> None:
         torch.cuda.synchronize()
-        message = watchdog_message(self.error.tolist(), self.step_index, self.describe_task)
-        if message:
-            raise ScheduleHangError(message)
+        self.raise_recorded_error(self.step_index)
 
     def run(self, inputs):
         self.write_inputs(inputs)
         self.launch()
-        self.check()
-        self.step_index += 1
+        try:
+            self.check()
+        finally:
+            self.step_index += 1
         return self.read_outputs()
 
 
@@ -425,6 +452,28 @@ def watchdog_message(error: list[int], step: int, describe: Callable[[int], str]
         task = f"task row {row}"
     return (f"watchdog at step {step}: worker {worker} in {task} waited on event {ev} "
             f"(seen {seen}, wanted {need})")
+
+
+def index_error_message(error: list[int], step: int, fused: FusedGraph) -> str:
+    """An index-out-of-range record of the error buffer as one line naming the op, its
+    module and source line, the index and the bound."""
+    group, t0, t1, t2, check, value, bound = error[1:8]
+    try:
+        ops = fused.graph.by_name()
+        op = ops[index_checks(fused.groups[group], ops)[check]]
+    except IndexError:   # a record the kernel should never write still formats
+        return (f"step {step}: index {value} out of range [0, {bound}) in the task of "
+                f"group {group} at tile ({t0}, {t1}, {t2})")
+    module = next((m for m in reversed(op.scope) if m), "")
+    what = f"{op.kind} {op.name!r}" + (f" ({module})" if module else "")
+    shown = f"{value}" if -2 ** 31 < value < 2 ** 31 - 1 else \
+        ("at least" if value > 0 else "at most") + f" {value}"
+    where = f" at {op.source}" if op.source else ""
+    return (f"step {step}: index {shown} is out of range [0, {bound}) "
+            f"({INDEXED_WHAT.get(op.kind, 'its bound')}) in {what}{where}")
+
+
+INDEXED_WHAT = {"gather": "the rows of its table", "state_update": "the positions of its state"}
 
 
 BACKENDS: dict[str, Callable[..., Executor]] = {

@@ -13,7 +13,7 @@ import math
 import torch
 
 from tilec.ir.attention import attention_chunks, attention_parts, partial_names
-from tilec.ir.graph import FLOAT_DTYPES, Group, Op, Operand
+from tilec.ir.graph import FLOAT_DTYPES, Group, Op, Operand, index_checks
 from tilec.ir.tasks import Buffer, GroupTiling
 
 _TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -39,6 +39,9 @@ FNS = {
 }
 
 
+# the error buffer's first word when a run-time index was out of range (kernel.py.j2)
+INDEX_ERROR = 2
+
 # ops that read whole rows of their input to make each row's results
 WALK_ROWS = ("reduce", "argmax", "topk")
 
@@ -46,9 +49,11 @@ WALK_ROWS = ("reduce", "argmax", "topk")
 class TaskRunner:
     def __init__(self, groups: tuple[Group, ...], ops: dict[str, Op],
                  tilings: dict[str, GroupTiling], buffers: dict[str, Buffer],
-                 pools: dict[str, torch.Tensor]):
+                 pools: dict[str, torch.Tensor], error: torch.Tensor):
         self.groups, self.ops, self.tilings = groups, ops, tilings
         self.buffers, self.pools = buffers, pools
+        self.error = error      # the executor's error buffer, laid out as the kernel's
+        self.task = (0, (0, 0, 0))   # the group and tile being run
 
     def storage(self, value: str) -> Buffer:
         op = self.ops[value]
@@ -104,13 +109,24 @@ class TaskRunner:
             return arg(1)
         if op.kind == "gather":
             table, index = op.inputs
-            idx = self.view(index).reshape(-1)[r0:r1].clamp(0, table.shape[0] - 1)
+            idx = self.checked_index(op, self.view(index).reshape(-1)[r0:r1], table.shape[0])
             return self.view(table)[idx][:, c0:c1]
         if op.kind == "concat":
             dim = op.attr("dim")
             whole = torch.cat([self.view(p) for p in op.inputs], dim=dim)
             return whole.reshape(-1, op.type.cols)[r0:r1, c0:c1]
         raise NotImplementedError(op.kind)
+
+    def checked_index(self, op: Op, index: torch.Tensor, bound: int) -> torch.Tensor:
+        """`index` with the values outside [0, bound) replaced by 0; the first task to
+        meet one records it as the kernel's `index_error` does."""
+        bad = (index < 0) | (index >= bound)
+        if bool(bad.any()) and int(self.error[0]) == 0:
+            group, tile = self.task
+            check = index_checks(self.groups[group], self.ops).index(op.name)
+            value = max(-2 ** 31, min(int(index[bad].max()), 2 ** 31 - 1))
+            self.error[:8] = torch.tensor([INDEX_ERROR, group, *tile, check, value, bound])
+        return torch.where(bad, 0, index)
 
     def store(self, name: str, value: torch.Tensor, r0, r1, c0, c1,
               space: int | None = None) -> None:
@@ -134,9 +150,10 @@ class TaskRunner:
         index puts it in the value's shape."""
         state, val, index = op.inputs
         dim = op.attr("dim")
+        size = op.type.shape[dim]
         pos = int(self.view(index).reshape(-1)[0])
-        if not 0 <= pos < op.type.shape[dim]:
-            return
+        if self.checked_index(op, torch.tensor([pos]), size)[0] != pos:
+            return   # a position outside the state writes nothing
         buf = self.storage(op.name)
         pool = self.pools[buf.pool]
         cache = torch.as_strided(pool, state.shape, state.strides, buf.offset + state.offset)
@@ -151,6 +168,7 @@ class TaskRunner:
         g = self.groups[group_index]
         tl = self.tilings[g.name]
         b, mi, ni = tile
+        self.task = (group_index, tile)
         env: dict[str, torch.Tensor] = {}
         if g.kind == "row":
             r0, r1 = mi * tl.block_m, min(g.rows, (mi + 1) * tl.block_m)
