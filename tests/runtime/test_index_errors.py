@@ -95,6 +95,18 @@ def test_engine_runs_on_after_an_index_error(embed, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_two_devices_in_one_process(backend):
+    """Every device gathers: each records the error; all buffers are cleared."""
+    torch.manual_seed(0)
+    model = Embed().eval()
+    engine = tilec.api.compile(model, (torch.randint(0, 100, (4,)),), workers=3, devices=2)
+    with pytest.raises(RunError, match=r"^step 0: index 300 is out of range \[0, 100\)"):
+        engine.run(backend=backend, idx=torch.tensor([1, 2, 300, 4]))
+    good = torch.tensor([1, 2, 3, 4])
+    assert torch.equal(engine.run(backend=backend, idx=good)["output0"], model(good).detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_computed_index_out_of_range(backend):
     model = EmbedComputed().eval()
     engine = tilec.api.compile(model, (torch.rand(6) * 1.6,), workers=2)

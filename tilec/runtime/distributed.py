@@ -220,8 +220,10 @@ class LocalDevices:
                 raise ScheduleHangError(f"the devices stopped: {stuck}")
         for ex in self.executors:
             ex.step_index += 1
-        for ex in self.executors:
-            ex.raise_recorded_error(ex.step_index - 1)
+        errors = [ex.take_recorded_error(ex.step_index - 1) for ex in self.executors]
+        for error in errors:    # (each device's buffer is cleared, the first is raised)
+            if error is not None:
+                raise error
         return self.executors[0].read_outputs()
 
     def start_profile(self) -> None:

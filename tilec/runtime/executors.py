@@ -126,19 +126,24 @@ class Executor:
         return self.read_outputs()
 
     def raise_recorded_error(self, step: int) -> None:
-        """What the step recorded in the error buffer, as one exception; the buffer is
-        cleared, so a later step starts clean (an index error ends the step's work, every
-        task ran and signalled, only its outputs are void)."""
+        error = self.take_recorded_error(step)
+        if error is not None:
+            raise error
+
+    def take_recorded_error(self, step: int) -> Exception | None:
+        """What the step recorded in the error buffer, as one exception, or None; the
+        buffer is cleared, so a later step starts clean (an index error ends the step's
+        work, every task ran and signalled, only its outputs are void)."""
         words = self.error.tolist()
         if not words[0]:
-            return
+            return None
         self.error.zero_()
         if words[0] == HANG:
-            raise ScheduleHangError(watchdog_message(words, step, self.describe_task))
+            return ScheduleHangError(watchdog_message(words, step, self.describe_task))
         if words[0] == INDEX_ERROR:
-            raise RunError(index_error_message(words, step, self.schedule.taskgraph.fused))
-        raise RunError(f"step {step}: the kernel recorded error code {words[0]}, which this "
-                       f"tilec does not know")
+            return RunError(index_error_message(words, step, self.schedule.taskgraph.fused))
+        return RunError(f"step {step}: the kernel recorded error code {words[0]}, which "
+                        f"this tilec does not know")
 
     def launch(self) -> None:
         raise NotImplementedError
