@@ -9,8 +9,8 @@ special-cased by name. It is written so the fusion pass finds the decode tasks:
   * RoPE uses `x * cos + swap_halves(x) * sin_signed`, whose swap is a concat of two
     views of the projection output (no separate negation op).
 Numerically it is Hugging Face's LlamaForCausalLM (RMSNorm in float32, softmax in
-float32, its activations and rope scaling types: ACTIVATIONS, ROPE_KEYS), one token
-per call.
+float32, its activations: ACTIVATIONS, its rope scaling types: tilec/models/rope.py),
+one token per call.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from tilec.errors import ConfigError
+from tilec.models.rope import check_rope_scaling, rope_parameters
 
 
 @dataclass(frozen=True)
@@ -145,123 +146,6 @@ ACTIVATIONS = {
     "gelu_new": _gelu_new,
     "relu": nn.functional.relu,
 }
-
-# rope type -> (required, optional) keys of rope_scaling besides rope_type/type, rope_theta
-# and partial_rotary_factor, as transformers validates them
-ROPE_KEYS = {
-    "default": ((), ()),
-    "linear": (("factor",), ()),
-    "dynamic": (("factor",), ()),
-    "yarn": (("factor",), ("original_max_position_embeddings", "attention_factor", "beta_fast",
-                           "beta_slow", "mscale", "mscale_all_dim", "truncate")),
-    "longrope": (("long_factor", "short_factor"),
-                 ("factor", "attention_factor", "original_max_position_embeddings")),
-    "llama3": (("factor", "low_freq_factor", "high_freq_factor"),
-               ("original_max_position_embeddings",)),
-}
-
-
-def check_rope_scaling(scaling: dict, where: str) -> None:
-    if not isinstance(scaling, dict):
-        raise ConfigError(f"{where}: rope_scaling: expected a mapping, found {scaling!r}")
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind not in ROPE_KEYS:
-        raise ConfigError(f"{where}: rope_scaling: rope_type {kind!r} is not supported by "
-                          f"tilec's Llama (supported: {', '.join(ROPE_KEYS)})")
-    required, optional = ROPE_KEYS[kind]
-    for key in required:
-        if key not in scaling:
-            raise ConfigError(f"{where}: rope_scaling: rope_type {kind!r} needs {key!r}")
-    allowed = set(required) | set(optional) | {"rope_type", "type", "rope_theta",
-                                               "partial_rotary_factor"}
-    for key in scaling:
-        if key not in allowed:
-            raise ConfigError(f"{where}: rope_scaling: {key!r} is not supported with rope_type "
-                              f"{kind!r} (supported: {', '.join(sorted(allowed))})")
-    partial = scaling.get("partial_rotary_factor", 1.0)
-    if partial != 1.0:
-        raise ConfigError(f"{where}: rope_scaling: partial_rotary_factor {partial!r} is not "
-                          f"supported by tilec's Llama (supported: 1.0)")
-    if kind == "longrope":
-        for key in ("long_factor", "short_factor"):
-            if not isinstance(scaling[key], list):
-                raise ConfigError(f"{where}: rope_scaling: {key}: expected a list of numbers, "
-                                  f"found {scaling[key]!r}")
-
-
-def rope_parameters(cfg: LlamaConfig) -> tuple[torch.Tensor, float]:
-    """RoPE's inverse frequencies and the factor transformers multiplies cos and sin by,
-    for each rope type of ROPE_KEYS as transformers' modeling_rope_utils computes them
-    (`dynamic` and `longrope` at lengths where their frequencies stay fixed: see
-    LlamaConfig.check_max_seq_len)."""
-    dim = cfg.dim_head
-    base = cfg.rope_theta
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
-    inv_freq = 1.0 / (base ** exponents)
-    scaling = cfg.rope_scaling or {}
-    kind = cfg.rope_type
-    old_ctx = scaling.get("original_max_position_embeddings", cfg.max_position_embeddings)
-    if kind == "linear":
-        return inv_freq / scaling["factor"], 1.0
-    if kind == "llama3":
-        return _llama3_inv_freq(inv_freq, scaling, old_ctx), 1.0
-    if kind == "yarn":
-        return _yarn_parameters(cfg, scaling, old_ctx)
-    if kind == "longrope":
-        factor = scaling.get("factor") or cfg.max_position_embeddings / old_ctx
-        attention = scaling.get("attention_factor")
-        if attention is None:
-            attention = 1.0 if factor <= 1.0 else \
-                math.sqrt(1 + math.log(factor) / math.log(old_ctx))
-        short = torch.tensor(scaling["short_factor"], dtype=torch.float32)
-        return 1.0 / (short * base ** exponents), attention
-    return inv_freq, 1.0   # default; dynamic below max_position_embeddings
-
-
-def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict, old_ctx: float) -> torch.Tensor:
-    """Llama 3's frequency-dependent scaling."""
-    factor = scaling["factor"]
-    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-    return torch.where(medium, smoothed, scaled)
-
-
-def _yarn_parameters(cfg: LlamaConfig, scaling: dict, old_ctx: float) -> tuple[torch.Tensor, float]:
-    """YaRN: frequencies blended between interpolation and extrapolation by a linear ramp
-    over the dimensions, cos and sin scaled by an attention factor."""
-    dim, base = cfg.dim_head, cfg.rope_theta
-    factor = scaling.get("factor") or cfg.max_position_embeddings / old_ctx
-
-    def mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    attention = scaling.get("attention_factor")
-    if attention is None:
-        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
-        attention = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all \
-            else mscale(factor)
-
-    def correction_dim(rotations: float) -> float:
-        return dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-    low = correction_dim(scaling.get("beta_fast") or 32)
-    high = correction_dim(scaling.get("beta_slow") or 1)
-    if scaling.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001   # as transformers does: no division by zero
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
-    extrapolation = 1 - ramp
-    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
-    return inv_freq, attention
-
 
 # Values drawn per call (a multiple of 8: see init_random). Large on purpose: the draw
 # runs beside a busy main thread, and each call hands the GIL over; with 1 M values per
