@@ -4,6 +4,7 @@ engine and eager PyTorch."""
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import subprocess
@@ -413,3 +414,27 @@ def test_verify_catches_a_read_outside_the_stored_part_of_a_weight(folder):
     report = verify(broken)
     assert not report.checks["regions_in_buffers"]
     assert "outside the part" in " ".join(report.violations)
+
+
+def test_ranks_import_the_launchers_tilec(tmp_path, monkeypatch):
+    """`tilec run` of a multi-device engine from any folder: every rank runs this tilec
+    (another one on the path would render another kernel and refuse the engine)."""
+    from tilec.runtime import distributed
+
+    seen = []
+
+    class Exited:
+        def __init__(self, argv, env, **kwargs):
+            seen.append(env["PYTHONPATH"].split(os.pathsep)[0])
+            self.stderr, self.returncode = io.StringIO(""), 0
+
+        def poll(self):
+            return 0
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(distributed.subprocess, "Popen", Exited)
+    assert distributed.launch(["--version"], 2) == 0
+    assert seen == [str(Path(tilec.__file__).resolve().parents[1])] * 2
