@@ -214,15 +214,18 @@ class Engine:
         return self._parts
 
 
-def load(path: str | os.PathLike, trust_engine_code: bool = False) -> Engine:
+def load(path: str | os.PathLike, trust_engine_code: bool = False, *,
+         read_only: bool = False) -> Engine:
     """Load and check an engine file (docs/engine-format.md).
 
     Any problem (not a tilec engine, another format version, a checksum mismatch, an
     index out of range, a kernel that differs from what this tilec renders) is an
     `EngineError` with a one-line reason. `trust_engine_code=True` runs a stored
     kernel that differs from the rendered one (e.g. written by another tilec version).
+    `read_only=True` loads such an engine to read its schedule (what `tilec inspect`
+    does): its kernel is then never imported or compiled.
     """
-    return Engine(engine_file.load(path, trust_engine_code))
+    return Engine(engine_file.load(path, trust_engine_code, read_only=read_only))
 
 
 def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,

@@ -291,7 +291,7 @@ def cmd_inspect(args) -> int:
     from tilec.api import load
     from tilec.inspect import print_summary, summary
 
-    engine = load(args.engine, trust_engine_code=True)
+    engine = load(args.engine, read_only=True)   # reads the schedule; --aot checks the kernel
     if not 0 <= args.device < engine.devices:
         raise TilecError(f"--device {args.device}: the engine has "
                          f"{engine.devices} device{'s' if engine.devices > 1 else ''}")

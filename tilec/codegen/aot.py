@@ -31,12 +31,12 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+from tilec.codegen.safety import KERNEL_NAME
 from tilec.errors import TilecError
 
 if TYPE_CHECKING:  # the child process that compiles needs no torch: imported when used
     from tilec.runtime.engine import AOTKernel
 
-KERNEL_NAME = "tilec_engine"
 NUM_WARPS = 4
 SIGNATURE_DTYPES = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16",
                     "int64": "*i64", "int32": "*i32", "bool": "*i1"}
@@ -96,14 +96,19 @@ def aot_kernel(source: str, pools: Iterable[Any], arch: int) -> AOTKernel:
 
 
 def _binary(info: dict[str, Any], source: str, arch: int) -> AOTKernel:
+    """The AOTKernel of a compile this process ran, noted as this user's own (see
+    runtime.kernel.OWN_BINARIES: only such a binary is launched without being trusted)."""
     from tilec.runtime.engine import AOTKernel
+    from tilec.runtime.kernel import remember_binary
 
-    return AOTKernel(cubin=info["cubin"], arch=arch, ptx_target=info["ptx_target"],
-                     num_warps=info["num_warps"], shared=info["shared"],
-                     n_regs=info["n_regs"], n_spills=info["n_spills"], spin_limit=SPIN_LIMIT,
-                     triton_version=info["triton_version"],
-                     kernel_sha256=hashlib.sha256(source.encode()).hexdigest(),
-                     triton_metadata=info["metadata"])
+    binary = AOTKernel(cubin=info["cubin"], arch=arch, ptx_target=info["ptx_target"],
+                       num_warps=info["num_warps"], shared=info["shared"],
+                       n_regs=info["n_regs"], n_spills=info["n_spills"],
+                       spin_limit=SPIN_LIMIT, triton_version=info["triton_version"],
+                       kernel_sha256=hashlib.sha256(source.encode()).hexdigest(),
+                       triton_metadata=info["metadata"])
+    remember_binary(binary.cubin_sha256)
+    return binary
 
 
 class PendingKernel:
@@ -187,20 +192,22 @@ def compiled_kernel(binary: AOTKernel, fn, pools: Iterable[Any]):
 
 def compile_for_gpu(source: str, pools: Iterable[Any], arch: int = 90,
                     num_warps: int = NUM_WARPS, timeout: float = 600.0,
-                    profile: bool = False) -> dict[str, Any]:
+                    profile: bool = False, trusted: bool = False) -> dict[str, Any]:
     """Compile kernel `source` for CUDA compute capability `arch` (90: sm_90).
 
-    `profile` compiles the variant whose tasks stamp their start and end times.
+    `profile` compiles the variant whose tasks stamp their start and end times. The
+    source is imported to be compiled, so unless `trusted` it must pass
+    `safety.check_kernel_source` (runtime.kernel.load_kernel checks it).
     Returns {"arch", "name", "ptx_target", "cubin" (bytes), "cubin_size", "shared",
     "num_warps", "n_regs", "n_spills", "triton_version", "metadata" (Triton's JSON
     description of the kernel), "global_loads" (load instructions by width in bytes),
     "reads_global_timer"}; n_regs and n_spills are None when ptxas cannot report them."""
     pairs = _pool_pairs(pools)
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        return _compile_here(source, pairs, arch, num_warps, profile)
+        return _compile_here(source, pairs, arch, num_warps, profile, trusted)
     try:
         proc = subprocess.run([sys.executable, "-m", "tilec.codegen.aot"],
-                              input=_request(source, pairs, arch, num_warps, profile),
+                              input=_request(source, pairs, arch, num_warps, profile, trusted),
                               capture_output=True, text=True, env=_child_env(),
                               timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -219,10 +226,10 @@ def _child_env() -> dict[str, str]:
 
 
 def _request(source: str, pools: list[tuple[str, str]], arch: int, num_warps: int,
-             profile: bool) -> str:
+             profile: bool, trusted: bool = False) -> str:
     """What the child process (`_main`) reads on stdin."""
     return json.dumps({"source": source, "pools": pools, "arch": arch,
-                       "num_warps": num_warps, "profile": profile})
+                       "num_warps": num_warps, "profile": profile, "trusted": trusted})
 
 
 def _child_info(returncode: int, stdout: str, stderr: str, arch: int) -> dict[str, Any]:
@@ -238,13 +245,13 @@ def _child_info(returncode: int, stdout: str, stderr: str, arch: int) -> dict[st
 
 
 def _compile_here(source: str, pools: list[tuple[str, str]], arch: int,
-                  num_warps: int, profile: bool = False) -> dict[str, Any]:
+                  num_warps: int, profile: bool = False, trusted: bool = False) -> dict[str, Any]:
     import triton
     from triton.compiler import ASTSource
 
     from tilec.runtime.kernel import load_kernel
 
-    fn = load_kernel(source, KERNEL_NAME)
+    fn = load_kernel(source, KERNEL_NAME, trusted=trusted)
     src = ASTSource(fn=fn, signature=signature(pools), constexprs=constexprs(profile=profile),
                     attrs=pointer_attrs(pools))
     try:
@@ -342,8 +349,9 @@ def _main() -> int:
     req = json.loads(sys.stdin.read())
     try:
         info = _compile_here(req["source"], [tuple(p) for p in req["pools"]], req["arch"],
-                             req["num_warps"], req.get("profile", False))
-    except AOTError as e:
+                             req["num_warps"], req.get("profile", False),
+                             req.get("trusted", False))
+    except TilecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     info["cubin"] = base64.b64encode(info["cubin"]).decode()

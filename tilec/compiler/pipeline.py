@@ -355,7 +355,7 @@ def pack(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered, max_wai
                      taskgraph=replace(sched.taskgraph, deps=()))
     manifest = Manifest(name, stored, tuple(inputs), tuple(outputs), rendered.opcodes,
                         rendered.kinds, max_waits, rendered.max_args, seed)
-    return Engine(manifest, rendered.source, tensors, aot=binary)
+    return Engine(manifest, rendered.source, tensors, aot=binary, kernel_checked=True)
 
 
 def _storage(t: torch.Tensor) -> int:
