@@ -31,6 +31,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+from tilec.childenv import child_env
 from tilec.codegen.safety import KERNEL_NAME
 from tilec.errors import TilecError
 
@@ -217,12 +218,8 @@ def compile_for_gpu(source: str, pools: Iterable[Any], arch: int = 90,
 
 def _child_env() -> dict[str, str]:
     """The environment of a compiling child process: not interpreting, and importing
-    this tilec however the parent found it (the compiler starts one on every machine:
-    PendingKernel)."""
-    root = str(Path(__file__).resolve().parents[2])
-    path = os.environ.get("PYTHONPATH")
-    return dict(os.environ, TRITON_INTERPRET="0",
-                PYTHONPATH=os.pathsep.join([root, path] if path else [root]))
+    this tilec (the compiler starts one on every machine: PendingKernel)."""
+    return child_env(TRITON_INTERPRET="0")
 
 
 def _request(source: str, pools: list[tuple[str, str]], arch: int, num_warps: int,
