@@ -331,14 +331,9 @@ def _inspect_files(engine, s, args) -> list[str]:
             write_chrome_trace(predicted_timeline(engine.data), args.trace)
         written.append(f"{args.trace} (predicted timeline, Chrome/Perfetto trace)")
     if args.dot:
-        from tilec.viz.dot import ops_dot, tasks_dot
-        from tilec.viz.timeline import task_kinds
+        from tilec.inspect import dot_graph
 
-        data = engine.data
-        sched = data.schedule()
-        text = (ops_dot(sched.taskgraph.fused, s["model"]) if args.level == "ops"
-                else tasks_dot(sched, task_kinds(data.manifest, sched), s["model"]))
-        Path(args.dot).write_text(text)
+        Path(args.dot).write_text(dot_graph(engine.data, args.level))
         written.append(f"{args.dot} (Graphviz DOT, {args.level})")
     if args.html:
         from tilec.viz.html import report_html
