@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from tilec.errors import RunError, TilecError
+from tilec.paths import check_outputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +158,9 @@ def cmd_run(args) -> int:
 
     from tilec.api import load
 
+    check_outputs([("the engine", args.engine), ("--inputs", args.inputs)],
+                  [("--output", args.output), ("--logits-out", args.logits_out),
+                   ("--profile", args.profile)])
     for path in (args.profile, args.output, args.logits_out):
         _check_writable(path)   # before the run, not after it
     engine = load(args.engine, trust_engine_code=args.trust_engine_code)
@@ -291,6 +295,8 @@ def cmd_inspect(args) -> int:
     from tilec.api import load
     from tilec.inspect import print_summary, summary
 
+    check_outputs([("the engine", args.engine)],
+                  [("--trace", args.trace), ("--dot", args.dot), ("--html", args.html)])
     engine = load(args.engine, trust_engine_code=True)
     if not 0 <= args.device < engine.devices:
         raise TilecError(f"--device {args.device}: the engine has "
