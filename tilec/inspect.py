@@ -220,6 +220,18 @@ def predicted_timeline(engine: Engine):
     return predicted(engine.manifest, sched, path)
 
 
+def dot_graph(engine: Engine, level: str) -> str:
+    """`tilec inspect --dot`: Graphviz DOT of the fused op graph ("ops") or of the tasks
+    with an edge per dependency ("tasks"; found again, see schedule_with_deps)."""
+    from tilec.viz.dot import ops_dot, tasks_dot
+
+    name = engine.manifest.model
+    if level == "ops":
+        return ops_dot(engine.schedule().taskgraph.fused, name)
+    sched = schedule_with_deps(engine)
+    return tasks_dot(sched, task_kinds(engine.manifest, sched), name)
+
+
 def roles_line(roles: list[dict[str, Any]]) -> str:
     """"attention (1 worker), compute (2 workers)"."""
     counts = [(r["name"], len(r["workers"])) for r in roles]

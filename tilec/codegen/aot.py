@@ -21,10 +21,12 @@ only launched by the Triton version that compiled it (the executor checks).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -124,10 +126,7 @@ class PendingKernel:
         self.source, self.pools, self.arch = source, _pool_pairs(pools), arch
         self._timeout = timeout
         self._outcome: tuple[int, str, str] | BaseException | None = None
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "tilec.codegen.aot"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=_child_env())
+        self._proc, self._lifeline = _start_child()
         # communicate() in a thread: the child's output (the cubin) can be larger than a
         # pipe holds, so it is read while the caller goes on
         request = _request(self.source, self.pools, arch, NUM_WARPS, False)
@@ -141,6 +140,8 @@ class PendingKernel:
             self._outcome = (self._proc.returncode, out, err)
         except BaseException as exc:   # raised again by result()
             self._outcome = exc
+        finally:
+            os.close(self._lifeline)
 
     def is_for(self, source: str, pools: Iterable[Any], arch: int) -> bool:
         return (source, _pool_pairs(pools), arch) == (self.source, self.pools, self.arch)
@@ -158,7 +159,7 @@ class PendingKernel:
     def cancel(self) -> None:
         """Stop the compile (its result is not wanted); a no-op once it has finished."""
         if self._proc.poll() is None:
-            self._proc.kill()
+            _kill_group(self._proc)
         self._reader.join()
 
 
@@ -206,14 +207,59 @@ def compile_for_gpu(source: str, pools: Iterable[Any], arch: int = 90,
     pairs = _pool_pairs(pools)
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         return _compile_here(source, pairs, arch, num_warps, profile, trusted)
+    proc, lifeline = _start_child()
     try:
-        proc = subprocess.run([sys.executable, "-m", "tilec.codegen.aot"],
-                              input=_request(source, pairs, arch, num_warps, profile, trusted),
-                              capture_output=True, text=True, env=_child_env(),
-                              timeout=timeout)
+        out, err = proc.communicate(_request(source, pairs, arch, num_warps, profile, trusted),
+                                    timeout=timeout)
     except subprocess.TimeoutExpired:
         raise AOTError(f"compiling for sm_{arch} took more than {timeout:.0f} s") from None
-    return _child_info(proc.returncode, proc.stdout, proc.stderr, arch)
+    finally:
+        if proc.poll() is None:   # timed out, or interrupted
+            _kill_group(proc)
+            proc.wait()
+        os.close(lifeline)
+    return _child_info(proc.returncode, out, err, arch)
+
+
+def _start_child() -> tuple[subprocess.Popen, int]:
+    """`python -m tilec.codegen.aot`, in a process group of its own, that ends (and
+    ptxas with it) when this process does, however this one ends (SIGKILL included):
+    it watches the read end of a pipe whose write end, returned here, only this
+    process holds; close that when the child has finished."""
+    read, write = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tilec.codegen.aot", str(read)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(),
+            pass_fds=(read,), start_new_session=True)
+    except BaseException:
+        os.close(write)
+        raise
+    finally:
+        os.close(read)
+    return proc, write
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill the child and whatever it started (ptxas): its process group."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+
+
+def _die_with_parent(lifeline: int) -> None:
+    """In the child: when the parent's end of the pipe closes (the parent is gone),
+    kill this process group, this process and its ptxas, at once."""
+    def watch() -> None:
+        with contextlib.suppress(OSError):
+            while os.read(lifeline, 1):
+                pass
+        if os.getpgid(0) == os.getpid():   # our own group (_start_child): never another's
+            os.killpg(0, signal.SIGKILL)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="tilec-aot-lifeline").start()
 
 
 def _child_env() -> dict[str, str]:
@@ -342,7 +388,10 @@ def _ptxas_usage(ptx: str, gpu_name: str) -> dict[str, int]:
 
 
 def _main() -> int:
-    """Child-process entry: a JSON request on stdin, one JSON line on stdout."""
+    """Child-process entry: a JSON request on stdin, one JSON line on stdout; the
+    argument, if any, is the pipe to watch (_start_child)."""
+    if len(sys.argv) > 1:
+        _die_with_parent(int(sys.argv[1]))
     req = json.loads(sys.stdin.read())
     try:
         info = _compile_here(req["source"], [tuple(p) for p in req["pools"]], req["arch"],

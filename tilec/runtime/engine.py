@@ -18,7 +18,6 @@ import json
 import mmap
 import os
 import queue
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
@@ -32,6 +31,7 @@ from tilec.gcpause import without_cyclic_gc
 from tilec.ir.schedule import Schedule, Wait
 from tilec.ir.tasks import TRANSFER
 from tilec.ir.serial import from_plain, to_json
+from tilec.runtime.atomic_file import TempFile
 from tilec.version import __version__
 
 FORMAT = "tilec-engine"
@@ -387,7 +387,7 @@ def save(engine: Engine | DeviceEngines, path: str | os.PathLike) -> None:
     # release the GIL), into a placeholder of its length, filled in at the end.
     meta["sha256"] = SHA_PLACEHOLDER
     header_bytes = _header_size(meta, tensors)
-    file = _TempFile(path)
+    file = TempFile(path)
     try:
         with ThreadPoolExecutor(1) as hasher:
             digest = hasher.submit(_digest, meta, tensors)
@@ -417,7 +417,7 @@ class PendingSave:
         self.meta["sha256"] = SHA_PLACEHOLDER
         self.header_bytes = _header_size(self.meta, self.tensors, binary_coming=True)
         self.order = _data_order(self.tensors)
-        self.file = _TempFile(path)
+        self.file = TempFile(path)
         try:
             with ThreadPoolExecutor(1) as hasher:
                 digests = hasher.submit(_tensor_digests, self.tensors)
@@ -469,33 +469,6 @@ def check_writable(path: str | os.PathLike) -> None:
         folder = folder.parent
     if not (folder.is_dir() and os.access(folder, os.W_OK)):
         raise EngineError(f"cannot write {path}: {folder} is not a writable folder")
-
-
-class _TempFile:
-    """A temporary file `f` beside `path` (its folders created), put in place by
-    `commit` or removed by `discard` (whichever comes first; the other is a no-op)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        except OSError as e:
-            raise EngineError(f"cannot write {path}: {e.strerror or e}") from None
-        self.f = os.fdopen(fd, "wb")
-        self.open = True
-
-    def commit(self) -> None:
-        if self.open:
-            self.open = False
-            self.f.close()
-            os.replace(self.tmp, self.path)
-
-    def discard(self) -> None:
-        if self.open:
-            self.open = False
-            self.f.close()
-            Path(self.tmp).unlink(missing_ok=True)
 
 
 class _DirectWriter:
