@@ -32,6 +32,7 @@ from datetime import timedelta
 
 import torch
 
+from tilec.childenv import child_env
 from tilec.errors import RunError
 from tilec.ir.tasks import Transfer
 
@@ -256,12 +257,9 @@ def launch(argv: list[str], devices: int) -> int:
     procs = []
     stderr_tails: list[list[str]] = []
     pumps = []
-    # every rank imports this tilec, whatever the current folder would import
-    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
     for rank in range(devices):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(devices), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=path)
+        env = child_env(RANK=str(rank), WORLD_SIZE=str(devices), LOCAL_RANK=str(rank),
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         p = subprocess.Popen([sys.executable, "-m", "tilec", *argv], env=env,
                              stdout=None if rank == 0 else subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
