@@ -29,6 +29,7 @@ from tilec.runtime.generate import Generation
 if TYPE_CHECKING:
     from tilec.compiler.config import ModelConfig
     from tilec.passes.verify import VerifyReport
+    from tilec.runtime.chat import ChatTemplate
     from tokenizers import Tokenizer
 
 
@@ -145,26 +146,29 @@ class Engine:
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *,
                  backend: str = "auto", temperature: float = 0.0, top_k: int = 0,
-                 seed: int = 0, logits: bool = False, stop_at_eos: bool = True,
-                 policy: str = "round_robin") -> Generation:
+                 top_p: float = 1.0, seed: int = 0, logits: bool = False,
+                 stop_at_eos: bool = True, policy: str = "round_robin") -> Generation:
         """Generate from a decoder engine (`model: {family: ...}` or `{hf: ...}`).
 
         The prompt is fed one token per step (there is no batched prefill yet), then
         each new token is fed back. Greedy (the engine's on-device argmax) unless
         `temperature` > 0, which samples on the host from the logits (optionally from
-        the `top_k` most likely), seeded by `seed`. `logits=True` keeps the float32
+        the `top_k` most likely, then from the smallest set whose probability reaches
+        `top_p`), seeded by `seed`; `tilec serve` samples with the same code
+        (runtime.generate.Sampling). `logits=True` keeps the float32
         logits of every generated step in `Generation.logits`. Stops after
         `max_new_tokens` or at an EOS id (`stop_at_eos`). Raises `RunError` for an
         engine that is not a decoder, an empty prompt, an id outside the vocabulary,
-        or a prompt plus new tokens longer than the engine's max_seq_len.
+        a prompt plus new tokens longer than the engine's max_seq_len, or sampling
+        settings out of range.
         """
-        from tilec.runtime.generate import generate
+        from tilec.runtime.generate import Sampling, generate
 
         spec = self._data.manifest.generation
         if spec is None:
             raise RunError("this engine is not a decoder: use run(), not generate()")
         return generate(self.executor(backend, policy, seed), spec, list(prompt_ids),
-                        max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                        max_new_tokens, sampling=Sampling(temperature, top_k, top_p, seed),
                         keep_logits=logits, stop_at_eos=stop_at_eos)
 
     def tokenizer(self) -> Tokenizer | None:
@@ -175,6 +179,17 @@ class Engine:
         from tokenizers import Tokenizer
 
         return Tokenizer.from_str(self._data.tokenizer)
+
+    def chat_template(self) -> ChatTemplate | None:
+        """The chat template stored with an engine compiled from an `hf:` checkpoint
+        that has one (and a tokenizer.json), else None. `.render(messages)` gives the
+        prompt text transformers' `apply_chat_template(messages,
+        add_generation_prompt=True, tokenize=False)` gives."""
+        if self._data.chat is None:
+            return None
+        from tilec.runtime.chat import ChatTemplate
+
+        return ChatTemplate.from_json(self._data.chat)
 
     # ---- looking at it -----------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -282,7 +297,7 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
     else:
         raise ConfigError(f"tilec.compile takes an nn.Module, a model.yaml path or a "
                           f"ModelConfig, not {type(model_or_yaml).__name__}")
-    generation, tokenizer = None, None
+    generation, tokenizer, chat = None, None, None
     if cfg is not None:
         target_name = target or cfg.target.name
         if dtype is None and cfg.dtype is None and not isinstance(cfg.model, cfgmod.ModuleSpec):
@@ -306,7 +321,7 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
         specs = cfg.inputs
         if not isinstance(cfg.model, cfgmod.ModuleSpec):
             specs = cfgmod.decoder_inputs(module.cfg.vocab_size, module.max_seq_len)
-            generation, tokenizer = _decoder_extras(cfg, module)
+            generation, tokenizer, chat = _decoder_extras(cfg, module)
         info = tuple(InputInfo(s.name, s.low, s.high) for s in specs)
         name = name or Path(cfg.path).stem
         seed = cfg.seed
@@ -336,7 +351,7 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
                 weights_ready=weights.wait if weights is not None else None,
                 release_constants=cfg is not None,   # tilec built the module
                 output=os.fspath(output) if output is not None else None,
-                tokenizer=tokenizer)
+                tokenizer=tokenizer, chat=chat)
     finally:
         if weights is not None:
             weights.cancel()   # a compile that failed leaves no thread drawing
@@ -402,12 +417,15 @@ def _decoder_extras(cfg, module):
     from tilec.compiler.config import CheckpointSpec
     from tilec.runtime.engine import GenerationSpec
 
-    eos, tokenizer = (), None
+    eos, tokenizer, chat = (), None, None
     if isinstance(cfg.model, CheckpointSpec):
-        from tilec.models.hf import eos_token_ids, tokenizer_json
+        from tilec.models.hf import chat_template, eos_token_ids, tokenizer_json
 
-        eos, tokenizer = eos_token_ids(cfg.model.folder), tokenizer_json(cfg.model.folder)
-    return GenerationSpec(module.cfg.vocab_size, module.max_seq_len, eos), tokenizer
+        folder = cfg.model.folder
+        eos, tokenizer = eos_token_ids(folder), tokenizer_json(folder)
+        template = chat_template(folder) if tokenizer is not None else None
+        chat = template.to_json() if template is not None else None
+    return GenerationSpec(module.cfg.vocab_size, module.max_seq_len, eos), tokenizer, chat
 
 
 __all__ = ["Engine", "Generation", "compile", "load"]

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=int, default=16, help="decoder engines: tokens to generate")
     r.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (0: greedy)")
     r.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens")
+    r.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of tokens whose probability reaches p")
     r.add_argument("--logits-out", help="write the float32 logits of every generated step (safetensors)")
     r.add_argument("--trust-engine-code", action="store_true",
                    help="run the stored kernel even if it differs from what this tilec renders")
@@ -289,8 +291,8 @@ def _parse_prompt(engine, args) -> list[int]:
 def _generate(engine, args) -> int:
     prompt = _parse_prompt(engine, args)
     g = engine.generate(prompt, args.max_new_tokens, backend=args.backend,
-                        temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                        logits=bool(args.logits_out), policy=args.policy)
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        seed=args.seed, logits=bool(args.logits_out), policy=args.policy)
     if args.logits_out:
         _save_tensors({"logits": g.logits.contiguous()}, args.logits_out)
     tok = engine.tokenizer()

@@ -140,7 +140,8 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
                    weights_ready: Callable[[], None] | None = None,
                    release_constants: bool = False,
                    output: str | None = None,
-                   tokenizer: str | None = None) -> Engine | DeviceEngines:
+                   tokenizer: str | None = None,
+                   chat: str | None = None) -> Engine | DeviceEngines:
     """`weights_ready`, if given, blocks until the module's weights are written: the
     stages before `pack` read only shapes, so a family model's random weights are drawn
     meanwhile (config.PendingWeights); the wait is timed as the stage `weights`.
@@ -206,7 +207,7 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
         for e in engines:
             if generation is not None:
                 e.manifest = replace(e.manifest, generation=generation)
-            e.tokenizer = tokenizer
+            e.tokenizer, e.chat = tokenizer, chat
         if gpu_kernel.arch is not None:
             # a save encodes the manifest before anything else: do it while the GPU
             # compile runs on, then write the weights meanwhile too

@@ -32,6 +32,7 @@ from tilec.ir.schedule import Schedule, Wait
 from tilec.ir.tasks import TRANSFER
 from tilec.ir.serial import from_plain, to_json
 from tilec.runtime.atomic_file import TempFile
+from tilec.runtime.chat import ChatTemplate
 from tilec.version import __version__
 
 FORMAT = "tilec-engine"
@@ -122,6 +123,7 @@ class Engine:
     tensors: dict[str, torch.Tensor]
     tokenizer: str | None = None    # tokenizer.json text, for decoder engines
     aot: AOTKernel | None = None    # GPU targets: the kernel compiled ahead of time
+    chat: str | None = None         # the checkpoint's chat template (runtime.chat JSON)
     # The kernel source is what this tilec renders from the manifest (set by `load`'s
     # check, or by the compiler that rendered it); only then, or when the user trusts
     # the file's code (`code_trusted`, --trust-engine-code), is it imported or compiled
@@ -164,6 +166,10 @@ class DeviceEngines:
     @property
     def tokenizer(self) -> str | None:
         return self.ranks[0].tokenizer
+
+    @property
+    def chat(self) -> str | None:
+        return self.ranks[0].chat
 
 
 def encode_tables(schedule: Schedule, opcodes, max_waits: int) -> dict[str, torch.Tensor]:
@@ -356,17 +362,22 @@ def _contents(engine: Engine | DeviceEngines) -> tuple[dict[str, str], dict[str,
                     tensors[k] = v.contiguous()   # the same pool on every device: once
                 else:
                     tensors[f"device{d}.{k}"] = v.contiguous()
-        if engine.ranks[0].tokenizer is not None:
-            meta["tokenizer"] = engine.ranks[0].tokenizer
+        _add_tokenizer(meta, engine.ranks[0])
         return meta, tensors
     meta["manifest"] = engine.manifest_text()
     meta["kernel"] = engine.kernel_source
-    if engine.tokenizer is not None:
-        meta["tokenizer"] = engine.tokenizer
+    _add_tokenizer(meta, engine)
     tensors = {k: v.contiguous() for k, v in engine.tensors.items()}
     if engine.aot is not None:
         _add_binary(meta, tensors, engine.aot)
     return meta, tensors
+
+
+def _add_tokenizer(meta: dict[str, str], engine: Engine) -> None:
+    if engine.tokenizer is not None:
+        meta["tokenizer"] = engine.tokenizer
+    if engine.chat is not None:
+        meta["chat"] = engine.chat
 
 
 def _add_binary(meta: dict[str, str], tensors: dict[str, torch.Tensor], aot: AOTKernel) -> None:
@@ -664,9 +675,18 @@ def load(path: str | os.PathLike, trust_engine_code: bool = False, *,
     if meta.get("sha256") != _digest(meta, tensors):
         raise EngineError(f"{path}: checksum mismatch: the file is corrupted or was edited")
     tokenizer = meta.get("tokenizer")
+    chat = meta.get("chat")
+    if chat is not None:
+        try:
+            ChatTemplate.from_json(chat)
+        except EngineError as e:
+            raise EngineError(f"{path}: {e}") from None
     accept = "trust" if trust_engine_code else "read" if read_only else "checked"
     if DEVICES_KEY in meta:
-        return _load_devices(path, meta, tensors, tokenizer, accept)
+        devices = _load_devices(path, meta, tensors, tokenizer, accept)
+        for part in devices.ranks:
+            part.chat = chat
+        return devices
     manifest = _parse_manifest(path, meta.get("manifest"))
     kernel = meta.get("kernel", "")
     aot = None
@@ -675,7 +695,7 @@ def load(path: str | os.PathLike, trust_engine_code: bool = False, *,
             aot = read_aot(meta.get(AOT_KEY), tensors.pop(AOT_CUBIN, None))
         except (ValueError, RecursionError) as e:
             raise EngineError(f"{path}: bad GPU binary: {_short(e)}") from None
-    engine = Engine(manifest, kernel, tensors, tokenizer, aot)
+    engine = Engine(manifest, kernel, tensors, tokenizer, aot, chat)
     problem = _engine_problem(engine, accept)
     if problem:
         raise EngineError(f"{path}: {problem}")
