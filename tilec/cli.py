@@ -74,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--device", type=int, default=0,
                    help="multi-device engines: the device whose schedule to show (default 0)")
 
+    s = sub.add_parser("serve", help="serve a decoder engine over an OpenAI-compatible HTTP API")
+    s.add_argument("engine")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    s.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a sequence slot; more are answered 429")
+    s.add_argument("--backend", default="auto", choices=["auto", "gpu", "interpret", "reference"])
+    s.add_argument("--trust-engine-code", action="store_true",
+                   help="run the stored kernel even if it differs from what this tilec renders")
+
     v = sub.add_parser("verify", help="prove an engine's schedule race- and deadlock-free")
     v.add_argument("engine")
     v.add_argument("--json", action="store_true", help="print one JSON object")
@@ -387,7 +397,15 @@ def cmd_verify(args) -> int:
     return 0 if report["ok"] else 1
 
 
-COMMANDS = {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "verify": cmd_verify}
+def cmd_serve(args) -> int:
+    from tilec.serve import serve
+
+    return serve(args.engine, args.host, args.port, args.max_queue, args.backend,
+                 args.trust_engine_code)
+
+
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "verify": cmd_verify,
+            "serve": cmd_serve}
 
 if __name__ == "__main__":
     sys.exit(main())
