@@ -29,15 +29,17 @@ from tilec.codegen.aot import PendingKernel
 from tilec.gcpause import without_cyclic_gc
 from tilec.codegen.render import Rendered, render
 from tilec.compiler import frontend
+from tilec.compiler.config import workers_problem
 from tilec.errors import ConfigError
 from tilec.ir.graph import contiguous_strides
 from tilec.ir.schedule import Schedule
 from tilec.ir.serial import to_plain
 from tilec.ir.target import TARGETS, Role, Target
+from tilec.limits import short_repr
 from tilec.passes.deps import deps
 from tilec.passes.fuse import fuse
 from tilec.passes.memplan import memplan, unplaced
-from tilec.passes.partition import device_target, partition, time_devices
+from tilec.passes.partition import MAX_DEVICES, device_target, partition, time_devices
 from tilec.passes.roles import resolve_device_roles, resolve_roles, roles
 from tilec.passes.schedule import schedule
 from tilec.passes.sync import sync
@@ -67,15 +69,17 @@ def target_options(name: str, workers: int | None = None, policy: str = "critica
                    kv_chunk: int | None = None, devices: int = 1) -> CompileOptions:
     """`roles` as model.yaml gives them: checked here, once the worker count is final.
     With `devices` > 1 they own devices (Role.devices), not workers."""
-    if name not in TARGETS:
-        raise ConfigError(f"unknown target {name!r} (choose from {', '.join(TARGETS)})")
+    if not isinstance(name, str) or name not in TARGETS:
+        raise ConfigError(f"unknown target {short_repr(name)} (choose from {', '.join(TARGETS)})")
     target = TARGETS[name]
     if workers is not None:
-        if workers < 1:
-            raise ConfigError(f"workers must be at least 1, got {workers}")
+        if workers_problem(workers, name):
+            raise ConfigError(f"workers: expected {workers_problem(workers, name)}, found "
+                              f"{short_repr(workers)}")
         target = replace(target, workers=workers)
-    if devices < 1:
-        raise ConfigError(f"devices must be at least 1, got {devices}")
+    if not isinstance(devices, int) or not 1 <= devices <= MAX_DEVICES:
+        raise ConfigError(f"devices: expected an integer from 1 to {MAX_DEVICES}, found "
+                          f"{short_repr(devices)}")
     target = replace(target, devices=devices)
     for r in roles:
         if (devices > 1 and r.workers) or (devices == 1 and r.devices):

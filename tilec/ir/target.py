@@ -11,6 +11,10 @@ from tilec.ir.tasks import TRANSFER
 
 # Without `roles`, every worker belongs to one role of this name and runs any task.
 DEFAULT_ROLE = "compute"
+# Target.max_workers: the CTAs of 128 threads (the kernel's 4 warps) an SM holds at most
+# (2048 threads per SM on sm_80 and sm_90); registers and shared memory may allow fewer.
+CTAS_PER_SM = 16
+CPU_MAX_WORKERS = 64
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,15 @@ class Target:
     device_roles: tuple[Role, ...] = ()
     link_gbps: float = 0.0
     link_latency_us: float = 0.0
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers a schedule for this target may have (model.yaml, the API, the
+        CLI and a loaded engine are held to it). GPU: every worker must be resident at
+        once (a persistent kernel), so at most CTAS_PER_SM per SM. cpu: the interpreter
+        runs workers one after another in one process, so more never run faster, and
+        CPU_MAX_WORKERS keeps the per-worker tables (inspect, the cost model) small."""
+        return self.sms * CTAS_PER_SM if self.backend == "cuda" else CPU_MAX_WORKERS
 
     def all_roles(self) -> tuple[Role, ...]:
         """The roles, or the one implicit role over every worker."""

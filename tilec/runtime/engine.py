@@ -32,6 +32,7 @@ from tilec.gcpause import without_cyclic_gc
 from tilec.ir.schedule import Schedule, Wait
 from tilec.ir.tasks import TRANSFER
 from tilec.ir.serial import from_plain, to_json
+from tilec.runtime.sizes import size_problem
 from tilec.version import __version__
 
 FORMAT = "tilec-engine"
@@ -672,9 +673,14 @@ def load(path: str | os.PathLike, trust_engine_code: bool = False) -> Engine | D
     check that covers it has passed: header, checksum, manifest, tables, views, kernel.
     A multi-device engine gives DeviceEngines, each device's part checked alike."""
     path = Path(path)
+    if path.is_dir():
+        raise EngineError(f"{path}: a folder, not an engine file")
     if not path.is_file():
         raise EngineError(f"{path}: no such engine file")
-    meta, tensors = _read_container(path)
+    try:
+        meta, tensors = _read_container(path)
+    except OSError as e:
+        raise EngineError(f"{path}: cannot read the engine file ({e.strerror or e})") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise EngineError(f"{path}: engine format version {_clip(meta.get('format_version'))}; "
                           f"this tilec reads version {FORMAT_VERSION}")
@@ -703,7 +709,8 @@ def load(path: str | os.PathLike, trust_engine_code: bool = False) -> Engine | D
 
 def _engine_problem(engine: Engine, trust_engine_code: bool) -> str | None:
     try:
-        problem = check_tables(engine) or check_views(engine) or check_aot(engine)
+        problem = check_tables(engine) or size_problem(engine.manifest) or \
+            check_views(engine) or check_aot(engine)
     except Exception as e:  # a manifest that decodes but contradicts itself
         problem = f"malformed manifest ({type(e).__name__}: {_short(e)})"
     return problem or check_kernel(engine, trust_engine_code)
