@@ -21,6 +21,7 @@ import torch
 
 from tilec.errors import ConfigError, RunError
 from tilec.ir.target import TARGETS
+from tilec.limits import seed_problem, short_repr
 from tilec.runtime import engine as engine_file
 from tilec.runtime.distributed import LocalDevices, rank_from_env
 from tilec.runtime.executors import Executor, make_executor
@@ -86,6 +87,7 @@ class Engine:
     def random_inputs(self, seed: int = 0) -> dict[str, torch.Tensor]:
         """Fresh random inputs of the declared shapes and dtypes: floats ~ N(0, 1),
         integers uniform in their [low, high) (from model.yaml; [0, 2) if unknown)."""
+        _check_seed(seed)
         g = torch.Generator().manual_seed(seed)
         out = {}
         for s in self._data.manifest.inputs:
@@ -109,6 +111,7 @@ class Engine:
         reverse. `executor(...).run(dict)` takes inputs as a dict, for models whose
         input names clash with `run`'s keywords.
         """
+        _check_seed(seed)
         key = (backend, policy, seed)
         if key not in self._executors:
             self._executors[key] = self.new_executor(backend, policy, seed)
@@ -268,6 +271,10 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
 
     _check_options(cfgmod, dtype, policy, tile_m=tile_m, tile_n=tile_n, tile_k=tile_k,
                    kv_chunk=kv_chunk)
+    if seed is not None:
+        _check_seed(seed)
+    if dump_dir is not None:
+        _check_dump_dir(dump_dir)
     if output is not None:
         engine_file.check_writable(output)
     if isinstance(model_or_yaml, (str, os.PathLike)):
@@ -344,7 +351,7 @@ def _naming_the_yaml(cfg):
     try:
         yield
     except ConfigError as e:
-        if cfg is None or not str(e).startswith("target."):
+        if cfg is None or not str(e).startswith(("target.", "inputs:")):
             raise
         raise ConfigError(f"{cfg.path}: {e}") from None
 
@@ -359,6 +366,23 @@ def _check_options(cfgmod, dtype: str | None, policy: str | None, **tiles: int |
         expected = cfgmod.tile_size_problem(key, value)
         if expected:
             raise ConfigError(f"{key}: expected {expected}, found {value!r}")
+
+
+def _check_seed(seed) -> None:
+    if seed_problem(seed):
+        raise ConfigError(f"seed: expected {seed_problem(seed)}, found {short_repr(seed)}")
+
+
+def _check_dump_dir(dump_dir) -> None:
+    """The folder for the stage dumps exists or can be made: checked before the compile."""
+    folder = Path(dump_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        reason = "it is a file" if folder.exists() else e.strerror or str(e)
+        raise ConfigError(f"dump_dir {folder}: cannot make the folder ({reason})") from None
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"dump_dir {folder}: the folder is not writable")
 
 
 def _decoder_extras(cfg, module):

@@ -6,6 +6,7 @@ generations: every step masks positions after its own.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ import torch
 
 from tilec.errors import RunError
 from tilec.runtime.engine import GenerationSpec
-from tilec.runtime.executors import Executor
+from tilec.runtime.executors import Executor, NaNValuesError
 
 
 @dataclass
@@ -30,6 +31,15 @@ class Generation:
         return len(self.tokens) / self.seconds if self.seconds > 0 else 0.0
 
 
+def check_sampling(temperature: float, top_k: int) -> None:
+    """Sampling options: a temperature >= 0 (0: greedy) and a top_k >= 0 (0: all)."""
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or \
+            not 0 <= temperature < math.inf:
+        raise RunError(f"temperature: expected a number >= 0 (0: greedy), found {temperature!r}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise RunError(f"top_k: expected an integer >= 0 (0: every token), found {top_k!r}")
+
+
 def check_prompt(spec: GenerationSpec, prompt: list[int], max_new_tokens: int) -> None:
     if not prompt:
         raise RunError("the prompt is empty: give at least one token id")
@@ -43,10 +53,18 @@ def check_prompt(spec: GenerationSpec, prompt: list[int], max_new_tokens: int) -
                        f"max_seq_len {spec.max_seq_len} of this engine")
 
 
+def nan_logits(pos: int, step: int) -> RunError:
+    """The one error every backend gives for logits that are not numbers: a greedy
+    token taken from them would depend on the backend (each treats NaN its own way)."""
+    return RunError(f"step {step} (position {pos}): the logits are NaN or +inf; the "
+                    "weights or activations overflow, so no token follows from them")
+
+
 def generate(executor: Executor, spec: GenerationSpec, prompt: list[int], max_new_tokens: int,
              *, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
              keep_logits: bool = False, stop_at_eos: bool = True) -> Generation:
     check_prompt(spec, prompt, max_new_tokens)
+    check_sampling(temperature, top_k)
     gen = torch.Generator().manual_seed(seed)
     tokens: list[int] = []
     kept: list[torch.Tensor] = []
@@ -54,14 +72,19 @@ def generate(executor: Executor, spec: GenerationSpec, prompt: list[int], max_ne
     t0 = time.perf_counter()
     feed, pos = prompt[0], 0
     while True:
-        out = executor.run({spec.token_input: torch.tensor([feed], dtype=torch.int64),
-                            spec.pos_input: torch.tensor([pos], dtype=torch.int64)})
+        try:
+            out = executor.run({spec.token_input: torch.tensor([feed], dtype=torch.int64),
+                                spec.pos_input: torch.tensor([pos], dtype=torch.int64)})
+        except NaNValuesError:
+            raise nan_logits(pos, steps + 1) from None
         steps += 1
+        logits = out[spec.logits_output].reshape(-1).float()
+        if logits.isnan().any() or logits.isposinf().any():
+            raise nan_logits(pos, steps)
         pos += 1
         if pos < len(prompt):
             feed = prompt[pos]
             continue
-        logits = out[spec.logits_output].reshape(-1).float()
         if temperature > 0:
             scaled = logits / temperature
             if top_k > 0:

@@ -31,19 +31,23 @@ def require_mode(interpret: bool) -> None:
 def cache_dir() -> Path:
     root = os.environ.get("TILEC_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tilec")
-    path = Path(root) / "kernels"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path(root) / "kernels"
 
 
 def write_source(source: str) -> tuple[str, Path]:
     digest = hashlib.sha256(source.encode()).hexdigest()[:24]
     module_name = f"tilec_kernel_{digest}"
-    path = cache_dir() / f"{module_name}.py"
-    if not path.exists() or path.read_text() != source:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(source)
-        os.replace(tmp, path)
+    folder = cache_dir()
+    path = folder / f"{module_name}.py"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not path.exists() or path.read_bytes() != source.encode():
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(source.encode())
+            os.replace(tmp, path)
+    except OSError as e:   # Triton imports a kernel from a file: it must be written first
+        raise RunError(f"cannot write the kernel to the cache folder {folder} "
+                       f"({e.strerror or e}): set TILEC_CACHE to a writable folder") from None
     return module_name, path
 
 
