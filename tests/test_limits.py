@@ -5,9 +5,10 @@ anything of that size is allocated, with one short `error:` line naming the key 
 size, in well under the seconds the old behaviour took."""
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +20,9 @@ from tilec import limits
 from tilec.compiler import yaml_file
 from tilec.compiler.config import load_config
 from tilec.errors import ConfigError, EngineError, RunError
+from tilec.ir.target import TARGETS
 from tilec.runtime import engine as engine_file
+from tilec.runtime import sizes
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SECONDS = 5   # every refusal here; the old behaviour took 64 to 106 s, or never ended
@@ -220,3 +223,22 @@ def test_executors_check_memory_before_allocating(monkeypatch):
                                            r"the 1\.0 kB of memory available"):
             engine.new_executor(backend)
     assert allocated == []
+
+
+def test_gpu_workers_must_all_be_resident_with_the_compiled_kernel():
+    """A persistent kernel needs every worker resident: the compiled binary's registers
+    and shared memory say how many CTAs an SM holds (checked on compile and on load)."""
+    assert sizes.resident_ctas(4, None, 0) == 16            # threads: 2048 / 128
+    assert sizes.resident_ctas(4, 128, 0) == 4              # registers: 65536 / (128 * 128)
+    assert sizes.resident_ctas(4, 32, 150_000) == 1         # shared memory: 228 kB
+    engine = engine_file.load(compiled("block"))
+    h200 = replace(TARGETS["h200"], workers=200)
+    engine = replace(engine, manifest=replace(engine.manifest, schedule=replace(
+        engine.manifest.schedule, target=h200)), aot=SimpleNamespace(
+        num_warps=4, n_regs=64, shared=150_000))
+    assert sizes.size_problem(engine) == (
+        "200 workers cannot all be resident on h200: the kernel takes 64 registers per "
+        "thread, 4 warps and 150000 bytes of shared memory per CTA, so an SM holds 1 and "
+        "the target 132")
+    engine.aot.shared = 0
+    assert sizes.size_problem(engine) is None

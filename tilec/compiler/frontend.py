@@ -14,6 +14,7 @@ import operator
 import os
 import re
 import sys
+import sysconfig
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -140,19 +141,27 @@ def _export_error(exc: Exception, example_inputs) -> Exception:
                        "dtypes)")
 
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_TILEC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_TILEC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_LIBRARY_DIRS = tuple({os.path.abspath(p) + os.sep for key, p in sysconfig.get_paths().items()
+                       if key in ("stdlib", "platstdlib", "purelib", "platlib")})
 
 
 def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
-    """The innermost frame of `exc`'s traceback outside torch, if it is in the user's
-    code (not tilec's, not Python's own)."""
-    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-        file = os.path.abspath(frame.filename) if not frame.filename.startswith("<") else ""
-        if not file or file.startswith(_TORCH_DIR + os.sep):
-            continue
-        return None if file.startswith(_TILEC_DIR + os.sep) else frame
-    return None
+    """The innermost frame of `exc`'s traceback in the model torch.export traced:
+    inside the export call, outside torch, preferably outside Python's and the installed
+    packages' code too (a model that calls a library is best pointed at its call); None
+    if that frame is tilec's own (a family model: then the error is tilec's bug, kept as
+    it is)."""
+    frames = [(os.path.abspath(f.filename), f) for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith("<")]
+    first = next((i for i, (file, _) in enumerate(frames) if file.startswith(_TORCH_DIR)), 0)
+    outside = [(file, f) for file, f in frames[first:] if not file.startswith(_TORCH_DIR)]
+    own = [(file, f) for file, f in outside if not file.startswith(_LIBRARY_DIRS)]
+    if not (own or outside):
+        return None
+    file, frame = (own or outside)[-1]
+    return None if file.startswith(_TILEC_DIR) else frame
 
 
 def source_line(node: torch.fx.Node) -> str:

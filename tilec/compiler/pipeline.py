@@ -49,6 +49,7 @@ from tilec.passes.verify_devices import verify_parts
 from tilec.runtime.engine import (AOTKernel, DeviceEngines, Engine, GenerationSpec, IOSpec,
                                   Manifest, PendingSave, TORCH_DTYPES, aot_text,
                                   encode_tables, save)
+from tilec.runtime.sizes import resident_problem
 from tilec.version import __version__
 
 MAX_WAITS = 8
@@ -218,6 +219,9 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
             pending = progress.run("save", PendingSave, engines[0], output) if output else None
             try:
                 engines[0].aot = progress.run("aot", gpu_kernel.result)
+                problem = resident_problem(target, target.workers, engines[0].aot)
+                if problem:   # the registers and shared memory are known only now
+                    raise ConfigError(f"workers: {problem}; use fewer workers")
             except BaseException:
                 if pending is not None:
                     pending.cancel()

@@ -709,7 +709,7 @@ def load(path: str | os.PathLike, trust_engine_code: bool = False) -> Engine | D
 
 def _engine_problem(engine: Engine, trust_engine_code: bool) -> str | None:
     try:
-        problem = check_tables(engine) or size_problem(engine.manifest) or \
+        problem = check_tables(engine) or size_problem(engine) or \
             check_views(engine) or check_aot(engine)
     except Exception as e:  # a manifest that decodes but contradicts itself
         problem = f"malformed manifest ({type(e).__name__}: {_short(e)})"
