@@ -119,17 +119,17 @@ def test_misspelt_family_key_is_an_error_with_a_close_match(capsys, folder):
 
 
 @pytest.mark.parametrize("family,key,value,problem", [
-    ("llama", "rope_scaling", 5, "model.config.rope_scaling: expected a mapping or null"),
+    ("llama", "rope_scaling", 5, "model.config: rope_scaling: expected a mapping or null"),
     ("llama", "rope_scaling", {"rope_type": "llama3", "factor": "x"},
-     "rope_scaling.factor: expected a positive number"),
+     "model.config: rope_scaling.factor: expected a positive number"),
     ("llama", "rope_scaling", {"rope_type": "llama3", "factor": 8.0},
-     "rope_scaling.original_max_position_embeddings: required"),
-    ("llama", "rope_parameters", {"rope_theta": -1}, "rope_theta: expected a positive number"),
-    ("llama", "rope_theta", "big", "model.config.rope_theta: expected a positive number"),
+     "model.config: rope_scaling.original_max_position_embeddings: required"),
+    ("llama", "rope_parameters", {"rope_theta": -1}, "model.config: rope_parameters.rope_theta: expected a positive number"),
+    ("llama", "rope_theta", "big", "model.config: rope_theta: expected a positive number"),
     ("llama", "tie_word_embeddings", "yes", "expected true or false"),
     ("llama", "num_key_value_heads", 1.5, "expected a positive integer or null"),
     ("llama", "hidden_size", True, "expected a positive integer"),
-    ("mla_dsa", "index_topk", [8], "model.config.index_topk: expected a positive integer"),
+    ("mla_dsa", "index_topk", [8], "model.config: index_topk: expected a positive integer"),
     ("mla_dsa", "rms_norm_eps", float("nan"), "expected a positive number"),
 ])
 def test_family_config_values_have_their_types(folder, family, key, value, problem):

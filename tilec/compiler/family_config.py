@@ -60,14 +60,13 @@ def check_family_config(family: str, config: dict, where: str) -> None:
             raise ConfigError(f"{where}: unknown {family} config key {short_repr(shown)}{hint}; "
                               f"allowed: {', '.join(allowed)}")
         if key == "rope_parameters":
-            _check_rope(value, f"{where}.{key}", extra=("rope_theta",))
+            _check_rope(value, where, key, extra=("rope_theta",))
             continue
         expected = _type_problem(types[key], value)
         if expected:
-            raise ConfigError(f"{where}.{key}: expected {expected}, found "
-                              f"{type(value).__name__} {short_repr(value)}")
+            raise ConfigError(f"{where}: {key}: expected {expected}, found {short_repr(value)}")
         if key == "rope_scaling" and value is not None:
-            _check_rope(value, f"{where}.{key}")
+            _check_rope(value, where, key)
     config_class.from_dict(config, where=where)
 
 
@@ -92,28 +91,28 @@ def _type_problem(annotation: str, value: Any) -> str | None:
     return None if ok else want
 
 
-def _check_rope(value: Any, where: str, extra: tuple[str, ...] = ()) -> None:
-    """Rope scaling as Llama 3 writes it: a mapping of these keys, numbers positive."""
+def _check_rope(value: Any, where: str, name: str, extra: tuple[str, ...] = ()) -> None:
+    """Rope scaling as Llama 3 writes it (`name`: rope_scaling or rope_parameters): a
+    mapping of these keys, numbers positive."""
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a mapping, found {type(value).__name__} "
-                          f"{short_repr(value)}")
+        raise ConfigError(f"{where}: {name}: expected a mapping, found {short_repr(value)}")
     allowed = ROPE_SCALING_KEYS + extra
     for key, item in value.items():
         if key not in allowed:
-            raise ConfigError(f"{where}: unknown key {short_repr(key)}; allowed: "
+            raise ConfigError(f"{where}: {name}: unknown key {short_repr(key)}; allowed: "
                               f"{', '.join(allowed)}")
         if key in ("rope_type", "type"):
             if item not in ROPE_SCALING_TYPES:
-                raise ConfigError(f"{where}.{key}: expected {' or '.join(ROPE_SCALING_TYPES)}, "
-                                  f"found {short_repr(item)}")
+                raise ConfigError(f"{where}: {name}.{key}: expected "
+                                  f"{' or '.join(ROPE_SCALING_TYPES)}, found {short_repr(item)}")
         elif not (_is_number(item) and item > 0):
-            raise ConfigError(f"{where}.{key}: expected a positive number, found "
+            raise ConfigError(f"{where}: {name}.{key}: expected a positive number, found "
                               f"{short_repr(item)}")
     kind = value.get("rope_type", value.get("type", "default"))
     if kind == "llama3":
         for key in ("factor", "original_max_position_embeddings"):
             if key not in value:
-                raise ConfigError(f"{where}.{key}: required for rope_type llama3")
+                raise ConfigError(f"{where}: {name}.{key}: required for rope_type llama3")
 
 
 def _is_int(value: Any) -> bool:
