@@ -54,8 +54,8 @@ from tilec.compiler import memory
 from tilec.compiler.family_config import FAMILIES, check_family_config, family_classes
 from tilec.compiler.yaml_file import load_yaml
 from tilec.errors import ConfigError
-from tilec.limits import seed_problem, short_repr
 from tilec.ir.target import TARGETS, Role
+from tilec.limits import seed_problem, short_repr
 from tilec.passes.partition import MAX_DEVICES
 from tilec.passes.roles import resolve_device_roles, resolve_roles
 
