@@ -3,6 +3,11 @@
 Groups whose bodies render to the same text and agree on which buffer bases are
 aligned (the same layer repeated) share one opcode; what differs between them, the
 addresses of their buffers, lives in one row of the args table per group.
+
+The same function renders a kernel at compile time and again from a loaded engine's
+manifest, so what it pastes into the source follows `codegen/safety.py`: pool names
+as checked identifiers, free text (the model name, group labels) as string literals,
+numbers as numbers; and the result is checked as a whole before it is returned.
 """
 from __future__ import annotations
 
@@ -13,11 +18,12 @@ from pathlib import Path
 import jinja2
 
 from tilec.codegen.emit import emit_group
+from tilec.codegen.safety import (KERNEL_NAME, UnsafeKernelError, check_kernel_source,
+                                  identifier, integer, text_literal)
 from tilec.ir.graph import FusedGraph
 from tilec.ir.schedule import POOL_ALIGN as ALIGN, Pool
 from tilec.ir.tasks import Buffer, GroupTiling
 
-KERNEL_NAME = "tilec_engine"
 TEMPLATES = Path(__file__).parent / "templates"
 FIXED_FIELDS = 6   # opcode, args row, t0, t1, t2, number of waits
 
@@ -51,6 +57,14 @@ class Rendered:
 def render(fused: FusedGraph, tilings: tuple[GroupTiling, ...], buffers: tuple[Buffer, ...],
            pools: tuple[Pool, ...], max_waits: int, workers: int, model: str,
            version: str) -> Rendered:
+    """The kernel source for a planned schedule; UnsafeKernelError (a TilecError) when
+    the inputs would put anything but kernel code into it."""
+    for p in pools:
+        if not p.well_named:
+            raise UnsafeKernelError(f"pool {text_literal(p.name, 60)} of kind "
+                                    f"{text_literal(p.kind, 20)} and dtype "
+                                    f"{text_literal(p.dtype, 20)} is not a tilec pool")
+    pool_args = [identifier(p.name, "pool") for p in pools]
     ops = fused.graph.by_name()
     placed = {b.name: b for b in buffers}
     tiling = {t.group: t for t in tilings}
@@ -59,6 +73,8 @@ def render(fused: FusedGraph, tilings: tuple[GroupTiling, ...], buffers: tuple[B
     opcodes, rows, kinds = [], [], []
     for g in fused.groups:
         code = emit_group(g, ops, tiling[g.name], placed)
+        for key, value in code.consts.items():
+            integer(value, f"group {text_literal(g.name, 60)}: {key}")
         body = _env.get_template(f"{g.kind}.py.j2").render(c=code).rstrip("\n")
         # Bases that are multiples of ALIGN elements are promised to the compiler as
         # such (memplan aligns every buffer), so loads from them can be 16-byte vectors;
@@ -68,7 +84,8 @@ def render(fused: FusedGraph, tilings: tuple[GroupTiling, ...], buffers: tuple[B
         if key not in bodies:
             bodies[key] = len(blocks)
             label = g.label
-            blocks.append({"opcode": len(blocks), "comment": f"{label} (first: {g.name})",
+            blocks.append({"opcode": len(blocks),
+                           "comment": text_literal(f"{label} (first: {g.name})"),
                            "aligned": aligned, "align": ALIGN, "body": body})
             kinds.append(label)
         opcodes.append(bodies[key])
@@ -76,8 +93,9 @@ def render(fused: FusedGraph, tilings: tuple[GroupTiling, ...], buffers: tuple[B
     max_args = max([len(r) for r in rows] + [1])
     args = tuple(r + (0,) * (max_args - len(r)) for r in rows)
     source = _env.get_template("kernel.py.j2").render(
-        version=version, model=model, blocks=blocks, workers=workers,
-        rec=record_width(max_waits), max_waits=max_waits, max_args=max_args,
-        kernel_name=KERNEL_NAME, pools=[p.name for p in pools],
+        version=text_literal(version), model=text_literal(model), blocks=blocks,
+        workers=integer(workers, "workers"), rec=record_width(integer(max_waits, "max_waits")),
+        max_waits=max_waits, max_args=max_args, kernel_name=KERNEL_NAME, pools=pool_args,
     )
+    check_kernel_source(source, KERNEL_NAME)
     return Rendered(source, tuple(opcodes), args, max_args, tuple(kinds))

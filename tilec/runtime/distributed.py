@@ -32,6 +32,7 @@ from datetime import timedelta
 
 import torch
 
+from tilec.childenv import child_env
 from tilec.errors import RunError
 from tilec.ir.tasks import Transfer
 
@@ -253,8 +254,8 @@ def launch(argv: list[str], devices: int) -> int:
     stderr_tails: list[list[str]] = []
     pumps = []
     for rank in range(devices):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(devices), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env = child_env(RANK=str(rank), WORLD_SIZE=str(devices), LOCAL_RANK=str(rank),
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         p = subprocess.Popen([sys.executable, "-m", "tilec", *argv], env=env,
                              stdout=None if rank == 0 else subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
