@@ -125,7 +125,9 @@ def test_yaml_values(capsys, folder, text, wanted):
 def test_dump_dir_that_is_a_file(capsys, folder):
     (folder / "dumps").write_text("")
     code, err = compile_yaml(capsys, folder, MLP_YAML, "--dump-dir", folder / "dumps")
-    one_line(code, err, "dumps: cannot make the folder (it is a file)")
+    one_line(code, err, "dumps: a file, not a folder")
+    code, err = compile_yaml(capsys, folder, MLP_YAML, "--dump-dir", folder / "dumps" / "sub")
+    one_line(code, err, "dumps is not a writable folder")
 
 
 # ---- engines -----------------------------------------------------------------------------

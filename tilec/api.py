@@ -276,8 +276,6 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
                    kv_chunk=kv_chunk)
     if seed is not None:
         _check_seed(seed)
-    if dump_dir is not None:
-        _check_dump_dir(dump_dir)
     if output is not None:
         engine_file.check_writable(output)
     if isinstance(model_or_yaml, (str, os.PathLike)):
@@ -370,6 +368,8 @@ def _check_files(inputs, output, dump_dir, devices: int) -> None:
     dumps = [] if dump_dir is None else [("dump_dir", dump_dir)] + \
         [("a stage dump", Path(dump_dir, n)) for n in dump_names(devices)]
     check_outputs(inputs, [("output", output), *dumps])
+    if dump_dir is not None:
+        _check_dump_dir(dump_dir)
 
 
 def _input_files(cfg, cfgmod) -> list[tuple[str, str]]:
@@ -411,15 +411,16 @@ def _check_seed(seed) -> None:
 
 
 def _check_dump_dir(dump_dir) -> None:
-    """The folder for the stage dumps exists or can be made: checked before the compile."""
-    folder = Path(dump_dir)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        reason = "it is a file" if folder.exists() else e.strerror or str(e)
-        raise ConfigError(f"dump_dir {folder}: cannot make the folder ({reason})") from None
-    if not os.access(folder, os.W_OK):
-        raise ConfigError(f"dump_dir {folder}: the folder is not writable")
+    """The folder for the stage dumps is a folder, or can be made (the nearest folder
+    above it that exists is writable): checked before the compile, creating nothing."""
+    folder = Path(dump_dir).absolute()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"dump_dir {dump_dir}: a file, not a folder")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not (existing.is_dir() and os.access(existing, os.W_OK)):
+        raise ConfigError(f"dump_dir {dump_dir}: {existing} is not a writable folder")
 
 
 def _decoder_extras(cfg, module):
