@@ -34,6 +34,7 @@ import torch
 
 from tilec.errors import RunError
 from tilec.ir.tasks import Transfer
+from tilec.runtime.kernel import child_env
 
 TIMEOUT_ENV = "TILEC_COMM_TIMEOUT"
 # For tests of the failure path: "RANK:STEP" makes that rank kill itself (SIGKILL) at its
@@ -253,8 +254,9 @@ def launch(argv: list[str], devices: int) -> int:
     stderr_tails: list[list[str]] = []
     pumps = []
     for rank in range(devices):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(devices), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        # every rank runs this tilec, wherever the launcher found it
+        env = child_env(RANK=str(rank), WORLD_SIZE=str(devices), LOCAL_RANK=str(rank),
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         p = subprocess.Popen([sys.executable, "-m", "tilec", *argv], env=env,
                              stdout=None if rank == 0 else subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)

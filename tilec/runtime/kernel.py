@@ -21,6 +21,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a `python -m tilec...` child process that imports this tilec,
+    however this process found it (a checkout on sys.path, or an installed copy), with
+    `extra` variables set: the child must run the same code as its parent."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([root, path] if path else [root]),
+                **extra)
+
+
 def require_mode(interpret: bool) -> None:
     if interpreting() != interpret:
         want = "TRITON_INTERPRET=1" if interpret else "TRITON_INTERPRET unset (or 0)"
