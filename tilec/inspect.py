@@ -26,6 +26,13 @@
   lower_bound_us                max(critical_path_us, work_bound_us, memory_bound_us):
                                 predicted_step_us / lower_bound_us is what the schedule
                                 loses to dependencies and idle workers
+  hbm_floor_us                  weight + KV bytes per step over the target's measured
+                                copy bandwidth (hbm_floor_gbps; hbm_floor_measured false:
+                                no measurement, the datasheet's): no step that reads
+                                them from HBM is shorter, however it is scheduled
+  predicted_over_hbm_floor      predicted_step_us / hbm_floor_us (null without a floor):
+                                the headline, what the kernel and schedule lose to the
+                                memory system's floor
   bytes                         per step: weights, kv, intermediate (bytes of the
                                 regions tasks read and write in buffers of kind weight,
                                 state, and input/output/activation; a gather's read
@@ -100,6 +107,8 @@ def summary(engine: Engine, aot: bool = False) -> dict[str, Any]:
     cp_us, cp_tasks = critical_path(tg, target)
     moved = bytes_moved(sched)
     memory_us = moved["cost_model"] / (target.mem_gbps * 1e3) if target.mem_gbps > 0 else 0.0
+    floor_bytes = moved["weights"] + moved["kv"]
+    floor_us = floor_bytes / (target.bandwidth_gbps * 1e3) if target.bandwidth_gbps > 0 else 0.0
     tasks_per_group = Counter(t.group for t in tg.tasks)
     roles = role_table(sched)
     work_us = max((r["busy_us"] / len(r["workers"]) for r in roles if r["workers"]), default=0.0)
@@ -128,6 +137,10 @@ def summary(engine: Engine, aot: bool = False) -> dict[str, Any]:
         "memory_bound_us": memory_us,
         "work_bound_us": work_us,
         "lower_bound_us": max(cp_us, work_us, memory_us),
+        "hbm_floor_us": floor_us,
+        "hbm_floor_gbps": target.bandwidth_gbps,
+        "hbm_floor_measured": bool(target.copy_gbps),
+        "predicted_over_hbm_floor": span / floor_us if floor_us else None,
         "bytes": moved,
         "fusion_groups": [{"name": g.name, "kind": g.kind, "anchor": g.anchor,
                            "prologue": list(g.prologue), "epilogue": list(g.epilogue),
@@ -349,6 +362,11 @@ def print_summary(s: dict[str, Any], console) -> None:
     timing.add_column("")
     timing.add_column("us", justify="right")
     timing.add_row("predicted step", f"{s['predicted_step_us']:.1f}")
+    if s["hbm_floor_us"]:
+        source = "measured" if s["hbm_floor_measured"] else "datasheet"
+        timing.add_row(f"HBM floor (weights + KV at {s['hbm_floor_gbps']:.0f} GB/s, {source})",
+                       f"{s['hbm_floor_us']:.1f}")
+        timing.add_row("  predicted / HBM floor", f"{s['predicted_over_hbm_floor']:.2f}")
     timing.add_row("lower bound", f"{s['lower_bound_us']:.1f}")
     timing.add_row("  critical path", f"{s['critical_path_us']:.1f}")
     timing.add_row("  work / workers", f"{s['work_bound_us']:.1f}")
@@ -396,3 +414,14 @@ def print_summary(s: dict[str, Any], console) -> None:
         console.print(f"  sm_{a['arch']} ({a['ptx_target']}): {a['n_regs']} registers, "
                       f"{a['n_spills']} spill bytes, {a['shared']} bytes shared memory, "
                       f"cubin {a['cubin_size']} bytes ({where}, Triton {a['triton_version']})")
+    if k.get("streaming"):
+        table = Table(title="weight streams (read from the compiled code)")
+        for col in ("opcode", "kind", "tasks", "weights per task", "in flight per worker",
+                    "copy", "stages"):
+            table.add_column(col, justify="left" if col in ("kind", "copy") else "right")
+        for r in k["streaming"]:
+            table.add_row(str(r["opcode"]), r["kind"], str(r["tasks"]),
+                          f"{r['weight_bytes_per_task']:,}",
+                          f"{r['bytes_in_flight_per_worker']:,}", r["async_copy"],
+                          str(r["stages"]))
+        console.print(table)

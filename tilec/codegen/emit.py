@@ -16,7 +16,7 @@ from tilec.codegen.exprs import EXPRS, TL_DTYPES, cast, literal
 from tilec.codegen.topk import topk_phase
 from tilec.ir.attention import attention_chunks, attention_parts, partial_names
 from tilec.ir.graph import FLOAT_DTYPES, Group, Op, Operand
-from tilec.ir.stream import is_matvec, ring_stages
+from tilec.ir.stream import PROLOGUE_CHUNK, is_matvec, ring_stages
 from tilec.ir.tasks import Buffer, GroupTiling
 
 
@@ -374,9 +374,6 @@ class GroupEmitter:
 
 
 REDUCTIONS = ("reduce", "argmax", "topk")
-# Elements of a row one pass of a matvec tile's prologue reduction reads (16 KB of
-# float32: 32 registers per thread of a 4-warp worker)
-PROLOGUE_CHUNK = 4096
 
 
 def _state_store_lines(e: "GroupEmitter", op: Op) -> list[str]:

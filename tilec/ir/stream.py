@@ -25,6 +25,16 @@ RING_CHUNK_ELEMS = 8192
 # several threads: [128, 64] chunks made 8 copies of each FMA and spilled 4 KB per thread
 # (sm_90, Triton 3.9, the Llama-1B LM head), [64, 128] and [16, 512] chunks did not.
 MIN_MATVEC_BK = 128
+# Elements of a row one pass of a matvec tile's prologue reduction reads (16 KB of
+# float32: 32 registers per thread of a 4-warp worker)
+PROLOGUE_CHUNK = 4096
+# Bytes a loop of plain loads (no ring) keeps in flight per worker: the matvec body
+# before the ring peaked at 16.6-17.4 KB per CTA (sm_90 SASS, the gpu-kit study)
+PLAIN_IN_FLIGHT = 16 * 1024
+# Dependent round trips to L2 every task pays outside its stream, by the kernel's
+# protocol (templates/kernel.py.j2): its record, then the args row its body loads; its
+# waits; the release add that signals it
+PROTOCOL_ROUND_TRIPS = 4
 # A tile with fewer rows than this is a matvec (a broadcast product and FMAs); from
 # it on, a tensor-core tile (`tl.dot` needs 16 rows).
 TENSOR_CORE_ROWS = 16
@@ -32,6 +42,13 @@ TENSOR_CORE_ROWS = 16
 
 def is_matvec(tiling: GroupTiling) -> bool:
     return tiling.block_m < TENSOR_CORE_ROWS
+
+
+def ring_bytes(tiling: GroupTiling, k: int, itemsize: int) -> int:
+    """Bytes of B a worker keeps in flight in a matvec tile's ring when a chunk is
+    awaited (RING_STAGES - 1 chunks, Triton's pipeliner), 0 without a ring."""
+    stages = ring_stages(tiling, k)
+    return (stages - 1) * tiling.block_n * tiling.block_k * itemsize if stages > 1 else 0
 
 
 def ring_stages(tiling: GroupTiling, k: int) -> int:

@@ -4,8 +4,8 @@ List scheduling onto the target's workers: each task, in priority order among th
 ready ones, goes where it can start first (`schedule` tries two priority rules and
 keeps the shorter schedule). The scheduler trusts `taskgraph.deps`
 (the deps pass runs first); `verify` later re-derives conflicts from the regions.
-A dependency between tasks on different workers costs a sync latency (half a task
-overhead: one release/acquire round trip), one on the same worker costs nothing,
+A dependency between tasks on different workers costs a sync latency (one
+release/acquire round trip: `sync_latency_us`), one on the same worker costs nothing,
 which pulls chains onto one worker.
 
 With roles (the roles pass gives every task one), a task is placed only on the workers
@@ -30,6 +30,11 @@ POLICIES = ("critical_path", "round_robin")
 
 
 def sync_latency_us(target: Target) -> float:
+    """From a producer's signal to a consumer on another worker seeing it: one L2 round
+    trip on a target with latencies (the release lands, the next poll reads it), else
+    half the flat task overhead."""
+    if target.l2_latency_us > 0:
+        return target.l2_latency_us
     return 0.5 * target.task_overhead_us
 
 

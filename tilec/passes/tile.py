@@ -17,7 +17,7 @@ from tilec.ir.graph import DTYPE_BYTES, FusedGraph, Group, Op, Operand, TensorTy
 from tilec.ir.stream import MIN_MATVEC_BK, TENSOR_CORE_ROWS
 from tilec.ir.target import Target
 from tilec.ir.tasks import Buffer, GroupTiling, Region, Task, TaskGraph
-from tilec.passes.cost import list_makespan, task_dtype, task_time_us
+from tilec.passes.cost import Streams, list_makespan, task_dtype, task_time_us
 from tilec.passes.geometry import Box, range_to_box, rows_box, view_region
 from tilec.passes.roles import role_of_group
 
@@ -209,12 +209,13 @@ def tile_plan(fused: FusedGraph, opt: TileOptions = TileOptions(),
     if target is not None and opt.workers > 1:
         make_task = _task_maker(fused, buffers)
         dtypes = {b.name: b.type.dtype for b in buffers}
+        streams = Streams(fused, tilings, buffers)
 
         def time_of(g: Group, tl: GroupTiling) -> float:
             """Predicted time of the group's first tile (a full one, unless the whole
             group is narrower than a tile)."""
             task = make_task(0, g, tl, (0, 0, 0))
-            return task_time_us(task, target, task_dtype(task, dtypes))
+            return task_time_us(task, target, task_dtype(task, dtypes), streams.of(task, tl))
 
         tilings = balance_widths(fused, tilings, opt, target, time_of)
     return TilePlan(tuple(buffers), tuple(tilings))
