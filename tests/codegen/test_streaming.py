@@ -62,6 +62,8 @@ def test_dump_holds_the_compiled_ptx_and_sass(layer):
     # the weight copies: 16-byte vectors carrying an L2 evict-first policy
     assert copies.get("16", 0) >= 32 and copies.get("cache_hint", 0) >= 32, copies
     assert copies["evict_first_policies"] >= 1, copies
+    # the dispatcher asks L2 for the next task's weights, L1 for the next record
+    assert "cp.async.bulk.prefetch.L2.global" in ptx and "prefetch.global.L1" in ptx
     if sass.nvidia_tool("nvdisasm"):
         listing = (dump / "08_kernel.sass").read_text()
         assert "LDGSTS" in listing and "task_" in listing

@@ -78,3 +78,45 @@ def test_inspect_holds_the_step_against_the_measured_hbm_floor():
     assert s["hbm_floor_us"] == pytest.approx((b["weights"] + b["kv"]) / (H200.copy_gbps * 1e3))
     assert s["predicted_over_hbm_floor"] == pytest.approx(s["predicted_step_us"] / s["hbm_floor_us"])
     assert s["predicted_over_hbm_floor"] > 1      # no schedule beats the floor
+
+
+def test_a_prefetch_hides_latency_and_streams_in_slack():
+    """The weights asked into L2 ahead take the round trips and the first bytes'
+    latency off a task; when its worker's HBM share has slack (a wait, or tasks that
+    move fewer bytes than their time allows) they also stream, so after the wait they
+    come from L2. The scheduler applies it: behind another task on the worker the
+    latency always, the stream as far as the slack covers it."""
+    from tilec.passes.cost import prefetch_saving_us
+    from tilec.passes.schedule import _prefetched
+
+    share = H200.copy_gbps * 1e3 / H200.workers
+    task = weight_task(256 * 1024)
+    stream = Stream(48 * 1024, 4, 256 * 1024, prefetch=128 * 1024)
+    p = prefetch_saving_us(task, H200, stream)
+    assert p.latency == pytest.approx(4 * H200.l2_latency_us + H200.mem_latency_us)
+    assert p.stream == pytest.approx(128 * 1024 / share - 128 * 1024 * H200.l2_latency_us / (48 * 1024))
+    assert p.busy == pytest.approx(256 * 1024 / share)
+    assert _prefetched(p, 0.0, follows=True, credit=0.0) == (p.latency, 0.0, 0.0)
+    assert _prefetched(p, 0.0, follows=False, credit=0.0) == (0.0, 0.0, 0.0)
+    assert _prefetched(p, 1.0, follows=True, credit=0.0) == (pytest.approx(p.latency + 1.0), 0.0, 0.0)
+    assert _prefetched(p, 0.0, follows=True, credit=1.0) == (pytest.approx(p.latency + 1.0), 1.0, 0.0)
+    # a long wait streams all of it, and leaves the rest for the prefetches after it
+    saved, used, left = _prefetched(p, 100.0, follows=False, credit=0.5)
+    assert saved == pytest.approx(p.latency + p.stream) and used == 0.5
+    assert left == pytest.approx(100.0 - p.latency - (p.stream - 0.5))
+    assert prefetch_saving_us(task, H200, replace(stream, prefetch=0)).stream == 0
+    assert prefetch_saving_us(task, TARGETS["cpu"], stream) == (type(p)())
+
+
+def test_slack_streams_only_prefetches_already_asked_for():
+    """Slack during a worker's k-th task serves tasks k..k + PREFETCH_DEPTH, oldest
+    first; later tasks' prefetches had not been asked for yet."""
+    from tilec.ir.record import PREFETCH_DEPTH
+    from tilec.passes.schedule import _Slack
+
+    slack = _Slack()
+    slack.add(3.0, 0)
+    assert slack.usable(PREFETCH_DEPTH) == 3.0
+    slack.use(1.0)
+    assert slack.usable(1) == pytest.approx(2.0)
+    assert slack.usable(PREFETCH_DEPTH + 1) == 0.0

@@ -12,20 +12,19 @@ from pathlib import Path
 
 import jinja2
 
-from tilec.codegen.emit import emit_group
+from tilec.codegen.emit import emit_group, pow2
 from tilec.ir.graph import FusedGraph
+from tilec.ir.record import (PREFETCH_DEPTH, PREFETCH_MAX_BYTES, prefetch_offset, record_width,
+                             weight_pools)
 from tilec.ir.schedule import POOL_ALIGN as ALIGN, Pool
 from tilec.ir.tasks import Buffer, GroupTiling
 
 KERNEL_NAME = "tilec_engine"
+# Pieces a task's weight prefetch is asked for in (each up to PREFETCH_MAX_BYTES / this,
+# 16 KB): the prefetch instruction takes its operands from uniform registers, so ptxas
+# issues one per distinct piece in a loop over the worker's threads
+PREFETCH_PIECES = 8
 TEMPLATES = Path(__file__).parent / "templates"
-FIXED_FIELDS = 6   # opcode, args row, t0, t1, t2, number of waits
-
-
-def record_width(max_waits: int) -> int:
-    return FIXED_FIELDS + 2 * max_waits + 1
-
-
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATES)),
     undefined=jinja2.StrictUndefined,
@@ -78,6 +77,10 @@ def render(fused: FusedGraph, tilings: tuple[GroupTiling, ...], buffers: tuple[B
     source = _env.get_template("kernel.py.j2").render(
         version=version, model=model, blocks=blocks, workers=workers,
         rec=record_width(max_waits), max_waits=max_waits, max_args=max_args,
+        wait_slots=pow2(max(1, max_waits)), prefetch_at=prefetch_offset(max_waits),
+        prefetch_depth=PREFETCH_DEPTH,
+        prefetch_pieces=PREFETCH_PIECES, prefetch_piece=PREFETCH_MAX_BYTES // PREFETCH_PIECES,
         kernel_name=KERNEL_NAME, pools=[p.name for p in pools],
+        weight_pools=[p.name for p in weight_pools(pools)],
     )
     return Rendered(source, tuple(opcodes), args, max_args, tuple(kinds))

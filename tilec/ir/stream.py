@@ -32,9 +32,11 @@ PROLOGUE_CHUNK = 4096
 # before the ring peaked at 16.6-17.4 KB per CTA (sm_90 SASS, the gpu-kit study)
 PLAIN_IN_FLIGHT = 16 * 1024
 # Dependent round trips to L2 every task pays outside its stream, by the kernel's
-# protocol (templates/kernel.py.j2): its record, then the args row its body loads; its
-# waits; the release add that signals it
-PROTOCOL_ROUND_TRIPS = 4
+# protocol (templates/kernel.py.j2): its waits, all polled at once; the release add that
+# signals it; its record and its args row, one more at most (both fields of the record
+# load at once, and on a GPU the record was asked into L1 during the task before, the
+# args row before the waits)
+PROTOCOL_ROUND_TRIPS = 3
 # A tile with fewer rows than this is a matvec (a broadcast product and FMAs); from
 # it on, a tensor-core tile (`tl.dot` needs 16 rows).
 TENSOR_CORE_ROWS = 16

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tilec.ir.graph import DTYPE_BYTES, FusedGraph, Group
+from tilec.ir.record import prefetch_bytes
 from tilec.ir.stream import (PLAIN_IN_FLIGHT, PROLOGUE_CHUNK, PROTOCOL_ROUND_TRIPS, is_matvec,
                              ring_bytes)
 from tilec.ir.target import Target
@@ -44,6 +45,7 @@ class Stream:
     in_flight: int = PLAIN_IN_FLIGHT
     round_trips: int = PROTOCOL_ROUND_TRIPS
     hbm_bytes: int = -1
+    prefetch: int = 0      # weight bytes asked into L2 before the waits (ir/record.py)
 
 
 def task_time_us(task: Task, target: Target, dtype: str = "float32",
@@ -67,6 +69,38 @@ def task_time_us(task: Task, target: Target, dtype: str = "float32",
     return stream.round_trips * target.l2_latency_us + max(memory, compute)
 
 
+@dataclass(frozen=True)
+class Prefetch:
+    """What a task's weight prefetch can take off its time (`prefetch_saving_us`).
+    The kernel asks L2 for a task's first weights PREFETCH_DEPTH tasks ahead, so its
+    round trips and first bytes' latency overlap the task before it on the worker
+    (`latency`; a queue's first task: only its wait), and its prefetched bytes stream
+    whenever the worker's share of HBM has slack, in waits and in tasks that move fewer
+    bytes than their time allows; after the wait they come from L2, faster (`stream`:
+    their time from HBM less from L2, by Little's law on L2's latency). `busy`: how
+    long the task itself keeps its HBM share busy (its bytes over the share)."""
+
+    latency: float = 0.0
+    stream: float = 0.0
+    busy: float = 0.0
+
+
+def prefetch_saving_us(task: Task, target: Target, stream: Stream) -> Prefetch:
+    """The task's Prefetch; no saving without a prefetch or latencies."""
+    if target.mem_latency_us <= 0 or task.group == TRANSFER:
+        return Prefetch()
+    share = target.bandwidth_gbps * 1e3 / max(1, target.workers)
+    if target.worker_stream_gbps:
+        share = min(share, target.worker_stream_gbps * 1e3)
+    busy = (task.bytes if stream.hbm_bytes < 0 else stream.hbm_bytes) / share
+    if stream.prefetch <= 0:
+        return Prefetch(busy=busy)
+    rate = min(share, stream.in_flight / target.mem_latency_us)
+    from_l2 = stream.prefetch * target.l2_latency_us / stream.in_flight
+    latency = stream.round_trips * target.l2_latency_us + target.mem_latency_us
+    return Prefetch(latency, max(0.0, stream.prefetch / rate - from_l2), busy)
+
+
 class Streams:
     """The Stream of each task of a task graph (`of(task)`), from its group's tiling: a
     matvec tile's ring holds (stages - 1) chunks of its weights, or all of them when
@@ -76,6 +110,7 @@ class Streams:
     def __init__(self, fused: FusedGraph, tilings: Sequence[GroupTiling],
                  buffers: Sequence[Buffer]):
         self.ops = fused.graph.by_name()
+        self.buffers = {b.name: b for b in buffers}
         self.weights = {b.name for b in buffers if b.kind == "weight"}
         self.hbm = {b.name for b in buffers if b.kind in ("weight", "state")}
         self.groups = {g.name: (g, tl) for g, tl in zip(fused.groups, tilings)}
@@ -91,10 +126,11 @@ class Streams:
             self._known[(g.name, tl)] = _group_stream(g, tl, self.ops)
         ring, round_trips = self._known[(g.name, tl)]
         hbm = sum(n for name, n in task.moved if name in self.hbm) if task.moved else -1
+        prefetch = prefetch_bytes(task, self.buffers)
         if not ring:
-            return Stream(PLAIN_IN_FLIGHT, round_trips, hbm)
+            return Stream(PLAIN_IN_FLIGHT, round_trips, hbm, prefetch)
         weight_bytes = sum(n for name, n in task.moved if name in self.weights)
-        return Stream(max(PLAIN_IN_FLIGHT, min(ring, weight_bytes)), round_trips, hbm)
+        return Stream(max(PLAIN_IN_FLIGHT, min(ring, weight_bytes)), round_trips, hbm, prefetch)
 
 
 def _group_stream(g: Group, tl: GroupTiling, ops) -> tuple[int, int]:
@@ -136,10 +172,20 @@ def task_dtype(task: Task, dtypes: dict[str, str]) -> str:
 
 def task_times(taskgraph: TaskGraph, target: Target) -> list[float]:
     """Predicted time of every task, indexed by task id."""
+    return task_costs(taskgraph, target)[0]
+
+
+def task_costs(taskgraph: TaskGraph, target: Target) -> tuple[list[float], list[Prefetch]]:
+    """(time, prefetch saving) of every task, indexed by task id: `task_time_us` and
+    `prefetch_saving_us`."""
     dtypes = {b.name: b.type.dtype for b in taskgraph.buffers}
     streams = Streams(taskgraph.fused, taskgraph.tilings, taskgraph.buffers)
-    return [task_time_us(t, target, task_dtype(t, dtypes), streams.of(t))
-            for t in taskgraph.tasks]
+    times, savings = [], []
+    for t in taskgraph.tasks:
+        stream = streams.of(t)
+        times.append(task_time_us(t, target, task_dtype(t, dtypes), stream))
+        savings.append(prefetch_saving_us(t, target, stream))
+    return times, savings
 
 
 def edges(taskgraph: TaskGraph) -> tuple[np.ndarray, np.ndarray]:
@@ -249,12 +295,13 @@ def bottom_levels(taskgraph: TaskGraph, target: Target,
 
 
 def critical_path(taskgraph: TaskGraph, target: Target) -> tuple[float, list[int]]:
-    """(length in us, task ids along it) of the longest path through the deps DAG.
-    Ties go to the lowest id, so the answer is deterministic."""
+    """(length in us, task ids along it) of the longest path through the deps DAG, each
+    task at its shortest (its weight prefetch hidden behind its wait: a lower bound on
+    any schedule). Ties go to the lowest id, so the answer is deterministic."""
     if not taskgraph.tasks:
         return 0.0, []
-    level = bottom_levels(taskgraph, target)
-    times = task_times(taskgraph, target)
+    times = [t - p.latency - p.stream for t, p in zip(*task_costs(taskgraph, target))]
+    level = bottom_levels(taskgraph, target, times=times)
     succ = successors(taskgraph)
     # A sink path starts at a task with the largest bottom level (a source, necessarily).
     t = min(range(len(level)), key=lambda i: (-level[i], i))
