@@ -98,6 +98,10 @@ def test_compile_dump_dir(capsys, tmp_path):
     assert code == 0, err
     names = {p.name for p in dump.iterdir()}
     assert "01_exported_fx.txt" in names and "02_ir.json" in names
+    # what compile checks against its inputs before it writes any (dump_names)
+    from tilec.compiler.pipeline import dump_names
+
+    assert names <= set(dump_names(1))
 
 
 def test_run_prints_outputs(capsys, engine_path):
@@ -336,3 +340,89 @@ def test_bad_workers_option(capsys, model_dir):
                            model_dir / "e.engine", "--workers", "0")
     assert_compile_error(code, err)
     assert "workers" in err
+
+
+# ---- no output overwrites an input -----------------------------------------------------
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under `folder` (links as they are): its bytes and mtime."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else b"",
+                                         p.lstat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if "__pycache__" not in p.parts}
+
+
+def compile_outputs(d: Path) -> dict[str, list[str]]:
+    """compile's -o and --dump-dir, each naming an input (the yaml, the module file)
+    however it is spelt, or another output."""
+    (d / "h").mkdir()
+    (d / "h" / "m.py").write_text(MLP_PY)
+    (d / "h" / "good.yaml").write_text(GOOD_YAML)
+    (d / "link.yaml").symlink_to(d / "h" / "good.yaml")
+    (d / "hard.yaml").hardlink_to(d / "h" / "good.yaml")
+    (d / "dump").mkdir()
+    (d / "dump" / "02_ir.json").symlink_to(d / "h" / "good.yaml")
+    return {
+        "dotdot": ["-o", d / "h" / ".." / "h" / "good.yaml"],
+        "relative": ["-o", Path("..") / d.name / "h" / "good.yaml"],
+        "symlink": ["-o", d / "link.yaml"],
+        "hard_link": ["-o", d / "hard.yaml"],
+        "module_file": ["-o", d / "h" / "m.py"],
+        "dump_dir_is_the_yaml": ["-o", d / "e.engine", "--dump-dir", d / "h" / "good.yaml"],
+        "a_dump_links_to_the_yaml": ["-o", d / "e.engine", "--dump-dir", d / "dump"],
+        "output_is_a_dump": ["-o", d / "d2" / "03_fused.json", "--dump-dir", d / "d2"],
+    }
+
+
+@pytest.mark.parametrize("case", ["dotdot", "relative", "symlink", "hard_link", "module_file",
+                                  "dump_dir_is_the_yaml", "a_dump_links_to_the_yaml",
+                                  "output_is_a_dump"])
+def test_compile_refuses_an_output_that_is_an_input(capsys, tmp_path, monkeypatch, case):
+    argv = compile_outputs(tmp_path)[case]
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(capsys, "compile", tmp_path / "h" / "good.yaml", *argv)
+    assert_compile_error(code, err)
+    assert "export" not in err, "refused before anything ran"
+    assert "must not overwrite an input" in err or "the same file" in err, err
+    assert snapshot(tmp_path) == before, "nothing written"
+
+
+def test_compile_refuses_an_output_in_place_of_a_checkpoint_file(capsys, tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "m.yaml").write_text("model: {hf: ckpt}\n")
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(capsys, "compile", tmp_path / "m.yaml", "-o",
+                           tmp_path / "ckpt" / "model.safetensors")
+    assert_compile_error(code, err)
+    assert "the checkpoint file" in err and snapshot(tmp_path) == before
+
+
+RUN_OUTPUTS = {
+    "output_is_the_engine": ["run", "{engine}", "--output", "{engine}"],
+    "output_links_to_the_engine": ["run", "{engine}", "--output", "{link}"],
+    "logits_is_the_engine": ["run", "{engine}", "--logits-out", "{engine}"],
+    "profile_is_the_engine": ["run", "{engine}", "--profile", "{dotdot}"],
+    "output_is_the_inputs": ["run", "{engine}", "--inputs", "{inputs}", "--output", "{inputs}"],
+    "two_outputs": ["run", "{engine}", "--output", "{o}", "--profile", "{o}"],
+    "dot_is_the_engine": ["inspect", "{engine}", "--dot", "{hard}"],
+    "trace_is_the_engine": ["inspect", "{engine}", "--trace", "{engine}"],
+    "html_is_the_engine": ["inspect", "{engine}", "--html", "{engine}"],
+    "trace_is_the_dot": ["inspect", "{engine}", "--trace", "{o}", "--dot", "{o}"],
+}
+
+
+@pytest.mark.parametrize("case", list(RUN_OUTPUTS))
+def test_run_and_inspect_refuse_an_output_that_is_an_input(capsys, engine_copy, tmp_path, case):
+    save_file({"x": torch.randn(1, 16, 128)}, tmp_path / "in.safetensors")
+    (tmp_path / "link").symlink_to(engine_copy)
+    (tmp_path / "hard").hardlink_to(engine_copy)
+    names = {"engine": engine_copy, "link": tmp_path / "link", "hard": tmp_path / "hard",
+             "dotdot": tmp_path / ".." / tmp_path.name / engine_copy.name,
+             "inputs": tmp_path / "in.safetensors", "o": tmp_path / "o"}
+    argv = [a.format(**names) for a in RUN_OUTPUTS[case]]
+    before = snapshot(tmp_path)
+    code, out, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err)
+    assert "the same file" in err and out == ""
+    assert snapshot(tmp_path) == before

@@ -15,6 +15,13 @@ between versions. See README.md and docs/.
 import os as _os
 import sys as _sys
 
+from tilec import signals as _signals
+
+# The `tilec` command: Ctrl-C while torch is imported (seconds) is one line, not a
+# traceback (tilec.signals).
+if _signals.started_as_command():
+    _signals.exit_on_interrupt()
+
 # Triton decides at import time whether its language functions run in the interpreter,
 # so the mode is per process and must be fixed before anything imports Triton (torch.export
 # does). Without a GPU the interpreter is the only way to run a kernel: make it the default.

@@ -214,15 +214,18 @@ class Engine:
         return self._parts
 
 
-def load(path: str | os.PathLike, trust_engine_code: bool = False) -> Engine:
+def load(path: str | os.PathLike, trust_engine_code: bool = False, *,
+         read_only: bool = False) -> Engine:
     """Load and check an engine file (docs/engine-format.md).
 
     Any problem (not a tilec engine, another format version, a checksum mismatch, an
     index out of range, a kernel that differs from what this tilec renders) is an
     `EngineError` with a one-line reason. `trust_engine_code=True` runs a stored
     kernel that differs from the rendered one (e.g. written by another tilec version).
+    `read_only=True` loads such an engine to read its schedule (what `tilec inspect`
+    does): its kernel is then never imported or compiled.
     """
-    return Engine(engine_file.load(path, trust_engine_code))
+    return Engine(engine_file.load(path, trust_engine_code, read_only=read_only))
 
 
 def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
@@ -296,6 +299,7 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
                                      tile_k or s.tile_k, kv_chunk=kv_chunk or s.kv_chunk,
                                      roles=t.roles or (),
                                      devices=t.devices if devices is None else devices)
+        _check_files(_input_files(cfg, cfgmod), output, dump_dir, options.target.devices)
         # After the options are checked: from here a family model's weights are being
         # drawn in the background until compile_module has them (config.PendingWeights).
         module, inputs, weights = cfgmod.build_model_async(cfg)
@@ -317,6 +321,8 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
         options = target_options(target or "cpu", workers, policy or "critical_path",
                                  tile_m, tile_n, tile_k, kv_chunk=kv_chunk,
                                  devices=1 if devices is None else devices)
+        _check_files([("the model's module file", _source_file(module))], output, dump_dir,
+                     options.target.devices)
         name = name or type(module).__name__
         seed = seed or 0
     options = replace(options, aot=aot)
@@ -347,6 +353,37 @@ def _naming_the_yaml(cfg):
         if cfg is None or not str(e).startswith("target."):
             raise
         raise ConfigError(f"{cfg.path}: {e}") from None
+
+
+def _check_files(inputs, output, dump_dir, devices: int) -> None:
+    """No output (the engine file, a stage dump) overwrites an input or another output."""
+    from tilec.compiler.pipeline import dump_names
+    from tilec.paths import check_outputs
+
+    dumps = [] if dump_dir is None else [("dump_dir", dump_dir)] + \
+        [("a stage dump", Path(dump_dir, n)) for n in dump_names(devices)]
+    check_outputs(inputs, [("output", output), *dumps])
+
+
+def _input_files(cfg, cfgmod) -> list[tuple[str, str]]:
+    """The files a model.yaml compile reads: the yaml, and the module file it names or
+    the files of the checkpoint folder."""
+    files = [("the model.yaml", cfg.path)]
+    if isinstance(cfg.model, cfgmod.ModuleSpec):
+        files.append(("the model's module file", cfg.model.file))
+    elif isinstance(cfg.model, cfgmod.CheckpointSpec):
+        with contextlib.suppress(OSError), os.scandir(cfg.model.folder) as entries:
+            files += [("the checkpoint file", e.path) for e in entries if e.is_file()]
+    return files
+
+
+def _source_file(module: torch.nn.Module) -> str | None:
+    import inspect
+
+    try:
+        return inspect.getsourcefile(type(module))
+    except TypeError:   # defined in C, or in the interpreter's __main__ of a -c script
+        return None
 
 
 def _check_options(cfgmod, dtype: str | None, policy: str | None, **tiles: int | None) -> None:

@@ -8,7 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+from tilec import signals
 from tilec.errors import RunError, TilecError
+from tilec.paths import check_outputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +86,10 @@ def entry() -> None:
     that took 0.8 s of a 1B model's compile, with nothing left to do. Every other
     command, and `main` called in-process, exits the usual way."""
     argv = sys.argv[1:]
-    code = main(argv)
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:   # in the moment main's own handler was not in place
+        code = _interrupted()
     if build_parser().parse_known_args(argv)[0].command == "compile":
         sys.stdout.flush()
         sys.stderr.flush()
@@ -93,6 +98,19 @@ def entry() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with signals.interrupts_raise():   # Ctrl-C unwinds: a save removes its temporary file
+        try:
+            return _main(argv)
+        except KeyboardInterrupt:
+            return _interrupted()
+
+
+def _interrupted() -> int:
+    print("error: interrupted", file=sys.stderr)
+    return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)   # for the ranks `run` starts
     try:
@@ -102,9 +120,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # `tilec ... | head`: the reader left; not an error
         return 0
     except Exception as e:  # a bug in tilec, or an input no check foresaw: still one line
@@ -157,6 +172,9 @@ def cmd_run(args) -> int:
 
     from tilec.api import load
 
+    check_outputs([("the engine", args.engine), ("--inputs", args.inputs)],
+                  [("--output", args.output), ("--logits-out", args.logits_out),
+                   ("--profile", args.profile)])
     for path in (args.profile, args.output, args.logits_out):
         _check_writable(path)   # before the run, not after it
     engine = load(args.engine, trust_engine_code=args.trust_engine_code)
@@ -202,9 +220,7 @@ def cmd_run(args) -> int:
     seconds = time.perf_counter() - t0
     _write_profile(engine, args)
     if args.output:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in outputs.items()}, args.output)
+        _save_tensors({k: v.contiguous() for k, v in outputs.items()}, args.output)
     if args.json:
         print(json.dumps({
             "backend": ex.backend, "seconds": seconds,
@@ -225,6 +241,16 @@ def _check_writable(path: str | None) -> None:
     folder = os.path.dirname(os.path.abspath(path)) if path else None
     if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
         raise TilecError(f"cannot write {path}: {folder} is not a writable folder")
+
+
+def _save_tensors(tensors, path: str) -> None:
+    """A safetensors file, written as engines are (safetensors' own writer gives every
+    file mode 0600, whatever the umask)."""
+    from safetensors.torch import save
+
+    from tilec.runtime.atomic_file import write_file
+
+    write_file(path, save(tensors))
 
 
 def _write_profile(engine, args) -> None:
@@ -266,9 +292,7 @@ def _generate(engine, args) -> int:
                         temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                         logits=bool(args.logits_out), policy=args.policy)
     if args.logits_out:
-        from safetensors.torch import save_file
-
-        save_file({"logits": g.logits.contiguous()}, args.logits_out)
+        _save_tensors({"logits": g.logits.contiguous()}, args.logits_out)
     tok = engine.tokenizer()
     text = tok.decode(g.tokens) if tok is not None else None
     if args.json:
@@ -291,7 +315,9 @@ def cmd_inspect(args) -> int:
     from tilec.api import load
     from tilec.inspect import print_summary, summary
 
-    engine = load(args.engine, trust_engine_code=True)
+    check_outputs([("the engine", args.engine)],
+                  [("--trace", args.trace), ("--dot", args.dot), ("--html", args.html)])
+    engine = load(args.engine, read_only=True)   # reads the schedule; --aot checks the kernel
     if not 0 <= args.device < engine.devices:
         raise TilecError(f"--device {args.device}: the engine has "
                          f"{engine.devices} device{'s' if engine.devices > 1 else ''}")
@@ -331,14 +357,9 @@ def _inspect_files(engine, s, args) -> list[str]:
             write_chrome_trace(predicted_timeline(engine.data), args.trace)
         written.append(f"{args.trace} (predicted timeline, Chrome/Perfetto trace)")
     if args.dot:
-        from tilec.viz.dot import ops_dot, tasks_dot
-        from tilec.viz.timeline import task_kinds
+        from tilec.inspect import dot_graph
 
-        data = engine.data
-        sched = data.schedule()
-        text = (ops_dot(sched.taskgraph.fused, s["model"]) if args.level == "ops"
-                else tasks_dot(sched, task_kinds(data.manifest, sched), s["model"]))
-        Path(args.dot).write_text(text)
+        Path(args.dot).write_text(dot_graph(engine.data, args.level))
         written.append(f"{args.dot} (Graphviz DOT, {args.level})")
     if args.html:
         from tilec.viz.html import report_html

@@ -234,8 +234,10 @@ def compiled_kernel(engine: Engine, compile: bool = False) -> dict[str, Any] | N
         raise TilecError(f"--aot: target {target.name} is not a GPU target (nothing to "
                          "compile ahead of time)")
     from tilec.codegen.aot import compile_for_gpu
+    from tilec.runtime.kernel import engine_source
 
-    info = compile_for_gpu(engine.kernel_source, engine.manifest.schedule.pools, arch=target.arch)
+    info = compile_for_gpu(engine_source(engine), engine.manifest.schedule.pools,
+                           arch=target.arch, trusted=engine.code_trusted)
     return {**{k: info.get(k) for k in AOT_KEYS}, "stored": False, "cubin": info["cubin"]}
 
 
@@ -289,6 +291,18 @@ def predicted_timeline(engine: Engine):
     return predicted(engine.manifest, sched, path)
 
 
+def dot_graph(engine: Engine, level: str) -> str:
+    """`tilec inspect --dot`: Graphviz DOT of the fused op graph ("ops") or of the tasks
+    with an edge per dependency ("tasks"; found again, see schedule_with_deps)."""
+    from tilec.viz.dot import ops_dot, tasks_dot
+
+    name = engine.manifest.model
+    if level == "ops":
+        return ops_dot(engine.schedule().taskgraph.fused, name)
+    sched = schedule_with_deps(engine)
+    return tasks_dot(sched, task_kinds(engine.manifest, sched), name)
+
+
 def roles_line(roles: list[dict[str, Any]]) -> str:
     """"attention (1 worker), compute (2 workers)"."""
     counts = [(r["name"], len(r["workers"])) for r in roles]
@@ -314,10 +328,26 @@ def device_table(parts: tuple[Engine, ...]) -> list[dict[str, Any]]:
     return out
 
 
+def terminal_safe(x: Any) -> Any:
+    """`x` with every string (dict keys too) fit to print through rich: markup escaped,
+    and characters that are not printable (terminal escape sequences, line breaks)
+    shown as Python escapes. An engine's names are the file's text, not markup."""
+    from rich.markup import escape
+
+    if isinstance(x, str):
+        return escape("".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in x))
+    if isinstance(x, dict):
+        return {terminal_safe(k): terminal_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(terminal_safe(v) for v in x)
+    return x
+
+
 def print_summary(s: dict[str, Any], console) -> None:
-    """The summary as rich tables."""
+    """The summary as rich tables (its text escaped: `terminal_safe`)."""
     from rich.table import Table
 
+    s = terminal_safe(s)
     if s.get("devices"):
         table = Table(title=f"devices ({len(s['devices'])}; below: device {s['device']}, "
                             "`inspect --device D` for another)")

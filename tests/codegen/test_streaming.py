@@ -149,3 +149,18 @@ def test_the_ring_runs_in_the_interpreter(rows, dtype):
         got = next(iter(engine.run(backend="interpret", input=x).values())).float()
         err = float((got - want).abs().max() / want.abs().max())
         assert err <= (2e-2 if low else 1e-5), err
+
+
+def test_only_the_templates_own_inline_assembly_passes_the_kernel_check():
+    """The prefetch hints are the kernel's only machine code: the source check accepts
+    exactly the template's instructions, nothing pasted in their place."""
+    from tilec.codegen.safety import KERNEL_NAME, UnsafeKernelError, check_kernel_source
+
+    source = tilec.api.compile(str(Path(__file__).resolve().parents[2] / "examples/block.yaml"),
+                               target="h200", workers=4, aot=False).data.kernel_source
+    check_kernel_source(source, KERNEL_NAME)
+    for edit in ('"prefetch.global.L1 [$1]; mov.u32 $0, 0;"', '"trap; mov.u32 $0, 0;"'), \
+                ('asm="prefetch', 'asm=EVIL or "prefetch'):
+        assert edit[0] in source
+        with pytest.raises(UnsafeKernelError, match="inline assembly"):
+            check_kernel_source(source.replace(edit[0], edit[1]), KERNEL_NAME)

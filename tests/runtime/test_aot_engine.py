@@ -24,7 +24,7 @@ from tilec.codegen import aot
 from tilec.compiler.pipeline import fill_pool
 from tilec.errors import EngineError
 from tilec.runtime import engine as engine_file
-from tilec.runtime import executors
+from tilec.runtime import executors, kernel
 from tilec.runtime.engine import AOT_CUBIN, AOT_KEY, AOTKernel
 from tilec.runtime.executors import GPUExecutor, stored_binary_problem
 
@@ -269,9 +269,9 @@ def fake_binary(**changes) -> AOTKernel:
     return AOTKernel(**fields)
 
 
-def test_stored_binary_problem():
+def test_stored_binary_problem(tmp_path, monkeypatch):
     spins = executors.SPIN_LIMIT
-    assert stored_binary_problem(fake_binary(), 90, "3.9.0", spins) is None
+    assert stored_binary_problem(fake_binary(), 90, "3.9.0", spins, trusted=True) is None
     assert stored_binary_problem(None, 90, "3.9.0", spins) == "the engine stores no GPU binary"
     assert stored_binary_problem(fake_binary(), 80, "3.9.0", spins) == (
         "the stored GPU binary is for sm_90, this GPU is sm_80")
@@ -282,6 +282,26 @@ def test_stored_binary_problem():
     assert "4096" in stored_binary_problem(fake_binary(), 90, "3.9.0", 4096)
 
 
+def test_only_own_or_trusted_binaries_are_launched(tmp_path, monkeypatch):
+    """A cubin is machine code: launched when this user's tilec compiled it (noted in the
+    cache folder when it did) or the user trusts the engine's code, else compiled anew
+    from the checked source."""
+    monkeypatch.setenv("TILEC_CACHE", str(tmp_path / "cache"))
+    spins = executors.SPIN_LIMIT
+    foreign = fake_binary(cubin=b"\x7fELF foreign")
+    problem = stored_binary_problem(foreign, 90, "3.9.0", spins)
+    assert "not compiled by this user's tilec" in problem and "--trust-engine-code" in problem
+    assert stored_binary_problem(foreign, 90, "3.9.0", spins, trusted=True) is None
+    kernel.remember_binary(foreign.cubin_sha256)
+    assert stored_binary_problem(foreign, 90, "3.9.0", spins) is None
+    assert not kernel.own_binary(fake_binary(cubin=b"\x7fELF other").cubin_sha256)
+
+
+def test_a_compile_notes_its_binary_as_own(gpu_engine):
+    _, _, engine = gpu_engine
+    assert kernel.own_binary(engine.data.aot.cubin_sha256)
+
+
 def executor_on(binary: AOTKernel | None, capability: tuple[int, int], monkeypatch):
     """GPUExecutor._stored_binary without a GPU: a fake capability, and load_binary
     stubbed (it needs a driver) to record what it was asked to load."""
@@ -290,7 +310,7 @@ def executor_on(binary: AOTKernel | None, capability: tuple[int, int], monkeypat
     monkeypatch.setattr(aot, "load_binary", lambda b, fn, pools: loaded.append(b) or "kernel")
     ex = GPUExecutor.__new__(GPUExecutor)
     ex.__dict__.update(kernel=None, schedule=SimpleNamespace(pools=()))
-    engine = SimpleNamespace(aot=binary)
+    engine = SimpleNamespace(aot=binary, code_trusted=True)
     return ex._stored_binary(engine), loaded
 
 
@@ -332,7 +352,7 @@ def test_the_executor_recompiles_when_the_driver_refuses(monkeypatch, caplog):
     ex.__dict__.update(kernel=None, schedule=SimpleNamespace(pools=()))
     with caplog.at_level(logging.WARNING, logger="tilec.runtime.executors"):
         chosen = ex._stored_binary(SimpleNamespace(aot=fake_binary(
-            triton_version=triton.__version__)))
+            triton_version=triton.__version__), code_trusted=True))
     assert chosen is None
     assert caplog.records[0].getMessage() == (
         "warning: the driver could not load the stored GPU binary "
@@ -433,3 +453,22 @@ def test_the_stored_binary_runs_without_compiling(gpu_engine, monkeypatch, caplo
     want = jit.run(inputs)
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+def test_inspect_aot_never_compiles_an_edited_kernel(capsys, gpu_engine, tmp_path):
+    """`inspect --aot` compiles the stored kernel (importing it, in a child process): an
+    edited kernel, signed again and without the binary it no longer matches, is refused
+    before anything imports it. The schedule is still shown without --aot."""
+    path, _, _ = gpu_engine
+    marker = tmp_path / "executed"
+
+    def edit(meta):
+        meta["kernel"] += f"open({str(marker)!r}, 'w').close()\n"
+        del meta[AOT_KEY]
+    bad = resign(path, tmp_path / "e", meta=edit, tensors=lambda t: t.pop(AOT_CUBIN))
+    code, out, err = run_cli(capsys, "inspect", bad, "--aot", "--json")
+    assert code == 2 and out == "" and "refusing to import or compile" in err, err
+    assert not marker.exists()
+    code, out, err = run_cli(capsys, "inspect", bad, "--json")
+    assert code == 0 and json.loads(out)["tasks"] > 0, err
+    assert not marker.exists()

@@ -21,22 +21,25 @@ only launched by the Triton version that compiled it (the executor checks).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+from tilec.childenv import child_env
+from tilec.codegen.safety import KERNEL_NAME
 from tilec.errors import TilecError
 
 if TYPE_CHECKING:  # the child process that compiles needs no torch: imported when used
     from tilec.runtime.engine import AOTKernel
 
-KERNEL_NAME = "tilec_engine"
 NUM_WARPS = 4
 SIGNATURE_DTYPES = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16",
                     "int64": "*i64", "int32": "*i32", "bool": "*i1"}
@@ -96,14 +99,19 @@ def aot_kernel(source: str, pools: Iterable[Any], arch: int) -> AOTKernel:
 
 
 def _binary(info: dict[str, Any], source: str, arch: int) -> AOTKernel:
+    """The AOTKernel of a compile this process ran, noted as this user's own (see
+    runtime.kernel.OWN_BINARIES: only such a binary is launched without being trusted)."""
     from tilec.runtime.engine import AOTKernel
+    from tilec.runtime.kernel import remember_binary
 
-    return AOTKernel(cubin=info["cubin"], arch=arch, ptx_target=info["ptx_target"],
-                     num_warps=info["num_warps"], shared=info["shared"],
-                     n_regs=info["n_regs"], n_spills=info["n_spills"], spin_limit=SPIN_LIMIT,
-                     triton_version=info["triton_version"],
-                     kernel_sha256=hashlib.sha256(source.encode()).hexdigest(),
-                     triton_metadata=info["metadata"])
+    binary = AOTKernel(cubin=info["cubin"], arch=arch, ptx_target=info["ptx_target"],
+                       num_warps=info["num_warps"], shared=info["shared"],
+                       n_regs=info["n_regs"], n_spills=info["n_spills"],
+                       spin_limit=SPIN_LIMIT, triton_version=info["triton_version"],
+                       kernel_sha256=hashlib.sha256(source.encode()).hexdigest(),
+                       triton_metadata=info["metadata"])
+    remember_binary(binary.cubin_sha256)
+    return binary
 
 
 class PendingKernel:
@@ -119,10 +127,7 @@ class PendingKernel:
         self._timeout = timeout
         self._outcome: tuple[int, str, str] | BaseException | None = None
         self.ptx = ""   # the compiled PTX, once `result()` has returned
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "tilec.codegen.aot"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=_child_env())
+        self._proc, self._lifeline = _start_child()
         # communicate() in a thread: the child's output (the cubin) can be larger than a
         # pipe holds, so it is read while the caller goes on
         request = _request(self.source, self.pools, arch, NUM_WARPS, False)
@@ -136,6 +141,8 @@ class PendingKernel:
             self._outcome = (self._proc.returncode, out, err)
         except BaseException as exc:   # raised again by result()
             self._outcome = exc
+        finally:
+            os.close(self._lifeline)
 
     def is_for(self, source: str, pools: Iterable[Any], arch: int) -> bool:
         return (source, _pool_pairs(pools), arch) == (self.source, self.pools, self.arch)
@@ -155,7 +162,7 @@ class PendingKernel:
     def cancel(self) -> None:
         """Stop the compile (its result is not wanted); a no-op once it has finished."""
         if self._proc.poll() is None:
-            self._proc.kill()
+            _kill_group(self._proc)
         self._reader.join()
 
 
@@ -190,10 +197,12 @@ def compiled_kernel(binary: AOTKernel, fn, pools: Iterable[Any]):
 
 def compile_for_gpu(source: str, pools: Iterable[Any], arch: int = 90,
                     num_warps: int = NUM_WARPS, timeout: float = 600.0,
-                    profile: bool = False) -> dict[str, Any]:
+                    profile: bool = False, trusted: bool = False) -> dict[str, Any]:
     """Compile kernel `source` for CUDA compute capability `arch` (90: sm_90).
 
-    `profile` compiles the variant whose tasks stamp their start and end times.
+    `profile` compiles the variant whose tasks stamp their start and end times. The
+    source is imported to be compiled, so unless `trusted` it must pass
+    `safety.check_kernel_source` (runtime.kernel.load_kernel checks it).
     Returns {"arch", "name", "ptx_target", "cubin" (bytes), "cubin_size", "shared",
     "num_warps", "n_regs", "n_spills", "triton_version", "metadata" (Triton's JSON
     description of the kernel), "global_loads" (load instructions by width in bytes),
@@ -201,30 +210,73 @@ def compile_for_gpu(source: str, pools: Iterable[Any], arch: int = 90,
     n_spills are None when ptxas cannot report them."""
     pairs = _pool_pairs(pools)
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        return _compile_here(source, pairs, arch, num_warps, profile)
+        return _compile_here(source, pairs, arch, num_warps, profile, trusted)
+    proc, lifeline = _start_child()
     try:
-        proc = subprocess.run([sys.executable, "-m", "tilec.codegen.aot"],
-                              input=_request(source, pairs, arch, num_warps, profile),
-                              capture_output=True, text=True, env=_child_env(),
-                              timeout=timeout)
+        out, err = proc.communicate(_request(source, pairs, arch, num_warps, profile, trusted),
+                                    timeout=timeout)
     except subprocess.TimeoutExpired:
         raise AOTError(f"compiling for sm_{arch} took more than {timeout:.0f} s") from None
-    return _child_info(proc.returncode, proc.stdout, proc.stderr, arch)
+    finally:
+        if proc.poll() is None:   # timed out, or interrupted
+            _kill_group(proc)
+            proc.wait()
+        os.close(lifeline)
+    return _child_info(proc.returncode, out, err, arch)
+
+
+def _start_child() -> tuple[subprocess.Popen, int]:
+    """`python -m tilec.codegen.aot`, in a process group of its own, that ends (and
+    ptxas with it) when this process does, however this one ends (SIGKILL included):
+    it watches the read end of a pipe whose write end, returned here, only this
+    process holds; close that when the child has finished."""
+    read, write = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tilec.codegen.aot", str(read)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(),
+            pass_fds=(read,), start_new_session=True)
+    except BaseException:
+        os.close(write)
+        raise
+    finally:
+        os.close(read)
+    return proc, write
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill the child and whatever it started (ptxas): its process group."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+
+
+def _die_with_parent(lifeline: int) -> None:
+    """In the child: when the parent's end of the pipe closes (the parent is gone),
+    kill this process group, this process and its ptxas, at once."""
+    def watch() -> None:
+        with contextlib.suppress(OSError):
+            while os.read(lifeline, 1):
+                pass
+        if os.getpgid(0) == os.getpid():   # our own group (_start_child): never another's
+            os.killpg(0, signal.SIGKILL)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="tilec-aot-lifeline").start()
 
 
 def _child_env() -> dict[str, str]:
     """The environment of a compiling child process: not interpreting, and importing
     this tilec (the compiler starts one on every machine: PendingKernel)."""
-    from tilec.runtime.kernel import child_env
-
     return child_env(TRITON_INTERPRET="0")
 
 
 def _request(source: str, pools: list[tuple[str, str]], arch: int, num_warps: int,
-             profile: bool) -> str:
+             profile: bool, trusted: bool = False) -> str:
     """What the child process (`_main`) reads on stdin."""
     return json.dumps({"source": source, "pools": pools, "arch": arch,
-                       "num_warps": num_warps, "profile": profile})
+                       "num_warps": num_warps, "profile": profile, "trusted": trusted})
 
 
 def _child_info(returncode: int, stdout: str, stderr: str, arch: int) -> dict[str, Any]:
@@ -240,13 +292,13 @@ def _child_info(returncode: int, stdout: str, stderr: str, arch: int) -> dict[st
 
 
 def _compile_here(source: str, pools: list[tuple[str, str]], arch: int,
-                  num_warps: int, profile: bool = False) -> dict[str, Any]:
+                  num_warps: int, profile: bool = False, trusted: bool = False) -> dict[str, Any]:
     import triton
     from triton.compiler import ASTSource
 
     from tilec.runtime.kernel import load_kernel
 
-    fn = load_kernel(source, KERNEL_NAME)
+    fn = load_kernel(source, KERNEL_NAME, trusted=trusted)
     src = ASTSource(fn=fn, signature=signature(pools), constexprs=constexprs(profile=profile),
                     attrs=pointer_attrs(pools))
     try:
@@ -358,12 +410,16 @@ def _ptxas_usage(ptx: str, gpu_name: str) -> dict[str, int]:
 
 
 def _main() -> int:
-    """Child-process entry: a JSON request on stdin, one JSON line on stdout."""
+    """Child-process entry: a JSON request on stdin, one JSON line on stdout; the
+    argument, if any, is the pipe to watch (_start_child)."""
+    if len(sys.argv) > 1:
+        _die_with_parent(int(sys.argv[1]))
     req = json.loads(sys.stdin.read())
     try:
         info = _compile_here(req["source"], [tuple(p) for p in req["pools"]], req["arch"],
-                             req["num_warps"], req.get("profile", False))
-    except AOTError as e:
+                             req["num_warps"], req.get("profile", False),
+                             req.get("trusted", False))
+    except TilecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     info["cubin"] = base64.b64encode(info["cubin"]).decode()

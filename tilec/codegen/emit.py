@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from tilec.codegen.exprs import EXPRS, TL_DTYPES, cast, literal
+from tilec.codegen.safety import identifier
 from tilec.codegen.topk import topk_phase
 from tilec.ir.attention import attention_chunks, attention_parts, partial_names
 from tilec.ir.graph import FLOAT_DTYPES, Group, Op, Operand
@@ -108,7 +109,7 @@ class GroupEmitter:
         if key not in self.base_of:
             self.base_of[key] = f"base{len(self.code.bases)}"
             self.code.bases.append(buf.offset + offset)
-        return f"{buf.pool} + {self.base_of[key]}"
+        return f"{identifier(buf.pool, 'pool')} + {self.base_of[key]}"
 
     def fresh(self, prefix: str) -> str:
         self.nleaf += 1

@@ -25,7 +25,7 @@ def _tanh(a: str) -> str:
     return f"(1.0 - 2.0 / (tl.exp(2.0 * {a}) + 1.0))"
 
 
-def _pow(a: str, p: str) -> str:
+def _pow(a: str, p: float) -> str:
     e = float(p)
     if e == 0:
         return f"({a} * 0.0 + 1.0)"
@@ -36,7 +36,7 @@ def _pow(a: str, p: str) -> str:
         return f"tl.sqrt({a})"
     if e == -0.5:
         return f"tl.rsqrt({a})"
-    return f"tl.exp({p} * tl.log({a}))"
+    return f"tl.exp({literal(e)} * tl.log({a}))"
 
 
 EXPRS = {

@@ -3,6 +3,11 @@
 Groups whose bodies render to the same text and agree on which buffer bases are
 aligned (the same layer repeated) share one opcode; what differs between them, the
 addresses of their buffers, lives in one row of the args table per group.
+
+The same function renders a kernel at compile time and again from a loaded engine's
+manifest, so what it pastes into the source follows `codegen/safety.py`: pool names
+as checked identifiers, free text (the model name, group labels) as string literals,
+numbers as numbers; and the result is checked as a whole before it is returned.
 """
 from __future__ import annotations
 
@@ -13,13 +18,14 @@ from pathlib import Path
 import jinja2
 
 from tilec.codegen.emit import emit_group, pow2
+from tilec.codegen.safety import (KERNEL_NAME, UnsafeKernelError, check_kernel_source,
+                                  identifier, integer, text_literal)
 from tilec.ir.graph import FusedGraph
 from tilec.ir.record import (PREFETCH_DEPTH, PREFETCH_MAX_BYTES, prefetch_offset, record_width,
                              weight_pools)
 from tilec.ir.schedule import POOL_ALIGN as ALIGN, Pool
 from tilec.ir.tasks import Buffer, GroupTiling
 
-KERNEL_NAME = "tilec_engine"
 # Pieces a task's weight prefetch is asked for in (each up to PREFETCH_MAX_BYTES / this,
 # 16 KB): the prefetch instruction takes its operands from uniform registers, so ptxas
 # issues one per distinct piece in a loop over the worker's threads
@@ -50,6 +56,14 @@ class Rendered:
 def render(fused: FusedGraph, tilings: tuple[GroupTiling, ...], buffers: tuple[Buffer, ...],
            pools: tuple[Pool, ...], max_waits: int, workers: int, model: str,
            version: str) -> Rendered:
+    """The kernel source for a planned schedule; UnsafeKernelError (a TilecError) when
+    the inputs would put anything but kernel code into it."""
+    for p in pools:
+        if not p.well_named:
+            raise UnsafeKernelError(f"pool {text_literal(p.name, 60)} of kind "
+                                    f"{text_literal(p.kind, 20)} and dtype "
+                                    f"{text_literal(p.dtype, 20)} is not a tilec pool")
+    pool_args = [identifier(p.name, "pool") for p in pools]
     ops = fused.graph.by_name()
     placed = {b.name: b for b in buffers}
     tiling = {t.group: t for t in tilings}
@@ -58,6 +72,8 @@ def render(fused: FusedGraph, tilings: tuple[GroupTiling, ...], buffers: tuple[B
     opcodes, rows, kinds = [], [], []
     for g in fused.groups:
         code = emit_group(g, ops, tiling[g.name], placed)
+        for key, value in code.consts.items():
+            integer(value, f"group {text_literal(g.name, 60)}: {key}")
         body = _env.get_template(f"{g.kind}.py.j2").render(c=code).rstrip("\n")
         # Bases that are multiples of ALIGN elements are promised to the compiler as
         # such (memplan aligns every buffer), so loads from them can be 16-byte vectors;
@@ -67,7 +83,8 @@ def render(fused: FusedGraph, tilings: tuple[GroupTiling, ...], buffers: tuple[B
         if key not in bodies:
             bodies[key] = len(blocks)
             label = g.label
-            blocks.append({"opcode": len(blocks), "comment": f"{label} (first: {g.name})",
+            blocks.append({"opcode": len(blocks),
+                           "comment": text_literal(f"{label} (first: {g.name})"),
                            "aligned": aligned, "align": ALIGN, "body": body})
             kinds.append(label)
         opcodes.append(bodies[key])
@@ -75,12 +92,13 @@ def render(fused: FusedGraph, tilings: tuple[GroupTiling, ...], buffers: tuple[B
     max_args = max([len(r) for r in rows] + [1])
     args = tuple(r + (0,) * (max_args - len(r)) for r in rows)
     source = _env.get_template("kernel.py.j2").render(
-        version=version, model=model, blocks=blocks, workers=workers,
-        rec=record_width(max_waits), max_waits=max_waits, max_args=max_args,
+        version=text_literal(version), model=text_literal(model), blocks=blocks,
+        workers=integer(workers, "workers"), rec=record_width(integer(max_waits, "max_waits")),
+        max_waits=max_waits, max_args=max_args, kernel_name=KERNEL_NAME, pools=pool_args,
         wait_slots=pow2(max(1, max_waits)), prefetch_at=prefetch_offset(max_waits),
-        prefetch_depth=PREFETCH_DEPTH,
-        prefetch_pieces=PREFETCH_PIECES, prefetch_piece=PREFETCH_MAX_BYTES // PREFETCH_PIECES,
-        kernel_name=KERNEL_NAME, pools=[p.name for p in pools],
-        weight_pools=[p.name for p in weight_pools(pools)],
+        prefetch_depth=PREFETCH_DEPTH, prefetch_pieces=PREFETCH_PIECES,
+        prefetch_piece=PREFETCH_MAX_BYTES // PREFETCH_PIECES,
+        weight_pools=[identifier(p.name, "pool") for p in weight_pools(pools)],
     )
+    check_kernel_source(source, KERNEL_NAME)
     return Rendered(source, tuple(opcodes), args, max_args, tuple(kinds))

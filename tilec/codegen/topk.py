@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tilec.codegen.exprs import TL_DTYPES
+from tilec.codegen.safety import integer
 
 if TYPE_CHECKING:
     from tilec.codegen.emit import GroupEmitter
@@ -28,7 +29,7 @@ def topk_phase(e: GroupEmitter, name: str, body: list[str]) -> tuple[dict, list[
     k and order (values and indices): (phase, the ops it computes). `body` computes
     the members the row needs, per chunk."""
     op = e.ops[name]
-    k, largest = op.attr("k"), op.attr("largest")
+    k, largest = integer(op.attr("k"), "topk k"), op.attr("largest")
     twins = [m for m in e.members
              if e.ops[m].kind == "topk" and e.ops[m].inputs[0] == op.inputs[0]
              and (e.ops[m].attr("k"), e.ops[m].attr("largest")) == (k, largest)]

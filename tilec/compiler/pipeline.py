@@ -312,10 +312,24 @@ def _each(fn):
 
 def _per_device(name: str, taskgraph) -> str:
     """Stage dump names: `04_tasks.json`, or `04_tasks.device1.json` per device."""
-    if taskgraph.devices == 1:
-        return name
+    return name if taskgraph.devices == 1 else _device_dump(name, taskgraph.device)
+
+
+def _device_dump(name: str, device: int) -> str:
     stem, ext = name.split(".", 1)
-    return f"{stem}.device{taskgraph.device}.{ext}"
+    return f"{stem}.device{device}.{ext}"
+
+
+STAGE_DUMPS = ("01_exported_fx.txt", "02_ir.json", "03_fused.json", "07_verify.txt",
+               "08_aot.json")
+DEVICE_DUMPS = ("04_tasks.json", "05_schedule.json", "06_kernel.py")   # one per device
+
+
+def dump_names(devices: int) -> list[str]:
+    """Every file `--dump-dir` may write for an engine of `devices` devices."""
+    if devices == 1:
+        return [*STAGE_DUMPS, *DEVICE_DUMPS]
+    return [*STAGE_DUMPS, *(_device_dump(n, d) for n in DEVICE_DUMPS for d in range(devices))]
 
 
 def pack_devices(scheds, rendered, lowered, max_waits, name, input_info, seed, binary,
@@ -368,7 +382,7 @@ def pack(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered, max_wai
                      taskgraph=replace(sched.taskgraph, deps=()))
     manifest = Manifest(name, stored, tuple(inputs), tuple(outputs), rendered.opcodes,
                         rendered.kinds, max_waits, rendered.max_args, seed)
-    return Engine(manifest, rendered.source, tensors, aot=binary)
+    return Engine(manifest, rendered.source, tensors, aot=binary, kernel_checked=True)
 
 
 def _storage(t: torch.Tensor) -> int:

@@ -28,6 +28,15 @@ class Wait:
 POOL_ALIGN = 16
 
 
+# Each buffer kind's pool: (name prefix, pool kind). A pool is named PREFIX_DTYPE; the
+# kernel takes one pointer argument per pool under that name, so it is an identifier
+# by construction, and a manifest naming a pool otherwise describes no tilec kernel.
+POOL_OF_BUFFER_KIND = {"weight": ("w", "weight"), "state": ("s", "state"),
+                       "input": ("a", "arena"), "output": ("a", "arena"),
+                       "activation": ("a", "arena")}
+POOL_PREFIX = {"weight": "w", "state": "s", "arena": "a"}   # by pool kind
+
+
 @dataclass(frozen=True)
 class Pool:
     """One typed flat allocation: the kernel gets a pointer per pool."""
@@ -36,6 +45,11 @@ class Pool:
     dtype: str
     numel: int
     kind: str   # weight | arena | state
+
+    @property
+    def well_named(self) -> bool:
+        """Named as memplan names the pool of its kind and dtype."""
+        return self.kind in POOL_PREFIX and self.name == f"{POOL_PREFIX[self.kind]}_{self.dtype}"
 
 
 @dataclass(frozen=True)

@@ -20,14 +20,11 @@ from dataclasses import replace
 import numpy as np
 
 from tilec.ir.graph import contiguous_strides
-from tilec.ir.schedule import POOL_ALIGN, Pool, Schedule
+from tilec.ir.schedule import POOL_ALIGN, POOL_OF_BUFFER_KIND, Pool, Schedule
 from tilec.ir.tasks import Buffer
 from tilec.passes.sync import happens_before_clocks
 
 ALIGN = POOL_ALIGN   # elements
-POOL_PREFIX = {"weight": ("w", "weight"), "state": ("s", "state"),
-               "input": ("a", "arena"), "output": ("a", "arena"),
-               "activation": ("a", "arena")}
 
 
 def align(n: int) -> int:
@@ -36,7 +33,7 @@ def align(n: int) -> int:
 
 def pool_of(buffer: Buffer) -> tuple[str, str]:
     """(pool name, pool kind) a buffer belongs to."""
-    prefix, kind = POOL_PREFIX[buffer.kind]
+    prefix, kind = POOL_OF_BUFFER_KIND[buffer.kind]
     return f"{prefix}_{buffer.type.dtype}", kind
 
 

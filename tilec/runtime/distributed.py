@@ -32,9 +32,9 @@ from datetime import timedelta
 
 import torch
 
+from tilec.childenv import child_env
 from tilec.errors import RunError
 from tilec.ir.tasks import Transfer
-from tilec.runtime.kernel import child_env
 
 TIMEOUT_ENV = "TILEC_COMM_TIMEOUT"
 # For tests of the failure path: "RANK:STEP" makes that rank kill itself (SIGKILL) at its
@@ -254,7 +254,6 @@ def launch(argv: list[str], devices: int) -> int:
     stderr_tails: list[list[str]] = []
     pumps = []
     for rank in range(devices):
-        # every rank runs this tilec, wherever the launcher found it
         env = child_env(RANK=str(rank), WORLD_SIZE=str(devices), LOCAL_RANK=str(rank),
                         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         p = subprocess.Popen([sys.executable, "-m", "tilec", *argv], env=env,

@@ -18,7 +18,6 @@ import json
 import mmap
 import os
 import queue
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
@@ -35,6 +34,7 @@ from tilec.ir.record import (FIXED_FIELDS, NO_PREFETCH, prefetch_offset, record_
 from tilec.ir.schedule import Schedule, Wait
 from tilec.ir.tasks import TRANSFER
 from tilec.ir.serial import from_plain, to_json
+from tilec.runtime.atomic_file import TempFile
 from tilec.version import __version__
 
 FORMAT = "tilec-engine"
@@ -124,6 +124,12 @@ class Engine:
     tensors: dict[str, torch.Tensor]
     tokenizer: str | None = None    # tokenizer.json text, for decoder engines
     aot: AOTKernel | None = None    # GPU targets: the kernel compiled ahead of time
+    # The kernel source is what this tilec renders from the manifest (set by `load`'s
+    # check, or by the compiler that rendered it); only then, or when the user trusts
+    # the file's code (`code_trusted`, --trust-engine-code), is it imported or compiled
+    # (runtime.kernel.engine_kernel).
+    kernel_checked: bool = False
+    code_trusted: bool = False
     _encoded: tuple[Manifest, str] | None = field(default=None, init=False, repr=False,
                                                   compare=False)
 
@@ -387,7 +393,7 @@ def save(engine: Engine | DeviceEngines, path: str | os.PathLike) -> None:
     # release the GIL), into a placeholder of its length, filled in at the end.
     meta["sha256"] = SHA_PLACEHOLDER
     header_bytes = _header_size(meta, tensors)
-    file = _TempFile(path)
+    file = TempFile(path)
     try:
         with ThreadPoolExecutor(1) as hasher:
             digest = hasher.submit(_digest, meta, tensors)
@@ -417,7 +423,7 @@ class PendingSave:
         self.meta["sha256"] = SHA_PLACEHOLDER
         self.header_bytes = _header_size(self.meta, self.tensors, binary_coming=True)
         self.order = _data_order(self.tensors)
-        self.file = _TempFile(path)
+        self.file = TempFile(path)
         try:
             with ThreadPoolExecutor(1) as hasher:
                 digests = hasher.submit(_tensor_digests, self.tensors)
@@ -469,33 +475,6 @@ def check_writable(path: str | os.PathLike) -> None:
         folder = folder.parent
     if not (folder.is_dir() and os.access(folder, os.W_OK)):
         raise EngineError(f"cannot write {path}: {folder} is not a writable folder")
-
-
-class _TempFile:
-    """A temporary file `f` beside `path` (its folders created), put in place by
-    `commit` or removed by `discard` (whichever comes first; the other is a no-op)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        except OSError as e:
-            raise EngineError(f"cannot write {path}: {e.strerror or e}") from None
-        self.f = os.fdopen(fd, "wb")
-        self.open = True
-
-    def commit(self) -> None:
-        if self.open:
-            self.open = False
-            self.f.close()
-            os.replace(self.tmp, self.path)
-
-    def discard(self) -> None:
-        if self.open:
-            self.open = False
-            self.f.close()
-            Path(self.tmp).unlink(missing_ok=True)
 
 
 class _DirectWriter:
@@ -669,14 +648,18 @@ def _write_safetensors(f, tensors: dict[str, torch.Tensor], meta: dict[str, str]
     return at
 
 
-def load(path: str | os.PathLike, trust_engine_code: bool = False) -> Engine | DeviceEngines:
+def load(path: str | os.PathLike, trust_engine_code: bool = False, *,
+         read_only: bool = False) -> Engine | DeviceEngines:
     """Read and check an engine file; any problem is an EngineError with one line.
 
     The stored kernel source is only accepted when it is byte-identical to what this
     tilec renders from the manifest (and the args table likewise), unless
-    `trust_engine_code` says to run it anyway. Nothing of the file is used before the
-    check that covers it has passed: header, checksum, manifest, tables, views, kernel.
-    A multi-device engine gives DeviceEngines, each device's part checked alike."""
+    `trust_engine_code` says to run it anyway, or `read_only` says the caller only reads
+    the schedule (`tilec inspect`): then an engine whose kernel differs loads with
+    `kernel_checked` False, and nothing will import or compile that kernel. Nothing of
+    the file is used before the check that covers it has passed: header, checksum,
+    manifest, tables, views, kernel. A multi-device engine gives DeviceEngines, each
+    device's part checked alike."""
     path = Path(path)
     if not path.is_file():
         raise EngineError(f"{path}: no such engine file")
@@ -687,8 +670,9 @@ def load(path: str | os.PathLike, trust_engine_code: bool = False) -> Engine | D
     if meta.get("sha256") != _digest(meta, tensors):
         raise EngineError(f"{path}: checksum mismatch: the file is corrupted or was edited")
     tokenizer = meta.get("tokenizer")
+    accept = "trust" if trust_engine_code else "read" if read_only else "checked"
     if DEVICES_KEY in meta:
-        return _load_devices(path, meta, tensors, tokenizer, trust_engine_code)
+        return _load_devices(path, meta, tensors, tokenizer, accept)
     manifest = _parse_manifest(path, meta.get("manifest"))
     kernel = meta.get("kernel", "")
     aot = None
@@ -698,7 +682,7 @@ def load(path: str | os.PathLike, trust_engine_code: bool = False) -> Engine | D
         except (ValueError, RecursionError) as e:
             raise EngineError(f"{path}: bad GPU binary: {_short(e)}") from None
     engine = Engine(manifest, kernel, tensors, tokenizer, aot)
-    problem = _engine_problem(engine, trust_engine_code)
+    problem = _engine_problem(engine, accept)
     if problem:
         raise EngineError(f"{path}: {problem}")
     if engine.manifest.schedule.taskgraph.devices != 1:
@@ -707,16 +691,16 @@ def load(path: str | os.PathLike, trust_engine_code: bool = False) -> Engine | D
     return engine
 
 
-def _engine_problem(engine: Engine, trust_engine_code: bool) -> str | None:
+def _engine_problem(engine: Engine, accept: str) -> str | None:
     try:
         problem = check_tables(engine) or check_views(engine) or check_aot(engine)
     except Exception as e:  # a manifest that decodes but contradicts itself
         problem = f"malformed manifest ({type(e).__name__}: {_short(e)})"
-    return problem or check_kernel(engine, trust_engine_code)
+    return problem or check_kernel(engine, accept)
 
 
 def _load_devices(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor],
-                  tokenizer: str | None, trust_engine_code: bool) -> DeviceEngines:
+                  tokenizer: str | None, accept: str) -> DeviceEngines:
     text = meta[DEVICES_KEY]
     if not text.isdigit() or not 2 <= int(text) <= 64:
         raise EngineError(f"{path}: malformed device count {_clip(text)}")
@@ -732,7 +716,7 @@ def _load_devices(path: Path, meta: dict[str, str], tensors: dict[str, torch.Ten
         manifest = _parse_manifest(path, meta.get(f"manifest.{d}"))
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         engine = Engine(manifest, meta.get(f"kernel.{d}", ""), {**pools, **own}, tokenizer)
-        problem = _engine_problem(engine, trust_engine_code)
+        problem = _engine_problem(engine, accept)
         tg = manifest.schedule.taskgraph
         if problem is None and (tg.device, tg.devices) != (d, n):
             problem = f"its manifest says device {tg.device} of {tg.devices}"
@@ -815,21 +799,32 @@ def _clip(x) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def check_kernel(engine: Engine, trust_engine_code: bool = False) -> str | None:
+def render_manifest(m: Manifest):
+    """The kernel (codegen.render.Rendered) this tilec renders from a manifest."""
     from tilec.codegen.render import render
 
-    m = engine.manifest
     sched = m.schedule
+    return render(sched.taskgraph.fused, sched.taskgraph.tilings, sched.buffers, sched.pools,
+                  m.max_waits, sched.target.workers, m.model, __version__)
+
+
+def check_kernel(engine: Engine, accept: str = "checked") -> str | None:
+    """Render the kernel from the manifest and compare it, the opcodes and the args table
+    with what the file stores; sets `engine.kernel_checked` and `code_trusted`. `accept`:
+    "checked" refuses a differing kernel, "read" accepts it unchecked (it will not run),
+    "trust" accepts it to run as it is (--trust-engine-code)."""
+    m = engine.manifest
     try:
-        rendered = render(sched.taskgraph.fused, sched.taskgraph.tilings, sched.buffers,
-                          sched.pools, m.max_waits, sched.target.workers, m.model, __version__)
+        rendered = render_manifest(m)
     except Exception as e:  # a manifest that parses but describes nothing renderable
         return f"manifest does not describe a renderable kernel ({_short(e)})"
     if rendered.opcodes != m.opcodes or rendered.kinds != m.kinds:
         return "opcode table differs from what this tilec renders from the manifest"
     if rendered.args != tuple(tuple(r) for r in engine.tensors["args"].tolist()):
         return "args table differs from what this tilec renders from the manifest"
-    if rendered.source != engine.kernel_source and not trust_engine_code:
+    engine.kernel_checked = rendered.source == engine.kernel_source
+    engine.code_trusted = accept == "trust"
+    if not engine.kernel_checked and accept == "checked":
         return ("stored kernel source differs from what this tilec renders from the manifest "
                 "(written by another tilec version, or edited); refusing to run it "
                 "(--trust-engine-code runs it anyway)")

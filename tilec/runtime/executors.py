@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from tilec.codegen import aot
-from tilec.codegen.aot import KERNEL_NAME, NUM_WARPS, SPIN_LIMIT
+from tilec.codegen.aot import NUM_WARPS, SPIN_LIMIT
 from tilec.errors import RunError, ScheduleHangError
 from tilec.ir.graph import contiguous_strides
 from tilec.runtime.engine import TORCH_DTYPES, AOTKernel, Engine
-from tilec.runtime.kernel import load_kernel, require_mode
+from tilec.runtime.kernel import engine_kernel, own_binary, require_mode
 from tilec.runtime.reference import TaskRunner
 
 POLICIES = ("round_robin", "random", "reverse")
@@ -251,7 +251,7 @@ class InterpretExecutor(CooperativeExecutor):
     def __init__(self, engine: Engine, policy: str = "round_robin", seed: int = 0, comm=None):
         super().__init__(engine, policy, seed, comm=comm)
         require_mode(interpret=True)
-        self.kernel = load_kernel(engine.kernel_source, KERNEL_NAME)
+        self.kernel = engine_kernel(engine)
         self.pool_args = [self.pools[p.name] for p in self.schedule.pools]
 
     def advance(self, worker: int, budget: int) -> None:
@@ -309,7 +309,7 @@ class GPUExecutor(Executor):
             raise RunError("the gpu backend needs a CUDA GPU and none is visible")
         require_mode(interpret=False)
         super().__init__(engine, "cuda")
-        self.kernel = load_kernel(engine.kernel_source, KERNEL_NAME)
+        self.kernel = engine_kernel(engine)
         self.binary = self._stored_binary(engine)
         self.pool_args = [self.pools[p.name] for p in self.schedule.pools]
         self.workers = self.schedule.target.workers
@@ -330,7 +330,7 @@ class GPUExecutor(Executor):
 
         major, minor = torch.cuda.get_device_capability()
         problem = stored_binary_problem(engine.aot, major * 10 + minor, triton.__version__,
-                                        SPIN_LIMIT)
+                                        SPIN_LIMIT, trusted=engine.code_trusted)
         if problem is None:
             try:
                 return aot.load_binary(engine.aot, self.kernel, self.schedule.pools)
@@ -398,14 +398,17 @@ class GPUExecutor(Executor):
 
 
 def stored_binary_problem(binary: AOTKernel | None, capability: int, triton_version: str,
-                          spin_limit: int) -> str | None:
+                          spin_limit: int, trusted: bool = False) -> str | None:
     """Why the engine's stored GPU binary cannot be launched here, or None if it can.
 
-    A cubin for sm_90a runs only on compute capability 9.0 (`capability` is major x 10 +
+    A cubin is machine code: it is launched only if this user's tilec compiled it
+    (runtime.kernel.own_binary) or the user trusts the file's code (`trusted`). A cubin
+    for sm_90a runs only on compute capability 9.0 (`capability` is major x 10 +
     minor); Triton's launcher and metadata change between versions, so only the Triton
     that compiled it launches it; and the watchdog bound is compiled in."""
     if binary is None:
         return "the engine stores no GPU binary"
+
     if binary.arch != capability:
         return f"the stored GPU binary is for sm_{binary.arch}, this GPU is sm_{capability}"
     if binary.triton_version != triton_version:
@@ -414,6 +417,9 @@ def stored_binary_problem(binary: AOTKernel | None, capability: int, triton_vers
     if binary.spin_limit != spin_limit:
         return (f"the stored GPU binary waits at most {binary.spin_limit} spins, this run "
                 f"asks for {spin_limit}")
+    if not trusted and not own_binary(binary.cubin_sha256):
+        return ("the stored GPU binary was not compiled by this user's tilec, and machine "
+                "code cannot be checked against its source (--trust-engine-code launches it)")
     return None
 
 

@@ -3,6 +3,10 @@
 Triton reads the source of a jitted function from its file, so the text is written to
 a content-addressed file under the cache folder and imported from there. Whether the
 kernel runs in Triton's interpreter is fixed per process (see `tilec/__init__.py`).
+
+This is the one place tilec imports generated source, so it is where the source is
+checked (`codegen/safety.py`) unless the user trusts the engine's code, and where an
+engine whose stored kernel is not what this tilec renders is refused (`engine_kernel`).
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from tilec.codegen.safety import KERNEL_NAME, check_kernel_source
 from tilec.errors import RunError
 
 _loaded: dict[str, object] = {}
@@ -21,16 +26,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    """The environment of a `python -m tilec...` child process that imports this tilec,
-    however this process found it (a checkout on sys.path, or an installed copy), with
-    `extra` variables set: the child must run the same code as its parent."""
-    root = str(Path(__file__).resolve().parents[2])
-    path = os.environ.get("PYTHONPATH")
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([root, path] if path else [root]),
-                **extra)
-
-
 def require_mode(interpret: bool) -> None:
     if interpreting() != interpret:
         want = "TRITON_INTERPRET=1" if interpret else "TRITON_INTERPRET unset (or 0)"
@@ -38,12 +33,44 @@ def require_mode(interpret: bool) -> None:
                        f"process started with {want}; Triton fixes the mode at import")
 
 
+def cache_root() -> Path:
+    return Path(os.environ.get("TILEC_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tilec"))
+
+
 def cache_dir() -> Path:
-    root = os.environ.get("TILEC_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tilec")
-    path = Path(root) / "kernels"
+    path = cache_root() / "kernels"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# GPU binaries this user's tilec compiled (SHA-256 of each cubin, one per line). A
+# stored cubin is machine code that cannot be checked against its source without
+# compiling that source again, so the gpu backend launches one only if it is listed
+# here (the engine was compiled on this machine) or the user trusts the file's code;
+# any other is compiled anew from the checked source (Triton caches that compile).
+OWN_BINARIES = "own-binaries.txt"
+
+
+def remember_binary(cubin_sha256: str) -> None:
+    """Note a cubin this process compiled; a cache folder that cannot be written only
+    means the binary will not be trusted later (it is compiled again instead)."""
+    try:
+        root = cache_root()
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / OWN_BINARIES, "a") as f:
+            f.write(cubin_sha256 + "\n")
+    except OSError:
+        pass
+
+
+def own_binary(cubin_sha256: str) -> bool:
+    """Whether this user's tilec compiled the cubin with this digest."""
+    try:
+        text = (cache_root() / OWN_BINARIES).read_text()
+    except OSError:
+        return False
+    return cubin_sha256 in text.split()
 
 
 def write_source(source: str) -> tuple[str, Path]:
@@ -84,7 +111,27 @@ def _interpreter_bf16_dot() -> None:
     interpreter.InterpreterBuilder.create_dot = create_dot
 
 
-def load_kernel(source: str, name: str):
+def engine_source(engine) -> str:
+    """A runtime `Engine`'s stored kernel source, when it may be imported or compiled:
+    it is what this tilec renders from the manifest (`kernel_checked`), or the user
+    trusts the file's code. Otherwise a RunError, whoever asks (run, inspect --aot)."""
+    if not (engine.kernel_checked or engine.code_trusted):
+        raise RunError("the engine's stored kernel differs from what this tilec renders from "
+                       "its manifest; refusing to import or compile it "
+                       "(--trust-engine-code runs it anyway)")
+    return engine.kernel_source
+
+
+def engine_kernel(engine):
+    """The JIT function of a runtime `Engine`'s kernel (see `engine_source`)."""
+    return load_kernel(engine_source(engine), KERNEL_NAME, trusted=engine.code_trusted)
+
+
+def load_kernel(source: str, name: str = KERNEL_NAME, trusted: bool = False):
+    """Import `source` and return its function `name`. Unless `trusted`, the source must
+    pass `check_kernel_source` first (UnsafeKernelError otherwise)."""
+    if not trusted:
+        check_kernel_source(source, name)
     if interpreting():
         _interpreter_bf16_dot()
     module_name, path = write_source(source)

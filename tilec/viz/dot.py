@@ -66,6 +66,8 @@ def ops_dot(fused: FusedGraph, name: str = "model") -> str:
 
 
 def tasks_dot(schedule: Schedule, kinds: list[str], name: str = "model") -> str:
+    """The tasks, and an edge per dependency in `schedule.taskgraph.deps`: a schedule
+    loaded from an engine has none stored (see inspect.schedule_with_deps)."""
     tg = schedule.taskgraph
     where = schedule.worker_of()
     lines = [f"digraph {quote(name + ' tasks')} {{", "  rankdir=TB;",
