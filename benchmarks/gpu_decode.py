@@ -14,11 +14,13 @@ if a later one fails):
  4. tilec on Llama-3.2-1B shapes (bf16, batch 1, random weights; `--config`): the
     engine's AOT cubin must launch without any JIT; `--new-tokens` timed with CUDA
     events around each launch;
- 5. a measured profile of one step (every task stamps the GPU's global timer): a
+ 5. torch.compile(mode="reduce-overhead") on the same weights, its greedy tokens
+    compared with tilec's;
+ 6. a measured profile of one step (every task stamps the GPU's global timer): a
     Perfetto trace and, per task kind, measured against predicted task time, to
     calibrate the cost model (passes/cost.py, ir/target.py);
- 6. torch.compile(mode="reduce-overhead") and Hugging Face eager on the same weights
-    (skipped when the time budget is short), their greedy tokens compared with tilec's.
+ 7. Hugging Face eager on the same weights.
+Steps 5-7 are skipped when what is left of `--budget-s` would not fit them.
 
 Then a table and the JSON (also written to DIR/gpu_decode.json), last. The exit status
 is 0 when every check passed, 1 when one failed (the figures still print), 2 on bad
@@ -205,7 +207,7 @@ def tilec_decode(args, cfg, prompt: list[int]) -> dict:
     return out
 
 
-# ---- 5. the measured profile ---------------------------------------------------------------
+# ---- 6. the measured profile ---------------------------------------------------------------
 
 def summarize_profile(engine, trace) -> dict:
     """Per task kind of one profiled step: tasks, measured and predicted mean task time
@@ -268,7 +270,7 @@ def profile_step(engine, out_dir: Path, prompt: list[int]) -> dict:
     return summary
 
 
-# ---- 6. baselines ---------------------------------------------------------------------------
+# ---- 5 and 7. baselines ---------------------------------------------------------------------------
 
 def to_hf(module, dtype):
     from tilec.models.hf import to_transformers
@@ -390,12 +392,6 @@ def main(argv: list[str] | None = None) -> int:
         results.update({f"tilec_{k}": v for k, v in t.items() if k not in ("engine", "tokens")})
         row("tilec kernel (device time)", t["step_ms"], tilec_tokens)
         row("tilec step (host loop)", t["wall_ms"], tilec_tokens)
-        if args.skip_profile:
-            results["skipped"].append("profile")
-        else:
-            results["profile"] = profile_step(t["engine"], out_dir, prompt)
-        del t
-        torch.cuda.empty_cache()
 
         hf = to_hf(module, torch.bfloat16)
         if args.skip_compile_baseline or left_s(args) < 90:
@@ -409,6 +405,13 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"torch.compile: {ms:.3f} ms/token")
             except Exception as e:  # the baseline's failure must not hide tilec's numbers
                 log(f"torch.compile baseline failed: {type(e).__name__}: {str(e)[:200]}")
+        if args.skip_profile or left_s(args) < 60:
+            results["skipped"].append("profile")
+            log(f"skipping the profile ({left_s(args):.0f} s of the budget left)")
+        else:
+            results["profile"] = profile_step(t["engine"], out_dir, prompt)
+        del t
+        torch.cuda.empty_cache()
         if args.skip_eager_baseline or left_s(args) < 30:
             results["skipped"].append("HF eager")
         else:
