@@ -352,6 +352,9 @@ class GPUExecutor(Executor):
         self.workers = self.schedule.target.workers
         self.cursor = torch.zeros(self.workers, dtype=torch.int32, device="cuda")
         self.timing = False              # record each launch's device time (CUDA events)
+        # the watchdog's bound on one wait, in spins: the stored binary has SPIN_LIMIT
+        # compiled in, so another bound launches the kernel through the JIT
+        self.spin_limit = SPIN_LIMIT
         self.kernel_ms: list[float] = []
         n = int(self.tables["tasks"].shape[0])
         self.stamps = torch.zeros(max(1, 2 * n), dtype=torch.int64, device="cuda")
@@ -396,11 +399,12 @@ class GPUExecutor(Executor):
         profile = self.trace is not None
         args = (t["tasks"], t["queue_start"], t["args"], self.events, self.cursor, self.error,
                 self.stamps, self.step_index, 0, 1 << 30, *self.pool_args)
-        if self.binary is not None and not profile:
+        if self.binary is not None and not profile and \
+                self.spin_limit == self.engine.aot.spin_limit:
             # a compiled kernel takes the constexprs too, positionally, in signature order
             self.binary[(self.workers, 1, 1)](*args, True, self.engine.aot.spin_limit, False)
         else:
-            self.kernel[(self.workers,)](*args, BLOCKING=True, SPIN_LIMIT=SPIN_LIMIT,
+            self.kernel[(self.workers,)](*args, BLOCKING=True, SPIN_LIMIT=self.spin_limit,
                                          PROFILE=profile, num_warps=NUM_WARPS)
         if profile:
             self._collect_stamps()
