@@ -21,6 +21,7 @@ import torch
 
 from tilec.errors import ConfigError, RunError
 from tilec.ir.target import TARGETS
+from tilec.limits import seed_problem, short_repr
 from tilec.runtime import engine as engine_file
 from tilec.runtime.distributed import LocalDevices, rank_from_env
 from tilec.runtime.executors import Executor, make_executor
@@ -87,6 +88,7 @@ class Engine:
     def random_inputs(self, seed: int = 0) -> dict[str, torch.Tensor]:
         """Fresh random inputs of the declared shapes and dtypes: floats ~ N(0, 1),
         integers uniform in their [low, high) (from model.yaml; [0, 2) if unknown)."""
+        _check_seed(seed)
         g = torch.Generator().manual_seed(seed)
         out = {}
         for s in self._data.manifest.inputs:
@@ -110,6 +112,7 @@ class Engine:
         reverse. `executor(...).run(dict)` takes inputs as a dict, for models whose
         input names clash with `run`'s keywords.
         """
+        _check_seed(seed)
         key = (backend, policy, seed)
         if key not in self._executors:
             self._executors[key] = self.new_executor(backend, policy, seed)
@@ -286,6 +289,8 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
 
     _check_options(cfgmod, dtype, policy, tile_m=tile_m, tile_n=tile_n, tile_k=tile_k,
                    kv_chunk=kv_chunk)
+    if seed is not None:
+        _check_seed(seed)
     if output is not None:
         engine_file.check_writable(output)
     if isinstance(model_or_yaml, (str, os.PathLike)):
@@ -365,7 +370,7 @@ def _naming_the_yaml(cfg):
     try:
         yield
     except ConfigError as e:
-        if cfg is None or not str(e).startswith("target."):
+        if cfg is None or not str(e).startswith(("target.", "inputs:")):
             raise
         raise ConfigError(f"{cfg.path}: {e}") from None
 
@@ -378,6 +383,8 @@ def _check_files(inputs, output, dump_dir, devices: int) -> None:
     dumps = [] if dump_dir is None else [("dump_dir", dump_dir)] + \
         [("a stage dump", Path(dump_dir, n)) for n in dump_names(devices)]
     check_outputs(inputs, [("output", output), *dumps])
+    if dump_dir is not None:
+        _check_dump_dir(dump_dir)
 
 
 def _input_files(cfg, cfgmod) -> list[tuple[str, str]]:
@@ -411,6 +418,24 @@ def _check_options(cfgmod, dtype: str | None, policy: str | None, **tiles: int |
         expected = cfgmod.tile_size_problem(key, value)
         if expected:
             raise ConfigError(f"{key}: expected {expected}, found {value!r}")
+
+
+def _check_seed(seed) -> None:
+    if seed_problem(seed):
+        raise ConfigError(f"seed: expected {seed_problem(seed)}, found {short_repr(seed)}")
+
+
+def _check_dump_dir(dump_dir) -> None:
+    """The folder for the stage dumps is a folder, or can be made (the nearest folder
+    above it that exists is writable): checked before the compile, creating nothing."""
+    folder = Path(dump_dir).absolute()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"dump_dir {dump_dir}: a file, not a folder")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not (existing.is_dir() and os.access(existing, os.W_OK)):
+        raise ConfigError(f"dump_dir {dump_dir}: {existing} is not a writable folder")
 
 
 def _decoder_extras(cfg, module):

@@ -10,11 +10,22 @@ from pathlib import Path
 
 from tilec import signals
 from tilec.errors import RunError, TilecError
+from tilec.limits import error_line
 from tilec.paths import check_outputs
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a mistake in the arguments as one `error:` line and exit 2, like
+    every other mistake (argparse prints the usage, then the message)."""
+
+    def error(self, message: str):
+        print(f"error: {error_line(f'{self.prog}: {message} (see {self.prog} --help)')}",
+              file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="tilec",
         description="Compile a PyTorch model into one persistent Triton kernel and a static "
                     "tile-level schedule; run, inspect and verify it.")
@@ -102,7 +113,7 @@ def entry() -> None:
         code = main(argv)
     except KeyboardInterrupt:   # in the moment main's own handler was not in place
         code = _interrupted()
-    if build_parser().parse_known_args(argv)[0].command == "compile":
+    if next((a for a in argv if not a.startswith("-")), None) == "compile":
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -123,22 +134,25 @@ def _interrupted() -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:   # --help, or a mistake in the arguments (one line printed)
+        return e.code if isinstance(e.code, int) else 2
     args.argv = list(sys.argv[1:] if argv is None else argv)   # for the ranks `run` starts
     try:
         return COMMANDS[args.command](args)
     except TilecError as e:
         if args.debug:
             raise
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"error: {error_line(str(e)) or type(e).__name__}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `tilec ... | head`: the reader left; not an error
         return 0
     except Exception as e:  # a bug in tilec, or an input no check foresaw: still one line
         if args.debug:
             raise
-        first = str(e).splitlines()[0] if str(e) else ""
-        print(f"error: internal error: {type(e).__name__}: {first[:300]} "
+        first = error_line(str(e))[:300]
+        print(f"error: internal error: {type(e).__name__}: {first} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 2
 
@@ -214,7 +228,7 @@ def cmd_run(args) -> int:
         code = _generate(engine, args)
         _write_profile(engine, args)
         return code
-    if args.prompt_ids or args.prompt:
+    if args.prompt_ids is not None or args.prompt is not None:
         raise RunError(f"{args.engine} is not a decoder engine: --prompt-ids and --prompt "
                        "need one (use --inputs)")
     if args.inputs:
@@ -250,6 +264,8 @@ def cmd_run(args) -> int:
 
 
 def _check_writable(path: str | None) -> None:
+    if path and os.path.isdir(path):
+        raise TilecError(f"cannot write {path}: it is a folder; give a file name")
     folder = os.path.dirname(os.path.abspath(path)) if path else None
     if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
         raise TilecError(f"cannot write {path}: {folder} is not a writable folder")
@@ -291,11 +307,14 @@ def _parse_prompt(engine, args) -> list[int]:
             raise RunError("--prompt needs an engine compiled from an hf: checkpoint with a "
                            "tokenizer.json; use --prompt-ids")
         return tok.encode(args.prompt).ids
-    text = args.prompt_ids or "1"
+    text = "1" if args.prompt_ids is None else args.prompt_ids
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        ids = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise RunError(f"--prompt-ids: expected comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise RunError(f"--prompt-ids: no token ids in {text!r}; give at least one")
+    return ids
 
 
 def _generate(engine, args) -> int:

@@ -82,7 +82,7 @@ BAD_COMPLETIONS = [   # (body, param of the error, words of its message)
     ({**OK, "top_p": 1.5}, "top_p", "top_p"),
     ({**OK, "top_k": -2}, "top_k", "top_k"),
     ({**OK, "seed": -1}, "seed", "seed"),
-    ({**OK, "seed": 2 ** 64}, "seed", "seed"),
+    ({**OK, "seed": 2 ** 32}, "seed", "from 0 to 4294967295"),
     ({**OK, "stop": [""]}, "stop", "stop"),
     ({**OK, "stop": 5}, "stop", "stop"),
     ({**OK, "stop": ["x"] * 17}, "stop", "at most"),

@@ -24,8 +24,9 @@ from typing import Callable
 import torch
 
 from tilec.errors import RunError
+from tilec.limits import seed_problem
 from tilec.runtime.engine import GenerationSpec
-from tilec.runtime.executors import Executor
+from tilec.runtime.executors import Executor, NaNValuesError
 
 
 @dataclass
@@ -56,16 +57,25 @@ class Sampling:
     seed: int = 0
 
     def problem(self) -> str | None:
-        """What is wrong with these settings, in one line, or None."""
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            return f"temperature must be a number >= 0, got {self.temperature}"
-        if self.top_k < 0:
-            return f"top_k must be >= 0 (0: no limit), got {self.top_k}"
-        if not (0 < self.top_p <= 1):
-            return f"top_p must be in (0, 1], got {self.top_p}"
-        if not 0 <= self.seed < 2 ** 63:
-            return f"seed must be in [0, 2**63), got {self.seed}"
+        """What is wrong with these settings, in one line starting with the setting's
+        name, or None."""
+        if not _is_number(self.temperature) or not 0 <= self.temperature < math.inf:
+            return f"temperature: expected a number >= 0 (0: greedy), found {self.temperature!r}"
+        if not _is_int(self.top_k) or self.top_k < 0:
+            return f"top_k: expected an integer >= 0 (0: every token), found {self.top_k!r}"
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            return f"top_p: expected a number in (0, 1] (1: every token), found {self.top_p!r}"
+        if seed_problem(self.seed):
+            return f"seed: expected {seed_problem(self.seed)}, found {self.seed!r}"
         return None
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
@@ -110,6 +120,7 @@ class Sequence:
         self.tokens: list[int] = []
         self.logits: list[torch.Tensor] | None = [] if keep_logits else None
         self.cached = 0                    # positions of this sequence in the KV cache
+        self.steps = 0                     # engine steps that fed it
         self.finish_reason: str | None = None
         self._generator = torch.Generator().manual_seed(sampling.seed) \
             if sampling.temperature > 0 else None
@@ -131,8 +142,12 @@ class Sequence:
 
     def took(self, fed: int, out: SlotOutput | None) -> int | None:
         """Record a step that fed `fed` tokens; the new token if the step made one (the
-        prompt is all in the cache), else None."""
+        prompt is all in the cache), else None. Logits that are NaN or +inf are a
+        RunError: no token follows from them (each backend would pick its own)."""
         self.cached += fed
+        self.steps += 1
+        if out is not None and (out.logits.isnan().any() or out.logits.isposinf().any()):
+            raise nan_logits(self.cached - 1, self.steps)
         if self.cached < len(self.prompt):
             return None
         if out is None:
@@ -205,8 +220,22 @@ def advance(slots: DecodeSlots, running: dict[int, Sequence]) -> dict[int, int |
     each takes what it feeds and, once its prompt is in, picks a token. Returns each
     slot's new token (None while its prompt is still being fed)."""
     feeds = {slot: seq.feed(slots.prefill_chunk) for slot, seq in running.items()}
-    outs = slots.step(feeds)
+    try:
+        outs = slots.step(feeds)
+    except NaNValuesError:   # the interpreter's argmax refuses a row of NaN
+        if len(running) != 1:
+            raise
+        (slot, seq), = running.items()
+        tokens, pos = feeds[slot]
+        raise nan_logits(pos + len(tokens) - 1, seq.steps + 1) from None
     return {slot: seq.took(len(feeds[slot][0]), outs.get(slot)) for slot, seq in running.items()}
+
+
+def nan_logits(pos: int, step: int) -> RunError:
+    """The one error every backend gives for logits that are not numbers: a greedy
+    token taken from them would depend on the backend (each treats NaN its own way)."""
+    return RunError(f"step {step} (position {pos}): the logits are NaN or +inf; the "
+                    "weights or activations overflow, so no token follows from them")
 
 
 def check_prompt(spec: GenerationSpec, prompt: list[int], max_new_tokens: int) -> None:
@@ -232,11 +261,9 @@ def generate(executor: Executor, spec: GenerationSpec, prompt: list[int], max_ne
     seq = Sequence(prompt, max_new_tokens, sampling,
                    spec.eos_token_ids if stop_at_eos else (), keep_logits)
     slots = DecodeSlots(spec, executor)
-    steps = 0
     t0 = time.perf_counter()
     while not seq.finished:
         advance(slots, {0: seq})
-        steps += 1
     seconds = time.perf_counter() - t0
     return Generation(list(prompt), seq.tokens, torch.stack(seq.logits) if seq.logits else None,
-                      steps, seconds, executor.backend)
+                      seq.steps, seconds, executor.backend)

@@ -162,11 +162,11 @@ def _params(body: dict[str, Any], ctx: Context, prompt: list[int],
     top_k = 0 if top_k == -1 else top_k   # -1 means no limit to some clients
     seed = _optional(body, "seed", _is_int, "an integer")
     if seed is None:   # OpenAI: without a seed, sampling is not reproducible
-        seed = secrets.randbits(63)
+        seed = secrets.randbits(32)
     sampling = Sampling(float(temperature), top_k, float(top_p), seed)
     problem = sampling.problem()
     if problem:
-        raise bad(problem, problem.split()[0])
+        raise bad(problem, problem.split(":")[0])
     stop = _stop(body.get("stop"))
     try:
         ctx.codec.stream(stop)
