@@ -27,6 +27,7 @@ from tilec.cli import build_parser, main
 from tilec.codegen import exprs
 from tilec.compiler import config as cfgmod
 from tilec.compiler import aten_ops
+from tilec.ir.record import PREFETCH_FIELDS
 from tilec.ir.target import TARGETS
 from tilec.runtime import engine as engine_file
 from tilec.runtime import reference
@@ -338,7 +339,7 @@ def test_engine_format_page_matches_code():
     text = (DOCS / "engine-format.md").read_text(encoding="utf-8")
     assert f"format version **{engine_file.FORMAT_VERSION}**" in text
     assert f"`{engine_file.FORMAT}`" in text
-    assert f"`{engine_file.FIXED_FIELDS} + 2 * max_waits + 1`" in text
+    assert f"`{engine_file.FIXED_FIELDS} + 2 * max_waits + {PREFETCH_FIELDS} + 1`" in text
     names = set()
     for table in tables(prose(DOCS / "engine-format.md")):
         for row in table:

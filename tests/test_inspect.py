@@ -108,6 +108,12 @@ def test_json_keys_and_invariants(capsys, built):
     assert 0 < b["intermediate"] < b["intermediate_unfused"]
     assert b["cost_model"] == sum(t.bytes for t in tg.tasks)
     assert s["memory_bound_us"] == pytest.approx(b["cost_model"] / (sched.target.mem_gbps * 1e3))
+    # the HBM floor: weights and KV over the bandwidth (the cpu target has no measured
+    # copy bandwidth: its datasheet-like figure stands in, and says so)
+    assert s["hbm_floor_us"] == pytest.approx((b["weights"] + b["kv"]) /
+                                              (sched.target.bandwidth_gbps * 1e3))
+    assert not s["hbm_floor_measured"]
+    assert s["predicted_over_hbm_floor"] == pytest.approx(s["predicted_step_us"] / s["hbm_floor_us"])
 
     # fusion groups partition the compute ops
     members = [op for g in s["fusion_groups"] for op in g["ops"]]

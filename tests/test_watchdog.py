@@ -131,7 +131,7 @@ def test_every_spin_wait_is_bounded_and_reports(example):
     module = ast.parse(source)   # the task functions: counted loops only
     assert len([n for n in ast.walk(module) if isinstance(n, ast.While)]) == len(loops)
     assert not any(isinstance(n, (ast.For, ast.AsyncFor)) and
-                   not ast.unparse(n.iter).startswith(("tl.static_range", "range"))
+                   not ast.unparse(n.iter).startswith(("tl.static_range", "range", "tl.range"))
                    for n in ast.walk(module))
     queue_walk = [n for n in loops if "idx < end" in ast.unparse(n.test)]
     spins = [n for n in loops if "SPIN_LIMIT" in ast.unparse(n.test)]

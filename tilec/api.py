@@ -21,6 +21,7 @@ import torch
 
 from tilec.errors import ConfigError, RunError
 from tilec.ir.target import TARGETS
+from tilec.limits import seed_problem, short_repr
 from tilec.runtime import engine as engine_file
 from tilec.runtime.distributed import LocalDevices, rank_from_env
 from tilec.runtime.executors import Executor, make_executor
@@ -29,6 +30,7 @@ from tilec.runtime.generate import Generation
 if TYPE_CHECKING:
     from tilec.compiler.config import ModelConfig
     from tilec.passes.verify import VerifyReport
+    from tilec.runtime.chat import ChatTemplate
     from tokenizers import Tokenizer
 
 
@@ -86,6 +88,7 @@ class Engine:
     def random_inputs(self, seed: int = 0) -> dict[str, torch.Tensor]:
         """Fresh random inputs of the declared shapes and dtypes: floats ~ N(0, 1),
         integers uniform in their [low, high) (from model.yaml; [0, 2) if unknown)."""
+        _check_seed(seed)
         g = torch.Generator().manual_seed(seed)
         out = {}
         for s in self._data.manifest.inputs:
@@ -109,6 +112,7 @@ class Engine:
         reverse. `executor(...).run(dict)` takes inputs as a dict, for models whose
         input names clash with `run`'s keywords.
         """
+        _check_seed(seed)
         key = (backend, policy, seed)
         if key not in self._executors:
             self._executors[key] = self.new_executor(backend, policy, seed)
@@ -145,26 +149,29 @@ class Engine:
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *,
                  backend: str = "auto", temperature: float = 0.0, top_k: int = 0,
-                 seed: int = 0, logits: bool = False, stop_at_eos: bool = True,
-                 policy: str = "round_robin") -> Generation:
+                 top_p: float = 1.0, seed: int = 0, logits: bool = False,
+                 stop_at_eos: bool = True, policy: str = "round_robin") -> Generation:
         """Generate from a decoder engine (`model: {family: ...}` or `{hf: ...}`).
 
         The prompt is fed one token per step (there is no batched prefill yet), then
         each new token is fed back. Greedy (the engine's on-device argmax) unless
         `temperature` > 0, which samples on the host from the logits (optionally from
-        the `top_k` most likely), seeded by `seed`. `logits=True` keeps the float32
+        the `top_k` most likely, then from the smallest set whose probability reaches
+        `top_p`), seeded by `seed`; `tilec serve` samples with the same code
+        (runtime.generate.Sampling). `logits=True` keeps the float32
         logits of every generated step in `Generation.logits`. Stops after
         `max_new_tokens` or at an EOS id (`stop_at_eos`). Raises `RunError` for an
         engine that is not a decoder, an empty prompt, an id outside the vocabulary,
-        or a prompt plus new tokens longer than the engine's max_seq_len.
+        a prompt plus new tokens longer than the engine's max_seq_len, or sampling
+        settings out of range.
         """
-        from tilec.runtime.generate import generate
+        from tilec.runtime.generate import Sampling, generate
 
         spec = self._data.manifest.generation
         if spec is None:
             raise RunError("this engine is not a decoder: use run(), not generate()")
         return generate(self.executor(backend, policy, seed), spec, list(prompt_ids),
-                        max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                        max_new_tokens, sampling=Sampling(temperature, top_k, top_p, seed),
                         keep_logits=logits, stop_at_eos=stop_at_eos)
 
     def tokenizer(self) -> Tokenizer | None:
@@ -175,6 +182,17 @@ class Engine:
         from tokenizers import Tokenizer
 
         return Tokenizer.from_str(self._data.tokenizer)
+
+    def chat_template(self) -> ChatTemplate | None:
+        """The chat template stored with an engine compiled from an `hf:` checkpoint
+        that has one (and a tokenizer.json), else None. `.render(messages)` gives the
+        prompt text transformers' `apply_chat_template(messages,
+        add_generation_prompt=True, tokenize=False)` gives."""
+        if self._data.chat is None:
+            return None
+        from tilec.runtime.chat import ChatTemplate
+
+        return ChatTemplate.from_json(self._data.chat)
 
     # ---- looking at it -----------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -271,6 +289,8 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
 
     _check_options(cfgmod, dtype, policy, tile_m=tile_m, tile_n=tile_n, tile_k=tile_k,
                    kv_chunk=kv_chunk)
+    if seed is not None:
+        _check_seed(seed)
     if output is not None:
         engine_file.check_writable(output)
     if isinstance(model_or_yaml, (str, os.PathLike)):
@@ -282,7 +302,7 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
     else:
         raise ConfigError(f"tilec.compile takes an nn.Module, a model.yaml path or a "
                           f"ModelConfig, not {type(model_or_yaml).__name__}")
-    generation, tokenizer = None, None
+    generation, tokenizer, chat = None, None, None
     if cfg is not None:
         target_name = target or cfg.target.name
         if dtype is None and cfg.dtype is None and not isinstance(cfg.model, cfgmod.ModuleSpec):
@@ -306,7 +326,7 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
         specs = cfg.inputs
         if not isinstance(cfg.model, cfgmod.ModuleSpec):
             specs = cfgmod.decoder_inputs(module.cfg.vocab_size, module.max_seq_len)
-            generation, tokenizer = _decoder_extras(cfg, module)
+            generation, tokenizer, chat = _decoder_extras(cfg, module)
         info = tuple(InputInfo(s.name, s.low, s.high) for s in specs)
         name = name or Path(cfg.path).stem
         seed = cfg.seed
@@ -336,7 +356,7 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
                 weights_ready=weights.wait if weights is not None else None,
                 release_constants=cfg is not None,   # tilec built the module
                 output=os.fspath(output) if output is not None else None,
-                tokenizer=tokenizer)
+                tokenizer=tokenizer, chat=chat)
     finally:
         if weights is not None:
             weights.cancel()   # a compile that failed leaves no thread drawing
@@ -364,6 +384,8 @@ def _check_files(inputs, output, dump_dir, devices: int) -> None:
     dumps = [] if dump_dir is None else [("dump_dir", dump_dir)] + \
         [("a stage dump", Path(dump_dir, n)) for n in dump_names(devices)]
     check_outputs(inputs, [("output", output), *dumps])
+    if dump_dir is not None:
+        _check_dump_dir(dump_dir)
 
 
 def _input_files(cfg, cfgmod) -> list[tuple[str, str]]:
@@ -399,16 +421,37 @@ def _check_options(cfgmod, dtype: str | None, policy: str | None, **tiles: int |
             raise ConfigError(f"{key}: expected {expected}, found {value!r}")
 
 
+def _check_seed(seed) -> None:
+    if seed_problem(seed):
+        raise ConfigError(f"seed: expected {seed_problem(seed)}, found {short_repr(seed)}")
+
+
+def _check_dump_dir(dump_dir) -> None:
+    """The folder for the stage dumps is a folder, or can be made (the nearest folder
+    above it that exists is writable): checked before the compile, creating nothing."""
+    folder = Path(dump_dir).absolute()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"dump_dir {dump_dir}: a file, not a folder")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not (existing.is_dir() and os.access(existing, os.W_OK)):
+        raise ConfigError(f"dump_dir {dump_dir}: {existing} is not a writable folder")
+
+
 def _decoder_extras(cfg, module):
     from tilec.compiler.config import CheckpointSpec
     from tilec.runtime.engine import GenerationSpec
 
-    eos, tokenizer = (), None
+    eos, tokenizer, chat = (), None, None
     if isinstance(cfg.model, CheckpointSpec):
-        from tilec.models.hf import eos_token_ids, tokenizer_json
+        from tilec.models.hf import chat_template, eos_token_ids, tokenizer_json
 
-        eos, tokenizer = eos_token_ids(cfg.model.folder), tokenizer_json(cfg.model.folder)
-    return GenerationSpec(module.cfg.vocab_size, module.max_seq_len, eos), tokenizer
+        folder = cfg.model.folder
+        eos, tokenizer = eos_token_ids(folder), tokenizer_json(folder)
+        template = chat_template(folder) if tokenizer is not None else None
+        chat = template.to_json() if template is not None else None
+    return GenerationSpec(module.cfg.vocab_size, module.max_seq_len, eos), tokenizer, chat
 
 
 __all__ = ["Engine", "Generation", "compile", "load"]

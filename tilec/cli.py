@@ -10,11 +10,22 @@ from pathlib import Path
 
 from tilec import signals
 from tilec.errors import RunError, TilecError
+from tilec.limits import error_line
 from tilec.paths import check_outputs
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a mistake in the arguments as one `error:` line and exit 2, like
+    every other mistake (argparse prints the usage, then the message)."""
+
+    def error(self, message: str):
+        print(f"error: {error_line(f'{self.prog}: {message} (see {self.prog} --help)')}",
+              file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="tilec",
         description="Compile a PyTorch model into one persistent Triton kernel and a static "
                     "tile-level schedule; run, inspect and verify it.")
@@ -47,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=int, default=16, help="decoder engines: tokens to generate")
     r.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (0: greedy)")
     r.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens")
+    r.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of tokens whose probability reaches p")
     r.add_argument("--logits-out", help="write the float32 logits of every generated step (safetensors)")
     r.add_argument("--trust-engine-code", action="store_true",
                    help="run the stored kernel even if it differs from what this tilec renders")
@@ -72,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--device", type=int, default=0,
                    help="multi-device engines: the device whose schedule to show (default 0)")
 
+    s = sub.add_parser("serve", help="serve a decoder engine over an OpenAI-compatible HTTP API")
+    s.add_argument("engine")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    s.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a sequence slot; more are answered 429")
+    s.add_argument("--backend", default="auto", choices=["auto", "gpu", "interpret", "reference"])
+    s.add_argument("--trust-engine-code", action="store_true",
+                   help="run the stored kernel even if it differs from what this tilec renders")
+
     v = sub.add_parser("verify", help="prove an engine's schedule race- and deadlock-free")
     v.add_argument("engine")
     v.add_argument("--json", action="store_true", help="print one JSON object")
@@ -90,7 +113,7 @@ def entry() -> None:
         code = main(argv)
     except KeyboardInterrupt:   # in the moment main's own handler was not in place
         code = _interrupted()
-    if build_parser().parse_known_args(argv)[0].command == "compile":
+    if next((a for a in argv if not a.startswith("-")), None) == "compile":
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -111,22 +134,25 @@ def _interrupted() -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:   # --help, or a mistake in the arguments (one line printed)
+        return e.code if isinstance(e.code, int) else 2
     args.argv = list(sys.argv[1:] if argv is None else argv)   # for the ranks `run` starts
     try:
         return COMMANDS[args.command](args)
     except TilecError as e:
         if args.debug:
             raise
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"error: {error_line(str(e)) or type(e).__name__}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `tilec ... | head`: the reader left; not an error
         return 0
     except Exception as e:  # a bug in tilec, or an input no check foresaw: still one line
         if args.debug:
             raise
-        first = str(e).splitlines()[0] if str(e) else ""
-        print(f"error: internal error: {type(e).__name__}: {first[:300]} "
+        first = error_line(str(e))[:300]
+        print(f"error: internal error: {type(e).__name__}: {first} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 2
 
@@ -202,7 +228,7 @@ def cmd_run(args) -> int:
         code = _generate(engine, args)
         _write_profile(engine, args)
         return code
-    if args.prompt_ids or args.prompt:
+    if args.prompt_ids is not None or args.prompt is not None:
         raise RunError(f"{args.engine} is not a decoder engine: --prompt-ids and --prompt "
                        "need one (use --inputs)")
     if args.inputs:
@@ -238,6 +264,8 @@ def cmd_run(args) -> int:
 
 
 def _check_writable(path: str | None) -> None:
+    if path and os.path.isdir(path):
+        raise TilecError(f"cannot write {path}: it is a folder; give a file name")
     folder = os.path.dirname(os.path.abspath(path)) if path else None
     if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
         raise TilecError(f"cannot write {path}: {folder} is not a writable folder")
@@ -279,18 +307,21 @@ def _parse_prompt(engine, args) -> list[int]:
             raise RunError("--prompt needs an engine compiled from an hf: checkpoint with a "
                            "tokenizer.json; use --prompt-ids")
         return tok.encode(args.prompt).ids
-    text = args.prompt_ids or "1"
+    text = "1" if args.prompt_ids is None else args.prompt_ids
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        ids = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise RunError(f"--prompt-ids: expected comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise RunError(f"--prompt-ids: no token ids in {text!r}; give at least one")
+    return ids
 
 
 def _generate(engine, args) -> int:
     prompt = _parse_prompt(engine, args)
     g = engine.generate(prompt, args.max_new_tokens, backend=args.backend,
-                        temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                        logits=bool(args.logits_out), policy=args.policy)
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        seed=args.seed, logits=bool(args.logits_out), policy=args.policy)
     if args.logits_out:
         _save_tensors({"logits": g.logits.contiguous()}, args.logits_out)
     tok = engine.tokenizer()
@@ -385,7 +416,15 @@ def cmd_verify(args) -> int:
     return 0 if report["ok"] else 1
 
 
-COMMANDS = {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "verify": cmd_verify}
+def cmd_serve(args) -> int:
+    from tilec.serve import serve
+
+    return serve(args.engine, args.host, args.port, args.max_queue, args.backend,
+                 args.trust_engine_code)
+
+
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "verify": cmd_verify,
+            "serve": cmd_serve}
 
 if __name__ == "__main__":
     sys.exit(main())

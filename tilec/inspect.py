@@ -26,6 +26,13 @@
   lower_bound_us                max(critical_path_us, work_bound_us, memory_bound_us):
                                 predicted_step_us / lower_bound_us is what the schedule
                                 loses to dependencies and idle workers
+  hbm_floor_us                  weight + KV bytes per step over the target's measured
+                                copy bandwidth (hbm_floor_gbps; hbm_floor_measured false:
+                                no measurement, the datasheet's): no step that reads
+                                them from HBM is shorter, however it is scheduled
+  predicted_over_hbm_floor      predicted_step_us / hbm_floor_us (null without a floor):
+                                the headline, what the kernel and schedule lose to the
+                                memory system's floor
   bytes                         per step: weights, kv, intermediate (bytes of the
                                 regions tasks read and write in buffers of kind weight,
                                 state, and input/output/activation; a gather's read
@@ -44,7 +51,15 @@
                                 compiled it), stored (true: the engine's stored binary,
                                 read without compiling; false: compiled now, for
                                 `--aot` on a GPU engine without one)}; null for an
-                                engine without a stored binary unless `--aot` asks
+                                engine without a stored binary unless `--aot` asks;
+                                streaming: [{opcode, kind, group (its first), tasks,
+                                weight_bytes_per_task (the most one task reads),
+                                streams_weights (at least 32 KB a task),
+                                bytes_in_flight_per_worker, async_copy ("tma",
+                                "cp.async" or "none"), stages}] per opcode whose tasks
+                                read a weight buffer, read from the compiled code's
+                                SASS (codegen/sass.py: a ring's bytes outstanding when a
+                                chunk is awaited); null when aot is
   inputs, outputs               [{name, shape, dtype}]
 """
 from __future__ import annotations
@@ -80,6 +95,7 @@ def schedule_with_deps(engine: Engine):
 def summary(engine: Engine, aot: bool = False) -> dict[str, Any]:
     m = engine.manifest
     sched = schedule_with_deps(engine)
+    compiled = compiled_kernel(engine, compile=aot)
     tg = sched.taskgraph
     target = sched.target
     kinds_of = task_kinds(m, sched)
@@ -91,6 +107,8 @@ def summary(engine: Engine, aot: bool = False) -> dict[str, Any]:
     cp_us, cp_tasks = critical_path(tg, target)
     moved = bytes_moved(sched)
     memory_us = moved["cost_model"] / (target.mem_gbps * 1e3) if target.mem_gbps > 0 else 0.0
+    floor_bytes = moved["weights"] + moved["kv"]
+    floor_us = floor_bytes / (target.bandwidth_gbps * 1e3) if target.bandwidth_gbps > 0 else 0.0
     tasks_per_group = Counter(t.group for t in tg.tasks)
     roles = role_table(sched)
     work_us = max((r["busy_us"] / len(r["workers"]) for r in roles if r["workers"]), default=0.0)
@@ -119,6 +137,10 @@ def summary(engine: Engine, aot: bool = False) -> dict[str, Any]:
         "memory_bound_us": memory_us,
         "work_bound_us": work_us,
         "lower_bound_us": max(cp_us, work_us, memory_us),
+        "hbm_floor_us": floor_us,
+        "hbm_floor_gbps": target.bandwidth_gbps,
+        "hbm_floor_measured": bool(target.copy_gbps),
+        "predicted_over_hbm_floor": span / floor_us if floor_us else None,
         "bytes": moved,
         "fusion_groups": [{"name": g.name, "kind": g.kind, "anchor": g.anchor,
                            "prologue": list(g.prologue), "epilogue": list(g.epilogue),
@@ -127,7 +149,7 @@ def summary(engine: Engine, aot: bool = False) -> dict[str, Any]:
         "event_table": event_table(sched),
         "kernel": {"opcodes": len(m.kinds), "source_lines": engine.kernel_source.count("\n"),
                    "max_waits": m.max_waits, "task_kinds": sorted(set(m.kinds)),
-                   "aot": aot_info(engine, compile=aot)},
+                   "aot": aot_info_of(compiled), "streaming": streaming(engine, compiled)},
         "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in m.inputs],
         "outputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in m.outputs],
     }
@@ -191,14 +213,20 @@ AOT_KEYS = ("arch", "ptx_target", "n_regs", "n_spills", "shared", "cubin_size", 
             "triton_version")
 
 
-def aot_info(engine: Engine, compile: bool = False) -> dict[str, Any] | None:
-    """Registers, spills and shared memory of the kernel compiled for the target's GPU:
-    the engine's stored binary's (nothing compiled), else, if `compile` (`--aot`),
-    compiled now (seconds), else None."""
+def aot_info_of(compiled: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Registers, spills and shared memory of the kernel compiled for the target's GPU
+    (`compiled_kernel` less the cubin), or None."""
+    return None if compiled is None else {k: v for k, v in compiled.items() if k != "cubin"}
+
+
+def compiled_kernel(engine: Engine, compile: bool = False) -> dict[str, Any] | None:
+    """What the kernel compiled for the target's GPU is: the stored binary's figures, or
+    if `compile` (`--aot`) those of a compile now (seconds), or None; with the cubin.
+    Keys: AOT_KEYS, `stored`, `cubin` (bytes)."""
     binary = engine.aot
     if binary is not None:
         return {**{k: getattr(binary, k) for k in AOT_KEYS if k != "cubin_size"},
-                "cubin_size": len(binary.cubin), "stored": True}
+                "cubin_size": len(binary.cubin), "stored": True, "cubin": binary.cubin}
     if not compile:
         return None
     target = engine.manifest.schedule.target
@@ -210,7 +238,50 @@ def aot_info(engine: Engine, compile: bool = False) -> dict[str, Any] | None:
 
     info = compile_for_gpu(engine_source(engine), engine.manifest.schedule.pools,
                            arch=target.arch, trusted=engine.code_trusted)
-    return {**{k: info.get(k) for k in AOT_KEYS}, "stored": False}
+    return {**{k: info.get(k) for k in AOT_KEYS}, "stored": False, "cubin": info["cubin"]}
+
+
+# A task kind streams weights when each of its tasks reads at least this many bytes of
+# them (an embedding row gather reads a few KB: not a stream)
+STREAMING_BYTES = 32 * 1024
+
+
+def streaming(engine: Engine, compiled: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    """Per opcode whose tasks read a weight buffer: how it streams them, read from the
+    compiled code (codegen/sass.py), not from the template. None without compiled code,
+    or where nvdisasm cannot read it."""
+    if compiled is None:
+        return None
+    from tilec.codegen.sass import kernel_stream_facts
+
+    facts = kernel_stream_facts(compiled["cubin"], 32 * compiled["num_warps"])
+    if facts is None:
+        return None
+    m = engine.manifest
+    tg = m.schedule.taskgraph
+    buffers = {b.name: b for b in tg.buffers}
+    opcode_of = {g.name: op for g, op in zip(tg.fused.groups, m.opcodes)}
+    weight_bytes: dict[int, list[int]] = {}
+    first_group: dict[int, str] = {}
+    for task in tg.tasks:
+        op = opcode_of.get(task.group)
+        if op is None:
+            continue   # a transfer: no opcode
+        moved = sum(n for name, n in task_moved(task, buffers)
+                    if buffers[name].kind in WEIGHT_KINDS)
+        if moved:
+            weight_bytes.setdefault(op, []).append(moved)
+            first_group.setdefault(op, task.group)
+    out = []
+    for op in sorted(weight_bytes):
+        f = facts.get(op, {})
+        per_task = max(weight_bytes[op])
+        out.append({"opcode": op, "kind": m.kinds[op], "group": first_group[op],
+                    "tasks": len(weight_bytes[op]), "weight_bytes_per_task": per_task,
+                    "streams_weights": per_task >= STREAMING_BYTES,
+                    "bytes_in_flight_per_worker": f.get("bytes_in_flight") or 0,
+                    "async_copy": f.get("async_copy", "none"), "stages": f.get("stages")})
+    return out
 
 
 def predicted_timeline(engine: Engine):
@@ -321,6 +392,11 @@ def print_summary(s: dict[str, Any], console) -> None:
     timing.add_column("")
     timing.add_column("us", justify="right")
     timing.add_row("predicted step", f"{s['predicted_step_us']:.1f}")
+    if s["hbm_floor_us"]:
+        source = "measured" if s["hbm_floor_measured"] else "datasheet"
+        timing.add_row(f"HBM floor (weights + KV at {s['hbm_floor_gbps']:.0f} GB/s, {source})",
+                       f"{s['hbm_floor_us']:.1f}")
+        timing.add_row("  predicted / HBM floor", f"{s['predicted_over_hbm_floor']:.2f}")
     timing.add_row("lower bound", f"{s['lower_bound_us']:.1f}")
     timing.add_row("  critical path", f"{s['critical_path_us']:.1f}")
     timing.add_row("  work / workers", f"{s['work_bound_us']:.1f}")
@@ -368,3 +444,14 @@ def print_summary(s: dict[str, Any], console) -> None:
         console.print(f"  sm_{a['arch']} ({a['ptx_target']}): {a['n_regs']} registers, "
                       f"{a['n_spills']} spill bytes, {a['shared']} bytes shared memory, "
                       f"cubin {a['cubin_size']} bytes ({where}, Triton {a['triton_version']})")
+    if k.get("streaming"):
+        table = Table(title="weight streams (read from the compiled code)")
+        for col in ("opcode", "kind", "tasks", "weights per task", "in flight per worker",
+                    "copy", "stages"):
+            table.add_column(col, justify="left" if col in ("kind", "copy") else "right")
+        for r in k["streaming"]:
+            table.add_row(str(r["opcode"]), r["kind"], str(r["tasks"]),
+                          f"{r['weight_bytes_per_task']:,}",
+                          f"{r['bytes_in_flight_per_worker']:,}", r["async_copy"],
+                          str(r["stages"]))
+        console.print(table)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tilec.errors import TilecError
+from tilec.errors import RunError, TilecError
 
 
 def verify_engine(engine, interleavings: int = 0, backend: str = "interpret") -> dict[str, Any]:
@@ -16,6 +16,9 @@ def verify_engine(engine, interleavings: int = 0, backend: str = "interpret") ->
     Returns {"ok", "checks": name -> bool, "violations": one line each, first first}."""
     from tilec.api import Engine as ApiEngine
 
+    if not isinstance(interleavings, int) or isinstance(interleavings, bool) or \
+            interleavings < 0:
+        raise RunError(f"interleavings: expected an integer >= 0, found {interleavings!r}")
     if not isinstance(engine, ApiEngine):
         engine = ApiEngine(engine)
     report = engine.verify()   # a multi-device engine: each device, then all together

@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
 from torch import nn
 
@@ -122,25 +121,3 @@ def test_a_bad_kernel_is_a_one_line_aot_error():
     with pytest.raises(aot.AOTError) as info:
         aot.compile_for_gpu(broken, engine.data.manifest.schedule.pools)
     assert "sm_90" in str(info.value) and len(str(info.value).splitlines()) == 1
-
-
-
-def test_weight_loads_are_16_byte_vectors(tmp_path):
-    """A bf16 Llama layer streams its weights with 16-byte vector loads: every buffer
-    base is promised aligned (memplan aligns them), or the compiler falls back to one
-    2-byte load per element."""
-    config = {"model": {"family": "llama", "max_seq_len": 128, "config": {
-        "vocab_size": 1024, "hidden_size": 512, "intermediate_size": 1024,
-        "num_hidden_layers": 1, "num_attention_heads": 8, "num_key_value_heads": 2,
-        "head_dim": 64, "tie_word_embeddings": True}}, "target": "h200"}
-    path = tmp_path / "layer.yaml"
-    path.write_text(yaml.safe_dump(config))
-    engine = tilec.api.compile(str(path), aot=False)
-    info = aot.compile_for_gpu(engine.data.kernel_source, engine.data.manifest.schedule.pools)
-    loads = info["global_loads"]
-    # The count of 16-byte loads follows the tile sizes the tile pass picks (on 132
-    # workers this layer's matmuls get 8-column tiles: 4 loads per thread per weight
-    # chunk, 49 in all, against 81 for 16 columns); falling back would make the 2-byte
-    # loads the many.
-    assert loads.get("16", 0) >= 32, loads
-    assert 4 * loads.get("2", 0) < loads["16"], loads

@@ -134,9 +134,15 @@ REFUSED = {
     "model_type": (dict(model_type="qwen2"), "config.json: model_type: 'qwen2' is not supported"),
     "rope_type": (rope("proportional"), "rope_type 'proportional' is not supported"),
     "rope_key": (rope("linear", factor=2.0, beta_fast=3),
-                 "rope_scaling: 'beta_fast' is not supported with rope_type 'linear'"),
+                 "rope_parameters: 'beta_fast' is not supported with rope_type 'linear'"),
     "rope_missing_key": (rope("llama3", factor=8.0),
-                         "rope_scaling: rope_type 'llama3' needs 'low_freq_factor'"),
+                         "rope_parameters.low_freq_factor: required for rope_type llama3"),
+    "rope_value": (rope("yarn", factor="x", original_max_position_embeddings=16),
+                   "rope_parameters.factor: expected a positive number, found 'x'"),
+    "longrope_lengths": (rope("longrope", original_max_position_embeddings=32,
+                              short_factor=[1.0] * 3, long_factor=[1.0] * 8),
+                         "rope_parameters.short_factor: expected 8 numbers (one per "
+                         "frequency: head_dim / 2)"),
     "partial_rotary": (rope("default", partial_rotary_factor=0.5),
                        "partial_rotary_factor 0.5 is not supported"),
     "dynamic_past_max_positions": (dict(max_position_embeddings=16, **rope("dynamic", factor=2.0)),
@@ -188,3 +194,21 @@ def test_tied_lm_head_stored_anyway(tmp_path):
     with pytest.raises(ConfigError, match="tensor lm_head.weight .* differs from what this "
                                           "config.json implies"):
         load_checkpoint(tmp_path / "c", max_seq_len=32)
+
+
+def test_family_form_takes_the_same_fields(tmp_path):
+    """model: {family: llama, config: ...} honours and refuses what config.json does."""
+    from tilec.compiler.config import load_config
+
+    config = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, hidden_act="gelu_pytorch_tanh",
+                  rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                "original_max_position_embeddings": 16})
+    path = tmp_path / "m.yaml"
+    path.write_text(json.dumps({"model": {"family": "llama", "config": config}}))
+    assert load_config(path).model.config["hidden_act"] == "gelu_pytorch_tanh"
+    path.write_text(json.dumps({"model": {"family": "llama", "config": dict(
+        config, rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta": 2})}}))
+    with pytest.raises(ConfigError, match="model.config: rope_scaling: 'beta' is not "
+                                          "supported with rope_type 'yarn'"):
+        load_config(path)

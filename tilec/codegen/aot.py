@@ -126,6 +126,7 @@ class PendingKernel:
         self.source, self.pools, self.arch = source, _pool_pairs(pools), arch
         self._timeout = timeout
         self._outcome: tuple[int, str, str] | BaseException | None = None
+        self.ptx = ""   # the compiled PTX, once `result()` has returned
         self._proc, self._lifeline = _start_child()
         # communicate() in a thread: the child's output (the cubin) can be larger than a
         # pipe holds, so it is read while the caller goes on
@@ -154,7 +155,9 @@ class PendingKernel:
                            f"{self._timeout:.0f} s")
         if isinstance(self._outcome, BaseException):
             raise self._outcome
-        return _binary(_child_info(*self._outcome, self.arch), self.source, self.arch)
+        info = _child_info(*self._outcome, self.arch)
+        self.ptx = info["ptx"]
+        return _binary(info, self.source, self.arch)
 
     def cancel(self) -> None:
         """Stop the compile (its result is not wanted); a no-op once it has finished."""
@@ -203,7 +206,8 @@ def compile_for_gpu(source: str, pools: Iterable[Any], arch: int = 90,
     Returns {"arch", "name", "ptx_target", "cubin" (bytes), "cubin_size", "shared",
     "num_warps", "n_regs", "n_spills", "triton_version", "metadata" (Triton's JSON
     description of the kernel), "global_loads" (load instructions by width in bytes),
-    "reads_global_timer"}; n_regs and n_spills are None when ptxas cannot report them."""
+    "async_copies" (see there), "ptx" (the PTX text), "reads_global_timer"}; n_regs and
+    n_spills are None when ptxas cannot report them."""
     pairs = _pool_pairs(pools)
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         return _compile_here(source, pairs, arch, num_warps, profile, trusted)
@@ -318,6 +322,8 @@ def _compile_here(source: str, pools: list[tuple[str, str]], arch: int,
             "metadata": json.dumps(metadata, sort_keys=True)}
     info.update(_usage(ptxas_log) or _ptxas_usage(ptx, ptx_target))
     info["global_loads"] = global_loads(ptx)
+    info["async_copies"] = async_copies(ptx)
+    info["ptx"] = ptx
     info["reads_global_timer"] = "%globaltimer" in ptx   # the PROFILE variant's stamps
     return info
 
@@ -329,6 +335,22 @@ def global_loads(ptx: str) -> dict[str, int]:
     for vec, bits in re.findall(r"\bld\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.[bsuf](\d+)\b", ptx):
         width = str(int(vec or 1) * int(bits) // 8)
         counts[width] = counts.get(width, 0) + 1
+    return counts
+
+
+def async_copies(ptx: str) -> dict[str, int]:
+    """Asynchronous copies from global to shared memory in the PTX: cp.async by copy size
+    in bytes (a string key), `cache_hint` (those carrying an L2 cache policy),
+    `evict_first_policies` (L2 policies made evict-first: what a weight ring's hint is)
+    and `tensor` (TMA copies: cp.async.bulk.tensor)."""
+    counts: dict[str, int] = {}
+    for hint, size in re.findall(r"\bcp\.async\.c[ag]\.shared\.global(\.L2::cache_hint)?"
+                                 r"\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-f]+|\d+)", ptx):
+        width = str(int(size, 0))
+        counts[width] = counts.get(width, 0) + 1
+        counts["cache_hint"] = counts.get("cache_hint", 0) + bool(hint)
+    counts["evict_first_policies"] = len(re.findall(r"\bcreatepolicy\.[a-z.]*L2::evict_first", ptx))
+    counts["tensor"] = len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx))
     return counts
 
 

@@ -17,6 +17,7 @@ from tilec.codegen.safety import identifier
 from tilec.codegen.topk import topk_phase
 from tilec.ir.attention import attention_chunks, attention_parts, partial_names
 from tilec.ir.graph import FLOAT_DTYPES, Group, Op, Operand, index_checks
+from tilec.ir.stream import PROLOGUE_CHUNK, is_matvec, ring_stages
 from tilec.ir.tasks import Buffer, GroupTiling
 
 
@@ -35,8 +36,16 @@ class GroupCode:
     stores: list[str] = field(default_factory=list)     # narrow stores after the loop
     bases: list[int] = field(default_factory=list)      # pool element offsets (args row)
     dot: str = ""
-    b_first: str = ""                                   # matmul: B chunk 0 (kb)
-    b_next: str = ""                                    # matmul: B chunk after cols (kn)
+    # matmul K loop: tensor-core tiles (16 rows or more) load B chunk 0 (`b_first`, at
+    # kb) and the next (`b_next`, at kn); matvec tiles stream B through a ring of
+    # `stages` chunks (`b_tile` at cols) into an `acc_shape` accumulator, `acc_finish`
+    # reducing it to [BM, BN] after the loop
+    b_first: str = ""
+    b_next: str = ""
+    b_tile: str = ""
+    stages: int = 1
+    acc_shape: list[int] = field(default_factory=list)
+    acc_finish: str = ""
     # attention (see emit_attention): the skip test, the value product, what a partial
     # task stores, what a skipped chunk stores, the merge, and the final epilogue
     live: list[str] = field(default_factory=list)
@@ -449,6 +458,11 @@ def emit_matmul(e: GroupEmitter, epilogue: tuple[str, ...]) -> list[str]:
     m, n = anchor.type.shape[-2], anchor.type.shape[-1]
     k = anchor.inputs[0].shape[-1]
     c.consts.update(M=m, N=n, K=k)
+    if group.prologue and is_matvec(tiling):
+        # the prologue's row reductions (an RMSNorm's sum of squares) in as few passes
+        # as registers allow: each pass is a dependent round trip to memory before the
+        # first weight chunk can be used (K = 2048 in BK = 64 chunks was 32 of them)
+        c.consts["PK"] = min(pow2(k), PROLOGUE_CHUNK)
     a, b = anchor.inputs
     avail: set[str] = set()
     prologue = list(group.prologue)
@@ -460,21 +474,15 @@ def emit_matmul(e: GroupEmitter, epilogue: tuple[str, ...]) -> list[str]:
         a_lines, a_expr = [], e.load(a, narrow=False)
     a_dtype = ops[a.value].type.dtype
     b_ptr = e.batch_pointer(b, "boff")
-    sk, sn = b.strides[-2], b.strides[-1]
-
-    def b_load(kk: str) -> str:
-        return (f"tl.load({b_ptr} + {kk}[:, None] * {sk} + ncols[None, :] * {sn}, "
-                f"mask=({kk} < {k})[:, None] & nmask[None, :], other=0)")
-    # The weight stream is the step's bottleneck: the next chunk's load is issued before
-    # this chunk's product, so two are in flight per worker.
-    c.b_first = b_load("kb")
-    c.b_next = b_load("kn")
     a_round = f"a_tile.to({TL_DTYPES[a_dtype]}).to(tl.float32)" if a_dtype in ("bfloat16", "float16") else "a_tile"
     c.main = a_lines + [f"a_tile = tl.where(mask, {a_expr}, 0.0)", f"a_tile = {a_round}"]
-    if tiling.block_m >= 16 and tiling.block_k >= 16 and tiling.block_n >= 16:
-        c.dot = "acc = " + dot("a_tile", "b_tile", ops[b.value].type.dtype, "acc")
+    b_dtype = ops[b.value].type.dtype
+    if not is_matvec(tiling) and tiling.block_k >= 16 and tiling.block_n >= 16:
+        _tensor_core_loop(c, b_ptr, b.strides[-2:], k)
+        c.dot = "acc = " + dot("a_tile", "b_tile", b_dtype, "acc")
     else:
-        c.dot = "acc = acc + tl.sum(a_tile[:, :, None] * b_tile.to(tl.float32)[None, :, :], axis=1)"
+        weight = e.storage(b.value).kind == "weight"
+        _stream_loop(c, b_ptr, b.strides[-2:], (n, k), tiling, weight)
     lines = [f"{e.var[group.anchor]} = acc"]
     for name in epilogue:
         if ops[name].kind in REDUCTIONS:
@@ -483,6 +491,58 @@ def emit_matmul(e: GroupEmitter, epilogue: tuple[str, ...]) -> list[str]:
         else:
             lines.append(e.assign(name))
     return lines
+
+
+def _tensor_core_loop(c: GroupCode, b_ptr: str, strides: tuple[int, int], k: int) -> None:
+    """A [BK, BN] B chunk per trip of the K loop, the next one loaded (into registers)
+    before this one's product: two chunks in flight per worker."""
+    sk, sn = strides
+
+    def b_load(kk: str) -> str:
+        return (f"tl.load({b_ptr} + {kk}[:, None] * {sk} + ncols[None, :] * {sn}, "
+                f"mask=({kk} < {k})[:, None] & nmask[None, :], other=0)")
+    c.b_first = b_load("kb")
+    c.b_next = b_load("kn")
+
+
+def _stream_loop(c: GroupCode, b_ptr: str, strides: tuple[int, int], nk: tuple[int, int],
+                 tiling: GroupTiling, weight: bool) -> None:
+    """The K loop of a matvec-shaped task (fewer than 16 rows), the weight stream of a
+    decode step: B chunks go through a `ring_stages`-deep shared-memory ring (the loop is
+    a `tl.range(num_stages=...)`, which Triton software-pipelines with asynchronous
+    copies, cp.async on sm_90), loaded in B's own layout (the contiguous dim innermost,
+    16-byte vectors, no transpose through shared memory). With one row the product is
+    FMAs into a [BN, BK] (or [BK, BN]) float32 accumulator, reduced once after the loop;
+    with 2..15 rows each chunk is reduced. Weights are read once per step: loaded
+    evict-first, so they do not push the activations out of L2."""
+    sk, sn = strides
+    n, k = nk
+    bm, bn, bk = tiling.block_m, tiling.block_n, tiling.block_k
+    c.stages = ring_stages(tiling, k)
+    rows_major = sk == 1 or sn != 1          # [BN, BK]: K innermost (nn.Linear's [N, K])
+    if rows_major:
+        ptr = f"{b_ptr} + ncols[:, None] * {sn} + cols[None, :]" + (f" * {sk}" if sk != 1 else "")
+        bounds = "nmask[:, None] & cmask[None, :]"
+    else:
+        ptr = f"{b_ptr} + cols[:, None] * {sk} + ncols[None, :]"
+        bounds = "cmask[:, None] & nmask[None, :]"
+    # A mask the shapes make always true is left out: a masked copy needs a predicate
+    # per vector, and its zero fill
+    exact = n % bn == 0 and k % bk == 0
+    mask = "" if exact else f", mask={bounds}, other=0"
+    hint = ', eviction_policy="evict_first"' if weight else ""
+    c.b_tile = f"tl.load({ptr}{mask}{hint})"
+    if bm == 1:
+        c.acc_shape = [bn, bk] if rows_major else [bk, bn]
+        a_col = "a_tile" if rows_major else "tl.trans(a_tile)"
+        c.dot = f"acc += b_tile.to(tl.float32) * {a_col}"
+        c.acc_finish = f"acc = tl.sum(acc, axis={1 if rows_major else 0})[None, :]"
+    else:
+        c.acc_shape = [bm, bn]
+        c.dot = ("acc += tl.sum(a_tile[:, None, :] * b_tile.to(tl.float32)[None, :, :], axis=2)"
+                 if rows_major else
+                 "acc += tl.sum(a_tile[:, :, None] * b_tile.to(tl.float32)[None, :, :], axis=1)")
+        c.acc_finish = ""
 
 
 def dot(a: str, b: str, b_dtype: str, acc: str | None = None) -> str:

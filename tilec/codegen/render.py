@@ -17,21 +17,20 @@ from pathlib import Path
 
 import jinja2
 
-from tilec.codegen.emit import emit_group
+from tilec.codegen.emit import emit_group, pow2
 from tilec.codegen.safety import (KERNEL_NAME, UnsafeKernelError, check_kernel_source,
                                   identifier, integer, text_literal)
 from tilec.ir.graph import FusedGraph
+from tilec.ir.record import (PREFETCH_DEPTH, PREFETCH_MAX_BYTES, prefetch_offset, record_width,
+                             weight_pools)
 from tilec.ir.schedule import POOL_ALIGN as ALIGN, Pool
 from tilec.ir.tasks import Buffer, GroupTiling
 
+# Pieces a task's weight prefetch is asked for in (each up to PREFETCH_MAX_BYTES / this,
+# 16 KB): the prefetch instruction takes its operands from uniform registers, so ptxas
+# issues one per distinct piece in a loop over the worker's threads
+PREFETCH_PIECES = 8
 TEMPLATES = Path(__file__).parent / "templates"
-FIXED_FIELDS = 6   # opcode, args row, t0, t1, t2, number of waits
-
-
-def record_width(max_waits: int) -> int:
-    return FIXED_FIELDS + 2 * max_waits + 1
-
-
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATES)),
     undefined=jinja2.StrictUndefined,
@@ -96,6 +95,10 @@ def render(fused: FusedGraph, tilings: tuple[GroupTiling, ...], buffers: tuple[B
         version=text_literal(version), model=text_literal(model), blocks=blocks,
         workers=integer(workers, "workers"), rec=record_width(integer(max_waits, "max_waits")),
         max_waits=max_waits, max_args=max_args, kernel_name=KERNEL_NAME, pools=pool_args,
+        wait_slots=pow2(max(1, max_waits)), prefetch_at=prefetch_offset(max_waits),
+        prefetch_depth=PREFETCH_DEPTH, prefetch_pieces=PREFETCH_PIECES,
+        prefetch_piece=PREFETCH_MAX_BYTES // PREFETCH_PIECES,
+        weight_pools=[identifier(p.name, "pool") for p in weight_pools(pools)],
     )
     check_kernel_source(source, KERNEL_NAME)
     return Rendered(source, tuple(opcodes), args, max_args, tuple(kinds))

@@ -9,13 +9,17 @@ text when the file is hostile. Two rules keep it from becoming code:
    or free text as a one-line Python string literal (`text_literal`), never raw text.
 2. Whatever the renderer produced, `check_kernel_source` parses it and refuses it
    unless it has the kernel's fixed shape (three imports, integer constants, jitted
-   functions named `task_N`, the template's helpers (`HELPER_FUNCTIONS`) and the
-   kernel) and its function bodies use only the kernel's vocabulary: names that are
-   not Python builtins (but `range` and `float`), no private attributes, calls only to
-   `tl` functions in `TL_CALLS`, to the task functions and the helpers, and to `.to`.
-   In Triton's interpreter the bodies run as Python, so this is what stands between a
-   hostile manifest and the machine; `runtime.kernel` applies it to every source it
-   imports unless the user trusts the engine's code.
+   functions named `task_N`, the template's helpers `HELPERS` and the kernel) and its
+   function bodies use only the kernel's vocabulary: names that are not Python
+   builtins (but `range` and `float`), no private attributes, calls only to `tl`
+   functions in `TL_CALLS`, to the task functions and helpers, to `.to`, and to
+   `tl.inline_asm_elementwise` with one of the template's own instructions
+   (`TEMPLATE_ASM`, GPU-only prefetch hints). In Triton's interpreter the bodies run
+   as Python, so this is what stands between a hostile manifest and the machine;
+   `runtime.kernel` applies it to every source it imports unless the user trusts the
+   engine's code. It bounds what a kernel can call, not where it reads and writes:
+   addresses are pool pointers plus offsets, and those offsets are checked against
+   the manifest when an engine loads (runtime/engine.py check_tables, check_views).
 """
 from __future__ import annotations
 
@@ -28,22 +32,35 @@ from tilec.errors import TilecError
 KERNEL_NAME = "tilec_engine"   # the persistent kernel's function
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 TASK_FUNCTION = re.compile(r"task_(0|[1-9][0-9]{0,5})\Z")
-# The fixed helper functions of kernel.py.j2, which task bodies call.
-HELPER_FUNCTIONS = frozenset({"index_error"})
 KERNEL_IMPORTS = ("import triton", "import triton.language as tl",
                   "import triton.language.extra.cuda")
 # Every `tl` function a kernel calls. A new task body that needs another one adds it
-# here, on purpose: `tl.inline_asm_elementwise` (machine code) and the modules
+# here, on purpose: `tl.inline_asm_elementwise` (machine code) stays out but for the
+# template's own instructions (TEMPLATE_ASM, checked call by call), and the modules
 # reachable through `tl` stay out.
 TL_CALLS = frozenset({
     "abs", "arange", "argmax", "argmin", "atomic_add", "atomic_cas", "atomic_max",
     "atomic_xchg", "broadcast_to", "cast", "constexpr", "cos", "cumsum", "debug_barrier",
     "dot", "erf", "exp", "exp2", "expand_dims", "fdiv", "floor", "full", "load", "log",
     "log2", "make_tensor_descriptor", "max", "max_contiguous", "maximum", "min", "minimum",
-    "multiple_of", "num_programs", "permute", "program_id", "range", "reshape", "rsqrt",
+    "multiple_of", "num_programs", "permute", "pointer_type", "program_id", "range",
+    "reshape", "rsqrt",
     "sigmoid", "sin", "sqrt", "sqrt_rn", "static_range", "store", "sum", "trans", "where",
     "zeros", "zeros_like",
 })
+# The kernel template's own helper functions (templates/kernel.py.j2): the weight,
+# record and args prefetches a GPU worker issues before it waits, and the record of a
+# run-time index out of range (index_error)
+HELPERS = frozenset({"prefetch_l2", "prefetch_l1", "prefetch_weights", "index_error"})
+# The only machine code a kernel holds: the template's prefetch hints, each passed to
+# `tl.inline_asm_elementwise` as exactly this literal (a GPU-only branch: never run by
+# the interpreter)
+TEMPLATE_ASM = frozenset({
+    "{ .reg .pred p; setp.gt.s32 p, $2, 0; "
+    "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+    "prefetch.global.L1 [$1]; mov.u32 $0, 0;",
+})
+INLINE_ASM = "inline_asm_elementwise"
 TL_VALUES = frozenset({"float32", "float16", "bfloat16", "float64", "int1", "int8",
                        "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"})
 TL_PATHS = frozenset({("extra", "cuda", "globaltimer")})   # deeper than tl.NAME
@@ -133,10 +150,9 @@ def _check_constant(stmt: ast.Assign) -> None:
 
 
 def _check_function(fn: ast.FunctionDef, kernel_name: str) -> None:
-    if fn.name != kernel_name and not TASK_FUNCTION.match(fn.name) \
-            and fn.name not in HELPER_FUNCTIONS:
+    if fn.name != kernel_name and not TASK_FUNCTION.match(fn.name) and fn.name not in HELPERS:
         raise UnsafeKernelError(f"line {fn.lineno}: function {_clip(fn.name)} is neither the "
-                                "kernel, a task function nor a helper of the template")
+                                "kernel nor a task function")
     decorators = [ast.unparse(d) for d in fn.decorator_list]
     if decorators not in (["triton.jit"], ["triton.jit(noinline=True)"]):
         raise UnsafeKernelError(f"line {fn.lineno}: function {fn.name} is not plainly "
@@ -181,7 +197,10 @@ def _check_expression(node: ast.AST, line: int) -> None:
         elif isinstance(sub, ast.Attribute):
             _check_attribute(sub, line)
         elif isinstance(sub, ast.Call):
-            _check_callee(sub.func, line)
+            if _dotted(sub.func) == ["tl", INLINE_ASM]:
+                _check_asm(sub, line)
+            else:
+                _check_callee(sub.func, line)
         elif isinstance(sub, ast.Constant) and not isinstance(
                 sub.value, (int, float, str, type(None))):
             raise UnsafeKernelError(f"line {line}: a {type(sub.value).__name__} constant")
@@ -194,8 +213,8 @@ def _check_attribute(node: ast.Attribute, line: int) -> None:
     path = _dotted(node)
     if path and path[0] in RESERVED:
         rest = tuple(path[1:])
-        if path[0] == "tl" and (len(rest) == 1 and rest[0] in TL_CALLS | TL_VALUES or any(
-                p[:len(rest)] == rest for p in TL_PATHS)):
+        named = len(rest) == 1 and rest[0] in TL_CALLS | TL_VALUES | {INLINE_ASM}
+        if path[0] == "tl" and (named or any(p[:len(rest)] == rest for p in TL_PATHS)):
             return
     elif node.attr in METHOD_CALLS:
         return
@@ -203,9 +222,21 @@ def _check_attribute(node: ast.Attribute, line: int) -> None:
                             "is not in the kernel's vocabulary")
 
 
+def _check_asm(call: ast.Call, line: int) -> None:
+    """`tl.inline_asm_elementwise` with keyword arguments only, its `asm` one of the
+    template's own instructions and its `constraints` a string literal."""
+    given = {k.arg: k.value for k in call.keywords}
+    asm, constraints = given.get("asm"), given.get("constraints")
+    if call.args or not (isinstance(asm, ast.Constant) and asm.value in TEMPLATE_ASM
+                         and isinstance(constraints, ast.Constant)
+                         and isinstance(constraints.value, str)):
+        raise UnsafeKernelError(f"line {line}: inline assembly that is not one of the kernel "
+                                "template's own instructions")
+
+
 def _check_callee(func: ast.expr, line: int) -> None:
     if isinstance(func, ast.Name):
-        if func.id in BUILTIN_CALLS or func.id in HELPER_FUNCTIONS or TASK_FUNCTION.match(func.id):
+        if func.id in BUILTIN_CALLS or TASK_FUNCTION.match(func.id) or func.id in HELPERS:
             return
     elif isinstance(func, ast.Attribute):
         path = _dotted(func)

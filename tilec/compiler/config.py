@@ -43,15 +43,19 @@ import inspect
 import os
 import sys
 import threading
+import traceback
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, NoReturn
 
 import torch
-import yaml
 
+from tilec.compiler import memory
+from tilec.compiler.family_config import FAMILIES, check_family_config, family_classes
+from tilec.compiler.yaml_file import load_yaml
 from tilec.errors import ConfigError
 from tilec.ir.target import TARGETS, Role
+from tilec.limits import seed_problem, short_repr
 from tilec.passes.partition import MAX_DEVICES
 from tilec.passes.roles import resolve_device_roles, resolve_roles
 
@@ -63,7 +67,6 @@ POLICIES = ("critical_path", "round_robin")
 
 TOP_KEYS = ("model", "inputs", "dtype", "seed", "target", "schedule")
 MODEL_KEYS = ("module", "kwargs", "family", "config", "hf", "max_seq_len")
-FAMILIES = ("llama", "mla_dsa")
 DEFAULT_MAX_SEQ_LEN = 256
 INPUT_KEYS = ("name", "shape", "dtype", "low", "high")
 TARGET_KEYS = ("name", "workers", "devices", "roles")
@@ -135,21 +138,7 @@ class ModelConfig:
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from exc
-    return parse_config(data, path)
+    return parse_config(load_yaml(path), path)
 
 
 def parse_config(data: Any, path: str) -> ModelConfig:
@@ -172,8 +161,8 @@ def parse_config(data: Any, path: str) -> ModelConfig:
     if dtype is not None and dtype not in MODEL_DTYPES:
         _fail(path, "dtype", " or ".join(MODEL_DTYPES), dtype)
     seed = data.get("seed", 0)
-    if not _is_int(seed) or seed < 0:
-        _fail(path, "seed", "an integer >= 0", seed)
+    if seed_problem(seed):
+        _fail(path, "seed", seed_problem(seed), seed)
     return ModelConfig(
         path=path,
         model=model,
@@ -228,10 +217,10 @@ def _parse_decoder(model: dict, form: str, path: str) -> FamilySpec | Checkpoint
         family = model["family"]
         if family not in FAMILIES:
             raise ConfigError(f"{path}: model.family: expected one of {', '.join(FAMILIES)}, "
-                              f"found {family!r}{_suggest(str(family), FAMILIES)}")
+                              f"found {short_repr(family)}{_suggest(family, FAMILIES)}")
         config = model.get("config", {}) or {}
         _need_mapping(config, "model.config", path)
-        family_classes(family)[0].from_dict(config, where=f"{path}: model.config")
+        check_family_config(family, config, f"{path}: model.config")
         return FamilySpec(family, dict(config), max_seq_len)
     if "config" in model:
         raise ConfigError(f"{path}: model.config: an hf checkpoint brings its own config.json")
@@ -263,7 +252,7 @@ def _parse_inputs(inputs: Any, path: str) -> tuple[InputSpec, ...]:
         seen.add(name)
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 1 for d in shape):
             _fail(path, f"{where}.shape", "a list of integers >= 1", shape)
-        if dtype not in INPUT_DTYPES:
+        if not isinstance(dtype, str) or dtype not in INPUT_DTYPES:
             _fail(path, f"{where}.dtype", " | ".join(INPUT_DTYPES), dtype)
         low, high = item.get("low", 0), item.get("high")
         if dtype in INT_DTYPES:
@@ -289,10 +278,10 @@ def _parse_target(target: Any, path: str) -> TargetSpec:
     _need_mapping(target, "target", path, also="or a target name")
     _check_keys(target, TARGET_KEYS, "target.", path)
     name, workers = target.get("name", "cpu"), target.get("workers")
-    if name not in TARGETS:
+    if not isinstance(name, str) or name not in TARGETS:
         _fail(path, "target.name", " | ".join(sorted(TARGETS)), name)
-    if workers is not None and (not _is_int(workers) or workers < 1):
-        _fail(path, "target.workers", "an integer >= 1", workers)
+    if workers is not None and workers_problem(workers, name):
+        _fail(path, "target.workers", workers_problem(workers, name), workers)
     devices = target.get("devices", 1)
     if not _is_int(devices) or not 1 <= devices <= MAX_DEVICES:
         _fail(path, "target.devices", f"an integer from 1 to {MAX_DEVICES}", devices)
@@ -390,6 +379,15 @@ def _parse_schedule(schedule: Any, path: str) -> ScheduleSpec:
 TILE_SIZE_KEYS = ("tile_m", "tile_n", "tile_k", "kv_chunk")
 
 
+def workers_problem(workers: Any, target: str) -> str | None:
+    """What a worker count for `target` (a name in TARGETS) must be, if `workers` is not
+    that; None when it is fine. The bound is the target's (Target.max_workers)."""
+    most = TARGETS[target].max_workers
+    if _is_int(workers) and 1 <= workers <= most:
+        return None
+    return f"an integer from 1 to {most} (the most workers target {target} holds)"
+
+
 def tile_size_problem(key: str, value: Any) -> str | None:
     """What a tile size (a `schedule` key, or the same keyword of tilec.compile) must be,
     if `value` is not that; None when it is fine or unset."""
@@ -475,14 +473,16 @@ def build_model_async(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Te
         except TypeError as exc:
             raise ConfigError(f"{cfg.path}: model.kwargs: {spec.factory}{signature} "
                               f"rejects them: {exc}") from None
+    _check_kwarg_types(signature, spec, cfg.path)
+    memory.check(cfg.path, memory.input_needs(cfg.inputs) + memory.module_needs(
+        lambda: factory(**spec.kwargs), "model.kwargs" if spec.kwargs else "model.module"))
     torch.manual_seed(cfg.seed)   # before the factory runs, so the weights are seeded
     try:
         model = factory(**spec.kwargs)
-    except TypeError as exc:
-        if signature is not None:
-            raise   # the arguments bound, so this is a bug inside the model: keep it visible
-        raise ConfigError(f"{cfg.path}: model.kwargs: {spec.factory} rejects them: "
-                          f"{exc}") from exc
+    except Exception as exc:   # a mistake in the kwargs or in the model file: one line
+        raise ConfigError(f"{cfg.path}: model.module: {spec.factory}(**model.kwargs) raised "
+                          f"{type(exc).__name__}{_where_in(exc, spec.file)}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"{cfg.path}: model.module: expected {spec.factory}(**kwargs) to "
                           f"return a torch.nn.Module, found {type(model).__name__}")
@@ -492,21 +492,42 @@ def build_model_async(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Te
     return model, random_inputs(cfg.inputs, cfg.seed), None
 
 
+SIMPLE_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _check_kwarg_types(signature: inspect.Signature | None, spec: ModuleSpec,
+                       path: str) -> None:
+    """Each kwarg against its parameter's annotation, where that is int, float, bool
+    or str: `dim: "8"` for `dim: int` failed deep inside torch, far from the yaml."""
+    if signature is None:
+        return
+    for key, value in spec.kwargs.items():
+        param = signature.parameters.get(key)
+        if param is None:
+            continue
+        hint = param.annotation
+        kind = SIMPLE_TYPES.get(hint) if isinstance(hint, str) else \
+            hint if hint in SIMPLE_TYPES.values() else None
+        if kind is None:
+            continue
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if kind is float:
+            ok = _is_int(value) or isinstance(value, float)
+        if not ok:
+            _fail(path, f"model.kwargs.{key}", f"{kind.__name__} (as {spec.factory} "
+                  f"declares {key}: {kind.__name__})", value)
+
+
+def _where_in(exc: BaseException, file: str) -> str:
+    """` at FILE:LINE` of the innermost frame of `exc` in the model's file, or ""."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == file]
+    return f" at {os.path.basename(file)}:{frames[-1].lineno}" if frames else ""
+
+
 def decoder_inputs(vocab_size: int, max_seq_len: int) -> tuple[InputSpec, ...]:
     """A decode step's inputs: the token fed this step and its position."""
     return (InputSpec("token", (1,), "int64", 0, vocab_size),
             InputSpec("pos", (1,), "int64", 0, max_seq_len))
-
-
-def family_classes(family: str) -> tuple[type, type]:
-    """(config class, decode step class) of a model family (one of FAMILIES)."""
-    if family == "mla_dsa":
-        from tilec.models.mla_dsa import MlaDsaConfig, MlaDsaDecodeStep
-
-        return MlaDsaConfig, MlaDsaDecodeStep
-    from tilec.models.llama import LlamaConfig, LlamaDecodeStep
-
-    return LlamaConfig, LlamaDecodeStep
 
 
 def _build_decoder(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...],
@@ -520,13 +541,21 @@ def _build_decoder(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Tenso
         # background: see PendingWeights.
         dtype = FLOAT_DTYPES[cfg.dtype or "float32"]
         config_class, step = family_classes(spec.family)
-        model = step.empty(config_class.from_dict(spec.config), spec.max_seq_len, dtype).eval()
+        config = config_class.from_dict(spec.config)
+        memory.check(cfg.path, memory.decoder_needs(cfg.path, step, config, spec.max_seq_len,
+                                                    dtype, "model.config"))
+        model = step.empty(config, spec.max_seq_len, dtype).eval()
         std = model.cfg.initializer_range
         params = list(model.named_parameters())
         pending = PendingWeights(lambda stop: init_random(params, cfg.seed, std, stop))
     else:
-        from tilec.models.hf import load_checkpoint
+        from tilec.models.hf import load_checkpoint, read_config
+        from tilec.models.llama import LlamaDecodeStep
 
+        # read in float32, then cast: both copies at once
+        memory.check(cfg.path, memory.decoder_needs(
+            cfg.path, LlamaDecodeStep, read_config(spec.folder), spec.max_seq_len, None,
+            "model.hf", copies=2 if cfg.dtype is not None else 1))
         model = load_checkpoint(spec.folder, spec.max_seq_len).eval()
         if cfg.dtype is not None:
             model = model.to(FLOAT_DTYPES[cfg.dtype])
@@ -576,7 +605,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {short_repr(value)}"
 
 
 def _fail(path: str, key: str, expected: str, found: Any) -> NoReturn:
@@ -589,12 +618,15 @@ def _need_mapping(value: Any, key: str, path: str, also: str = "") -> None:
 
 
 def _suggest(word: str, choices: Iterable[str], prefix: str = "") -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    if not isinstance(word, str) or len(word) > 100:
+        return ""
+    close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {prefix + close[0]!r}?)" if close else ""
 
 
 def _check_keys(data: dict, allowed: tuple[str, ...], prefix: str, path: str) -> None:
     for key in data:
         if key not in allowed:
-            raise ConfigError(f"unknown key {prefix + str(key)!r} in {path}"
+            name = prefix + (key if isinstance(key, str) else short_repr(key))
+            raise ConfigError(f"unknown key {short_repr(name)} in {path}"
                               f"{_suggest(key, allowed, prefix)}; allowed: {', '.join(allowed)}")

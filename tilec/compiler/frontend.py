@@ -6,16 +6,23 @@ Only a reshape that no strides can express materialises a copy.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import math
 import operator
 import os
 import re
+import sys
+import sysconfig
+import traceback
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from tilec.errors import ConfigError, UnsupportedOpError
 from tilec.ir.graph import (INDEXED_KINDS, PLACEHOLDER_KINDS, Graph, Op, Operand, TensorType,
@@ -88,11 +95,12 @@ def export(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) ->
 def _export(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch-internal pytree deprecations
-        ep = torch.export.export(module, tuple(example_inputs), strict=False)
+        with _torch_quiet_on_failure():
+            try:
+                ep = torch.export.export(module, tuple(example_inputs), strict=False)
+            except Exception as exc:
+                raise _export_error(exc, example_inputs) from exc
         return ep.run_decompositions()
-
-
-TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 
 def check_input_ranges(lowered: Lowered, ranges) -> None:
@@ -114,6 +122,67 @@ def check_input_ranges(lowered: Lowered, ranges) -> None:
                           f"low must be >= 0 and high <= {bound}")
 
 
+@contextlib.contextmanager
+def _torch_quiet_on_failure():
+    """torch.export prints the partial graph of a failed trace to stderr and logs the
+    error with its traceback (20 lines and more) before raising it: keep what it
+    writes meanwhile, and let it through only if the export succeeds, so a failure is
+    the one line _export_error makes of it."""
+    kept, disabled = io.StringIO(), logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(kept):
+            yield
+    finally:
+        logging.disable(disabled)
+    sys.stderr.write(kept.getvalue())
+
+
+def _export_error(exc: Exception, example_inputs) -> Exception:
+    """What tracing the model's forward() raised, as one line naming the user's source
+    line: data-dependent control flow is an UnsupportedOpError, anything else (a shape
+    the model does not take, a bug in forward) a ConfigError about the inputs. An
+    error raised in tilec's own models is a tilec bug: kept as it is."""
+    frame = _user_frame(exc)
+    if frame is None:
+        return exc
+    where = f"{frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`"
+    if isinstance(exc, GuardOnDataDependentSymNode):
+        return UnsupportedOpError(
+            f"data-dependent control flow at {where}: an engine is one static graph, so no "
+            "branch, loop or size may depend on a tensor's values; compute both branches "
+            "and choose with torch.where")
+    shapes = ", ".join(f"{list(t.shape)} {dtype_name(t.dtype) if t.dtype in _DTYPES else t.dtype}"
+                       for t in example_inputs if isinstance(t, torch.Tensor))
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return ConfigError(f"inputs: forward() fails on example inputs {shapes} at {where}: "
+                       f"{type(exc).__name__}: {message} (check the inputs' shapes and "
+                       "dtypes)")
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_TILEC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_LIBRARY_DIRS = tuple({os.path.abspath(p) + os.sep for key, p in sysconfig.get_paths().items()
+                       if key in ("stdlib", "platstdlib", "purelib", "platlib")})
+
+
+def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
+    """The innermost frame of `exc`'s traceback in the model torch.export traced:
+    inside the export call, outside torch, preferably outside Python's and the installed
+    packages' code too (a model that calls a library is best pointed at its call); None
+    if that frame is tilec's own (a family model: then the error is tilec's bug, kept as
+    it is)."""
+    frames = [(os.path.abspath(f.filename), f) for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith("<")]
+    first = next((i for i, (file, _) in enumerate(frames) if file.startswith(_TORCH_DIR)), 0)
+    outside = [(file, f) for file, f in frames[first:] if not file.startswith(_TORCH_DIR)]
+    own = [(file, f) for file, f in outside if not file.startswith(_LIBRARY_DIRS)]
+    if not (own or outside):
+        return None
+    file, frame = (own or outside)[-1]
+    return None if file.startswith(_TILEC_DIR) else frame
+
+
 def source_line(node: torch.fx.Node) -> str:
     """The user's source line that produced `node` ('file:line: code')."""
     trace = node.meta.get("stack_trace") or ""
@@ -121,7 +190,7 @@ def source_line(node: torch.fx.Node) -> str:
     if not frames:
         return "unknown source line"
     # the innermost frame outside torch itself (nn.Embedding's forward is not the user's)
-    theirs = [f for f in frames if not f[0].startswith(TORCH_DIR)]
+    theirs = [f for f in frames if not f[0].startswith(_TORCH_DIR)]
     file, line, code = (theirs or frames)[-1]
     return f"{file}:{line}: {code.strip()}"
 

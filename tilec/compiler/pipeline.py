@@ -28,16 +28,20 @@ import torch
 from tilec.codegen.aot import PendingKernel
 from tilec.gcpause import without_cyclic_gc
 from tilec.codegen.render import Rendered, render
+from tilec.codegen.sass import disassemble
 from tilec.compiler import frontend
+from tilec.compiler.config import workers_problem
 from tilec.errors import ConfigError
 from tilec.ir.graph import contiguous_strides
 from tilec.ir.schedule import Schedule
 from tilec.ir.serial import to_plain
+from tilec.ir.stream import RING_CHUNK_ELEMS
 from tilec.ir.target import TARGETS, Role, Target
+from tilec.limits import short_repr
 from tilec.passes.deps import deps
 from tilec.passes.fuse import fuse
 from tilec.passes.memplan import memplan, unplaced
-from tilec.passes.partition import device_target, partition, time_devices
+from tilec.passes.partition import MAX_DEVICES, device_target, partition, time_devices
 from tilec.passes.roles import resolve_device_roles, resolve_roles, roles
 from tilec.passes.schedule import schedule
 from tilec.passes.sync import sync
@@ -47,6 +51,7 @@ from tilec.passes.verify_devices import verify_parts
 from tilec.runtime.engine import (AOTKernel, DeviceEngines, Engine, GenerationSpec, IOSpec,
                                   Manifest, PendingSave, TORCH_DTYPES, aot_text,
                                   encode_tables, save)
+from tilec.runtime.sizes import resident_problem
 from tilec.version import __version__
 
 MAX_WAITS = 8
@@ -67,15 +72,17 @@ def target_options(name: str, workers: int | None = None, policy: str = "critica
                    kv_chunk: int | None = None, devices: int = 1) -> CompileOptions:
     """`roles` as model.yaml gives them: checked here, once the worker count is final.
     With `devices` > 1 they own devices (Role.devices), not workers."""
-    if name not in TARGETS:
-        raise ConfigError(f"unknown target {name!r} (choose from {', '.join(TARGETS)})")
+    if not isinstance(name, str) or name not in TARGETS:
+        raise ConfigError(f"unknown target {short_repr(name)} (choose from {', '.join(TARGETS)})")
     target = TARGETS[name]
     if workers is not None:
-        if workers < 1:
-            raise ConfigError(f"workers must be at least 1, got {workers}")
+        if workers_problem(workers, name):
+            raise ConfigError(f"workers: expected {workers_problem(workers, name)}, found "
+                              f"{short_repr(workers)}")
         target = replace(target, workers=workers)
-    if devices < 1:
-        raise ConfigError(f"devices must be at least 1, got {devices}")
+    if not isinstance(devices, int) or not 1 <= devices <= MAX_DEVICES:
+        raise ConfigError(f"devices: expected an integer from 1 to {MAX_DEVICES}, found "
+                          f"{short_repr(devices)}")
     target = replace(target, devices=devices)
     for r in roles:
         if (devices > 1 and r.workers) or (devices == 1 and r.devices):
@@ -101,10 +108,12 @@ def default_tiles(target: Target) -> TileOptions:
         # registers are numpy arrays, so tiles need no size bound.
         return TileOptions(tile_m=32, tile_n=128, tile_k=128, row_chunk=4096,
                            max_tile_elems=1 << 22)
-    # GPU: the tile pass picks each matmul's width between these (balance_widths). 128
-    # columns keep a matvec tile's K chunk at 64 (8192 elements), 128 contiguous bytes
-    # of each [N, K] weight row per load; 8 columns are one 16-byte vector of a bf16 row.
-    return TileOptions(tile_m=16, tile_n=128, tile_k=512, row_chunk=1024, min_tile_n=8)
+    # GPU: the tile pass picks each matmul's width between these (balance_widths). A
+    # matvec tile's K chunk is then as long as a chunk of RING_CHUNK_ELEMS allows (16 KB
+    # of bf16, one stage of the weight ring): 64 for 128 columns (128 contiguous bytes
+    # of each [N, K] weight row), 1024 for 8 columns (one 16-byte vector of a row).
+    return TileOptions(tile_m=16, tile_n=128, tile_k=2048, row_chunk=1024, min_tile_n=8,
+                       max_tile_elems=RING_CHUNK_ELEMS)
 
 
 @dataclass
@@ -140,7 +149,8 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
                    weights_ready: Callable[[], None] | None = None,
                    release_constants: bool = False,
                    output: str | None = None,
-                   tokenizer: str | None = None) -> Engine | DeviceEngines:
+                   tokenizer: str | None = None,
+                   chat: str | None = None) -> Engine | DeviceEngines:
     """`weights_ready`, if given, blocks until the module's weights are written: the
     stages before `pack` read only shapes, so a family model's random weights are drawn
     meanwhile (config.PendingWeights); the wait is timed as the stage `weights`.
@@ -207,7 +217,7 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
         for e in engines:
             if generation is not None:
                 e.manifest = replace(e.manifest, generation=generation)
-            e.tokenizer = tokenizer
+            e.tokenizer, e.chat = tokenizer, chat
         if gpu_kernel.arch is not None:
             # a save encodes the manifest before anything else: do it while the GPU
             # compile runs on, then write the weights meanwhile too
@@ -215,6 +225,9 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
             pending = progress.run("save", PendingSave, engines[0], output) if output else None
             try:
                 engines[0].aot = progress.run("aot", gpu_kernel.result)
+                problem = resident_problem(target, target.workers, engines[0].aot)
+                if problem:   # the registers and shared memory are known only now
+                    raise ConfigError(f"workers: {problem}; use fewer workers")
             except BaseException:
                 if pending is not None:
                     pending.cancel()
@@ -223,6 +236,11 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
                 progress.run("seal", pending.finish, engines[0].aot)
                 output = None
             dump.text("08_aot.json", aot_text(engines[0].aot))
+            if dump.on:   # the compiled code, to read what the kernel really does
+                dump.text("08_kernel.ptx", gpu_kernel.ptx)
+                listing = disassemble(engines[0].aot.cubin, hex_bits=False)
+                if listing is not None:   # nvdisasm comes with Triton's CUDA backend
+                    dump.text("08_kernel.sass", listing)
     result = DeviceEngines(tuple(engines)) if multi else engines[0]
     if output is not None:
         progress.run("save", save, result, output)
@@ -246,6 +264,7 @@ class SpeculativeAOT:
     def __init__(self, arch: int | None, workers: int, name: str):
         self.arch, self.workers, self.name = arch, workers, name
         self.pending: PendingKernel | None = None
+        self.ptx = ""   # the PTX of the binary `result` returned
 
     def __enter__(self) -> SpeculativeAOT:
         return self
@@ -278,9 +297,12 @@ class SpeculativeAOT:
         self.pending = PendingKernel(source, pools, self.arch)
 
     def result(self) -> AOTKernel:
-        """The binary of the last source `start`ed (waits for its compile)."""
+        """The binary of the last source `start`ed (waits for its compile); its PTX is
+        then `self.ptx`."""
         pending, self.pending = self.pending, None
-        return pending.result()
+        binary = pending.result()
+        self.ptx = pending.ptx
+        return binary
 
 
 def _tile(fused, options: CompileOptions, gpu_kernel: SpeculativeAOT):

@@ -11,6 +11,10 @@ from tilec.ir.tasks import TRANSFER
 
 # Without `roles`, every worker belongs to one role of this name and runs any task.
 DEFAULT_ROLE = "compute"
+# Target.max_workers: the CTAs of 128 threads (the kernel's 4 warps) an SM holds at most
+# (2048 threads per SM on sm_80 and sm_90); registers and shared memory may allow fewer.
+CTAS_PER_SM = 16
+CPU_MAX_WORKERS = 64
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,16 @@ class Target:
     dtype: str                 # default engine dtype on this target
     sources: str
     # What one worker's task body actually streams, GB/s, when measured (0: unknown,
-    # assume the worker's share of mem_gbps). Lower bounds never use it.
+    # assume the worker's share of the bandwidth). Lower bounds never use it.
     worker_stream_gbps: float = 0.0
+    # Measured device-to-device copy bandwidth, GB/s (read + write; 0: not measured, use
+    # mem_gbps): what HBM really delivers, the floor a decode step is held against.
+    copy_gbps: float = 0.0
+    # Latencies (us) of the latency-aware cost model (passes/cost.py; 0: the target uses
+    # the flat per-task overhead instead): a load from HBM under load, and one round trip
+    # to L2 (a record or args load, an acquire poll, a release add).
+    mem_latency_us: float = 0.0
+    l2_latency_us: float = 0.0
     # Heterogeneous workers; () means one role, DEFAULT_ROLE, with every worker.
     roles: tuple[Role, ...] = ()
     # Multi-device engines (passes/partition.py): the number of devices, each running its
@@ -67,6 +79,20 @@ class Target:
     device_roles: tuple[Role, ...] = ()
     link_gbps: float = 0.0
     link_latency_us: float = 0.0
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers a schedule for this target may have (model.yaml, the API, the
+        CLI and a loaded engine are held to it). GPU: every worker must be resident at
+        once (a persistent kernel), so at most CTAS_PER_SM per SM. cpu: the interpreter
+        runs workers one after another in one process, so more never run faster, and
+        CPU_MAX_WORKERS keeps the per-worker tables (inspect, the cost model) small."""
+        return self.sms * CTAS_PER_SM if self.backend == "cuda" else CPU_MAX_WORKERS
+
+    @property
+    def bandwidth_gbps(self) -> float:
+        """The memory bandwidth a stream can reach: measured if known, else the datasheet's."""
+        return self.copy_gbps or self.mem_gbps
 
     def all_roles(self) -> tuple[Role, ...]:
         """The roles, or the one implicit role over every worker."""
@@ -101,13 +127,20 @@ TARGETS: dict[str, Target] = {
         dtype="bfloat16",
         sources="NVIDIA H200 SXM datasheet (4.8 TB/s HBM3e, 989 TFLOP/s dense bf16, "
                 "67 TFLOP/s fp32); 132 SMs and 228 KB shared memory per SM from the "
-                "Hopper tuning guide; task overhead is an estimate (one acquire, one "
-                "release and a CTA barrier), 2026-11-29; worker_stream_gbps measured "
-                "2026-11-30 on one H200 (docs/BENCHMARKS.md, run 3): 2.82 GB of task "
-                "traffic in 2.948 ms over 132 workers, less 1 us per task; links: NVLink 4, 900 GB/s "
+                "Hopper tuning guide; copy_gbps measured 2026-11-30 on one H200 "
+                "(docs/BENCHMARKS.md, runs 2-3: 4223-4245 GB/s device-to-device, read + "
+                "write); latencies are estimates, to be calibrated from a measured "
+                "profile: an L2 hit about 260 cycles near, more far, and HBM about 480 "
+                "cycles unloaded in microbenchmarks of Hopper (Luo et al., 'Benchmarking "
+                "and Dissecting the Nvidia Hopper GPU Architecture', 2024), i.e. 0.15-0.3 "
+                "and 0.25 us at 1.98 GHz, HBM rising to 0.6-0.8 us at full bandwidth "
+                "(issue 20's Little's-law figures): 0.3 and 0.7 us here; task_overhead_us "
+                "(1 us, an estimate) only prices what the latency model does not; the "
+                "7.6 GB/s per worker measured on the kernel before its weight ring "
+                "(run 3) no longer applies and is not used; links: NVLink 4, 900 GB/s "
                 "per GPU both ways (datasheet), so 450 GB/s one way; 3 us per transfer is "
                 "an estimate (a signal and a flag poll across the fabric)",
-        worker_stream_gbps=7.6,
+        copy_gbps=4200.0, mem_latency_us=0.7, l2_latency_us=0.3,
         link_gbps=450.0, link_latency_us=3.0,
     ),
     "h100": Target(
@@ -115,8 +148,9 @@ TARGETS: dict[str, Target] = {
         fp32_tflops=67.0, bf16_tflops=989.0, task_overhead_us=1.0, smem_kb=228, arch=90,
         dtype="bfloat16",
         sources="NVIDIA H100 SXM5 datasheet (3.35 TB/s HBM3, 989 TFLOP/s dense bf16, "
-                "67 TFLOP/s fp32); 132 SMs; task overhead estimated as for h200, 2026-11-29; "
-                "links as for h200",
+                "67 TFLOP/s fp32); 132 SMs; copy bandwidth not measured (the datasheet "
+                "figure stands in); latencies estimated as for h200; links as for h200",
+        mem_latency_us=0.7, l2_latency_us=0.3,
         link_gbps=450.0, link_latency_us=3.0,
     ),
     "cpu": Target(

@@ -13,6 +13,7 @@ import torch
 
 from tilec.errors import ConfigError
 from tilec.models.llama import LlamaConfig, LlamaDecodeStep
+from tilec.runtime.chat import SPECIAL_TOKEN_NAMES, ChatTemplate
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 
@@ -35,7 +36,7 @@ METADATA = {
     "torch_dtype": "the stored weights' dtype: the engine computes in model.yaml's dtype",
     "dtype": "the stored weights' dtype: the engine computes in model.yaml's dtype",
     "bos_token_id": "a token id, for tokenizers",
-    "pad_token_id": "a token id, for batching (tilec decodes one sequence)",
+    "pad_token_id": "a token id for padding, not part of what the model computes",
     "eos_token_id": "a token id: tilec run stops at it (eos_token_ids)",
     "tokenizer_class": "names the tokenizer, not part of the model",
     "initializer_range": "the scale of a training run's random weights: these come from "
@@ -197,6 +198,50 @@ def _check_redundant(model: LlamaDecodeStep, key: str, tensor: torch.Tensor, pat
 def tokenizer_json(folder: str | os.PathLike) -> str | None:
     path = Path(folder) / "tokenizer.json"
     return path.read_text() if path.exists() else None
+
+
+def chat_template(folder: str | os.PathLike) -> ChatTemplate | None:
+    """The checkpoint's chat template as transformers loads it (chat_template.jinja,
+    else tokenizer_config.json's `chat_template`: a string, or a list of named templates
+    of which "default" is used), with the special tokens it may name from
+    tokenizer_config.json (else special_tokens_map.json); None without one."""
+    folder = Path(folder)
+    config = _json_object(folder / "tokenizer_config.json")
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    else:
+        template = config.get("chat_template")
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if template is None:
+            return None
+        if not isinstance(template, str):
+            raise ConfigError(f"{folder / 'tokenizer_config.json'}: chat_template: expected a "
+                              f"string or a list of {{name, template}} with a default")
+    tokens = {}
+    for source in (config, _json_object(folder / "special_tokens_map.json")):
+        for name in SPECIAL_TOKEN_NAMES:
+            value = source.get(name)
+            if isinstance(value, dict):   # an AddedToken: {"content": ..., ...}
+                value = value.get("content")
+            if isinstance(value, str) and name not in tokens:
+                tokens[name] = value
+    return ChatTemplate(template, tokens)
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON object file of the checkpoint; {} if absent."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
 
 
 def eos_token_ids(folder: str | os.PathLike) -> tuple[int, ...]:

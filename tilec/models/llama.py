@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from tilec.errors import ConfigError
+from tilec.limits import short_repr
 from tilec.models.rope import check_rope_scaling, rope_parameters
 
 
@@ -63,9 +64,11 @@ class LlamaConfig:
         # rope_scaling over rope_parameters, and the dict's rope_theta over the top level's.
         params = data.pop("rope_parameters", None)
         scaling = data.get("rope_scaling") or params
+        rope_key = "rope_scaling" if data.get("rope_scaling") else "rope_parameters"
         if scaling is not None:
             if not isinstance(scaling, dict):
-                raise ConfigError(f"{where}: rope_parameters: expected a mapping, found {scaling!r}")
+                raise ConfigError(f"{where}: {rope_key}: expected a mapping, found "
+                                  f"{short_repr(scaling)}")
             scaling = dict(scaling)
             if "rope_theta" in scaling:
                 data["rope_theta"] = scaling.pop("rope_theta")
@@ -74,10 +77,11 @@ class LlamaConfig:
             data["rope_scaling"] = None if plain else scaling
         args = {k: v for k, v in data.items() if k in known}
         cfg = LlamaConfig(**args, extra={k: v for k, v in data.items() if k not in known})
-        cfg.validate(where)
+        cfg.validate(where, rope_key)
         return cfg
 
-    def validate(self, where: str) -> None:
+    def validate(self, where: str, rope_key: str = "rope_scaling") -> None:
+        """`rope_key`: the key rope_scaling was read from, named in its errors."""
         def need(ok: bool, key: str, what: str):
             if not ok:
                 raise ConfigError(f"{where}: {key}: {what}")
@@ -107,7 +111,7 @@ class LlamaConfig:
              f"{self.hidden_act!r} is not supported by tilec's Llama "
              f"(supported: {', '.join(ACTIVATIONS)})")
         if self.rope_scaling is not None:
-            check_rope_scaling(self.rope_scaling, where)
+            check_rope_scaling(self.rope_scaling, where, rope_key, self.dim_head // 2)
 
     @property
     def rope_type(self) -> str:

@@ -12,6 +12,7 @@ import math
 import torch
 
 from tilec.errors import ConfigError
+from tilec.limits import short_repr
 
 # rope type -> (required, optional) keys of rope_scaling besides rope_type/type, rope_theta
 # and partial_rotary_factor, as transformers validates them
@@ -28,32 +29,70 @@ ROPE_KEYS = {
 }
 
 
-def check_rope_scaling(scaling: dict, where: str) -> None:
+# what each key's value must be: a positive number unless listed here
+ZERO_OR_MORE = ("mscale", "mscale_all_dim")
+COUNTS = ("original_max_position_embeddings",)
+LISTS = ("long_factor", "short_factor")
+
+
+def check_rope_scaling(scaling: dict, where: str, name: str = "rope_scaling",
+                       half_dim: int | None = None) -> None:
+    """A ConfigError naming `where`: `name`.KEY unless `scaling` is a rope scaling
+    tilec implements: a type of ROPE_KEYS with the keys transformers requires for it,
+    no others, each value of its kind (`half_dim`: the number of frequencies, which
+    longrope's factor lists must match)."""
     if not isinstance(scaling, dict):
-        raise ConfigError(f"{where}: rope_scaling: expected a mapping, found {scaling!r}")
+        raise ConfigError(f"{where}: {name}: expected a mapping, found {short_repr(scaling)}")
     kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind not in ROPE_KEYS:
-        raise ConfigError(f"{where}: rope_scaling: rope_type {kind!r} is not supported by "
+    if not isinstance(kind, str) or kind not in ROPE_KEYS:
+        raise ConfigError(f"{where}: {name}: rope_type {short_repr(kind)} is not supported by "
                           f"tilec's Llama (supported: {', '.join(ROPE_KEYS)})")
     required, optional = ROPE_KEYS[kind]
-    for key in required:
-        if key not in scaling:
-            raise ConfigError(f"{where}: rope_scaling: rope_type {kind!r} needs {key!r}")
     allowed = set(required) | set(optional) | {"rope_type", "type", "rope_theta",
                                                "partial_rotary_factor"}
-    for key in scaling:
+    for key, value in scaling.items():
         if key not in allowed:
-            raise ConfigError(f"{where}: rope_scaling: {key!r} is not supported with rope_type "
-                              f"{kind!r} (supported: {', '.join(sorted(allowed))})")
+            raise ConfigError(f"{where}: {name}: {short_repr(key)} is not supported with "
+                              f"rope_type {kind!r} (supported: {', '.join(sorted(allowed))})")
+        if key in ("rope_type", "type"):
+            continue
+        problem = _value_problem(key, value, half_dim)
+        if problem:
+            raise ConfigError(f"{where}: {name}.{key}: expected {problem}, found "
+                              f"{short_repr(value)}")
+    for key in required:
+        if key not in scaling:
+            raise ConfigError(f"{where}: {name}.{key}: required for rope_type {kind}")
     partial = scaling.get("partial_rotary_factor", 1.0)
     if partial != 1.0:
-        raise ConfigError(f"{where}: rope_scaling: partial_rotary_factor {partial!r} is not "
+        raise ConfigError(f"{where}: {name}: partial_rotary_factor {partial!r} is not "
                           f"supported by tilec's Llama (supported: 1.0)")
-    if kind == "longrope":
-        for key in ("long_factor", "short_factor"):
-            if not isinstance(scaling[key], list):
-                raise ConfigError(f"{where}: rope_scaling: {key}: expected a list of numbers, "
-                                  f"found {scaling[key]!r}")
+    if kind == "llama3" and scaling["low_freq_factor"] == scaling["high_freq_factor"]:
+        raise ConfigError(f"{where}: {name}: low_freq_factor and high_freq_factor must differ "
+                          f"(the smoothing divides by their difference)")
+
+
+def _value_problem(key: str, value, half_dim: int | None) -> str | None:
+    """What the value of rope scaling key `key` must be, if `value` is not that."""
+    if key == "truncate":
+        return None if isinstance(value, bool) else "true or false"
+    if key in LISTS:
+        if not (isinstance(value, list) and all(_number(v) and v > 0 for v in value)):
+            return "a list of positive numbers"
+        if half_dim is not None and len(value) != half_dim:
+            return f"{half_dim} numbers (one per frequency: head_dim / 2)"
+        return None
+    if key in COUNTS:
+        return None if _number(value) and int(value) == value and value >= 1 \
+            else "a positive integer"
+    if key in ZERO_OR_MORE:
+        return None if _number(value) and value >= 0 else "a number >= 0"
+    return None if _number(value) and value > 0 else "a positive number"
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
 
 
 def rope_parameters(cfg) -> tuple[torch.Tensor, float]:

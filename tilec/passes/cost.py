@@ -1,36 +1,152 @@
 """cost: predicted task times and DAG path lengths, used by the scheduler.
 
-A task costs a fixed overhead (dispatch, wait, signal) plus whichever of its memory
-traffic or its arithmetic takes longer on one worker's share of the machine (all
-workers run at once, so each gets 1/workers of the bandwidth and of the flop rate),
-or, where the target carries a measured per-worker streaming rate, at that rate.
+All workers run at once, so each gets 1/workers of the memory bandwidth and of the
+flop rate. A task costs the longer of its memory traffic and its arithmetic on that
+share, plus what it waits for:
+
+* GPU targets (`Target.mem_latency_us` > 0) price latency: a task pays its dependent
+  round trips to L2 (the protocol's record, args, waits and signal, and one per pass of
+  a prologue reduction), then streams. A stream keeps `in_flight` bytes requested at
+  once (a matvec tile's weight ring, ir/stream.py; else a loop of plain loads), so by
+  Little's law it moves at most in_flight / latency: its rate is the lower of that and
+  the worker's share of the measured bandwidth, after the first bytes' latency. Only
+  weights and state count against the bandwidth: activations stay in L2.
+* Other targets (the interpreter) charge a flat overhead per task instead.
+
+Where the target carries a measured per-worker streaming rate, no stream is faster.
 """
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
+from tilec.ir.graph import DTYPE_BYTES, FusedGraph, Group
+from tilec.ir.record import prefetch_bytes
+from tilec.ir.stream import (PLAIN_IN_FLIGHT, PROLOGUE_CHUNK, PROTOCOL_ROUND_TRIPS, is_matvec,
+                             ring_bytes)
 from tilec.ir.target import Target
-from tilec.ir.tasks import TRANSFER, Dep, Task, TaskGraph
+from tilec.ir.tasks import TRANSFER, Buffer, Dep, GroupTiling, Task, TaskGraph
 
 LOW_PRECISION = ("bfloat16", "float16")
+REDUCTION_KINDS = ("reduce", "argmax", "topk")
 
 
-def task_time_us(task: Task, target: Target, dtype: str = "float32") -> float:
+@dataclass(frozen=True)
+class Stream:
+    """How a task moves its bytes, for the latency-aware model: `in_flight` bytes
+    requested at once, after `round_trips` dependent round trips to L2; `hbm_bytes` of
+    them come from HBM (weights and state: read once per step), the rest are
+    activations, a few KB that many tasks read, which stay in L2 (-1: all from HBM)."""
+
+    in_flight: int = PLAIN_IN_FLIGHT
+    round_trips: int = PROTOCOL_ROUND_TRIPS
+    hbm_bytes: int = -1
+    prefetch: int = 0      # weight bytes asked into L2 before the waits (ir/record.py)
+
+
+def task_time_us(task: Task, target: Target, dtype: str = "float32",
+                 stream: Stream = Stream()) -> float:
     if task.group == TRANSFER:   # a message between devices: the link's latency and rate
         rate = target.link_gbps * 1e3 if target.link_gbps > 0 else float("inf")
         return target.link_latency_us + task.bytes / rate
     workers = max(1, target.workers)
-    bytes_per_us = target.mem_gbps * 1e3 / workers           # GB/s = 1e3 bytes/us
+    bytes_per_us = target.bandwidth_gbps * 1e3 / workers      # GB/s = 1e3 bytes/us
     if target.worker_stream_gbps:  # calibrated: what a task body was measured to stream
         bytes_per_us = min(bytes_per_us, target.worker_stream_gbps * 1e3)
     tflops = target.bf16_tflops if dtype in LOW_PRECISION else target.fp32_tflops
     flops_per_us = tflops * 1e6 / workers                      # TFLOP/s = 1e6 flop/us
-    memory = task.bytes / bytes_per_us if bytes_per_us > 0 else 0.0
     compute = task.flops / flops_per_us if flops_per_us > 0 else 0.0
-    return target.task_overhead_us + max(memory, compute)
+    if target.mem_latency_us <= 0:
+        memory = task.bytes / bytes_per_us if bytes_per_us > 0 else 0.0
+        return target.task_overhead_us + max(memory, compute)
+    rate = min(bytes_per_us, stream.in_flight / target.mem_latency_us)
+    hbm = task.bytes if stream.hbm_bytes < 0 else stream.hbm_bytes
+    memory = target.mem_latency_us + hbm / rate
+    return stream.round_trips * target.l2_latency_us + max(memory, compute)
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    """What a task's weight prefetch can take off its time (`prefetch_saving_us`).
+    The kernel asks L2 for a task's first weights PREFETCH_DEPTH tasks ahead, so its
+    round trips and first bytes' latency overlap the task before it on the worker
+    (`latency`; a queue's first task: only its wait), and its prefetched bytes stream
+    whenever the worker's share of HBM has slack, in waits and in tasks that move fewer
+    bytes than their time allows; after the wait they come from L2, faster (`stream`:
+    their time from HBM less from L2, by Little's law on L2's latency). `busy`: how
+    long the task itself keeps its HBM share busy (its bytes over the share)."""
+
+    latency: float = 0.0
+    stream: float = 0.0
+    busy: float = 0.0
+
+
+def prefetch_saving_us(task: Task, target: Target, stream: Stream) -> Prefetch:
+    """The task's Prefetch; no saving without a prefetch or latencies."""
+    if target.mem_latency_us <= 0 or task.group == TRANSFER:
+        return Prefetch()
+    share = target.bandwidth_gbps * 1e3 / max(1, target.workers)
+    if target.worker_stream_gbps:
+        share = min(share, target.worker_stream_gbps * 1e3)
+    busy = (task.bytes if stream.hbm_bytes < 0 else stream.hbm_bytes) / share
+    if stream.prefetch <= 0:
+        return Prefetch(busy=busy)
+    rate = min(share, stream.in_flight / target.mem_latency_us)
+    from_l2 = stream.prefetch * target.l2_latency_us / stream.in_flight
+    latency = stream.round_trips * target.l2_latency_us + target.mem_latency_us
+    return Prefetch(latency, max(0.0, stream.prefetch / rate - from_l2), busy)
+
+
+class Streams:
+    """The Stream of each task of a task graph (`of(task)`), from its group's tiling: a
+    matvec tile's ring holds (stages - 1) chunks of its weights, or all of them when
+    the task reads fewer; a prologue reduction reads its row in passes of
+    PROLOGUE_CHUNK, each a round trip; a row group pays one per chunk of each pass."""
+
+    def __init__(self, fused: FusedGraph, tilings: Sequence[GroupTiling],
+                 buffers: Sequence[Buffer]):
+        self.ops = fused.graph.by_name()
+        self.buffers = {b.name: b for b in buffers}
+        self.weights = {b.name for b in buffers if b.kind == "weight"}
+        self.hbm = {b.name for b in buffers if b.kind in ("weight", "state")}
+        self.groups = {g.name: (g, tl) for g, tl in zip(fused.groups, tilings)}
+        self._known: dict[tuple[str, GroupTiling], tuple[int, int]] = {}
+
+    def of(self, task: Task, tiling: GroupTiling | None = None) -> Stream:
+        """`tiling`: price the task as cut by this tiling of its group instead."""
+        if task.group not in self.groups:   # a transfer
+            return Stream()
+        g, tl = self.groups[task.group]
+        tl = tiling or tl
+        if (g.name, tl) not in self._known:
+            self._known[(g.name, tl)] = _group_stream(g, tl, self.ops)
+        ring, round_trips = self._known[(g.name, tl)]
+        hbm = sum(n for name, n in task.moved if name in self.hbm) if task.moved else -1
+        prefetch = prefetch_bytes(task, self.buffers)
+        if not ring:
+            return Stream(PLAIN_IN_FLIGHT, round_trips, hbm, prefetch)
+        weight_bytes = sum(n for name, n in task.moved if name in self.weights)
+        return Stream(max(PLAIN_IN_FLIGHT, min(ring, weight_bytes)), round_trips, hbm, prefetch)
+
+
+def _group_stream(g: Group, tl: GroupTiling, ops) -> tuple[int, int]:
+    """(ring bytes or 0, round trips) of the tasks of group `g` cut by `tl`."""
+    if g.kind == "matmul":
+        a, b = ops[g.anchor].inputs
+        k = a.shape[-1]
+        chunk = min(1 << max(0, (k - 1).bit_length()), PROLOGUE_CHUNK) if is_matvec(tl) else tl.block_k
+        passes = sum(ops[m].kind in REDUCTION_KINDS for m in g.prologue) * math.ceil(k / chunk)
+        ring = ring_bytes(tl, k, DTYPE_BYTES[ops[b.value].type.dtype])
+        return ring, PROTOCOL_ROUND_TRIPS + passes
+    if g.kind == "row":   # each reduction, then the final loop, walks its chunks
+        reductions = sum(ops[m].kind in REDUCTION_KINDS for m in g.members)
+        chunks = math.ceil(tl.block_n / max(1, tl.block_k))
+        return 0, PROTOCOL_ROUND_TRIPS + (reductions + 1) * chunks
+    return 0, PROTOCOL_ROUND_TRIPS + 2   # attention: the scores, then the values
 
 
 def list_makespan(jobs: list[tuple[float, int]], workers: int) -> float:
@@ -56,8 +172,20 @@ def task_dtype(task: Task, dtypes: dict[str, str]) -> str:
 
 def task_times(taskgraph: TaskGraph, target: Target) -> list[float]:
     """Predicted time of every task, indexed by task id."""
+    return task_costs(taskgraph, target)[0]
+
+
+def task_costs(taskgraph: TaskGraph, target: Target) -> tuple[list[float], list[Prefetch]]:
+    """(time, prefetch saving) of every task, indexed by task id: `task_time_us` and
+    `prefetch_saving_us`."""
     dtypes = {b.name: b.type.dtype for b in taskgraph.buffers}
-    return [task_time_us(t, target, task_dtype(t, dtypes)) for t in taskgraph.tasks]
+    streams = Streams(taskgraph.fused, taskgraph.tilings, taskgraph.buffers)
+    times, savings = [], []
+    for t in taskgraph.tasks:
+        stream = streams.of(t)
+        times.append(task_time_us(t, target, task_dtype(t, dtypes), stream))
+        savings.append(prefetch_saving_us(t, target, stream))
+    return times, savings
 
 
 def edges(taskgraph: TaskGraph) -> tuple[np.ndarray, np.ndarray]:
@@ -167,12 +295,13 @@ def bottom_levels(taskgraph: TaskGraph, target: Target,
 
 
 def critical_path(taskgraph: TaskGraph, target: Target) -> tuple[float, list[int]]:
-    """(length in us, task ids along it) of the longest path through the deps DAG.
-    Ties go to the lowest id, so the answer is deterministic."""
+    """(length in us, task ids along it) of the longest path through the deps DAG, each
+    task at its shortest (its weight prefetch hidden behind its wait: a lower bound on
+    any schedule). Ties go to the lowest id, so the answer is deterministic."""
     if not taskgraph.tasks:
         return 0.0, []
-    level = bottom_levels(taskgraph, target)
-    times = task_times(taskgraph, target)
+    times = [t - p.latency - p.stream for t, p in zip(*task_costs(taskgraph, target))]
+    level = bottom_levels(taskgraph, target, times=times)
     succ = successors(taskgraph)
     # A sink path starts at a task with the largest bottom level (a source, necessarily).
     t = min(range(len(level)), key=lambda i: (-level[i], i))

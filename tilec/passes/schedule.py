@@ -4,8 +4,8 @@ List scheduling onto the target's workers: each task, in priority order among th
 ready ones, goes where it can start first (`schedule` tries two priority rules and
 keeps the shorter schedule). The scheduler trusts `taskgraph.deps`
 (the deps pass runs first); `verify` later re-derives conflicts from the regions.
-A dependency between tasks on different workers costs a sync latency (half a task
-overhead: one release/acquire round trip), one on the same worker costs nothing,
+A dependency between tasks on different workers costs a sync latency (one
+release/acquire round trip: `sync_latency_us`), one on the same worker costs nothing,
 which pulls chains onto one worker.
 
 With roles (the roles pass gives every task one), a task is placed only on the workers
@@ -21,15 +21,22 @@ import heapq
 import numpy as np
 
 from tilec.errors import ScheduleError
+from tilec.ir.record import PREFETCH_DEPTH
 from tilec.ir.schedule import Schedule
 from tilec.ir.target import Target
 from tilec.ir.tasks import TaskGraph
-from tilec.passes.cost import adjacency, bottom_levels, edges, sorted_unique, task_times
+from tilec.passes.cost import (Prefetch, adjacency, bottom_levels, edges, sorted_unique,
+                               task_costs)
 
 POLICIES = ("critical_path", "round_robin")
 
 
 def sync_latency_us(target: Target) -> float:
+    """From a producer's signal to a consumer on another worker seeing it: one L2 round
+    trip on a target with latencies (the release lands, the next poll reads it), else
+    half the flat task overhead."""
+    if target.l2_latency_us > 0:
+        return target.l2_latency_us
     return 0.5 * target.task_overhead_us
 
 
@@ -49,9 +56,10 @@ def schedule(taskgraph: TaskGraph, target: Target, policy: str = "critical_path"
     workers = max(1, target.workers)
     role_workers, role = _roles(taskgraph, target, workers)
     preds = adjacency(n, after, before)
+    costs = task_costs(taskgraph, target)
     if policy == "round_robin":
         return _place(taskgraph, target, workers, list(range(n)), _round_robin,
-                      role_workers, role, preds, task_times(taskgraph, target))
+                      role_workers, role, preds, costs)
     # Two priority rules, the schedule that finishes first kept (ties: the first rule).
     # The longest path from a task to the end, the task included (bottom level), is the
     # classic rule; the same without the task's own time (its latest finish, reversed)
@@ -59,11 +67,11 @@ def schedule(taskgraph: TaskGraph, target: Target, policy: str = "critical_path"
     # v projections (8 us tiles) lead through RoPE and the cache append to attention,
     # the q projection (12 us tiles) leads there directly: with 256 tiles on 132 workers
     # one of them runs in a second wave, and that should be q, whose chain is shorter.
-    times = task_times(taskgraph, target)
+    times = costs[0]
     level = np.array(bottom_levels(taskgraph, target, (before, after), times))
     rules = (level, level - np.array(times))
     schedules = [_place(taskgraph, target, workers, _priority_sequence(rule, before, after),
-                        _earliest_start, role_workers, role, preds, times) for rule in rules]
+                        _earliest_start, role_workers, role, preds, costs) for rule in rules]
     return min(schedules, key=lambda s: max(s.finish_us, default=0.0))
 
 
@@ -151,16 +159,58 @@ def _round_robin(preds, worker_of, finish, free, latency, allowed, rank):
     return w, max(float(free[w]), ready)
 
 
+def _prefetched(p: Prefetch, wait: float, follows: bool,
+                credit: float) -> tuple[float, float, float]:
+    """(what a task's weight prefetch, cost.Prefetch, takes off its time; how much of
+    `credit` it used; how much of the wait it left). `wait`: how long the worker waits
+    for the task's inputs; `follows`: another task ran before it on the worker (the
+    latency hides behind that one, else behind the wait); `credit`: HBM slack since the
+    prefetch was asked for. The prefetch streams in the credit first, then in the wait."""
+    hidden = p.latency if follows else min(wait, p.latency)
+    window = max(0.0, wait - (0.0 if follows else hidden))
+    from_credit = min(credit, p.stream)
+    from_window = min(window, p.stream - from_credit)
+    return hidden + from_credit + from_window, from_credit, window - from_window
+
+
+class _Slack:
+    """One worker's HBM slack not yet used by a prefetch, as (us, index of the last
+    task of the queue that may use it): slack during the worker's k-th task (its wait
+    or its run) can stream the weights of tasks up to k + PREFETCH_DEPTH, whose
+    prefetches have been asked for by then, no later ones."""
+
+    def __init__(self):
+        self.parts: list[list[float]] = []
+
+    def usable(self, k: int) -> float:
+        self.parts = [p for p in self.parts if p[1] >= k]
+        return sum(p[0] for p in self.parts)
+
+    def use(self, amount: float) -> None:
+        for p in self.parts:   # the oldest first
+            taken = min(p[0], amount)
+            p[0] -= taken
+            amount -= taken
+
+    def add(self, amount: float, k: int) -> None:
+        if amount > 0:
+            self.parts.append([amount, k + PREFETCH_DEPTH])
+
+
 def _place(taskgraph: TaskGraph, target: Target, workers: int, sequence: list[int],
            place, role_workers: list[tuple[int, ...]], role: list[int],
-           preds: tuple[np.ndarray, list[int]], times: list[float]) -> Schedule:
+           preds: tuple[np.ndarray, list[int]],
+           costs: tuple[list[float], list[Prefetch]]) -> Schedule:
     """Each task of `sequence` onto the worker `place` picks. `preds`: predecessor ids
-    grouped by task (cost.adjacency); `times`: cost.task_times."""
+    grouped by task (cost.adjacency); `costs`: cost.task_costs (a task ends sooner by
+    what its weight prefetch saves: `_prefetched`)."""
+    times, savings = costs
     n = len(taskgraph.tasks)
     pred_ids, bounds = preds
     latency = sync_latency_us(target)
     queues: list[list[int]] = [[] for _ in range(workers)]
     free = np.zeros(workers)
+    slack = [_Slack() for _ in range(workers)]   # HBM slack for the next prefetches
     worker_of = np.full(n, -1, dtype=np.int64)
     start = np.zeros(n)
     finish = np.zeros(n)
@@ -172,7 +222,14 @@ def _place(taskgraph: TaskGraph, target: Target, workers: int, sequence: list[in
                      allowed[r], placed_in_role[r])
         placed_in_role[r] += 1
         worker_of[t] = w
-        start[t], finish[t] = s, s + times[t]
+        k, p = len(queues[w]), savings[t]
+        saved, used, left = _prefetched(p, s - free[w], k > 0, slack[w].usable(k))
+        slack[w].use(used)
+        took = times[t] - saved
+        # the next prefetches stream in what the wait left, and in what this task's run
+        # leaves of the share (its time beyond its own bytes)
+        slack[w].add(left + max(0.0, took - p.busy), k)
+        start[t], finish[t] = s, s + took
         free[w] = finish[t]
         queues[w].append(t)
     if len(sequence) != n:

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from tilec.errors import ConfigError
 from tilec.ir.attention import attention_chunks, attention_parts, partial_names
 from tilec.ir.graph import DTYPE_BYTES, FusedGraph, Group, Op, Operand, TensorType
+from tilec.ir.stream import MIN_MATVEC_BK, TENSOR_CORE_ROWS
 from tilec.ir.target import Target
 from tilec.ir.tasks import Buffer, GroupTiling, Region, Task, TaskGraph
-from tilec.passes.cost import list_makespan, task_dtype, task_time_us
+from tilec.passes.cost import Streams, list_makespan, task_dtype, task_time_us
 from tilec.passes.geometry import Box, range_to_box, rows_box, view_region
 from tilec.passes.roles import role_of_group
 
@@ -111,9 +112,13 @@ def width_choices(group: Group, ops: dict[str, Op], opt: TileOptions) -> list[in
     """The column widths a matmul group without whole rows may be cut into, widest
     first: powers of two from `tile_n` down to `min_tile_n`, and never below 16 for a
     tensor-core tile (16 rows or more), which `tl.dot` needs."""
-    _, m, n, _ = matmul_dims(ops[group.anchor])
-    low = opt.min_tile_n if min(opt.tile_m, pow2(m)) < 16 else max(16, opt.min_tile_n)
-    widths = [min(opt.tile_n, pow2(n))]
+    _, m, n, k = matmul_dims(ops[group.anchor])
+    bm = min(opt.tile_m, pow2(m))
+    low = opt.min_tile_n if bm < 16 else max(16, opt.min_tile_n)
+    widest = min(opt.tile_n, pow2(n))
+    if bm < TENSOR_CORE_ROWS:   # a matvec chunk keeps its K span at least MIN_MATVEC_BK
+        widest = min(widest, max(low, opt.max_tile_elems // (bm * min(pow2(k), MIN_MATVEC_BK))))
+    widths = [widest]
     while widths[-1] // 2 >= low:
         widths.append(widths[-1] // 2)
     return widths
@@ -204,12 +209,13 @@ def tile_plan(fused: FusedGraph, opt: TileOptions = TileOptions(),
     if target is not None and opt.workers > 1:
         make_task = _task_maker(fused, buffers)
         dtypes = {b.name: b.type.dtype for b in buffers}
+        streams = Streams(fused, tilings, buffers)
 
         def time_of(g: Group, tl: GroupTiling) -> float:
             """Predicted time of the group's first tile (a full one, unless the whole
             group is narrower than a tile)."""
             task = make_task(0, g, tl, (0, 0, 0))
-            return task_time_us(task, target, task_dtype(task, dtypes))
+            return task_time_us(task, target, task_dtype(task, dtypes), streams.of(task, tl))
 
         tilings = balance_widths(fused, tilings, opt, target, time_of)
     return TilePlan(tuple(buffers), tuple(tilings))

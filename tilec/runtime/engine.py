@@ -28,17 +28,21 @@ import torch
 from tilec.codegen.aot import KERNEL_NAME
 from tilec.errors import EngineError
 from tilec.gcpause import without_cyclic_gc
+from tilec.ir.graph import DTYPE_BYTES
+from tilec.ir.record import (FIXED_FIELDS, NO_PREFETCH, prefetch_offset, record_width,
+                             weight_pools, weight_prefetch)
 from tilec.ir.schedule import Schedule, Wait
 from tilec.ir.tasks import TRANSFER
 from tilec.ir.serial import from_plain, to_json
 from tilec.runtime.atomic_file import TempFile
+from tilec.runtime.chat import ChatTemplate
+from tilec.runtime.sizes import size_problem
 from tilec.version import __version__
 
 FORMAT = "tilec-engine"
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                 "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
-FIXED_FIELDS = 6
 TRANSFER_OPCODE = -1         # task records the host runs: transfers between devices
 DEVICES_KEY = "devices"      # metadata of a multi-device engine: the number of devices
 POOL_KINDS = ("weight", "state", "arena")
@@ -122,6 +126,7 @@ class Engine:
     tensors: dict[str, torch.Tensor]
     tokenizer: str | None = None    # tokenizer.json text, for decoder engines
     aot: AOTKernel | None = None    # GPU targets: the kernel compiled ahead of time
+    chat: str | None = None         # the checkpoint's chat template (runtime.chat JSON)
     # The kernel source is what this tilec renders from the manifest (set by `load`'s
     # check, or by the compiler that rendered it); only then, or when the user trusts
     # the file's code (`code_trusted`, --trust-engine-code), is it imported or compiled
@@ -142,7 +147,7 @@ class Engine:
 
     @property
     def record_width(self) -> int:
-        return FIXED_FIELDS + 2 * self.manifest.max_waits + 1
+        return record_width(self.manifest.max_waits)
 
     def schedule(self) -> Schedule:
         """The schedule as stored: queues, signals and waits decoded from the table."""
@@ -165,14 +170,20 @@ class DeviceEngines:
     def tokenizer(self) -> str | None:
         return self.ranks[0].tokenizer
 
+    @property
+    def chat(self) -> str | None:
+        return self.ranks[0].chat
+
 
 def encode_tables(schedule: Schedule, opcodes, max_waits: int) -> dict[str, torch.Tensor]:
     """One record per task, in queue order. A transfer's record (multi-device; the host
     runs it, never the kernel) has opcode and group TRANSFER_OPCODE and its sequence
     number as first tile coordinate."""
     groups = {g.name: i for i, g in enumerate(schedule.taskgraph.fused.groups)}
-    width = FIXED_FIELDS + 2 * max_waits + 1
+    width = record_width(max_waits)
     tasks = schedule.taskgraph.tasks
+    buffers = {b.name: b for b in schedule.buffers}
+    slots = {p.name: i for i, p in enumerate(weight_pools(schedule.pools))}
     rows, ids, starts = [], [], [0]
     for queue in schedule.queues:
         for tid in queue:
@@ -180,13 +191,15 @@ def encode_tables(schedule: Schedule, opcodes, max_waits: int) -> dict[str, torc
             waits = schedule.waits[tid]
             if t.group == TRANSFER:
                 rec = [TRANSFER_OPCODE, TRANSFER_OPCODE, *t.tile, len(waits)]
+                prefetch = NO_PREFETCH
             else:
                 g = groups[t.group]
                 rec = [opcodes[g], g, *t.tile, len(waits)]
+                prefetch = weight_prefetch(t, buffers, slots)
             for w in waits:
                 rec += [w.event, w.count]
             rec += [0, 0] * (max_waits - len(waits))
-            rec.append(schedule.signal[tid])
+            rec += [*prefetch, schedule.signal[tid]]
             rows.append(rec)
             ids.append(tid)
         starts.append(len(rows))
@@ -356,17 +369,22 @@ def _contents(engine: Engine | DeviceEngines) -> tuple[dict[str, str], dict[str,
                     tensors[k] = v.contiguous()   # the same pool on every device: once
                 else:
                     tensors[f"device{d}.{k}"] = v.contiguous()
-        if engine.ranks[0].tokenizer is not None:
-            meta["tokenizer"] = engine.ranks[0].tokenizer
+        _add_tokenizer(meta, engine.ranks[0])
         return meta, tensors
     meta["manifest"] = engine.manifest_text()
     meta["kernel"] = engine.kernel_source
-    if engine.tokenizer is not None:
-        meta["tokenizer"] = engine.tokenizer
+    _add_tokenizer(meta, engine)
     tensors = {k: v.contiguous() for k, v in engine.tensors.items()}
     if engine.aot is not None:
         _add_binary(meta, tensors, engine.aot)
     return meta, tensors
+
+
+def _add_tokenizer(meta: dict[str, str], engine: Engine) -> None:
+    if engine.tokenizer is not None:
+        meta["tokenizer"] = engine.tokenizer
+    if engine.chat is not None:
+        meta["chat"] = engine.chat
 
 
 def _add_binary(meta: dict[str, str], tensors: dict[str, torch.Tensor], aot: AOTKernel) -> None:
@@ -655,18 +673,32 @@ def load(path: str | os.PathLike, trust_engine_code: bool = False, *,
     manifest, tables, views, kernel. A multi-device engine gives DeviceEngines, each
     device's part checked alike."""
     path = Path(path)
+    if path.is_dir():
+        raise EngineError(f"{path}: a folder, not an engine file")
     if not path.is_file():
         raise EngineError(f"{path}: no such engine file")
-    meta, tensors = _read_container(path)
+    try:
+        meta, tensors = _read_container(path)
+    except OSError as e:
+        raise EngineError(f"{path}: cannot read the engine file ({e.strerror or e})") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise EngineError(f"{path}: engine format version {_clip(meta.get('format_version'))}; "
                           f"this tilec reads version {FORMAT_VERSION}")
     if meta.get("sha256") != _digest(meta, tensors):
         raise EngineError(f"{path}: checksum mismatch: the file is corrupted or was edited")
     tokenizer = meta.get("tokenizer")
+    chat = meta.get("chat")
+    if chat is not None:
+        try:
+            ChatTemplate.from_json(chat)
+        except EngineError as e:
+            raise EngineError(f"{path}: {e}") from None
     accept = "trust" if trust_engine_code else "read" if read_only else "checked"
     if DEVICES_KEY in meta:
-        return _load_devices(path, meta, tensors, tokenizer, accept)
+        devices = _load_devices(path, meta, tensors, tokenizer, accept)
+        for part in devices.ranks:
+            part.chat = chat
+        return devices
     manifest = _parse_manifest(path, meta.get("manifest"))
     kernel = meta.get("kernel", "")
     aot = None
@@ -675,7 +707,7 @@ def load(path: str | os.PathLike, trust_engine_code: bool = False, *,
             aot = read_aot(meta.get(AOT_KEY), tensors.pop(AOT_CUBIN, None))
         except (ValueError, RecursionError) as e:
             raise EngineError(f"{path}: bad GPU binary: {_short(e)}") from None
-    engine = Engine(manifest, kernel, tensors, tokenizer, aot)
+    engine = Engine(manifest, kernel, tensors, tokenizer, aot, chat)
     problem = _engine_problem(engine, accept)
     if problem:
         raise EngineError(f"{path}: {problem}")
@@ -687,7 +719,8 @@ def load(path: str | os.PathLike, trust_engine_code: bool = False, *,
 
 def _engine_problem(engine: Engine, accept: str) -> str | None:
     try:
-        problem = check_tables(engine) or check_views(engine) or check_aot(engine)
+        problem = check_tables(engine) or size_problem(engine) or \
+            check_views(engine) or check_aot(engine)
     except Exception as e:  # a manifest that decodes but contradicts itself
         problem = f"malformed manifest ({type(e).__name__}: {_short(e)})"
     return problem or check_kernel(engine, accept)
@@ -861,6 +894,9 @@ def check_tables(engine: Engine) -> str | None:
     host_rows = range(s[comm], s[comm + 1]) if comm is not None and comm < len(s) - 1 \
         else range(0)
     transfers = len(sched.taskgraph.transfers)
+    # a prefetch may name any 16-byte unit inside a weight pool, no more
+    prefetch_units = [p.numel * DTYPE_BYTES.get(p.dtype, 0) // 16
+                      for p in weight_pools(sched.pools)]
     for row, (rec, tid) in enumerate(zip(table.tolist(), ids.tolist())):
         op, g, t0, t1, t2, nw = rec[:FIXED_FIELDS]
         task = tasks[tid]
@@ -884,6 +920,11 @@ def check_tables(engine: Engine) -> str | None:
                 return f"task record {row}: wait on event {ev} x{cnt} out of range"
         if not 0 <= rec[-1] < n_events:
             return f"task record {row}: signals event {rec[-1]} out of range"
+        slot, first, units = rec[prefetch_offset(m.max_waits):-1]
+        if (slot, first, units) != NO_PREFETCH and not (
+                0 <= slot < len(prefetch_units) and first >= 0 and
+                0 < units and first + units <= prefetch_units[slot]):
+            return f"task record {row}: weight prefetch {(slot, first, units)} out of range"
     pools = {p.name: p for p in sched.pools}
     if len(pools) != len(sched.pools) or len({b.name for b in sched.buffers}) != len(sched.buffers):
         return "pool or buffer names are not unique"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -32,9 +33,11 @@ from tilec.codegen import aot
 from tilec.codegen.aot import NUM_WARPS, SPIN_LIMIT
 from tilec.errors import RunError, ScheduleHangError
 from tilec.ir.graph import FusedGraph, contiguous_strides, index_checks
+from tilec.limits import gigabytes, memory_problem
 from tilec.runtime.engine import TORCH_DTYPES, AOTKernel, Engine
 from tilec.runtime.kernel import engine_kernel, own_binary, require_mode
 from tilec.runtime.reference import INDEX_ERROR, TaskRunner
+from tilec.runtime.sizes import allocated_bytes
 
 POLICIES = ("round_robin", "random", "reverse")
 # The error buffer: its first word says what the kernel (or the reference) recorded,
@@ -44,6 +47,11 @@ POLICIES = ("round_robin", "random", "reverse")
 ERROR_WORDS = 8
 HANG = 1
 log = logging.getLogger(__name__)
+
+
+class NaNValuesError(RunError):
+    """A step stopped at values that are all NaN (the interpreter's argmax cannot pick
+    one). Generation reports it as NaN logits, the same on every backend."""
 
 
 class Executor:
@@ -57,6 +65,7 @@ class Executor:
         m = engine.manifest
         sched = m.schedule
         self.schedule = sched
+        _check_memory(sched.pools, device)
         self.pools: dict[str, torch.Tensor] = {}
         for p in sched.pools:
             if p.kind == "weight":
@@ -158,6 +167,21 @@ class Executor:
         tid = int(self.engine.tensors["task_ids"][row])
         task = self.schedule.taskgraph.tasks[tid]
         return f"task {tid} ({task.group} tile {task.tile})"
+
+
+def _check_memory(pools, device: str) -> None:
+    """A RunError, before anything is allocated, unless the pools an executor allocates
+    on `device` fit in the memory free there now."""
+    need = allocated_bytes(pools, device)
+    if device == "cpu":
+        problem = memory_problem("running this engine", need)
+    else:
+        free = torch.cuda.mem_get_info()[0]
+        problem = None if need <= free else (
+            f"running this engine takes {gigabytes(need)} of GPU memory, more than the "
+            f"{gigabytes(free)} free")
+    if problem:
+        raise RunError(problem)
 
 
 class CooperativeExecutor(Executor):
@@ -290,11 +314,24 @@ class InterpretExecutor(CooperativeExecutor):
         t = self.tables
         # Lanes past a tile's edge compute too, as on a GPU, where 0/0 is a quiet NaN
         # that is never stored; numpy would warn about each one.
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            self.kernel[(1,)](t["tasks"], t["queue_start"], t["args"], self.events,
-                              self.cursor, self.error, self.error, self.step_index, worker,
-                              budget, *self.pool_args, BLOCKING=False, SPIN_LIMIT=1,
-                              PROFILE=False)
+        row = int(self.cursor[worker])
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"), \
+                warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
+            try:
+                self.kernel[(1,)](t["tasks"], t["queue_start"], t["args"], self.events,
+                                  self.cursor, self.error, self.error, self.step_index,
+                                  worker, budget, *self.pool_args, BLOCKING=False,
+                                  SPIN_LIMIT=1, PROFILE=False)
+            except Exception as e:
+                # The interpreter's argmax (numpy's nanargmax) refuses a row of NaN only;
+                # the GPU and the reference backend return an index. Whichever task it
+                # was, its values are NaN: say so, in one line.
+                if "All-NaN slice" not in str(e):
+                    raise
+                raise NaNValuesError(f"step {self.step_index}: every value an argmax of "
+                                     f"worker {worker} (at or after {self.describe_task(row)}) "
+                                     "reads is NaN") from None
 
 
 class ReferenceExecutor(CooperativeExecutor):
@@ -347,6 +384,9 @@ class GPUExecutor(Executor):
         self.workers = self.schedule.target.workers
         self.cursor = torch.zeros(self.workers, dtype=torch.int32, device="cuda")
         self.timing = False              # record each launch's device time (CUDA events)
+        # the watchdog's bound on one wait, in spins: the stored binary has SPIN_LIMIT
+        # compiled in, so another bound launches the kernel through the JIT
+        self.spin_limit = SPIN_LIMIT
         self.kernel_ms: list[float] = []
         n = int(self.tables["tasks"].shape[0])
         self.stamps = torch.zeros(max(1, 2 * n), dtype=torch.int64, device="cuda")
@@ -391,11 +431,12 @@ class GPUExecutor(Executor):
         profile = self.trace is not None
         args = (t["tasks"], t["queue_start"], t["args"], self.events, self.cursor, self.error,
                 self.stamps, self.step_index, 0, 1 << 30, *self.pool_args)
-        if self.binary is not None and not profile:
+        if self.binary is not None and not profile and \
+                self.spin_limit == self.engine.aot.spin_limit:
             # a compiled kernel takes the constexprs too, positionally, in signature order
             self.binary[(self.workers, 1, 1)](*args, True, self.engine.aot.spin_limit, False)
         else:
-            self.kernel[(self.workers,)](*args, BLOCKING=True, SPIN_LIMIT=SPIN_LIMIT,
+            self.kernel[(self.workers,)](*args, BLOCKING=True, SPIN_LIMIT=self.spin_limit,
                                          PROFILE=profile, num_warps=NUM_WARPS)
         if profile:
             self._collect_stamps()

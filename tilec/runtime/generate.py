@@ -1,19 +1,32 @@
-"""The generation loop: one engine step per token, prompt fed one token at a time.
+"""Generation: sequences advanced through the sequence slots of a decoder engine.
 
-The device picks the greedy token (the engine's argmax); sampling with a temperature
-or top-k reads the logits on the host. The KV cache needs no reset between
-generations: every step masks positions after its own.
+A `Sequence` is one prompt's generation: what to feed the engine next, how to pick a
+token from a step's outputs (`Sampling`), and when to stop. `DecodeSlots` is the engine
+side: how many sequences it holds at once, how many prompt tokens one step may take,
+and the step itself. `advance` runs one step for the sequences in the slots.
+
+`generate` (`tilec run`, `Engine.generate`) and the server's scheduler (`tilec serve`)
+both drive sequences with `advance`, so the same prompt and settings give the same
+tokens through either.
+
+Today an engine is one decode step for one sequence: one slot, and a prompt is fed one
+token per step. The KV cache needs no reset between sequences: every step masks the
+positions after its own. Chunked prefill and batched decode (several slots) change
+`DecodeSlots`, not its callers.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from tilec.errors import RunError
+from tilec.limits import seed_problem
 from tilec.runtime.engine import GenerationSpec
-from tilec.runtime.executors import Executor
+from tilec.runtime.executors import Executor, NaNValuesError
 
 
 @dataclass
@@ -30,6 +43,201 @@ class Generation:
         return len(self.tokens) / self.seconds if self.seconds > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How a token is picked from a step's outputs. Greedy (the engine's on-device
+    argmax) when `temperature` is 0; otherwise drawn on the host from the softmax of
+    logits / temperature, restricted to the `top_k` most likely tokens (0: all) and then
+    to the smallest set whose probability reaches `top_p` (1: all), with a
+    torch.Generator seeded by `seed`."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def problem(self) -> str | None:
+        """What is wrong with these settings, in one line starting with the setting's
+        name, or None."""
+        if not _is_number(self.temperature) or not 0 <= self.temperature < math.inf:
+            return f"temperature: expected a number >= 0 (0: greedy), found {self.temperature!r}"
+        if not _is_int(self.top_k) or self.top_k < 0:
+            return f"top_k: expected an integer >= 0 (0: every token), found {self.top_k!r}"
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            return f"top_p: expected a number in (0, 1] (1: every token), found {self.top_p!r}"
+        if seed_problem(self.seed):
+            return f"seed: expected {seed_problem(self.seed)}, found {self.seed!r}"
+        return None
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    """A token drawn from float32 logits [vocab] (temperature > 0)."""
+    scaled = logits / sampling.temperature
+    if sampling.top_k > 0:
+        kth = torch.topk(scaled, min(sampling.top_k, scaled.numel())).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if sampling.top_p < 1:
+        probs = torch.softmax(scaled, -1)
+        ranked, order = torch.sort(probs, descending=True, stable=True)
+        # drop a token when the more likely ones already reach top_p (never the first)
+        drop_ranked = (torch.cumsum(ranked, 0) - ranked) >= sampling.top_p
+        drop = torch.zeros_like(drop_ranked).scatter(0, order, drop_ranked)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return int(torch.multinomial(torch.softmax(scaled, -1), 1, generator=generator))
+
+
+@dataclass(frozen=True)
+class SlotOutput:
+    """What a step gives a sequence whose last fed token was its last so far: the
+    logits of the next token (float32 [vocab]) and the engine's greedy choice."""
+
+    logits: torch.Tensor
+    next_token: int
+
+
+class Sequence:
+    """One prompt's generation: the tokens to feed, the tokens made, when it stops.
+
+    `finish_reason` is None while it runs, then "length" (max_new_tokens made) or
+    "stop" (an id of `stop_ids` made, e.g. an end-of-sequence id; it is kept in
+    `tokens`). A caller may also `finish` it (a stop string, a client that left).
+    """
+
+    def __init__(self, prompt: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
+                 stop_ids: tuple[int, ...] = (), keep_logits: bool = False):
+        self.prompt = list(prompt)
+        self.max_new_tokens = max_new_tokens
+        self.sampling = sampling
+        self.stop_ids = frozenset(stop_ids)
+        self.tokens: list[int] = []
+        self.logits: list[torch.Tensor] | None = [] if keep_logits else None
+        self.cached = 0                    # positions of this sequence in the KV cache
+        self.steps = 0                     # engine steps that fed it
+        self.finish_reason: str | None = None
+        self._generator = torch.Generator().manual_seed(sampling.seed) \
+            if sampling.temperature > 0 else None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def finish(self, reason: str) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+
+    def feed(self, chunk: int) -> tuple[list[int], int]:
+        """The tokens the next step takes (up to `chunk` of the prompt still to feed,
+        else the last new token) and the position of the first."""
+        if self.cached < len(self.prompt):
+            return self.prompt[self.cached:self.cached + chunk], self.cached
+        return [self.tokens[-1]], self.cached
+
+    def took(self, fed: int, out: SlotOutput | None) -> int | None:
+        """Record a step that fed `fed` tokens; the new token if the step made one (the
+        prompt is all in the cache), else None. Logits that are NaN or +inf are a
+        RunError: no token follows from them (each backend would pick its own)."""
+        self.cached += fed
+        self.steps += 1
+        if out is not None and (out.logits.isnan().any() or out.logits.isposinf().any()):
+            raise nan_logits(self.cached - 1, self.steps)
+        if self.cached < len(self.prompt):
+            return None
+        if out is None:
+            raise RunError("the engine step gave no output for a sequence that needs one")
+        if self._generator is None:
+            token = out.next_token
+        else:
+            token = sample(out.logits, self.sampling, self._generator)
+        self.tokens.append(token)
+        if self.logits is not None:
+            self.logits.append(out.logits)
+        if token in self.stop_ids:
+            self.finish("stop")
+        elif len(self.tokens) >= self.max_new_tokens:
+            self.finish("length")
+        return token
+
+
+Feed = tuple[list[int], int]   # the tokens a step feeds one slot, the position of the first
+
+
+class DecodeSlots:
+    """The sequence slots of a decoder engine and the step that advances them.
+
+    `count` sequences can be in the engine at once; one step feeds each busy slot up
+    to `prefill_chunk` prompt tokens, or one new token. Today: one slot, one token per
+    step, through the engine's decode step. `reset` replaces the executor (fresh state,
+    event counters and step count), for after an engine fault.
+    """
+
+    count = 1
+    prefill_chunk = 1
+
+    def __init__(self, spec: GenerationSpec, executor: Executor,
+                 make_executor: Callable[[], Executor] | None = None):
+        self.spec = spec
+        self.executor = executor
+        self._make_executor = make_executor
+
+    @property
+    def backend(self) -> str:
+        return self.executor.backend
+
+    def step(self, feeds: dict[int, Feed]) -> dict[int, SlotOutput]:
+        """One engine step for the given slots; an output for each."""
+        if len(feeds) != 1 or 0 not in feeds:
+            raise RunError(f"this engine has one sequence slot; asked to step slots "
+                           f"{sorted(feeds)}")
+        tokens, pos = feeds[0]
+        if len(tokens) != 1:
+            raise RunError("this engine takes one token per step")
+        spec = self.spec
+        out = self.executor.run({spec.token_input: torch.tensor([tokens[0]], dtype=torch.int64),
+                                 spec.pos_input: torch.tensor([pos], dtype=torch.int64)})
+        return {0: SlotOutput(out[spec.logits_output].reshape(-1).float(),
+                              int(out[spec.next_token_output].reshape(-1)[0]))}
+
+    def free(self, slot: int) -> None:
+        """The slot's sequence is done. Nothing to clear: a later sequence overwrites the
+        cache from position 0, and each step masks the positions after its own."""
+
+    def reset(self) -> None:
+        if self._make_executor is None:
+            raise RunError("these slots cannot be reset: no way to make a new executor")
+        self.executor = self._make_executor()
+
+
+def advance(slots: DecodeSlots, running: dict[int, Sequence]) -> dict[int, int | None]:
+    """One engine step for the sequences in `running` (slot -> sequence, none finished):
+    each takes what it feeds and, once its prompt is in, picks a token. Returns each
+    slot's new token (None while its prompt is still being fed)."""
+    feeds = {slot: seq.feed(slots.prefill_chunk) for slot, seq in running.items()}
+    try:
+        outs = slots.step(feeds)
+    except NaNValuesError:   # the interpreter's argmax refuses a row of NaN
+        if len(running) != 1:
+            raise
+        (slot, seq), = running.items()
+        tokens, pos = feeds[slot]
+        raise nan_logits(pos + len(tokens) - 1, seq.steps + 1) from None
+    return {slot: seq.took(len(feeds[slot][0]), outs.get(slot)) for slot, seq in running.items()}
+
+
+def nan_logits(pos: int, step: int) -> RunError:
+    """The one error every backend gives for logits that are not numbers: a greedy
+    token taken from them would depend on the backend (each treats NaN its own way)."""
+    return RunError(f"step {step} (position {pos}): the logits are NaN or +inf; the "
+                    "weights or activations overflow, so no token follows from them")
+
+
 def check_prompt(spec: GenerationSpec, prompt: list[int], max_new_tokens: int) -> None:
     if not prompt:
         raise RunError("the prompt is empty: give at least one token id")
@@ -44,37 +252,18 @@ def check_prompt(spec: GenerationSpec, prompt: list[int], max_new_tokens: int) -
 
 
 def generate(executor: Executor, spec: GenerationSpec, prompt: list[int], max_new_tokens: int,
-             *, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
-             keep_logits: bool = False, stop_at_eos: bool = True) -> Generation:
+             *, sampling: Sampling = Sampling(), keep_logits: bool = False,
+             stop_at_eos: bool = True) -> Generation:
     check_prompt(spec, prompt, max_new_tokens)
-    gen = torch.Generator().manual_seed(seed)
-    tokens: list[int] = []
-    kept: list[torch.Tensor] = []
-    steps = 0
+    problem = sampling.problem()
+    if problem:
+        raise RunError(problem)
+    seq = Sequence(prompt, max_new_tokens, sampling,
+                   spec.eos_token_ids if stop_at_eos else (), keep_logits)
+    slots = DecodeSlots(spec, executor)
     t0 = time.perf_counter()
-    feed, pos = prompt[0], 0
-    while True:
-        out = executor.run({spec.token_input: torch.tensor([feed], dtype=torch.int64),
-                            spec.pos_input: torch.tensor([pos], dtype=torch.int64)})
-        steps += 1
-        pos += 1
-        if pos < len(prompt):
-            feed = prompt[pos]
-            continue
-        logits = out[spec.logits_output].reshape(-1).float()
-        if temperature > 0:
-            scaled = logits / temperature
-            if top_k > 0:
-                kth = torch.topk(scaled, min(top_k, scaled.numel())).values[-1]
-                scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-            feed = int(torch.multinomial(torch.softmax(scaled, -1), 1, generator=gen))
-        else:
-            feed = int(out[spec.next_token_output].reshape(-1)[0])
-        tokens.append(feed)
-        if keep_logits:
-            kept.append(logits)
-        if len(tokens) >= max_new_tokens or (stop_at_eos and feed in spec.eos_token_ids):
-            break
+    while not seq.finished:
+        advance(slots, {0: seq})
     seconds = time.perf_counter() - t0
-    return Generation(list(prompt), tokens, torch.stack(kept) if kept else None, steps,
-                      seconds, executor.backend)
+    return Generation(list(prompt), seq.tokens, torch.stack(seq.logits) if seq.logits else None,
+                      seq.steps, seconds, executor.backend)

@@ -39,9 +39,7 @@ def cache_root() -> Path:
 
 
 def cache_dir() -> Path:
-    path = cache_root() / "kernels"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return cache_root() / "kernels"   # made by write_source, which reports a failure
 
 
 # GPU binaries this user's tilec compiled (SHA-256 of each cubin, one per line). A
@@ -76,11 +74,17 @@ def own_binary(cubin_sha256: str) -> bool:
 def write_source(source: str) -> tuple[str, Path]:
     digest = hashlib.sha256(source.encode()).hexdigest()[:24]
     module_name = f"tilec_kernel_{digest}"
-    path = cache_dir() / f"{module_name}.py"
-    if not path.exists() or path.read_text() != source:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(source)
-        os.replace(tmp, path)
+    folder = cache_dir()
+    path = folder / f"{module_name}.py"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not path.exists() or path.read_bytes() != source.encode():
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(source.encode())
+            os.replace(tmp, path)
+    except OSError as e:   # Triton imports a kernel from a file: it must be written first
+        raise RunError(f"cannot write the kernel to the cache folder {folder} "
+                       f"({e.strerror or e}): set TILEC_CACHE to a writable folder") from None
     return module_name, path
 
 

@@ -1,0 +1,166 @@
+"""The weight stream, read from the compiled sm_90 code (no GPU needed): matvec tasks
+copy their weights through a cp.async ring deep enough to keep >= 32 KB in flight per
+worker (issue 20's goal for every weight-streaming kind), with evict-first 16-byte
+copies, and `tilec inspect --json` reports it as kernel.streaming."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import tilec.api
+from tilec.codegen import sass
+
+GOAL_BYTES = 32 * 1024
+
+# One Llama-3.2-1B layer: the same matmul shapes as the 16-layer model (K = 2048 and
+# 8192), a small vocabulary so that the compile stays short
+LAYER = {"model": {"family": "llama", "max_seq_len": 128, "config": {
+    "vocab_size": 2048, "hidden_size": 2048, "intermediate_size": 8192,
+    "num_hidden_layers": 1, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 64, "tie_word_embeddings": True}}, "target": "h200"}
+
+
+@pytest.fixture(scope="module")
+def layer(tmp_path_factory):
+    """(engine, dump dir) of the layer, compiled for sm_90 with every stage dumped."""
+    folder = tmp_path_factory.mktemp("layer")
+    path = folder / "layer.yaml"
+    path.write_text(yaml.safe_dump(LAYER))
+    engine = tilec.api.compile(str(path), dump_dir=str(folder / "dump"))
+    return engine, folder / "dump"
+
+
+def test_every_weight_stream_keeps_32_kb_in_flight_with_cp_async(layer):
+    engine, _ = layer
+    kernel = engine.summary()["kernel"]
+    assert kernel["aot"]["n_spills"] == 0, kernel["aot"]
+    rows = kernel["streaming"]
+    streams = [r for r in rows if r["streams_weights"]]
+    # q, k, v, o, gate, up, down and the LM head all stream
+    assert len(streams) >= 6, rows
+    for r in streams:
+        assert r["async_copy"] == "cp.async", r
+        assert r["stages"] == 4, r
+        assert r["bytes_in_flight_per_worker"] >= GOAL_BYTES, r
+    # an embedding row gather reads a few KB of the table: not a stream
+    gathers = [r for r in rows if r["kind"] == "gather"]
+    assert gathers and not any(r["streams_weights"] for r in gathers)
+
+
+def test_dump_holds_the_compiled_ptx_and_sass(layer):
+    _, dump = layer
+    ptx = (dump / "08_kernel.ptx").read_text()
+    assert ".target sm_90a" in ptx
+    copies = tilec.codegen.aot.async_copies(ptx)
+    # the weight copies: 16-byte vectors carrying an L2 evict-first policy
+    assert copies.get("16", 0) >= 32 and copies.get("cache_hint", 0) >= 32, copies
+    assert copies["evict_first_policies"] >= 1, copies
+    # the dispatcher asks L2 for the next task's weights, L1 for the next record
+    assert "cp.async.bulk.prefetch.L2.global" in ptx and "prefetch.global.L1" in ptx
+    if sass.nvidia_tool("nvdisasm"):
+        listing = (dump / "08_kernel.sass").read_text()
+        assert "LDGSTS" in listing and "task_" in listing
+
+
+RING_SOURCE = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit(noinline=True)
+def task_0(w, x, y, t, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+           STAGES: tl.constexpr):
+    rows = t * BN + tl.arange(0, BN)
+    acc = tl.zeros([BN, BK], dtype=tl.float32)
+    for k0 in tl.range(0, K, BK, num_stages=STAGES):
+        cols = k0 + tl.arange(0, BK)
+        acc += tl.load(w + rows[:, None] * K + cols[None, :]).to(tl.float32) * \\
+            tl.load(x + cols[None, :]).to(tl.float32)
+    tl.store(y + rows, tl.sum(acc, axis=1))
+
+
+@triton.jit
+def kernel(w, x, y, n, STAGES: tl.constexpr):
+    for t in range(tl.program_id(0), n, tl.num_programs(0)):
+        task_0(w, x, y, t, 8192, 16, 512, STAGES)
+'''
+
+
+def _compile_ring(tmp_path: Path, stages: int) -> bytes:
+    """The kernel above compiled for sm_90 in a child process (this one interprets)."""
+    src = tmp_path / "ring.py"
+    src.write_text(RING_SOURCE)
+    out = tmp_path / f"ring{stages}.cubin"
+    script = textwrap.dedent(f"""
+        import importlib.util, triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        spec = importlib.util.spec_from_file_location("ring", {str(src)!r})
+        mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+        sig = {{"w": "*bf16", "x": "*bf16", "y": "*fp32", "n": "i32", "STAGES": "constexpr"}}
+        attrs = {{(i,): [["tt.divisibility", 16]] for i in range(4)}}
+        k = triton.compile(ASTSource(mod.kernel, sig, {{"STAGES": {stages}}}, attrs),
+                           target=GPUTarget("cuda", 90, 32), options={{"num_warps": 4}})
+        open({str(out)!r}, "wb").write(k.asm["cubin"])
+        """)
+    subprocess.run([sys.executable, "-c", script], check=True,
+                   env=dict(os.environ, TRITON_INTERPRET="0"))
+    return out.read_bytes()
+
+
+@pytest.mark.skipif(not sass.nvidia_tool("nvdisasm"), reason="Triton ships no nvdisasm here")
+def test_the_reader_measures_a_known_ring(tmp_path):
+    """A 4-stage ring of [16, 512] bf16 chunks (16 KB, 17 KB with x) reads as cp.async
+    with 3 chunks in flight at a wait; without num_stages the loop holds plain loads."""
+    ring = sass.kernel_stream_facts(_compile_ring(tmp_path, 4), threads=128)[0]
+    assert ring["async_copy"] == "cp.async" and ring["stages"] == 4, ring
+    assert ring["bytes_in_flight"] == 3 * (16 * 512 * 2 + 512 * 2), ring
+    plain = sass.kernel_stream_facts(_compile_ring(tmp_path, 1), threads=128)[0]
+    assert plain["async_copy"] == "none" and plain["stages"] == 1, plain
+    assert 0 < plain["bytes_in_flight"] <= 16 * 512 * 2 + 512 * 2, plain
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_ring_runs_in_the_interpreter(rows, dtype):
+    """The interpreter runs the same ring (tl.range with num_stages): matvec tiles of
+    one row (a [BN, BK] accumulator) and of four (a reduction per chunk), K in 8 chunks,
+    match eager PyTorch on fresh inputs."""
+    torch.manual_seed(rows)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.SiLU(),
+                                torch.nn.Linear(64, 48, bias=False))
+    x = torch.randn(rows, 256)
+    engine = tilec.api.compile(model, (x,), workers=2, tile_k=32, dtype=dtype)
+    assert "num_stages=4" in engine.data.kernel_source
+    assert 'eviction_policy="evict_first"' in engine.data.kernel_source
+    low = dtype == "bfloat16"
+    eager = model.to(torch.bfloat16) if low else model
+    for seed in (1, 2):
+        x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            want = eager(x.to(torch.bfloat16)).float() if low else eager(x)
+        got = next(iter(engine.run(backend="interpret", input=x).values())).float()
+        err = float((got - want).abs().max() / want.abs().max())
+        assert err <= (2e-2 if low else 1e-5), err
+
+
+def test_only_the_templates_own_inline_assembly_passes_the_kernel_check():
+    """The prefetch hints are the kernel's only machine code: the source check accepts
+    exactly the template's instructions, nothing pasted in their place."""
+    from tilec.codegen.safety import KERNEL_NAME, UnsafeKernelError, check_kernel_source
+
+    source = tilec.api.compile(str(Path(__file__).resolve().parents[2] / "examples/block.yaml"),
+                               target="h200", workers=4, aot=False).data.kernel_source
+    check_kernel_source(source, KERNEL_NAME)
+    for edit in ('"prefetch.global.L1 [$1]; mov.u32 $0, 0;"', '"trap; mov.u32 $0, 0;"'), \
+                ('asm="prefetch', 'asm=EVIL or "prefetch'):
+        assert edit[0] in source
+        with pytest.raises(UnsafeKernelError, match="inline assembly"):
+            check_kernel_source(source.replace(edit[0], edit[1]), KERNEL_NAME)

@@ -1,0 +1,69 @@
+"""The weight prefetch in the task record (format 3): each matvec task names the span of
+weight memory it streams, exactly its tile of the weight, so a GPU worker can ask L2 for
+it before waiting; a stored span outside its weight pool is refused at load."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import tilec.api
+from engines import compiled, resign
+from tilec.errors import EngineError
+from tilec.ir.graph import DTYPE_BYTES
+from tilec.ir.record import (NO_PREFETCH, PREFETCH_MAX_BYTES, PREFETCH_MIN_BYTES,
+                             prefetch_offset, weight_pools)
+from tilec.runtime import engine as engine_file
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_matvec_records_name_their_weight_tile():
+    engine = tilec.api.compile(str(EXAMPLES / "llama_tiny.yaml"), target="h200", workers=8,
+                               aot=False).data
+    sched = engine.manifest.schedule
+    at = prefetch_offset(engine.manifest.max_waits)
+    slots = {i: p for i, p in enumerate(weight_pools(sched.pools))}
+    buffers = {b.name: b for b in sched.buffers}
+    tasks = sched.taskgraph.tasks
+    checked = 0
+    for rec, tid in zip(engine.tensors["tasks"].tolist(), engine.tensors["task_ids"].tolist()):
+        slot, first, units = rec[at:at + 3]
+        task = tasks[tid]
+        # whole rows of a weight (a matmul's tile of W), big enough to be worth it
+        spans = []
+        for r in task.reads:
+            b = buffers[r.buffer]
+            item = DTYPE_BYTES[b.type.dtype]
+            if b.kind != "weight" or r.numel * item < PREFETCH_MIN_BYTES or \
+                    any(box != (0, n) for box, n in zip(r.box[1:], b.type.shape[1:])):
+                continue
+            if "gather" in task.group:
+                continue   # reads rows of its region only
+            lo = (b.offset + r.box[0][0] * (r.numel // (r.box[0][1] - r.box[0][0]))) * item
+            spans.append((b.pool, lo, min(r.numel * item, PREFETCH_MAX_BYTES)))
+        if not spans:
+            assert (slot, first, units) == NO_PREFETCH, task.group
+            continue
+        assert (slots[slot].name, first * 16, units * 16) == max(spans, key=lambda x: x[2])
+        checked += 1
+    assert checked >= 8   # the LM head's tiles at least
+
+
+def test_load_refuses_a_prefetch_outside_its_pool(tmp_path):
+    src = compiled("block")
+    engine = engine_file.load(src)
+    at = prefetch_offset(engine.manifest.max_waits)
+    units = sum(p.numel * DTYPE_BYTES[p.dtype] // 16
+                for p in weight_pools(engine.manifest.schedule.pools))
+
+    def out_of_pool(tensors):
+        tensors["tasks"][0, at:at + 3] = tensors["tasks"].new_tensor([0, units - 1, 2])
+    path = resign(src, tmp_path / "e", tensors=out_of_pool)
+    with pytest.raises(EngineError, match="weight prefetch"):
+        engine_file.load(path)
+
+    def no_such_pool(tensors):
+        tensors["tasks"][0, at:at + 3] = tensors["tasks"].new_tensor([7, 0, 1])
+    with pytest.raises(EngineError, match="weight prefetch"):
+        engine_file.load(resign(src, tmp_path / "f", tensors=no_such_pool))

@@ -1,0 +1,99 @@
+"""The task record: the fixed-width int32 row of the task table that the kernel reads
+for each task (the kernel protocol; docs/engine-format.md).
+
+    opcode, args row, t0, t1, t2, number of waits,
+    max_waits x (event, count per step),
+    weight prefetch: weight pool slot (-1: none), first 16-byte unit, 16-byte units,
+    signal event
+
+The weight prefetch names the span of weight memory a task streams. Weights never
+depend on events, so a GPU worker asks L2 for that span PREFETCH_DEPTH tasks ahead,
+before it waits on anything: HBM streams the weights while the worker waits, instead
+of after.
+"""
+from __future__ import annotations
+
+from tilec.ir.graph import DTYPE_BYTES
+from tilec.ir.schedule import Pool
+from tilec.ir.tasks import Buffer, Task
+
+FIXED_FIELDS = 6        # opcode, args row, t0, t1, t2, number of waits
+PREFETCH_FIELDS = 3     # weight pool slot, first 16-byte unit, 16-byte units
+NO_PREFETCH = (-1, 0, 0)
+# How many tasks ahead a GPU worker asks L2 for weights: when it starts a task, for the
+# one after the next (the launch: for its first two). A task's weights then stream while
+# the task before it waits and runs, and while it waits itself.
+PREFETCH_DEPTH = 2
+# The most of a task's weights a worker asks L2 for ahead (the ring streams the rest):
+# 132 workers x PREFETCH_DEPTH x 128 KB = 34 MB of an H200's 50 MB L2
+PREFETCH_MAX_BYTES = 128 * 1024
+# Spans shorter than this are not worth an instruction
+PREFETCH_MIN_BYTES = 8 * 1024
+
+
+def record_width(max_waits: int) -> int:
+    return FIXED_FIELDS + 2 * max_waits + PREFETCH_FIELDS + 1
+
+
+def prefetch_offset(max_waits: int) -> int:
+    """Index of the first prefetch field (the signal event is the last field)."""
+    return FIXED_FIELDS + 2 * max_waits
+
+
+def weight_pools(pools: tuple[Pool, ...]) -> tuple[Pool, ...]:
+    """The pools a prefetch may name, by slot: the weight pools in schedule order."""
+    return tuple(p for p in pools if p.kind == "weight")
+
+
+def prefetch_region(task: Task, buffers: dict[str, Buffer]) -> tuple[Buffer, int, int] | None:
+    """(buffer, first element, bytes) of the largest weight region the task reads whole
+    and contiguously (a gather reads rows of its table's region: never one), if it
+    has PREFETCH_MIN_BYTES; bytes not cut to PREFETCH_MAX_BYTES."""
+    moved = dict(task.moved)
+    best = None
+    for r in task.reads:
+        b = buffers.get(r.buffer)
+        if b is None or b.kind != "weight":
+            continue
+        item = DTYPE_BYTES[b.type.dtype]
+        if moved and moved.get(r.buffer, 0) < r.numel * item:
+            continue   # read in part (a gather's rows): the region is not what it reads
+        first, last = _flat_span(r.box, b.type.shape)
+        if last - first + 1 != r.numel:
+            continue   # not contiguous: a prefetch would fetch what it does not read
+        if best is None or r.numel * item > best[2]:
+            best = (b, first, r.numel * item)
+    return best if best is not None and best[2] >= PREFETCH_MIN_BYTES else None
+
+
+def prefetch_bytes(task: Task, buffers: dict[str, Buffer]) -> int:
+    """Bytes of weights a GPU worker asks L2 for before the task's waits (0: none)."""
+    region = prefetch_region(task, buffers)
+    return min(region[2], PREFETCH_MAX_BYTES) if region else 0
+
+
+def weight_prefetch(task: Task, buffers: dict[str, Buffer],
+                    slots: dict[str, int]) -> tuple[int, int, int]:
+    """The record's prefetch fields: (weight pool slot, first 16-byte unit, 16-byte
+    units) of `prefetch_region`, cut to PREFETCH_MAX_BYTES, or NO_PREFETCH. `buffers`
+    placed by memplan; `slots`: weight pool name -> slot."""
+    region = prefetch_region(task, buffers)
+    if region is None or region[0].pool not in slots:
+        return NO_PREFETCH
+    b, first, nbytes = region
+    lo = (b.offset + first) * DTYPE_BYTES[b.type.dtype]
+    hi = lo + min(nbytes, PREFETCH_MAX_BYTES)
+    # 16-byte units inside the span (cp.async.bulk.prefetch wants both aligned)
+    first_unit, end_unit = -(-lo // 16), hi // 16
+    if end_unit <= first_unit:
+        return NO_PREFETCH
+    return slots[b.pool], first_unit, end_unit - first_unit
+
+
+def _flat_span(box: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> tuple[int, int]:
+    """Flat (row-major) indices of a box's first and last elements in `shape`."""
+    first = last = 0
+    for (a, b), n in zip(box, shape):
+        first = first * n + a
+        last = last * n + (b - 1)
+    return first, last
