@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from engines import compiled
-from tilec.codegen.aot import KERNEL_NAME
-from tilec.errors import ScheduleHangError
-from tilec.runtime import engine as engine_file
+from tilec.errors import EngineError, ScheduleHangError
+from tilec.ir.abi import KERNEL_NAME
+from tilec.runtime import enginefile as engine_file
 from tilec.runtime import executors
 from tilec.runtime.executors import GPUExecutor, make_executor, watchdog_message
 from tilec.verify_engine import verify_engine
@@ -22,7 +22,7 @@ from tilec.verify_engine import verify_engine
 import tilec.api
 
 
-def fresh(example: str = "block") -> engine_file.Engine:
+def fresh(example: str = "block") -> engine_file.EngineFile:
     return engine_file.load(compiled(example))
 
 
@@ -108,7 +108,7 @@ def test_load_refuses_a_count_above_the_signals(tmp_path):
     engine = fresh()
     plant_excess_count(engine)
     engine_file.save(engine, tmp_path / "hang.engine")
-    with pytest.raises(engine_file.EngineError, match="out of range"):
+    with pytest.raises(EngineError, match="out of range"):
         engine_file.load(tmp_path / "hang.engine")
 
 

@@ -12,7 +12,7 @@ from tilec.errors import RunError, TilecError
 
 
 def verify_engine(engine, interleavings: int = 0, backend: str = "interpret") -> dict[str, Any]:
-    """`engine`: a `tilec.api.Engine` or the `tilec.runtime.engine.Engine` it wraps.
+    """`engine`: a `tilec.api.Engine` or the `tilec.runtime.enginefile.EngineFile` it wraps.
     Returns {"ok", "checks": name -> bool, "violations": one line each, first first}."""
     from tilec.api import Engine as ApiEngine
 

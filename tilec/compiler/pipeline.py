@@ -1,4 +1,4 @@
-"""The one pipeline: model -> ir.Graph -> passes -> kernel -> Engine (DESIGN.md diagram).
+"""The one pipeline: model -> ir.Graph -> passes -> kernel -> engine file (DESIGN.md diagram).
 
     export ▶ lower ▶ fuse ▶ tile ▶ [partition] ▶ deps ▶ roles ▶ schedule ▶ sync ▶ memplan ▶ verify ▶ render ▶ pack ▶ aot
 
@@ -10,7 +10,7 @@ It needs only the rendered source, which can be predicted after `tile`, so it ru
 a child process from there on (SpeculativeAOT); the stage is the wait for it at the end.
 `partition` runs for multi-device targets only: it cuts the task graph into one part
 per device, with transfers between them, and every stage after it runs on each part;
-the engine is then one Engine per device (`DeviceEngines`).
+the engine is then one EngineFile per device (`DeviceEngines`).
 A family model's random weights are drawn in the background meanwhile; `weights`
 (before `pack`) is the wait for them, if any.
 """
@@ -32,6 +32,7 @@ from tilec.codegen.sass import disassemble
 from tilec.compiler import frontend
 from tilec.compiler.config import workers_problem
 from tilec.errors import ConfigError
+from tilec.ir.abi import MAX_WAITS, AOTKernel
 from tilec.ir.graph import contiguous_strides
 from tilec.ir.schedule import Schedule
 from tilec.ir.serial import to_plain
@@ -48,13 +49,12 @@ from tilec.passes.sync import sync
 from tilec.passes.tile import TileOptions, tile, tile_plan
 from tilec.passes.verify import check
 from tilec.passes.verify_devices import verify_parts
-from tilec.runtime.engine import (AOTKernel, DeviceEngines, Engine, GenerationSpec, IOSpec,
-                                  Manifest, PendingSave, TORCH_DTYPES, aot_text,
-                                  encode_tables, save)
+from tilec.runtime.enginefile import (DeviceEngines, EngineFile, GenerationSpec, IOSpec,
+                                      Manifest, PendingSave, TORCH_DTYPES, aot_text,
+                                      encode_tables, save)
 from tilec.runtime.sizes import resident_problem
 from tilec.version import __version__
 
-MAX_WAITS = 8
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
                    release_constants: bool = False,
                    output: str | None = None,
                    tokenizer: str | None = None,
-                   chat: str | None = None) -> Engine | DeviceEngines:
+                   chat: str | None = None) -> EngineFile | DeviceEngines:
     """`weights_ready`, if given, blocks until the module's weights are written: the
     stages before `pack` read only shapes, so a family model's random weights are drawn
     meanwhile (config.PendingWeights); the wait is timed as the stage `weights`.
@@ -343,8 +343,8 @@ def dump_names(devices: int) -> list[str]:
 
 
 def pack_devices(scheds, rendered, lowered, max_waits, name, input_info, seed, binary,
-                 release_constants) -> list[Engine]:
-    """One Engine per device, each pool holding the device's own parts of the weights
+                 release_constants) -> list[EngineFile]:
+    """One EngineFile per device, each pool holding the device's own parts of the weights
     and the state (memplan). Constants are released (see pack) only by the last
     device's pack, after every device has copied its parts."""
     return [pack(s, r, lowered, max_waits, name, input_info, seed,
@@ -359,7 +359,7 @@ def render_schedule(sched: Schedule, max_waits: int, name: str) -> Rendered:
 
 def pack(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered, max_waits: int,
          name: str, input_info: tuple[InputInfo, ...], seed: int,
-         binary: AOTKernel | None = None, release_constants: bool = False) -> Engine:
+         binary: AOTKernel | None = None, release_constants: bool = False) -> EngineFile:
     """`release_constants`: the module is tilec's own (built from a model.yaml), so each
     weight's memory is freed once it is copied into its pool: the peak is then one copy
     of the weights, not two. Never for a caller's module."""
@@ -392,7 +392,7 @@ def pack(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered, max_wai
                      taskgraph=replace(sched.taskgraph, deps=()))
     manifest = Manifest(name, stored, tuple(inputs), tuple(outputs), rendered.opcodes,
                         rendered.kinds, max_waits, rendered.max_args, seed)
-    return Engine(manifest, rendered.source, tensors, aot=binary, kernel_checked=True)
+    return EngineFile(manifest, rendered.source, tensors, aot=binary, kernel_checked=True)
 
 
 def _storage(t: torch.Tensor) -> int:
