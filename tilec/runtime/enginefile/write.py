@@ -21,6 +21,13 @@ from tilec.runtime.enginefile.format import (AOT_CUBIN, AOT_KEY, DEVICES_KEY, FO
                                              EngineFile)
 from tilec.version import __version__
 
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                      torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL",
+                      torch.uint8: "U8", torch.int8: "I8", torch.float64: "F64",
+                      torch.int16: "I16"}
+HEADER_ALIGN = 4096   # the tensor data starts at a multiple of this (see _header_size)
+BINARY_ROOM = 64 << 10   # header bytes kept for a GPU binary's entries (aot: 1-2 kB)
+
 
 def aot_text(aot: AOTKernel) -> str:
     """The `aot` metadata entry of a stored binary (format.AOT_FIELDS)."""
@@ -169,16 +176,6 @@ def check_writable(path: str | os.PathLike) -> None:
         folder = folder.parent
     if not (folder.is_dir() and os.access(folder, os.W_OK)):
         raise EngineError(f"cannot write {path}: {folder} is not a writable folder")
-
-
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-                      torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL",
-                      torch.uint8: "U8", torch.int8: "I8", torch.float64: "F64",
-                      torch.int16: "I16"}
-
-
-HEADER_ALIGN = 4096   # the tensor data starts at a multiple of this (see _header_size)
-BINARY_ROOM = 64 << 10   # header bytes kept for a GPU binary's entries (aot: 1-2 kB)
 
 
 def _data_order(tensors: dict[str, torch.Tensor]) -> list[str]:
