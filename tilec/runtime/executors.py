@@ -32,18 +32,17 @@ import torch
 from tilec.codegen import aot
 from tilec.codegen.loader import own_binary
 from tilec.errors import RunError, ScheduleHangError
-from tilec.ir.abi import (ARGS_ROW, ERROR_WORDS, HANG, INDEX_ERROR, NUM_WARPS, SIGNAL,
-                          SPIN_LIMIT, TILE, AOTKernel, launch_arguments, record_waits)
-from tilec.ir.graph import FusedGraph, contiguous_strides, index_checks
+from tilec.ir.abi import (ARGS_ROW, ERROR_WORDS, NUM_WARPS, SIGNAL, SPIN_LIMIT, TILE, AOTKernel,
+                          launch_arguments, record_waits)
+from tilec.ir.graph import contiguous_strides
 from tilec.limits import gigabytes, memory_problem
 from tilec.runtime.enginefile import TORCH_DTYPES, EngineFile
+from tilec.runtime.error_buffer import recorded_error
 from tilec.runtime.kernel import engine_kernel, require_mode
 from tilec.runtime.reference import TaskRunner
 from tilec.runtime.sizes import allocated_bytes
 
 POLICIES = ("round_robin", "random", "reverse")
-# The error buffer (ir/abi.py): its first word says what the kernel (or the reference)
-# recorded, HANG or INDEX_ERROR, the rest are that error's fields.
 log = logging.getLogger(__name__)
 
 
@@ -145,12 +144,7 @@ class Executor:
         if not words[0]:
             return None
         self.error.zero_()
-        if words[0] == HANG:
-            return ScheduleHangError(watchdog_message(words, step, self.describe_task))
-        if words[0] == INDEX_ERROR:
-            return RunError(index_error_message(words, step, self.schedule.taskgraph.fused))
-        return RunError(f"step {step}: the kernel recorded error code {words[0]}, which "
-                        f"this tilec does not know")
+        return recorded_error(words, step, self.describe_task, self.schedule.taskgraph.fused)
 
     def launch(self) -> None:
         raise NotImplementedError
@@ -492,42 +486,6 @@ def stored_binary_problem(binary: AOTKernel | None, capability: int, triton_vers
         return ("the stored GPU binary was not compiled by this user's tilec, and machine "
                 "code cannot be checked against its source (--trust-engine-code launches it)")
     return None
-
-
-def watchdog_message(error: list[int], step: int, describe: Callable[[int], str]) -> str | None:
-    """The error buffer a blocking launch leaves behind, as one line, or None when the
-    watchdog did not fire: [fired, worker, task row, event, seen, wanted, ...]."""
-    if not error or not error[0]:
-        return None
-    worker, row, ev, seen, need = error[1:6]
-    try:
-        task = describe(row)
-    except (IndexError, KeyError, RuntimeError):
-        task = f"task row {row}"
-    return (f"watchdog at step {step}: worker {worker} in {task} waited on event {ev} "
-            f"(seen {seen}, wanted {need})")
-
-
-def index_error_message(error: list[int], step: int, fused: FusedGraph) -> str:
-    """An index-out-of-range record of the error buffer as one line naming the op, its
-    module and source line, the index and the bound."""
-    group, t0, t1, t2, check, value, bound = error[1:8]
-    try:
-        ops = fused.graph.by_name()
-        op = ops[index_checks(fused.groups[group], ops)[check]]
-    except IndexError:   # a record the kernel should never write still formats
-        return (f"step {step}: index {value} out of range [0, {bound}) in the task of "
-                f"group {group} at tile ({t0}, {t1}, {t2})")
-    module = next((m for m in reversed(op.scope) if m), "")
-    what = f"{op.kind} {op.name!r}" + (f" ({module})" if module else "")
-    shown = f"{value}" if -2 ** 31 < value < 2 ** 31 - 1 else \
-        ("at least" if value > 0 else "at most") + f" {value}"
-    where = f" at {op.source}" if op.source else ""
-    return (f"step {step}: index {shown} is out of range [0, {bound}) "
-            f"({INDEXED_WHAT.get(op.kind, 'its bound')}) in {what}{where}")
-
-
-INDEXED_WHAT = {"gather": "the rows of its table", "state_update": "the positions of its state"}
 
 
 BACKENDS: dict[str, Callable[..., Executor]] = {
