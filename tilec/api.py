@@ -19,9 +19,9 @@ from tilec.errors import RunError
 from tilec.limits import check_seed
 from tilec.runtime import engine as engine_file
 from tilec.runtime.distributed import rank_from_env
-from tilec.runtime.executors import Executor, make_executor, parts_executor
+from tilec.runtime.executors import Executor, make_executor
+from tilec.runtime.inprocess import parts_executor, random_inputs
 from tilec.runtime.generate import Generation
-from tilec.runtime.inputs import random_inputs
 
 if TYPE_CHECKING:
     from tilec.compiler.config import ModelConfig

@@ -11,8 +11,7 @@ import torch
 from tilec.errors import RunError, TilecError
 from tilec.passes.verify_devices import verify_parts
 from tilec.runtime import engine as engine_file
-from tilec.runtime.executors import parts_executor
-from tilec.runtime.inputs import random_inputs
+from tilec.runtime.inprocess import parts_executor, random_inputs
 
 
 def verify_engine(engine, interleavings: int = 0, backend: str = "interpret") -> dict[str, Any]:

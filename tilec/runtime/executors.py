@@ -545,21 +545,3 @@ def make_executor(engine: Engine, backend: str = "auto", **kwargs) -> Executor:
     if backend == "gpu":
         kwargs = {}
     return BACKENDS[backend](engine, **kwargs)
-
-
-def parts_executor(parts: tuple[Engine, ...], backend: str = "auto",
-                   policy: str = "round_robin", seed: int = 0):
-    """An executor over every device's part of an engine in this process: the one
-    part's own, or the devices taking turns (distributed.LocalDevices; `tilec run`
-    starts one process per device instead)."""
-    if len(parts) == 1:
-        return make_executor(parts[0], backend, policy=policy, seed=seed)
-    from tilec.runtime.distributed import LocalDevices
-
-    if backend not in ("auto", "interpret", "reference"):
-        raise RunError(f"backend {backend!r}: multi-device engines run on the interpret "
-                       "and reference backends")
-    backend = "interpret" if backend == "auto" else backend
-    return LocalDevices(parts, lambda part, comm: make_executor(
-        part, backend, policy=policy, seed=seed, comm=comm), policy, seed)
-
