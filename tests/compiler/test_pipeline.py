@@ -12,8 +12,9 @@ import torch
 
 import tilec
 from tilec.compiler import pipeline
-from tilec.compiler.hooks import EngineOutput, GpuCompile, Hook
-from tilec.compiler.pipeline import STAGES, CompileState, Dumps, Progress, Stage, run_stages
+from tilec.compiler.hooks import EngineOutput, GpuCompile
+from tilec.compiler.pipeline import STAGES, CompileState, Dumps, Progress, run_stages
+from tilec.compiler.stage import Hook, Stage
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
 

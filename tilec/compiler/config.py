@@ -47,9 +47,8 @@ import torch
 from tilec.compiler.family_config import FAMILIES, check_family_config
 from tilec.compiler.yaml_file import load_yaml
 from tilec.errors import ConfigError
-from tilec.ir.target import TARGETS, Role
+from tilec.ir.target import MAX_DEVICES, TARGETS, Role
 from tilec.limits import seed_problem, short_repr
-from tilec.passes.partition import MAX_DEVICES
 from tilec.passes.roles import target_roles
 
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,4 +1,4 @@
-"""Work beside the pipeline's stages, attached at their boundaries (pipeline.Hook):
+"""Work beside the pipeline's stages, attached at their boundaries (stage.Hook):
 
 * `GpuCompile`: the kernel compiled for the target's GPU in a child process, started as
   soon as its source can be predicted (after `tilings`, again after `sync` if the wait
@@ -16,27 +16,12 @@ from __future__ import annotations
 from tilec.codegen.aot import PendingKernel
 from tilec.codegen.render import render
 from tilec.codegen.sass import disassemble
+from tilec.compiler.stage import Hook, Stage
 from tilec.errors import ConfigError
 from tilec.passes.memplan import unplaced
 from tilec.runtime.engine import AOTKernel, PendingSave, aot_text, save
 from tilec.runtime.sizes import resident_problem
 from tilec.version import __version__
-
-
-class Hook:
-    """Does nothing at every boundary; a hook overrides what it needs. `stages`: the
-    stages it adds after the pipeline's own (pipeline.Stage)."""
-
-    stages: tuple = ()
-
-    def after(self, stage: str, state, progress) -> None:
-        pass
-
-    def finish(self, state, progress) -> None:
-        pass
-
-    def close(self, failed: bool) -> None:
-        pass
 
 
 class SpeculativeAOT:
@@ -94,8 +79,6 @@ class GpuCompile(Hook):
     stages `manifest` and `aot` it adds after `pack`."""
 
     def __init__(self, arch: int, workers: int, name: str, max_waits: int):
-        from tilec.compiler.pipeline import Stage
-
         self.kernel = SpeculativeAOT(arch, workers, name)
         self.max_waits = max_waits   # the wait cap the first compile guesses
         self.stages = (Stage("manifest", encode_manifest),

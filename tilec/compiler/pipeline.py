@@ -29,9 +29,10 @@ import torch
 
 from tilec.codegen.render import Rendered, render
 from tilec.compiler import frontend
-from tilec.compiler.hooks import EngineOutput, GpuCompile, Hook
+from tilec.compiler.hooks import EngineOutput, GpuCompile
 from tilec.compiler.options import MAX_WAITS, CompileOptions, InputInfo
 from tilec.compiler.pack import pack_devices
+from tilec.compiler.stage import Hook, Stage
 from tilec.gcpause import without_cyclic_gc
 from tilec.ir import printer
 from tilec.ir.schedule import Schedule
@@ -89,19 +90,6 @@ class CompileState:
     @property
     def engine(self) -> Engine | DeviceEngines:
         return DeviceEngines(self.engines) if self.multi else self.engines[0]
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A named step: `run(state) -> state`; `dump(state) -> {file name: text}` for
-    `--dump-dir`; `when(state)`: whether it runs; `check(state)` raises after the dump
-    is written (the dump of a failing check is what one reads)."""
-
-    name: str
-    run: Callable[[CompileState], CompileState]
-    dump: Callable[[CompileState], dict[str, str]] | None = None
-    when: Callable[[CompileState], bool] | None = None
-    check: Callable[[CompileState], None] | None = None
 
 
 # ----------------------------------------------------------------------------- stages
