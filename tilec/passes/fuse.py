@@ -113,23 +113,29 @@ def _aligned(operand: Operand, producer: Op, rows: int, width: int) -> bool:
     return prod_width == 1
 
 
-def fuse(graph: Graph) -> FusedGraph:
-    ops = graph.by_name()
-    index = {o.name: i for i, o in enumerate(graph.ops)}
-    users = graph.users()
-    outputs = {operand.value for _, operand in graph.outputs}
-    groups: list[_Group] = []
-    group_of: dict[str, int] = {}
+class _Fusion:
+    """The groups being formed over one graph, with the questions the phases ask of
+    them (which groups read a group, whether one reaches another, whether an op may
+    join a group). Mutable while `fuse` runs; `fuse` returns frozen `Group`s."""
 
-    def successors(g: int) -> set[int]:
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.ops = graph.by_name()
+        self.index = {o.name: i for i, o in enumerate(graph.ops)}
+        self.users = graph.users()
+        self.outputs = {operand.value for _, operand in graph.outputs}
+        self.groups: list[_Group] = []
+        self.group_of: dict[str, int] = {}
+
+    def successors(self, g: int) -> set[int]:
         out = set()
-        for name in groups[g].all():
-            for u in users[name]:
-                if u in group_of and group_of[u] != g:
-                    out.add(group_of[u])
+        for name in self.groups[g].all():
+            for u in self.users[name]:
+                if u in self.group_of and self.group_of[u] != g:
+                    out.add(self.group_of[u])
         return out
 
-    def reaches(src: int, dst: int) -> bool:
+    def reaches(self, src: int, dst: int) -> bool:
         seen, stack = set(), [src]
         while stack:
             g = stack.pop()
@@ -138,18 +144,18 @@ def fuse(graph: Graph) -> FusedGraph:
             if g in seen:
                 continue
             seen.add(g)
-            stack.extend(successors(g))
+            stack.extend(self.successors(g))
         return False
 
-    def no_cycle(op: Op, g: int) -> bool:
-        return not any(h is not None and h != g and reaches(g, h)
-                       for h in (group_of.get(o.value) for o in op.inputs))
+    def no_cycle(self, op: Op, g: int) -> bool:
+        return not any(h is not None and h != g and self.reaches(g, h)
+                       for h in (self.group_of.get(o.value) for o in op.inputs))
 
-    def can_join(op: Op, g: int) -> bool:
-        grp = groups[g]
+    def can_join(self, op: Op, g: int) -> bool:
+        ops, grp = self.ops, self.groups[g]
         members = set(grp.all())
         if _appends_in_epilogue(op, grp, members, ops):
-            return no_cycle(op, g)
+            return self.no_cycle(op, g)
         rows, width = iteration_space(op)
         if rows != grp.rows:
             return False
@@ -176,44 +182,64 @@ def fuse(graph: Graph) -> FusedGraph:
                     return False
                 if grp.kind == "matmul" and operand.value in grp.prologue:
                     return False
-        return no_cycle(op, g)  # joining must not make a cycle g -> h -> g
+        return self.no_cycle(op, g)  # joining must not make a cycle g -> h -> g
 
-    for op in graph.ops:
+    def escapes(self, m: str, g: int) -> bool:
+        """Whether member `m` of group `g` is a graph output or read outside `g`."""
+        return m in self.outputs or any(self.group_of.get(u) != g for u in self.users[m])
+
+
+def fuse(graph: Graph) -> FusedGraph:
+    f = _Fusion(graph)
+    _join_greedily(f)
+    _merge_row_producers(f)
+    _move_prologues(f)
+    _join_attention(f)
+    return FusedGraph(graph, _frozen(f, _topological_order(f)))
+
+
+def _join_greedily(f: _Fusion) -> None:
+    """In program order: each matmul starts a group; any other op joins the first group
+    of an input that `can_join` allows, or starts a row group."""
+    for op in f.graph.ops:
         if op.kind in PLACEHOLDER_KINDS:
             continue
         if op.kind == "matmul":
-            groups.append(_Group("matmul", op.type.rows, op.type.cols, anchor=op.name))
-            group_of[op.name] = len(groups) - 1
+            f.groups.append(_Group("matmul", op.type.rows, op.type.cols, anchor=op.name))
+            f.group_of[op.name] = len(f.groups) - 1
             continue
         joined = False
         for operand in op.inputs:
-            g = group_of.get(operand.value)
-            if g is not None and can_join(op, g):
-                grp = groups[g]
+            g = f.group_of.get(operand.value)
+            if g is not None and f.can_join(op, g):
+                grp = f.groups[g]
                 grp.members.append(op.name)
                 if grp.kind == "row":
                     grp.cols = max(grp.cols, iteration_width(op))
                 if op.kind in REDUCTIONS:
                     grp.has_reduce = True
-                group_of[op.name] = g
+                f.group_of[op.name] = g
                 joined = True
                 break
         if not joined:
             rows, width = iteration_space(op)
-            groups.append(_Group("row", rows, width, members=[op.name],
-                                 has_reduce=op.kind in REDUCTIONS))
-            group_of[op.name] = len(groups) - 1
+            f.groups.append(_Group("row", rows, width, members=[op.name],
+                                   has_reduce=op.kind in REDUCTIONS))
+            f.group_of[op.name] = len(f.groups) - 1
 
-    # The greedy pass above joins an op to a group it reads from; an op that reads only
-    # values from elsewhere starts a group, even when all it feeds is one other row
-    # group (RoPE's swap_halves(k) * sin feeding k * cos + ...): merge such a producer
-    # into its consumer when they walk the same rows and columns.
+
+def _merge_row_producers(f: _Fusion) -> None:
+    """The greedy pass joins an op to a group it reads from; an op that reads only
+    values from elsewhere starts a group, even when all it feeds is one other row
+    group (RoPE's swap_halves(k) * sin feeding k * cos + ...): merge such a producer
+    into its consumer when they walk the same rows and columns."""
+    groups, group_of = f.groups, f.group_of
     merged = True
     while merged:
         merged = False
         for b, producer in enumerate(groups):
-            a = _row_consumer(producer, b, groups, group_of, ops, users, outputs)
-            if a is None or any(reaches(x, a) for x in successors(b) if x != a):
+            a = _row_consumer(producer, b, groups, group_of, f.ops, f.users, f.outputs)
+            if a is None or any(f.reaches(x, a) for x in f.successors(b) if x != a):
                 continue
             groups[a].members = producer.members + groups[a].members
             groups[a].has_reduce |= producer.has_reduce
@@ -222,18 +248,21 @@ def fuse(graph: Graph) -> FusedGraph:
             producer.members = []
             merged = True
 
-    # Prologues: a row group feeding only matmul A operands moves into each of them.
+
+def _move_prologues(f: _Fusion) -> None:
+    """A row group feeding only matmul A operands moves into each of them (when none of
+    them has a prologue yet)."""
+    groups, group_of, ops = f.groups, f.group_of, f.ops
     for g, grp in enumerate(groups):
         if grp.kind != "row" or not grp.members:
             continue
-        escaping = [m for m in grp.members
-                    if m in outputs or any(group_of.get(u) != g for u in users[m])]
-        if len(escaping) != 1 or escaping[0] in outputs:
+        escaping = [m for m in grp.members if f.escapes(m, g)]
+        if len(escaping) != 1 or escaping[0] in f.outputs:
             continue
         value = escaping[0]
         if any(ops[m].kind in NOT_RECOMPUTED for m in grp.members):
             continue  # side effects and index results are never recomputed per tile
-        outside = [u for u in users[value] if group_of.get(u) != g]
+        outside = [u for u in f.users[value] if group_of.get(u) != g]
         consumers = [ops[u] for u in outside]
         if not consumers or not all(
             c.kind == "matmul" and c.inputs[0].value == value
@@ -243,22 +272,22 @@ def fuse(graph: Graph) -> FusedGraph:
             for c in consumers
         ):
             continue
+        if any(groups[group_of[c.name]].prologue for c in consumers):
+            continue
         for c in consumers:
-            mg = groups[group_of[c.name]]
-            if mg.prologue:
-                break
-        else:
-            for c in consumers:
-                groups[group_of[c.name]].prologue = list(grp.members)
-            for m in grp.members:
-                group_of.pop(m)
-            grp.members = []
+            groups[group_of[c.name]].prologue = list(grp.members)
+        for m in grp.members:
+            group_of.pop(m)
+        grp.members = []
 
-    # Attention: scores -> softmax -> probs @ V becomes one group, so the probabilities
-    # never get a buffer and tiling can split the keys (tilec/ir/attention.py).
+
+def _join_attention(f: _Fusion) -> None:
+    """scores -> softmax -> probs @ V becomes one group, so the probabilities never get
+    a buffer and tiling can split the keys (tilec/ir/attention.py)."""
+    groups, group_of, ops = f.groups, f.group_of, f.ops
     for g, grp in enumerate(groups):
-        h = _attention_partner(grp, g, groups, group_of, ops, users, outputs)
-        if h is None or any(reaches(g, group_of[o.value])
+        h = _attention_partner(grp, g, groups, group_of, ops, f.users, f.outputs)
+        if h is None or any(f.reaches(g, group_of[o.value])
                             for m in groups[h].all() for o in ops[m].inputs
                             if group_of.get(o.value, g) not in (g, h)):
             continue
@@ -268,18 +297,22 @@ def fuse(graph: Graph) -> FusedGraph:
             group_of[m] = g
         groups[h].anchor, groups[h].members = None, []
 
+
+def _topological_order(f: _Fusion) -> list[int]:
+    """The non-empty groups in a topological order of the group DAG, ties broken by
+    program position."""
+    groups, group_of = f.groups, f.group_of
     live = [g for g in range(len(groups)) if groups[g].all()]
-    # topological order of the group DAG, ties broken by program position
     deps: dict[int, set[int]] = {g: set() for g in live}
     for g in live:
         for name in groups[g].all():
-            for operand in ops[name].inputs:
+            for operand in f.ops[name].inputs:
                 h = group_of.get(operand.value)
                 if h is not None and h != g:
                     deps[g].add(h)
     order: list[int] = []
     done: set[int] = set()
-    pending = sorted(live, key=lambda g: min(index[n] for n in groups[g].all()))
+    pending = sorted(live, key=lambda g: min(f.index[n] for n in groups[g].all()))
     while pending:
         for g in pending:
             if deps[g] <= done:
@@ -289,24 +322,25 @@ def fuse(graph: Graph) -> FusedGraph:
                 break
         else:  # pragma: no cover - prevented by the cycle check in can_join
             raise AssertionError("fusion produced a cycle")
+    return order
 
+
+def _frozen(f: _Fusion, order: list[int]) -> tuple[Group, ...]:
+    """The groups as IR, named by position and label, with the members they store."""
     result = []
     for n, g in enumerate(order):
-        grp = groups[g]
-        names = grp.all()
+        grp = f.groups[g]
         # a state update is a side effect: it always stores, read later or not
-        outs = tuple(m for m in names
+        outs = tuple(m for m in grp.all()
                      if m not in grp.prologue
-                     and (m in outputs or ops[m].kind == "state_update"
-                          or any(group_of.get(u) != g for u in users[m])))
-        label = _label(grp, ops)
+                     and (f.escapes(m, g) or f.ops[m].kind == "state_update"))
         result.append(Group(
-            name=f"g{n}_{label}", kind=grp.kind, anchor=grp.anchor,
+            name=f"g{n}_{_label(grp, f.ops)}", kind=grp.kind, anchor=grp.anchor,
             prologue=tuple(grp.prologue),
-            epilogue=tuple(sorted(grp.members, key=index.__getitem__)),
+            epilogue=tuple(sorted(grp.members, key=f.index.__getitem__)),
             outputs=outs, rows=grp.rows, cols=grp.cols,
         ))
-    return FusedGraph(graph, tuple(result))
+    return tuple(result)
 
 
 def _appends_in_epilogue(op: Op, grp: _Group, members: set[str], ops) -> bool:
