@@ -1,40 +1,39 @@
-"""Turn one fused group into the lines of its task body.
+"""Turn one fused group into the code its task kind's template lays out.
 
-The emitter decides *what* each line computes; the templates (`templates/*.py.j2`)
-only lay the sections out. Every group works on a block of BM rows of its [rows,
-cols] space: `rows` are flat row indices, `cols` the current column chunk. Values
-are [BM, chunk] ("wide") or [BM, 1] ("narrow": reductions and per-row values).
-Loads read strided views through a per-operand row offset, so layout ops cost
-nothing at run time.
+Each group kind has one code type and one emitter (`KINDS`); the code type names its
+template (`templates/<kind>.py.j2`). The templates own the algorithms (the K loop, the
+split-KV attention and its merge, the top-k rounds); the emitters decide *what* each
+line computes and supply it as the templates' hooks, with the lines of the group's ops
+from `group_emitter.GroupEmitter`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from tilec.codegen.exprs import EXPRS, TL_DTYPES, cast, literal
-from tilec.codegen.safety import identifier
-from tilec.codegen.topk import topk_phase
+from tilec.codegen.exprs import TL_DTYPES
+from tilec.codegen.group_emitter import REDUCTIONS, GroupCode, GroupEmitter, pow2
 from tilec.ir.attention import attention_chunks, attention_parts, partial_names
-from tilec.ir.graph import FLOAT_DTYPES, Group, Op, Operand, index_checks
+from tilec.ir.graph import Group, Op
 from tilec.ir.stream import PROLOGUE_CHUNK, is_matvec, ring_stages
 from tilec.ir.tasks import Buffer, GroupTiling
 
 
 @dataclass
-class GroupCode:
-    """Everything a template needs to lay out one task kind."""
+class RowCode(GroupCode):
+    """templates/row.py.j2: reduction phases, then the final loop over the columns."""
 
-    kind: str
-    comment: str
-    consts: dict[str, int]
-    preamble: list[str] = field(default_factory=list)
-    phases: list[dict] = field(default_factory=list)    # reduction loops
-    narrow: list[str] = field(default_factory=list)     # per-row values after phases
-    main: list[str] = field(default_factory=list)       # body of the final loop
-    epilogue: list[str] = field(default_factory=list)   # matmul: after the K loop
+    template: ClassVar[str] = "row.py.j2"
     stores: list[str] = field(default_factory=list)     # narrow stores after the loop
-    bases: list[int] = field(default_factory=list)      # pool element offsets (args row)
+
+
+@dataclass
+class MatmulCode(GroupCode):
+    """templates/matmul.py.j2: the prologue's phases, the K loop (`main` computes the A
+    tile), then the epilogue on the accumulator."""
+
+    template: ClassVar[str] = "matmul.py.j2"
+    epilogue: list[str] = field(default_factory=list)   # after the K loop, stores included
     dot: str = ""
     # matmul K loop: tensor-core tiles (16 rows or more) load B chunk 0 (`b_first`, at
     # kb) and the next (`b_next`, at kn); matvec tiles stream B through a ring of
@@ -46,398 +45,32 @@ class GroupCode:
     stages: int = 1
     acc_shape: list[int] = field(default_factory=list)
     acc_finish: str = ""
-    # attention (see emit_attention): the skip test, the value product, what a partial
-    # task stores, what a skipped chunk stores, the merge, and the final epilogue
-    live: list[str] = field(default_factory=list)
-    values: list[str] = field(default_factory=list)
-    partial_stores: list[str] = field(default_factory=list)
-    skipped_stores: list[str] = field(default_factory=list)
-    merge: list[str] = field(default_factory=list)
-    final: list[str] = field(default_factory=list)
 
 
-def pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+@dataclass
+class AttentionCode(MatmulCode):
+    """templates/attention.py.j2, which lays out split-KV attention (see
+    `emit_attention`); these are the expressions it is written over. `epilogue` is the
+    output's, over the head dim."""
+
+    template: ClassVar[str] = "attention.py.j2"
+    scores: list[str] = field(default_factory=list)     # the score epilogue and softmax
+    p: str = ""                                         # the probabilities
+    v_ptr: str = ""                                     # the values of batch t0
+    v_strides: tuple[int, int] = (0, 0)                 # their (key, head dim) strides
+    pv_dot: str = ""                                    # p_tile @ v_tile
+    out: str = ""                                       # the product's variable
+    # with several chunks: the partials' buffers and the chunk's row max and row sum
+    partial_out: str = ""
+    partial_max: str = ""
+    partial_sum: str = ""
+    row_max: str = ""
+    row_sum: str = ""
+    hidden: list[str] = field(default_factory=list)     # [BM, BN] masks hiding keys
 
 
-def row_offset(shape: tuple[int, ...], strides: tuple[int, ...], rows: str,
-               shift: tuple[int, int] | None = None) -> str | None:
-    """Offset of flat row `rows` of a view with leading `shape`/`strides`.
-    `shift` = (dim, start) subtracts start from that dim's coordinate (concat)."""
-    terms = []
-    inner = 1
-    for d in range(len(shape) - 1, -1, -1):
-        size, stride = shape[d], strides[d]
-        if size > 1 and stride != 0:
-            coord = rows if inner == 1 else f"({rows} // {inner})"
-            if d > 0 and math.prod(shape[:d]) > 1:
-                coord = f"({coord} % {size})"
-            if shift and shift[0] == d and shift[1]:
-                coord = f"({coord} - {shift[1]})"
-            terms.append(coord if stride == 1 else f"{coord} * {stride}")
-        inner *= size
-    return f"({' + '.join(reversed(terms))})" if terms else None
-
-
-class GroupEmitter:
-    def __init__(self, group: Group, ops: dict[str, Op], tiling: GroupTiling,
-                 buffers: dict[str, Buffer]):
-        self.g = group
-        self.ops = ops
-        self.tiling = tiling
-        self.buffers = buffers
-        self.members = list(group.members)
-        self.var = {name: f"v{i}" for i, name in enumerate(self.members)}
-        self.code = GroupCode(group.kind, group.name, {})
-        self.base_of: dict[tuple, str] = {}
-        self.leaf_vars: dict[tuple, str] = {}
-        self.nleaf = 0
-
-    # ---- buffers and leaves ------------------------------------------------------------
-    def storage(self, value: str) -> Buffer:
-        op = self.ops[value]
-        if op.kind == "state_update":
-            return self.storage(op.inputs[0].value)
-        return self.buffers[value]
-
-    def pointer(self, value: str, offset: int = 0) -> str:
-        """`pool + baseJ`: the element address of `value` plus a view offset."""
-        return self.buffer_pointer(self.storage(value), offset)
-
-    def buffer_pointer(self, buf: Buffer, offset: int = 0) -> str:
-        key = (buf.name, offset)
-        if key not in self.base_of:
-            self.base_of[key] = f"base{len(self.code.bases)}"
-            self.code.bases.append(buf.offset + offset)
-        return f"{identifier(buf.pool, 'pool')} + {self.base_of[key]}"
-
-    def fresh(self, prefix: str) -> str:
-        self.nleaf += 1
-        return f"{prefix}{self.nleaf}"
-
-    def dtype(self, value: str) -> str:
-        return self.ops[value].type.dtype
-
-    def upcast(self, expr: str, dtype: str) -> str:
-        return f"{expr}.to(tl.float32)" if dtype in FLOAT_DTYPES else f"{expr}.to(tl.int64)"
-
-    def row_offset_var(self, operand: Operand, shift=None) -> str | None:
-        key = ("ro", operand.value, operand.shape[:-1], operand.strides[:-1], shift)
-        if key not in self.leaf_vars:
-            expr = row_offset(operand.shape[:-1], operand.strides[:-1], "rows", shift)
-            if expr is None:
-                self.leaf_vars[key] = None
-            else:
-                name = self.fresh("ro")
-                self.code.preamble.append(f"{name} = {expr}")
-                self.leaf_vars[key] = name
-        return self.leaf_vars[key]
-
-    def narrow_load(self, operand: Operand) -> str:
-        """A [BM, 1] (or scalar) load of a per-row value, hoisted to the preamble."""
-        key = ("nl", operand)
-        if key not in self.leaf_vars:
-            ptr = self.pointer(operand.value, operand.offset)
-            ro = self.row_offset_var(operand) if operand.shape else None
-            name = self.fresh("ld")
-            dt = self.dtype(operand.value)
-            if ro is None:
-                self.code.preamble.append(f"{name} = {self.upcast(f'tl.load({ptr})', dt)}")
-            else:
-                self.code.preamble.append(
-                    f"{name} = {self.upcast(f'tl.load({ptr} + {ro}[:, None], mask=rmask[:, None], other=0)', dt)}")
-            self.leaf_vars[key] = name
-        return self.leaf_vars[key]
-
-    def load(self, operand: Operand, narrow: bool) -> str:
-        """Expression for a non-member operand at (rows, cols)."""
-        if not operand.shape or narrow or operand.shape[-1] == 1 or operand.strides[-1] == 0:
-            return self.narrow_load(operand)
-        ptr = self.pointer(operand.value, operand.offset)
-        ro = self.row_offset_var(operand)
-        s = operand.strides[-1]
-        col = "cols[None, :]" if s == 1 else f"cols[None, :] * {s}"
-        dt = self.dtype(operand.value)
-        if ro is None:
-            return self.upcast(f"tl.load({ptr} + {col}, mask=cmask[None, :], other=0)", dt)
-        return self.upcast(f"tl.load({ptr} + {ro}[:, None] + {col}, mask=mask, other=0)", dt)
-
-    # ---- ops -----------------------------------------------------------------------
-    def is_narrow(self, name: str) -> bool:
-        op = self.ops[name]
-        return op.kind in REDUCTIONS or op.type.cols == 1
-
-    def arg(self, op: Op, i: int) -> str:
-        operand = op.inputs[i]
-        if operand.value in self.var:  # a member: aligned, already in registers
-            return self.var[operand.value]
-        return self.load(operand, narrow=self.is_narrow(op.name))
-
-    def op_expr(self, name: str) -> str:
-        op = self.ops[name]
-        if op.kind == "elementwise":
-            fn, enc = op.attr("fn"), op.attr("args")
-            integer = op.type.dtype not in FLOAT_DTYPES
-            args = [self.arg(op, a[1]) if isinstance(a, tuple) else literal(a, integer)
-                    for a in enc]
-            if not op.inputs:   # a fill: its numbers as blocks of the values' shape
-                where = "rmask[:, None]" if self.is_narrow(name) else "mask"
-                args = [f"tl.where({where}, {a}, {a})" for a in args]
-            if fn == "cast":
-                return cast(args[0], self.dtype(op.inputs[0].value), op.type.dtype)
-            if fn == "pow":
-                return EXPRS["pow"](args[0], enc[1])
-            return EXPRS[fn](*args)  # math stays in float32; the store rounds
-        if op.kind == "state_update":  # the value it stores; `stores` writes it
-            return self.arg(op, 1)
-        if op.kind == "gather":
-            return self.gather(op)
-        if op.kind == "concat":
-            return self.concat(op)
-        raise NotImplementedError(op.kind)
-
-    def gather(self, op: Op) -> str:
-        table, index = op.inputs
-        key = ("gi", index)
-        if key not in self.leaf_vars:
-            name = self.fresh("gi")
-            ptr = self.pointer(index.value, index.offset)
-            ro = row_offset(index.shape, index.strides, "rows") or "rows * 0"
-            rows = table.shape[0]
-            self.code.preamble.append(
-                f"{name} = tl.load({ptr} + {ro}, mask=rmask, other=0).to(tl.int64)")
-            self.check_index(op, name, "rmask", rows)
-            self.leaf_vars[key] = name
-        gi = self.leaf_vars[key]
-        ptr = self.pointer(table.value, table.offset)
-        s0, s1 = table.strides
-        col = "cols[None, :]" if s1 == 1 else f"cols[None, :] * {s1}"
-        return self.upcast(f"tl.load({ptr} + {gi}[:, None] * {s0} + {col}, mask=mask, other=0)",
-                           self.dtype(table.value))
-
-    def check_index(self, op: Op, index: str, valid: str, bound: int,
-                    replace: bool = True) -> None:
-        """Preamble lines that check the run-time indices `index` (lanes where `valid`)
-        against [0, bound): the first out of range is recorded in the error buffer for
-        the host (`index_error` in kernel.py.j2). With `replace`, an index out of range
-        then becomes 0, so a read never leaves its table (a write masks them instead)."""
-        check = index_checks(self.g, self.ops).index(op.name)
-        bad = f"{index}_bad"
-        self.code.preamble += [
-            f"{bad} = {valid} & (({index} < 0) | ({index} >= {bound}))",
-            f"index_error(error, arow, t0, t1, t2, {check}, {index}, {bad}, {bound})",
-        ]
-        if replace:
-            self.code.preamble.append(f"{index} = tl.where({bad}, 0, {index})")
-
-    def concat(self, op: Op) -> str:
-        dim = op.attr("dim")
-        nd = len(op.type.shape)
-        expr = "0.0"
-        start = 0
-        for piece in op.inputs:
-            stop = start + piece.shape[dim]
-            # pieces read in the concat's index space: strides of the piece, shape of the out
-            if dim == nd - 1:
-                view = Operand(piece.value, op.type.shape, piece.strides,
-                               piece.offset - start * piece.strides[dim])
-                value = self.load(view, narrow=False)
-                cond = f"(cols[None, :] >= {start}) & (cols[None, :] < {stop})"
-            else:
-                ro = row_offset(op.type.shape[:-1], piece.strides[:-1], "rows", (dim, start))
-                name = self.fresh("ro")
-                self.code.preamble.append(f"{name} = {ro or 'rows * 0'}")
-                coord = row_offset(op.type.shape[:-1],
-                                   tuple(1 if d == dim else 0 for d in range(nd - 1)), "rows")
-                valid = self.fresh("rv")
-                self.code.preamble.append(f"{valid} = ({coord} >= {start}) & ({coord} < {stop})")
-                ptr = self.pointer(piece.value, piece.offset)
-                s = piece.strides[-1]
-                col = "cols[None, :]" if s == 1 else f"cols[None, :] * {s}"
-                value = self.upcast(
-                    f"tl.load({ptr} + {name}[:, None] + {col}, mask=mask & {valid}[:, None], other=0)",
-                    self.dtype(piece.value))
-                cond = f"{valid}[:, None]"
-            expr = f"tl.where({cond}, {value}, {expr})"
-            start = stop
-        return expr
-
-    # ---- sections ------------------------------------------------------------------
-    def needed(self, targets, avail: set[str], scope: list[str]) -> list[str]:
-        """Members in `scope` (order kept) needed to compute `targets` given `avail`."""
-        need: set[str] = set()
-        stack = [t for t in targets if t in self.var and t not in avail]
-        while stack:
-            n = stack.pop()
-            if n in need or n in avail or n == self.g.anchor:
-                continue
-            need.add(n)
-            for operand in self.ops[n].inputs:
-                if operand.value in self.var and operand.value not in avail:
-                    stack.append(operand.value)
-        return [n for n in scope if n in need]
-
-    def assign(self, name: str) -> str:
-        return f"{self.var[name]} = {self.op_expr(name)}"
-
-    def reduce_lines(self, name: str, col0: str) -> tuple[list[str], list[str], str]:
-        """(init, update, finish) lines of a last-dim reduction; `col0` is the column
-        of the chunk's first element."""
-        op = self.ops[name]
-        src = op.inputs[0]
-        x = self.var[src.value] if src.value in self.var else self.load(src, narrow=False)
-        acc = f"acc_{self.var[name]}"
-        bm = self.tiling.block_m
-        if op.kind == "argmax":
-            # first index of the maximum, as torch.argmax: strict > keeps earlier chunks
-            idx = f"idx_{self.var[name]}"
-            xm = f"tl.where(mask, {x}, -float(\"inf\"))"
-            init = [f"{acc} = tl.full([{bm}], -float(\"inf\"), tl.float32)",
-                    f"{idx} = tl.zeros([{bm}], dtype=tl.int64)"]
-            upd = [f"chunk_max = tl.max({xm}, axis=1)",
-                   f"chunk_idx = tl.argmax({xm}, axis=1).to(tl.int64) + {col0}",
-                   f"{idx} = tl.where(chunk_max > {acc}, chunk_idx, {idx})",
-                   f"{acc} = tl.maximum({acc}, chunk_max)"]
-            return init, upd, f"{self.var[name]} = {idx}[:, None]"
-        scale = op.attr("scale", 1.0)
-        tail = f" * {literal(scale)}" if scale != 1.0 else ""
-        if op.attr("fn") == "max":
-            init = f"{acc} = tl.full([{self.tiling.block_m}], -float(\"inf\"), tl.float32)"
-            upd = f"{acc} = tl.maximum({acc}, tl.max(tl.where(mask, {x}, -float(\"inf\")), axis=1))"
-        else:
-            init = f"{acc} = tl.zeros([{self.tiling.block_m}], dtype=tl.float32)"
-            upd = f"{acc} = {acc} + tl.sum(tl.where(mask, {x}, 0.0), axis=1)"
-        finish = f"{self.var[name]} = ({acc}{tail})[:, None]"
-        return [init], [upd], finish
-
-    def row_phases(self, scope: list[str], avail: set[str]) -> None:
-        """Reductions over the whole row, each one chunked loop, in dependency order;
-        per-row values in between are computed once, outside the loops."""
-        def ready_narrow():
-            changed = True
-            while changed:
-                changed = False
-                for n in scope:
-                    if n in avail or not self.is_narrow(n) or self.ops[n].kind in REDUCTIONS:
-                        continue
-                    deps = [o.value for o in self.ops[n].inputs if o.value in self.var]
-                    if all(d in avail for d in deps):
-                        self.code.narrow.append(self.assign(n))
-                        avail.add(n)
-                        changed = True
-        for n in scope:
-            if self.ops[n].kind not in REDUCTIONS or n in avail:
-                continue
-            ready_narrow()
-            src = self.ops[n].inputs[0].value
-            body = [self.assign(m) for m in self.needed([src], avail, scope)]
-            if self.ops[n].kind == "topk":
-                phase, done = topk_phase(self, n, body)
-            else:
-                init, upd, finish = self.reduce_lines(n, col0="c0")
-                phase = {"init": init, "body": body + upd, "finish": finish, "rounds": 0}
-                done = [n]
-            self.code.phases.append({**phase, "pre": list(self.code.narrow)})
-            self.code.narrow = []
-            avail.update(done)
-        ready_narrow()
-
-    def batch_pointer(self, operand: Operand, name: str) -> str:
-        """Address of batch `t0` of a matmul operand [B.., rows, cols]; the batch offset
-        is computed once, in the preamble, as `name`."""
-        ptr = self.pointer(operand.value, operand.offset)
-        off = row_offset(operand.shape[:-2], operand.strides[:-2], "t0")
-        if off:
-            self.code.preamble.append(f"{name} = {off}")
-            ptr += f" + {name}"
-        return ptr
-
-    def split_outputs(self, outputs) -> tuple[list[str], list[str]]:
-        """(wide, narrow) outputs of the group, the matmul anchor and the top-k results
-        (stored a round at a time) excluded."""
-        outs = [n for n in outputs if n != self.g.anchor and self.ops[n].kind != "topk"]
-        return ([n for n in outs if not self.is_narrow(n)], [n for n in outs if self.is_narrow(n)])
-
-    def final_stores(self, outputs) -> list[str]:
-        """Stores of a matmul-like group's outputs, over the current (rows, cols)."""
-        wide, narrow = self.split_outputs(outputs)
-        if self.g.anchor in outputs:
-            wide.append(self.g.anchor)
-        return self.stores(wide, narrow=False) + self.stores(narrow, narrow=True)
-
-    def state_store(self, op: Op) -> list[str]:
-        return _state_store_lines(self, op)
-
-    def stores(self, names, narrow: bool) -> list[str]:
-        lines = []
-        for n in names:
-            op = self.ops[n]
-            if op.kind == "state_update":
-                lines += self.state_store(op)
-                continue
-            ptr = self.pointer(n)
-            width = op.type.cols
-            val = f"{self.var[n]}.to({TL_DTYPES[op.type.dtype]})"
-            if narrow:
-                off = "rows[:, None]" if width == 1 else f"rows[:, None] * {width}"
-                lines.append(f"tl.store({ptr} + {off}, {val}, mask=rmask[:, None])")
-            else:
-                lines.append(f"tl.store({ptr} + rows[:, None] * {width} + cols[None, :], "
-                             f"{val}, mask=mask)")
-        return lines
-
-
-REDUCTIONS = ("reduce", "argmax", "topk")
-
-
-def _state_store_lines(e: "GroupEmitter", op: Op) -> list[str]:
-    state, value, index = op.inputs
-    dim = op.attr("dim")
-    size = op.type.shape[dim]
-    pos = e.fresh("pos")
-    # the position as a per-row vector: the interpreter rejects scalar & block masks
-    e.code.preamble.append(
-        f"{pos} = rows.to(tl.int64) * 0 + tl.load({e.pointer(index.value, index.offset)}).to(tl.int64)")
-    e.check_index(op, pos, "rmask", size, replace=False)
-    ptr = e.pointer(state.value, state.offset)
-    valid = f"mask & (({pos} >= 0) & ({pos} < {size}))[:, None]"
-    stored = f"{e.var[op.name]}.to({TL_DTYPES[op.type.dtype]})"
-    if e.g.kind == "matmul":
-        # The tile is in the product's [rows, N] space; the value views those elements
-        # in order in its own shape (heads split out): unravel each element's flat index.
-        flat = f"(rows[:, None] * {e.g.cols} + cols[None, :])"
-        terms, inner = [f"{pos}[:, None] * {state.strides[dim]}"], 1
-        for d in range(len(value.shape) - 1, -1, -1):
-            size_d = value.shape[d]
-            if d != dim and size_d > 1:
-                coord = f"({flat} // {inner})" if inner > 1 else flat
-                if inner * size_d < e.g.rows * e.g.cols:
-                    coord = f"({coord} % {size_d})"
-                terms.append(f"{coord} * {state.strides[d]}")
-            inner *= size_d
-        return [f"tl.store({ptr} + {' + '.join(terms)}, {stored}, mask={valid})"]
-    ro = row_offset(value.shape[:-1], state.strides[:-1], "rows")
-    s_last = state.strides[-1]
-    col = "cols[None, :]" if s_last == 1 else f"cols[None, :] * {s_last}"
-    rows = f"{ro}[:, None] + " if ro else ""
-    # a position outside the state writes nothing (and is reported: check_index)
-    return [f"tl.store({ptr} + {rows}{pos}[:, None] * {state.strides[dim]} + {col}, "
-            f"{stored}, mask={valid})"]
-
-
-def emit_group(group: Group, ops: dict[str, Op], tiling: GroupTiling,
-               buffers: dict[str, Buffer]) -> GroupCode:
-    e = GroupEmitter(group, ops, tiling, buffers)
-    e.code.consts = {"BM": tiling.block_m, "BN": tiling.block_n, "BK": tiling.block_k}
-    if group.kind == "row":
-        return emit_row(e)
-    if group.kind == "matmul":
-        e.code.epilogue = emit_matmul(e, group.epilogue) + e.final_stores(group.outputs)
-        return e.code
-    return emit_attention(e)
-
-
-def emit_row(e: GroupEmitter) -> GroupCode:
+def emit_row(e: GroupEmitter) -> RowCode:
+    """Reductions (and top-k rounds) as phases, then the wide outputs over the columns."""
     c, group = e.code, e.g
     c.consts.update(R=group.rows, C=group.cols)
     avail: set[str] = set()
@@ -493,7 +126,7 @@ def emit_matmul(e: GroupEmitter, epilogue: tuple[str, ...]) -> list[str]:
     return lines
 
 
-def _tensor_core_loop(c: GroupCode, b_ptr: str, strides: tuple[int, int], k: int) -> None:
+def _tensor_core_loop(c: MatmulCode, b_ptr: str, strides: tuple[int, int], k: int) -> None:
     """A [BK, BN] B chunk per trip of the K loop, the next one loaded (into registers)
     before this one's product: two chunks in flight per worker."""
     sk, sn = strides
@@ -505,7 +138,7 @@ def _tensor_core_loop(c: GroupCode, b_ptr: str, strides: tuple[int, int], k: int
     c.b_next = b_load("kn")
 
 
-def _stream_loop(c: GroupCode, b_ptr: str, strides: tuple[int, int], nk: tuple[int, int],
+def _stream_loop(c: MatmulCode, b_ptr: str, strides: tuple[int, int], nk: tuple[int, int],
                  tiling: GroupTiling, weight: bool) -> None:
     """The K loop of a matvec-shaped task (fewer than 16 rows), the weight stream of a
     decode step: B chunks go through a `ring_stages`-deep shared-memory ring (the loop is
@@ -555,8 +188,8 @@ def dot(a: str, b: str, b_dtype: str, acc: str | None = None) -> str:
     return f"tl.dot({a}, {b}.to(tl.float32){tail}, input_precision=\"ieee\")"
 
 
-def emit_attention(e: GroupEmitter) -> GroupCode:
-    """Split-KV decode attention (templates/attention.py.j2).
+def emit_attention(e: GroupEmitter) -> AttentionCode:
+    """Split-KV decode attention (templates/attention.py.j2 lays the algorithm out).
 
     A partial task takes one chunk of BN keys: the score product and its epilogue up to
     the softmax are the matmul code above, over the chunk; the probabilities, softmax-
@@ -570,56 +203,42 @@ def emit_attention(e: GroupEmitter) -> GroupCode:
     chunks = attention_chunks(tiling)
     pv = ops[parts.pv]
     dv = pv.type.cols
-    bm, bdv = tiling.block_m, max(16, pow2(dv))
-    c.consts.update(DV=dv, BDV=bdv, NC=chunks)
-    lines = emit_matmul(e, parts.score_ops + parts.softmax_ops)
+    c.consts.update(DV=dv, BDV=max(16, pow2(dv)), NC=chunks)
+    c.scores = emit_matmul(e, parts.score_ops + parts.softmax_ops)
     values = pv.inputs[1]
-    v_ptr = e.batch_pointer(values, "voff")
-    sk, sn = values.strides[-2], values.strides[-1]
-    c.values = lines + [
-        f"p_tile = tl.where(mask, {e.var[parts.p]}, 0.0)",
-        f"v_tile = tl.load({v_ptr} + ncols[:, None] * {sk} + dcols[None, :] * {sn}, "
-        f"mask=nmask[:, None] & dmask[None, :], other=0)",
-        "o_tile = " + dot("p_tile", "v_tile", ops[values.value].type.dtype),
-    ]
-    final = [f"cols = dcols", "cmask = dmask", "mask = rmask[:, None] & dmask[None, :]"]
-    final += [e.assign(name) for name in parts.out_ops]
-    c.final = final + e.final_stores(group.outputs)
+    c.p, c.out = e.var[parts.p], e.var[parts.pv]
+    c.v_ptr = e.batch_pointer(values, "voff")
+    c.v_strides = (values.strides[-2], values.strides[-1])
+    c.pv_dot = dot("p_tile", "v_tile", ops[values.value].type.dtype)
+    c.epilogue = [e.assign(name) for name in parts.out_ops] + e.final_stores(group.outputs)
     if chunks == 1:
-        c.values.append(f"{e.var[parts.pv]} = o_tile")
         return c
-    o, mx, sm = (e.buffer_pointer(e.buffers[name]) for name in partial_names(group.name))
-    slot = f"rows[:, None] * {chunks} + t2"
-    out_slot = f"rows[:, None] * {chunks * dv} + t2 * {dv} + dcols[None, :]"
-    out_mask = "rmask[:, None] & dmask[None, :]"
-    c.partial_stores = [
-        f"tl.store({o} + {out_slot}, o_tile, mask={out_mask})",
-        f"tl.store({mx} + {slot}, {e.var[parts.row_max]}, mask=rmask[:, None])",
-        f"tl.store({sm} + {slot}, {e.var[parts.row_sum]}, mask=rmask[:, None])",
-    ]
-    c.skipped_stores = [
-        f"tl.store({o} + {out_slot}, tl.zeros([{bm}, {bdv}], dtype=tl.float32), mask={out_mask})",
-        f"tl.store({mx} + {slot}, tl.full([{bm}, 1], -float(\"inf\"), tl.float32), mask=rmask[:, None])",
-        f"tl.store({sm} + {slot}, tl.zeros([{bm}, 1], dtype=tl.float32), mask=rmask[:, None])",
-    ]
-    if parts.masks:
-        hidden = []
-        for name, cond, hides_when_true in parts.masks:
-            value = e.load(ops[name].inputs[cond], narrow=False)
-            hidden.append(f"(({value}) {'!=' if hides_when_true else '=='} 0)")
-        c.live = [f"live = tl.sum((mask & ~({' | '.join(hidden)})).to(tl.int32))"]
-    c.merge = [
-        f"row_max = tl.full([{bm}], -float(\"inf\"), tl.float32)",
-        f"for chunk in range({chunks}):",
-        f"    row_max = tl.maximum(row_max, tl.load({mx} + rows * {chunks} + chunk, mask=rmask, other=-float(\"inf\")))",
-        f"weights = tl.zeros([{bm}], dtype=tl.float32)",
-        f"o_tile = tl.zeros([{bm}, {bdv}], dtype=tl.float32)",
-        f"for chunk in range({chunks}):",
-        f"    w = tl.load({sm} + rows * {chunks} + chunk, mask=rmask, other=0)",
-        f"    w = tl.where(w > 0, tl.exp(tl.load({mx} + rows * {chunks} + chunk, mask=rmask, other=0) - row_max) * w, 0.0)",
-        f"    part = tl.load({o} + rows[:, None] * {chunks * dv} + chunk * {dv} + dcols[None, :], mask={out_mask}, other=0)",
-        "    o_tile += tl.where(w[:, None] > 0, w[:, None] * part, 0.0)",
-        "    weights += w",
-        f"{e.var[parts.pv]} = o_tile / tl.where(rmask, weights, 1.0)[:, None]",
-    ]
+    c.partial_out, c.partial_max, c.partial_sum = (
+        e.buffer_pointer(e.buffers[name]) for name in partial_names(group.name))
+    c.row_max, c.row_sum = e.var[parts.row_max], e.var[parts.row_sum]
+    for name, cond, hides_when_true in parts.masks:
+        value = e.load(ops[name].inputs[cond], narrow=False)
+        c.hidden.append(f"(({value}) {'!=' if hides_when_true else '=='} 0)")
     return c
+
+
+def emit_matmul_group(e: GroupEmitter) -> MatmulCode:
+    """One matmul tile: the K loop, then its epilogue and stores."""
+    e.code.epilogue = emit_matmul(e, e.g.epilogue) + e.final_stores(e.g.outputs)
+    return e.code
+
+
+# Each group kind: its code type (which names its template) and its emitter.
+KINDS = {
+    "row": (RowCode, emit_row),
+    "matmul": (MatmulCode, emit_matmul_group),
+    "attention": (AttentionCode, emit_attention),
+}
+
+
+def emit_group(group: Group, ops: dict[str, Op], tiling: GroupTiling,
+               buffers: dict[str, Buffer]) -> GroupCode:
+    code_type, emit = KINDS[group.kind]
+    e = GroupEmitter(group, ops, tiling, buffers, code_type(group.kind, group.name, {}))
+    e.code.consts = {"BM": tiling.block_m, "BN": tiling.block_n, "BK": tiling.block_k}
+    return emit(e)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import jinja2
 
-from tilec.codegen.emit import emit_group, pow2
+from tilec.codegen.emit import emit_group
+from tilec.codegen.group_emitter import pow2
 from tilec.codegen.safety import (UnsafeKernelError, check_kernel_source, identifier, integer,
                                   text_literal)
 from tilec.ir import abi
@@ -70,7 +71,7 @@ def render(fused: FusedGraph, tilings: tuple[GroupTiling, ...], buffers: tuple[B
         code = emit_group(g, ops, tiling[g.name], placed)
         for key, value in code.consts.items():
             integer(value, f"group {text_literal(g.name, 60)}: {key}")
-        body = _env.get_template(f"{g.kind}.py.j2").render(c=code).rstrip("\n")
+        body = _env.get_template(code.template).render(c=code).rstrip("\n")
         # Bases that are multiples of ALIGN elements are promised to the compiler as
         # such (memplan aligns every buffer), so loads from them can be 16-byte vectors;
         # groups share an opcode only if they agree on which bases are aligned.

@@ -175,8 +175,8 @@ class Group:
 
 
 # Ops that read or write at an index known only at run time. The kernel checks each
-# such index against its bound (codegen/emit.py check_index) and records the first one
-# out of range in the error buffer, which the host reports after the step.
+# such index against its bound (codegen/group_emitter.py check_index) and records the
+# first one out of range in the error buffer, which the host reports after the step.
 INDEXED_KINDS = ("gather", "state_update")
 
 

@@ -213,7 +213,7 @@ class TaskRunner:
         return {g.anchor: a.double().matmul(bmat.double()).float()}
 
     def run_attention(self, g: Group, tl: GroupTiling, tile: tuple[int, int, int]) -> None:
-        """Split-KV attention as codegen/emit.py `emit_attention` defines it: a partial
+        """Split-KV attention as templates/attention.py.j2 lays it out: a partial
         per chunk of keys (softmax within the chunk), a merge that rescales them."""
         b, mi, ni = tile
         parts = attention_parts(g, self.ops)
