@@ -29,13 +29,19 @@ def save(folder, seed=0, **fields):
     cfg.update(fields)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
+    randomize(model, seed)
+    model.save_pretrained(folder)
+    return model
+
+
+def randomize(model, seed):
+    """Weights larger than HF's init (norms near one): greedy choices are not near-ties
+    and every tensor moves the logits."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             base, scale = (1.0, 0.1) if "norm" in name else (0.0, 0.15)
             p.copy_(base + scale * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(folder)
-    return model
 
 
 def edit_config(folder, **changes):

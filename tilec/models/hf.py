@@ -1,4 +1,5 @@
-"""Read a local Hugging Face Llama checkpoint: config.json plus safetensors weights
+"""Read a local Hugging Face decoder checkpoint (the architectures of
+tilec/models/architectures.py): config.json plus safetensors weights
 (one `model.safetensors`, or shards listed in `model.safetensors.index.json`).
 
 Every problem is a ConfigError naming the file and the field or tensor.
@@ -12,21 +13,12 @@ from pathlib import Path
 import torch
 
 from tilec.errors import ConfigError
+from tilec.models.architectures import architecture_of, decoder_fields
 from tilec.models.llama import LlamaConfig, LlamaDecodeStep
 from tilec.runtime.chat import SPECIAL_TOKEN_NAMES, ChatTemplate
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-
-# Every config.json field is honoured, metadata, or refused: a field tilec does not
-# know may change what the model computes, and ignoring it would be a silently wrong
-# answer. Honoured: LlamaConfig computes with them (or, for the first two, read_config
-# checks them).
-HONOURED = (
-    "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size",
-    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-    "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
-    "tie_word_embeddings", "attention_bias", "mlp_bias", "max_position_embeddings",
-)
+# Every config.json field is honoured (the architecture's fields: architectures.py),
+# metadata, or refused.
 _GENERATION_DEFAULT = ("a default of transformers' generate(), not of the model: "
                        "tilec run takes its own sampling flags")
 # Metadata: fields that do not change what the model computes, and why.
@@ -68,22 +60,14 @@ def read_config(folder: str | os.PathLike) -> LlamaConfig:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
-    archs = data.get("architectures") or []
-    if not isinstance(archs, list) or not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise ConfigError(f"{path}: architectures: {archs!r} is not supported "
-                          f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    if data.get("model_type", "llama") != "llama":
-        raise ConfigError(f"{path}: model_type: {data['model_type']!r} is not supported "
-                          f"(supported: 'llama')")
+    arch = architecture_of(data, str(path))
     for key, value in data.items():
-        if key not in HONOURED and key not in METADATA:
+        if key not in arch.honoured and key not in METADATA:
             shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-            raise ConfigError(f"{path}: {key}: {shown} is not supported by tilec's Llama "
+            raise ConfigError(f"{path}: {key}: {shown} is not supported by tilec's {arch.name} "
                               f"(a field tilec does not know may change what the model "
                               f"computes; the fields it honours: docs/model-yaml.md)")
-    cfg = {k: v for k, v in data.items() if k in HONOURED and k not in ("architectures",
-                                                                         "model_type")}
-    return LlamaConfig.from_dict(cfg, where=str(path))
+    return LlamaConfig.from_dict(decoder_fields(arch, data, str(path)), where=str(path))
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
@@ -111,6 +95,9 @@ def weight_files(folder: Path) -> dict[str, Path]:
     raise ConfigError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+
+
 def hf_name(ours: str) -> str:
     """Our parameter name -> the checkpoint's."""
     if ours.startswith("lm_head."):
@@ -118,7 +105,7 @@ def hf_name(ours: str) -> str:
     if ours.startswith("layers."):
         _, i, rest = ours.split(".", 2)
         module = rest.split(".")[0]
-        group = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else \
+        group = "self_attn" if module in ATTENTION_MODULES else \
             "mlp" if module in ("gate_proj", "up_proj", "down_proj") else None
         return f"model.layers.{i}.{group}.{rest}" if group else f"model.layers.{i}.{rest}"
     return f"model.{ours}"

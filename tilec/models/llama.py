@@ -44,6 +44,13 @@ class LlamaConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     max_position_embeddings: int = 2048
+    # What some architectures add to Llama (tilec/models/architectures.py):
+    qkv_bias: bool = False            # q, k and v projections have a bias, o_proj not (Qwen2)
+    qk_norm: bool = False             # RMSNorm over each head's q and k before RoPE (Qwen3)
+    # keys older than `sliding_window` positions are hidden, in the layers whose
+    # layer_types entry is "sliding_attention" (every layer without layer_types: Mistral)
+    sliding_window: int | None = None
+    layer_types: list | None = None   # per layer: "full_attention" or "sliding_attention"
     initializer_range: float = 0.02   # the scale of a family model's random weights
     extra: dict = field(default_factory=dict)
 
@@ -94,7 +101,7 @@ class LlamaConfig:
             need(value is None or (isinstance(value, int) and not isinstance(value, bool)
                                    and value > 0),
                  key, f"expected a positive integer or null, found {value!r}")
-        for key in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+        for key in ("tie_word_embeddings", "attention_bias", "mlp_bias", "qkv_bias", "qk_norm"):
             value = getattr(self, key)
             need(isinstance(value, bool), key, f"expected true or false, found {value!r}")
         for key in ("rms_norm_eps", "rope_theta"):
@@ -112,6 +119,28 @@ class LlamaConfig:
              f"(supported: {', '.join(ACTIVATIONS)})")
         if self.rope_scaling is not None:
             check_rope_scaling(self.rope_scaling, where, rope_key, self.dim_head // 2)
+        self._validate_windows(need)
+
+    def _validate_windows(self, need) -> None:
+        window = self.sliding_window
+        need(window is None or (isinstance(window, int) and not isinstance(window, bool)
+                                and window > 0),
+             "sliding_window", f"expected a positive integer or null, found {window!r}")
+        types = self.layer_types
+        if types is None:
+            return
+        need(isinstance(types, (list, tuple)) and len(types) == self.num_hidden_layers
+             and all(t in LAYER_TYPES for t in types), "layer_types",
+             f"expected a list of {self.num_hidden_layers} entries each one of "
+             f"{', '.join(LAYER_TYPES)}, found {short_repr(types)}")
+        need(window is not None or "sliding_attention" not in types, "layer_types",
+             "names sliding_attention layers but there is no sliding_window")
+
+    def layer_window(self, index: int) -> int | None:
+        """The sliding window of layer `index`; None where it attends to every key."""
+        if self.layer_types is not None and self.layer_types[index] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     @property
     def rope_type(self) -> str:
@@ -134,6 +163,9 @@ class LlamaConfig:
                 f"{where}: rope_scaling: rope_type {self.rope_type!r} changes its frequencies "
                 f"past {name} {limit}, which tilec does not implement: max_seq_len must be at "
                 f"most {limit}, found {max_seq_len}")
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +214,7 @@ def init_random(params: list[tuple[str, nn.Parameter]], seed: int, std: float = 
     buf = torch.empty(INIT_CHUNK, dtype=torch.float32)
     with torch.no_grad():
         for index, (name, p) in enumerate(params):
-            if name.endswith("layernorm.weight") or name == "norm.weight":
+            if name.endswith("norm.weight"):   # every RMSNorm: input_layernorm, q_norm, norm
                 p.fill_(1.0)
                 continue
             stream = _stream(seed, index)
@@ -226,10 +258,18 @@ class Layer(nn.Module):
         d, hd = cfg.hidden_size, cfg.dim_head
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, hd
         self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps)
-        self.q_proj = nn.Linear(d, self.heads * hd, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(d, self.kv_heads * hd, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(d, self.kv_heads * hd, bias=cfg.attention_bias)
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(d, self.heads * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.kv_heads * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.kv_heads * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.heads * hd, d, bias=cfg.attention_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        # set per layer by the model (LlamaConfig.layer_window); a window as long as the
+        # cache hides nothing and is left out of the graph
+        self.window: int | None = None
+        self.max_seq_len = max_seq_len
         self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps)
         self.gate_proj = nn.Linear(d, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(d, cfg.intermediate_size, bias=cfg.mlp_bias)
@@ -244,6 +284,8 @@ class Layer(nn.Module):
         q = self.q_proj(x).view(self.heads, hd)
         k = self.k_proj(x).view(kvh, hd)
         v = self.v_proj(x).view(kvh, hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + swap_halves(q) * sin_signed
         k = k * cos + swap_halves(k) * sin_signed
         self.k_cache.index_copy_(1, pos, k.unsqueeze(1).to(self.k_cache.dtype))
@@ -251,6 +293,9 @@ class Layer(nn.Module):
         q = q.view(kvh, self.heads // kvh, hd)
         scores = (q @ self.k_cache.transpose(1, 2)) * (hd ** -0.5)
         scores = scores.masked_fill(positions > pos, float("-inf"))
+        if self.window is not None and self.window < self.max_seq_len:
+            # transformers' sliding window: key k is seen from position q iff k > q - window
+            scores = scores.masked_fill(positions <= pos - self.window, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         attn = (probs @ self.v_cache).reshape(1, self.heads * hd)
         h = h + self.o_proj(attn)
@@ -347,6 +392,8 @@ class LlamaDecodeStep(DecoderStep):
     def __init__(self, cfg: LlamaConfig, max_seq_len: int):
         cfg.check_max_seq_len(max_seq_len, "model")
         super().__init__(cfg, max_seq_len, Layer)
+        for index, layer in enumerate(self.layers):
+            layer.window = cfg.layer_window(index)
         # transformers scales cos and sin by it (yarn, longrope); 1.0 otherwise
         self.rope_attention_factor = rope_parameters(cfg)[1]
         self.register_buffer("inv_freq", self.inverse_frequencies(), persistent=False)
