@@ -32,6 +32,12 @@ CASES = {
                                    max_window_layers=1)),
     "qwen3": ("Qwen3", dict(head_dim=16, attention_bias=True, num_hidden_layers=1)),
     "mistral_window": ("Mistral", dict(sliding_window=8, num_hidden_layers=1)),
+    # sliding layer 0, full layer 1; caps small enough to bend these scores and logits
+    "gemma2": ("Gemma2", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
+                              attn_logit_softcapping=2.0, final_logit_softcapping=5.0)),
+    # fused qkv and gate_up; RoPE on half of each head; a window over all layers
+    "phi3": ("Phi3", dict(num_hidden_layers=1, partial_rotary_factor=0.5, sliding_window=7,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 
 
@@ -72,6 +78,10 @@ def test_engine_matches_transformers(checkpoint):
     ("qwen2_window", "Qwen2", CASES["qwen2_window"][1], dict(use_sliding_window=False)),
     ("mistral_window", "Mistral", CASES["mistral_window"][1], dict(sliding_window=None)),
     ("qwen3_norms", "Qwen3", CASES["qwen3"][1], None),
+    ("gemma2_caps", "Gemma2", CASES["gemma2"][1],
+     dict(attn_logit_softcapping=None, final_logit_softcapping=None)),
+    ("gemma2_window", "Gemma2", CASES["gemma2"][1], dict(sliding_window=32)),
+    ("phi3_partial", "Phi3", CASES["phi3"][1], dict(partial_rotary_factor=1.0)),
 ])
 def test_what_differs_from_llama_matters(tmp_path, name, prefix, fields, without):
     """tilec's module follows transformers, and the architecture's own part moves the
@@ -108,6 +118,14 @@ def edit(folder, **changes):
     ("qwen2", dict(model_type="llama"), "model_type: 'llama' is not supported with "
                                         "Qwen2ForCausalLM (expected 'qwen2')"),
     ("qwen3", dict(max_window_layers=-1, layer_types=None), "max_window_layers"),
+    ("qwen2", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                    "partial_rotary_factor": 0.5}),
+     "rope_parameters.partial_rotary_factor: 0.5 is not supported here"),
+    ("phi3", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
+     "original_max_position_embeddings: 4096 is not supported with rope_type 'linear'"),
+    ("gemma2", dict(use_bidirectional_attention=True), "use_bidirectional_attention: True"),
+    ("gemma2", dict(hidden_act="silu"), "hidden_act: 'silu' is not supported by tilec's "
+                                        "Gemma2ForCausalLM"),
 ])
 def test_refused_fields_are_named(tmp_path, case, changes, message):
     prefix, fields = CASES[case]

@@ -12,6 +12,7 @@ config.json that leaves the field out means what it means to transformers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from tilec.errors import ConfigError
 
@@ -19,7 +20,7 @@ from tilec.errors import ConfigError
 COMMON = (
     "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size",
     "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-    "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+    "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
     "tie_word_embeddings", "max_position_embeddings",
 )
 # Qwen's sliding-window switches: transformers turns them into layer_types
@@ -36,21 +37,105 @@ class Architecture:
     fields: tuple[str, ...]        # config.json fields honoured beyond COMMON
     traits: dict = field(default_factory=dict)     # LlamaConfig fields it fixes
     defaults: dict = field(default_factory=dict)   # transformers' defaults, where not LlamaConfig's
+    # what transformers' config class derives from the fields (in place; path for errors)
+    derive: Callable[[dict, str], None] | None = None
+    # a checkpoint tensor of a layer -> the parameters whose rows it stacks, in order
+    fused: dict = field(default_factory=dict)
 
     @property
     def honoured(self) -> tuple[str, ...]:
         return COMMON + self.fields
 
 
+def _qwen_windows(cfg: dict, path: str) -> None:
+    """Qwen's window fields as transformers reads them: the window only with
+    use_sliding_window, and layer_types (if not given) sliding from layer
+    max_window_layers on."""
+    use = cfg.pop("use_sliding_window")
+    first = cfg.pop("max_window_layers")
+    if not isinstance(use, bool):
+        raise ConfigError(f"{path}: use_sliding_window: expected true or false, found {use!r}")
+    if not use:
+        cfg["sliding_window"] = None
+    if cfg.get("layer_types") is None:
+        if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+            raise ConfigError(f"{path}: max_window_layers: expected an integer >= 0, "
+                              f"found {first!r}")
+        slides = cfg["sliding_window"] is not None
+        cfg["layer_types"] = ["sliding_attention" if slides and i >= first else
+                              "full_attention" for i in range(_layers(cfg))]
+
+
+def _gemma(cfg: dict, path: str) -> None:
+    """Gemma 2's names and derived fields: hidden_activation is the MLP's activation,
+    layer_types (if not given) alternate sliding and full from layer 0, attention is
+    causal unless use_bidirectional_attention (refused: a decoder here is causal)."""
+    cfg["hidden_act"] = cfg.pop("hidden_activation")
+    bidirectional = cfg.pop("use_bidirectional_attention", None)
+    if bidirectional not in (None, False):
+        raise ConfigError(f"{path}: use_bidirectional_attention: {bidirectional!r} is not "
+                          f"supported (tilec's decoders attend causally)")
+    if cfg.get("layer_types") is None:
+        cfg["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention"
+                              for i in range(_layers(cfg))]
+
+
+def _phi3(cfg: dict, path: str) -> None:
+    """Phi-3's partial_rotary_factor is rope_parameters' default; its
+    original_max_position_embeddings is read by longrope only (refused with another
+    rope type than default: tilec reads longrope's own key)."""
+    partial = cfg.pop("partial_rotary_factor", None)
+    rope_key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+    rope = dict(cfg.get(rope_key) or {})
+    if partial is not None and "partial_rotary_factor" not in rope:
+        rope["partial_rotary_factor"] = partial
+        cfg[rope_key] = rope
+    original = cfg.pop("original_max_position_embeddings", None)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if original is not None and kind != "default":
+        raise ConfigError(f"{path}: original_max_position_embeddings: {original!r} is not "
+                          f"supported with rope_type {kind!r} for Phi3ForCausalLM (give it "
+                          f"in {rope_key})")
+
+
+def _layers(cfg: dict) -> int:
+    """num_hidden_layers where it is a count (else LlamaConfig's check names it)."""
+    layers = cfg.get("num_hidden_layers", 32)
+    return layers if isinstance(layers, int) and not isinstance(layers, bool) else 0
+
+
 ARCHITECTURES = {a.name: a for a in (
-    Architecture("LlamaForCausalLM", "llama", ("attention_bias", "mlp_bias")),
-    Architecture("Qwen2ForCausalLM", "qwen2", QWEN_WINDOWS, traits={"qkv_bias": True},
-                 defaults=QWEN_DEFAULTS),
-    Architecture("Qwen3ForCausalLM", "qwen3", ("attention_bias",) + QWEN_WINDOWS,
-                 traits={"qk_norm": True}, defaults={**QWEN_DEFAULTS, "head_dim": 128}),
-    Architecture("MistralForCausalLM", "mistral", ("sliding_window",),
+    Architecture("LlamaForCausalLM", "llama", ("hidden_act", "attention_bias", "mlp_bias")),
+    Architecture("Qwen2ForCausalLM", "qwen2", ("hidden_act",) + QWEN_WINDOWS,
+                 traits={"qkv_bias": True}, defaults=QWEN_DEFAULTS, derive=_qwen_windows),
+    Architecture("Qwen3ForCausalLM", "qwen3", ("hidden_act", "attention_bias") + QWEN_WINDOWS,
+                 traits={"qk_norm": True}, defaults={**QWEN_DEFAULTS, "head_dim": 128},
+                 derive=_qwen_windows),
+    Architecture("MistralForCausalLM", "mistral", ("hidden_act", "sliding_window"),
                  defaults={"intermediate_size": 14336, "num_key_value_heads": 8,
                            "max_position_embeddings": 131072, "sliding_window": 4096}),
+    Architecture("Gemma2ForCausalLM", "gemma2",
+                 ("hidden_activation", "attention_bias", "query_pre_attn_scalar",
+                  "attn_logit_softcapping", "final_logit_softcapping", "sliding_window",
+                  "layer_types", "use_bidirectional_attention"),
+                 traits={"gemma_norms": True},
+                 defaults={"vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216,
+                           "num_hidden_layers": 26, "num_attention_heads": 8,
+                           "num_key_value_heads": 4, "head_dim": 256,
+                           "hidden_activation": "gelu_pytorch_tanh",
+                           "max_position_embeddings": 8192, "tie_word_embeddings": True,
+                           "query_pre_attn_scalar": 256, "sliding_window": 4096,
+                           "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
+                 derive=_gemma),
+    Architecture("Phi3ForCausalLM", "phi3",
+                 ("hidden_act", "sliding_window", "partial_rotary_factor",
+                  "original_max_position_embeddings"),
+                 traits={"partial_rotary": True},
+                 defaults={"vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192,
+                           "max_position_embeddings": 4096, "rms_norm_eps": 1e-5},
+                 derive=_phi3,
+                 fused={"qkv_proj": ("q_proj", "k_proj", "v_proj"),
+                        "gate_up_proj": ("gate_proj", "up_proj")}),
 )}
 
 
@@ -76,26 +161,6 @@ def decoder_fields(arch: Architecture, data: dict, path: str) -> dict:
     cfg = {**arch.defaults, **{k: v for k, v in data.items() if k in arch.honoured}}
     cfg.pop("architectures", None)
     cfg.pop("model_type", None)
-    if "use_sliding_window" in cfg:
-        _qwen_windows(cfg, path)
+    if arch.derive is not None:
+        arch.derive(cfg, path)
     return {**cfg, **arch.traits}
-
-
-def _qwen_windows(cfg: dict, path: str) -> None:
-    """Qwen's window fields as transformers reads them: the window only with
-    use_sliding_window, and layer_types (if not given) sliding from layer
-    max_window_layers on."""
-    use = cfg.pop("use_sliding_window")
-    first = cfg.pop("max_window_layers")
-    if not isinstance(use, bool):
-        raise ConfigError(f"{path}: use_sliding_window: expected true or false, found {use!r}")
-    if not use:
-        cfg["sliding_window"] = None
-    if cfg.get("layer_types") is None:
-        if not isinstance(first, int) or isinstance(first, bool) or first < 0:
-            raise ConfigError(f"{path}: max_window_layers: expected an integer >= 0, "
-                              f"found {first!r}")
-        layers = cfg.get("num_hidden_layers", 32)
-        slides = cfg["sliding_window"] is not None
-        cfg["layer_types"] = ["sliding_attention" if slides and i >= first else
-                              "full_attention" for i in range(layers if isinstance(layers, int) else 0)]

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from tilec.errors import ConfigError
-from tilec.models.architectures import architecture_of, decoder_fields
+from tilec.models.architectures import Architecture, architecture_of, decoder_fields
 from tilec.models.llama import LlamaConfig, LlamaDecodeStep
 from tilec.runtime.chat import SPECIAL_TOKEN_NAMES, ChatTemplate
 
@@ -34,6 +34,8 @@ METADATA = {
     "initializer_range": "the scale of a training run's random weights: these come from "
                          "the checkpoint",
     "attention_dropout": "dropout is off at inference",
+    "resid_pdrop": "dropout is off at inference",
+    "embd_pdrop": "dropout is off at inference",
     "use_cache": "a transformers forward option: tilec always keeps a KV cache",
     "pretraining_tp": "the tensor-parallel split of pretraining: transformers computes "
                       "the same function with any value",
@@ -48,7 +50,11 @@ METADATA = {
 
 
 def read_config(folder: str | os.PathLike) -> LlamaConfig:
-    folder = Path(folder)
+    return _read(Path(folder))[1]
+
+
+def _read(folder: Path) -> tuple[Architecture, LlamaConfig]:
+    """config.json's architecture and what it configures."""
     path = folder / "config.json"
     if not folder.is_dir():
         raise ConfigError(f"{folder}: checkpoint folder not found")
@@ -67,7 +73,7 @@ def read_config(folder: str | os.PathLike) -> LlamaConfig:
             raise ConfigError(f"{path}: {key}: {shown} is not supported by tilec's {arch.name} "
                               f"(a field tilec does not know may change what the model "
                               f"computes; the fields it honours: docs/model-yaml.md)")
-    return LlamaConfig.from_dict(decoder_fields(arch, data, str(path)), where=str(path))
+    return arch, LlamaConfig.from_dict(decoder_fields(arch, data, str(path)), where=str(path))
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
@@ -95,7 +101,8 @@ def weight_files(folder: Path) -> dict[str, Path]:
     raise ConfigError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "qkv_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
 
 
 def hf_name(ours: str) -> str:
@@ -106,7 +113,7 @@ def hf_name(ours: str) -> str:
         _, i, rest = ours.split(".", 2)
         module = rest.split(".")[0]
         group = "self_attn" if module in ATTENTION_MODULES else \
-            "mlp" if module in ("gate_proj", "up_proj", "down_proj") else None
+            "mlp" if module in MLP_MODULES else None
         return f"model.layers.{i}.{group}.{rest}" if group else f"model.layers.{i}.{rest}"
     return f"model.{ours}"
 
@@ -114,19 +121,21 @@ def hf_name(ours: str) -> str:
 def load_checkpoint(folder: str | os.PathLike, max_seq_len: int) -> LlamaDecodeStep:
     """The checkpoint as tilec's Llama: every tensor in it is consumed or refused."""
     folder = Path(folder)
-    cfg = read_config(folder)
+    arch, cfg = _read(folder)
     cfg.check_max_seq_len(max_seq_len, str(folder / "config.json"))
     files = weight_files(folder)
     model = LlamaDecodeStep(cfg, max_seq_len)
+    params = dict(model.named_parameters())
     with _Tensors(files) as tensors:
-        for name, param in model.named_parameters():
-            key = hf_name(name)
+        for name, param in params.items():
+            key, rows, shape = _source(arch, name, params)
             if key not in files:
                 raise ConfigError(f"{folder}: tensor {key} missing from the checkpoint")
             tensor = tensors.get(key)
-            if tuple(tensor.shape) != tuple(param.shape):
+            if tuple(tensor.shape) != shape:
                 raise ConfigError(f"{files[key].name}: tensor {key} has shape "
-                                  f"{tuple(tensor.shape)}, config.json implies {tuple(param.shape)}")
+                                  f"{tuple(tensor.shape)}, config.json implies {shape}")
+            tensor = tensor[rows]
             if not tensor.is_floating_point():
                 raise ConfigError(f"{files[key].name}: tensor {key} has dtype {tensor.dtype}, "
                                   f"expected a floating-point type (quantized weights are not "
@@ -138,6 +147,23 @@ def load_checkpoint(folder: str | os.PathLike, max_seq_len: int) -> LlamaDecodeS
     return model.eval()
 
 
+def _source(arch: Architecture, name: str, params: dict) -> tuple[str, slice, tuple]:
+    """Where parameter `name` is in the checkpoint: (tensor name, its rows there, that
+    tensor's shape). Its own tensor, or its rows of a tensor the architecture fuses
+    (Phi3's qkv_proj holds q_proj, k_proj and v_proj, in that order)."""
+    param = params[name]
+    fused = [(f, parts) for f, parts in arch.fused.items()
+             if any(f".{p}." in name for p in parts)]
+    if not name.startswith("layers.") or not fused:
+        return hf_name(name), slice(None), tuple(param.shape)
+    whole, parts = fused[0]
+    own = next(p for p in parts if f".{p}." in name)
+    sizes = [params[name.replace(f".{own}.", f".{p}.")].shape[0] for p in parts]
+    start = sum(sizes[:parts.index(own)])
+    key = hf_name(name.replace(f".{own}.", f".{whole}."))
+    return key, slice(start, start + param.shape[0]), (sum(sizes),) + tuple(param.shape[1:])
+
+
 class _Tensors:
     """Tensors read by name from the checkpoint's files, each file opened once."""
 
@@ -145,8 +171,14 @@ class _Tensors:
         self.files = files
         self.handles: dict[Path, object] = {}
         self.read: set[str] = set()
+        self.last: tuple[str, torch.Tensor] | None = None   # a fused tensor is read once
 
     def get(self, key: str) -> torch.Tensor:
+        if self.last is None or self.last[0] != key:
+            self.last = key, self._read(key)
+        return self.last[1]
+
+    def _read(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
 
         path = self.files[key]

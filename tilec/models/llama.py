@@ -51,6 +51,17 @@ class LlamaConfig:
     # layer_types entry is "sliding_attention" (every layer without layer_types: Mistral)
     sliding_window: int | None = None
     layer_types: list | None = None   # per layer: "full_attention" or "sliding_attention"
+    # Gemma: RMSNorms scale by 1 + weight, embeddings by sqrt(hidden_size), and the
+    # attention and MLP outputs are normed before their residual adds
+    # (post_attention_layernorm, post_feedforward_layernorm; pre_feedforward_layernorm
+    # before the MLP)
+    gemma_norms: bool = False
+    # the head dims past rope_scaling's partial_rotary_factor pass RoPE unrotated (Phi3);
+    # without it the factor must be 1.0 (transformers' Llama rotates every dim)
+    partial_rotary: bool = False
+    query_pre_attn_scalar: float | None = None   # scores scale by its -1/2 (else head_dim's)
+    attn_logit_softcapping: float | None = None  # scores become cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # logits become cap * tanh(logits / cap)
     initializer_range: float = 0.02   # the scale of a family model's random weights
     extra: dict = field(default_factory=dict)
 
@@ -61,6 +72,13 @@ class LlamaConfig:
     @property
     def dim_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """The head dims RoPE rotates (transformers: int(head_dim * partial_rotary_factor))."""
+        if not self.partial_rotary:
+            return self.dim_head
+        return int(self.dim_head * (self.rope_scaling or {}).get("partial_rotary_factor", 1.0))
 
     @staticmethod
     def from_dict(data: dict, where: str = "config") -> "LlamaConfig":
@@ -101,12 +119,16 @@ class LlamaConfig:
             need(value is None or (isinstance(value, int) and not isinstance(value, bool)
                                    and value > 0),
                  key, f"expected a positive integer or null, found {value!r}")
-        for key in ("tie_word_embeddings", "attention_bias", "mlp_bias", "qkv_bias", "qk_norm"):
+        for key in ("tie_word_embeddings", "attention_bias", "mlp_bias", "qkv_bias", "qk_norm",
+                    "gemma_norms", "partial_rotary"):
             value = getattr(self, key)
             need(isinstance(value, bool), key, f"expected true or false, found {value!r}")
-        for key in ("rms_norm_eps", "rope_theta"):
+        for key in ("rms_norm_eps", "rope_theta", "query_pre_attn_scalar",
+                    "attn_logit_softcapping", "final_logit_softcapping"):
             value = getattr(self, key)
-            need(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+            need((value is None and key not in ("rms_norm_eps", "rope_theta"))
+                 or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                     and math.isfinite(value) and value > 0),
                  key, f"expected a positive number, found {value!r}")
         need(self.num_attention_heads % self.kv_heads == 0, "num_key_value_heads",
              f"{self.kv_heads} does not divide num_attention_heads {self.num_attention_heads}")
@@ -118,7 +140,12 @@ class LlamaConfig:
              f"{self.hidden_act!r} is not supported by tilec's Llama "
              f"(supported: {', '.join(ACTIVATIONS)})")
         if self.rope_scaling is not None:
-            check_rope_scaling(self.rope_scaling, where, rope_key, self.dim_head // 2)
+            check_rope_scaling(self.rope_scaling, where, rope_key, self.rotary_dim // 2)
+        partial = (self.rope_scaling or {}).get("partial_rotary_factor", 1.0)
+        need(partial == 1.0 or self.partial_rotary, f"{rope_key}.partial_rotary_factor",
+             f"{partial!r} is not supported here (supported: 1.0)")
+        need(self.rotary_dim % 2 == 0, f"{rope_key}.partial_rotary_factor",
+             f"{partial!r} of head_dim {self.dim_head} is an odd number of dims")
         self._validate_windows(need)
 
     def _validate_windows(self, need) -> None:
@@ -137,8 +164,11 @@ class LlamaConfig:
              "names sliding_attention layers but there is no sliding_window")
 
     def layer_window(self, index: int) -> int | None:
-        """The sliding window of layer `index`; None where it attends to every key."""
-        if self.layer_types is not None and self.layer_types[index] != "sliding_attention":
+        """The sliding window of layer `index`; None where it attends to every key.
+        (compiler/memory.py measures a config's models of one and two layers: a layer
+        past layer_types, there, is sized like any other.)"""
+        types = self.layer_types
+        if types is not None and (index >= len(types) or types[index] != "sliding_attention"):
             return None
         return self.sliding_window
 
@@ -235,16 +265,26 @@ def _stream(seed: int, index: int) -> np.random.PCG64:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """`plus_one`: Gemma's, which scales by 1 + weight in float32 before the cast back."""
+
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.plus_one = plus_one
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            return (x * (1.0 + self.weight.to(torch.float32))).to(dtype)
         return self.weight * x.to(dtype)
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma's soft-capping, as transformers writes it; `x` itself without a cap."""
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 def swap_halves(x: torch.Tensor) -> torch.Tensor:
@@ -252,25 +292,42 @@ def swap_halves(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x[..., half:], x[..., :half]], dim=-1)
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """RoPE over the first cos.shape[-1] dims of each head; the others pass (partial
+    rotary)."""
+    dims = cos.shape[-1]
+    if dims == x.shape[-1]:
+        return x * cos + swap_halves(x) * sin_signed
+    turned = x[..., :dims]
+    return torch.cat([turned * cos + swap_halves(turned) * sin_signed, x[..., dims:]], dim=-1)
+
+
 class Layer(nn.Module):
     def __init__(self, cfg: LlamaConfig, max_seq_len: int):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.dim_head
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, hd
-        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        norm = lambda dim: RMSNorm(dim, cfg.rms_norm_eps, cfg.gemma_norms)  # noqa: E731
+        self.input_layernorm = norm(d)
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
         self.q_proj = nn.Linear(d, self.heads * hd, bias=qkv_bias)
         self.k_proj = nn.Linear(d, self.kv_heads * hd, bias=qkv_bias)
         self.v_proj = nn.Linear(d, self.kv_heads * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.heads * hd, d, bias=cfg.attention_bias)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.q_norm = norm(hd)
+            self.k_norm = norm(hd)
         # set per layer by the model (LlamaConfig.layer_window); a window as long as the
         # cache hides nothing and is left out of the graph
         self.window: int | None = None
         self.max_seq_len = max_seq_len
-        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.post_attention_layernorm = norm(d)
+        if cfg.gemma_norms:
+            self.pre_feedforward_layernorm = norm(d)
+            self.post_feedforward_layernorm = norm(d)
+        self.sandwich = cfg.gemma_norms
+        self.scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
+        self.softcap = cfg.attn_logit_softcapping
         self.gate_proj = nn.Linear(d, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(d, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, d, bias=cfg.mlp_bias)
@@ -286,21 +343,25 @@ class Layer(nn.Module):
         v = self.v_proj(x).view(kvh, hd)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q * cos + swap_halves(q) * sin_signed
-        k = k * cos + swap_halves(k) * sin_signed
+        q, k = rotate(q, cos, sin_signed), rotate(k, cos, sin_signed)
         self.k_cache.index_copy_(1, pos, k.unsqueeze(1).to(self.k_cache.dtype))
         self.v_cache.index_copy_(1, pos, v.unsqueeze(1).to(self.v_cache.dtype))
         q = q.view(kvh, self.heads // kvh, hd)
-        scores = (q @ self.k_cache.transpose(1, 2)) * (hd ** -0.5)
+        scores = softcap((q @ self.k_cache.transpose(1, 2)) * self.scale, self.softcap)
         scores = scores.masked_fill(positions > pos, float("-inf"))
         if self.window is not None and self.window < self.max_seq_len:
             # transformers' sliding window: key k is seen from position q iff k > q - window
             scores = scores.masked_fill(positions <= pos - self.window, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         attn = (probs @ self.v_cache).reshape(1, self.heads * hd)
-        h = h + self.o_proj(attn)
-        x = self.post_attention_layernorm(h)
-        return h + self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if not self.sandwich:
+            h = h + self.o_proj(attn)
+            return h + self.mlp(self.post_attention_layernorm(h))
+        h = h + self.post_attention_layernorm(self.o_proj(attn))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+    def mlp(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 def _lay_out_constants(model: nn.Module) -> None:
@@ -394,6 +455,12 @@ class LlamaDecodeStep(DecoderStep):
         super().__init__(cfg, max_seq_len, Layer)
         for index, layer in enumerate(self.layers):
             layer.window = cfg.layer_window(index)
+        if cfg.gemma_norms:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, plus_one=True)
+            # sqrt(hidden_size) rounded to the weights' dtype, as transformers rounds it
+            self.embed_scale = {dt: torch.tensor(cfg.hidden_size ** 0.5, dtype=dt,
+                                                 device="cpu").item()
+                                for dt in (torch.float32, torch.bfloat16, torch.float16)}
         # transformers scales cos and sin by it (yarn, longrope); 1.0 otherwise
         self.rope_attention_factor = rope_parameters(cfg)[1]
         self.register_buffer("inv_freq", self.inverse_frequencies(), persistent=False)
@@ -403,6 +470,8 @@ class LlamaDecodeStep(DecoderStep):
 
     def forward(self, token: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.embed_tokens(token)                              # [1, hidden]
+        if self.cfg.gemma_norms:
+            h = h * self.embed_scale[h.dtype]
         freqs = pos.to(torch.float32)[:, None] * self.inv_freq[None, :]
         cos = torch.cat([freqs, freqs], dim=-1).cos()             # [1, head_dim]
         sin = freqs.sin()
@@ -412,7 +481,8 @@ class LlamaDecodeStep(DecoderStep):
         cos = cos.to(h.dtype)
         for layer in self.layers:
             h = layer(h, pos, self.positions, cos, sin_signed)
-        logits = self.lm_head(self.norm(h)).to(torch.float32)
+        logits = softcap(self.lm_head(self.norm(h)), self.cfg.final_logit_softcapping)
+        logits = logits.to(torch.float32)
         return {"logits": logits, "next_token": logits.argmax(dim=-1)}
 
     def reset_cache(self) -> None:
