@@ -38,6 +38,10 @@ CASES = {
     # fused qkv and gate_up; RoPE on half of each head; a window over all layers
     "phi3": ("Phi3", dict(num_hidden_layers=1, partial_rotary_factor=0.5, sliding_window=7,
                           pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # LayerNorms, an ungated MLP, parallel residual, q/k/v fused head by head, RoPE on
+    # a quarter of each head (its default)
+    "gpt_neox": ("GPTNeoX", dict(num_hidden_layers=1, num_key_value_heads=None,
+                                 pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 
 
@@ -82,6 +86,7 @@ def test_engine_matches_transformers(checkpoint):
      dict(attn_logit_softcapping=None, final_logit_softcapping=None)),
     ("gemma2_window", "Gemma2", CASES["gemma2"][1], dict(sliding_window=32)),
     ("phi3_partial", "Phi3", CASES["phi3"][1], dict(partial_rotary_factor=1.0)),
+    ("gpt_neox_sequential", "GPTNeoX", CASES["gpt_neox"][1], dict(use_parallel_residual=False)),
 ])
 def test_what_differs_from_llama_matters(tmp_path, name, prefix, fields, without):
     """tilec's module follows transformers, and the architecture's own part moves the
@@ -120,7 +125,7 @@ def edit(folder, **changes):
     ("qwen3", dict(max_window_layers=-1, layer_types=None), "max_window_layers"),
     ("qwen2", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4,
                                     "partial_rotary_factor": 0.5}),
-     "rope_parameters.partial_rotary_factor: 0.5 is not supported here"),
+     "rope_parameters.partial_rotary_factor: 0.5 is not supported"),
     ("phi3", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
      "original_max_position_embeddings: 4096 is not supported with rope_type 'linear'"),
     ("gemma2", dict(use_bidirectional_attention=True), "use_bidirectional_attention: True"),

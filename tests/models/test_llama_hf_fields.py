@@ -148,9 +148,9 @@ REFUSED = {
     "longrope_lengths": (rope("longrope", original_max_position_embeddings=32,
                               short_factor=[1.0] * 3, long_factor=[1.0] * 8),
                          "rope_parameters.short_factor: expected 8 numbers (one per "
-                         "frequency: head_dim / 2)"),
+                         "frequency: the rotary dims / 2)"),
     "partial_rotary": (rope("default", partial_rotary_factor=0.5),
-                       "partial_rotary_factor 0.5 is not supported"),
+                       "partial_rotary_factor: 0.5 is not supported"),
     "dynamic_past_max_positions": (dict(max_position_embeddings=16, **rope("dynamic", factor=2.0)),
                                    "rope_type 'dynamic' changes its frequencies past "
                                    "max_position_embeddings 16"),

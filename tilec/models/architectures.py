@@ -41,6 +41,9 @@ class Architecture:
     derive: Callable[[dict, str], None] | None = None
     # a checkpoint tensor of a layer -> the parameters whose rows it stacks, in order
     fused: dict = field(default_factory=dict)
+    fused_per_head: bool = False   # GPT-NeoX: the rows go head by head (q, k, v of head 0, ...)
+    prefix: str = "model."         # of every checkpoint tensor but the lm_head's
+    names: dict = field(default_factory=dict)   # our module -> the checkpoint's, where not Llama's
 
     @property
     def honoured(self) -> tuple[str, ...]:
@@ -98,6 +101,18 @@ def _phi3(cfg: dict, path: str) -> None:
                           f"in {rope_key})")
 
 
+def _gpt_neox(cfg: dict, path: str) -> None:
+    """GPT-NeoX's names: layer_norm_eps is the norms' eps; RoPE turns a quarter of each
+    head unless rope_parameters says otherwise; is_decoder is not read (it attends
+    causally)."""
+    cfg["rms_norm_eps"] = cfg.pop("layer_norm_eps")
+    cfg.pop("is_decoder", None)
+    rope_key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+    rope = dict(cfg.get(rope_key) or {"rope_type": "default"})
+    rope.setdefault("partial_rotary_factor", 0.25)
+    cfg[rope_key] = rope
+
+
 def _layers(cfg: dict) -> int:
     """num_hidden_layers where it is a count (else LlamaConfig's check names it)."""
     layers = cfg.get("num_hidden_layers", 32)
@@ -136,6 +151,21 @@ ARCHITECTURES = {a.name: a for a in (
                  derive=_phi3,
                  fused={"qkv_proj": ("q_proj", "k_proj", "v_proj"),
                         "gate_up_proj": ("gate_proj", "up_proj")}),
+    Architecture("GPTNeoXForCausalLM", "gpt_neox",
+                 ("hidden_act", "layer_norm_eps", "use_parallel_residual", "attention_bias",
+                  "is_decoder"),
+                 traits={"layer_norm": True, "gated_mlp": False, "mlp_bias": True,
+                         "partial_rotary": True},
+                 defaults={"vocab_size": 50432, "hidden_size": 6144, "intermediate_size": 24576,
+                           "num_hidden_layers": 44, "num_attention_heads": 64,
+                           "hidden_act": "gelu", "layer_norm_eps": 1e-5,
+                           "use_parallel_residual": True, "attention_bias": True},
+                 derive=_gpt_neox, fused={"qkv_proj": ("q_proj", "k_proj", "v_proj")},
+                 fused_per_head=True, prefix="gpt_neox.",
+                 names={"embed_tokens": "embed_in", "norm": "final_layer_norm",
+                        "lm_head": "embed_out",
+                        "qkv_proj": "attention.query_key_value", "o_proj": "attention.dense",
+                        "up_proj": "mlp.dense_h_to_4h", "down_proj": "mlp.dense_4h_to_h"}),
 )}
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from tilec.errors import ConfigError
-from tilec.models.architectures import Architecture, architecture_of, decoder_fields
+from tilec.models.architectures import ARCHITECTURES, Architecture, architecture_of, decoder_fields
 from tilec.models.llama import LlamaConfig, LlamaDecodeStep
 from tilec.runtime.chat import SPECIAL_TOKEN_NAMES, ChatTemplate
 
@@ -36,6 +36,8 @@ METADATA = {
     "attention_dropout": "dropout is off at inference",
     "resid_pdrop": "dropout is off at inference",
     "embd_pdrop": "dropout is off at inference",
+    "hidden_dropout": "dropout is off at inference",
+    "classifier_dropout": "dropout of a classification head, not of this model",
     "use_cache": "a transformers forward option: tilec always keeps a KV cache",
     "pretraining_tp": "the tensor-parallel split of pretraining: transformers computes "
                       "the same function with any value",
@@ -101,21 +103,25 @@ def weight_files(folder: Path) -> dict[str, Path]:
     raise ConfigError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
+LLAMA = ARCHITECTURES["LlamaForCausalLM"]
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "qkv_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
 
 
-def hf_name(ours: str) -> str:
+def hf_name(ours: str, arch: Architecture = LLAMA) -> str:
     """Our parameter name -> the checkpoint's."""
-    if ours.startswith("lm_head."):
-        return ours
-    if ours.startswith("layers."):
-        _, i, rest = ours.split(".", 2)
-        module = rest.split(".")[0]
-        group = "self_attn" if module in ATTENTION_MODULES else \
-            "mlp" if module in MLP_MODULES else None
-        return f"model.layers.{i}.{group}.{rest}" if group else f"model.layers.{i}.{rest}"
-    return f"model.{ours}"
+    if ours.startswith("lm_head."):   # the one name without the prefix
+        return arch.names.get("lm_head", "lm_head") + ours[len("lm_head"):]
+    if not ours.startswith("layers."):
+        module, kind = ours.split(".", 1)
+        return f"{arch.prefix}{arch.names.get(module, module)}.{kind}"
+    _, i, rest = ours.split(".", 2)
+    module, kind = rest.split(".", 1)
+    if module in arch.names:
+        return f"{arch.prefix}layers.{i}.{arch.names[module]}.{kind}"
+    group = "self_attn" if module in ATTENTION_MODULES else \
+        "mlp" if module in MLP_MODULES else None
+    return f"{arch.prefix}layers.{i}.{group}.{rest}" if group else f"{arch.prefix}layers.{i}.{rest}"
 
 
 def load_checkpoint(folder: str | os.PathLike, max_seq_len: int) -> LlamaDecodeStep:
@@ -128,7 +134,7 @@ def load_checkpoint(folder: str | os.PathLike, max_seq_len: int) -> LlamaDecodeS
     params = dict(model.named_parameters())
     with _Tensors(files) as tensors:
         for name, param in params.items():
-            key, rows, shape = _source(arch, name, params)
+            key, rows, shape = _source(arch, name, params, cfg.num_attention_heads)
             if key not in files:
                 raise ConfigError(f"{folder}: tensor {key} missing from the checkpoint")
             tensor = tensors.get(key)
@@ -147,21 +153,28 @@ def load_checkpoint(folder: str | os.PathLike, max_seq_len: int) -> LlamaDecodeS
     return model.eval()
 
 
-def _source(arch: Architecture, name: str, params: dict) -> tuple[str, slice, tuple]:
+def _source(arch: Architecture, name: str, params: dict,
+            heads: int) -> tuple[str, slice | torch.Tensor, tuple]:
     """Where parameter `name` is in the checkpoint: (tensor name, its rows there, that
     tensor's shape). Its own tensor, or its rows of a tensor the architecture fuses
-    (Phi3's qkv_proj holds q_proj, k_proj and v_proj, in that order)."""
+    (Phi3's qkv_proj stacks q_proj, k_proj and v_proj; GPT-NeoX's query_key_value
+    stacks them head by head)."""
     param = params[name]
     fused = [(f, parts) for f, parts in arch.fused.items()
              if any(f".{p}." in name for p in parts)]
     if not name.startswith("layers.") or not fused:
-        return hf_name(name), slice(None), tuple(param.shape)
+        return hf_name(name, arch), slice(None), tuple(param.shape)
     whole, parts = fused[0]
     own = next(p for p in parts if f".{p}." in name)
     sizes = [params[name.replace(f".{own}.", f".{p}.")].shape[0] for p in parts]
+    key = hf_name(name.replace(f".{own}.", f".{whole}."), arch)
+    shape = (sum(sizes),) + tuple(param.shape[1:])
+    if arch.fused_per_head:   # [heads, parts, head_dim] rows, every part heads x head_dim
+        width = param.shape[0] // heads
+        rows = torch.arange(sum(sizes)).view(heads, len(parts), width)[:, parts.index(own)]
+        return key, rows.reshape(-1), shape
     start = sum(sizes[:parts.index(own)])
-    key = hf_name(name.replace(f".{own}.", f".{whole}."))
-    return key, slice(start, start + param.shape[0]), (sum(sizes),) + tuple(param.shape[1:])
+    return key, slice(start, start + param.shape[0]), shape
 
 
 class _Tensors:

@@ -56,6 +56,12 @@ class LlamaConfig:
     # (post_attention_layernorm, post_feedforward_layernorm; pre_feedforward_layernorm
     # before the MLP)
     gemma_norms: bool = False
+    # GPT-NeoX: LayerNorms (mean removed, a bias; eps rms_norm_eps) instead of RMSNorms,
+    # an MLP of up_proj, act, down_proj without a gate, and the MLP reading the layer's
+    # input beside the attention (parallel residual)
+    layer_norm: bool = False
+    gated_mlp: bool = True
+    use_parallel_residual: bool = False
     # the head dims past rope_scaling's partial_rotary_factor pass RoPE unrotated (Phi3);
     # without it the factor must be 1.0 (transformers' Llama rotates every dim)
     partial_rotary: bool = False
@@ -120,7 +126,8 @@ class LlamaConfig:
                                    and value > 0),
                  key, f"expected a positive integer or null, found {value!r}")
         for key in ("tie_word_embeddings", "attention_bias", "mlp_bias", "qkv_bias", "qk_norm",
-                    "gemma_norms", "partial_rotary"):
+                    "gemma_norms", "partial_rotary", "layer_norm", "gated_mlp",
+                    "use_parallel_residual"):
             value = getattr(self, key)
             need(isinstance(value, bool), key, f"expected true or false, found {value!r}")
         for key in ("rms_norm_eps", "rope_theta", "query_pre_attn_scalar",
@@ -143,7 +150,8 @@ class LlamaConfig:
             check_rope_scaling(self.rope_scaling, where, rope_key, self.rotary_dim // 2)
         partial = (self.rope_scaling or {}).get("partial_rotary_factor", 1.0)
         need(partial == 1.0 or self.partial_rotary, f"{rope_key}.partial_rotary_factor",
-             f"{partial!r} is not supported here (supported: 1.0)")
+             f"{partial!r} is not supported (supported: 1.0; this architecture rotates "
+             f"every dim of a head)")
         need(self.rotary_dim % 2 == 0, f"{rope_key}.partial_rotary_factor",
              f"{partial!r} of head_dim {self.dim_head} is an odd number of dims")
         self._validate_windows(need)
@@ -282,6 +290,28 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class LayerNorm(nn.Module):
+    """nn.LayerNorm's function, written out (the frontend lowers its parts)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - x.mean(-1, keepdim=True)
+        scaled = centred * torch.rsqrt((centred * centred).mean(-1, keepdim=True) + self.eps)
+        return scaled * self.weight + self.bias
+
+
+def norm_of(cfg: "LlamaConfig", dim: int) -> nn.Module:
+    """The norm an architecture uses (RMSNorm, Gemma's, or LayerNorm)."""
+    if cfg.layer_norm:
+        return LayerNorm(dim, cfg.rms_norm_eps)
+    return RMSNorm(dim, cfg.rms_norm_eps, cfg.gemma_norms)
+
+
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     """Gemma's soft-capping, as transformers writes it; `x` itself without a cap."""
     return x if cap is None else torch.tanh(x / cap) * cap
@@ -307,28 +337,29 @@ class Layer(nn.Module):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.dim_head
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, hd
-        norm = lambda dim: RMSNorm(dim, cfg.rms_norm_eps, cfg.gemma_norms)  # noqa: E731
-        self.input_layernorm = norm(d)
+        self.input_layernorm = norm_of(cfg, d)
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
         self.q_proj = nn.Linear(d, self.heads * hd, bias=qkv_bias)
         self.k_proj = nn.Linear(d, self.kv_heads * hd, bias=qkv_bias)
         self.v_proj = nn.Linear(d, self.kv_heads * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.heads * hd, d, bias=cfg.attention_bias)
         if cfg.qk_norm:
-            self.q_norm = norm(hd)
-            self.k_norm = norm(hd)
+            self.q_norm = norm_of(cfg, hd)
+            self.k_norm = norm_of(cfg, hd)
         # set per layer by the model (LlamaConfig.layer_window); a window as long as the
         # cache hides nothing and is left out of the graph
         self.window: int | None = None
         self.max_seq_len = max_seq_len
-        self.post_attention_layernorm = norm(d)
+        self.post_attention_layernorm = norm_of(cfg, d)
         if cfg.gemma_norms:
-            self.pre_feedforward_layernorm = norm(d)
-            self.post_feedforward_layernorm = norm(d)
+            self.pre_feedforward_layernorm = norm_of(cfg, d)
+            self.post_feedforward_layernorm = norm_of(cfg, d)
+        self.parallel = cfg.use_parallel_residual
         self.sandwich = cfg.gemma_norms
         self.scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
         self.softcap = cfg.attn_logit_softcapping
-        self.gate_proj = nn.Linear(d, cfg.intermediate_size, bias=cfg.mlp_bias)
+        if cfg.gated_mlp:
+            self.gate_proj = nn.Linear(d, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(d, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, d, bias=cfg.mlp_bias)
         self.act = ACTIVATIONS[cfg.hidden_act]
@@ -354,6 +385,8 @@ class Layer(nn.Module):
             scores = scores.masked_fill(positions <= pos - self.window, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         attn = (probs @ self.v_cache).reshape(1, self.heads * hd)
+        if self.parallel:   # transformers' GPT-NeoX order of the adds
+            return self.mlp(self.post_attention_layernorm(h)) + self.o_proj(attn) + h
         if not self.sandwich:
             h = h + self.o_proj(attn)
             return h + self.mlp(self.post_attention_layernorm(h))
@@ -361,6 +394,8 @@ class Layer(nn.Module):
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
     def mlp(self, x):
+        if not hasattr(self, "gate_proj"):
+            return self.down_proj(self.act(self.up_proj(x)))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -455,8 +490,8 @@ class LlamaDecodeStep(DecoderStep):
         super().__init__(cfg, max_seq_len, Layer)
         for index, layer in enumerate(self.layers):
             layer.window = cfg.layer_window(index)
+        self.norm = norm_of(cfg, cfg.hidden_size)
         if cfg.gemma_norms:
-            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, plus_one=True)
             # sqrt(hidden_size) rounded to the weights' dtype, as transformers rounds it
             self.embed_scale = {dt: torch.tensor(cfg.hidden_size ** 0.5, dtype=dt,
                                                  device="cpu").item()
