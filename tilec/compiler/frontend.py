@@ -17,7 +17,7 @@ import sys
 import sysconfig
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -488,18 +488,26 @@ def user_output_names(ep, count: int) -> list[str]:
     return [f"output{i}" for i in range(count)]
 
 
-def lower(exported: Exported) -> Lowered:
+def lower(exported: Exported, input_names: tuple[str, ...] = ()) -> Lowered:
     """Lower an exported program (core ATen) to an `ir.Graph` plus its constant data;
-    for two traced layers of many, with the other layers built from the second."""
+    for two traced layers of many, with the other layers built from the second.
+    `input_names`: what model.yaml's `inputs` call the forward's inputs, in call order:
+    the engine's input names (without them, the forward's parameter names)."""
     lowered = _Lowering(exported.program).run()
-    if exported.layers is None:
-        return lowered
-    from tilec.compiler.layers import repeat_layers
+    if exported.layers is not None:
+        from tilec.compiler.layers import repeat_layers
 
-    whole = repeat_layers(lowered, exported.layers)
-    if whole is None:   # the two layers differ after all: trace every layer
-        whole = _Lowering(_export(exported.layers.module, exported.example_inputs)).run()
-    return whole
+        whole = repeat_layers(lowered, exported.layers)
+        if whole is None:   # the two layers differ after all: trace every layer
+            whole = _Lowering(_export(exported.layers.module, exported.example_inputs)).run()
+        lowered = whole
+    if not input_names:
+        return lowered
+    if len(input_names) != len(lowered.input_names):
+        raise ConfigError(f"inputs: {len(input_names)} declared ({', '.join(input_names)}), "
+                          f"but the traced forward takes {len(lowered.input_names)} tensors "
+                          f"({', '.join(lowered.input_names)})")
+    return replace(lowered, input_names=tuple(input_names))
 
 
 def supported_ops() -> list[str]:

@@ -163,7 +163,8 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
     exported = progress.run("export", frontend.export, module, example_inputs)
     if dump.on:   # (the dumps' arguments alone can take seconds to build)
         dump.text("01_exported_fx.txt", str(exported.program.graph_module.graph))
-    lowered = progress.run("lower", frontend.lower, exported)
+    lowered = progress.run("lower", frontend.lower, exported,
+                           tuple(i.name for i in input_info))
     frontend.check_input_ranges(lowered, input_info)
     dump.json("02_ir.json", lowered.graph)
     fused = progress.run("fuse", fuse, lowered.graph)
