@@ -35,6 +35,13 @@ CASES = {
     # sliding layer 0, full layer 1; caps small enough to bend these scores and logits
     "gemma2": ("Gemma2", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
                               attn_logit_softcapping=2.0, final_logit_softcapping=5.0)),
+    # Gemma 3: q/k norms, layer 0 sliding with its own RoPE base, layer 1 full
+    "gemma3": ("Gemma3Text", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
+                                  sliding_window_pattern=2, rope_parameters={
+                                      "full_attention": {"rope_type": "default",
+                                                         "rope_theta": 1e6},
+                                      "sliding_attention": {"rope_type": "linear",
+                                                            "factor": 2.0, "rope_theta": 100.0}})),
     # fused qkv and gate_up; RoPE on half of each head; a window over all layers
     "phi3": ("Phi3", dict(num_hidden_layers=1, partial_rotary_factor=0.5, sliding_window=7,
                           pad_token_id=0, bos_token_id=1, eos_token_id=2)),
@@ -49,7 +56,7 @@ def save(folder, prefix, seed=0, **fields):
     """A tiny checkpoint of `prefix`ForCausalLM with test_llama_hf_fields' weights."""
     cfg = getattr(transformers, f"{prefix}Config")(**{**SIZES, **fields})
     torch.manual_seed(seed)
-    model = getattr(transformers, f"{prefix}ForCausalLM")(cfg).eval()
+    model = getattr(transformers, f"{prefix.removesuffix('Text')}ForCausalLM")(cfg).eval()
     randomize(model, seed)
     model.save_pretrained(folder)
     return model
@@ -85,6 +92,9 @@ def test_engine_matches_transformers(checkpoint):
     ("gemma2_caps", "Gemma2", CASES["gemma2"][1],
      dict(attn_logit_softcapping=None, final_logit_softcapping=None)),
     ("gemma2_window", "Gemma2", CASES["gemma2"][1], dict(sliding_window=32)),
+    ("gemma3_local_rope", "Gemma3Text", CASES["gemma3"][1], dict(rope_parameters={
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e6}})),
     ("phi3_partial", "Phi3", CASES["phi3"][1], dict(partial_rotary_factor=1.0)),
     ("gpt_neox_sequential", "GPTNeoX", CASES["gpt_neox"][1], dict(use_parallel_residual=False)),
 ])
@@ -129,6 +139,8 @@ def edit(folder, **changes):
     ("phi3", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
      "original_max_position_embeddings: 4096 is not supported with rope_type 'linear'"),
     ("gemma2", dict(use_bidirectional_attention=True), "use_bidirectional_attention: True"),
+    ("gemma3", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
+     "rope_parameters: expected one mapping per layer type"),
     ("gemma2", dict(hidden_act="silu"), "hidden_act: 'silu' is not supported by tilec's "
                                         "Gemma2ForCausalLM"),
 ])

@@ -113,6 +113,26 @@ def _gpt_neox(cfg: dict, path: str) -> None:
     cfg[rope_key] = rope
 
 
+def _gemma3(cfg: dict, path: str) -> None:
+    """Gemma 3 as Gemma 2, but layer_types (if not given) slide but for every
+    sliding_window_pattern-th layer, and rope_parameters holds one set per layer type."""
+    pattern = cfg.pop("sliding_window_pattern", 6)
+    cfg.pop("_sliding_window_pattern", None)   # transformers overwrites it with the above
+    if cfg.get("layer_types") is None:
+        if not isinstance(pattern, int) or isinstance(pattern, bool) or pattern < 1:
+            raise ConfigError(f"{path}: sliding_window_pattern: expected a positive integer, "
+                              f"found {pattern!r}")
+        cfg["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                              for i in range(_layers(cfg))]
+    _gemma(cfg, path)
+    rope = cfg.get("rope_parameters")
+    if not (isinstance(rope, dict) and set(rope) == {"full_attention", "sliding_attention"}):
+        raise ConfigError(f"{path}: rope_parameters: expected one mapping per layer type "
+                          f"(full_attention, sliding_attention), found {rope!r:.80}")
+    cfg["rope_parameters"] = rope["full_attention"]
+    cfg["rope_local"] = rope["sliding_attention"]
+
+
 def _layers(cfg: dict) -> int:
     """num_hidden_layers where it is a count (else LlamaConfig's check names it)."""
     layers = cfg.get("num_hidden_layers", 32)
@@ -142,6 +162,23 @@ ARCHITECTURES = {a.name: a for a in (
                            "query_pre_attn_scalar": 256, "sliding_window": 4096,
                            "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
                  derive=_gemma),
+    Architecture("Gemma3ForCausalLM", "gemma3_text",
+                 ("hidden_activation", "attention_bias", "query_pre_attn_scalar",
+                  "attn_logit_softcapping", "final_logit_softcapping", "sliding_window",
+                  "layer_types", "use_bidirectional_attention", "sliding_window_pattern",
+                  "_sliding_window_pattern"),
+                 traits={"gemma_norms": True, "qk_norm": True},
+                 defaults={"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+                           "num_hidden_layers": 26, "num_attention_heads": 8,
+                           "num_key_value_heads": 4, "head_dim": 256,
+                           "hidden_activation": "gelu_pytorch_tanh",
+                           "max_position_embeddings": 131072, "tie_word_embeddings": True,
+                           "query_pre_attn_scalar": 256, "sliding_window": 4096,
+                           "rope_parameters": {
+                               "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                               "sliding_attention": {"rope_type": "default",
+                                                     "rope_theta": 1e4}}},
+                 derive=_gemma3),
     Architecture("Phi3ForCausalLM", "phi3",
                  ("hidden_act", "sliding_window", "partial_rotary_factor",
                   "original_max_position_embeddings"),

@@ -51,6 +51,8 @@ class LlamaConfig:
     # layer_types entry is "sliding_attention" (every layer without layer_types: Mistral)
     sliding_window: int | None = None
     layer_types: list | None = None   # per layer: "full_attention" or "sliding_attention"
+    # Gemma3: the sliding layers' own rope_parameters (the others': rope_theta, rope_scaling)
+    rope_local: dict | None = None
     # Gemma: RMSNorms scale by 1 + weight, embeddings by sqrt(hidden_size), and the
     # attention and MLP outputs are normed before their residual adds
     # (post_attention_layernorm, post_feedforward_layernorm; pre_feedforward_layernorm
@@ -155,6 +157,20 @@ class LlamaConfig:
         need(self.rotary_dim % 2 == 0, f"{rope_key}.partial_rotary_factor",
              f"{partial!r} of head_dim {self.dim_head} is an odd number of dims")
         self._validate_windows(need)
+        if self.rope_local is not None:
+            need(isinstance(self.rope_local, dict), "rope_parameters.sliding_attention",
+                 f"expected a mapping, found {short_repr(self.rope_local)}")
+            self.local_rope(where)
+
+    def local_rope(self, where: str = "config") -> "LlamaConfig":
+        """This config with the sliding layers' rope parameters (itself without any)."""
+        if self.rope_local is None:
+            return self
+        data = {f.name: getattr(self, f.name) for f in fields(self)   # (RoPE's fields only
+                if f.name not in ("extra", "rope_theta", "rope_scaling", "rope_local",
+                                  "layer_types", "sliding_window")}     # matter)
+        return LlamaConfig.from_dict({**data, "rope_parameters": self.rope_local},
+                                     f"{where}: rope_parameters.sliding_attention")
 
     def _validate_windows(self, need) -> None:
         window = self.sliding_window
@@ -469,7 +485,8 @@ class DecoderStep(nn.Module):
         model = model.to(dtype)
         _lay_out_constants(model)
         with torch.no_grad():
-            model.inv_freq.copy_(model.inverse_frequencies())
+            for name, value in model.rope_buffers().items():
+                getattr(model, name).copy_(value)
             model.positions.copy_(torch.arange(max_seq_len))
         model.reset_cache()
         return model
@@ -478,8 +495,24 @@ class DecoderStep(nn.Module):
         """RoPE's inverse frequencies (the `inv_freq` buffer every family registers)."""
         raise NotImplementedError
 
+    def rope_buffers(self) -> dict[str, torch.Tensor]:
+        """The RoPE buffers' values, by buffer name."""
+        return {"inv_freq": self.inverse_frequencies()}
+
     def reset_cache(self) -> None:
         raise NotImplementedError
+
+
+def rope_at(pos: torch.Tensor, inv_freq: torch.Tensor, factor: float,
+            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin_signed) of position `pos`, [1, rotary dims] each, in `dtype`
+    (`factor`: what transformers scales them by, 1.0 but for yarn and longrope)."""
+    freqs = pos.to(torch.float32)[:, None] * inv_freq[None, :]
+    cos = torch.cat([freqs, freqs], dim=-1).cos()
+    sin = freqs.sin()
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    return cos.to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
 
 
 class LlamaDecodeStep(DecoderStep):
@@ -499,23 +532,29 @@ class LlamaDecodeStep(DecoderStep):
         # transformers scales cos and sin by it (yarn, longrope); 1.0 otherwise
         self.rope_attention_factor = rope_parameters(cfg)[1]
         self.register_buffer("inv_freq", self.inverse_frequencies(), persistent=False)
+        if cfg.rope_local is not None:   # Gemma3: the sliding layers' own RoPE
+            self.local_attention_factor = rope_parameters(cfg.local_rope())[1]
+            self.register_buffer("inv_freq_local", rope_parameters(cfg.local_rope())[0],
+                                 persistent=False)
 
     def inverse_frequencies(self) -> torch.Tensor:
         return rope_parameters(self.cfg)[0]
+
+    def rope_buffers(self) -> dict[str, torch.Tensor]:
+        buffers = super().rope_buffers()
+        if self.cfg.rope_local is not None:
+            buffers["inv_freq_local"] = rope_parameters(self.cfg.local_rope())[0]
+        return buffers
 
     def forward(self, token: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.embed_tokens(token)                              # [1, hidden]
         if self.cfg.gemma_norms:
             h = h * self.embed_scale[h.dtype]
-        freqs = pos.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        cos = torch.cat([freqs, freqs], dim=-1).cos()             # [1, head_dim]
-        sin = freqs.sin()
-        if self.rope_attention_factor != 1.0:
-            cos, sin = cos * self.rope_attention_factor, sin * self.rope_attention_factor
-        sin_signed = torch.cat([-sin, sin], dim=-1).to(h.dtype)
-        cos = cos.to(h.dtype)
+        rope = rope_at(pos, self.inv_freq, self.rope_attention_factor, h.dtype)
+        local = rope if self.cfg.rope_local is None else \
+            rope_at(pos, self.inv_freq_local, self.local_attention_factor, h.dtype)
         for layer in self.layers:
-            h = layer(h, pos, self.positions, cos, sin_signed)
+            h = layer(h, pos, self.positions, *(local if layer.window else rope))
         logits = softcap(self.lm_head(self.norm(h)), self.cfg.final_logit_softcapping)
         logits = logits.to(torch.float32)
         return {"logits": logits, "next_token": logits.argmax(dim=-1)}
