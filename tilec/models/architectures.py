@@ -30,6 +30,15 @@ QWEN_DEFAULTS = {"vocab_size": 151936, "intermediate_size": 22016,
                  "sliding_window": None, "max_window_layers": 28}
 
 
+GEMMA_FIELDS = ("hidden_activation", "attention_bias", "query_pre_attn_scalar",
+                "attn_logit_softcapping", "final_logit_softcapping", "sliding_window",
+                "layer_types", "use_bidirectional_attention")
+GEMMA_DEFAULTS = {"hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                  "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+                  "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+                  "query_pre_attn_scalar": 256, "sliding_window": 4096}
+
+
 @dataclass(frozen=True)
 class Architecture:
     name: str                      # the config.json `architectures` entry
@@ -149,31 +158,16 @@ ARCHITECTURES = {a.name: a for a in (
     Architecture("MistralForCausalLM", "mistral", ("hidden_act", "sliding_window"),
                  defaults={"intermediate_size": 14336, "num_key_value_heads": 8,
                            "max_position_embeddings": 131072, "sliding_window": 4096}),
-    Architecture("Gemma2ForCausalLM", "gemma2",
-                 ("hidden_activation", "attention_bias", "query_pre_attn_scalar",
-                  "attn_logit_softcapping", "final_logit_softcapping", "sliding_window",
-                  "layer_types", "use_bidirectional_attention"),
-                 traits={"gemma_norms": True},
-                 defaults={"vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216,
-                           "num_hidden_layers": 26, "num_attention_heads": 8,
-                           "num_key_value_heads": 4, "head_dim": 256,
-                           "hidden_activation": "gelu_pytorch_tanh",
-                           "max_position_embeddings": 8192, "tie_word_embeddings": True,
-                           "query_pre_attn_scalar": 256, "sliding_window": 4096,
+    Architecture("Gemma2ForCausalLM", "gemma2", GEMMA_FIELDS, traits={"gemma_norms": True},
+                 defaults={**GEMMA_DEFAULTS, "vocab_size": 256000,
+                           "max_position_embeddings": 8192,
                            "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
                  derive=_gemma),
     Architecture("Gemma3ForCausalLM", "gemma3_text",
-                 ("hidden_activation", "attention_bias", "query_pre_attn_scalar",
-                  "attn_logit_softcapping", "final_logit_softcapping", "sliding_window",
-                  "layer_types", "use_bidirectional_attention", "sliding_window_pattern",
-                  "_sliding_window_pattern"),
+                 GEMMA_FIELDS + ("sliding_window_pattern", "_sliding_window_pattern"),
                  traits={"gemma_norms": True, "qk_norm": True},
-                 defaults={"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
-                           "num_hidden_layers": 26, "num_attention_heads": 8,
-                           "num_key_value_heads": 4, "head_dim": 256,
-                           "hidden_activation": "gelu_pytorch_tanh",
-                           "max_position_embeddings": 131072, "tie_word_embeddings": True,
-                           "query_pre_attn_scalar": 256, "sliding_window": 4096,
+                 defaults={**GEMMA_DEFAULTS, "vocab_size": 262208,
+                           "max_position_embeddings": 131072,
                            "rope_parameters": {
                                "full_attention": {"rope_type": "default", "rope_theta": 1e6},
                                "sliding_attention": {"rope_type": "default",
