@@ -22,6 +22,8 @@ PROMPT = [3, 1, 4, 1, 5]
 SIZES = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
              rms_norm_eps=1e-5)
+GPT2_SIZES = dict(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=32,
+                  bos_token_id=1, eos_token_id=2)
 
 # name: (transformers class prefix, config fields beyond SIZES). The windows are shorter
 # than the 21 positions a test runs, so they hide keys. One layer where one shows what
@@ -47,6 +49,9 @@ CASES = {
                           pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     # LayerNorms, an ungated MLP, parallel residual, q/k/v fused head by head, RoPE on
     # a quarter of each head (its default)
+    # learned positions, Conv1D matrices stored [in, out], fused c_attn; layer 1's
+    # scores scaled by a further 1/2
+    "gpt2": ("GPT2", dict(scale_attn_by_inverse_layer_idx=True)),
     "gpt_neox": ("GPTNeoX", dict(num_hidden_layers=1, num_key_value_heads=None,
                                  pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
@@ -54,9 +59,11 @@ CASES = {
 
 def save(folder, prefix, seed=0, **fields):
     """A tiny checkpoint of `prefix`ForCausalLM with test_llama_hf_fields' weights."""
-    cfg = getattr(transformers, f"{prefix}Config")(**{**SIZES, **fields})
+    sizes = GPT2_SIZES if prefix == "GPT2" else SIZES
+    cfg = getattr(transformers, f"{prefix}Config")(**{**sizes, **fields})
     torch.manual_seed(seed)
-    model = getattr(transformers, f"{prefix.removesuffix('Text')}ForCausalLM")(cfg).eval()
+    name = "GPT2LMHeadModel" if prefix == "GPT2" else f"{prefix.removesuffix('Text')}ForCausalLM"
+    model = getattr(transformers, name)(cfg).eval()
     randomize(model, seed)
     model.save_pretrained(folder)
     return model
@@ -96,6 +103,7 @@ def test_engine_matches_transformers(checkpoint):
         "full_attention": {"rope_type": "default", "rope_theta": 1e6},
         "sliding_attention": {"rope_type": "default", "rope_theta": 1e6}})),
     ("phi3_partial", "Phi3", CASES["phi3"][1], dict(partial_rotary_factor=1.0)),
+    ("gpt2_layer_scale", "GPT2", CASES["gpt2"][1], dict(scale_attn_by_inverse_layer_idx=False)),
     ("gpt_neox_sequential", "GPTNeoX", CASES["gpt_neox"][1], dict(use_parallel_residual=False)),
 ])
 def test_what_differs_from_llama_matters(tmp_path, name, prefix, fields, without):
@@ -139,6 +147,9 @@ def edit(folder, **changes):
     ("phi3", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
      "original_max_position_embeddings: 4096 is not supported with rope_type 'linear'"),
     ("gemma2", dict(use_bidirectional_attention=True), "use_bidirectional_attention: True"),
+    ("gpt2", dict(rope_theta=1e4), "rope_theta: 10000.0 is not supported by tilec's "
+                                   "GPT2LMHeadModel"),
+    ("gpt2", dict(add_cross_attention=True), "add_cross_attention: only false"),
     ("gemma3", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
      "rope_parameters: expected one mapping per layer type"),
     ("gemma2", dict(hidden_act="silu"), "hidden_act: 'silu' is not supported by tilec's "

@@ -40,7 +40,8 @@ def randomize(model, seed):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            base, scale = (1.0, 0.1) if "norm" in name else (0.0, 0.15)
+            is_norm = "norm" in name or ".ln_" in name   # (GPT-2: ln_1, ln_2, ln_f)
+            base, scale = (1.0, 0.1) if is_norm and name.endswith("weight") else (0.0, 0.15)
             p.copy_(base + scale * torch.randn(p.shape, generator=gen))
 
 

@@ -52,11 +52,14 @@ class Architecture:
     fused: dict = field(default_factory=dict)
     fused_per_head: bool = False   # GPT-NeoX: the rows go head by head (q, k, v of head 0, ...)
     prefix: str = "model."         # of every checkpoint tensor but the lm_head's
+    layers: str = "layers"         # the checkpoint's name of the layer list
+    conv1d: bool = False           # GPT-2: a layer's matrices are stored [in, out]
+    base: tuple[str, ...] = COMMON  # the fields honoured before `fields`
     names: dict = field(default_factory=dict)   # our module -> the checkpoint's, where not Llama's
 
     @property
     def honoured(self) -> tuple[str, ...]:
-        return COMMON + self.fields
+        return self.base + self.fields
 
 
 def _qwen_windows(cfg: dict, path: str) -> None:
@@ -142,6 +145,26 @@ def _gemma3(cfg: dict, path: str) -> None:
     cfg["rope_local"] = rope["sliding_attention"]
 
 
+GPT2_NAMES = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers",
+              "n_head": "num_attention_heads", "n_positions": "max_position_embeddings",
+              "n_inner": "intermediate_size", "activation_function": "hidden_act",
+              "layer_norm_epsilon": "rms_norm_eps"}
+
+
+def _gpt2(cfg: dict, path: str) -> None:
+    """GPT-2's names for the common fields (n_inner null: 4 * n_embd); cross-attention
+    and reorder_and_upcast_attn are refused (not a decoder-only model, and another
+    order of the score arithmetic)."""
+    for theirs, ours in GPT2_NAMES.items():
+        cfg[ours] = cfg.pop(theirs)
+    if cfg["intermediate_size"] is None:
+        cfg["intermediate_size"] = 4 * cfg["hidden_size"] if isinstance(cfg["hidden_size"], int) \
+            else None
+    for key in ("add_cross_attention", "reorder_and_upcast_attn"):
+        if cfg.pop(key) is not False:
+            raise ConfigError(f"{path}: {key}: only false is supported")
+
+
 def _layers(cfg: dict) -> int:
     """num_hidden_layers where it is a count (else LlamaConfig's check names it)."""
     layers = cfg.get("num_hidden_layers", 32)
@@ -182,6 +205,23 @@ ARCHITECTURES = {a.name: a for a in (
                  derive=_phi3,
                  fused={"qkv_proj": ("q_proj", "k_proj", "v_proj"),
                         "gate_up_proj": ("gate_proj", "up_proj")}),
+    Architecture("GPT2LMHeadModel", "gpt2",
+                 tuple(GPT2_NAMES) + ("scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+                                      "add_cross_attention", "reorder_and_upcast_attn"),
+                 base=("architectures", "model_type", "vocab_size", "tie_word_embeddings"),
+                 traits={"learned_positions": True, "layer_norm": True, "gated_mlp": False,
+                         "attention_bias": True, "mlp_bias": True},
+                 defaults={"vocab_size": 50257, "n_positions": 1024, "n_embd": 768,
+                           "n_layer": 12, "n_head": 12, "n_inner": None,
+                           "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+                           "tie_word_embeddings": True, "add_cross_attention": False,
+                           "reorder_and_upcast_attn": False},
+                 derive=_gpt2, fused={"qkv_proj": ("q_proj", "k_proj", "v_proj")},
+                 prefix="transformer.", layers="h", conv1d=True,
+                 names={"embed_tokens": "wte", "embed_positions": "wpe", "norm": "ln_f",
+                        "input_layernorm": "ln_1", "post_attention_layernorm": "ln_2",
+                        "qkv_proj": "attn.c_attn", "o_proj": "attn.c_proj",
+                        "up_proj": "mlp.c_fc", "down_proj": "mlp.c_proj"}),
     Architecture("GPTNeoXForCausalLM", "gpt_neox",
                  ("hidden_act", "layer_norm_eps", "use_parallel_residual", "attention_bias",
                   "is_decoder"),

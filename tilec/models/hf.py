@@ -37,6 +37,10 @@ METADATA = {
     "resid_pdrop": "dropout is off at inference",
     "embd_pdrop": "dropout is off at inference",
     "hidden_dropout": "dropout is off at inference",
+    "attn_pdrop": "dropout is off at inference",
+    **{key: "GPT2DoubleHeadsModel's sequence-summary head, not part of a causal LM" for key in (
+        "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
+        "summary_first_dropout")},
     "classifier_dropout": "dropout of a classification head, not of this model",
     "use_cache": "a transformers forward option: tilec always keeps a KV cache",
     "pretraining_tp": "the tensor-parallel split of pretraining: transformers computes "
@@ -117,11 +121,12 @@ def hf_name(ours: str, arch: Architecture = LLAMA) -> str:
         return f"{arch.prefix}{arch.names.get(module, module)}.{kind}"
     _, i, rest = ours.split(".", 2)
     module, kind = rest.split(".", 1)
+    layer = f"{arch.prefix}{arch.layers}.{i}"
     if module in arch.names:
-        return f"{arch.prefix}layers.{i}.{arch.names[module]}.{kind}"
+        return f"{layer}.{arch.names[module]}.{kind}"
     group = "self_attn" if module in ATTENTION_MODULES else \
         "mlp" if module in MLP_MODULES else None
-    return f"{arch.prefix}layers.{i}.{group}.{rest}" if group else f"{arch.prefix}layers.{i}.{rest}"
+    return f"{layer}.{group}.{rest}" if group else f"{layer}.{rest}"
 
 
 def load_checkpoint(folder: str | os.PathLike, max_seq_len: int) -> LlamaDecodeStep:
@@ -138,6 +143,8 @@ def load_checkpoint(folder: str | os.PathLike, max_seq_len: int) -> LlamaDecodeS
             if key not in files:
                 raise ConfigError(f"{folder}: tensor {key} missing from the checkpoint")
             tensor = tensors.get(key)
+            if arch.conv1d and name.startswith("layers.") and tensor.dim() == 2:
+                tensor = tensor.t()   # stored [in, out]
             if tuple(tensor.shape) != shape:
                 raise ConfigError(f"{files[key].name}: tensor {key} has shape "
                                   f"{tuple(tensor.shape)}, config.json implies {shape}")

@@ -64,6 +64,12 @@ class LlamaConfig:
     layer_norm: bool = False
     gated_mlp: bool = True
     use_parallel_residual: bool = False
+    # GPT-2: a table of max_position_embeddings learned positions added to the token
+    # embeddings, no RoPE; scores scaled by head_dim's -1/2 only with scale_attn_weights,
+    # and by 1 / (layer index + 1) with scale_attn_by_inverse_layer_idx
+    learned_positions: bool = False
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
     # the head dims past rope_scaling's partial_rotary_factor pass RoPE unrotated (Phi3);
     # without it the factor must be 1.0 (transformers' Llama rotates every dim)
     partial_rotary: bool = False
@@ -129,7 +135,8 @@ class LlamaConfig:
                  key, f"expected a positive integer or null, found {value!r}")
         for key in ("tie_word_embeddings", "attention_bias", "mlp_bias", "qkv_bias", "qk_norm",
                     "gemma_norms", "partial_rotary", "layer_norm", "gated_mlp",
-                    "use_parallel_residual"):
+                    "use_parallel_residual", "learned_positions", "scale_attn_weights",
+                    "scale_attn_by_inverse_layer_idx"):
             value = getattr(self, key)
             need(isinstance(value, bool), key, f"expected true or false, found {value!r}")
         for key in ("rms_norm_eps", "rope_theta", "query_pre_attn_scalar",
@@ -141,7 +148,10 @@ class LlamaConfig:
                  key, f"expected a positive number, found {value!r}")
         need(self.num_attention_heads % self.kv_heads == 0, "num_key_value_heads",
              f"{self.kv_heads} does not divide num_attention_heads {self.num_attention_heads}")
-        need(self.dim_head % 2 == 0, "head_dim", f"must be even for RoPE, found {self.dim_head}")
+        need(self.dim_head % 2 == 0 or self.learned_positions, "head_dim",
+             f"must be even for RoPE, found {self.dim_head}")
+        need(not (self.learned_positions and (self.rope_scaling or self.rope_local)),
+             rope_key, "learned positions take no RoPE")
         if self.head_dim is None:
             need(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
                  "not divisible by num_attention_heads")
@@ -205,6 +215,10 @@ class LlamaConfig:
         """The rope types whose frequencies transformers changes with the sequence length
         are honoured only where they do not change: tilec's frequencies are fixed."""
         scaling = self.rope_scaling or {}
+        if self.learned_positions and max_seq_len > self.max_position_embeddings:
+            raise ConfigError(f"{where}: max_position_embeddings: the model has "
+                              f"{self.max_position_embeddings} learned positions: max_seq_len "
+                              f"must be at most that, found {max_seq_len}")
         if self.rope_type == "dynamic":
             limit, name = self.max_position_embeddings, "max_position_embeddings"
         elif self.rope_type == "longrope":
@@ -372,7 +386,7 @@ class Layer(nn.Module):
             self.post_feedforward_layernorm = norm_of(cfg, d)
         self.parallel = cfg.use_parallel_residual
         self.sandwich = cfg.gemma_norms
-        self.scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
+        self.scale = (cfg.query_pre_attn_scalar or hd) ** -0.5 if cfg.scale_attn_weights else 1.0
         self.softcap = cfg.attn_logit_softcapping
         if cfg.gated_mlp:
             self.gate_proj = nn.Linear(d, cfg.intermediate_size, bias=cfg.mlp_bias)
@@ -390,7 +404,8 @@ class Layer(nn.Module):
         v = self.v_proj(x).view(kvh, hd)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotate(q, cos, sin_signed), rotate(k, cos, sin_signed)
+        if cos is not None:   # (None: learned positions instead of RoPE)
+            q, k = rotate(q, cos, sin_signed), rotate(k, cos, sin_signed)
         self.k_cache.index_copy_(1, pos, k.unsqueeze(1).to(self.k_cache.dtype))
         self.v_cache.index_copy_(1, pos, v.unsqueeze(1).to(self.v_cache.dtype))
         q = q.view(kvh, self.heads // kvh, hd)
@@ -523,6 +538,10 @@ class LlamaDecodeStep(DecoderStep):
         super().__init__(cfg, max_seq_len, Layer)
         for index, layer in enumerate(self.layers):
             layer.window = cfg.layer_window(index)
+            if cfg.scale_attn_by_inverse_layer_idx:
+                layer.scale /= float(index + 1)
+        if cfg.learned_positions:
+            self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.norm = norm_of(cfg, cfg.hidden_size)
         if cfg.gemma_norms:
             # sqrt(hidden_size) rounded to the weights' dtype, as transformers rounds it
@@ -550,7 +569,10 @@ class LlamaDecodeStep(DecoderStep):
         h = self.embed_tokens(token)                              # [1, hidden]
         if self.cfg.gemma_norms:
             h = h * self.embed_scale[h.dtype]
-        rope = rope_at(pos, self.inv_freq, self.rope_attention_factor, h.dtype)
+        if self.cfg.learned_positions:
+            h = h + self.embed_positions(pos)
+        rope = (None, None) if self.cfg.learned_positions else \
+            rope_at(pos, self.inv_freq, self.rope_attention_factor, h.dtype)
         local = rope if self.cfg.rope_local is None else \
             rope_at(pos, self.inv_freq_local, self.local_attention_factor, h.dtype)
         for layer in self.layers:
