@@ -195,6 +195,15 @@ def source_line(node: torch.fx.Node) -> str:
     return f"{file}:{line}: {code.strip()}"
 
 
+def user_site(node: torch.fx.Node) -> str:
+    """Where an error points the user: the path of the innermost module whose forward()
+    produced `node`, then their source line ('block.norm: model.py:12: return
+    self.norm(h + x)'); the source line alone at the top module."""
+    scope = [path for path in module_scope(node) if path]
+    line = source_line(node)
+    return f"{scope[-1]}: {line}" if scope else line
+
+
 def module_scope(node: torch.fx.Node) -> tuple[str, ...]:
     """The paths of the modules whose forward() produced `node`, outermost first."""
     stack = node.meta.get("nn_module_stack") or {}
@@ -263,14 +272,14 @@ class _Lowering:
         return next(o for o in reversed(self.ops) if o.name == name)
 
     def unsupported(self, what: str) -> UnsupportedOpError:
-        return UnsupportedOpError(f"{what} at {source_line(self.node)}")
+        return UnsupportedOpError(f"{what} at {user_site(self.node)}")
 
     def meta(self, node=None):
         val = (node or self.node).meta.get("val")
         return val
 
     def out_dtype(self) -> str:
-        return dtype_name(self.meta().dtype, f" at {source_line(self.node)}")
+        return dtype_name(self.meta().dtype, f" at {user_site(self.node)}")
 
     def out_shape(self) -> tuple[int, ...]:
         return tuple(int(s) for s in self.meta().shape)
@@ -408,9 +417,13 @@ class _Lowering:
             self.node = node
             if node.op == "placeholder":
                 val = node.meta["val"]
-                shape, dtype = tuple(val.shape), dtype_name(val.dtype, f" for input {node.name}")
-                if node.name in params or node.name in consts or node.name in buffers:
-                    target = params.get(node.name) or consts.get(node.name) or buffers.get(node.name)
+                target = params.get(node.name) or consts.get(node.name) or buffers.get(node.name)
+                # named as the user names it: the parameter's or buffer's path ("0.weight",
+                # not the exported placeholder "p_0_weight"), the forward's argument
+                what = f"parameter {target}" if node.name in params else \
+                    f"buffer {target}" if target else f"input {node.name}"
+                shape, dtype = tuple(val.shape), dtype_name(val.dtype, f" for {what}")
+                if target:
                     data = state_dict[target] if target in state_dict else constants[target]
                     kind = "state" if target in mutated else "weight"
                     key = (data.data_ptr(), tuple(data.shape), tuple(data.stride()), data.dtype)
@@ -460,9 +473,8 @@ class _Lowering:
         handler = aten_ops.HANDLERS.get(target)
         if handler is None:
             name = getattr(target, "__name__", str(target))
-            raise UnsupportedOpError(f"unsupported operator aten.{name} at {source_line(node)}"
-                                     if "aten" in str(target) or hasattr(target, "_schema")
-                                     else f"unsupported operator {name} at {source_line(node)}")
+            kind = "aten." if "aten" in str(target) or hasattr(target, "_schema") else ""
+            raise UnsupportedOpError(f"unsupported operator {kind}{name} at {user_site(node)}")
         return handler(self, *node.args, **node.kwargs)
 
 
