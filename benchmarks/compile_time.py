@@ -54,7 +54,8 @@ def torch_compile_seconds(config: str, caches: str) -> tuple[float, int]:
     import tilec  # noqa: F401
     import torch
 
-    from tilec.compiler.config import build_model, load_config
+    from tilec.compiler.build import build_model
+    from tilec.compiler.config import load_config
 
     from dataclasses import replace
 

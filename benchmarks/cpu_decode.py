@@ -32,7 +32,8 @@ def main() -> int:
     prompt = [int(t) for t in args.prompt.split(",")]
 
     from tilec.api import compile as tilec_compile
-    from tilec.compiler.config import build_model, load_config
+    from tilec.compiler.build import build_model
+    from tilec.compiler.config import load_config
     from tilec.models.hf import to_transformers
 
     cfg = load_config(args.config)

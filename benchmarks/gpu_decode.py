@@ -105,7 +105,8 @@ def copy_bandwidth_gbps(nbytes: int = 2 << 30, reps: int = 20) -> float:
 def check_small_engines() -> dict:
     """float32 engines on the GPU against eager PyTorch (before trusting any timing)."""
     from tilec.api import compile as tilec_compile
-    from tilec.compiler.config import build_model, load_config
+    from tilec.compiler.build import build_model
+    from tilec.compiler.config import load_config
 
     out = {}
     cfg = load_config(ROOT / "examples/block.yaml")
@@ -350,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
               "(nothing was run)", file=sys.stderr)
         return 2
     import triton
-    from tilec.compiler.config import build_model, load_config
+    from tilec.compiler.build import build_model
+    from tilec.compiler.config import load_config
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

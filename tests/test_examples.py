@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import tilec.api
-from tilec.compiler.config import build_model, load_config
+from tilec.compiler.build import build_model
+from tilec.compiler.config import load_config
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 REL_TOL = 1e-4

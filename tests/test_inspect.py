@@ -173,7 +173,7 @@ def test_aot_flag(capsys, built, monkeypatch):
 
 def test_verify_stage_dump(built):
     folder, _, _ = built
-    text = (folder / "dump" / "07_verify.txt").read_text()
+    text = (folder / "dump" / "06_verify.txt").read_text()
     lines = text.strip().splitlines()
     assert "ok   each_task_once" in lines and "ok   conflicts_ordered" in lines
     assert lines[-1] == "schedule verified: ok"

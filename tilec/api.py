@@ -10,21 +10,17 @@ Import it as `tilec` (the names are re-exported there); this module is where the
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import os
-from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from tilec.errors import ConfigError, RunError
-from tilec.ir.target import TARGETS
-from tilec.limits import seed_problem, short_repr
+from tilec.errors import RunError
+from tilec.limits import check_seed
 from tilec.runtime import engine as engine_file
-from tilec.runtime.distributed import LocalDevices, rank_from_env
+from tilec.runtime.distributed import rank_from_env
 from tilec.runtime.executors import Executor, make_executor
+from tilec.runtime.inprocess import parts_executor, random_inputs
 from tilec.runtime.generate import Generation
 
 if TYPE_CHECKING:
@@ -88,17 +84,8 @@ class Engine:
     def random_inputs(self, seed: int = 0) -> dict[str, torch.Tensor]:
         """Fresh random inputs of the declared shapes and dtypes: floats ~ N(0, 1),
         integers uniform in their [low, high) (from model.yaml; [0, 2) if unknown)."""
-        _check_seed(seed)
-        g = torch.Generator().manual_seed(seed)
-        out = {}
-        for s in self._data.manifest.inputs:
-            dtype = engine_file.TORCH_DTYPES[s.dtype]
-            if dtype.is_floating_point:
-                out[s.name] = torch.randn(s.shape, generator=g).to(dtype)
-            else:
-                high = s.high if s.high is not None else 2
-                out[s.name] = torch.randint(s.low, high, s.shape, generator=g, dtype=dtype)
-        return out
+        check_seed(seed)
+        return random_inputs(self._data.manifest, seed)
 
     def executor(self, backend: str = "auto", policy: str = "round_robin",
                  seed: int = 0) -> Executor:
@@ -112,7 +99,7 @@ class Engine:
         reverse. `executor(...).run(dict)` takes inputs as a dict, for models whose
         input names clash with `run`'s keywords.
         """
-        _check_seed(seed)
+        check_seed(seed)
         key = (backend, policy, seed)
         if key not in self._executors:
             self._executors[key] = self.new_executor(backend, policy, seed)
@@ -120,16 +107,11 @@ class Engine:
 
     def new_executor(self, backend: str = "auto", policy: str = "round_robin", seed: int = 0):
         """A fresh executor (fresh state and step count), not cached: see `executor`."""
-        if len(self._parts) == 1 or rank_from_env() is not None:
+        if rank_from_env() is not None:   # this process runs its device's part
             return make_executor(self._data, backend, policy=policy, seed=seed)
         # A multi-device engine outside its ranks: every device in this process, taking
         # turns (`tilec run` starts one process per device instead).
-        if backend not in ("auto", "interpret", "reference"):
-            raise RunError(f"backend {backend!r}: multi-device engines run on the interpret "
-                           "and reference backends")
-        backend = "interpret" if backend == "auto" else backend
-        return LocalDevices(self._parts, lambda part, comm: make_executor(
-            part, backend, policy=policy, seed=seed, comm=comm), policy, seed)
+        return parts_executor(self._parts, backend, policy, seed)
 
     def run(self, *, backend: str = "auto", policy: str = "round_robin", seed: int = 0,
             **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -284,174 +266,13 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
     Keyword options override the yaml's target and schedule sections. Mistakes are
     `ConfigError`; an operator tilec cannot lower is `UnsupportedOpError`.
     """
-    from tilec.compiler import config as cfgmod
-    from tilec.compiler.pipeline import InputInfo, Progress, compile_module, target_options
+    from tilec.compiler.driver import Outputs, Overrides, compile_model
 
-    _check_options(cfgmod, dtype, policy, tile_m=tile_m, tile_n=tile_n, tile_k=tile_k,
-                   kv_chunk=kv_chunk)
-    if seed is not None:
-        _check_seed(seed)
-    if output is not None:
-        engine_file.check_writable(output)
-    if isinstance(model_or_yaml, (str, os.PathLike)):
-        cfg = cfgmod.load_config(model_or_yaml)
-    elif isinstance(model_or_yaml, cfgmod.ModelConfig):
-        cfg = model_or_yaml
-    elif isinstance(model_or_yaml, torch.nn.Module):
-        cfg = None
-    else:
-        raise ConfigError(f"tilec.compile takes an nn.Module, a model.yaml path or a "
-                          f"ModelConfig, not {type(model_or_yaml).__name__}")
-    generation, tokenizer, chat = None, None, None
-    if cfg is not None:
-        target_name = target or cfg.target.name
-        if dtype is None and cfg.dtype is None and not isinstance(cfg.model, cfgmod.ModuleSpec):
-            dtype = TARGETS[target_name].dtype if target_name in TARGETS else None
-        if dtype is not None:
-            cfg = replace(cfg, dtype=dtype)
-        if seed is not None:
-            cfg = replace(cfg, seed=seed)
-        t, s = cfg.target, cfg.schedule
-        workers = t.workers if workers is None else workers   # 0 is an error, not "unset"
-        with _naming_the_yaml(cfg):
-            options = target_options(target or t.name, workers, policy or s.policy,
-                                     tile_m or s.tile_m, tile_n or s.tile_n,
-                                     tile_k or s.tile_k, kv_chunk=kv_chunk or s.kv_chunk,
-                                     roles=t.roles or (),
-                                     devices=t.devices if devices is None else devices)
-        _check_files(_input_files(cfg, cfgmod), output, dump_dir, options.target.devices)
-        # After the options are checked: from here a family model's weights are being
-        # drawn in the background until compile_module has them (config.PendingWeights).
-        module, inputs, weights = cfgmod.build_model_async(cfg)
-        specs = cfg.inputs
-        if not isinstance(cfg.model, cfgmod.ModuleSpec):
-            specs = cfgmod.decoder_inputs(module.cfg.vocab_size, module.max_seq_len)
-            generation, tokenizer, chat = _decoder_extras(cfg, module)
-        info = tuple(InputInfo(s.name, s.low, s.high) for s in specs)
-        name = name or Path(cfg.path).stem
-        seed = cfg.seed
-    else:
-        module, weights = model_or_yaml, None
-        if example_inputs is None:
-            raise ConfigError("tilec.compile(module) needs example_inputs")
-        inputs = tuple(example_inputs)
-        if dtype is not None:   # nn.Module.to works in place: leave the caller's alone
-            module = copy.deepcopy(module).to(cfgmod.FLOAT_DTYPES[dtype])
-        info = ()
-        options = target_options(target or "cpu", workers, policy or "critical_path",
-                                 tile_m, tile_n, tile_k, kv_chunk=kv_chunk,
-                                 devices=1 if devices is None else devices)
-        _check_files([("the model's module file", _source_file(module))], output, dump_dir,
-                     options.target.devices)
-        name = name or type(module).__name__
-        seed = seed or 0
-    options = replace(options, aot=aot)
-    try:
-        with _naming_the_yaml(cfg):
-            data = compile_module(
-                module, inputs, name=name, options=options, input_info=info, seed=seed,
-                progress=Progress(on_stage),
-                dump_dir=os.fspath(dump_dir) if dump_dir is not None else None,
-                generation=generation,
-                weights_ready=weights.wait if weights is not None else None,
-                release_constants=cfg is not None,   # tilec built the module
-                output=os.fspath(output) if output is not None else None,
-                tokenizer=tokenizer, chat=chat)
-    finally:
-        if weights is not None:
-            weights.cancel()   # a compile that failed leaves no thread drawing
-    return Engine(data)
-
-
-@contextlib.contextmanager
-def _naming_the_yaml(cfg):
-    """Roles are checked against the final worker count and the traced model, and the
-    inputs' ranges against the traced model, after the yaml is parsed: their errors
-    name a yaml key path, so prefix the yaml file too."""
-    try:
-        yield
-    except ConfigError as e:
-        if cfg is None or not str(e).startswith(("target.", "inputs:")):
-            raise
-        raise ConfigError(f"{cfg.path}: {e}") from None
-
-
-def _check_files(inputs, output, dump_dir, devices: int) -> None:
-    """No output (the engine file, a stage dump) overwrites an input or another output."""
-    from tilec.compiler.pipeline import dump_names
-    from tilec.paths import check_outputs
-
-    dumps = [] if dump_dir is None else [("dump_dir", dump_dir)] + \
-        [("a stage dump", Path(dump_dir, n)) for n in dump_names(devices)]
-    check_outputs(inputs, [("output", output), *dumps])
-    if dump_dir is not None:
-        _check_dump_dir(dump_dir)
-
-
-def _input_files(cfg, cfgmod) -> list[tuple[str, str]]:
-    """The files a model.yaml compile reads: the yaml, and the module file it names or
-    the files of the checkpoint folder."""
-    files = [("the model.yaml", cfg.path)]
-    if isinstance(cfg.model, cfgmod.ModuleSpec):
-        files.append(("the model's module file", cfg.model.file))
-    elif isinstance(cfg.model, cfgmod.CheckpointSpec):
-        with contextlib.suppress(OSError), os.scandir(cfg.model.folder) as entries:
-            files += [("the checkpoint file", e.path) for e in entries if e.is_file()]
-    return files
-
-
-def _source_file(module: torch.nn.Module) -> str | None:
-    import inspect
-
-    try:
-        return inspect.getsourcefile(type(module))
-    except TypeError:   # defined in C, or in the interpreter's __main__ of a -c script
-        return None
-
-
-def _check_options(cfgmod, dtype: str | None, policy: str | None, **tiles: int | None) -> None:
-    """The same rules as model.yaml's, so the API and the yaml fail alike."""
-    if dtype is not None and dtype not in cfgmod.MODEL_DTYPES:
-        raise ConfigError(f"dtype: expected {' or '.join(cfgmod.MODEL_DTYPES)}, found {dtype!r}")
-    if policy is not None and policy not in cfgmod.POLICIES:
-        raise ConfigError(f"policy: expected {' | '.join(cfgmod.POLICIES)}, found {policy!r}")
-    for key, value in tiles.items():
-        expected = cfgmod.tile_size_problem(key, value)
-        if expected:
-            raise ConfigError(f"{key}: expected {expected}, found {value!r}")
-
-
-def _check_seed(seed) -> None:
-    if seed_problem(seed):
-        raise ConfigError(f"seed: expected {seed_problem(seed)}, found {short_repr(seed)}")
-
-
-def _check_dump_dir(dump_dir) -> None:
-    """The folder for the stage dumps is a folder, or can be made (the nearest folder
-    above it that exists is writable): checked before the compile, creating nothing."""
-    folder = Path(dump_dir).absolute()
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"dump_dir {dump_dir}: a file, not a folder")
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not (existing.is_dir() and os.access(existing, os.W_OK)):
-        raise ConfigError(f"dump_dir {dump_dir}: {existing} is not a writable folder")
-
-
-def _decoder_extras(cfg, module):
-    from tilec.compiler.config import CheckpointSpec
-    from tilec.runtime.engine import GenerationSpec
-
-    eos, tokenizer, chat = (), None, None
-    if isinstance(cfg.model, CheckpointSpec):
-        from tilec.models.hf import chat_template, eos_token_ids, tokenizer_json
-
-        folder = cfg.model.folder
-        eos, tokenizer = eos_token_ids(folder), tokenizer_json(folder)
-        template = chat_template(folder) if tokenizer is not None else None
-        chat = template.to_json() if template is not None else None
-    return GenerationSpec(module.cfg.vocab_size, module.max_seq_len, eos), tokenizer, chat
+    overrides = Overrides(target=target, workers=workers, dtype=dtype, policy=policy,
+                          tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, kv_chunk=kv_chunk,
+                          devices=devices, name=name, seed=seed)
+    outputs = Outputs(output=output, dump_dir=dump_dir, on_stage=on_stage, aot=aot)
+    return Engine(compile_model(model_or_yaml, example_inputs, overrides, outputs))
 
 
 __all__ = ["Engine", "Generation", "compile", "load"]

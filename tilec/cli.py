@@ -204,23 +204,14 @@ def cmd_run(args) -> int:
     for path in (args.profile, args.output, args.logits_out):
         _check_writable(path)   # before the run, not after it
     engine = load(args.engine, trust_engine_code=args.trust_engine_code)
-    if engine.devices > 1:
-        from tilec.runtime.distributed import launch, rank_from_env
+    if engine.devices > 1:   # one process per device: start them, or be one of them
+        from tilec.runtime.distributed import reports_outputs, run_ranks
 
-        rank = rank_from_env()
-        if rank is None:   # start one process per device, each running this command
-            if args.backend not in ("auto", "interpret", "reference"):
-                raise RunError(f"--backend {args.backend}: multi-device engines run on the "
-                               "interpret and reference backends (gloo between processes)")
-            if engine.generation_spec is not None and not args.inputs:
-                from tilec.runtime.generate import check_prompt
-
-                # a bad prompt is one line here, not the same error from every rank
-                check_prompt(engine.generation_spec, _parse_prompt(engine, args),
-                             args.max_new_tokens)
-            return launch(args.argv, engine.devices)
-        if rank[0] != 0:   # every rank computes the same outputs; rank 0 reports them
-            sys.stdout = open(os.devnull, "w")
+        code = run_ranks(args.argv, engine.devices, args.backend,
+                         check=lambda: _check_prompt(engine, args))
+        if code is not None:
+            return code
+        if not reports_outputs():
             args.profile = args.output = args.logits_out = None
     if args.profile:  # the executor run / generate use below, cached by the engine
         engine.executor(args.backend, args.policy, args.seed).start_profile()
@@ -261,6 +252,13 @@ def cmd_run(args) -> int:
         print(f"{k}: shape {list(v.shape)} {str(v.dtype).replace('torch.', '')}")
         print(f"  {v}")
     return 0
+
+
+def _check_prompt(engine, args) -> None:
+    if engine.generation_spec is not None and not args.inputs:
+        from tilec.runtime.generate import check_prompt
+
+        check_prompt(engine.generation_spec, _parse_prompt(engine, args), args.max_new_tokens)
 
 
 def _check_writable(path: str | None) -> None:

@@ -63,6 +63,14 @@ def seed_problem(seed) -> str | None:
     return f"an integer from 0 to {MAX_SEED}"
 
 
+def check_seed(seed) -> None:
+    """A ConfigError unless `seed` is a seed (seed_problem)."""
+    if seed_problem(seed):
+        from tilec.errors import ConfigError
+
+        raise ConfigError(f"seed: expected {seed_problem(seed)}, found {short_repr(seed)}")
+
+
 def error_line(message: str) -> str:
     """`message` as one `error:` line: its first line, cut to MAX_ERROR_CHARS."""
     first = message.splitlines()[0] if message.strip() else ""

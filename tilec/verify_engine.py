@@ -9,42 +9,53 @@ from typing import Any
 import torch
 
 from tilec.errors import RunError, TilecError
+from tilec.passes.verify_devices import verify_parts
+from tilec.runtime import engine as engine_file
+from tilec.runtime.inprocess import parts_executor, random_inputs
 
 
 def verify_engine(engine, interleavings: int = 0, backend: str = "interpret") -> dict[str, Any]:
-    """`engine`: a `tilec.api.Engine` or the `tilec.runtime.engine.Engine` it wraps.
-    Returns {"ok", "checks": name -> bool, "violations": one line each, first first}."""
-    from tilec.api import Engine as ApiEngine
-
+    """`engine`: a `tilec.Engine`, or the engine file it holds (runtime.engine.Engine or
+    DeviceEngines). Returns {"ok", "checks": name -> bool, "violations": one line each,
+    first first}."""
     if not isinstance(interleavings, int) or isinstance(interleavings, bool) or \
             interleavings < 0:
         raise RunError(f"interleavings: expected an integer >= 0, found {interleavings!r}")
-    if not isinstance(engine, ApiEngine):
-        engine = ApiEngine(engine)
-    report = engine.verify()   # a multi-device engine: each device, then all together
+    parts = _parts(engine)
+    # a multi-device engine: each device, then all together
+    report = verify_parts(tuple(p.schedule() for p in parts))
     checks = dict(report.checks)
     violations = list(report.violations)
     if interleavings:
-        problem = _interleavings(engine, interleavings, backend)
+        problem = _interleavings(parts, interleavings, backend)
         checks["interleavings"] = problem is None
         if problem:
             violations.append(problem)
     return {"ok": not violations, "checks": checks, "violations": violations}
 
 
-def _interleavings(engine, n: int, backend: str) -> str | None:
+def _parts(engine) -> tuple[engine_file.Engine, ...]:
+    """Every device's part of the engine (one for a one-device engine)."""
+    if isinstance(engine, engine_file.DeviceEngines):
+        return engine.ranks
+    if isinstance(engine, engine_file.Engine):
+        return (engine,)
+    return engine.parts   # a tilec.Engine
+
+
+def _interleavings(parts, n: int, backend: str) -> str | None:
     """None when N seeded random interleavings give outputs bitwise identical to
     round-robin, else the first difference or hang. Every run gets a fresh executor
     (fresh state pools, step 0) and the same valid inputs (ints inside their declared
     [low, high), so a decoder's token and position are in range)."""
-    inputs = engine.random_inputs(seed=1)
+    inputs = random_inputs(parts[0].manifest, seed=1)
     try:   # a multi-device engine: all its devices in this process, taking turns
-        base = engine.new_executor(backend, policy="round_robin").run(dict(inputs))
+        base = parts_executor(parts, backend, policy="round_robin").run(dict(inputs))
     except TilecError as e:
         return f"interleavings: round-robin: {str(e).splitlines()[0]}"
     for seed in range(n):
         try:
-            out = engine.new_executor(backend, policy="random", seed=seed).run(dict(inputs))
+            out = parts_executor(parts, backend, policy="random", seed=seed).run(dict(inputs))
         except TilecError as e:
             return f"interleavings: seed {seed}: {str(e).splitlines()[0]}"
         diff = [k for k in base if not _bitwise_equal(base[k], out[k])]

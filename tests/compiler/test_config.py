@@ -7,9 +7,9 @@ import pytest
 import torch
 import yaml
 
+from tilec.compiler.build import build_model, random_inputs
 from tilec.compiler.config import (
-    InputSpec, ModelConfig, ScheduleSpec, TargetSpec, build_model, load_config,
-    parse_config, random_inputs,
+    InputSpec, ModelConfig, ScheduleSpec, TargetSpec, load_config, parse_config,
 )
 from tilec.errors import ConfigError
 

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from tilec.compiler import frontend
-from tilec.compiler.config import build_model, load_config
+from tilec.compiler.build import build_model
+from tilec.compiler.config import load_config
 from tilec.compiler.layers import declared_layers
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import tilec.models.llama as llama
+from tilec.compiler import build
 from tilec.compiler import config as cfgmod
 
 TINY = {"vocab_size": 37, "hidden_size": 48, "intermediate_size": 80,
@@ -70,8 +71,8 @@ def test_background_draw_gives_the_definition(tmp_path):
     draw per tensor (the definition above) makes it, and the same example inputs as
     the blocking build_model."""
     cfg = family_config(tmp_path, seed=3, dtype="bfloat16")
-    _, inputs = cfgmod.build_model(cfg)
-    drawn, drawn_inputs, pending = cfgmod.build_model_async(cfg)
+    _, inputs = build.build_model(cfg)
+    drawn, drawn_inputs, pending = build.build_model_async(cfg)
     assert pending is not None
     pending.wait()
     pending.wait()   # waiting again is harmless
@@ -92,7 +93,7 @@ def test_cancelled_draw_stops(tmp_path, monkeypatch):
         return stream(seed, index)
 
     monkeypatch.setattr(llama, "_stream", gated)
-    model, _, pending = cfgmod.build_model_async(family_config(tmp_path))
+    model, _, pending = build.build_model_async(family_config(tmp_path))
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(7.0)    # a value no draw gives
@@ -113,7 +114,7 @@ def test_draw_errors_reach_the_waiter(tmp_path, monkeypatch):
     def broken(*args):
         raise RuntimeError("no memory left")
     monkeypatch.setattr(llama, "init_random", broken)
-    _, _, pending = cfgmod.build_model_async(family_config(tmp_path))
+    _, _, pending = build.build_model_async(family_config(tmp_path))
     with pytest.raises(RuntimeError, match="no memory left"):
         pending.wait()
 
@@ -134,7 +135,7 @@ def test_packing_a_yaml_model_frees_its_weights_and_packs_the_same_pools(tmp_pat
                                               "max_seq_len": 16}, "seed": 3}))
     from_yaml = tilec.api.compile(str(path))
     cfg = cfgmod.load_config(str(path))
-    module, inputs = cfgmod.build_model(cfg)
+    module, inputs = build.build_model(cfg)
     kept = {name: p.clone() for name, p in module.state_dict().items()}
     from_module = tilec.api.compile(module, inputs)
     pools = [k for k in from_yaml.data.tensors if k.startswith("pool.")]
@@ -156,7 +157,7 @@ def test_pack_takes_or_frees_the_weights_it_may_and_only_those(tmp_path):
 
     cfg = family_config(tmp_path, seed=1)
     for release, laid_out in ((False, True), (True, True), (True, False)):
-        module, inputs = cfgmod.build_model(cfg)
+        module, inputs = build.build_model(cfg)
         if not laid_out:
             module = copy.deepcopy(module)   # each weight in memory of its own
         before = {n: p.clone() for n, p in module.named_parameters()}

@@ -13,7 +13,8 @@ import torch
 import tilec.api as tilec_api
 from engines import lowest_index_topk
 from tilec.cli import main
-from tilec.compiler.config import build_model, load_config
+from tilec.compiler.build import build_model
+from tilec.compiler.config import load_config
 from tilec.errors import ConfigError
 from tilec.models.llama import init_random
 from tilec.models.mla_dsa import (MlaDsaConfig, MlaDsaDecodeStep, explicit_attention,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import tilec.api as tilec_api
+from tilec.compiler import build
 from tilec.compiler import config as cfgmod
 from tilec.ir.attention import attention_parts, partial_names
 from tilec.runtime.executors import make_executor
@@ -26,7 +27,7 @@ def split_engine():
 @pytest.fixture(scope="module")
 def eager():
     cfg = cfgmod.load_config(EXAMPLE)
-    model, _ = cfgmod.build_model(cfg)
+    model, _ = build.build_model(cfg)
     return model
 
 
@@ -144,8 +145,8 @@ def test_bfloat16_split_engine_matches_eager(backend):
     bound would say more about the model than about the engine.)"""
     engine = tilec_api.compile(EXAMPLE, workers=3, kv_chunk=CHUNK, dtype="bfloat16")
     cfg = cfgmod.load_config(EXAMPLE)
-    eager32, _ = cfgmod.build_model(cfg)
-    eager16, _ = cfgmod.build_model(dataclasses.replace(cfg, dtype="bfloat16"))
+    eager32, _ = build.build_model(cfg)
+    eager16, _ = build.build_model(dataclasses.replace(cfg, dtype="bfloat16"))
     ex = make_executor(engine.data, backend)
     gen = torch.Generator().manual_seed(11)
     engine_err, eager_err = [], []

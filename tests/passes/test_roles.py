@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from tilec.compiler.config import parse_config
-from tilec.compiler.pipeline import target_options
+from tilec.compiler.options import target_options
 from tilec.errors import ConfigError
 from tilec.ir.graph import FusedGraph, Graph, Group, Op, Operand, TensorType
 from tilec.ir.target import TARGETS, Role
@@ -217,7 +217,7 @@ def test_device_roles_resolve_like_worker_roles():
     assert t.devices == 4
     assert [(r.name, r.devices, r.workers) for r in t.roles] == [("indexer", (0,), ()),
                                                                  ("mla", (), ())]
-    from tilec.compiler.pipeline import target_options
+    from tilec.compiler.options import target_options
     options = target_options("cpu", 2, roles=t.roles, devices=4)
     assert [(r.name, r.devices) for r in options.target.device_roles] == \
         [("indexer", (0,)), ("mla", (1, 2, 3))]
@@ -245,7 +245,7 @@ def test_device_role_mistakes_are_one_line_config_errors(target, message):
 def test_override_to_one_device_refuses_device_roles():
     t = parse_target({"name": "cpu", "devices": 2,
                       "roles": {"a": {"devices": [0], "kinds": ["gather"]}, "b": {}}})
-    from tilec.compiler.pipeline import target_options
+    from tilec.compiler.options import target_options
     with pytest.raises(ConfigError, match=r"target\.roles\.a\.devices: roles own devices on a "
                                           r"multi-device target and workers on one device"):
         target_options("cpu", 2, roles=t.roles, devices=1)

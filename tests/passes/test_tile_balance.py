@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import tilec.api as tilec_api
+from tilec.compiler import build
 from tilec.compiler import config as cfgmod
-from tilec.compiler.pipeline import target_options
+from tilec.compiler.options import target_options
 from tilec.passes.cost import list_makespan, task_times
 from tilec.passes.tile import _descend, group_depths, tile
 from tilec.runtime.executors import make_executor
@@ -70,7 +71,7 @@ def test_stage_mixes_widths(tiny_engine):
 
 def test_balanced_kernel_matches_eager(tiny_engine):
     cfg = cfgmod.load_config(EXAMPLE)
-    eager, _ = cfgmod.build_model(cfg)
+    eager, _ = build.build_model(cfg)
     ex = make_executor(tiny_engine.data, "interpret")
     for pos, token in enumerate([5, 9, 2]):
         out = ex.run({"token": torch.tensor([token]), "pos": torch.tensor([pos])})

@@ -21,7 +21,7 @@ import tilec.api
 from engines import EXAMPLES, compiled, read_raw, resign
 from test_hostile import assert_refused, run_cli
 from tilec.codegen import aot
-from tilec.compiler.pipeline import fill_pool
+from tilec.compiler.pack import fill_pool
 from tilec.errors import EngineError
 from tilec.runtime import engine as engine_file
 from tilec.runtime import executors, kernel

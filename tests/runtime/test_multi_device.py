@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 import tilec.api
 from engines import EXAMPLES, lowest_index_topk
-from tilec.compiler.config import build_model, load_config
+from tilec.compiler.build import build_model
+from tilec.compiler.config import load_config
 from tilec.ir.schedule import Wait
 from tilec.ir.tasks import TRANSFER
 from tilec.passes.verify import verify

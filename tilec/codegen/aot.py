@@ -119,7 +119,7 @@ class PendingKernel:
     tilec.codegen.aot`, as for an interpreting process) from the moment it is made, so
     the compile, seconds of one core, overlaps what the caller does meanwhile; `result()`
     waits for it. The compiler starts one as soon as it can predict the kernel's source
-    (pipeline.SpeculativeAOT) and uses it only if the source turns out to be that."""
+    (hooks.SpeculativeAOT) and uses it only if the source turns out to be that."""
 
     def __init__(self, source: str, pools: Iterable[Any], arch: int,
                  timeout: float = 600.0):

@@ -1,120 +1,257 @@
-"""The one pipeline: model -> ir.Graph -> passes -> kernel -> Engine (DESIGN.md diagram).
+"""The one pipeline: model -> ir.Graph -> passes -> kernel -> Engine (DESIGN.md diagram),
+as data: `STAGES`, a list of named stages over one `CompileState`, read like the stage
+table of docs/architecture.md.
 
-    export ▶ lower ▶ fuse ▶ tile ▶ [partition] ▶ deps ▶ roles ▶ schedule ▶ sync ▶ memplan ▶ verify ▶ render ▶ pack ▶ aot
+    export ▶ lower ▶ fuse ▶ tilings ▶ tile ▶ [partition] ▶ deps ▶ roles ▶ schedule ▶ sync
+    ▶ [timing] ▶ memplan ▶ verify ▶ render ▶ [weights] ▶ pack ▶ (hooks' stages: manifest ▶ aot)
 
-Each stage is a pure function of the previous stage's result; `compile_module` runs
-them in order, reports each stage's time, and can dump every stage as text. `aot`
-runs for GPU targets only (and not with `CompileOptions(aot=False)`): it compiles the
-kernel for the target's GPU, on a machine without one, and the engine stores the cubin.
-It needs only the rendered source, which can be predicted after `tile`, so it runs in
-a child process from there on (SpeculativeAOT); the stage is the wait for it at the end.
+Each stage is a pure function of the state the previous ones left (it returns a new
+state; only `aot` completes the engine it stores the binary in); `run_stages` runs them
+in order, reports each one's time and, with a dump folder, writes its dump as text as
+it ends. Work beside the stages is a hook at their boundaries (compiler/hooks.py): the
+GPU compile, started from `tilings` on in a child process, adds the stages `manifest`
+and `aot`; the engine file's two-step save runs around `aot`.
 `partition` runs for multi-device targets only: it cuts the task graph into one part
 per device, with transfers between them, and every stage after it runs on each part;
-the engine is then one Engine per device (`DeviceEngines`).
-A family model's random weights are drawn in the background meanwhile; `weights`
-(before `pack`) is the wait for them, if any.
+the engine is then one Engine per device (`DeviceEngines`). A family model's random
+weights are drawn in the background meanwhile; `weights` (before `pack`) is the wait
+for them, if any.
 """
 from __future__ import annotations
 
 import json
 import time
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from tilec.codegen.aot import PendingKernel
-from tilec.gcpause import without_cyclic_gc
 from tilec.codegen.render import Rendered, render
-from tilec.codegen.sass import disassemble
 from tilec.compiler import frontend
-from tilec.compiler.config import workers_problem
-from tilec.errors import ConfigError
-from tilec.ir.graph import contiguous_strides
+from tilec.compiler.hooks import EngineOutput, GpuCompile
+from tilec.compiler.options import MAX_WAITS, CompileOptions, InputInfo
+from tilec.compiler.pack import pack_devices
+from tilec.compiler.stage import Hook, Stage
+from tilec.gcpause import without_cyclic_gc
+from tilec.ir import printer
 from tilec.ir.schedule import Schedule
 from tilec.ir.serial import to_plain
-from tilec.ir.stream import RING_CHUNK_ELEMS
-from tilec.ir.target import TARGETS, Role, Target
-from tilec.limits import short_repr
 from tilec.passes.deps import deps
 from tilec.passes.fuse import fuse
-from tilec.passes.memplan import memplan, unplaced
-from tilec.passes.partition import MAX_DEVICES, device_target, partition, time_devices
-from tilec.passes.roles import resolve_device_roles, resolve_roles, roles
+from tilec.passes.memplan import memplan
+from tilec.passes.partition import device_target, partition, time_devices
+from tilec.passes.roles import roles
 from tilec.passes.schedule import schedule
 from tilec.passes.sync import sync
-from tilec.passes.tile import TileOptions, tile, tile_plan
+from tilec.passes.tile import tile, tile_plan
 from tilec.passes.verify import check
 from tilec.passes.verify_devices import verify_parts
-from tilec.runtime.engine import (AOTKernel, DeviceEngines, Engine, GenerationSpec, IOSpec,
-                                  Manifest, PendingSave, TORCH_DTYPES, aot_text,
-                                  encode_tables, save)
-from tilec.runtime.sizes import resident_problem
+from tilec.runtime.engine import DeviceEngines, Engine, GenerationSpec
 from tilec.version import __version__
-
-MAX_WAITS = 8
 
 
 @dataclass(frozen=True)
-class CompileOptions:
-    target: Target = TARGETS["cpu"]
-    policy: str = "critical_path"
-    tiles: TileOptions = TileOptions()
-    max_waits: int = MAX_WAITS
-    aot: bool = True        # GPU targets: compile the kernel to a cubin and store it
+class CompileState:
+    """Everything a compile knows: what it was asked, then each stage's result."""
+
+    module: torch.nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    name: str = "model"
+    options: CompileOptions = CompileOptions()
+    input_info: tuple[InputInfo, ...] = ()
+    seed: int = 0
+    generation: GenerationSpec | None = None
+    tokenizer: str | None = None
+    chat: str | None = None
+    weights_ready: Callable[[], None] | None = None
+    release_constants: bool = False
+    # the stages' results, in stage order
+    exported: Any = None            # export: frontend.Exported
+    lowered: Any = None             # lower: frontend.Lowered
+    fused: Any = None               # fuse: FusedGraph
+    plan: Any = None                # tilings: passes.tile.TilePlan
+    parts: tuple = ()               # tile .. roles: one TaskGraph per device
+    scheds: tuple[Schedule, ...] = ()   # schedule .. memplan: one Schedule per device
+    max_waits: int = MAX_WAITS      # sync: the most waits a task has (at least 1)
+    report: Any = None              # verify: VerifyReport
+    rendered: tuple[Rendered, ...] = ()
+    engines: tuple[Engine, ...] = ()
+
+    @property
+    def multi(self) -> bool:
+        return self.options.target.devices > 1
+
+    @property
+    def target(self):
+        """The target one device's part is scheduled for."""
+        return device_target(self.options.target) if self.multi else self.options.target
+
+    @property
+    def engine(self) -> Engine | DeviceEngines:
+        return DeviceEngines(self.engines) if self.multi else self.engines[0]
 
 
-def target_options(name: str, workers: int | None = None, policy: str = "critical_path",
-                   tile_m: int | None = None, tile_n: int | None = None,
-                   tile_k: int | None = None, roles: tuple[Role, ...] = (),
-                   kv_chunk: int | None = None, devices: int = 1) -> CompileOptions:
-    """`roles` as model.yaml gives them: checked here, once the worker count is final.
-    With `devices` > 1 they own devices (Role.devices), not workers."""
-    if not isinstance(name, str) or name not in TARGETS:
-        raise ConfigError(f"unknown target {short_repr(name)} (choose from {', '.join(TARGETS)})")
-    target = TARGETS[name]
-    if workers is not None:
-        if workers_problem(workers, name):
-            raise ConfigError(f"workers: expected {workers_problem(workers, name)}, found "
-                              f"{short_repr(workers)}")
-        target = replace(target, workers=workers)
-    if not isinstance(devices, int) or not 1 <= devices <= MAX_DEVICES:
-        raise ConfigError(f"devices: expected an integer from 1 to {MAX_DEVICES}, found "
-                          f"{short_repr(devices)}")
-    target = replace(target, devices=devices)
-    for r in roles:
-        if (devices > 1 and r.workers) or (devices == 1 and r.devices):
-            key = "devices" if r.devices else "workers"
-            raise ConfigError(f"target.roles.{r.name}.{key}: roles own devices on a "
-                              f"multi-device target and workers on one device; this target "
-                              f"has {devices} device{'s' if devices > 1 else ''}")
-    if roles and devices > 1:
-        target = replace(target, device_roles=resolve_device_roles(roles, devices))
-    elif roles:
-        target = replace(target, roles=resolve_roles(roles, target.workers))
-    base = default_tiles(target)
-    tiles = replace(base, tile_m=tile_m or base.tile_m, tile_n=tile_n or base.tile_n,
-                    tile_k=tile_k or base.tile_k, kv_chunk=kv_chunk or base.kv_chunk,
-                    workers=target.workers if target.backend == "cuda" else 1)
-    return CompileOptions(target=target, policy=policy, tiles=tiles)
+# ----------------------------------------------------------------------------- stages
+
+def _export(s: CompileState) -> CompileState:
+    return replace(s, exported=frontend.export(s.module, s.example_inputs))
 
 
-def default_tiles(target: Target) -> TileOptions:
-    if target.backend == "cpu":
-        # The interpreter pays per task and per numpy call, not per element: few, big tiles.
-        # Workers take turns in one process, so more tiles never run faster here; and
-        # registers are numpy arrays, so tiles need no size bound.
-        return TileOptions(tile_m=32, tile_n=128, tile_k=128, row_chunk=4096,
-                           max_tile_elems=1 << 22)
-    # GPU: the tile pass picks each matmul's width between these (balance_widths). A
-    # matvec tile's K chunk is then as long as a chunk of RING_CHUNK_ELEMS allows (16 KB
-    # of bf16, one stage of the weight ring): 64 for 128 columns (128 contiguous bytes
-    # of each [N, K] weight row), 1024 for 8 columns (one 16-byte vector of a row).
-    return TileOptions(tile_m=16, tile_n=128, tile_k=2048, row_chunk=1024, min_tile_n=8,
-                       max_tile_elems=RING_CHUNK_ELEMS)
+def _lower(s: CompileState) -> CompileState:
+    lowered = frontend.lower(s.exported, tuple(i.name for i in s.input_info))
+    frontend.check_input_ranges(lowered, s.input_info)
+    return replace(s, lowered=lowered)
 
+
+def _fuse(s: CompileState) -> CompileState:
+    return replace(s, fused=fuse(s.lowered.graph))
+
+
+def _tilings(s: CompileState) -> CompileState:
+    """Block sizes, tile grids and buffers: all the kernel's source needs of `tile`."""
+    return replace(s, plan=tile_plan(s.fused, s.options.tiles, s.options.target))
+
+
+def _tile(s: CompileState) -> CompileState:
+    return replace(s, parts=(tile(s.fused, s.options.tiles, s.options.target, s.plan),))
+
+
+def _partition(s: CompileState) -> CompileState:
+    return replace(s, parts=partition(s.parts[0], s.options.target))
+
+
+def _deps(s: CompileState) -> CompileState:
+    return replace(s, parts=tuple(deps(p) for p in s.parts))
+
+
+def _roles(s: CompileState) -> CompileState:
+    return replace(s, parts=tuple(roles(p, s.target) for p in s.parts))
+
+
+def _schedule(s: CompileState) -> CompileState:
+    scheds = tuple(schedule(p, s.target, s.options.policy) for p in s.parts)
+    return replace(s, scheds=scheds, parts=())
+
+
+def _sync(s: CompileState) -> CompileState:
+    scheds = tuple(sync(x, s.options.max_waits) for x in s.scheds)
+    max_waits = max([len(w) for x in scheds for w in x.waits] + [1])
+    return replace(s, scheds=scheds, max_waits=max_waits)
+
+
+def _timing(s: CompileState) -> CompileState:
+    """The devices' predicted times, with each transfer waiting for its parties."""
+    return replace(s, scheds=time_devices(s.scheds))
+
+
+def _memplan(s: CompileState) -> CompileState:
+    # Nothing after sync reads the deps (verify recomputes conflicts from the regions,
+    # and the engine does not store them): free them before the weights are packed
+    # (2.3 M objects, a few hundred MB, for Llama-1B).
+    scheds = tuple(replace(x, taskgraph=replace(x.taskgraph, deps=())) for x in s.scheds)
+    return replace(s, scheds=tuple(memplan(x) for x in scheds))
+
+
+def _verify(s: CompileState) -> CompileState:
+    return replace(s, report=verify_parts(s.scheds))
+
+
+def _render(s: CompileState) -> CompileState:
+    return replace(s, rendered=tuple(render_schedule(x, s.max_waits, s.name)
+                                     for x in s.scheds))
+
+
+def _weights(s: CompileState) -> CompileState:
+    s.weights_ready()
+    return s
+
+
+def _pack(s: CompileState) -> CompileState:
+    engines = pack_devices(s.scheds, s.rendered, s.lowered, s.max_waits, s.name,
+                           s.input_info, s.seed, None, s.release_constants)
+    for e in engines:
+        if s.generation is not None:
+            e.manifest = replace(e.manifest, generation=s.generation)
+        e.tokenizer, e.chat = s.tokenizer, s.chat
+    return replace(s, engines=tuple(engines))
+
+
+def render_schedule(sched: Schedule, max_waits: int, name: str) -> Rendered:
+    return render(sched.taskgraph.fused, sched.taskgraph.tilings, sched.buffers, sched.pools,
+                  max_waits, sched.target.workers, name, __version__)
+
+
+
+# ----------------------------------------------------------------------------- dumps
+
+def _dump_exported(s):
+    return {"01_exported_fx.txt": str(s.exported.program.graph_module.graph)}
+
+
+def _dump_ir(s):
+    return {"02_ir.json": _json(s.lowered.graph), "02_ir.txt": printer.graph_text(s.lowered.graph)}
+
+
+def _dump_fused(s):
+    return {"03_fused.json": _json(s.fused.groups), "03_fused.txt": printer.fused_text(s.fused)}
+
+
+def _dump_tasks(s):
+    out = {}
+    for p in s.parts:
+        out[_per_device("04_tasks.json", p)] = _json({
+            "tilings": p.tilings, "tasks": p.tasks, "transfers": p.transfers,
+            "deps": [(d.before, d.after, d.kind, d.buffer) for d in p.deps],
+            "roles": p.roles})
+        out[_per_device("04_tasks.txt", p)] = printer.tasks_text(p)
+    return out
+
+
+def _dump_schedule(s):
+    out = {}
+    for x in s.scheds:
+        out[_per_device("05_schedule.json", x.taskgraph)] = _json(
+            {"queues": x.queues, "events": x.events, "waits": x.waits,
+             "signal": x.signal, "buffers": x.buffers, "pools": x.pools})
+        out[_per_device("05_schedule.txt", x.taskgraph)] = printer.schedule_text(x)
+    return out
+
+
+def _dump_verify(s):
+    return {"06_verify.txt": verify_text(s.report)}
+
+
+def _dump_kernel(s):
+    return {_per_device("07_kernel.py", x.taskgraph): r.source
+            for x, r in zip(s.scheds, s.rendered)}
+
+
+def _multi(s: CompileState) -> bool:
+    return s.multi
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("export", _export, _dump_exported),
+    Stage("lower", _lower, _dump_ir),
+    Stage("fuse", _fuse, _dump_fused),
+    Stage("tilings", _tilings),
+    Stage("tile", _tile),
+    Stage("partition", _partition, when=_multi),
+    Stage("deps", _deps),
+    Stage("roles", _roles, _dump_tasks),
+    Stage("schedule", _schedule),
+    Stage("sync", _sync),
+    Stage("timing", _timing, when=_multi),
+    Stage("memplan", _memplan, _dump_schedule),
+    Stage("verify", _verify, _dump_verify, check=lambda s: check(s.report)),
+    Stage("render", _render, _dump_kernel),
+    Stage("weights", _weights, when=lambda s: s.weights_ready is not None),
+    Stage("pack", _pack),
+)
+
+
+# ----------------------------------------------------------------------------- running
 
 @dataclass
 class Progress:
@@ -133,11 +270,30 @@ class Progress:
         return out
 
 
-@dataclass(frozen=True)
-class InputInfo:
-    name: str
-    low: int = 0
-    high: int | None = None
+
+def run_stages(stages, state: CompileState, progress: Progress, dumps: "Dumps",
+               hooks: tuple[Hook, ...] = ()) -> CompileState:
+    """Run `stages` in order, each timed, dumped as it ends, then told to the hooks;
+    `finish` every hook at the end and `close` each, also when a stage raised."""
+    failed = True
+    try:
+        for stage in stages:
+            if stage.when is not None and not stage.when(state):
+                continue
+            state = progress.run(stage.name, stage.run, state)
+            if dumps.on and stage.dump is not None:   # (building them can take seconds)
+                dumps.write(stage.dump(state))
+            if stage.check is not None:
+                stage.check(state)
+            for h in hooks:
+                h.after(stage.name, state, progress)
+        for h in hooks:
+            h.finish(state, progress)
+        failed = False
+    finally:
+        for h in hooks:
+            h.close(failed)
+    return state
 
 
 @without_cyclic_gc
@@ -151,174 +307,23 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
                    output: str | None = None,
                    tokenizer: str | None = None,
                    chat: str | None = None) -> Engine | DeviceEngines:
-    """`weights_ready`, if given, blocks until the module's weights are written: the
-    stages before `pack` read only shapes, so a family model's random weights are drawn
-    meanwhile (config.PendingWeights); the wait is timed as the stage `weights`.
-    `release_constants`: the module is tilec's own and may lose its weights to `pack`
-    (see there); it is unusable afterwards. `output`: write the engine file there too;
-    when the GPU compile is still running after `manifest`, the tensors are written
-    meanwhile (`save`) and the binary, header and checksum after it (`seal`)."""
-    progress = progress or Progress()
-    dump = _Dumper(dump_dir)
-    exported = progress.run("export", frontend.export, module, example_inputs)
-    if dump.on:   # (the dumps' arguments alone can take seconds to build)
-        dump.text("01_exported_fx.txt", str(exported.program.graph_module.graph))
-    lowered = progress.run("lower", frontend.lower, exported,
-                           tuple(i.name for i in input_info))
-    frontend.check_input_ranges(lowered, input_info)
-    dump.json("02_ir.json", lowered.graph)
-    fused = progress.run("fuse", fuse, lowered.graph)
-    dump.json("03_fused.json", fused.groups)
-    multi = options.target.devices > 1
-    target = device_target(options.target) if multi else options.target
-    with SpeculativeAOT(target.arch if options.aot and target.backend == "cuda" and not multi
-                        else None, target.workers, name) as gpu_kernel:
-        taskgraph = progress.run("tile", _tile, fused, options, gpu_kernel)
-        if multi:
-            parts = progress.run("partition", partition, taskgraph, options.target)
-        else:
-            parts = (taskgraph,)
-        del taskgraph
-        parts = progress.run("deps", _each(deps), parts)
-        parts = progress.run("roles", _each(roles), parts, target)
-        for p in parts if dump.on else ():
-            dump.json(_per_device("04_tasks.json", p), {
-                "tilings": p.tilings, "tasks": p.tasks, "transfers": p.transfers,
-                "deps": [(d.before, d.after, d.kind, d.buffer) for d in p.deps],
-                "roles": p.roles})
-        scheds = progress.run("schedule", _each(schedule), parts, target, options.policy)
-        scheds = progress.run("sync", _each(sync), scheds, options.max_waits)
-        max_waits = max([len(w) for s in scheds for w in s.waits] + [1])
-        if max_waits != options.max_waits:
-            tg = scheds[0].taskgraph
-            gpu_kernel.guess(tg.fused, tg.tilings, tg.buffers, max_waits)
-        if multi:   # the devices' predicted times, with each transfer waiting for its parties
-            scheds = progress.run("timing", time_devices, scheds)
-        # Nothing after sync reads the deps (verify recomputes conflicts from the regions,
-        # and the engine does not store them): free them before the weights are packed
-        # (2.3 M objects, a few hundred MB, for Llama-1B).
-        scheds = tuple(replace(s, taskgraph=replace(s.taskgraph, deps=())) for s in scheds)
-        del parts
-        scheds = progress.run("memplan", _each(memplan), scheds)
-        for s in scheds:
-            dump.json(_per_device("05_schedule.json", s.taskgraph),
-                      {"queues": s.queues, "events": s.events, "waits": s.waits,
-                       "signal": s.signal, "buffers": s.buffers, "pools": s.pools})
-        report = progress.run("verify", verify_parts, scheds)
-        dump.text("07_verify.txt", verify_text(report))
-        check(report)
-        rendered = progress.run("render", _each(render_schedule), scheds, max_waits, name)
-        for s, r in zip(scheds, rendered):
-            dump.text(_per_device("06_kernel.py", s.taskgraph), r.source)
-        gpu_kernel.start(rendered[0].source, scheds[0].pools)
-        if weights_ready is not None:
-            progress.run("weights", weights_ready)
-        engines = progress.run("pack", pack_devices, scheds, rendered, lowered, max_waits,
-                               name, input_info, seed, None, release_constants)
-        for e in engines:
-            if generation is not None:
-                e.manifest = replace(e.manifest, generation=generation)
-            e.tokenizer, e.chat = tokenizer, chat
-        if gpu_kernel.arch is not None:
-            # a save encodes the manifest before anything else: do it while the GPU
-            # compile runs on, then write the weights meanwhile too
-            progress.run("manifest", engines[0].manifest_text)
-            pending = progress.run("save", PendingSave, engines[0], output) if output else None
-            try:
-                engines[0].aot = progress.run("aot", gpu_kernel.result)
-                problem = resident_problem(target, target.workers, engines[0].aot)
-                if problem:   # the registers and shared memory are known only now
-                    raise ConfigError(f"workers: {problem}; use fewer workers")
-            except BaseException:
-                if pending is not None:
-                    pending.cancel()
-                raise
-            if pending is not None:
-                progress.run("seal", pending.finish, engines[0].aot)
-                output = None
-            dump.text("08_aot.json", aot_text(engines[0].aot))
-            if dump.on:   # the compiled code, to read what the kernel really does
-                dump.text("08_kernel.ptx", gpu_kernel.ptx)
-                listing = disassemble(engines[0].aot.cubin, hex_bits=False)
-                if listing is not None:   # nvdisasm comes with Triton's CUDA backend
-                    dump.text("08_kernel.sass", listing)
-    result = DeviceEngines(tuple(engines)) if multi else engines[0]
+    """Run STAGES and the hooks the options ask for. `weights_ready`, if given, blocks
+    until the module's weights are written: the stages before `pack` read only shapes,
+    so a family model's random weights are drawn meanwhile (build.PendingWeights); the
+    wait is timed as the stage `weights`. `release_constants`: the module is tilec's own
+    and may lose its weights to `pack` (see there); it is unusable afterwards. `output`:
+    write the engine file there too (hooks.EngineOutput)."""
+    state = CompileState(module, tuple(example_inputs), name, options, input_info, seed,
+                         generation, tokenizer, chat, weights_ready, release_constants)
+    hooks: list[Hook] = []
+    target = state.target
+    if options.aot and target.backend == "cuda" and not state.multi:
+        hooks.append(GpuCompile(target.arch, target.workers, name, options.max_waits))
     if output is not None:
-        progress.run("save", save, result, output)
-    return result
-
-
-class SpeculativeAOT:
-    """The `aot` stage: the kernel compiled for the target's GPU (None: no compile), in
-    a child process (aot.PendingKernel) started as soon as the kernel's source can be
-    predicted, so that its seconds of one core overlap the passes, the verifier and
-    pack on the other. The source depends on where buffers are only through which pool
-    holds each one and their alignment (memplan.unplaced), and on the record's number of
-    waits, known after `sync`: so a first compile starts once `tile` has chosen the
-    tilings (tile_plan), guessing the cap (what sync leaves a large model's busiest
-    tasks), and another after `sync` if the guess was wrong. `result` uses a compile
-    only if it was for exactly the rendered source and pools, and otherwise compiles
-    them anew: the binary is the same as if the compile had started after `render`.
-    Leaving the `with` block stops any compile still running (a compile that failed,
-    or a guess not used)."""
-
-    def __init__(self, arch: int | None, workers: int, name: str):
-        self.arch, self.workers, self.name = arch, workers, name
-        self.pending: PendingKernel | None = None
-        self.ptx = ""   # the PTX of the binary `result` returned
-
-    def __enter__(self) -> SpeculativeAOT:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.cancel()
-
-    def cancel(self) -> None:
-        """Stop the compile running, if any (its result is not wanted)."""
-        if self.pending is not None:
-            self.pending.cancel()
-            self.pending = None
-
-    def guess(self, fused, tilings, buffers, max_waits: int) -> None:
-        """Start compiling the kernel `render` will make of these tilings and buffers once
-        memplan has placed them, if sync leaves at most `max_waits` waits a task."""
-        if self.arch is None:
-            return
-        buffers, pools = unplaced(buffers)
-        source = render(fused, tilings, buffers, pools, max_waits, self.workers, self.name,
-                        __version__).source
-        self.start(source, pools)
-
-    def start(self, source: str, pools) -> None:
-        """Compile `source` for this pool list, unless that compile is running already."""
-        if self.arch is None or (self.pending is not None and
-                                 self.pending.is_for(source, pools, self.arch)):
-            return
-        self.cancel()
-        self.pending = PendingKernel(source, pools, self.arch)
-
-    def result(self) -> AOTKernel:
-        """The binary of the last source `start`ed (waits for its compile); its PTX is
-        then `self.ptx`."""
-        pending, self.pending = self.pending, None
-        binary = pending.result()
-        self.ptx = pending.ptx
-        return binary
-
-
-def _tile(fused, options: CompileOptions, gpu_kernel: SpeculativeAOT):
-    """The tile pass, with the GPU compile started as soon as the tiles are chosen."""
-    plan = tile_plan(fused, options.tiles, options.target)
-    gpu_kernel.guess(fused, plan.tilings, plan.buffers, options.max_waits)
-    return tile(fused, options.tiles, options.target, plan)
-
-
-def _each(fn):
-    """A pass over one device's part, run over every device's (one part: one device)."""
-    def over_parts(parts, *args):
-        return tuple(fn(p, *args) for p in parts)
-    over_parts.__name__ = fn.__name__
-    return over_parts
+        hooks.append(EngineOutput(output))
+    stages = STAGES + tuple(s for h in hooks for s in h.stages)
+    state = run_stages(stages, state, progress or Progress(), Dumps(dump_dir), tuple(hooks))
+    return state.engine
 
 
 def _per_device(name: str, taskgraph) -> str:
@@ -331,9 +336,22 @@ def _device_dump(name: str, device: int) -> str:
     return f"{stem}.device{device}.{ext}"
 
 
-STAGE_DUMPS = ("01_exported_fx.txt", "02_ir.json", "03_fused.json", "07_verify.txt",
-               "08_aot.json")
-DEVICE_DUMPS = ("04_tasks.json", "05_schedule.json", "06_kernel.py")   # one per device
+
+def _per_device(name: str, taskgraph) -> str:
+    """Stage dump names: `04_tasks.json`, or `04_tasks.device1.json` per device."""
+    return name if taskgraph.devices == 1 else _device_dump(name, taskgraph.device)
+
+
+def _device_dump(name: str, device: int) -> str:
+    stem, ext = name.split(".", 1)
+    return f"{stem}.device{device}.{ext}"
+
+
+STAGE_DUMPS = ("01_exported_fx.txt", "02_ir.json", "02_ir.txt", "03_fused.json",
+               "03_fused.txt", "06_verify.txt", "08_aot.json", "08_kernel.ptx",
+               "08_kernel.sass")
+DEVICE_DUMPS = ("04_tasks.json", "04_tasks.txt", "05_schedule.json", "05_schedule.txt",
+                "07_kernel.py")   # one per device
 
 
 def dump_names(devices: int) -> list[str]:
@@ -341,128 +359,6 @@ def dump_names(devices: int) -> list[str]:
     if devices == 1:
         return [*STAGE_DUMPS, *DEVICE_DUMPS]
     return [*STAGE_DUMPS, *(_device_dump(n, d) for n in DEVICE_DUMPS for d in range(devices))]
-
-
-def pack_devices(scheds, rendered, lowered, max_waits, name, input_info, seed, binary,
-                 release_constants) -> list[Engine]:
-    """One Engine per device, each pool holding the device's own parts of the weights
-    and the state (memplan). Constants are released (see pack) only by the last
-    device's pack, after every device has copied its parts."""
-    return [pack(s, r, lowered, max_waits, name, input_info, seed,
-                 binary if i == 0 else None, release_constants and i == len(scheds) - 1)
-            for i, (s, r) in enumerate(zip(scheds, rendered))]
-
-
-def render_schedule(sched: Schedule, max_waits: int, name: str) -> Rendered:
-    return render(sched.taskgraph.fused, sched.taskgraph.tilings, sched.buffers, sched.pools,
-                  max_waits, sched.target.workers, name, __version__)
-
-
-def pack(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered, max_waits: int,
-         name: str, input_info: tuple[InputInfo, ...], seed: int,
-         binary: AOTKernel | None = None, release_constants: bool = False) -> Engine:
-    """`release_constants`: the module is tilec's own (built from a model.yaml), so each
-    weight's memory is freed once it is copied into its pool: the peak is then one copy
-    of the weights, not two. Never for a caller's module."""
-    tensors = encode_tables(sched, rendered.opcodes, max_waits)
-    tensors["args"] = torch.tensor(rendered.args, dtype=torch.int64).reshape(
-        len(rendered.args), rendered.max_args)
-    placed = {b.name: b for b in sched.buffers}
-    users = Counter(_storage(t) for t in lowered.constants.values()) if release_constants \
-        else None
-    for pool in sched.pools:
-        if pool.kind in ("weight", "state"):
-            tensors[f"pool.{pool.name}"] = fill_pool(pool, sched.buffers, lowered.constants,
-                                                     users)
-    info = {i.name: i for i in input_info}
-    inputs = []
-    for user_name, value in zip(lowered.input_names, lowered.graph.inputs):
-        t = lowered.graph.op(value).type
-        extra = info.get(user_name, InputInfo(user_name))
-        inputs.append(IOSpec(user_name, value, t.shape, contiguous_strides(t.shape), 0,
-                             t.dtype, extra.low, extra.high))
-    outputs = []
-    ops = lowered.graph.by_name()
-    for out_name, operand in lowered.graph.outputs:
-        buf = placed[operand.value]
-        outputs.append(IOSpec(out_name, buf.name, operand.shape, operand.strides,
-                              operand.offset, ops[operand.value].type.dtype))
-    # The task table holds queues, signals and waits; conflicts are recomputed from the
-    # regions by whoever needs them (verify), so the edges are not stored either.
-    stored = replace(sched, queues=(), signal=(), waits=(),
-                     taskgraph=replace(sched.taskgraph, deps=()))
-    manifest = Manifest(name, stored, tuple(inputs), tuple(outputs), rendered.opcodes,
-                        rendered.kinds, max_waits, rendered.max_args, seed)
-    return Engine(manifest, rendered.source, tensors, aot=binary, kernel_checked=True)
-
-
-def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
-
-
-def fill_pool(pool, buffers, constants: dict[str, torch.Tensor],
-              users: Counter | None = None) -> torch.Tensor:
-    """One flat pool: each constant at its buffer's offset, zeros elsewhere. Only the
-    gaps are zeroed (zeroing a pool of weights, then writing every byte again, cost a
-    second pass over gigabytes). With `users` (constants per storage, counted over all
-    pools), a constant's storage is freed after the last constant in it is copied; and
-    if the constants already lie as the pool wants them, their memory becomes the pool
-    (only then: a caller's module must not share memory with the engine)."""
-    data = _laid_out(pool, buffers, constants) if users is not None else None
-    if data is not None:   # the weights lie where the pool wants them: take them as is
-        spans = [(b.offset, b.offset + b.type.numel) for b in buffers
-                 if b.pool == pool.name and b.name in constants]
-        _zero_gaps(data, spans)
-        return data
-    data = torch.empty(pool.numel, dtype=TORCH_DTYPES[pool.dtype])
-    spans = []
-    for b in buffers:
-        if b.pool == pool.name and b.name in constants:
-            constant = constants[b.name]
-            value = constant.to(data.dtype).contiguous().reshape(-1)
-            lo, hi = b.stored or (0, value.numel())   # a device's part of a weight
-            data[b.offset + lo:b.offset + hi] = value[lo:hi]
-            spans.append((b.offset + lo, b.offset + hi))
-            if users is not None:
-                users[_storage(constant)] -= 1
-                if users[_storage(constant)] == 0:
-                    del value
-                    try:
-                        constant.untyped_storage().resize_(0)
-                    except RuntimeError:
-                        pass   # not ours to free (numpy or mmap memory): it stays
-    _zero_gaps(data, spans)
-    return data
-
-
-def _zero_gaps(data: torch.Tensor, spans: list[tuple[int, int]]) -> None:
-    end = 0
-    for start, stop in sorted(spans) + [(len(data), len(data))]:
-        if start > end:
-            data[end:start] = 0
-        end = max(end, stop)
-
-
-def _laid_out(pool, buffers, constants: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """The pool as a view of the memory its constants already share, if each lies there
-    at its buffer's offset, whole and contiguous (a family model's parameters are laid
-    out so: models/llama.py, DecoderStep.empty); None otherwise."""
-    dtype = TORCH_DTYPES[pool.dtype]
-    storage = None
-    for b in buffers:
-        if b.pool != pool.name or b.name not in constants:
-            continue
-        c = constants[b.name]
-        if b.stored or c.dtype != dtype or not c.is_contiguous() or \
-                c.storage_offset() != b.offset:
-            return None
-        if storage is None:
-            storage = c.untyped_storage()
-        elif c.untyped_storage().data_ptr() != storage.data_ptr():
-            return None
-    if storage is None or storage.nbytes() < pool.numel * dtype.itemsize:
-        return None
-    return torch.empty(0, dtype=dtype).set_(storage)[:pool.numel]
 
 
 def verify_text(report) -> str:
@@ -473,8 +369,13 @@ def verify_text(report) -> str:
     return "\n".join(lines + list(report.violations)) + "\n"
 
 
-class _Dumper:
-    """Writes each stage as text when `tilec compile --dump-dir` asks for it."""
+
+def _json(obj) -> str:
+    return json.dumps(to_plain(obj), indent=1)
+
+
+class Dumps:
+    """Writes each stage's dump when `tilec compile --dump-dir` asks for it."""
 
     def __init__(self, folder: str | None):
         self.folder = Path(folder) if folder else None
@@ -485,10 +386,6 @@ class _Dumper:
     def on(self) -> bool:
         return self.folder is not None
 
-    def text(self, name: str, text: str) -> None:
-        if self.folder:
+    def write(self, files: dict[str, str]) -> None:
+        for name, text in files.items():
             (self.folder / name).write_text(text)
-
-    def json(self, name: str, obj) -> None:
-        if self.folder:
-            (self.folder / name).write_text(json.dumps(to_plain(obj), indent=1))

@@ -15,6 +15,9 @@ DEFAULT_ROLE = "compute"
 # (2048 threads per SM on sm_80 and sm_90); registers and shared memory may allow fewer.
 CTAS_PER_SM = 16
 CPU_MAX_WORKERS = 64
+# A multi-device target's most devices: a region's devices are bits of an int64 mask
+# (passes/partition.py).
+MAX_DEVICES = 62
 
 
 @dataclass(frozen=True)

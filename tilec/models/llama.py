@@ -268,7 +268,7 @@ def init_random(params: list[tuple[str, nn.Parameter]], seed: int, std: float = 
     projections and embeddings), norms at one, so an engine and its eager twin get the
     same weights. `params`: `list(model.named_parameters())`, listed before the model is
     traced (non-strict torch.export swaps fake tensors into the module while it traces,
-    and this may run in another thread meanwhile: compiler/config.PendingWeights).
+    and this may run in another thread meanwhile: compiler/build.PendingWeights).
 
     The values are uniform, not normal (as torch's own nn.Linear initialisation is):
     each is a random byte b (as int8) mapped to (2b + 1) * std / ODD_BYTE_STD, so zero
@@ -434,7 +434,7 @@ class DecoderStep(nn.Module):
         dtype, in that order, each starting at a multiple of POOL_ALIGN elements: where
         the memory plan puts a model's weights in the engine's weight pools. Packing
         the engine then takes that tensor as the pool instead of copying 2.5 GB into a
-        new one (pipeline.fill_pool checks that the offsets agree, and copies if not)."""
+        new one (pack.fill_pool checks that the offsets agree, and copies if not)."""
         with torch.device("meta"):
             model = cls(cfg, max_seq_len)
         # Cast on meta, where it costs nothing: materialising in float32 first and then

@@ -190,5 +190,5 @@ def unplaced(buffers: tuple[Buffer, ...]) -> tuple[tuple[Buffer, ...], tuple[Poo
     sizes: before there is a schedule to place buffers by, what the kernel's source
     depends on (which pool holds a buffer, the pools' order; offsets only by alignment,
     and every offset memplan chooses is aligned). The compiler renders a provisional
-    kernel with them, to start compiling it for the GPU early (pipeline.SpeculativeAOT)."""
+    kernel with them, to start compiling it for the GPU early (hooks.SpeculativeAOT)."""
     return tuple(replace(b, pool=pool_of(b)[0], offset=0) for b in buffers), _pools(buffers, {})

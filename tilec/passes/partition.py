@@ -38,7 +38,7 @@ import numpy as np
 from tilec.errors import ConfigError
 from tilec.ir.graph import DTYPE_BYTES, Group
 from tilec.ir.schedule import Schedule
-from tilec.ir.target import Role, Target
+from tilec.ir.target import MAX_DEVICES, Role, Target
 from tilec.ir.tasks import TRANSFER, Region, Task, TaskGraph, Transfer, TransferPart
 from tilec.passes.cost import task_times
 from tilec.passes.geometry import box_array, overlap_matrix
@@ -47,7 +47,6 @@ from tilec.passes.roles import check_names_match, role_of_group
 
 COMM_ROLE = "comm"          # the comm worker's role in a device's schedule
 COMPUTE_ROLE = "compute"    # every other worker's
-MAX_DEVICES = 62            # devices are bits of an int64 mask below
 BLOCK = 1 << 22             # box comparisons per numpy sweep
 
 

@@ -60,6 +60,33 @@ def resolve_device_roles(roles: tuple[Role, ...], devices: int) -> tuple[Role, .
     return tuple(replace(r, workers=(), devices=r.workers) for r in resolved)
 
 
+def target_roles(roles: tuple[Role, ...], devices: int, workers: int,
+                 stated: str = "yaml") -> tuple[tuple[Role, ...], tuple[Role, ...]]:
+    """The one roles check: `roles` as model.yaml gives them, for a target of `devices`
+    devices of `workers` workers -> (worker roles, device roles), resolved; one of the
+    two is empty (roles own devices on a multi-device target, workers on one device).
+    model.yaml's parser checks them against the yaml's counts (`stated` "yaml"), the
+    compile again once `--workers` and `--devices` are final ("override"); a mistake
+    is a ConfigError naming the key path."""
+    for r in roles:
+        if stated == "yaml" and devices > 1 and r.workers:
+            raise ConfigError(f"target.roles.{r.name}.workers: on a target of {devices} "
+                              "devices a role owns devices; give it `devices`")
+        if stated == "yaml" and devices == 1 and r.devices:
+            raise ConfigError(f"target.roles.{r.name}.devices: device roles need "
+                              "`target.devices` of 2 or more")
+        if (devices > 1 and r.workers) or (devices == 1 and r.devices):
+            key = "devices" if r.devices else "workers"
+            raise ConfigError(f"target.roles.{r.name}.{key}: roles own devices on a "
+                              f"multi-device target and workers on one device; this target "
+                              f"has {devices} device{'s' if devices > 1 else ''}")
+    if not roles:
+        return (), ()
+    if devices > 1:
+        return (), resolve_device_roles(roles, devices)
+    return resolve_roles(roles, workers), ()
+
+
 def role_problems(roles: tuple[Role, ...], workers: int, unit: str = "worker") -> list[str]:
     """What is wrong with resolved role definitions for a target of `workers` workers:
     one line per problem, each naming its key path ([] when they are sound)."""

@@ -163,7 +163,7 @@ def _width(op: Op) -> int:
 class TilePlan:
     """What `tile` decides before it cuts a single task: every buffer, and every group's
     tiling. The kernel's source depends on nothing else of the task graph, so the
-    compiler starts compiling it for the GPU from here (pipeline.SpeculativeAOT)."""
+    compiler starts compiling it for the GPU from here (hooks.SpeculativeAOT)."""
 
     buffers: tuple[Buffer, ...]
     tilings: tuple[GroupTiling, ...]

@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from datetime import timedelta
+from typing import Callable
 
 import torch
 
@@ -246,6 +247,33 @@ def _describe_exit(code: int) -> str:
         except ValueError:
             return f"was killed by signal {-code}"
     return f"exited with code {code}"
+
+
+def run_ranks(argv: list[str], devices: int, backend: str,
+              check: Callable[[], None] | None = None) -> int | None:
+    """`tilec run` of a multi-device engine. Outside the ranks: check the backend and
+    `check()` (a bad prompt is one line here, not the same error from every rank), then
+    start one process per device running `argv` (launch) and return its exit code.
+    Inside a rank: None, run this rank's part; every rank computes the same outputs and
+    rank 0 reports them, so another rank's stdout goes to /dev/null (reports_outputs)."""
+    rank = rank_from_env()
+    if rank is not None:
+        if rank[0] != 0:
+            sys.stdout = open(os.devnull, "w")
+        return None
+    if backend not in ("auto", "interpret", "reference"):
+        raise RunError(f"--backend {backend}: multi-device engines run on the interpret "
+                       "and reference backends (gloo between processes)")
+    if check is not None:
+        check()
+    return launch(argv, devices)
+
+
+def reports_outputs() -> bool:
+    """Whether this process writes a run's outputs: rank 0, or a process that is not
+    one rank of a multi-device run."""
+    rank = rank_from_env()
+    return rank is None or rank[0] == 0
 
 
 def launch(argv: list[str], devices: int) -> int:

@@ -1,0 +1,153 @@
+"""Work beside the pipeline's stages, attached at their boundaries (stage.Hook):
+
+* `GpuCompile`: the kernel compiled for the target's GPU in a child process, started as
+  soon as its source can be predicted (after `tilings`, again after `sync` if the wait
+  cap was guessed wrong, after `render` with the real source); it adds the stages
+  `manifest` (the manifest encoded while the compile runs on) and `aot` (the wait);
+* `EngineOutput`: `tilec.compile(output=)`: the engine file written in two steps
+  around `aot` (`save` writes and hashes every tensor while the compile finishes,
+  `seal` adds the binary, the header and the checksum), or in one (`save`) at the end.
+
+Each is told `after(stage, state, progress)` as a stage ends, `finish(state, progress)`
+when every stage has run and `close(failed)` last, also when a stage raised.
+"""
+from __future__ import annotations
+
+from tilec.codegen.aot import PendingKernel
+from tilec.codegen.render import render
+from tilec.codegen.sass import disassemble
+from tilec.compiler.stage import Hook, Stage
+from tilec.errors import ConfigError
+from tilec.passes.memplan import unplaced
+from tilec.runtime.engine import AOTKernel, PendingSave, aot_text, save
+from tilec.runtime.sizes import resident_problem
+from tilec.version import __version__
+
+
+class SpeculativeAOT:
+    """The `aot` stage: the kernel compiled for the target's GPU (None: no compile), in
+    a child process (aot.PendingKernel) started as soon as the kernel's source can be
+    predicted, so that its seconds of one core overlap the passes, the verifier and
+    pack on the other. The source depends on where buffers are only through which pool
+    holds each one and their alignment (memplan.unplaced), and on the record's number of
+    waits, known after `sync`: so a first compile starts once `tile` has chosen the
+    tilings (tile_plan), guessing the cap (what sync leaves a large model's busiest
+    tasks), and another after `sync` if the guess was wrong. `result` uses a compile
+    only if it was for exactly the rendered source and pools, and otherwise compiles
+    them anew: the binary is the same as if the compile had started after `render`."""
+
+    def __init__(self, arch: int | None, workers: int, name: str):
+        self.arch, self.workers, self.name = arch, workers, name
+        self.pending: PendingKernel | None = None
+        self.ptx = ""   # the PTX of the binary `result` returned
+
+    def cancel(self) -> None:
+        """Stop the compile running, if any (its result is not wanted)."""
+        if self.pending is not None:
+            self.pending.cancel()
+            self.pending = None
+
+    def guess(self, fused, tilings, buffers, max_waits: int) -> None:
+        """Start compiling the kernel `render` will make of these tilings and buffers once
+        memplan has placed them, if sync leaves at most `max_waits` waits a task."""
+        if self.arch is None:
+            return
+        buffers, pools = unplaced(buffers)
+        source = render(fused, tilings, buffers, pools, max_waits, self.workers, self.name,
+                        __version__).source
+        self.start(source, pools)
+
+    def start(self, source: str, pools) -> None:
+        """Compile `source` for this pool list, unless that compile is running already."""
+        if self.arch is None or (self.pending is not None and
+                                 self.pending.is_for(source, pools, self.arch)):
+            return
+        self.cancel()
+        self.pending = PendingKernel(source, pools, self.arch)
+
+    def result(self) -> AOTKernel:
+        """The binary of the last source `start`ed (waits for its compile); its PTX is
+        then `self.ptx`."""
+        pending, self.pending = self.pending, None
+        binary = pending.result()
+        self.ptx = pending.ptx
+        return binary
+
+
+class GpuCompile(Hook):
+    """The speculative GPU compile (SpeculativeAOT) at the stage boundaries, and the
+    stages `manifest` and `aot` it adds after `pack`."""
+
+    def __init__(self, arch: int, workers: int, name: str, max_waits: int):
+        self.kernel = SpeculativeAOT(arch, workers, name)
+        self.max_waits = max_waits   # the wait cap the first compile guesses
+        self.stages = (Stage("manifest", encode_manifest),
+                       Stage("aot", self.wait, dump=aot_dumps(self.kernel)))
+
+    def after(self, stage: str, state, progress) -> None:
+        if stage == "tilings":
+            plan = state.plan
+            self.kernel.guess(state.fused, plan.tilings, plan.buffers, self.max_waits)
+        elif stage == "sync" and state.max_waits != self.max_waits:
+            tg = state.scheds[0].taskgraph
+            self.kernel.guess(tg.fused, tg.tilings, tg.buffers, state.max_waits)
+        elif stage == "render":
+            self.kernel.start(state.rendered[0].source, state.scheds[0].pools)
+
+    def wait(self, state):
+        """The `aot` stage: the binary of the rendered kernel, stored in the engine."""
+        binary = self.kernel.result()
+        state.engines[0].aot = binary
+        target = state.target
+        problem = resident_problem(target, target.workers, binary)
+        if problem:   # the registers and shared memory are known only now
+            raise ConfigError(f"workers: {problem}; use fewer workers")
+        return state
+
+    def close(self, failed: bool) -> None:
+        self.kernel.cancel()   # a compile that failed, or a guess not used
+
+
+def encode_manifest(state):
+    """The `manifest` stage: a save encodes the manifest before anything else, so it is
+    done while the GPU compile runs on (Engine.manifest_text keeps it)."""
+    state.engines[0].manifest_text()
+    return state
+
+
+def aot_dumps(kernel: SpeculativeAOT):
+    def dumps(state) -> dict[str, str]:
+        """08_aot.json, and the compiled code, to read what the kernel really does."""
+        binary = state.engines[0].aot
+        out = {"08_aot.json": aot_text(binary), "08_kernel.ptx": kernel.ptx}
+        listing = disassemble(binary.cubin, hex_bits=False)
+        if listing is not None:   # nvdisasm comes with Triton's CUDA backend
+            out["08_kernel.sass"] = listing
+        return out
+    return dumps
+
+
+class EngineOutput(Hook):
+    """`tilec.compile(output=)`: write the engine file. With a GPU compile, `save`
+    writes the tensors once the manifest is encoded and `seal` finishes the file once
+    the binary is there; otherwise `save` writes it all after the last stage."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.pending: PendingSave | None = None
+        self.written = False
+
+    def after(self, stage: str, state, progress) -> None:
+        if stage == "manifest":
+            self.pending = progress.run("save", PendingSave, state.engines[0], self.path)
+        elif stage == "aot" and self.pending is not None:
+            progress.run("seal", self.pending.finish, state.engines[0].aot)
+            self.pending, self.written = None, True
+
+    def finish(self, state, progress) -> None:
+        if not self.written:
+            progress.run("save", save, state.engine, self.path)
+
+    def close(self, failed: bool) -> None:
+        if self.pending is not None:   # a stage failed between save and seal
+            self.pending.cancel()

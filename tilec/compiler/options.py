@@ -1,0 +1,76 @@
+"""What to compile for: the target (workers, devices, roles), the tile sizes, the
+scheduling policy, the wait cap; and what a model.yaml declares about its inputs.
+
+`target_options` turns the arguments of `tilec.compile` and model.yaml's target and
+schedule sections into one checked `CompileOptions`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from tilec.compiler.config import workers_problem
+from tilec.errors import ConfigError
+from tilec.ir.stream import RING_CHUNK_ELEMS
+from tilec.ir.target import MAX_DEVICES, TARGETS, Role, Target
+from tilec.limits import short_repr
+from tilec.passes.roles import target_roles
+from tilec.passes.tile import TileOptions
+
+MAX_WAITS = 8
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    target: Target = TARGETS["cpu"]
+    policy: str = "critical_path"
+    tiles: TileOptions = TileOptions()
+    max_waits: int = MAX_WAITS
+    aot: bool = True        # GPU targets: compile the kernel to a cubin and store it
+
+
+def target_options(name: str, workers: int | None = None, policy: str = "critical_path",
+                   tile_m: int | None = None, tile_n: int | None = None,
+                   tile_k: int | None = None, roles: tuple[Role, ...] = (),
+                   kv_chunk: int | None = None, devices: int = 1) -> CompileOptions:
+    """`roles` as model.yaml gives them: checked here, once the worker count is final.
+    With `devices` > 1 they own devices (Role.devices), not workers."""
+    if not isinstance(name, str) or name not in TARGETS:
+        raise ConfigError(f"unknown target {short_repr(name)} (choose from {', '.join(TARGETS)})")
+    target = TARGETS[name]
+    if workers is not None:
+        if workers_problem(workers, name):
+            raise ConfigError(f"workers: expected {workers_problem(workers, name)}, found "
+                              f"{short_repr(workers)}")
+        target = replace(target, workers=workers)
+    if not isinstance(devices, int) or not 1 <= devices <= MAX_DEVICES:
+        raise ConfigError(f"devices: expected an integer from 1 to {MAX_DEVICES}, found "
+                          f"{short_repr(devices)}")
+    target = replace(target, devices=devices)
+    worker_roles, device_roles = target_roles(roles, devices, target.workers, "override")
+    target = replace(target, roles=worker_roles, device_roles=device_roles)
+    base = default_tiles(target)
+    tiles = replace(base, tile_m=tile_m or base.tile_m, tile_n=tile_n or base.tile_n,
+                    tile_k=tile_k or base.tile_k, kv_chunk=kv_chunk or base.kv_chunk,
+                    workers=target.workers if target.backend == "cuda" else 1)
+    return CompileOptions(target=target, policy=policy, tiles=tiles)
+
+
+def default_tiles(target: Target) -> TileOptions:
+    if target.backend == "cpu":
+        # The interpreter pays per task and per numpy call, not per element: few, big tiles.
+        # Workers take turns in one process, so more tiles never run faster here; and
+        # registers are numpy arrays, so tiles need no size bound.
+        return TileOptions(tile_m=32, tile_n=128, tile_k=128, row_chunk=4096,
+                           max_tile_elems=1 << 22)
+    # GPU: the tile pass picks each matmul's width between these (balance_widths). A
+    # matvec tile's K chunk is then as long as a chunk of RING_CHUNK_ELEMS allows (16 KB
+    # of bf16, one stage of the weight ring): 64 for 128 columns (128 contiguous bytes
+    # of each [N, K] weight row), 1024 for 8 columns (one 16-byte vector of a row).
+    return TileOptions(tile_m=16, tile_n=128, tile_k=2048, row_chunk=1024, min_tile_n=8,
+                       max_tile_elems=RING_CHUNK_ELEMS)
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    name: str
+    low: int = 0
+    high: int | None = None

@@ -1,0 +1,134 @@
+"""The `pack` stage: a schedule, its rendered kernel and the lowered model's constants
+-> one `runtime.engine.Engine` per device (the task table, the pools with the weights
+and the state, the input and output views, the manifest)."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+import torch
+
+from tilec.codegen.render import Rendered
+from tilec.compiler import frontend
+from tilec.compiler.options import InputInfo
+from tilec.ir.graph import contiguous_strides
+from tilec.ir.schedule import Schedule
+from tilec.runtime.engine import (AOTKernel, Engine, IOSpec, Manifest, TORCH_DTYPES,
+                                  encode_tables)
+
+
+def pack_devices(scheds, rendered, lowered, max_waits, name, input_info, seed, binary,
+                 release_constants) -> list[Engine]:
+    """One Engine per device, each pool holding the device's own parts of the weights
+    and the state (memplan). Constants are released (see pack) only by the last
+    device's pack, after every device has copied its parts."""
+    return [pack(s, r, lowered, max_waits, name, input_info, seed,
+                 binary if i == 0 else None, release_constants and i == len(scheds) - 1)
+            for i, (s, r) in enumerate(zip(scheds, rendered))]
+
+
+def pack(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered, max_waits: int,
+         name: str, input_info: tuple[InputInfo, ...], seed: int,
+         binary: AOTKernel | None = None, release_constants: bool = False) -> Engine:
+    """`release_constants`: the module is tilec's own (built from a model.yaml), so each
+    weight's memory is freed once it is copied into its pool: the peak is then one copy
+    of the weights, not two. Never for a caller's module."""
+    tensors = encode_tables(sched, rendered.opcodes, max_waits)
+    tensors["args"] = torch.tensor(rendered.args, dtype=torch.int64).reshape(
+        len(rendered.args), rendered.max_args)
+    placed = {b.name: b for b in sched.buffers}
+    users = Counter(_storage(t) for t in lowered.constants.values()) if release_constants \
+        else None
+    for pool in sched.pools:
+        if pool.kind in ("weight", "state"):
+            tensors[f"pool.{pool.name}"] = fill_pool(pool, sched.buffers, lowered.constants,
+                                                     users)
+    info = {i.name: i for i in input_info}
+    inputs = []
+    for user_name, value in zip(lowered.input_names, lowered.graph.inputs):
+        t = lowered.graph.op(value).type
+        extra = info.get(user_name, InputInfo(user_name))
+        inputs.append(IOSpec(user_name, value, t.shape, contiguous_strides(t.shape), 0,
+                             t.dtype, extra.low, extra.high))
+    outputs = []
+    ops = lowered.graph.by_name()
+    for out_name, operand in lowered.graph.outputs:
+        buf = placed[operand.value]
+        outputs.append(IOSpec(out_name, buf.name, operand.shape, operand.strides,
+                              operand.offset, ops[operand.value].type.dtype))
+    # The task table holds queues, signals and waits; conflicts are recomputed from the
+    # regions by whoever needs them (verify), so the edges are not stored either.
+    stored = replace(sched, queues=(), signal=(), waits=(),
+                     taskgraph=replace(sched.taskgraph, deps=()))
+    manifest = Manifest(name, stored, tuple(inputs), tuple(outputs), rendered.opcodes,
+                        rendered.kinds, max_waits, rendered.max_args, seed)
+    return Engine(manifest, rendered.source, tensors, aot=binary, kernel_checked=True)
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def fill_pool(pool, buffers, constants: dict[str, torch.Tensor],
+              users: Counter | None = None) -> torch.Tensor:
+    """One flat pool: each constant at its buffer's offset, zeros elsewhere. Only the
+    gaps are zeroed (zeroing a pool of weights, then writing every byte again, cost a
+    second pass over gigabytes). With `users` (constants per storage, counted over all
+    pools), a constant's storage is freed after the last constant in it is copied; and
+    if the constants already lie as the pool wants them, their memory becomes the pool
+    (only then: a caller's module must not share memory with the engine)."""
+    data = _laid_out(pool, buffers, constants) if users is not None else None
+    if data is not None:   # the weights lie where the pool wants them: take them as is
+        spans = [(b.offset, b.offset + b.type.numel) for b in buffers
+                 if b.pool == pool.name and b.name in constants]
+        _zero_gaps(data, spans)
+        return data
+    data = torch.empty(pool.numel, dtype=TORCH_DTYPES[pool.dtype])
+    spans = []
+    for b in buffers:
+        if b.pool == pool.name and b.name in constants:
+            constant = constants[b.name]
+            value = constant.to(data.dtype).contiguous().reshape(-1)
+            lo, hi = b.stored or (0, value.numel())   # a device's part of a weight
+            data[b.offset + lo:b.offset + hi] = value[lo:hi]
+            spans.append((b.offset + lo, b.offset + hi))
+            if users is not None:
+                users[_storage(constant)] -= 1
+                if users[_storage(constant)] == 0:
+                    del value
+                    try:
+                        constant.untyped_storage().resize_(0)
+                    except RuntimeError:
+                        pass   # not ours to free (numpy or mmap memory): it stays
+    _zero_gaps(data, spans)
+    return data
+
+
+def _zero_gaps(data: torch.Tensor, spans: list[tuple[int, int]]) -> None:
+    end = 0
+    for start, stop in sorted(spans) + [(len(data), len(data))]:
+        if start > end:
+            data[end:start] = 0
+        end = max(end, stop)
+
+
+def _laid_out(pool, buffers, constants: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The pool as a view of the memory its constants already share, if each lies there
+    at its buffer's offset, whole and contiguous (a family model's parameters are laid
+    out so: models/llama.py, DecoderStep.empty); None otherwise."""
+    dtype = TORCH_DTYPES[pool.dtype]
+    storage = None
+    for b in buffers:
+        if b.pool != pool.name or b.name not in constants:
+            continue
+        c = constants[b.name]
+        if b.stored or c.dtype != dtype or not c.is_contiguous() or \
+                c.storage_offset() != b.offset:
+            return None
+        if storage is None:
+            storage = c.untyped_storage()
+        elif c.untyped_storage().data_ptr() != storage.data_ptr():
+            return None
+    if storage is None or storage.nbytes() < pool.numel * dtype.itemsize:
+        return None
+    return torch.empty(0, dtype=dtype).set_(storage)[:pool.numel]
