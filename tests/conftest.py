@@ -16,7 +16,7 @@ import tilec  # noqa: E402,F401  (before torch and triton, on purpose)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tilec.runtime.kernel import interpreting  # noqa: E402
+from tilec.codegen.loader import interpreting  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 import tilec.api
 from tilec.cli import main
-from tilec.runtime import engine as engine_file
+from tilec.runtime.enginefile.digest import file_digest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 WORKERS = 3
@@ -44,7 +44,7 @@ def write_signed(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tens
     """Write an engine with a valid checksum over whatever meta and tensors say."""
     meta = dict(meta)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    meta["sha256"] = engine_file._digest(meta, tensors)
+    meta["sha256"] = file_digest(meta, tensors)
     save_file(tensors, str(path), metadata=meta)
 
 

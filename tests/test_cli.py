@@ -81,7 +81,7 @@ def test_a_save_that_fails_is_one_error_line_and_leaves_nothing(tmp_path, monkey
     skipped), the save's own failure is still an EngineError with one line."""
     import tilec.api
     from tilec.errors import EngineError
-    from tilec.runtime import engine as engine_file
+    from tilec.runtime import enginefile as engine_file
 
     (tmp_path / "a_file").write_text("x")
     monkeypatch.setattr(engine_file, "check_writable", lambda path: None)

@@ -27,9 +27,9 @@ from tilec.cli import build_parser, main
 from tilec.codegen import exprs
 from tilec.compiler import config as cfgmod
 from tilec.compiler import aten_ops
-from tilec.ir.record import PREFETCH_FIELDS
+from tilec.ir.abi import FIXED_FIELDS, PREFETCH_FIELDS
 from tilec.ir.target import TARGETS
-from tilec.runtime import engine as engine_file
+from tilec.runtime import enginefile as engine_file
 from tilec.runtime import reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -333,13 +333,13 @@ def test_cli_page_matches_parser():
         check_options(f"tilec {name}", sub, secs[f"tilec {name}"])
 
 
-# ---- docs/engine-format.md against tilec/runtime/engine.py ----------------------------
+# ---- docs/engine-format.md against tilec/runtime/enginefile/ and tilec/ir/abi.py --------
 
 def test_engine_format_page_matches_code():
     text = (DOCS / "engine-format.md").read_text(encoding="utf-8")
     assert f"format version **{engine_file.FORMAT_VERSION}**" in text
     assert f"`{engine_file.FORMAT}`" in text
-    assert f"`{engine_file.FIXED_FIELDS} + 2 * max_waits + {PREFETCH_FIELDS} + 1`" in text
+    assert f"`{FIXED_FIELDS} + 2 * max_waits + {PREFETCH_FIELDS} + 1`" in text
     names = set()
     for table in tables(prose(DOCS / "engine-format.md")):
         for row in table:

@@ -20,7 +20,9 @@ from safetensors.torch import save_file
 from engines import compiled, read_raw, resign, write_signed
 from tilec.cli import main
 from tilec.errors import EngineError, TilecError
-from tilec.runtime import engine as engine_file
+from tilec.runtime import enginefile as engine_file
+from tilec.runtime.enginefile import write
+from tilec.runtime.enginefile.read import check_plain
 from tilec.verify_engine import verify_engine
 
 COMMANDS = ["run", "inspect", "verify"]
@@ -176,10 +178,10 @@ def test_manifest_nesting_and_integers_are_bounded(plain, problem):
     """What a decoded manifest may hold: nothing deeper than MAX_DEPTH (64) below the
     root, no integer beyond +-2**53."""
     if problem is None:
-        engine_file._check_plain(plain)
+        check_plain(plain)
     else:
         with pytest.raises(ValueError, match=problem):
-            engine_file._check_plain(plain)
+            check_plain(plain)
 
 
 def edit_manifest(fn):
@@ -392,17 +394,17 @@ def test_interrupted_save_keeps_the_old_file(block, tmp_path, monkeypatch):
     out = tmp_path / "out.engine"
     out.write_bytes(b"the previous engine\n")
     engine = engine_file.load(block)
-    real = engine_file._write_safetensors
+    real = write._write_safetensors
 
     def interrupted(f, tensors, meta, header_bytes):
         f.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine_file, "_write_safetensors", interrupted)
+    monkeypatch.setattr(write, "_write_safetensors", interrupted)
     with pytest.raises(KeyboardInterrupt):
         engine_file.save(engine, out)
     assert out.read_bytes() == b"the previous engine\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.engine"]
-    monkeypatch.setattr(engine_file, "_write_safetensors", real)
+    monkeypatch.setattr(write, "_write_safetensors", real)
     engine_file.save(replace(engine), out)
     assert out.read_bytes() == block.read_bytes()

@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import tilec
 from engines import compiled, read_raw, resign
 from test_hostile import run_cli
-from tilec.codegen.safety import (KERNEL_NAME, UnsafeKernelError, check_kernel_source,
-                                  text_literal)
+from tilec.codegen.safety import UnsafeKernelError, check_kernel_source, text_literal
+from tilec.ir.abi import KERNEL_NAME
 from tilec.ir.serial import from_plain
-from tilec.runtime import engine as engine_file
-from tilec.runtime.engine import Manifest, render_manifest
+from tilec.runtime import enginefile as engine_file
+from tilec.runtime.enginefile import Manifest, render_manifest
 
 BREAKS = ["\n", "\r", "\r\n", "\u2028", "\u2029", "\x0b", "\x0c", "\x85", "\x1c"]
 QUOTES = ['"""', "'''", '"', "'", "\\", "\\\n", "#", ")", "):"]

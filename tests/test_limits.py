@@ -21,7 +21,7 @@ from tilec.compiler import yaml_file
 from tilec.compiler.config import load_config
 from tilec.errors import ConfigError, EngineError, RunError
 from tilec.ir.target import TARGETS
-from tilec.runtime import engine as engine_file
+from tilec.runtime import enginefile as engine_file
 from tilec.runtime import sizes
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

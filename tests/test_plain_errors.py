@@ -13,7 +13,7 @@ import torch
 import tilec.api
 from engines import compiled, run_cli
 from tilec.errors import RunError
-from tilec.runtime import kernel
+from tilec.codegen import loader
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MODEL_PY = '''
@@ -155,7 +155,7 @@ def test_an_unreadable_engine(capsys, tmp_path, monkeypatch):
 def test_a_cache_folder_that_cannot_be_written(capsys, tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("TILEC_CACHE", str(tmp_path / "file" / "cache"))
-    monkeypatch.setattr(kernel, "_loaded", {})
+    monkeypatch.setattr(loader, "_loaded", {})
     one_line(*run_cli(capsys, "run", compiled("block"), "--backend", "interpret")[::2],
              "cannot write the kernel to the cache folder", "set TILEC_CACHE")
 

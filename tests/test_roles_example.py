@@ -11,7 +11,7 @@ import torch
 
 import tilec.api
 from engines import EXAMPLES, compiled, resign, run_cli
-from tilec.runtime import engine as engine_file
+from tilec.runtime import enginefile as engine_file
 from tilec.viz.timeline import task_kinds
 
 ATTENTION_KINDS = {"attention", "state_update"}

@@ -11,7 +11,7 @@ import torch
 
 import tilec.api
 from engines import compiled, run_cli
-from tilec.runtime import engine as engine_file
+from tilec.runtime import enginefile as engine_file
 from tilec.runtime.executors import make_executor
 from tilec.verify_engine import verify_engine
 
@@ -19,7 +19,7 @@ EXAMPLES = ["block", "llama_tiny"]
 ORDERING_CHECKS = {"conflicts_ordered", "kv_appends_ordered", "arena_disjoint"}
 
 
-def fresh(example: str) -> engine_file.Engine:
+def fresh(example: str) -> engine_file.EngineFile:
     return engine_file.load(compiled(example))
 
 
@@ -37,7 +37,7 @@ def drop_wait(table: torch.Tensor, row: int, i: int) -> None:
     table[row, 5] = last
 
 
-def worker_of_row(engine: engine_file.Engine, row: int) -> int:
+def worker_of_row(engine: engine_file.EngineFile, row: int) -> int:
     starts = engine.tensors["queue_start"].tolist()
     return next(w for w in range(len(starts) - 1) if starts[w] <= row < starts[w + 1])
 
@@ -144,7 +144,7 @@ def test_swapped_dependent_tasks_across_queues(example):
         assert any("global_order" in names for names in caught.values())
 
 
-def _with_buffers(engine, change) -> engine_file.Engine:
+def _with_buffers(engine, change) -> engine_file.EngineFile:
     """A copy of the engine whose planned and declared buffers are edited by change."""
     sched = engine.manifest.schedule
     tg = replace(sched.taskgraph, buffers=tuple(change(b) for b in sched.taskgraph.buffers))

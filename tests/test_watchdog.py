@@ -12,17 +12,19 @@ import pytest
 import torch
 
 from engines import compiled
-from tilec.codegen.aot import KERNEL_NAME
-from tilec.errors import ScheduleHangError
-from tilec.runtime import engine as engine_file
+from tilec.errors import EngineError, ScheduleHangError
+from tilec.ir import abi
+from tilec.ir.abi import KERNEL_NAME
+from tilec.runtime import enginefile as engine_file
 from tilec.runtime import executors
-from tilec.runtime.executors import GPUExecutor, make_executor, watchdog_message
+from tilec.runtime.error_buffer import watchdog_message
+from tilec.runtime.executors import GPUExecutor, make_executor
 from tilec.verify_engine import verify_engine
 
 import tilec.api
 
 
-def fresh(example: str = "block") -> engine_file.Engine:
+def fresh(example: str = "block") -> engine_file.EngineFile:
     return engine_file.load(compiled(example))
 
 
@@ -108,7 +110,7 @@ def test_load_refuses_a_count_above_the_signals(tmp_path):
     engine = fresh()
     plant_excess_count(engine)
     engine_file.save(engine, tmp_path / "hang.engine")
-    with pytest.raises(engine_file.EngineError, match="out of range"):
+    with pytest.raises(EngineError, match="out of range"):
         engine_file.load(tmp_path / "hang.engine")
 
 
@@ -153,7 +155,7 @@ def test_every_spin_wait_is_bounded_and_reports(example):
 
 def test_gpu_executor_bounds_its_spins():
     assert 0 < executors.SPIN_LIMIT < 2 ** 31
-    assert executors.ERROR_WORDS >= 6
+    assert abi.ERROR_WORDS >= 6
 
 
 def test_watchdog_message_formats_the_error_buffer():
@@ -161,7 +163,7 @@ def test_watchdog_message_formats_the_error_buffer():
     ex = make_executor(engine, "reference")
     row = 4
     task = int(engine.tensors["task_ids"][row])
-    assert watchdog_message([0] * executors.ERROR_WORDS, 0, ex.describe_task) is None
+    assert watchdog_message([0] * abi.ERROR_WORDS, 0, ex.describe_task) is None
     msg = watchdog_message([1, 2, row, 7, 3, 8, 0, 0], 5, ex.describe_task)
     assert msg.startswith("watchdog at step 5: worker 2 in task ")
     assert f"task {task} (" in msg and "event 7 (seen 3, wanted 8)" in msg
@@ -175,7 +177,7 @@ def test_gpu_executor_check_raises_on_a_fired_watchdog(monkeypatch):
     gpu = GPUExecutor.__new__(GPUExecutor)
     ref = make_executor(engine, "reference")
     gpu.__dict__.update(engine=engine, tables=ref.tables, schedule=ref.schedule,
-                        step_index=2, error=torch.zeros(executors.ERROR_WORDS, dtype=torch.int32))
+                        step_index=2, error=torch.zeros(abi.ERROR_WORDS, dtype=torch.int32))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     gpu.check()   # nothing fired
     gpu.error[:6] = torch.tensor([1, 1, 3, 5, 0, 3], dtype=torch.int32)

@@ -17,7 +17,7 @@ import torch
 
 from tilec.errors import RunError
 from tilec.limits import check_seed
-from tilec.runtime import engine as engine_file
+from tilec.runtime import enginefile as engine_file
 from tilec.runtime.distributed import rank_from_env
 from tilec.runtime.executors import Executor, make_executor
 from tilec.runtime.inprocess import parts_executor, random_inputs
@@ -39,7 +39,7 @@ class Engine:
     buffers (a KV cache) persist across calls.
     """
 
-    def __init__(self, data: engine_file.Engine | engine_file.DeviceEngines):
+    def __init__(self, data: engine_file.EngineFile | engine_file.DeviceEngines):
         self._file = data
         # A multi-device engine runs one device's part per process: this process's
         # (its RANK, under `tilec run` or torchrun), else device 0's, to look at.
@@ -196,7 +196,7 @@ class Engine:
         return verify_parts(tuple(p.schedule() for p in self._parts))
 
     @property
-    def data(self) -> engine_file.Engine:
+    def data(self) -> engine_file.EngineFile:
         """The engine file's contents (manifest, kernel source, tensors); of a
         multi-device engine, the part of this process's device. Internal: its layout
         follows the engine format version, not the API's stability."""
@@ -209,7 +209,7 @@ class Engine:
         return other
 
     @property
-    def parts(self) -> tuple[engine_file.Engine, ...]:
+    def parts(self) -> tuple[engine_file.EngineFile, ...]:
         """Every device's part (one for a one-device engine). Internal, like `data`."""
         return self._parts
 

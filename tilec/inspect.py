@@ -75,7 +75,8 @@ from tilec.ir.tasks import TRANSFER
 from tilec.passes.cost import critical_path
 from tilec.passes.deps import deps
 from tilec.passes.roles import format_workers
-from tilec.runtime.engine import Engine
+from tilec.runtime.enginefile import EngineFile
+from tilec.viz.text import roles_line
 from tilec.viz.timeline import cross_worker_edges, predicted, task_kinds
 
 WEIGHT_KINDS = ("weight",)
@@ -83,7 +84,7 @@ KV_KINDS = ("state",)
 INTERMEDIATE_KINDS = ("input", "output", "activation")
 
 
-def schedule_with_deps(engine: Engine):
+def schedule_with_deps(engine: EngineFile):
     """The stored schedule with its dependency edges: engines do not store them, so
     they are found again from the tasks' regions (the deps pass)."""
     sched = engine.schedule()
@@ -92,7 +93,7 @@ def schedule_with_deps(engine: Engine):
     return sched
 
 
-def summary(engine: Engine, aot: bool = False) -> dict[str, Any]:
+def summary(engine: EngineFile, aot: bool = False) -> dict[str, Any]:
     m = engine.manifest
     sched = schedule_with_deps(engine)
     compiled = compiled_kernel(engine, compile=aot)
@@ -219,7 +220,7 @@ def aot_info_of(compiled: dict[str, Any] | None) -> dict[str, Any] | None:
     return None if compiled is None else {k: v for k, v in compiled.items() if k != "cubin"}
 
 
-def compiled_kernel(engine: Engine, compile: bool = False) -> dict[str, Any] | None:
+def compiled_kernel(engine: EngineFile, compile: bool = False) -> dict[str, Any] | None:
     """What the kernel compiled for the target's GPU is: the stored binary's figures, or
     if `compile` (`--aot`) those of a compile now (seconds), or None; with the cubin.
     Keys: AOT_KEYS, `stored`, `cubin` (bytes)."""
@@ -246,7 +247,8 @@ def compiled_kernel(engine: Engine, compile: bool = False) -> dict[str, Any] | N
 STREAMING_BYTES = 32 * 1024
 
 
-def streaming(engine: Engine, compiled: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+def streaming(engine: EngineFile,
+              compiled: dict[str, Any] | None) -> list[dict[str, Any]] | None:
     """Per opcode whose tasks read a weight buffer: how it streams them, read from the
     compiled code (codegen/sass.py), not from the template. None without compiled code,
     or where nvdisasm cannot read it."""
@@ -284,14 +286,14 @@ def streaming(engine: Engine, compiled: dict[str, Any] | None) -> list[dict[str,
     return out
 
 
-def predicted_timeline(engine: Engine):
+def predicted_timeline(engine: EngineFile):
     """The predicted timeline with the critical path marked (for traces and reports)."""
     sched = schedule_with_deps(engine)
     _, path = critical_path(sched.taskgraph, sched.target)
     return predicted(engine.manifest, sched, path)
 
 
-def dot_graph(engine: Engine, level: str) -> str:
+def dot_graph(engine: EngineFile, level: str) -> str:
     """`tilec inspect --dot`: Graphviz DOT of the fused op graph ("ops") or of the tasks
     with an edge per dependency ("tasks"; found again, see schedule_with_deps)."""
     from tilec.viz.dot import ops_dot, tasks_dot
@@ -303,13 +305,7 @@ def dot_graph(engine: Engine, level: str) -> str:
     return tasks_dot(sched, task_kinds(engine.manifest, sched), name)
 
 
-def roles_line(roles: list[dict[str, Any]]) -> str:
-    """"attention (1 worker), compute (2 workers)"."""
-    counts = [(r["name"], len(r["workers"])) for r in roles]
-    return ", ".join(f"{name} ({n} worker{'' if n == 1 else 's'})" for name, n in counts)
-
-
-def device_table(parts: tuple[Engine, ...]) -> list[dict[str, Any]]:
+def device_table(parts: tuple[EngineFile, ...]) -> list[dict[str, Any]]:
     """Per device of a multi-device engine: its tasks, its transfers and the bytes they
     send (each region once, whatever its number of receivers) and receive, and its
     predicted step."""

@@ -10,12 +10,12 @@ import torch
 
 from tilec.errors import RunError, TilecError
 from tilec.passes.verify_devices import verify_parts
-from tilec.runtime import engine as engine_file
+from tilec.runtime import enginefile as engine_file
 from tilec.runtime.inprocess import parts_executor, random_inputs
 
 
 def verify_engine(engine, interleavings: int = 0, backend: str = "interpret") -> dict[str, Any]:
-    """`engine`: a `tilec.Engine`, or the engine file it holds (runtime.engine.Engine or
+    """`engine`: a `tilec.Engine`, or the engine file it holds (runtime.enginefile.EngineFile or
     DeviceEngines). Returns {"ok", "checks": name -> bool, "violations": one line each,
     first first}."""
     if not isinstance(interleavings, int) or isinstance(interleavings, bool) or \
@@ -34,11 +34,11 @@ def verify_engine(engine, interleavings: int = 0, backend: str = "interpret") ->
     return {"ok": not violations, "checks": checks, "violations": violations}
 
 
-def _parts(engine) -> tuple[engine_file.Engine, ...]:
+def _parts(engine) -> tuple[engine_file.EngineFile, ...]:
     """Every device's part of the engine (one for a one-device engine)."""
     if isinstance(engine, engine_file.DeviceEngines):
         return engine.ranks
-    if isinstance(engine, engine_file.Engine):
+    if isinstance(engine, engine_file.EngineFile):
         return (engine,)
     return engine.parts   # a tilec.Engine
 

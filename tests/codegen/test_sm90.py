@@ -12,7 +12,8 @@ from torch import nn
 
 import tilec.api
 from tilec.codegen import aot
-from tilec.runtime.kernel import load_kernel
+from tilec.codegen.loader import load_kernel
+from tilec.ir.abi import POOL_POINTER_TYPES
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 H100_SMEM = 228 * 1024
@@ -84,7 +85,7 @@ def test_signature_matches_the_rendered_kernel():
     assert sig["tasks"] == "*i32" and sig["args"] == "*i64" and sig["step"] == "i32"
     assert {p.dtype for p in pools} >= {"float32", "int64"}
     for p in pools:
-        assert sig[p.name] == aot.SIGNATURE_DTYPES[p.dtype]
+        assert sig[p.name] == POOL_POINTER_TYPES[p.dtype]
 
 
 @pytest.mark.parametrize("name", list(ENGINES))

@@ -154,7 +154,8 @@ def test_the_ring_runs_in_the_interpreter(rows, dtype):
 def test_only_the_templates_own_inline_assembly_passes_the_kernel_check():
     """The prefetch hints are the kernel's only machine code: the source check accepts
     exactly the template's instructions, nothing pasted in their place."""
-    from tilec.codegen.safety import KERNEL_NAME, UnsafeKernelError, check_kernel_source
+    from tilec.codegen.safety import UnsafeKernelError, check_kernel_source
+    from tilec.ir.abi import KERNEL_NAME
 
     source = tilec.api.compile(str(Path(__file__).resolve().parents[2] / "examples/block.yaml"),
                                target="h200", workers=4, aot=False).data.kernel_source

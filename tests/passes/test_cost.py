@@ -111,7 +111,7 @@ def test_a_prefetch_hides_latency_and_streams_in_slack():
 def test_slack_streams_only_prefetches_already_asked_for():
     """Slack during a worker's k-th task serves tasks k..k + PREFETCH_DEPTH, oldest
     first; later tasks' prefetches had not been asked for yet."""
-    from tilec.ir.record import PREFETCH_DEPTH
+    from tilec.ir.abi import PREFETCH_DEPTH
     from tilec.passes.schedule import _Slack
 
     slack = _Slack()

@@ -23,9 +23,12 @@ from test_hostile import assert_refused, run_cli
 from tilec.codegen import aot
 from tilec.compiler.pack import fill_pool
 from tilec.errors import EngineError
-from tilec.runtime import engine as engine_file
-from tilec.runtime import executors, kernel
-from tilec.runtime.engine import AOT_CUBIN, AOT_KEY, AOTKernel
+from tilec.runtime import enginefile as engine_file
+from tilec.codegen import loader
+from tilec.ir.abi import AOTKernel
+from tilec.runtime import executors
+from tilec.runtime.enginefile import write
+from tilec.runtime.enginefile.format import AOT_CUBIN, AOT_KEY
 from tilec.runtime.executors import GPUExecutor, stored_binary_problem
 
 GPU_OPTIONS = {"target": "h200", "workers": 8, "dtype": "bfloat16"}
@@ -116,9 +119,9 @@ def test_a_save_begun_before_the_binary_writes_the_same_bytes(gpu_engine, tmp_pa
     pending = engine_file.PendingSave(without, tmp_path / "b")
     pending.finish(data.aot)
     assert (tmp_path / "b").read_bytes() == path.read_bytes()
-    monkeypatch.setattr(engine_file, "BINARY_ROOM", 0)   # the header's room is too small
+    monkeypatch.setattr(write, "BINARY_ROOM", 0)   # the header's room is too small
     pending = engine_file.PendingSave(without, tmp_path / "c")
-    monkeypatch.setattr(engine_file, "BINARY_ROOM", 64 << 10)
+    monkeypatch.setattr(write, "BINARY_ROOM", 64 << 10)
     pending.finish(data.aot)
     assert (tmp_path / "c").read_bytes() == path.read_bytes()
     pending = engine_file.PendingSave(without, tmp_path / "d")
@@ -292,14 +295,14 @@ def test_only_own_or_trusted_binaries_are_launched(tmp_path, monkeypatch):
     problem = stored_binary_problem(foreign, 90, "3.9.0", spins)
     assert "not compiled by this user's tilec" in problem and "--trust-engine-code" in problem
     assert stored_binary_problem(foreign, 90, "3.9.0", spins, trusted=True) is None
-    kernel.remember_binary(foreign.cubin_sha256)
+    loader.remember_binary(foreign.cubin_sha256)
     assert stored_binary_problem(foreign, 90, "3.9.0", spins) is None
-    assert not kernel.own_binary(fake_binary(cubin=b"\x7fELF other").cubin_sha256)
+    assert not loader.own_binary(fake_binary(cubin=b"\x7fELF other").cubin_sha256)
 
 
 def test_a_compile_notes_its_binary_as_own(gpu_engine):
     _, _, engine = gpu_engine
-    assert kernel.own_binary(engine.data.aot.cubin_sha256)
+    assert loader.own_binary(engine.data.aot.cubin_sha256)
 
 
 def executor_on(binary: AOTKernel | None, capability: tuple[int, int], monkeypatch):
@@ -393,8 +396,8 @@ import json, sys
 import triton
 from triton.compiler import ASTSource
 from tilec.codegen import aot
-from tilec.runtime import engine as engine_file
-from tilec.runtime.kernel import load_kernel
+from tilec.runtime import enginefile as engine_file
+from tilec.codegen.loader import load_kernel
 
 engine = engine_file.load(sys.argv[1])
 binary, pools = engine.aot, engine.manifest.schedule.pools

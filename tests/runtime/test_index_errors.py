@@ -14,8 +14,9 @@ from torch import nn
 import tilec.api
 from tilec.cli import main
 from tilec.errors import RunError
-from tilec.runtime import executors
-from tilec.runtime.executors import GPUExecutor, index_error_message, make_executor
+from tilec.ir import abi
+from tilec.runtime.error_buffer import index_error_message
+from tilec.runtime.executors import GPUExecutor, make_executor
 
 BACKENDS = ["interpret", "reference"]
 
@@ -154,11 +155,11 @@ def test_cli_run_reports_the_index(embed, tmp_path, capsys):
 
 def test_message_of_a_handmade_record(embed):
     fused = embed[1].data.manifest.schedule.taskgraph.fused
-    words = [executors.INDEX_ERROR, 0, 0, 0, 0, 0, -2 ** 31, 100]
+    words = [abi.INDEX_ERROR, 0, 0, 0, 0, 0, -2 ** 31, 100]
     assert "index at most -2147483648 is out of range [0, 100)" in \
         index_error_message(words, 4, fused)
     # a record the kernel never writes (no such check) still formats
-    words = [executors.INDEX_ERROR, 0, 1, 2, 3, 9, 7, 100]
+    words = [abi.INDEX_ERROR, 0, 1, 2, 3, 9, 7, 100]
     assert index_error_message(words, 4, fused) == \
         "step 4: index 7 out of range [0, 100) in the task of group 0 at tile (1, 2, 3)"
 
@@ -169,10 +170,10 @@ def test_gpu_executor_check_raises_on_an_index_record(embed, monkeypatch):
     gpu = GPUExecutor.__new__(GPUExecutor)
     ref = make_executor(engine, "reference")
     gpu.__dict__.update(engine=engine, tables=ref.tables, schedule=ref.schedule,
-                        step_index=2, error=torch.zeros(executors.ERROR_WORDS, dtype=torch.int32))
+                        step_index=2, error=torch.zeros(abi.ERROR_WORDS, dtype=torch.int32))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     gpu.check()
-    gpu.error[:] = torch.tensor([executors.INDEX_ERROR, 0, 0, 0, 0, 0, 5000, 100])
+    gpu.error[:] = torch.tensor([abi.INDEX_ERROR, 0, 0, 0, 0, 0, 5000, 100])
     with pytest.raises(RunError, match=r"^step 2: index 5000 is out of range \[0, 100\)"):
         gpu.check()
     gpu.check()   # cleared: the next step starts clean

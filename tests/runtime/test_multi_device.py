@@ -26,7 +26,7 @@ from tilec.ir.schedule import Wait
 from tilec.ir.tasks import TRANSFER
 from tilec.passes.verify import verify
 from tilec.passes.verify_devices import verify_devices
-from tilec.runtime import engine as engine_file
+from tilec.runtime import enginefile as engine_file
 from tilec.viz.timeline import task_kinds
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -231,7 +231,7 @@ def test_engine_file_round_trip_and_damage(folder, tmp_path):
     meta, tensors = read_raw(path)
     meta["manifest.1"] = meta["manifest.0"]   # device 1's slot holds device 0's part
     write_signed(tmp_path / "swapped.engine", meta, tensors)
-    with pytest.raises(engine_file.EngineError, match="device 1"):
+    with pytest.raises(EngineError, match="device 1"):
         engine_file.load(tmp_path / "swapped.engine")
 
 

@@ -11,9 +11,9 @@ import tilec.api
 from engines import compiled, resign
 from tilec.errors import EngineError
 from tilec.ir.graph import DTYPE_BYTES
-from tilec.ir.record import (NO_PREFETCH, PREFETCH_MAX_BYTES, PREFETCH_MIN_BYTES,
-                             prefetch_offset, weight_pools)
-from tilec.runtime import engine as engine_file
+from tilec.ir.abi import NO_PREFETCH, PREFETCH_MAX_BYTES, prefetch_offset
+from tilec.ir.record import PREFETCH_MIN_BYTES, weight_pools
+from tilec.runtime import enginefile as engine_file
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -31,25 +31,13 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 from tilec.childenv import child_env
-from tilec.codegen.safety import KERNEL_NAME
+from tilec.codegen.loader import load_kernel, remember_binary
 from tilec.errors import TilecError
-
-if TYPE_CHECKING:  # the child process that compiles needs no torch: imported when used
-    from tilec.runtime.engine import AOTKernel
-
-NUM_WARPS = 4
-SIGNATURE_DTYPES = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16",
-                    "int64": "*i64", "int32": "*i32", "bool": "*i1"}
-FIXED_SIGNATURE = (
-    ("tasks", "*i32"), ("queue_start", "*i32"), ("args", "*i64"), ("events", "*i32"),
-    ("cursor", "*i32"), ("error", "*i32"), ("stamps", "*i64"), ("step", "i32"),
-    ("worker_base", "i32"),
-    ("budget", "i32"),
-)
-SPIN_LIMIT = 1 << 26       # the watchdog's bound on one wait, in spins (gpu executor)
+from tilec.ir.abi import (KERNEL_NAME, NUM_WARPS, POOL_POINTER_TYPES, SPIN_LIMIT, AOTKernel,
+                          launch_signature)
 
 
 class AOTError(TilecError):
@@ -61,22 +49,16 @@ def _pool_pairs(pools: Iterable[Any]) -> list[tuple[str, str]]:
     out = []
     for p in pools:
         name, dtype = (p.name, p.dtype) if hasattr(p, "dtype") else tuple(p)
-        if dtype not in SIGNATURE_DTYPES:
+        if dtype not in POOL_POINTER_TYPES:
             raise AOTError(f"pool {name}: no kernel pointer type for dtype {dtype}")
         out.append((name, dtype))
     return out
 
 
 def signature(pools: Iterable[Any]) -> dict[str, str]:
-    """The kernel's Triton signature: the fixed arguments, one pointer per pool (in the
-    schedule's pool order), then the constexprs."""
-    sig = dict(FIXED_SIGNATURE)
-    for name, dtype in _pool_pairs(pools):
-        sig[name] = SIGNATURE_DTYPES[dtype]
-    sig["BLOCKING"] = "constexpr"
-    sig["SPIN_LIMIT"] = "constexpr"
-    sig["PROFILE"] = "constexpr"
-    return sig
+    """The kernel's Triton signature (ir/abi.py launch_signature): the fixed arguments,
+    one pointer per pool (in the schedule's pool order), then the constexprs."""
+    return launch_signature(_pool_pairs(pools))
 
 
 def pointer_attrs(pools: Iterable[Any]) -> dict[tuple[int], list]:
@@ -100,10 +82,7 @@ def aot_kernel(source: str, pools: Iterable[Any], arch: int) -> AOTKernel:
 
 def _binary(info: dict[str, Any], source: str, arch: int) -> AOTKernel:
     """The AOTKernel of a compile this process ran, noted as this user's own (see
-    runtime.kernel.OWN_BINARIES: only such a binary is launched without being trusted)."""
-    from tilec.runtime.engine import AOTKernel
-    from tilec.runtime.kernel import remember_binary
-
+    codegen.loader.OWN_BINARIES: only such a binary is launched without being trusted)."""
     binary = AOTKernel(cubin=info["cubin"], arch=arch, ptx_target=info["ptx_target"],
                        num_warps=info["num_warps"], shared=info["shared"],
                        n_regs=info["n_regs"], n_spills=info["n_spills"],
@@ -202,7 +181,7 @@ def compile_for_gpu(source: str, pools: Iterable[Any], arch: int = 90,
 
     `profile` compiles the variant whose tasks stamp their start and end times. The
     source is imported to be compiled, so unless `trusted` it must pass
-    `safety.check_kernel_source` (runtime.kernel.load_kernel checks it).
+    `safety.check_kernel_source` (codegen.loader.load_kernel checks it).
     Returns {"arch", "name", "ptx_target", "cubin" (bytes), "cubin_size", "shared",
     "num_warps", "n_regs", "n_spills", "triton_version", "metadata" (Triton's JSON
     description of the kernel), "global_loads" (load instructions by width in bytes),
@@ -295,8 +274,6 @@ def _compile_here(source: str, pools: list[tuple[str, str]], arch: int,
                   num_warps: int, profile: bool = False, trusted: bool = False) -> dict[str, Any]:
     import triton
     from triton.compiler import ASTSource
-
-    from tilec.runtime.kernel import load_kernel
 
     fn = load_kernel(source, KERNEL_NAME, trusted=trusted)
     src = ASTSource(fn=fn, signature=signature(pools), constexprs=constexprs(profile=profile),

@@ -18,18 +18,14 @@ from pathlib import Path
 import jinja2
 
 from tilec.codegen.emit import emit_group, pow2
-from tilec.codegen.safety import (KERNEL_NAME, UnsafeKernelError, check_kernel_source,
-                                  identifier, integer, text_literal)
+from tilec.codegen.safety import (UnsafeKernelError, check_kernel_source, identifier, integer,
+                                  text_literal)
+from tilec.ir import abi
 from tilec.ir.graph import FusedGraph
-from tilec.ir.record import (PREFETCH_DEPTH, PREFETCH_MAX_BYTES, prefetch_offset, record_width,
-                             weight_pools)
+from tilec.ir.record import weight_pools
 from tilec.ir.schedule import POOL_ALIGN as ALIGN, Pool
 from tilec.ir.tasks import Buffer, GroupTiling
 
-# Pieces a task's weight prefetch is asked for in (each up to PREFETCH_MAX_BYTES / this,
-# 16 KB): the prefetch instruction takes its operands from uniform registers, so ptxas
-# issues one per distinct piece in a loop over the worker's threads
-PREFETCH_PIECES = 8
 TEMPLATES = Path(__file__).parent / "templates"
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATES)),
@@ -93,12 +89,23 @@ def render(fused: FusedGraph, tilings: tuple[GroupTiling, ...], buffers: tuple[B
     args = tuple(r + (0,) * (max_args - len(r)) for r in rows)
     source = _env.get_template("kernel.py.j2").render(
         version=text_literal(version), model=text_literal(model), blocks=blocks,
-        workers=integer(workers, "workers"), rec=record_width(integer(max_waits, "max_waits")),
-        max_waits=max_waits, max_args=max_args, kernel_name=KERNEL_NAME, pools=pool_args,
-        wait_slots=pow2(max(1, max_waits)), prefetch_at=prefetch_offset(max_waits),
-        prefetch_depth=PREFETCH_DEPTH, prefetch_pieces=PREFETCH_PIECES,
-        prefetch_piece=PREFETCH_MAX_BYTES // PREFETCH_PIECES,
+        workers=integer(workers, "workers"), pools=pool_args,
         weight_pools=[identifier(p.name, "pool") for p in weight_pools(pools)],
-    )
-    check_kernel_source(source, KERNEL_NAME)
+        max_args=max_args, **_interface(integer(max_waits, "max_waits")))
+    check_kernel_source(source, abi.KERNEL_NAME)
     return Rendered(source, tuple(opcodes), args, max_args, tuple(kinds))
+
+
+def _interface(max_waits: int) -> dict:
+    """What the kernel template takes from the kernel interface (ir/abi.py): its name,
+    launch arguments, the record's width and fields, the error codes, the prefetch."""
+    return dict(
+        kernel_name=abi.KERNEL_NAME, launch_args=[name for name, _ in abi.LAUNCH_ARGS],
+        constexprs=abi.LAUNCH_CONSTEXPRS, rec=abi.record_width(max_waits),
+        max_waits=max_waits, wait_slots=pow2(max(1, max_waits)),
+        at={"opcode": abi.OPCODE, "args_row": abi.ARGS_ROW, "tile": abi.TILE,
+               "num_waits": abi.NUM_WAITS, "waits": abi.WAITS},
+        hang=abi.HANG, index_error=abi.INDEX_ERROR,
+        prefetch_at=abi.prefetch_offset(max_waits), prefetch_depth=abi.PREFETCH_DEPTH,
+        prefetch_pieces=abi.PREFETCH_PIECES,
+        prefetch_piece=abi.PREFETCH_MAX_BYTES // abi.PREFETCH_PIECES)

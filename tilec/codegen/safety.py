@@ -16,10 +16,11 @@ text when the file is hostile. Two rules keep it from becoming code:
    `tl.inline_asm_elementwise` with one of the template's own instructions
    (`TEMPLATE_ASM`, GPU-only prefetch hints). In Triton's interpreter the bodies run
    as Python, so this is what stands between a hostile manifest and the machine;
-   `runtime.kernel` applies it to every source it imports unless the user trusts the
+   `codegen.loader` applies it to every source it imports unless the user trusts the
    engine's code. It bounds what a kernel can call, not where it reads and writes:
    addresses are pool pointers plus offsets, and those offsets are checked against
-   the manifest when an engine loads (runtime/engine.py check_tables, check_views).
+   the manifest when an engine loads (runtime/enginefile/checks.py check_tables,
+   check_views).
 """
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ import re
 
 from tilec.errors import TilecError
 
-KERNEL_NAME = "tilec_engine"   # the persistent kernel's function
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 TASK_FUNCTION = re.compile(r"task_(0|[1-9][0-9]{0,5})\Z")
 KERNEL_IMPORTS = ("import triton", "import triton.language as tl",

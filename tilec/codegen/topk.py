@@ -13,18 +13,32 @@ The phase lays out as templates/row.py.j2 shows: `init` once, then `rounds` time
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from tilec.codegen.exprs import TL_DTYPES
 from tilec.codegen.safety import integer
-
-if TYPE_CHECKING:
-    from tilec.codegen.emit import GroupEmitter
+from tilec.ir.graph import Group, Op, Operand
+from tilec.ir.tasks import GroupTiling
 
 NEG_INF = '-float("inf")'
 
 
-def topk_phase(e: GroupEmitter, name: str, body: list[str]) -> tuple[dict, list[str]]:
+class Emitter(Protocol):
+    """What a phase uses of the group's emitter (emit.GroupEmitter), named here rather
+    than imported: emit imports this module, and modules import in one direction."""
+
+    g: Group
+    ops: dict[str, Op]
+    tiling: GroupTiling
+    members: list[str]
+    var: dict[str, str]
+
+    def pointer(self, value: str, offset: int = 0) -> str: ...
+
+    def load(self, operand: Operand, narrow: bool) -> str: ...
+
+
+def topk_phase(e: Emitter, name: str, body: list[str]) -> tuple[dict, list[str]]:
     """The phase of topk op `name`, shared by the group's other topk of the same row,
     k and order (values and indices): (phase, the ops it computes). `body` computes
     the members the row needs, per chunk."""

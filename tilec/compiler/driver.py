@@ -30,7 +30,7 @@ from tilec.errors import ConfigError
 from tilec.ir.target import TARGETS
 from tilec.limits import check_seed
 from tilec.paths import check_outputs
-from tilec.runtime import engine as engine_file
+from tilec.runtime import enginefile as engine_file
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,9 @@ class Outputs:
 
 def compile_model(model_or_yaml, example_inputs: Sequence[torch.Tensor] | None = None,
                   overrides: Overrides = Overrides(), outputs: Outputs = Outputs()
-                  ) -> engine_file.Engine | engine_file.DeviceEngines:
+                  ) -> engine_file.EngineFile | engine_file.DeviceEngines:
     """A model.yaml path, a ModelConfig or an `nn.Module` (with `example_inputs`) ->
-    the engine (runtime.engine.Engine, or DeviceEngines for several devices)."""
+    the engine (runtime.enginefile.EngineFile, or DeviceEngines for several devices)."""
     overrides.check()
     outputs = replace(outputs, output=_fspath(outputs.output),
                       dump_dir=_fspath(outputs.dump_dir))

@@ -18,8 +18,9 @@ from tilec.codegen.render import render
 from tilec.codegen.sass import disassemble
 from tilec.compiler.stage import Hook, Stage
 from tilec.errors import ConfigError
+from tilec.ir.abi import AOTKernel
 from tilec.passes.memplan import unplaced
-from tilec.runtime.engine import AOTKernel, PendingSave, aot_text, save
+from tilec.runtime.enginefile import PendingSave, aot_text, save
 from tilec.runtime.sizes import resident_problem
 from tilec.version import __version__
 
@@ -110,7 +111,7 @@ class GpuCompile(Hook):
 
 def encode_manifest(state):
     """The `manifest` stage: a save encodes the manifest before anything else, so it is
-    done while the GPU compile runs on (Engine.manifest_text keeps it)."""
+    done while the GPU compile runs on (EngineFile.manifest_text keeps it)."""
     state.engines[0].manifest_text()
     return state
 

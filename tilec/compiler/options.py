@@ -9,13 +9,13 @@ from dataclasses import dataclass, replace
 
 from tilec.compiler.config import workers_problem
 from tilec.errors import ConfigError
+from tilec.ir.abi import MAX_WAITS
 from tilec.ir.stream import RING_CHUNK_ELEMS
 from tilec.ir.target import MAX_DEVICES, TARGETS, Role, Target
 from tilec.limits import short_repr
 from tilec.passes.roles import target_roles
 from tilec.passes.tile import TileOptions
 
-MAX_WAITS = 8
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The `pack` stage: a schedule, its rendered kernel and the lowered model's constants
--> one `runtime.engine.Engine` per device (the task table, the pools with the weights
+-> one `runtime.enginefile.EngineFile` per device (the task table, the pools with the weights
 and the state, the input and output views, the manifest)."""
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ import torch
 from tilec.codegen.render import Rendered
 from tilec.compiler import frontend
 from tilec.compiler.options import InputInfo
+from tilec.ir.abi import AOTKernel
 from tilec.ir.graph import contiguous_strides
 from tilec.ir.schedule import Schedule
-from tilec.runtime.engine import (AOTKernel, Engine, IOSpec, Manifest, TORCH_DTYPES,
-                                  encode_tables)
+from tilec.runtime.enginefile import EngineFile, IOSpec, Manifest, TORCH_DTYPES, encode_tables
 
 
 def pack_devices(scheds, rendered, lowered, max_waits, name, input_info, seed, binary,
-                 release_constants) -> list[Engine]:
-    """One Engine per device, each pool holding the device's own parts of the weights
+                 release_constants) -> list[EngineFile]:
+    """One EngineFile per device, each pool holding the device's own parts of the weights
     and the state (memplan). Constants are released (see pack) only by the last
     device's pack, after every device has copied its parts."""
     return [pack(s, r, lowered, max_waits, name, input_info, seed,
@@ -29,7 +29,7 @@ def pack_devices(scheds, rendered, lowered, max_waits, name, input_info, seed, b
 
 def pack(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered, max_waits: int,
          name: str, input_info: tuple[InputInfo, ...], seed: int,
-         binary: AOTKernel | None = None, release_constants: bool = False) -> Engine:
+         binary: AOTKernel | None = None, release_constants: bool = False) -> EngineFile:
     """`release_constants`: the module is tilec's own (built from a model.yaml), so each
     weight's memory is freed once it is copied into its pool: the peak is then one copy
     of the weights, not two. Never for a caller's module."""
@@ -62,7 +62,7 @@ def pack(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered, max_wai
                      taskgraph=replace(sched.taskgraph, deps=()))
     manifest = Manifest(name, stored, tuple(inputs), tuple(outputs), rendered.opcodes,
                         rendered.kinds, max_waits, rendered.max_args, seed)
-    return Engine(manifest, rendered.source, tensors, aot=binary, kernel_checked=True)
+    return EngineFile(manifest, rendered.source, tensors, aot=binary, kernel_checked=True)
 
 
 def _storage(t: torch.Tensor) -> int:

@@ -1,4 +1,4 @@
-"""The one pipeline: model -> ir.Graph -> passes -> kernel -> Engine (DESIGN.md diagram),
+"""The one pipeline: model -> ir.Graph -> passes -> kernel -> engine file (DESIGN.md diagram),
 as data: `STAGES`, a list of named stages over one `CompileState`, read like the stage
 table of docs/architecture.md.
 
@@ -13,7 +13,7 @@ GPU compile, started from `tilings` on in a child process, adds the stages `mani
 and `aot`; the engine file's two-step save runs around `aot`.
 `partition` runs for multi-device targets only: it cuts the task graph into one part
 per device, with transfers between them, and every stage after it runs on each part;
-the engine is then one Engine per device (`DeviceEngines`). A family model's random
+the engine is then one EngineFile per device (`DeviceEngines`). A family model's random
 weights are drawn in the background meanwhile; `weights` (before `pack`) is the wait
 for them, if any.
 """
@@ -30,11 +30,12 @@ import torch
 from tilec.codegen.render import Rendered, render
 from tilec.compiler import frontend
 from tilec.compiler.hooks import EngineOutput, GpuCompile
-from tilec.compiler.options import MAX_WAITS, CompileOptions, InputInfo
+from tilec.compiler.options import CompileOptions, InputInfo
 from tilec.compiler.pack import pack_devices
 from tilec.compiler.stage import Hook, Stage
 from tilec.gcpause import without_cyclic_gc
 from tilec.ir import printer
+from tilec.ir.abi import MAX_WAITS
 from tilec.ir.schedule import Schedule
 from tilec.ir.serial import to_plain
 from tilec.passes.deps import deps
@@ -47,7 +48,7 @@ from tilec.passes.sync import sync
 from tilec.passes.tile import tile, tile_plan
 from tilec.passes.verify import check
 from tilec.passes.verify_devices import verify_parts
-from tilec.runtime.engine import DeviceEngines, Engine, GenerationSpec
+from tilec.runtime.enginefile import DeviceEngines, EngineFile, GenerationSpec
 from tilec.version import __version__
 
 
@@ -76,7 +77,7 @@ class CompileState:
     max_waits: int = MAX_WAITS      # sync: the most waits a task has (at least 1)
     report: Any = None              # verify: VerifyReport
     rendered: tuple[Rendered, ...] = ()
-    engines: tuple[Engine, ...] = ()
+    engines: tuple[EngineFile, ...] = ()
 
     @property
     def multi(self) -> bool:
@@ -88,7 +89,7 @@ class CompileState:
         return device_target(self.options.target) if self.multi else self.options.target
 
     @property
-    def engine(self) -> Engine | DeviceEngines:
+    def engine(self) -> EngineFile | DeviceEngines:
         return DeviceEngines(self.engines) if self.multi else self.engines[0]
 
 
@@ -306,7 +307,7 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
                    release_constants: bool = False,
                    output: str | None = None,
                    tokenizer: str | None = None,
-                   chat: str | None = None) -> Engine | DeviceEngines:
+                   chat: str | None = None) -> EngineFile | DeviceEngines:
     """Run STAGES and the hooks the options ask for. `weights_ready`, if given, blocks
     until the module's weights are written: the stages before `pack` read only shapes,
     so a family model's random weights are drawn meanwhile (build.PendingWeights); the

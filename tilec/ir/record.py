@@ -1,10 +1,5 @@
-"""The task record: the fixed-width int32 row of the task table that the kernel reads
-for each task (the kernel protocol; docs/engine-format.md).
-
-    opcode, args row, t0, t1, t2, number of waits,
-    max_waits x (event, count per step),
-    weight prefetch: weight pool slot (-1: none), first 16-byte unit, 16-byte units,
-    signal event
+"""What goes into a task record's weight prefetch fields (the record's layout, the kernel
+protocol, is in ir/abi.py; docs/engine-format.md).
 
 The weight prefetch names the span of weight memory a task streams. Weights never
 depend on events, so a GPU worker asks L2 for that span PREFETCH_DEPTH tasks ahead,
@@ -13,31 +8,13 @@ of after.
 """
 from __future__ import annotations
 
+from tilec.ir.abi import NO_PREFETCH, PREFETCH_MAX_BYTES
 from tilec.ir.graph import DTYPE_BYTES
 from tilec.ir.schedule import Pool
 from tilec.ir.tasks import Buffer, Task
 
-FIXED_FIELDS = 6        # opcode, args row, t0, t1, t2, number of waits
-PREFETCH_FIELDS = 3     # weight pool slot, first 16-byte unit, 16-byte units
-NO_PREFETCH = (-1, 0, 0)
-# How many tasks ahead a GPU worker asks L2 for weights: when it starts a task, for the
-# one after the next (the launch: for its first two). A task's weights then stream while
-# the task before it waits and runs, and while it waits itself.
-PREFETCH_DEPTH = 2
-# The most of a task's weights a worker asks L2 for ahead (the ring streams the rest):
-# 132 workers x PREFETCH_DEPTH x 128 KB = 34 MB of an H200's 50 MB L2
-PREFETCH_MAX_BYTES = 128 * 1024
 # Spans shorter than this are not worth an instruction
 PREFETCH_MIN_BYTES = 8 * 1024
-
-
-def record_width(max_waits: int) -> int:
-    return FIXED_FIELDS + 2 * max_waits + PREFETCH_FIELDS + 1
-
-
-def prefetch_offset(max_waits: int) -> int:
-    """Index of the first prefetch field (the signal event is the last field)."""
-    return FIXED_FIELDS + 2 * max_waits
 
 
 def weight_pools(pools: tuple[Pool, ...]) -> tuple[Pool, ...]:

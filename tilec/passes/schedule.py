@@ -21,7 +21,7 @@ import heapq
 import numpy as np
 
 from tilec.errors import ScheduleError
-from tilec.ir.record import PREFETCH_DEPTH
+from tilec.ir.abi import PREFETCH_DEPTH
 from tilec.ir.schedule import Schedule
 from tilec.ir.target import Target
 from tilec.ir.tasks import TaskGraph

@@ -18,7 +18,8 @@ Whole-group events. When a group's blocks fragment (more than a few), and every 
 of the group precedes all its consumers in the global order, the group gets one event
 instead (see `_whole_group_events`).
 
-Cap. The task record has room for `max_waits` waits. A task that still needs more
+Cap. The task record has room for `max_waits` waits (by default the kernel
+interface's cap, ir/abi.py MAX_WAITS). A task that still needs more
 has pairs of its events merged into one counter, when that is safe: every waiter of
 the merged event comes after every one of its signallers in the global order (so a
 waiter that now waits for extra signallers cannot deadlock; it only waits longer).
@@ -33,10 +34,9 @@ from dataclasses import replace
 import numpy as np
 
 from tilec.errors import ScheduleError
+from tilec.ir.abi import MAX_WAITS
 from tilec.ir.schedule import Event, Schedule, Wait
 from tilec.passes.cost import adjacency, edges, sorted_unique
-
-MAX_WAITS = 8
 
 
 def sync(schedule: Schedule, max_waits: int = MAX_WAITS) -> Schedule:

@@ -1,4 +1,4 @@
-"""The temporary file a save writes and then renames into place (runtime/engine.py):
+"""The temporary file a save writes and then renames into place (runtime/enginefile/write.py):
 a save that fails or is stopped leaves an existing file as it was, and no debris."""
 from __future__ import annotations
 

@@ -30,22 +30,19 @@ import numpy as np
 import torch
 
 from tilec.codegen import aot
-from tilec.codegen.aot import NUM_WARPS, SPIN_LIMIT
+from tilec.codegen.loader import own_binary
 from tilec.errors import RunError, ScheduleHangError
-from tilec.ir.graph import FusedGraph, contiguous_strides, index_checks
+from tilec.ir.abi import (ARGS_ROW, ERROR_WORDS, NUM_WARPS, SIGNAL, SPIN_LIMIT, TILE, AOTKernel,
+                          launch_arguments, record_waits)
+from tilec.ir.graph import contiguous_strides
 from tilec.limits import gigabytes, memory_problem
-from tilec.runtime.engine import TORCH_DTYPES, AOTKernel, Engine
-from tilec.runtime.kernel import engine_kernel, own_binary, require_mode
-from tilec.runtime.reference import INDEX_ERROR, TaskRunner
+from tilec.runtime.enginefile import TORCH_DTYPES, EngineFile
+from tilec.runtime.error_buffer import recorded_error
+from tilec.runtime.kernel import engine_kernel, require_mode
+from tilec.runtime.reference import TaskRunner
 from tilec.runtime.sizes import allocated_bytes
 
 POLICIES = ("round_robin", "random", "reverse")
-# The error buffer: its first word says what the kernel (or the reference) recorded,
-# the rest are that error's fields: the hang watchdog's [HANG, worker, task row, event,
-# seen, wanted], or a run-time index out of range: [INDEX_ERROR, group, t0, t1, t2,
-# check, index, bound] (`index_error` in kernel.py.j2).
-ERROR_WORDS = 8
-HANG = 1
 log = logging.getLogger(__name__)
 
 
@@ -59,7 +56,7 @@ class Executor:
 
     backend = "?"
 
-    def __init__(self, engine: Engine, device: str = "cpu", comm=None):
+    def __init__(self, engine: EngineFile, device: str = "cpu", comm=None):
         self.engine = engine
         self.device = device
         m = engine.manifest
@@ -147,12 +144,7 @@ class Executor:
         if not words[0]:
             return None
         self.error.zero_()
-        if words[0] == HANG:
-            return ScheduleHangError(watchdog_message(words, step, self.describe_task))
-        if words[0] == INDEX_ERROR:
-            return RunError(index_error_message(words, step, self.schedule.taskgraph.fused))
-        return RunError(f"step {step}: the kernel recorded error code {words[0]}, which "
-                        f"this tilec does not know")
+        return recorded_error(words, step, self.describe_task, self.schedule.taskgraph.fused)
 
     def launch(self) -> None:
         raise NotImplementedError
@@ -187,7 +179,7 @@ def _check_memory(pools, device: str) -> None:
 class CooperativeExecutor(Executor):
     """Host-driven interleaving of workers; subclasses say how one worker advances."""
 
-    def __init__(self, engine: Engine, policy: str = "round_robin", seed: int = 0,
+    def __init__(self, engine: EngineFile, policy: str = "round_robin", seed: int = 0,
                  device: str = "cpu", comm=None):
         super().__init__(engine, device, comm)
         if policy not in POLICIES:
@@ -202,6 +194,11 @@ class CooperativeExecutor(Executor):
 
     def start_profile(self) -> None:
         self.trace = []
+
+    def ready(self, rec: list[int]) -> bool:
+        """Whether every wait of task record `rec` is met at this step."""
+        step = self.step_index + 1
+        return all(int(self.events[ev]) >= count * step for ev, count in record_waits(rec))
 
     def _advance(self, worker: int, budget: int) -> None:
         if worker == self.comm_worker:
@@ -219,12 +216,11 @@ class CooperativeExecutor(Executor):
         ran = 0
         while row < end and ran < budget:
             rec = self.tables["tasks"][row].tolist()
-            if not all(int(self.events[rec[6 + 2 * i]]) >= rec[7 + 2 * i] * (self.step_index + 1)
-                       for i in range(rec[5])):
+            if not self.ready(rec):
                 break
-            if not self.comm.transfer(transfers[rec[2]], self.region_view, self.step_index):
+            if not self.comm.transfer(transfers[rec[TILE]], self.region_view, self.step_index):
                 break   # in-process: a party is not there yet
-            self.events[rec[-1]] += 1
+            self.events[rec[SIGNAL]] += 1
             row += 1
             ran += 1
         self.cursor[w] = row
@@ -291,8 +287,7 @@ class CooperativeExecutor(Executor):
             row = int(self.cursor[w])
             rec = table[row].tolist()
             unmet = []
-            for i in range(rec[5]):
-                ev, cnt = rec[6 + 2 * i], rec[7 + 2 * i]
+            for ev, cnt in record_waits(rec):
                 need = cnt * (self.step_index + 1)
                 seen = int(self.events[ev])
                 if seen < need:
@@ -304,7 +299,7 @@ class CooperativeExecutor(Executor):
 class InterpretExecutor(CooperativeExecutor):
     backend = "interpret"
 
-    def __init__(self, engine: Engine, policy: str = "round_robin", seed: int = 0, comm=None):
+    def __init__(self, engine: EngineFile, policy: str = "round_robin", seed: int = 0, comm=None):
         super().__init__(engine, policy, seed, comm=comm)
         require_mode(interpret=True)
         self.kernel = engine_kernel(engine)
@@ -319,10 +314,11 @@ class InterpretExecutor(CooperativeExecutor):
                 warnings.catch_warnings():
             warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
             try:
-                self.kernel[(1,)](t["tasks"], t["queue_start"], t["args"], self.events,
-                                  self.cursor, self.error, self.error, self.step_index,
-                                  worker, budget, *self.pool_args, BLOCKING=False,
-                                  SPIN_LIMIT=1, PROFILE=False)
+                args = launch_arguments(
+                    {**t, "events": self.events, "cursor": self.cursor, "error": self.error,
+                     "stamps": self.error, "step": self.step_index, "worker_base": worker,
+                     "budget": budget}, self.pool_args)
+                self.kernel[(1,)](*args, BLOCKING=False, SPIN_LIMIT=1, PROFILE=False)
             except Exception as e:
                 # The interpreter's argmax (numpy's nanargmax) refuses a row of NaN only;
                 # the GPU and the reference backend return an index. Whichever task it
@@ -337,7 +333,7 @@ class InterpretExecutor(CooperativeExecutor):
 class ReferenceExecutor(CooperativeExecutor):
     backend = "reference"
 
-    def __init__(self, engine: Engine, policy: str = "round_robin", seed: int = 0, comm=None):
+    def __init__(self, engine: EngineFile, policy: str = "round_robin", seed: int = 0, comm=None):
         super().__init__(engine, policy, seed, comm=comm)
         sched = self.schedule
         fused = sched.taskgraph.fused
@@ -352,12 +348,10 @@ class ReferenceExecutor(CooperativeExecutor):
         ran = 0
         while row < end and ran < budget:
             rec = self.records[row]
-            ready = all(int(self.events[rec[6 + 2 * i]]) >= rec[7 + 2 * i] * (self.step_index + 1)
-                        for i in range(rec[5]))
-            if not ready:
+            if not self.ready(rec):
                 break
-            self.runner.run(rec[1], tuple(rec[2:5]))
-            self.events[rec[-1]] += 1
+            self.runner.run(rec[ARGS_ROW], tuple(rec[TILE:TILE + 3]))
+            self.events[rec[SIGNAL]] += 1
             row += 1
             ran += 1
         self.cursor[worker] = row
@@ -373,7 +367,7 @@ class GPUExecutor(Executor):
 
     backend = "gpu"
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: EngineFile):
         if not torch.cuda.is_available():
             raise RunError("the gpu backend needs a CUDA GPU and none is visible")
         require_mode(interpret=False)
@@ -392,7 +386,7 @@ class GPUExecutor(Executor):
         self.stamps = torch.zeros(max(1, 2 * n), dtype=torch.int64, device="cuda")
         self.trace: list[tuple[int, int, int, float, float]] | None = None
 
-    def _stored_binary(self, engine: Engine):
+    def _stored_binary(self, engine: EngineFile):
         """The stored binary, ready to launch, or None with a warning saying why not
         (none when the engine stores no binary: nothing was expected then)."""
         import triton
@@ -429,8 +423,10 @@ class GPUExecutor(Executor):
 
     def _launch(self, t) -> None:
         profile = self.trace is not None
-        args = (t["tasks"], t["queue_start"], t["args"], self.events, self.cursor, self.error,
-                self.stamps, self.step_index, 0, 1 << 30, *self.pool_args)
+        args = launch_arguments(
+            {**t, "events": self.events, "cursor": self.cursor, "error": self.error,
+             "stamps": self.stamps, "step": self.step_index, "worker_base": 0,
+             "budget": 1 << 30}, self.pool_args)
         if self.binary is not None and not profile and \
                 self.spin_limit == self.engine.aot.spin_limit:
             # a compiled kernel takes the constexprs too, positionally, in signature order
@@ -471,7 +467,7 @@ def stored_binary_problem(binary: AOTKernel | None, capability: int, triton_vers
     """Why the engine's stored GPU binary cannot be launched here, or None if it can.
 
     A cubin is machine code: it is launched only if this user's tilec compiled it
-    (runtime.kernel.own_binary) or the user trusts the file's code (`trusted`). A cubin
+    (codegen.loader.own_binary) or the user trusts the file's code (`trusted`). A cubin
     for sm_90a runs only on compute capability 9.0 (`capability` is major x 10 +
     minor); Triton's launcher and metadata change between versions, so only the Triton
     that compiled it launches it; and the watchdog bound is compiled in."""
@@ -492,42 +488,6 @@ def stored_binary_problem(binary: AOTKernel | None, capability: int, triton_vers
     return None
 
 
-def watchdog_message(error: list[int], step: int, describe: Callable[[int], str]) -> str | None:
-    """The error buffer a blocking launch leaves behind, as one line, or None when the
-    watchdog did not fire: [fired, worker, task row, event, seen, wanted, ...]."""
-    if not error or not error[0]:
-        return None
-    worker, row, ev, seen, need = error[1:6]
-    try:
-        task = describe(row)
-    except (IndexError, KeyError, RuntimeError):
-        task = f"task row {row}"
-    return (f"watchdog at step {step}: worker {worker} in {task} waited on event {ev} "
-            f"(seen {seen}, wanted {need})")
-
-
-def index_error_message(error: list[int], step: int, fused: FusedGraph) -> str:
-    """An index-out-of-range record of the error buffer as one line naming the op, its
-    module and source line, the index and the bound."""
-    group, t0, t1, t2, check, value, bound = error[1:8]
-    try:
-        ops = fused.graph.by_name()
-        op = ops[index_checks(fused.groups[group], ops)[check]]
-    except IndexError:   # a record the kernel should never write still formats
-        return (f"step {step}: index {value} out of range [0, {bound}) in the task of "
-                f"group {group} at tile ({t0}, {t1}, {t2})")
-    module = next((m for m in reversed(op.scope) if m), "")
-    what = f"{op.kind} {op.name!r}" + (f" ({module})" if module else "")
-    shown = f"{value}" if -2 ** 31 < value < 2 ** 31 - 1 else \
-        ("at least" if value > 0 else "at most") + f" {value}"
-    where = f" at {op.source}" if op.source else ""
-    return (f"step {step}: index {shown} is out of range [0, {bound}) "
-            f"({INDEXED_WHAT.get(op.kind, 'its bound')}) in {what}{where}")
-
-
-INDEXED_WHAT = {"gather": "the rows of its table", "state_update": "the positions of its state"}
-
-
 BACKENDS: dict[str, Callable[..., Executor]] = {
     "interpret": InterpretExecutor,
     "reference": ReferenceExecutor,
@@ -535,7 +495,7 @@ BACKENDS: dict[str, Callable[..., Executor]] = {
 }
 
 
-def make_executor(engine: Engine, backend: str = "auto", **kwargs) -> Executor:
+def make_executor(engine: EngineFile, backend: str = "auto", **kwargs) -> Executor:
     if backend == "auto":
         sched = engine.manifest.schedule
         backend = "gpu" if (torch.cuda.is_available() and sched.target.backend == "cuda"

@@ -25,7 +25,7 @@ import torch
 
 from tilec.errors import RunError
 from tilec.limits import seed_problem
-from tilec.runtime.engine import GenerationSpec
+from tilec.runtime.enginefile import GenerationSpec
 from tilec.runtime.executors import Executor, NaNValuesError
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from tilec.errors import RunError
-from tilec.runtime.engine import TORCH_DTYPES, Engine
+from tilec.runtime.enginefile import TORCH_DTYPES, EngineFile
 from tilec.runtime.executors import make_executor
 
 
@@ -26,7 +26,7 @@ def random_inputs(manifest, seed: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def parts_executor(parts: tuple[Engine, ...], backend: str = "auto",
+def parts_executor(parts: tuple[EngineFile, ...], backend: str = "auto",
                    policy: str = "round_robin", seed: int = 0):
     """An executor over every device's part of an engine in this process: the one
     part's own, or the devices taking turns (distributed.LocalDevices; `tilec run`

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from tilec.ir.abi import ERROR_WORDS, INDEX_ERROR
 from tilec.ir.attention import attention_chunks, attention_parts, partial_names
 from tilec.ir.graph import FLOAT_DTYPES, Group, Op, Operand, index_checks
 from tilec.ir.tasks import Buffer, GroupTiling
@@ -38,9 +39,6 @@ FNS = {
     "eq": lambda a, b: (a == b).float(), "ne": lambda a, b: (a != b).float(),
 }
 
-
-# the error buffer's first word when a run-time index was out of range (kernel.py.j2)
-INDEX_ERROR = 2
 
 # ops that read whole rows of their input to make each row's results
 WALK_ROWS = ("reduce", "argmax", "topk")
@@ -125,7 +123,8 @@ class TaskRunner:
             group, tile = self.task
             check = index_checks(self.groups[group], self.ops).index(op.name)
             value = max(-2 ** 31, min(int(index[bad].max()), 2 ** 31 - 1))
-            self.error[:8] = torch.tensor([INDEX_ERROR, group, *tile, check, value, bound])
+            words = [INDEX_ERROR, group, *tile, check, value, bound]
+            self.error[:ERROR_WORDS] = torch.tensor(words)
         return torch.where(bad, 0, index)
 
     def store(self, name: str, value: torch.Tensor, r0, r1, c0, c1,

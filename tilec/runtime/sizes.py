@@ -17,7 +17,7 @@ from tilec.limits import gigabytes, total_memory
 
 
 def size_problem(engine) -> str | None:
-    """Why the sizes an engine (runtime.engine.Engine) declares cannot be right, or None."""
+    """Why the sizes an engine (runtime.enginefile.EngineFile) declares cannot be right, or None."""
     sched = engine.manifest.schedule
     target = sched.target
     known = TARGETS.get(target.name)
@@ -71,7 +71,7 @@ def resident_ctas(num_warps: int, n_regs: int | None, shared: int) -> int:
 
 
 def resident_problem(target, workers: int, aot) -> str | None:
-    """Why `workers` CTAs of the compiled kernel `aot` (runtime.engine.AOTKernel) cannot
+    """Why `workers` CTAs of the compiled kernel `aot` (ir.abi.AOTKernel) cannot
     all be resident on `target`'s SMs at once, as a persistent kernel needs (the
     workers that do not fit would never start, and the others wait on them), or None."""
     per_sm = resident_ctas(aot.num_warps, aot.n_regs, aot.shared)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tilec.errors import RunError
-from tilec.runtime.engine import GenerationSpec
+from tilec.runtime.enginefile import GenerationSpec
 from tilec.runtime.generate import Sampling, check_prompt
 from tilec.serve.text import Codec, PromptError
 

@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 from tilec.passes.roles import format_workers
+from tilec.viz.text import roles_line
 from tilec.viz.timeline import Timeline
 
 STYLE = """
@@ -163,8 +164,6 @@ def _us(x: float) -> str:
 def report_html(s: dict[str, Any], timeline: Timeline) -> str:
     """The whole report page for summary `s` (tilec.inspect.summary) and the predicted
     timeline."""
-    from tilec.inspect import roles_line   # inspect imports viz: import it late
-
     e = html.escape
     cards = [("predicted step", _us(s["predicted_step_us"])),
              ("lower bound", _us(s["lower_bound_us"])),

@@ -1,0 +1,208 @@
+"""Reading an engine file: `load` reads the container, checks the checksum, parses the
+manifest and runs every check (checks.py) before anything of the file can be used."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from tilec.errors import EngineError
+from tilec.gcpause import without_cyclic_gc
+from tilec.ir.abi import AOTKernel
+from tilec.ir.serial import from_plain
+from tilec.runtime.chat import ChatTemplate
+from tilec.runtime.enginefile.checks import (check_aot, check_kernel, check_tables,
+                                             check_views)
+from tilec.runtime.enginefile.digest import file_digest
+from tilec.runtime.enginefile.format import (AOT_CUBIN, AOT_FIELDS, AOT_KEY, DEVICES_KEY,
+                                             FORMAT, FORMAT_VERSION, DeviceEngines,
+                                             EngineFile, Manifest, clip, first_line)
+from tilec.runtime.sizes import size_problem
+
+MAX_HEADER_BYTES = 100_000_000   # safetensors' own limit; a manifest is megabytes at most
+MAX_INT = 1 << 53               # no count, size, offset or time in a manifest is larger
+MAX_DEPTH = 64                  # the IR nests about a dozen levels deep
+
+
+
+def load(path: str | os.PathLike, trust_engine_code: bool = False, *,
+         read_only: bool = False) -> EngineFile | DeviceEngines:
+    """Read and check an engine file; any problem is an EngineError with one line.
+
+    The stored kernel source is only accepted when it is byte-identical to what this
+    tilec renders from the manifest (and the args table likewise), unless
+    `trust_engine_code` says to run it anyway, or `read_only` says the caller only reads
+    the schedule (`tilec inspect`): then an engine whose kernel differs loads with
+    `kernel_checked` False, and nothing will import or compile that kernel. Nothing of
+    the file is used before the check that covers it has passed: header, checksum,
+    manifest, tables, views, kernel. A multi-device engine gives DeviceEngines, each
+    device's part checked alike."""
+    path = Path(path)
+    if path.is_dir():
+        raise EngineError(f"{path}: a folder, not an engine file")
+    if not path.is_file():
+        raise EngineError(f"{path}: no such engine file")
+    try:
+        meta, tensors = _read_container(path)
+    except OSError as e:
+        raise EngineError(f"{path}: cannot read the engine file ({e.strerror or e})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise EngineError(f"{path}: engine format version {clip(meta.get('format_version'))}; "
+                          f"this tilec reads version {FORMAT_VERSION}")
+    if meta.get("sha256") != file_digest(meta, tensors):
+        raise EngineError(f"{path}: checksum mismatch: the file is corrupted or was edited")
+    tokenizer = meta.get("tokenizer")
+    chat = meta.get("chat")
+    if chat is not None:
+        try:
+            ChatTemplate.from_json(chat)
+        except EngineError as e:
+            raise EngineError(f"{path}: {e}") from None
+    accept = "trust" if trust_engine_code else "read" if read_only else "checked"
+    if DEVICES_KEY in meta:
+        devices = _load_devices(path, meta, tensors, tokenizer, accept)
+        for part in devices.ranks:
+            part.chat = chat
+        return devices
+    manifest = _parse_manifest(path, meta.get("manifest"))
+    kernel = meta.get("kernel", "")
+    aot = None
+    if AOT_KEY in meta or AOT_CUBIN in tensors:
+        try:
+            aot = read_aot(meta.get(AOT_KEY), tensors.pop(AOT_CUBIN, None))
+        except (ValueError, RecursionError) as e:
+            raise EngineError(f"{path}: bad GPU binary: {first_line(e)}") from None
+    engine = EngineFile(manifest, kernel, tensors, tokenizer, aot, chat)
+    problem = _engine_problem(engine, accept)
+    if problem:
+        raise EngineError(f"{path}: {problem}")
+    if engine.manifest.schedule.taskgraph.devices != 1:
+        raise EngineError(f"{path}: a single-device file holds one device's part of a "
+                          "multi-device engine")
+    return engine
+
+
+def _engine_problem(engine: EngineFile, accept: str) -> str | None:
+    try:
+        problem = check_tables(engine) or size_problem(engine) or \
+            check_views(engine) or check_aot(engine)
+    except Exception as e:  # a manifest that decodes but contradicts itself
+        problem = f"malformed manifest ({type(e).__name__}: {first_line(e)})"
+    return problem or check_kernel(engine, accept)
+
+
+def _load_devices(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor],
+                  tokenizer: str | None, accept: str) -> DeviceEngines:
+    text = meta[DEVICES_KEY]
+    if not text.isdigit() or not 2 <= int(text) <= 64:
+        raise EngineError(f"{path}: malformed device count {clip(text)}")
+    n = int(text)
+    pools = {k: v for k, v in tensors.items() if k.startswith("pool.")}
+    prefixes = tuple(f"device{d}." for d in range(n))
+    stray = [k for k in tensors if k not in pools and not k.startswith(prefixes)]
+    if stray or AOT_KEY in meta:
+        raise EngineError(f"{path}: a multi-device engine with a stray entry "
+                          f"{clip(stray[0] if stray else AOT_KEY)}")
+    ranks = []
+    for d, prefix in enumerate(prefixes):
+        manifest = _parse_manifest(path, meta.get(f"manifest.{d}"))
+        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        engine = EngineFile(manifest, meta.get(f"kernel.{d}", ""), {**pools, **own}, tokenizer)
+        problem = _engine_problem(engine, accept)
+        tg = manifest.schedule.taskgraph
+        if problem is None and (tg.device, tg.devices) != (d, n):
+            problem = f"its manifest says device {tg.device} of {tg.devices}"
+        if problem:
+            raise EngineError(f"{path}: device {d}: {problem}")
+        ranks.append(engine)
+    if any(r.manifest.schedule.taskgraph.transfers != ranks[0].manifest.schedule.taskgraph.transfers
+           for r in ranks):
+        raise EngineError(f"{path}: the devices list different transfers")
+    return DeviceEngines(tuple(ranks))
+
+
+def read_aot(text, cubin: torch.Tensor | None) -> AOTKernel:
+    """The stored binary and its description, checked against each other (size,
+    SHA-256, field types); a problem is a ValueError with one line."""
+    if not isinstance(text, str) or cubin is None:
+        raise ValueError(f"tensor {AOT_CUBIN!r} and metadata {AOT_KEY!r} come together; "
+                         "one is missing")
+    plain = json.loads(text)
+    check_plain(plain)
+    if not isinstance(plain, dict) or set(plain) != set(AOT_FIELDS):
+        raise ValueError(f"its description does not have the fields {', '.join(AOT_FIELDS)}")
+    for key, kind in AOT_FIELDS.items():
+        if not isinstance(plain[key], kind) or isinstance(plain[key], bool):
+            raise ValueError(f"its description has {key} = {clip(plain[key])}")
+    if cubin.dtype != torch.uint8 or cubin.dim() != 1:
+        raise ValueError(f"tensor {AOT_CUBIN!r} is not a flat uint8 tensor")
+    data = cubin.numpy().tobytes()
+    if len(data) != plain.pop("cubin_size"):
+        raise ValueError(f"the cubin has {len(data)} bytes, its description says otherwise")
+    if hashlib.sha256(data).hexdigest() != plain.pop("cubin_sha256"):
+        raise ValueError("the cubin does not match the SHA-256 in its description")
+    plain["triton_metadata"] = json.dumps(plain["triton_metadata"], sort_keys=True)
+    return AOTKernel(cubin=data, **plain)
+
+
+def _read_container(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise EngineError(f"{path}: not a readable engine file ({size} bytes, too short "
+                          "for a safetensors header)")
+    n = int.from_bytes(head, "little")
+    if n > MAX_HEADER_BYTES or n > size - 8:
+        raise EngineError(f"{path}: not a readable engine file (header of {n} bytes in a "
+                          f"file of {size})")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise EngineError(f"{path}: not a tilec engine (a safetensors file without "
+                                  "the tilec format marker)")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except EngineError:
+        raise
+    except Exception as e:  # the container itself is damaged
+        raise EngineError(f"{path}: not a readable engine file ({first_line(e)})") from None
+    return meta, tensors
+
+
+@without_cyclic_gc
+def _parse_manifest(path: Path, text) -> Manifest:
+    try:
+        if not isinstance(text, str):
+            raise ValueError("no manifest")
+        plain = json.loads(text)
+        check_plain(plain)
+        return from_plain(Manifest, plain)
+    except (ValueError, TypeError, KeyError, RecursionError, OverflowError) as e:
+        raise EngineError(f"{path}: malformed manifest ({first_line(e)})") from None
+
+
+def check_plain(plain) -> None:
+    """Bounded nesting and integers, so nothing downstream overflows or recurses. Walked
+    a level at a time with only the containers kept: a manifest holds over a million
+    values, and a stack entry for each of them took most of a second."""
+    level, depth = [[plain]], -1   # the root, as the child of a stand-in at depth -1
+    while level:
+        depth += 1                 # the depth of the children of this level
+        nested = []
+        for x in level:
+            if depth > MAX_DEPTH and x:
+                raise ValueError(f"nested more than {MAX_DEPTH} levels deep")
+            for v in (x.values() if type(x) is dict else x):
+                kind = type(v)
+                if kind is int:
+                    if not -MAX_INT <= v <= MAX_INT:
+                        raise ValueError(f"integer {v} out of range")
+                elif kind is list or kind is dict:
+                    nested.append(v)
+        level = nested
