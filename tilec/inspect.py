@@ -340,53 +340,67 @@ def terminal_safe(x: Any) -> Any:
 
 
 def print_summary(s: dict[str, Any], console) -> None:
-    """The summary as rich tables (its text escaped: `terminal_safe`)."""
+    """The summary as rich tables (its text escaped: `terminal_safe`), one section after
+    another."""
+    s = terminal_safe(s)
+    for section in SUMMARY_SECTIONS:
+        section(s, console)
+
+
+def _table(title: str, columns: tuple[str, ...], left: tuple[str, ...] = ()):
+    """A table whose columns are right-aligned (numbers) except those in `left`."""
     from rich.table import Table
 
-    s = terminal_safe(s)
-    if s.get("devices"):
-        table = Table(title=f"devices ({len(s['devices'])}; below: device {s['device']}, "
-                            "`inspect --device D` for another)")
-        for col in ("device", "tasks", "transfers", "bytes sent", "bytes received",
-                    "predicted us"):
-            table.add_column(col, justify="right")
-        for d in s["devices"]:
-            table.add_row(str(d["device"]), str(d["tasks"]), str(d["transfers"]),
-                          f"{d['bytes_sent']:,}", f"{d['bytes_received']:,}",
-                          f"{d['predicted_step_us']:.1f}")
-        console.print(table)
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col in left else "right")
+    return table
+
+
+def _print_devices(s, console) -> None:
+    if not s.get("devices"):
+        return
+    table = _table(f"devices ({len(s['devices'])}; below: device {s['device']}, "
+                   "`inspect --device D` for another)",
+                   ("device", "tasks", "transfers", "bytes sent", "bytes received",
+                    "predicted us"))
+    for d in s["devices"]:
+        table.add_row(str(d["device"]), str(d["tasks"]), str(d["transfers"]),
+                      f"{d['bytes_sent']:,}", f"{d['bytes_received']:,}",
+                      f"{d['predicted_step_us']:.1f}")
+    console.print(table)
+
+
+def _print_headline_and_roles(s, console) -> None:
     console.print(f"[bold]{s['model']}[/bold]: target {s['target']} ({s['backend']}), "
                   f"{s['workers']} workers, {s['tasks']} tasks, {s['events']} events, "
                   f"{s['waits']} waits, predicted step {s['predicted_step_us']:.1f} us")
     console.print(f"roles: {roles_line(s['roles'])}")
     if len(s["roles"]) > 1:
-        table = Table(title="roles")
-        for col in ("role", "workers", "owns", "tasks", "busy us"):
-            table.add_column(col, justify="right" if col in ("tasks", "busy us") else "left")
+        table = _table("roles", ("role", "workers", "owns", "tasks", "busy us"),
+                       left=("role", "workers", "owns"))
         for r in s["roles"]:
             owns = ", ".join(r["kinds"] + r["ops"] + r.get("modules", [])) or "the rest"
             table.add_row(r["name"], format_workers(r["workers"]), owns, str(r["tasks"]),
                           f"{r['busy_us']:.1f}")
         console.print(table)
 
-    kinds = Table(title="task kinds")
-    kinds.add_column("kind")
-    kinds.add_column("tasks", justify="right")
+
+def _print_kinds_and_workers(s, console) -> None:
+    kinds = _table("task kinds", ("kind", "tasks"), left=("kind",))
     for k, n in s["task_kinds"].items():
         kinds.add_row(k, str(n))
     console.print(kinds)
-
-    workers = Table(title="workers")
-    for col in ("worker", "role", "tasks", "busy us", "utilisation"):
-        workers.add_column(col, justify="left" if col == "role" else "right")
+    workers = _table("workers", ("worker", "role", "tasks", "busy us", "utilisation"),
+                     left=("role",))
     for w in s["per_worker"]:
         workers.add_row(str(w["worker"]), w["role"], str(w["tasks"]), f"{w['busy_us']:.1f}",
                         f"{w['utilisation']:.0%}")
     console.print(workers)
 
-    timing = Table(title="step time (predicted, cost model)")
-    timing.add_column("")
-    timing.add_column("us", justify="right")
+
+def _print_timing(s, console) -> None:
+    timing = _table("step time (predicted, cost model)", ("", "us"), left=("",))
     timing.add_row("predicted step", f"{s['predicted_step_us']:.1f}")
     if s["hbm_floor_us"]:
         source = "measured" if s["hbm_floor_measured"] else "datasheet"
@@ -399,34 +413,35 @@ def print_summary(s: dict[str, Any], console) -> None:
     timing.add_row("  bytes / HBM bandwidth", f"{s['memory_bound_us']:.1f}")
     console.print(timing)
 
-    path = Table(title=f"critical path: {len(s['critical_path'])} tasks, "
-                       f"{s['critical_path_us']:.1f} us")
-    for col in ("task", "kind", "tile", "worker", "start us", "finish us"):
-        path.add_column(col, justify="left" if col == "kind" else "right")
+
+def _print_critical_path(s, console) -> None:
+    path = _table(f"critical path: {len(s['critical_path'])} tasks, "
+                  f"{s['critical_path_us']:.1f} us",
+                  ("task", "kind", "tile", "worker", "start us", "finish us"), left=("kind",))
     for c in s["critical_path"]:
         path.add_row(str(c["task"]), c["kind"], str(tuple(c["tile"])), str(c["worker"]),
                      f"{c['start_us']:.1f}", f"{c['finish_us']:.1f}")
     console.print(path)
 
+
+def _print_bytes_and_groups(s, console) -> None:
     b = s["bytes"]
-    moved = Table(title="bytes per step")
-    moved.add_column("")
-    moved.add_column("bytes", justify="right")
+    moved = _table("bytes per step", ("", "bytes"), left=("",))
     for label, key in (("weights", "weights"), ("KV cache", "kv"),
                        ("intermediates", "intermediate"),
                        ("intermediates, unfused op by op", "intermediate_unfused"),
                        ("cost model total", "cost_model")):
         moved.add_row(label, f"{b[key]:,}")
     console.print(moved)
-
-    groups = Table(title=f"fusion groups ({s['groups']})")
-    for col in ("group", "kind", "tasks", "ops"):
-        groups.add_column(col, justify="right" if col == "tasks" else "left")
+    groups = _table(f"fusion groups ({s['groups']})", ("group", "kind", "tasks", "ops"),
+                    left=("group", "kind", "ops"))
     for g in s["fusion_groups"]:
         ops = [f"[bold]{o}[/bold]" if o == g["anchor"] else o for o in g["ops"]]
         groups.add_row(g["name"], g["kind"], str(g["tasks"]), " ".join(ops))
     console.print(groups)
 
+
+def _print_kernel(s, console) -> None:
     multi = sum(1 for e in s["event_table"] if e["signals"] > 1)
     console.print(f"events: {s['events']} ({multi} with more than one signal), waits: "
                   f"{s['waits']}, cross-worker waits: {s['cross_worker_waits']}")
@@ -441,13 +456,17 @@ def print_summary(s: dict[str, Any], console) -> None:
                       f"{a['n_spills']} spill bytes, {a['shared']} bytes shared memory, "
                       f"cubin {a['cubin_size']} bytes ({where}, Triton {a['triton_version']})")
     if k.get("streaming"):
-        table = Table(title="weight streams (read from the compiled code)")
-        for col in ("opcode", "kind", "tasks", "weights per task", "in flight per worker",
-                    "copy", "stages"):
-            table.add_column(col, justify="left" if col in ("kind", "copy") else "right")
+        table = _table("weight streams (read from the compiled code)",
+                       ("opcode", "kind", "tasks", "weights per task", "in flight per worker",
+                        "copy", "stages"), left=("kind", "copy"))
         for r in k["streaming"]:
             table.add_row(str(r["opcode"]), r["kind"], str(r["tasks"]),
                           f"{r['weight_bytes_per_task']:,}",
                           f"{r['bytes_in_flight_per_worker']:,}", r["async_copy"],
                           str(r["stages"]))
         console.print(table)
+
+
+SUMMARY_SECTIONS = (_print_devices, _print_headline_and_roles, _print_kinds_and_workers,
+                    _print_timing, _print_critical_path, _print_bytes_and_groups,
+                    _print_kernel)

@@ -29,13 +29,20 @@ def save(folder, seed=0, **fields):
     cfg.update(fields)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
+    randomize(model, seed)
+    model.save_pretrained(folder)
+    return model
+
+
+def randomize(model, seed):
+    """Weights larger than HF's init (norms near one): greedy choices are not near-ties
+    and every tensor moves the logits."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            base, scale = (1.0, 0.1) if "norm" in name else (0.0, 0.15)
+            is_norm = "norm" in name or ".ln_" in name   # (GPT-2: ln_1, ln_2, ln_f)
+            base, scale = (1.0, 0.1) if is_norm and name.endswith("weight") else (0.0, 0.15)
             p.copy_(base + scale * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(folder)
-    return model
 
 
 def edit_config(folder, **changes):
@@ -142,9 +149,9 @@ REFUSED = {
     "longrope_lengths": (rope("longrope", original_max_position_embeddings=32,
                               short_factor=[1.0] * 3, long_factor=[1.0] * 8),
                          "rope_parameters.short_factor: expected 8 numbers (one per "
-                         "frequency: head_dim / 2)"),
+                         "frequency: the rotary dims / 2)"),
     "partial_rotary": (rope("default", partial_rotary_factor=0.5),
-                       "partial_rotary_factor 0.5 is not supported"),
+                       "partial_rotary_factor: 0.5 is not supported"),
     "dynamic_past_max_positions": (dict(max_position_embeddings=16, **rope("dynamic", factor=2.0)),
                                    "rope_type 'dynamic' changes its frequencies past "
                                    "max_position_embeddings 16"),

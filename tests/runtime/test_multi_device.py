@@ -22,6 +22,7 @@ import tilec.api
 from engines import EXAMPLES, lowest_index_topk
 from tilec.compiler.build import build_model
 from tilec.compiler.config import load_config
+from tilec.errors import EngineError
 from tilec.ir.schedule import Wait
 from tilec.ir.tasks import TRANSFER
 from tilec.passes.verify import verify

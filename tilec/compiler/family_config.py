@@ -79,6 +79,8 @@ def _type_problem(annotation: str, value: Any) -> str | None:
         ok, want = _is_number(value) and value > 0, "a positive number"
     elif "bool" in kinds:
         ok, want = isinstance(value, bool), "true or false"
+    elif "list" in kinds:
+        ok, want = isinstance(value, list), "a list"
     elif "dict" in kinds:
         ok, want = isinstance(value, dict), "a mapping"
     elif "str" in kinds:

@@ -17,7 +17,7 @@ import sys
 import sysconfig
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -195,6 +195,15 @@ def source_line(node: torch.fx.Node) -> str:
     return f"{file}:{line}: {code.strip()}"
 
 
+def user_site(node: torch.fx.Node) -> str:
+    """Where an error points the user: the path of the innermost module whose forward()
+    produced `node`, then their source line ('block.norm: model.py:12: return
+    self.norm(h + x)'); the source line alone at the top module."""
+    scope = [path for path in module_scope(node) if path]
+    line = source_line(node)
+    return f"{scope[-1]}: {line}" if scope else line
+
+
 def module_scope(node: torch.fx.Node) -> tuple[str, ...]:
     """The paths of the modules whose forward() produced `node`, outermost first."""
     stack = node.meta.get("nn_module_stack") or {}
@@ -263,14 +272,14 @@ class _Lowering:
         return next(o for o in reversed(self.ops) if o.name == name)
 
     def unsupported(self, what: str) -> UnsupportedOpError:
-        return UnsupportedOpError(f"{what} at {source_line(self.node)}")
+        return UnsupportedOpError(f"{what} at {user_site(self.node)}")
 
     def meta(self, node=None):
         val = (node or self.node).meta.get("val")
         return val
 
     def out_dtype(self) -> str:
-        return dtype_name(self.meta().dtype, f" at {source_line(self.node)}")
+        return dtype_name(self.meta().dtype, f" at {user_site(self.node)}")
 
     def out_shape(self) -> tuple[int, ...]:
         return tuple(int(s) for s in self.meta().shape)
@@ -408,9 +417,13 @@ class _Lowering:
             self.node = node
             if node.op == "placeholder":
                 val = node.meta["val"]
-                shape, dtype = tuple(val.shape), dtype_name(val.dtype, f" for input {node.name}")
-                if node.name in params or node.name in consts or node.name in buffers:
-                    target = params.get(node.name) or consts.get(node.name) or buffers.get(node.name)
+                target = params.get(node.name) or consts.get(node.name) or buffers.get(node.name)
+                # named as the user names it: the parameter's or buffer's path ("0.weight",
+                # not the exported placeholder "p_0_weight"), the forward's argument
+                what = f"parameter {target}" if node.name in params else \
+                    f"buffer {target}" if target else f"input {node.name}"
+                shape, dtype = tuple(val.shape), dtype_name(val.dtype, f" for {what}")
+                if target:
                     data = state_dict[target] if target in state_dict else constants[target]
                     kind = "state" if target in mutated else "weight"
                     key = (data.data_ptr(), tuple(data.shape), tuple(data.stride()), data.dtype)
@@ -460,9 +473,8 @@ class _Lowering:
         handler = aten_ops.HANDLERS.get(target)
         if handler is None:
             name = getattr(target, "__name__", str(target))
-            raise UnsupportedOpError(f"unsupported operator aten.{name} at {source_line(node)}"
-                                     if "aten" in str(target) or hasattr(target, "_schema")
-                                     else f"unsupported operator {name} at {source_line(node)}")
+            kind = "aten." if "aten" in str(target) or hasattr(target, "_schema") else ""
+            raise UnsupportedOpError(f"unsupported operator {kind}{name} at {user_site(node)}")
         return handler(self, *node.args, **node.kwargs)
 
 
@@ -488,18 +500,26 @@ def user_output_names(ep, count: int) -> list[str]:
     return [f"output{i}" for i in range(count)]
 
 
-def lower(exported: Exported) -> Lowered:
+def lower(exported: Exported, input_names: tuple[str, ...] = ()) -> Lowered:
     """Lower an exported program (core ATen) to an `ir.Graph` plus its constant data;
-    for two traced layers of many, with the other layers built from the second."""
+    for two traced layers of many, with the other layers built from the second.
+    `input_names`: what model.yaml's `inputs` call the forward's inputs, in call order:
+    the engine's input names (without them, the forward's parameter names)."""
     lowered = _Lowering(exported.program).run()
-    if exported.layers is None:
-        return lowered
-    from tilec.compiler.layers import repeat_layers
+    if exported.layers is not None:
+        from tilec.compiler.layers import repeat_layers
 
-    whole = repeat_layers(lowered, exported.layers)
-    if whole is None:   # the two layers differ after all: trace every layer
-        whole = _Lowering(_export(exported.layers.module, exported.example_inputs)).run()
-    return whole
+        whole = repeat_layers(lowered, exported.layers)
+        if whole is None:   # the two layers differ after all: trace every layer
+            whole = _Lowering(_export(exported.layers.module, exported.example_inputs)).run()
+        lowered = whole
+    if not input_names:
+        return lowered
+    if len(input_names) != len(lowered.input_names):
+        raise ConfigError(f"inputs: {len(input_names)} declared ({', '.join(input_names)}), "
+                          f"but the traced forward takes {len(lowered.input_names)} tensors "
+                          f"({', '.join(lowered.input_names)})")
+    return replace(lowered, input_names=tuple(input_names))
 
 
 def supported_ops() -> list[str]:

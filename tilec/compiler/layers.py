@@ -67,50 +67,98 @@ def first_two(layers: RepeatedLayers) -> torch.nn.Module:
 def repeat_layers(lowered: Lowered, layers: RepeatedLayers) -> Lowered | None:
     """The lowering of the whole module, from the lowering of its first two layers
     (see the module docstring); None if those two layers are not alike."""
-    ops = lowered.graph.ops
-    which = [_layer_of(op, layers.attr) for op in ops]
+    traced = _traced_layers(lowered.graph.ops, layers.attr)
+    if traced is None:
+        return None
+    reads = _layer_reads(traced, layers.attr)
+    if reads is None or not _outside_reads_ok(lowered.graph, traced):
+        return None
+    built, names, constants, state_names = _build_layers(lowered, layers, traced, reads)
+    last = {name: names[layers.count - 1][traced.position[name]]
+            for name, w in traced.layer_of.items() if w == 1}
+    out = _splice(traced, built, layers.count, last)
+    if out is None:
+        return None
+    outputs = tuple((name, _renamed(o, last)) for name, o in lowered.graph.outputs)
+    graph = Graph(tuple(out), lowered.graph.inputs, outputs)
+    return replace(lowered, graph=graph, constants=constants, state_names=state_names)
+
+
+@dataclass(frozen=True)
+class _Traced:
+    """The traced graph's ops split by layer: `which[i]` is op i's layer (0, 1 or None,
+    outside both), `block[j]` layer j's ops in order, `position` an op's index in its
+    layer's block."""
+    ops: tuple[Op, ...]
+    which: tuple[int | None, ...]
+    block: dict[int, list[Op]]
+    layer_of: dict[str, int | None]
+    position: dict[str, int]
+
+    @property
+    def last_layer_op(self) -> int:
+        return max(i for i, w in enumerate(self.which) if w == 1)
+
+
+def _traced_layers(ops, attr: str) -> _Traced | None:
+    which = tuple(_layer_of(op, attr) for op in ops)
     block = {j: [op for op, w in zip(ops, which) if w == j] for j in (0, 1)}
     if not block[0] or len(block[0]) != len(block[1]):
         return None
-    layer_of = {op.name: w for op, w in zip(ops, which)}
-    position = {op.name: i for j in (0, 1) for i, op in enumerate(block[j])}
-    # Per layer-1 op input: ("outside", value), ("own", position) or ("previous", position).
-    reads: dict[str, tuple[tuple[str, object], ...]] = {}
-    for a, b in zip(block[0], block[1]):
-        if not _alike(a, b, layers.attr):
+    return _Traced(tuple(ops), which, block,
+                   layer_of={op.name: w for op, w in zip(ops, which)},
+                   position={op.name: i for j in (0, 1) for i, op in enumerate(block[j])})
+
+
+def _layer_reads(t: _Traced, attr: str) -> dict[str, tuple[tuple[str, object], ...]] | None:
+    """Per layer-1 op, where each input comes from: ("outside", value), ("own",
+    position: this layer's op there) or ("previous", position: the layer before's);
+    None if layers 0 and 1 differ in any op or read."""
+    reads = {}
+    for a, b in zip(t.block[0], t.block[1]):
+        if not _alike(a, b, attr):
             return None
         links = []
         for x, y in zip(a.inputs, b.inputs):
             if (x.shape, x.strides, x.offset) != (y.shape, y.strides, y.offset):
                 return None
-            lx, ly = layer_of[x.value], layer_of[y.value]
+            lx, ly = t.layer_of[x.value], t.layer_of[y.value]
             if lx is None and ly is None and x.value == y.value:
                 links.append(("outside", y.value))
-            elif lx == 0 and ly == 1 and position[x.value] == position[y.value]:
-                links.append(("own", position[y.value]))
+            elif lx == 0 and ly == 1 and t.position[x.value] == t.position[y.value]:
+                links.append(("own", t.position[y.value]))
             elif lx is None and ly == 0:   # the value layer 0 was handed: layer k-1's
-                links.append(("previous", position[y.value]))
+                links.append(("previous", t.position[y.value]))
             else:
                 return None
         reads[b.name] = tuple(links)
-    last_layer_op = max(i for i, w in enumerate(which) if w == 1)
-    for i, op in enumerate(ops):   # outside ops: layer 1 only from the tail, layer 0 never
-        if which[i] is None:
-            seen = {layer_of[x.value] for x in op.inputs}
-            if 0 in seen or (1 in seen and i < last_layer_op):
-                return None
-    if any(layer_of[o.value] == 0 for _, o in lowered.graph.outputs):
-        return None
+    return reads
 
-    taken = {op.name for op in ops}
-    names = {1: [op.name for op in block[1]]}   # layer k's value at each position
+
+def _outside_reads_ok(graph: Graph, t: _Traced) -> bool:
+    """Ops outside the layers read layer 1 only after its last op, layer 0 never; no
+    output is a layer-0 value."""
+    for i, op in enumerate(t.ops):
+        if t.which[i] is None:
+            seen = {t.layer_of[x.value] for x in op.inputs}
+            if 0 in seen or (1 in seen and i < t.last_layer_op):
+                return False
+    return not any(t.layer_of[o.value] == 0 for _, o in graph.outputs)
+
+
+def _build_layers(lowered: Lowered, layers: RepeatedLayers, t: _Traced, reads):
+    """Layers 2..N-1 as copies of layer 1 under fresh names, reading their own layer's
+    values, the layer before's, or the same outside values; each copy's weights and
+    state taken from the module by the layer's own target names."""
+    taken = {op.name for op in t.ops}
+    names = {1: [op.name for op in t.block[1]]}   # layer k's value at each position
     built: dict[int, list[Op]] = {}
     constants = dict(lowered.constants)
     state_names = dict(lowered.state_names)
     for k in range(2, layers.count):
-        names[k] = [_fresh(op.name, layers.attr, k, taken) for op in block[1]]
+        names[k] = [_fresh(op.name, layers.attr, k, taken) for op in t.block[1]]
         built[k] = []
-        for i, op in enumerate(block[1]):
+        for i, op in enumerate(t.block[1]):
             inputs = []
             for operand, (how, what) in zip(op.inputs, reads[op.name]):
                 value = (what if how == "outside" else
@@ -127,33 +175,36 @@ def repeat_layers(lowered: Lowered, layers: RepeatedLayers) -> Lowered | None:
             built[k].append(replace(op, name=names[k][i], inputs=tuple(inputs), attrs=attrs,
                                     scope=tuple(_in_layer(s, layers.attr, k)
                                                 for s in op.scope)))
-    last = {name: names[layers.count - 1][position[name]]
-            for name, w in layer_of.items() if w == 1}
+    return built, names, constants, state_names
 
-    def to_last(operand: Operand) -> Operand:
-        return replace(operand, value=last.get(operand.value, operand.value))
 
+def _splice(t: _Traced, built, count: int, last: dict[str, str]) -> list[Op] | None:
+    """The traced ops with each run of layer-1 ops followed by the same run in layers
+    2..N-1, and the ops after the layers reading the last layer; None if that order
+    would read a value before it is written."""
     out: list[Op] = []
-    for i, op in enumerate(ops):
-        if which[i] is None and i > last_layer_op:
-            op = replace(op, inputs=tuple(to_last(x) for x in op.inputs))
+    for i, op in enumerate(t.ops):
+        if t.which[i] is None and i > t.last_layer_op:
+            op = replace(op, inputs=tuple(_renamed(x, last) for x in op.inputs))
         out.append(op)
-        # after a run of layer-1 ops, the same run in layers 2..N-1
-        if which[i] == 1 and (i + 1 == len(ops) or which[i + 1] != 1):
+        if t.which[i] == 1 and (i + 1 == len(t.ops) or t.which[i + 1] != 1):
             start = i
-            while start > 0 and which[start - 1] == 1:
+            while start > 0 and t.which[start - 1] == 1:
                 start -= 1
-            run = range(position[ops[start].name], position[op.name] + 1)
-            for k in range(2, layers.count):
+            run = range(t.position[t.ops[start].name], t.position[op.name] + 1)
+            for k in range(2, count):
                 out.extend(built[k][p] for p in run)
     defined: set[str] = set()
     for op in out:   # an op between two runs of layer 1 could leave a read before its write
         if any(x.value not in defined for x in op.inputs):
             return None
         defined.add(op.name)
-    outputs = tuple((name, to_last(o)) for name, o in lowered.graph.outputs)
-    graph = Graph(tuple(out), lowered.graph.inputs, outputs)
-    return replace(lowered, graph=graph, constants=constants, state_names=state_names)
+    return out
+
+
+def _renamed(operand: Operand, last: dict[str, str]) -> Operand:
+    """A read of a layer-1 value, moved to the last layer's."""
+    return replace(operand, value=last.get(operand.value, operand.value))
 
 
 def _layer_of(op: Op, attr: str) -> int | None:

@@ -100,7 +100,7 @@ def _export(s: CompileState) -> CompileState:
 
 
 def _lower(s: CompileState) -> CompileState:
-    lowered = frontend.lower(s.exported)
+    lowered = frontend.lower(s.exported, tuple(i.name for i in s.input_info))
     frontend.check_input_ranges(lowered, s.input_info)
     return replace(s, lowered=lowered)
 

@@ -1,4 +1,5 @@
-"""Read a local Hugging Face Llama checkpoint: config.json plus safetensors weights
+"""Read a local Hugging Face decoder checkpoint (the architectures of
+tilec/models/architectures.py): config.json plus safetensors weights
 (one `model.safetensors`, or shards listed in `model.safetensors.index.json`).
 
 Every problem is a ConfigError naming the file and the field or tensor.
@@ -12,21 +13,12 @@ from pathlib import Path
 import torch
 
 from tilec.errors import ConfigError
+from tilec.models.architectures import ARCHITECTURES, Architecture, architecture_of, decoder_fields
 from tilec.models.llama import LlamaConfig, LlamaDecodeStep
 from tilec.runtime.chat import SPECIAL_TOKEN_NAMES, ChatTemplate
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-
-# Every config.json field is honoured, metadata, or refused: a field tilec does not
-# know may change what the model computes, and ignoring it would be a silently wrong
-# answer. Honoured: LlamaConfig computes with them (or, for the first two, read_config
-# checks them).
-HONOURED = (
-    "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size",
-    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-    "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
-    "tie_word_embeddings", "attention_bias", "mlp_bias", "max_position_embeddings",
-)
+# Every config.json field is honoured (the architecture's fields: architectures.py),
+# metadata, or refused.
 _GENERATION_DEFAULT = ("a default of transformers' generate(), not of the model: "
                        "tilec run takes its own sampling flags")
 # Metadata: fields that do not change what the model computes, and why.
@@ -42,6 +34,14 @@ METADATA = {
     "initializer_range": "the scale of a training run's random weights: these come from "
                          "the checkpoint",
     "attention_dropout": "dropout is off at inference",
+    "resid_pdrop": "dropout is off at inference",
+    "embd_pdrop": "dropout is off at inference",
+    "hidden_dropout": "dropout is off at inference",
+    "attn_pdrop": "dropout is off at inference",
+    **{key: "GPT2DoubleHeadsModel's sequence-summary head, not part of a causal LM" for key in (
+        "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
+        "summary_first_dropout")},
+    "classifier_dropout": "dropout of a classification head, not of this model",
     "use_cache": "a transformers forward option: tilec always keeps a KV cache",
     "pretraining_tp": "the tensor-parallel split of pretraining: transformers computes "
                       "the same function with any value",
@@ -56,7 +56,11 @@ METADATA = {
 
 
 def read_config(folder: str | os.PathLike) -> LlamaConfig:
-    folder = Path(folder)
+    return _read(Path(folder))[1]
+
+
+def _read(folder: Path) -> tuple[Architecture, LlamaConfig]:
+    """config.json's architecture and what it configures."""
     path = folder / "config.json"
     if not folder.is_dir():
         raise ConfigError(f"{folder}: checkpoint folder not found")
@@ -68,22 +72,14 @@ def read_config(folder: str | os.PathLike) -> LlamaConfig:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
-    archs = data.get("architectures") or []
-    if not isinstance(archs, list) or not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise ConfigError(f"{path}: architectures: {archs!r} is not supported "
-                          f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    if data.get("model_type", "llama") != "llama":
-        raise ConfigError(f"{path}: model_type: {data['model_type']!r} is not supported "
-                          f"(supported: 'llama')")
+    arch = architecture_of(data, str(path))
     for key, value in data.items():
-        if key not in HONOURED and key not in METADATA:
+        if key not in arch.honoured and key not in METADATA:
             shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-            raise ConfigError(f"{path}: {key}: {shown} is not supported by tilec's Llama "
+            raise ConfigError(f"{path}: {key}: {shown} is not supported by tilec's {arch.name} "
                               f"(a field tilec does not know may change what the model "
                               f"computes; the fields it honours: docs/model-yaml.md)")
-    cfg = {k: v for k, v in data.items() if k in HONOURED and k not in ("architectures",
-                                                                         "model_type")}
-    return LlamaConfig.from_dict(cfg, where=str(path))
+    return arch, LlamaConfig.from_dict(decoder_fields(arch, data, str(path)), where=str(path))
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
@@ -111,35 +107,48 @@ def weight_files(folder: Path) -> dict[str, Path]:
     raise ConfigError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
-def hf_name(ours: str) -> str:
+LLAMA = ARCHITECTURES["LlamaForCausalLM"]
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "qkv_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
+
+
+def hf_name(ours: str, arch: Architecture = LLAMA) -> str:
     """Our parameter name -> the checkpoint's."""
-    if ours.startswith("lm_head."):
-        return ours
-    if ours.startswith("layers."):
-        _, i, rest = ours.split(".", 2)
-        module = rest.split(".")[0]
-        group = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else \
-            "mlp" if module in ("gate_proj", "up_proj", "down_proj") else None
-        return f"model.layers.{i}.{group}.{rest}" if group else f"model.layers.{i}.{rest}"
-    return f"model.{ours}"
+    if ours.startswith("lm_head."):   # the one name without the prefix
+        return arch.names.get("lm_head", "lm_head") + ours[len("lm_head"):]
+    if not ours.startswith("layers."):
+        module, kind = ours.split(".", 1)
+        return f"{arch.prefix}{arch.names.get(module, module)}.{kind}"
+    _, i, rest = ours.split(".", 2)
+    module, kind = rest.split(".", 1)
+    layer = f"{arch.prefix}{arch.layers}.{i}"
+    if module in arch.names:
+        return f"{layer}.{arch.names[module]}.{kind}"
+    group = "self_attn" if module in ATTENTION_MODULES else \
+        "mlp" if module in MLP_MODULES else None
+    return f"{layer}.{group}.{rest}" if group else f"{layer}.{rest}"
 
 
 def load_checkpoint(folder: str | os.PathLike, max_seq_len: int) -> LlamaDecodeStep:
     """The checkpoint as tilec's Llama: every tensor in it is consumed or refused."""
     folder = Path(folder)
-    cfg = read_config(folder)
+    arch, cfg = _read(folder)
     cfg.check_max_seq_len(max_seq_len, str(folder / "config.json"))
     files = weight_files(folder)
     model = LlamaDecodeStep(cfg, max_seq_len)
+    params = dict(model.named_parameters())
     with _Tensors(files) as tensors:
-        for name, param in model.named_parameters():
-            key = hf_name(name)
+        for name, param in params.items():
+            key, rows, shape = _source(arch, name, params, cfg.num_attention_heads)
             if key not in files:
                 raise ConfigError(f"{folder}: tensor {key} missing from the checkpoint")
             tensor = tensors.get(key)
-            if tuple(tensor.shape) != tuple(param.shape):
+            if arch.conv1d and name.startswith("layers.") and tensor.dim() == 2:
+                tensor = tensor.t()   # stored [in, out]
+            if tuple(tensor.shape) != shape:
                 raise ConfigError(f"{files[key].name}: tensor {key} has shape "
-                                  f"{tuple(tensor.shape)}, config.json implies {tuple(param.shape)}")
+                                  f"{tuple(tensor.shape)}, config.json implies {shape}")
+            tensor = tensor[rows]
             if not tensor.is_floating_point():
                 raise ConfigError(f"{files[key].name}: tensor {key} has dtype {tensor.dtype}, "
                                   f"expected a floating-point type (quantized weights are not "
@@ -151,6 +160,30 @@ def load_checkpoint(folder: str | os.PathLike, max_seq_len: int) -> LlamaDecodeS
     return model.eval()
 
 
+def _source(arch: Architecture, name: str, params: dict,
+            heads: int) -> tuple[str, slice | torch.Tensor, tuple]:
+    """Where parameter `name` is in the checkpoint: (tensor name, its rows there, that
+    tensor's shape). Its own tensor, or its rows of a tensor the architecture fuses
+    (Phi3's qkv_proj stacks q_proj, k_proj and v_proj; GPT-NeoX's query_key_value
+    stacks them head by head)."""
+    param = params[name]
+    fused = [(f, parts) for f, parts in arch.fused.items()
+             if any(f".{p}." in name for p in parts)]
+    if not name.startswith("layers.") or not fused:
+        return hf_name(name, arch), slice(None), tuple(param.shape)
+    whole, parts = fused[0]
+    own = next(p for p in parts if f".{p}." in name)
+    sizes = [params[name.replace(f".{own}.", f".{p}.")].shape[0] for p in parts]
+    key = hf_name(name.replace(f".{own}.", f".{whole}."), arch)
+    shape = (sum(sizes),) + tuple(param.shape[1:])
+    if arch.fused_per_head:   # [heads, parts, head_dim] rows, every part heads x head_dim
+        width = param.shape[0] // heads
+        rows = torch.arange(sum(sizes)).view(heads, len(parts), width)[:, parts.index(own)]
+        return key, rows.reshape(-1), shape
+    start = sum(sizes[:parts.index(own)])
+    return key, slice(start, start + param.shape[0]), shape
+
+
 class _Tensors:
     """Tensors read by name from the checkpoint's files, each file opened once."""
 
@@ -158,8 +191,14 @@ class _Tensors:
         self.files = files
         self.handles: dict[Path, object] = {}
         self.read: set[str] = set()
+        self.last: tuple[str, torch.Tensor] | None = None   # a fused tensor is read once
 
     def get(self, key: str) -> torch.Tensor:
+        if self.last is None or self.last[0] != key:
+            self.last = key, self._read(key)
+        return self.last[1]
+
+    def _read(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
 
         path = self.files[key]

@@ -24,6 +24,8 @@ from torch import nn
 
 from tilec.errors import ConfigError
 from tilec.limits import short_repr
+from tilec.models.blocks import (  # noqa: F401  (RMSNorm, swap_halves: mla_dsa's too)
+    RMSNorm, norm_of, rope_at, rotate, softcap, swap_halves)
 from tilec.models.rope import check_rope_scaling, rope_parameters
 
 
@@ -44,6 +46,38 @@ class LlamaConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     max_position_embeddings: int = 2048
+    # What some architectures add to Llama (tilec/models/architectures.py):
+    qkv_bias: bool = False            # q, k and v projections have a bias, o_proj not (Qwen2)
+    qk_norm: bool = False             # RMSNorm over each head's q and k before RoPE (Qwen3)
+    # keys older than `sliding_window` positions are hidden, in the layers whose
+    # layer_types entry is "sliding_attention" (every layer without layer_types: Mistral)
+    sliding_window: int | None = None
+    layer_types: list | None = None   # per layer: "full_attention" or "sliding_attention"
+    # Gemma3: the sliding layers' own rope_parameters (the others': rope_theta, rope_scaling)
+    rope_local: dict | None = None
+    # Gemma: RMSNorms scale by 1 + weight, embeddings by sqrt(hidden_size), and the
+    # attention and MLP outputs are normed before their residual adds
+    # (post_attention_layernorm, post_feedforward_layernorm; pre_feedforward_layernorm
+    # before the MLP)
+    gemma_norms: bool = False
+    # GPT-NeoX: LayerNorms (mean removed, a bias; eps rms_norm_eps) instead of RMSNorms,
+    # an MLP of up_proj, act, down_proj without a gate, and the MLP reading the layer's
+    # input beside the attention (parallel residual)
+    layer_norm: bool = False
+    gated_mlp: bool = True
+    use_parallel_residual: bool = False
+    # GPT-2: a table of max_position_embeddings learned positions added to the token
+    # embeddings, no RoPE; scores scaled by head_dim's -1/2 only with scale_attn_weights,
+    # and by 1 / (layer index + 1) with scale_attn_by_inverse_layer_idx
+    learned_positions: bool = False
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    # the head dims past rope_scaling's partial_rotary_factor pass RoPE unrotated (Phi3);
+    # without it the factor must be 1.0 (transformers' Llama rotates every dim)
+    partial_rotary: bool = False
+    query_pre_attn_scalar: float | None = None   # scores scale by its -1/2 (else head_dim's)
+    attn_logit_softcapping: float | None = None  # scores become cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # logits become cap * tanh(logits / cap)
     initializer_range: float = 0.02   # the scale of a family model's random weights
     extra: dict = field(default_factory=dict)
 
@@ -54,6 +88,13 @@ class LlamaConfig:
     @property
     def dim_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """The head dims RoPE rotates (transformers: int(head_dim * partial_rotary_factor))."""
+        if not self.partial_rotary:
+            return self.dim_head
+        return int(self.dim_head * (self.rope_scaling or {}).get("partial_rotary_factor", 1.0))
 
     @staticmethod
     def from_dict(data: dict, where: str = "config") -> "LlamaConfig":
@@ -94,16 +135,25 @@ class LlamaConfig:
             need(value is None or (isinstance(value, int) and not isinstance(value, bool)
                                    and value > 0),
                  key, f"expected a positive integer or null, found {value!r}")
-        for key in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+        for key in ("tie_word_embeddings", "attention_bias", "mlp_bias", "qkv_bias", "qk_norm",
+                    "gemma_norms", "partial_rotary", "layer_norm", "gated_mlp",
+                    "use_parallel_residual", "learned_positions", "scale_attn_weights",
+                    "scale_attn_by_inverse_layer_idx"):
             value = getattr(self, key)
             need(isinstance(value, bool), key, f"expected true or false, found {value!r}")
-        for key in ("rms_norm_eps", "rope_theta"):
+        for key in ("rms_norm_eps", "rope_theta", "query_pre_attn_scalar",
+                    "attn_logit_softcapping", "final_logit_softcapping"):
             value = getattr(self, key)
-            need(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+            need((value is None and key not in ("rms_norm_eps", "rope_theta"))
+                 or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                     and math.isfinite(value) and value > 0),
                  key, f"expected a positive number, found {value!r}")
         need(self.num_attention_heads % self.kv_heads == 0, "num_key_value_heads",
              f"{self.kv_heads} does not divide num_attention_heads {self.num_attention_heads}")
-        need(self.dim_head % 2 == 0, "head_dim", f"must be even for RoPE, found {self.dim_head}")
+        need(self.dim_head % 2 == 0 or self.learned_positions, "head_dim",
+             f"must be even for RoPE, found {self.dim_head}")
+        need(not (self.learned_positions and (self.rope_scaling or self.rope_local)),
+             rope_key, "learned positions take no RoPE")
         if self.head_dim is None:
             need(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
                  "not divisible by num_attention_heads")
@@ -111,7 +161,52 @@ class LlamaConfig:
              f"{self.hidden_act!r} is not supported by tilec's Llama "
              f"(supported: {', '.join(ACTIVATIONS)})")
         if self.rope_scaling is not None:
-            check_rope_scaling(self.rope_scaling, where, rope_key, self.dim_head // 2)
+            check_rope_scaling(self.rope_scaling, where, rope_key, self.rotary_dim // 2)
+        partial = (self.rope_scaling or {}).get("partial_rotary_factor", 1.0)
+        need(partial == 1.0 or self.partial_rotary, f"{rope_key}.partial_rotary_factor",
+             f"{partial!r} is not supported (supported: 1.0; this architecture rotates "
+             f"every dim of a head)")
+        need(self.rotary_dim % 2 == 0, f"{rope_key}.partial_rotary_factor",
+             f"{partial!r} of head_dim {self.dim_head} is an odd number of dims")
+        self._validate_windows(need)
+        if self.rope_local is not None:
+            need(isinstance(self.rope_local, dict), "rope_parameters.sliding_attention",
+                 f"expected a mapping, found {short_repr(self.rope_local)}")
+            self.local_rope(where)
+
+    def local_rope(self, where: str = "config") -> "LlamaConfig":
+        """This config with the sliding layers' rope parameters (itself without any)."""
+        if self.rope_local is None:
+            return self
+        data = {f.name: getattr(self, f.name) for f in fields(self)   # (RoPE's fields only
+                if f.name not in ("extra", "rope_theta", "rope_scaling", "rope_local",
+                                  "layer_types", "sliding_window")}     # matter)
+        return LlamaConfig.from_dict({**data, "rope_parameters": self.rope_local},
+                                     f"{where}: rope_parameters.sliding_attention")
+
+    def _validate_windows(self, need) -> None:
+        window = self.sliding_window
+        need(window is None or (isinstance(window, int) and not isinstance(window, bool)
+                                and window > 0),
+             "sliding_window", f"expected a positive integer or null, found {window!r}")
+        types = self.layer_types
+        if types is None:
+            return
+        need(isinstance(types, (list, tuple)) and len(types) == self.num_hidden_layers
+             and all(t in LAYER_TYPES for t in types), "layer_types",
+             f"expected a list of {self.num_hidden_layers} entries each one of "
+             f"{', '.join(LAYER_TYPES)}, found {short_repr(types)}")
+        need(window is not None or "sliding_attention" not in types, "layer_types",
+             "names sliding_attention layers but there is no sliding_window")
+
+    def layer_window(self, index: int) -> int | None:
+        """The sliding window of layer `index`; None where it attends to every key.
+        (compiler/memory.py measures a config's models of one and two layers: a layer
+        past layer_types, there, is sized like any other.)"""
+        types = self.layer_types
+        if types is not None and (index >= len(types) or types[index] != "sliding_attention"):
+            return None
+        return self.sliding_window
 
     @property
     def rope_type(self) -> str:
@@ -122,6 +217,10 @@ class LlamaConfig:
         """The rope types whose frequencies transformers changes with the sequence length
         are honoured only where they do not change: tilec's frequencies are fixed."""
         scaling = self.rope_scaling or {}
+        if self.learned_positions and max_seq_len > self.max_position_embeddings:
+            raise ConfigError(f"{where}: max_position_embeddings: the model has "
+                              f"{self.max_position_embeddings} learned positions: max_seq_len "
+                              f"must be at most that, found {max_seq_len}")
         if self.rope_type == "dynamic":
             limit, name = self.max_position_embeddings, "max_position_embeddings"
         elif self.rope_type == "longrope":
@@ -134,6 +233,9 @@ class LlamaConfig:
                 f"{where}: rope_scaling: rope_type {self.rope_type!r} changes its frequencies "
                 f"past {name} {limit}, which tilec does not implement: max_seq_len must be at "
                 f"most {limit}, found {max_seq_len}")
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +284,7 @@ def init_random(params: list[tuple[str, nn.Parameter]], seed: int, std: float = 
     buf = torch.empty(INIT_CHUNK, dtype=torch.float32)
     with torch.no_grad():
         for index, (name, p) in enumerate(params):
-            if name.endswith("layernorm.weight") or name == "norm.weight":
+            if name.endswith("norm.weight"):   # every RMSNorm: input_layernorm, q_norm, norm
                 p.fill_(1.0)
                 continue
             stream = _stream(seed, index)
@@ -202,36 +304,34 @@ def _stream(seed: int, index: int) -> np.random.PCG64:
     return np.random.PCG64(np.random.SeedSequence((seed, index)))
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def swap_halves(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([x[..., half:], x[..., :half]], dim=-1)
-
-
 class Layer(nn.Module):
     def __init__(self, cfg: LlamaConfig, max_seq_len: int):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.dim_head
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, hd
-        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps)
-        self.q_proj = nn.Linear(d, self.heads * hd, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(d, self.kv_heads * hd, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(d, self.kv_heads * hd, bias=cfg.attention_bias)
+        self.input_layernorm = norm_of(cfg, d)
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(d, self.heads * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.kv_heads * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.kv_heads * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.heads * hd, d, bias=cfg.attention_bias)
-        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps)
-        self.gate_proj = nn.Linear(d, cfg.intermediate_size, bias=cfg.mlp_bias)
+        if cfg.qk_norm:
+            self.q_norm = norm_of(cfg, hd)
+            self.k_norm = norm_of(cfg, hd)
+        # set per layer by the model (LlamaConfig.layer_window); a window as long as the
+        # cache hides nothing and is left out of the graph
+        self.window: int | None = None
+        self.max_seq_len = max_seq_len
+        self.post_attention_layernorm = norm_of(cfg, d)
+        if cfg.gemma_norms:
+            self.pre_feedforward_layernorm = norm_of(cfg, d)
+            self.post_feedforward_layernorm = norm_of(cfg, d)
+        self.parallel = cfg.use_parallel_residual
+        self.sandwich = cfg.gemma_norms
+        self.scale = (cfg.query_pre_attn_scalar or hd) ** -0.5 if cfg.scale_attn_weights else 1.0
+        self.softcap = cfg.attn_logit_softcapping
+        if cfg.gated_mlp:
+            self.gate_proj = nn.Linear(d, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(d, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, d, bias=cfg.mlp_bias)
         self.act = ACTIVATIONS[cfg.hidden_act]
@@ -244,18 +344,32 @@ class Layer(nn.Module):
         q = self.q_proj(x).view(self.heads, hd)
         k = self.k_proj(x).view(kvh, hd)
         v = self.v_proj(x).view(kvh, hd)
-        q = q * cos + swap_halves(q) * sin_signed
-        k = k * cos + swap_halves(k) * sin_signed
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cos is not None:   # (None: learned positions instead of RoPE)
+            q, k = rotate(q, cos, sin_signed), rotate(k, cos, sin_signed)
         self.k_cache.index_copy_(1, pos, k.unsqueeze(1).to(self.k_cache.dtype))
         self.v_cache.index_copy_(1, pos, v.unsqueeze(1).to(self.v_cache.dtype))
         q = q.view(kvh, self.heads // kvh, hd)
-        scores = (q @ self.k_cache.transpose(1, 2)) * (hd ** -0.5)
+        scores = softcap((q @ self.k_cache.transpose(1, 2)) * self.scale, self.softcap)
         scores = scores.masked_fill(positions > pos, float("-inf"))
+        if self.window is not None and self.window < self.max_seq_len:
+            # transformers' sliding window: key k is seen from position q iff k > q - window
+            scores = scores.masked_fill(positions <= pos - self.window, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         attn = (probs @ self.v_cache).reshape(1, self.heads * hd)
-        h = h + self.o_proj(attn)
-        x = self.post_attention_layernorm(h)
-        return h + self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.parallel:   # transformers' GPT-NeoX order of the adds
+            return self.mlp(self.post_attention_layernorm(h)) + self.o_proj(attn) + h
+        if not self.sandwich:
+            h = h + self.o_proj(attn)
+            return h + self.mlp(self.post_attention_layernorm(h))
+        h = h + self.post_attention_layernorm(self.o_proj(attn))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+    def mlp(self, x):
+        if not hasattr(self, "gate_proj"):
+            return self.down_proj(self.act(self.up_proj(x)))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 def _lay_out_constants(model: nn.Module) -> None:
@@ -328,7 +442,8 @@ class DecoderStep(nn.Module):
         model = model.to(dtype)
         _lay_out_constants(model)
         with torch.no_grad():
-            model.inv_freq.copy_(model.inverse_frequencies())
+            for name, value in model.rope_buffers().items():
+                getattr(model, name).copy_(value)
             model.positions.copy_(torch.arange(max_seq_len))
         model.reset_cache()
         return model
@@ -336,6 +451,10 @@ class DecoderStep(nn.Module):
     def inverse_frequencies(self) -> torch.Tensor:
         """RoPE's inverse frequencies (the `inv_freq` buffer every family registers)."""
         raise NotImplementedError
+
+    def rope_buffers(self) -> dict[str, torch.Tensor]:
+        """The RoPE buffers' values, by buffer name."""
+        return {"inv_freq": self.inverse_frequencies()}
 
     def reset_cache(self) -> None:
         raise NotImplementedError
@@ -347,25 +466,49 @@ class LlamaDecodeStep(DecoderStep):
     def __init__(self, cfg: LlamaConfig, max_seq_len: int):
         cfg.check_max_seq_len(max_seq_len, "model")
         super().__init__(cfg, max_seq_len, Layer)
+        for index, layer in enumerate(self.layers):
+            layer.window = cfg.layer_window(index)
+            if cfg.scale_attn_by_inverse_layer_idx:
+                layer.scale /= float(index + 1)
+        if cfg.learned_positions:
+            self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.norm = norm_of(cfg, cfg.hidden_size)
+        if cfg.gemma_norms:
+            # sqrt(hidden_size) rounded to the weights' dtype, as transformers rounds it
+            self.embed_scale = {dt: torch.tensor(cfg.hidden_size ** 0.5, dtype=dt,
+                                                 device="cpu").item()
+                                for dt in (torch.float32, torch.bfloat16, torch.float16)}
         # transformers scales cos and sin by it (yarn, longrope); 1.0 otherwise
         self.rope_attention_factor = rope_parameters(cfg)[1]
         self.register_buffer("inv_freq", self.inverse_frequencies(), persistent=False)
+        if cfg.rope_local is not None:   # Gemma3: the sliding layers' own RoPE
+            self.local_attention_factor = rope_parameters(cfg.local_rope())[1]
+            self.register_buffer("inv_freq_local", rope_parameters(cfg.local_rope())[0],
+                                 persistent=False)
 
     def inverse_frequencies(self) -> torch.Tensor:
         return rope_parameters(self.cfg)[0]
 
+    def rope_buffers(self) -> dict[str, torch.Tensor]:
+        buffers = super().rope_buffers()
+        if self.cfg.rope_local is not None:
+            buffers["inv_freq_local"] = rope_parameters(self.cfg.local_rope())[0]
+        return buffers
+
     def forward(self, token: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.embed_tokens(token)                              # [1, hidden]
-        freqs = pos.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        cos = torch.cat([freqs, freqs], dim=-1).cos()             # [1, head_dim]
-        sin = freqs.sin()
-        if self.rope_attention_factor != 1.0:
-            cos, sin = cos * self.rope_attention_factor, sin * self.rope_attention_factor
-        sin_signed = torch.cat([-sin, sin], dim=-1).to(h.dtype)
-        cos = cos.to(h.dtype)
+        if self.cfg.gemma_norms:
+            h = h * self.embed_scale[h.dtype]
+        if self.cfg.learned_positions:
+            h = h + self.embed_positions(pos)
+        rope = (None, None) if self.cfg.learned_positions else \
+            rope_at(pos, self.inv_freq, self.rope_attention_factor, h.dtype)
+        local = rope if self.cfg.rope_local is None else \
+            rope_at(pos, self.inv_freq_local, self.local_attention_factor, h.dtype)
         for layer in self.layers:
-            h = layer(h, pos, self.positions, cos, sin_signed)
-        logits = self.lm_head(self.norm(h)).to(torch.float32)
+            h = layer(h, pos, self.positions, *(local if layer.window else rope))
+        logits = softcap(self.lm_head(self.norm(h)), self.cfg.final_logit_softcapping)
+        logits = logits.to(torch.float32)
         return {"logits": logits, "next_token": logits.argmax(dim=-1)}
 
     def reset_cache(self) -> None:

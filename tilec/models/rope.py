@@ -2,7 +2,7 @@
 name, computed as transformers' modeling_rope_utils computes them (tests compare the
 logits of checkpoints saved by transformers), and the check of a `rope_scaling` dict.
 
-`cfg` is a LlamaConfig (tilec/models/llama.py): `dim_head`, `rope_theta`,
+`cfg` is a LlamaConfig (tilec/models/llama.py): `rotary_dim`, `rope_theta`,
 `rope_scaling`, `rope_type` and `max_position_embeddings` are what is read.
 """
 from __future__ import annotations
@@ -64,9 +64,9 @@ def check_rope_scaling(scaling: dict, where: str, name: str = "rope_scaling",
         if key not in scaling:
             raise ConfigError(f"{where}: {name}.{key}: required for rope_type {kind}")
     partial = scaling.get("partial_rotary_factor", 1.0)
-    if partial != 1.0:
-        raise ConfigError(f"{where}: {name}: partial_rotary_factor {partial!r} is not "
-                          f"supported by tilec's Llama (supported: 1.0)")
+    if not (_number(partial) and 0 < partial <= 1):
+        raise ConfigError(f"{where}: {name}.partial_rotary_factor: expected a number in "
+                          f"(0, 1], found {short_repr(partial)}")
     if kind == "llama3" and scaling["low_freq_factor"] == scaling["high_freq_factor"]:
         raise ConfigError(f"{where}: {name}: low_freq_factor and high_freq_factor must differ "
                           f"(the smoothing divides by their difference)")
@@ -80,7 +80,7 @@ def _value_problem(key: str, value, half_dim: int | None) -> str | None:
         if not (isinstance(value, list) and all(_number(v) and v > 0 for v in value)):
             return "a list of positive numbers"
         if half_dim is not None and len(value) != half_dim:
-            return f"{half_dim} numbers (one per frequency: head_dim / 2)"
+            return f"{half_dim} numbers (one per frequency: the rotary dims / 2)"
         return None
     if key in COUNTS:
         return None if _number(value) and int(value) == value and value >= 1 \
@@ -100,7 +100,7 @@ def rope_parameters(cfg) -> tuple[torch.Tensor, float]:
     for each rope type of ROPE_KEYS as transformers' modeling_rope_utils computes them
     (`dynamic` and `longrope` at lengths where their frequencies stay fixed: see
     LlamaConfig.check_max_seq_len)."""
-    dim = cfg.dim_head
+    dim = cfg.rotary_dim
     base = cfg.rope_theta
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     inv_freq = 1.0 / (base ** exponents)
@@ -140,7 +140,7 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict, old_ctx: float) -> t
 def _yarn_parameters(cfg, scaling: dict, old_ctx: float) -> tuple[torch.Tensor, float]:
     """YaRN: frequencies blended between interpolation and extrapolation by a linear ramp
     over the dimensions, cos and sin scaled by an attention factor."""
-    dim, base = cfg.dim_head, cfg.rope_theta
+    dim, base = cfg.rotary_dim, cfg.rope_theta
     factor = scaling.get("factor") or cfg.max_position_embeddings / old_ctx
 
     def mscale(scale: float, m: float = 1.0) -> float:
