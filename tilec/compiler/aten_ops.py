@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
-from tilec.compiler.frontend import View
+from tilec.compiler.lowered import View
 from tilec.ir.graph import FLOAT_DTYPES
 
 aten = torch.ops.aten

@@ -24,6 +24,7 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
+from tilec.compiler.lowered import Lowered, View
 from tilec.errors import ConfigError, UnsupportedOpError
 from tilec.ir.graph import (INDEXED_KINDS, PLACEHOLDER_KINDS, Graph, Op, Operand, TensorType,
                             contiguous_strides, run_time_index)
@@ -40,33 +41,6 @@ def dtype_name(dt: torch.dtype, where: str = "") -> str:
     if dt not in _DTYPES:
         raise UnsupportedOpError(f"unsupported dtype {dt}{where}")
     return _DTYPES[dt]
-
-
-@dataclass(frozen=True)
-class View:
-    """An FX tensor value: a strided view of IR value `value`."""
-
-    value: str
-    shape: tuple[int, ...]
-    strides: tuple[int, ...]
-    offset: int
-    dtype: str
-
-    def operand(self) -> Operand:
-        return Operand(self.value, self.shape, self.strides, self.offset)
-
-    @property
-    def contiguous(self) -> bool:
-        return self.offset == 0 and self.strides == contiguous_strides(self.shape)
-
-
-@dataclass(frozen=True)
-class Lowered:
-    graph: Graph
-    constants: dict[str, torch.Tensor]        # weight and state placeholders' data
-    input_names: tuple[str, ...]              # user-facing input names, in call order
-    output_names: tuple[str, ...]
-    state_names: dict[str, str]               # state op name -> module buffer name
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from tilec.compiler.frontend import Lowered
+from tilec.compiler.lowered import Lowered
 from tilec.ir.graph import Graph, Op, Operand
 
 
