@@ -25,7 +25,8 @@ test: $(STAMP)
 	@# headless Chromium renders the HTML report in tests/test_inspect.py (skipped without it)
 	-@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then \
 		apt-get install -y chromium || echo "chromium not installed: the HTML report test will skip"; fi
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	@# one worker per core, at most 4 (each holds torch and its own compiled engines)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n auto --maxprocesses=4
 
 demo: $(STAMP)
 	mkdir -p build
