@@ -362,7 +362,7 @@ def _role_workers(groups, ops: dict[str, Op], opt: TileOptions, target: Target) 
 
 
 def _task_regions(g: Group, tl: GroupTiling, tile_idx, ops, storage, view=view_region):
-    b, mi, ni = tile_idx
+    _, mi, ni = tile_idx
     reads: dict[tuple, Region] = {}
     writes: list[Region] = []
     flops = 0
@@ -383,21 +383,7 @@ def _task_regions(g: Group, tl: GroupTiling, tile_idx, ops, storage, view=view_r
         for region in scratch:
             reads.setdefault((region.buffer, region.box), region)
     elif g.kind == "matmul":
-        anchor = ops[g.anchor]
-        _, m, n, k = matmul_dims(anchor)
-        r0, r1 = b * m + mi * tl.block_m, b * m + min(m, (mi + 1) * tl.block_m)
-        c0, c1 = ni * tl.block_n, min(n, (ni + 1) * tl.block_n)
-        a, bop = anchor.inputs
-        if a.value not in members:
-            read(a, rows_box(a.shape, r0, r1, 0, k))
-        batch_shape = bop.shape[:-2]
-        bbox = range_to_box(b, b, batch_shape) if batch_shape else ()
-        read(bop, bbox + ((0, k), (c0, c1)))
-        flops += 2 * (r1 - r0) * (c1 - c0) * k
-        if g.anchor in g.outputs:
-            writes.append(Region(g.anchor, rows_box(anchor.type.shape, r0, r1, c0, c1)))
-        spaces = [(name, (r0, r1, 0, k)) for name in g.prologue] + \
-                 [(name, (r0, r1, c0, c1)) for name in g.epilogue]
+        spaces, flops = _matmul_spaces(g, tl, tile_idx, ops, read, writes)
     else:
         r0, r1 = mi * tl.block_m, min(g.rows, (mi + 1) * tl.block_m)
         c0, c1 = ni * tl.block_n, min(g.cols, (ni + 1) * tl.block_n)
@@ -445,6 +431,28 @@ def _task_regions(g: Group, tl: GroupTiling, tile_idx, ops, storage, view=view_r
         elif name in g.outputs:
             writes.append(Region(name, rows_box(op.type.shape, ra, rb, *out_cols)))
     return tuple(reads.values()), tuple(writes), flops, indirect
+
+
+def _matmul_spaces(g: Group, tl: GroupTiling, tile_idx, ops, read, writes):
+    """A matmul tile's reads of its operands (the A rows unless the prologue computes
+    them, the B columns), its write of the product, its flops, and the index space of
+    each prologue ([rows, K]) and epilogue ([rows, columns]) member."""
+    b, mi, ni = tile_idx
+    anchor = ops[g.anchor]
+    _, m, n, k = matmul_dims(anchor)
+    r0, r1 = b * m + mi * tl.block_m, b * m + min(m, (mi + 1) * tl.block_m)
+    c0, c1 = ni * tl.block_n, min(n, (ni + 1) * tl.block_n)
+    a, bop = anchor.inputs
+    if a.value not in g.members:
+        read(a, rows_box(a.shape, r0, r1, 0, k))
+    batch_shape = bop.shape[:-2]
+    bbox = range_to_box(b, b, batch_shape) if batch_shape else ()
+    read(bop, bbox + ((0, k), (c0, c1)))
+    if g.anchor in g.outputs:
+        writes.append(Region(g.anchor, rows_box(anchor.type.shape, r0, r1, c0, c1)))
+    spaces = [(name, (r0, r1, 0, k)) for name in g.prologue] + \
+             [(name, (r0, r1, c0, c1)) for name in g.epilogue]
+    return spaces, 2 * (r1 - r0) * (c1 - c0) * k
 
 
 def _attention_spaces(g: Group, tl: GroupTiling, tile_idx, ops, read, writes, scratch_reads):
