@@ -363,7 +363,7 @@ def dump_names(devices: int) -> list[str]:
 
 
 def verify_text(report) -> str:
-    """The verifier's report as the stage dump 07_verify.txt."""
+    """The verifier's report as the stage dump 06_verify.txt."""
     lines = [f"{'ok  ' if ok else 'FAIL'} {name}" for name, ok in report.checks.items()]
     lines.append("schedule verified: ok" if report.ok else
                  f"schedule verified: {len(report.violations)} violations")
