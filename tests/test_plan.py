@@ -123,14 +123,19 @@ def test_a_plan_is_the_engine_less_its_weights():
         plan.generate([1, 2], 2)
 
 
-def test_a_plan_that_does_not_fit_says_so(capsys, tmp_path):
-    """Three 70B-shaped layers with 64 KV heads and a million positions need 103 GB of
-    KV cache per device: more than an h100 holds, on both devices."""
+def test_a_plan_that_does_not_fit_says_so(capsys, tmp_path, monkeypatch):
+    """Two 70B-shaped layers on two devices hold 2-3 GB of weights each: more than an
+    h100 made to hold 2 GB (the capacity is the target's data, stored in the plan)."""
+    from tilec.ir import target
+
+    assert target.TARGETS["h100"].memory_bytes == 81559 << 20
+    assert target.TARGETS["h200"].memory_bytes == 143771 << 20
+    monkeypatch.setitem(target.TARGETS, "h100",
+                        replace(target.TARGETS["h100"], memory_bytes=2 << 30))
     yaml = tmp_path / "big.yaml"
-    config = {**LLAMA_70B_LAYER, "num_key_value_heads": 64, "vocab_size": 32000,
-              "num_hidden_layers": 3, "max_position_embeddings": 1 << 20}
+    config = {**LLAMA_70B_LAYER, "vocab_size": 32000, "num_hidden_layers": 2}
     yaml.write_text(json.dumps({"model": {"family": "llama", "config": config,
-                                          "max_seq_len": 1 << 20},
+                                          "max_seq_len": 256},
                                 "target": {"name": "h100", "workers": 8, "devices": 2}}))
     out = tmp_path / "big.engine"
     code, stdout, err = run_cli(capsys, "compile", yaml, "-o", out, "--plan")
@@ -142,8 +147,13 @@ def test_a_plan_that_does_not_fit_says_so(capsys, tmp_path):
     report = fit_report(engine.parts)
     assert report["fits"] is False and report["predicted_step_us"] > 0
     for m in report["memory"]:
-        assert m["kv"] >= 3 * 2 * 64 * 128 * (1 << 20) * 2 // 2 and m["fits"] is False
+        assert m["capacity"] == 2 << 30 and m["fits"] is False
+        assert m["total"] == m["weights"] + m["kv"] + m["scratch"] > 2 << 30
+        assert m["kv"] > 0
     assert any("DOES NOT FIT" in line for line in fit_lines(report, "h100"))
+    code, stdout, err = run_cli(capsys, "inspect", out, "--json")
+    assert code == 0 and [d["memory"]["fits"] for d in json.loads(stdout)["devices"]] == \
+        [False, False]
     code, stdout, err = run_cli(capsys, "run", out)
     assert code == 2
     one_line_error(err, "is a plan")
