@@ -8,6 +8,13 @@ bytes each device would hold against an H200's memory, the predicted step and to
 
 `--layers` plans fewer layers of the same shapes (the suite's cheap form). Nothing here
 touches weight data: the models are built on PyTorch's meta device.
+
+Measured 2026-12-06 on the shared 2-core machine (load average 9-12, so the process
+got 21% of a core): Llama-3-70B, 80 layers, 8 x h200, max_seq_len 8192: 862,900
+tasks, 661 s user + 19 s system CPU (52 min wall), peak RSS 5.0 GB, plan file 776 MB;
+each device 22-24 GB of 150.8 GB (weights 19.5-21.3 GB, KV cache 2.7 GB): fits;
+predicted step 22.5 ms, 44.5 tokens/s. The stages' shares of the wall time: verify 28%,
+schedule 18%, tile 12%, deps 9%, save 7%, partition 7%, memplan 6%, sync 5%, timing 4%.
 """
 from __future__ import annotations
 
