@@ -245,8 +245,8 @@ class Router(nn.Module):
             grouped = choice.view(c.n_group, e // c.n_group)
             group_scores = torch.topk(grouped, 2).values.sum(-1).view(1, c.n_group)
             kth = torch.topk(group_scores, c.topk_group).values[:, c.topk_group - 1:]
-            keep = (group_scores >= kth).view(c.n_group, 1).expand(c.n_group, e // c.n_group)
-            choice = choice.masked_fill(keep.reshape(1, e).logical_not(), float("-inf"))
+            dropped = (group_scores < kth).view(c.n_group, 1).expand(c.n_group, e // c.n_group)
+            choice = choice.masked_fill(dropped.reshape(1, e), float("-inf"))
         ids = torch.topk(choice, c.num_experts_per_tok).indices.view(-1)   # [k]
         weights = F.embedding(ids, scores.view(e, 1)).view(-1)              # scores[ids]
         if c.norm_topk_prob:
