@@ -81,7 +81,7 @@ def load_deepseek(cfg: DeepseekConfig, files: dict[str, Path], tensors,
     filled: set[str] = set()
     for key in sorted(files):
         target, rows = _target(key, cfg)
-        if target not in params:
+        if target not in params or rows is not None and rows >= params[target].shape[0]:
             raise ConfigError(f"{files[key].name}: tensor {key} would be ignored: tilec's "
                               f"DeepseekV3ForCausalLM with this config.json has no such tensor")
         tensor = tensors.get(key)
