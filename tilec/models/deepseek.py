@@ -255,7 +255,8 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """The routed experts as stacked pools, one batch entry per chosen expert."""
+    """The routed experts as stacked pools, one batch entry per chosen expert (slot):
+    each slot's output [k, 1, D], weighted by its routing weight."""
 
     def __init__(self, cfg: DeepseekConfig):
         super().__init__()
@@ -273,8 +274,7 @@ class Experts(nn.Module):
         # each slot's routing weight scales its hidden state (transformers scales the
         # down projection's output: the same sum, rounded differently)
         hidden = self.act(gate) * up * weights.view(k, 1, 1)
-        out = torch.bmm(hidden, self.down_proj[ids].transpose(1, 2))       # [k, 1, D]
-        return out.permute(1, 2, 0).sum(-1)                                # [1, D]
+        return torch.bmm(hidden, self.down_proj[ids].transpose(1, 2))      # [k, 1, D]
 
 
 class MoE(nn.Module):
@@ -286,7 +286,13 @@ class MoE(nn.Module):
 
     def forward(self, x):
         ids, weights = self.gate(x)
-        return self.experts(x, ids, weights.to(x.dtype)) + self.shared_experts(x)
+        routed = self.experts(x, ids, weights.to(x.dtype))
+        # the combine, one add per slot onto the shared experts' output: elementwise ops
+        # on the shared down projection's result, so they run in its epilogue
+        out = self.shared_experts(x)
+        for slot in range(routed.shape[0]):
+            out = out + routed[slot]
+        return out
 
 
 class Layer(nn.Module):
