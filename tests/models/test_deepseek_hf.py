@@ -174,3 +174,20 @@ def test_every_tensor_is_consumed(tmp_path):
     save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises(ConfigError, match="layers.1.mlp.experts.down_proj missing"):
         load_checkpoint(tmp_path / "c", max_seq_len=32)
+
+
+def test_router_stays_float32(tmp_path):
+    """transformers keeps the router's weight and bias in float32 in a bfloat16 model
+    (_keep_in_fp32_modules_strict); so does tilec's cast, on the meta device too."""
+    from tilec.models.deepseek import DeepseekDecodeStep
+
+    save(tmp_path / "c", **CASES["lora_groups"])
+    model = load_checkpoint(tmp_path / "c", max_seq_len=32)
+    weight = model.layers[1].mlp.gate.weight.detach().clone()
+    model = model.to(torch.bfloat16)
+    gate = model.layers[1].mlp.gate
+    assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
+    assert torch.equal(gate.weight, weight)   # not rounded through bfloat16
+    assert model.layers[1].mlp.experts.gate_proj.dtype == torch.bfloat16
+    empty = DeepseekDecodeStep.empty(model.cfg, 32, torch.bfloat16)
+    assert empty.layers[1].mlp.gate.weight.dtype == torch.float32

@@ -233,6 +233,17 @@ class Router(nn.Module):
         self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts),
                                                     requires_grad=False)
 
+    def _apply(self, fn, recurse=True):
+        """transformers keeps the router in float32 whatever the model's dtype
+        (_keep_in_fp32_modules_strict): a cast of the model leaves its values as they
+        are, a move still moves them."""
+        kept = {name: p.detach().clone() for name, p in self._parameters.items()}
+        super()._apply(fn, recurse)
+        for name, p in self._parameters.items():
+            if p.dtype != torch.float32:
+                p.data = kept[name].to(p.device)
+        return self
+
     def forward(self, x):
         c = self.cfg
         e = c.n_routed_experts
