@@ -120,3 +120,21 @@ def test_expert_id_out_of_range(backend):
     assert f"index {EXPERTS} is out of range [0, {EXPERTS}) (the matrices of its pool) in " \
            f"matmul" in str(info.value)
     assert len(str(info.value).splitlines()) == 1
+
+
+class PickScores(nn.Module):
+    """A router's weights read back by id: a gather from a table one value wide."""
+
+    def forward(self, x):
+        scores = torch.sigmoid(x)                                  # [1, E]
+        ids = torch.topk(x, SLOTS).indices.view(-1)
+        return F.embedding(ids, scores.view(EXPERTS, 1)).view(-1) * 2.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_from_a_one_wide_table(backend):
+    """(The kernel once named undefined columns in a gather of width 1.)"""
+    model = PickScores()
+    engine = tilec.api.compile(model, (torch.randn(1, EXPERTS),), workers=2)
+    x = torch.randn(1, EXPERTS)
+    assert torch.allclose(engine.run(backend=backend, x=x)["output0"], model(x), atol=1e-6)
