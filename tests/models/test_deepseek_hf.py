@@ -39,6 +39,11 @@ CASES = {
     "plain_q": dict(num_hidden_layers=3, first_k_dense_replace=0, q_lora_rank=None,
                     n_group=1, topk_group=1, rope_interleave=False, norm_topk_prob=False,
                     routed_scaling_factor=1.5, n_shared_experts=2),
+    # YaRN as DeepSeek-V3 uses it: frequencies, cos/sin and the scores' scale all change
+    "yarn": dict(num_hidden_layers=2, first_k_dense_replace=1, q_lora_rank=24, n_group=2,
+                 topk_group=1, rope_parameters=dict(
+                     rope_type="yarn", factor=4.0, rope_theta=1e4, mscale=0.707,
+                     mscale_all_dim=0.707, original_max_position_embeddings=16)),
 }
 
 
@@ -102,8 +107,8 @@ def checkpoint(request, tmp_path_factory):
 
 
 def test_engine_matches_transformers(checkpoint):
-    """Compiled (2 workers, keys in chunks of 16); the interpreter on the two-layer case
-    (about 4 s a token here), the reference executor on both."""
+    """Compiled (2 workers, keys in chunks of 16); the interpreter on one two-layer case
+    (about 4 s a token here), the reference executor on every case."""
     name, model, yaml_path = checkpoint
     assert router_margins(model, PROMPT) > ROUTER_MARGIN
     engine = tilec_api.compile(str(yaml_path), workers=2, kv_chunk=16)
@@ -121,6 +126,9 @@ def test_engine_matches_transformers(checkpoint):
     ("lora_groups", dict(topk_group=4)),          # every group kept
     ("plain_q", dict(norm_topk_prob=True)),
     ("plain_q", dict(routed_scaling_factor=1.0)),
+    ("yarn", dict(rope_parameters=dict(rope_type="default", rope_theta=1e4))),
+    ("yarn", dict(rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4,
+                                       original_max_position_embeddings=16))),
 ])
 def test_what_each_field_does_matters(tmp_path, case, without):
     """tilec's module follows transformers, and the field moves the logits (the same
@@ -139,9 +147,13 @@ def edit(folder, **changes):
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
-                           "original_max_position_embeddings": 16}),
-     r"rope_parameters: .*\(rope scaling is not built for DeepSeek yet"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}),
+     r"rope_parameters: .*\(rope types default and yarn only"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}),
+     "rope_parameters.factor: required for rope_type yarn"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4,
+                           "partial_rotary_factor": 0.5}),
+     "rope_parameters.partial_rotary_factor: 0.5 is not supported"),
     (dict(attention_bias=True), "attention_bias: True is not supported"),
     (dict(num_key_value_heads=2), "num_key_value_heads: 2 is not supported"),
     (dict(scoring_func="softmax"), "scoring_func: 'softmax' is not supported"),

@@ -26,7 +26,9 @@ indexer's mask over the cache) adds on: it returns the scores before the softmax
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -35,6 +37,7 @@ from torch.nn import functional as F
 from tilec.errors import ConfigError
 from tilec.models.blocks import RMSNorm
 from tilec.models.llama import DecoderStep
+from tilec.models.rope import rope_parameters
 
 ACTIVATIONS = {"silu": F.silu}
 
@@ -67,6 +70,8 @@ class DeepseekConfig:
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    # None, or YaRN's parameters (rope_type "yarn" and its keys: tilec/models/rope.py)
+    rope_scaling: dict | None = None
     rope_interleave: bool = True
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
@@ -125,11 +130,37 @@ def _check_field(where: str, name: str, kind: str, value) -> None:
         need(isinstance(value, bool), name, f"expected true or false, found {value!r}")
 
 
-def rope_tables(pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+def rope_tables(pos: torch.Tensor, inv_freq: torch.Tensor, factor: float, dtype: torch.dtype):
     """cos and sin of `pos`'s angles, [1, rope_dim / 2] each (transformers' first half of
-    cat(freqs, freqs))."""
+    cat(freqs, freqs)), times YaRN's attention factor (1.0 without scaling)."""
     freqs = pos.to(torch.float32)[:, None] * inv_freq[None, :]
-    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    return cos.to(dtype), sin.to(dtype)
+
+
+def yarn_mscale(scale: float, m: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+
+def rope_parameters_of(cfg: DeepseekConfig) -> tuple[torch.Tensor, float, float]:
+    """(inverse frequencies, the factor cos and sin are scaled by, the scores' scale)
+    as transformers computes them for DeepSeek: with YaRN, the frequencies and factor
+    of tilec/models/rope.py over the qk_rope_head_dim rotary dims, and the scores'
+    1/sqrt(qk_head_dim) times mscale(factor, mscale_all_dim)^2 (yarn_apply_mscale)."""
+    dim = cfg.qk_rope_head_dim   # transformers: head_dim = qk_rope_head_dim
+    scale = cfg.qk_head_dim ** -0.5
+    if cfg.rope_scaling is None:
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0, scale
+    yarn = SimpleNamespace(rotary_dim=dim, rope_theta=cfg.rope_theta, rope_type="yarn",
+                           rope_scaling=cfg.rope_scaling,
+                           max_position_embeddings=cfg.max_position_embeddings)
+    inv_freq, factor = rope_parameters(yarn)
+    if cfg.rope_scaling.get("mscale_all_dim"):
+        scale *= yarn_mscale(cfg.rope_scaling["factor"], cfg.rope_scaling["mscale_all_dim"]) ** 2
+    return inv_freq, factor, scale
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool):
@@ -167,6 +198,7 @@ class Attention(nn.Module):
                              persistent=False)
         self.register_buffer("kpe_cache", torch.zeros(max_seq_len, c.qk_rope_head_dim),
                              persistent=False)
+        self.scale = rope_parameters_of(c)[2]
 
     def queries(self, x, cos, sin):
         """q_nope [heads, nope] and the rotated q_rot [heads, rope] of one token."""
@@ -190,7 +222,7 @@ class Attention(nn.Module):
         w_uk, _ = self.absorbed()
         q_latent = (q_nope.unsqueeze(1) @ w_uk).squeeze(1)               # [heads, kv_lora]
         scores = q_latent @ self.ckv_cache.T + q_rot @ self.kpe_cache.T   # [heads, S]
-        scores = scores * c.qk_head_dim ** -0.5
+        scores = scores * self.scale
         return scores.masked_fill(positions > pos, float("-inf"))
 
     def absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,10 +359,10 @@ class DeepseekDecodeStep(DecoderStep):
         counter = iter(range(cfg.num_hidden_layers))
         super().__init__(cfg, max_seq_len, lambda c, s: Layer(c, s, next(counter)))
         self.register_buffer("inv_freq", self.inverse_frequencies(), persistent=False)
+        self.rope_factor = rope_parameters_of(cfg)[1]
 
     def inverse_frequencies(self) -> torch.Tensor:
-        dim = self.cfg.qk_rope_head_dim   # transformers: head_dim = qk_rope_head_dim
-        return 1.0 / (self.cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return rope_parameters_of(self.cfg)[0]
 
     def reset_cache(self) -> None:
         for layer in self.layers:
@@ -339,7 +371,7 @@ class DeepseekDecodeStep(DecoderStep):
 
     def forward(self, token: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.embed_tokens(token)
-        cos, sin = rope_tables(pos, self.inv_freq, h.dtype)
+        cos, sin = rope_tables(pos, self.inv_freq, self.rope_factor, h.dtype)
         for layer in self.layers:
             h = layer(h, pos, self.positions, cos, sin)
         logits = self.lm_head(self.norm(h)).float()

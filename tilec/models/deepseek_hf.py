@@ -14,9 +14,11 @@ import torch
 from tilec.errors import ConfigError
 from tilec.limits import short_repr
 from tilec.models.deepseek import DeepseekConfig, DeepseekDecodeStep
+from tilec.models.rope import check_rope_scaling
 
 # config.json fields that are DeepseekConfig's own
-OWN = tuple(f for f in DeepseekConfig.__dataclass_fields__ if f != "initializer_range")
+OWN = tuple(f for f in DeepseekConfig.__dataclass_fields__
+            if f not in ("initializer_range", "rope_scaling"))
 # fields honoured by checking them against what tilec computes
 CHECKED = ("head_dim", "qk_head_dim", "num_key_value_heads", "attention_bias", "rope_theta",
            "rope_scaling", "rope_parameters", "topk_method", "scoring_func", "moe_layer_freq")
@@ -57,10 +59,17 @@ def deepseek_config(data: dict, path: str) -> DeepseekConfig:
         rope = dict(rope)
         if "rope_theta" in rope:
             cfg["rope_theta"] = rope.pop("rope_theta")
-        kind = rope.pop("rope_type", rope.pop("type", "default"))
-        if kind != "default" or rope:
-            refuse(rope_key, data[rope_key], "rope scaling is not built for DeepSeek yet: "
-                   "rope_type default only")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            refuse(f"{rope_key}.partial_rotary_factor", rope["partial_rotary_factor"],
+                   "DeepSeek rotates all qk_rope_head_dim dims: 1.0 only")
+        if kind == "yarn":
+            check_rope_scaling(rope, path, rope_key, rope_dim // 2 if isinstance(rope_dim, int)
+                               else None)
+            cfg["rope_scaling"] = {"rope_type": "yarn", **{
+                k: v for k, v in rope.items() if k not in ("rope_type", "type")}}
+        elif kind != "default" or set(rope) - {"rope_type", "type"}:
+            refuse(rope_key, data[rope_key], "rope types default and yarn only")
     return DeepseekConfig.from_dict(cfg, path)
 
 
