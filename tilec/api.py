@@ -59,6 +59,13 @@ class Engine:
                 f"inputs {list(self.input_names)}, outputs {list(self.output_names)}>")
 
     @property
+    def is_plan(self) -> bool:
+        """Whether this is a plan (`compile(..., plan=True)`, `tilec compile --plan`): the
+        full schedule without weights, to inspect and verify; `run` and `generate`
+        refuse it (RunError)."""
+        return self._data.is_plan
+
+    @property
     def devices(self) -> int:
         """How many devices (processes) the engine runs on: 1, or a multi-device
         engine's count (`target.devices`), each running its own kernel."""
@@ -100,6 +107,7 @@ class Engine:
         input names clash with `run`'s keywords.
         """
         check_seed(seed)
+        self._data.require_weights()
         key = (backend, policy, seed)
         if key not in self._executors:
             self._executors[key] = self.new_executor(backend, policy, seed)
@@ -107,6 +115,7 @@ class Engine:
 
     def new_executor(self, backend: str = "auto", policy: str = "round_robin", seed: int = 0):
         """A fresh executor (fresh state and step count), not cached: see `executor`."""
+        self._data.require_weights()   # a plan: one RunError line, before anything else
         if rank_from_env() is not None:   # this process runs its device's part
             return make_executor(self._data, backend, policy=policy, seed=seed)
         # A multi-device engine outside its ranks: every device in this process, taking
@@ -149,6 +158,7 @@ class Engine:
         """
         from tilec.runtime.generate import Sampling, generate
 
+        self._data.require_weights()
         spec = self._data.manifest.generation
         if spec is None:
             raise RunError("this engine is not a decoder: use run(), not generate()")
@@ -237,7 +247,7 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
             seed: int | None = None,
             dump_dir: str | os.PathLike | None = None,
             on_stage: Callable[[str, float], None] | None = None, aot: bool = True,
-            output: str | os.PathLike | None = None) -> Engine:
+            output: str | os.PathLike | None = None, plan: bool = False) -> Engine:
     """Compile a model into an Engine.
 
     model_or_yaml: an `nn.Module` (then `example_inputs` is required: a tuple of
@@ -262,6 +272,11 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
         store the binary, so a run launches it without compiling (seconds at compile).
     output: also write the engine file there, as `Engine.save` does; with a GPU
         compile, the weights are written while it finishes (stages `save`, `aot`, `seal`).
+    plan: build everything but the weights: a yaml's model is built on PyTorch's meta
+        device (an `hf:` folder needs only config.json), the pools are sized but hold
+        no data, and no GPU binary is compiled. The engine (`is_plan`) can be inspected,
+        verified and saved, and says whether its weights, KV cache and scratch fit each
+        device's memory (`summary()["memory"]`); `run` and `generate` refuse it.
 
     Keyword options override the yaml's target and schedule sections. Mistakes are
     `ConfigError`; an operator tilec cannot lower is `UnsupportedOpError`.
@@ -271,7 +286,8 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
     overrides = Overrides(target=target, workers=workers, dtype=dtype, policy=policy,
                           tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, kv_chunk=kv_chunk,
                           devices=devices, name=name, seed=seed)
-    outputs = Outputs(output=output, dump_dir=dump_dir, on_stage=on_stage, aot=aot)
+    outputs = Outputs(output=output, dump_dir=dump_dir, on_stage=on_stage, aot=aot,
+                      plan=plan)
     return Engine(compile_model(model_or_yaml, example_inputs, overrides, outputs))
 
 

@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-aot", action="store_true",
                    help="GPU targets: do not compile the kernel for the GPU now (the first "
                         "run compiles it)")
+    c.add_argument("--plan", action="store_true",
+                   help="build everything but the weights (an hf: folder needs only "
+                        "config.json): an engine to inspect and verify, never to run; "
+                        "says whether it fits each device's memory and predicts the step")
 
     r = sub.add_parser("run", help="run an engine on inputs")
     r.add_argument("engine")
@@ -177,7 +181,7 @@ def cmd_compile(args) -> int:
 
     engine = compile_model(args.model, target=args.target, workers=args.workers,
                            devices=args.devices, dump_dir=args.dump_dir, on_stage=on_stage,
-                           aot=not args.no_aot, output=args.output)
+                           aot=not args.no_aot, output=args.output, plan=args.plan)
     # Read from the manifest: engine.summary() (tilec inspect's report) recomputes every
     # dependency edge and the critical path, seconds for a 1B model.
     m = engine.data.manifest
@@ -189,6 +193,13 @@ def cmd_compile(args) -> int:
     console.print(f"wrote {args.output} ({size / 1e6:.2f} MB) in {time.perf_counter() - t0:.1f} s: "
                   f"{tasks} tasks on {on} workers, {events} events, {len(m.kinds)} opcodes, "
                   f"target {m.schedule.target.name}")
+    if args.plan:
+        from tilec.inspect import fit_lines, fit_report
+
+        console.print("a plan (no weights; inspect and verify it, it cannot run):",
+                      highlight=False)
+        for line in fit_lines(fit_report(engine.parts), m.schedule.target.name):
+            console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     del tilec
     return 0
 
@@ -204,6 +215,10 @@ def cmd_run(args) -> int:
     for path in (args.profile, args.output, args.logits_out):
         _check_writable(path)   # before the run, not after it
     engine = load(args.engine, trust_engine_code=args.trust_engine_code)
+    if engine.is_plan:   # before any process, executor or input
+        from tilec.runtime.enginefile.format import PLAN_REFUSAL
+
+        raise RunError(f"{args.engine}: {PLAN_REFUSAL}")
     if engine.devices > 1:   # one process per device: start them, or be one of them
         from tilec.runtime.distributed import reports_outputs, run_ranks
 

@@ -400,7 +400,7 @@ class _Lowering:
                 if target:
                     data = state_dict[target] if target in state_dict else constants[target]
                     kind = "state" if target in mutated else "weight"
-                    key = (data.data_ptr(), tuple(data.shape), tuple(data.stride()), data.dtype)
+                    key = (_identity(data), tuple(data.shape), tuple(data.stride()), data.dtype)
                     if kind == "weight" and key in shared:  # tied weights: one buffer
                         self.env[node] = shared[key]
                         continue
@@ -450,6 +450,12 @@ class _Lowering:
             kind = "aten." if "aten" in str(target) or hasattr(target, "_schema") else ""
             raise UnsupportedOpError(f"unsupported operator {kind}{name} at {user_site(node)}")
         return handler(self, *node.args, **node.kwargs)
+
+
+def _identity(data: torch.Tensor) -> int:
+    """What tied weights share: their memory, or on the meta device (a plan, which has
+    no memory: every meta tensor's data_ptr is 0) the tensor object itself."""
+    return id(data) if data.is_meta else data.data_ptr()
 
 
 def used_ops(ops: list[Op], outputs: list[str]) -> list[Op]:

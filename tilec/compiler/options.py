@@ -25,6 +25,9 @@ class CompileOptions:
     tiles: TileOptions = TileOptions()
     max_waits: int = MAX_WAITS
     aot: bool = True        # GPU targets: compile the kernel to a cubin and store it
+    # A plan: the model built on the meta device, pools sized but not filled, no GPU
+    # compile (a plan never runs); see tilec compile --plan.
+    plan: bool = False
 
 
 def target_options(name: str, workers: int | None = None, policy: str = "critical_path",

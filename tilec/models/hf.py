@@ -140,6 +140,17 @@ def hf_name(ours: str, arch: Architecture = LLAMA) -> str:
     return f"{layer}.{group}.{rest}" if group else f"{layer}.{rest}"
 
 
+def checkpoint_class(folder: str | os.PathLike, max_seq_len: int):
+    """(decode step class, its config) of the checkpoint, from config.json alone: what
+    `tilec compile --plan` builds on the meta device, reading no weights."""
+    folder = Path(folder)
+    arch, cfg = _read(folder)
+    if arch.family == "deepseek":
+        return DeepseekDecodeStep, cfg
+    cfg.check_max_seq_len(max_seq_len, str(folder / "config.json"))
+    return LlamaDecodeStep, cfg
+
+
 def load_checkpoint(folder: str | os.PathLike,
                     max_seq_len: int) -> LlamaDecodeStep | DeepseekDecodeStep:
     """The checkpoint as tilec's Llama: every tensor in it is consumed or refused."""
