@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+from tilec.ir.graph import FLOAT_DTYPES
+
 SQRT1_2 = 0.7071067811865476
 SQRT_2_OVER_PI = 0.7978845608028654
 
@@ -81,10 +83,28 @@ TL_DTYPES = {
 }
 
 
+def downcast(expr: str, dst: str) -> str:
+    """A float32 `expr` as `dst`, rounded to nearest even as torch rounds. A bfloat16
+    goes through the kernel template's `round_bf16`: Triton's interpreter truncates a
+    bf16 downcast, the GPU's cvt.rn does not (templates/kernel.py.j2)."""
+    if dst == "bfloat16":
+        return f"round_bf16({expr})"
+    return f"{expr}.to({TL_DTYPES[dst]})"
+
+
+def upcast(expr: str, src: str) -> str:
+    """A loaded `src` value as float32 (floats, exactly) or int64. A bfloat16 goes
+    through the kernel template's `widen_bf16`: Triton's interpreter flushes bf16
+    subnormals to zero on this conversion."""
+    if src == "bfloat16":
+        return f"widen_bf16({expr})"
+    return f"{expr}.to(tl.float32)" if src in FLOAT_DTYPES else f"{expr}.to(tl.int64)"
+
+
 def cast(expr: str, src: str, dst: str) -> str:
     """A dtype conversion, rounding through the narrow type as eager PyTorch does."""
     if dst in ("bfloat16", "float16"):
-        return f"{expr}.to({TL_DTYPES[dst]}).to(tl.float32)"
+        return upcast(downcast(expr, dst), dst)
     if dst in ("int64", "int32"):
         return f"{expr}.to(tl.int64)"
     return f"{expr}.to(tl.float32)"
