@@ -184,6 +184,8 @@ CASES = {
     "amin": U(lambda x: x.amin(-1), 4, 32),
     "amin_dim0_keepdim": U(lambda x: x.amin(0, keepdim=True), 4, 32),
     "any_bool_out": U(lambda x: (x > 1).any(-1), 4, 32),
+    "argmax_all": U(lambda x: x.argmax(), 4, 32),
+    "argmax_all_keepdim": U(lambda x: torch.argmax(x, keepdim=True), 2, 4, 8),
     "softmax_dim0": U(lambda x: torch.softmax(x, dim=0), 4, 32),
     "log_softmax_dim1_3d": U(lambda x: torch.log_softmax(x, dim=1), 2, 4, 8),
     "cumsum": U(lambda x: torch.cumsum(x, dim=-1), 4, 32),

@@ -49,14 +49,19 @@ def _float(a: str) -> str:
 def _pow_tensor(a: str, b: str) -> str:
     """a ** b, both tensors, as torch: |a| ** b through exp and log, negative for a
     negative base and an odd whole exponent, NaN for a negative base and a fractional
-    one, and 1 for b == 0 or a == 1 (even if the other is NaN)."""
+    one, and 1 for b == 0 or a == 1 (even if the other is NaN). Conditions nest in
+    `tl.where` rather than meet in `&`: the interpreter's numpy refuses a block & a
+    scalar."""
     a, b = _float(a), _float(b)
     size = f"tl.exp({b} * tl.log(tl.abs({a})))"
-    whole = f"({b} == tl.floor({b}))"
     odd = f"(tl.floor({b} * 0.5) * 2.0 != {b})"
-    signed = f"tl.where(({a} < 0) & {whole} & {odd}, -{size}, {size})"
-    real = f"tl.where(({a} < 0) & ({b} != tl.floor({b})), float(\"nan\"), {signed})"
-    return f"tl.where(({b} == 0.0) | ({a} == 1.0), 1.0, {real})"
+    negative = f"tl.where({b} == tl.floor({b}), tl.where({odd}, -{size}, {size}), float(\"nan\"))"
+    signed = f"tl.where({a} < 0, {negative}, {size})"
+    return f"tl.where({b} == 0.0, 1.0, tl.where({a} == 1.0, 1.0, {signed}))"
+
+
+def _truth(a: str) -> str:
+    return f"tl.where({a} != 0, 1.0, 0.0)"
 
 
 def _trunc(a: str) -> str:
@@ -70,7 +75,8 @@ def _div_floor(a: str, b: str) -> str:
     a, b = _float(a), _float(b)
     mod = f"({a} % {b})"
     div = f"(({a} - {mod}) / {b})"
-    div = f"tl.where(({mod} != 0) & (({b} < 0) != ({mod} < 0)), {div} - 1.0, {div})"
+    signs_differ = f"tl.where({b} < 0, {mod} > 0, {mod} < 0)"   # (mod != 0 is tested first)
+    div = f"tl.where({mod} != 0, tl.where({signs_differ}, {div} - 1.0, {div}), {div})"
     low = f"tl.floor({div})"
     rounded = f"tl.where({div} - {low} > 0.5, {low} + 1.0, {low})"
     return f"tl.where({b} == 0, {a} / {b}, {rounded})"
@@ -107,9 +113,11 @@ EXPRS = {
     "trunc": _trunc,
     "div_trunc": lambda a, b: _trunc(f"({a} / {b})"),
     "div_floor": _div_floor,
-    "logical_and": lambda a, b: f"(({a} != 0) & ({b} != 0)).to(tl.float32)",
-    "logical_or": lambda a, b: f"(({a} != 0) | ({b} != 0)).to(tl.float32)",
-    "logical_xor": lambda a, b: f"(({a} != 0) ^ ({b} != 0)).to(tl.float32)",
+    # on 0/1 floats: no bitwise ops on Triton's int1 (the interpreter's numpy refuses a
+    # block & a scalar), and a number argument is a Python literal
+    "logical_and": lambda a, b: f"({_truth(a)} * {_truth(b)})",
+    "logical_or": lambda a, b: f"tl.maximum({_truth(a)}, {_truth(b)})",
+    "logical_xor": lambda a, b: f"tl.abs({_truth(a)} - {_truth(b)})",
     "maximum": lambda a, b: f"tl.maximum({a}, {b})",
     "minimum": lambda a, b: f"tl.minimum({a}, {b})",
     "where": lambda c, a, b: f"tl.where({c} != 0, {a}, {b})",

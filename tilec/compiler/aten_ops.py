@@ -428,8 +428,12 @@ def _topk(L, x, k, dim=-1, largest=True, sorted=True):
     torch leaves the order open, and sorted is one of the orders it allows."""
     v = L.tensor(x)
     nd = len(v.shape)
-    if nd == 0 or dim % nd != nd - 1:
-        raise L.unsupported("aten.topk over a dim other than the last")
+    if nd == 0:
+        raise L.unsupported("aten.topk of a 0-d tensor")
+    if dim % nd != nd - 1:   # over another dim: a view that makes it the last
+        order = [d for d in range(nd) if d != dim % nd] + [dim % nd]
+        back = [order.index(d) for d in range(nd)]
+        return [L.permute(r, back) for r in _topk(L, L.permute(v, order), k, -1, largest)]
     if v.dtype not in FLOAT_DTYPES:
         raise L.unsupported(f"aten.topk of {v.dtype} values (floating point only)")
     if not 0 < k <= v.shape[-1]:
@@ -446,14 +450,21 @@ def _topk(L, x, k, dim=-1, largest=True, sorted=True):
 def _argmax(L, x, dim=None, keepdim=False):
     v = L.tensor(x)
     nd = len(v.shape)
-    if dim is None and nd != 1 or dim is not None and dim % nd != nd - 1:
+    if dim is None or nd == 0:   # over all values, as torch: the index into the flattened
+        out = _argmax_last(L, L.view_as(v, (math.prod(v.shape),)))
+        return L.view_as(out, (1,) * nd if keepdim else ())
+    if dim % nd != nd - 1:
         raise L.unsupported("argmax over a dim other than the last")
+    out = _argmax_last(L, v)
+    return out if keepdim else L.view_as(out, v.shape[:-1])
+
+
+def _argmax_last(L, v: View) -> View:
+    """The argmax of each row of v's last dim, [.., 1]."""
     chunk = _argmax_chunk(v.shape[-1])
     if chunk:
-        out = _argmax_in_stages(L, v, chunk)
-    else:
-        out = L.emit("argmax", v.shape[:-1] + (1,), "int64", (v.operand(),))
-    return out if keepdim else L.view_as(out, v.shape[:-1])
+        return _argmax_in_stages(L, v, chunk)
+    return L.emit("argmax", v.shape[:-1] + (1,), "int64", (v.operand(),))
 
 
 WIDE_ARGMAX = 4096   # from this width, one task per row would walk the row alone
