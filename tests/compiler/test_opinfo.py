@@ -49,9 +49,11 @@ ALIASES = {
     "logical_not": ["nn.functional.scaled_dot_product_attention"],
 }
 # supported ops with no OpInfo of their own: export-internal ops, in-place forms of
-# covered ops, and views that every other op's samples go through
+# covered ops, views that every other op's samples go through, and `index` (x[ids]:
+# its samples are __getitem__'s, which mix slices and masks; tests/compiler/
+# test_experts.py checks it)
 NO_OPINFO = {"_assert_tensor_metadata", "_to_copy", "_unsafe_view", "alias", "detach",
-             "lift_fresh_copy", "index_copy_", "index_put_"}
+             "lift_fresh_copy", "index_copy_", "index_put_", "index"}
 
 BOOL_ONLY = {"bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_not"}
 
