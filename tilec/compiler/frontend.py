@@ -429,6 +429,9 @@ class _Lowering:
                         continue  # the state op already wrote the cache in place
                     if not isinstance(v, View):
                         raise UnsupportedOpError(f"output {i} is not a tensor")
+                    if self.meta(outs[i]).dtype == torch.bool and v.dtype != "bool":
+                        # a predicate (a float32 0/1 mask in the IR) returned as torch's bool
+                        v = self.elementwise("cast", v, shape=v.shape, dtype="bool")
                     self.outputs.append((spec.arg.name, v.operand()))
             else:
                 raise UnsupportedOpError(f"unsupported FX node {node.op} {node.target}")
@@ -506,4 +509,4 @@ def supported_ops() -> list[str]:
     return sorted({str(t) for t in aten_ops.HANDLERS})
 
 
-from tilec.compiler import aten_ops  # noqa: E402  (registers the handlers; imports View)
+from tilec.compiler import aten_ops, aten_reductions  # noqa: E402,F401  (register the handlers)

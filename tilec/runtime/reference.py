@@ -37,6 +37,12 @@ FNS = {
     "lt": lambda a, b: (a < b).float(), "gt": lambda a, b: (a > b).float(),
     "le": lambda a, b: (a <= b).float(), "ge": lambda a, b: (a >= b).float(),
     "eq": lambda a, b: (a == b).float(), "ne": lambda a, b: (a != b).float(),
+    "pow_tensor": torch.pow, "floor": torch.floor, "ceil": torch.ceil, "trunc": torch.trunc,
+    "div_trunc": lambda a, b: torch.div(a, b, rounding_mode="trunc"),
+    "div_floor": lambda a, b: torch.div(a, b, rounding_mode="floor"),
+    "logical_and": lambda a, b: torch.logical_and(a, b).float(),
+    "logical_or": lambda a, b: torch.logical_or(a, b).float(),
+    "logical_xor": lambda a, b: torch.logical_xor(a, b).float(),
 }
 
 
@@ -84,6 +90,8 @@ class TaskRunner:
                 x = args[0]
                 if op.type.dtype in ("bfloat16", "float16"):
                     return x.float().to(_TORCH[op.type.dtype]).float()
+                if op.type.dtype == "bool":
+                    return (x != 0).float()
                 return x.long() if op.type.dtype in ("int64", "int32") else x.float()
             out = FNS[fn](*args)
             return out.long() if op.type.dtype in ("int64", "int32") else out.float()
