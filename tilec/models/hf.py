@@ -129,13 +129,15 @@ def hf_name(ours: str, arch: Architecture = LLAMA) -> str:
     return f"{layer}.{group}.{rest}" if group else f"{layer}.{rest}"
 
 
-def load_checkpoint(folder: str | os.PathLike, max_seq_len: int) -> LlamaDecodeStep:
-    """The checkpoint as tilec's Llama: every tensor in it is consumed or refused."""
+def load_checkpoint(folder: str | os.PathLike, max_seq_len: int,
+                    batch: int = 1) -> LlamaDecodeStep:
+    """The checkpoint as tilec's Llama (a decode step of `batch` sequences): every tensor
+    in it is consumed or refused."""
     folder = Path(folder)
     arch, cfg = _read(folder)
     cfg.check_max_seq_len(max_seq_len, str(folder / "config.json"))
     files = weight_files(folder)
-    model = LlamaDecodeStep(cfg, max_seq_len)
+    model = LlamaDecodeStep(cfg, max_seq_len, batch)
     params = dict(model.named_parameters())
     with _Tensors(files) as tensors:
         for name, param in params.items():
