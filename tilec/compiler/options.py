@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from tilec.compiler.config import workers_problem
 from tilec.errors import ConfigError
 from tilec.ir.abi import MAX_WAITS
-from tilec.ir.stream import RING_CHUNK_ELEMS
+from tilec.ir.stream import RING_CHUNK_ELEMS, TENSOR_CORE_ROWS
 from tilec.ir.target import MAX_DEVICES, TARGETS, Role, Target
 from tilec.limits import short_repr
 from tilec.passes.roles import target_roles
@@ -53,6 +53,8 @@ def target_options(name: str, workers: int | None = None, policy: str = "critica
     target = replace(target, roles=worker_roles, device_roles=device_roles)
     base = default_tiles(target)
     rows = min(MAX_BATCH_TILE_M, 1 << (batch - 1).bit_length())
+    if batch > 1 and target.backend == "cuda":
+        base = replace(base, min_tile_m=TENSOR_CORE_ROWS)
     tiles = replace(base, tile_m=tile_m or max(base.tile_m, rows), tile_n=tile_n or base.tile_n,
                     tile_k=tile_k or base.tile_k, kv_chunk=kv_chunk or base.kv_chunk,
                     workers=target.workers if target.backend == "cuda" else 1)
