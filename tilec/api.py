@@ -138,14 +138,19 @@ class Engine:
         for an engine that is not a decoder."""
         return self._data.manifest.generation
 
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *,
-                 backend: str = "auto", temperature: float = 0.0, top_k: int = 0,
+    def generate(self, prompt_ids: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int,
+                 *, backend: str = "auto", temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, logits: bool = False,
-                 stop_at_eos: bool = True, policy: str = "round_robin") -> Generation:
+                 stop_at_eos: bool = True,
+                 policy: str = "round_robin") -> Generation | list[Generation]:
         """Generate from a decoder engine (`model: {family: ...}` or `{hf: ...}`).
 
-        The prompt is fed one token per step (there is no batched prefill yet), then
-        each new token is fed back. Greedy (the engine's on-device argmax) unless
+        `prompt_ids`: one prompt (a list of ids; returns a `Generation`) or a list of
+        prompts (returns a list of them, in order). An engine compiled with
+        `model: {batch: B}` runs up to B of them side by side, one per sequence slot;
+        each sequence stops on its own and frees its slot for the next prompt, and makes
+        exactly the tokens it makes alone. The prompt is fed one token per step (there
+        is no chunked prefill yet), then each new token is fed back. Greedy (the engine's on-device argmax) unless
         `temperature` > 0, which samples on the host from the logits (optionally from
         the `top_k` most likely, then from the smallest set whose probability reaches
         `top_p`), seeded by `seed`; `tilec serve` samples with the same code
@@ -156,15 +161,19 @@ class Engine:
         a prompt plus new tokens longer than the engine's max_seq_len, or sampling
         settings out of range.
         """
-        from tilec.runtime.generate import Sampling, generate
+        from tilec.runtime.generate import Sampling, generate_batch
 
         self._data.require_weights()
         spec = self._data.manifest.generation
         if spec is None:
             raise RunError("this engine is not a decoder: use run(), not generate()")
-        return generate(self.executor(backend, policy, seed), spec, list(prompt_ids),
-                        max_new_tokens, sampling=Sampling(temperature, top_k, top_p, seed),
-                        keep_logits=logits, stop_at_eos=stop_at_eos)
+        prompts = list(prompt_ids)
+        one = not prompts or not all(isinstance(p, Sequence) for p in prompts)
+        out = generate_batch(self.executor(backend, policy, seed), spec,
+                             [prompts] if one else [list(p) for p in prompts], max_new_tokens,
+                             sampling=Sampling(temperature, top_k, top_p, seed),
+                             keep_logits=logits, stop_at_eos=stop_at_eos)
+        return out[0] if one else out
 
     def tokenizer(self) -> Tokenizer | None:
         """The `tokenizers.Tokenizer` stored with an engine compiled from an `hf:`

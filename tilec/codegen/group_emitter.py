@@ -396,9 +396,16 @@ def _state_store_lines(e: "GroupEmitter", op: Op) -> list[str]:
     dim = op.attr("dim")
     size = op.type.shape[dim]
     pos = e.fresh("pos")
-    # the position as a per-row vector: the interpreter rejects scalar & block masks
-    e.code.preamble.append(
-        f"{pos} = rows.to(tl.int64) * 0 + tl.load({e.pointer(index.value, index.offset)}).to(tl.int64)")
+    index_ptr = e.pointer(index.value, index.offset)
+    if op.attr("slot_dim") is None:
+        # the position as a per-row vector: the interpreter rejects scalar & block masks
+        e.code.preamble.append(f"{pos} = rows.to(tl.int64) * 0 + tl.load({index_ptr}).to(tl.int64)")
+    else:   # each row's own slot's position
+        slot = f"(rows // {_rows_per_slot(e, value)})"
+        step = index.strides[0]
+        e.code.preamble.append(
+            f"{pos} = tl.load({index_ptr} + {slot if step == 1 else f'{slot} * {step}'}, "
+            f"mask=rmask, other=0).to(tl.int64)")
     e.check_index(op, pos, "rmask", size, replace=False)
     ptr = e.pointer(state.value, state.offset)
     valid = f"mask & (({pos} >= 0) & ({pos} < {size}))[:, None]"
@@ -424,3 +431,13 @@ def _state_store_lines(e: "GroupEmitter", op: Op) -> list[str]:
     # a position outside the state writes nothing (and is reported: check_index)
     return [f"tl.store({ptr} + {rows}{pos}[:, None] * {state.strides[dim]} + {col}, "
             f"{stored}, mask={valid})"]
+
+
+def _rows_per_slot(e: "GroupEmitter", value: Operand) -> int:
+    """How many rows of the group's [rows, cols] space one slot of a per-slot state
+    update's value (slot dim 0) spans: in a matmul epilogue the product's rows (fuse
+    lets one join only where a slot is whole rows), else the value's rows."""
+    per_slot = math.prod(value.shape[1:])
+    if e.g.kind == "matmul":
+        return per_slot // e.g.cols
+    return per_slot // value.shape[-1]

@@ -377,10 +377,15 @@ def _softmax_last(L, v: View) -> View:
 @handles(aten.index_put.default, aten.index_put_.default)
 def _index_put(L, state, indices, values, accumulate=False):
     positions = [(d, i) for d, i in enumerate(indices) if i is not None]
+    in_place = L.ops_by_name(L.tensor(state).value).kind in ("state", "state_update")
+    if in_place and not accumulate and len(positions) == 2 and \
+            _is_slots(L, L.tensor(state), *positions[0]):
+        return _slot_update(L, state, positions[1][0], positions[1][1], values)
     if accumulate or len(positions) != 1:
-        raise L.unsupported("aten.index_put other than one index tensor along one dim")
+        raise L.unsupported("aten.index_put other than one index tensor along one dim "
+                            "(or `state[slots, ..., pos] = values`)")
     dim, index = positions[0]
-    if L.ops_by_name(L.tensor(state).value).kind in ("state", "state_update"):
+    if in_place:
         return _state_update(L, state, dim, index, values)
     return _scatter(L, L.tensor(state), dim, L.tensor(index), L.value(values))
 
@@ -401,6 +406,38 @@ def _state_update(L, state, dim, index, values):
     vals = L.expand(L.tensor(values), slot)
     return L.emit("state_update", s.shape, s.dtype, (s.operand(), vals.operand(), idx.operand()),
                   dim=dim)
+
+
+def _is_slots(L, state: View, dim: int, index) -> bool:
+    """Whether `index` names every slot of `state`'s first dim in order: a constant
+    0..n-1 (a batched decoder's `slots` buffer), so `state[slots, ..., pos]` writes
+    row b of the values into slot b."""
+    idx = L.tensor(index)
+    n = state.shape[0] if state.shape else 0
+    data = L.constants.get(idx.value)
+    return (dim == 0 and idx.shape == (n,) and idx.strides == (1,) and idx.offset == 0
+            and data is not None and data.numel() == n
+            and torch.equal(data.reshape(-1).long(), torch.arange(n)))
+
+
+def _slot_update(L, state, dim, index, values):
+    """`state[slots, ..., pos] = values` (slots 0..n-1 along dim 0, `pos` [n] along
+    `dim`): slot b's values go to position pos[b] of slot b. One state update at per-slot
+    positions (attr `slot_dim` 0): its value is [n, ..., 1 at dim, ...]."""
+    s, idx = L.tensor(state), L.tensor(index)
+    if not s.contiguous:
+        raise L.unsupported("an in-place update of something other than a module buffer")
+    dim %= len(s.shape)
+    n = s.shape[0]
+    if dim == 0 or idx.shape != (n,):
+        raise L.unsupported(f"an in-place update of {n} slots at {idx.shape} positions "
+                            f"(one position per slot)")
+    rest = tuple(size for d, size in enumerate(s.shape) if d not in (0, dim))
+    vals = L.expand(L.tensor(values), (n,) + rest)
+    slot = s.shape[:dim] + (1,) + s.shape[dim + 1:]
+    vals = L.view_as(vals, slot)
+    return L.emit("state_update", s.shape, s.dtype, (s.operand(), vals.operand(), idx.operand()),
+                  dim=dim, slot_dim=0)
 
 
 def _scatter(L, base: View, dim: int, index: View, values) -> View:

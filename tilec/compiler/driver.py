@@ -116,7 +116,8 @@ def compile_yaml(cfg: cfgmod.ModelConfig, o: Overrides, outputs: Outputs):
                                  o.policy or s.policy, o.tile_m or s.tile_m,
                                  o.tile_n or s.tile_n, o.tile_k or s.tile_k,
                                  kv_chunk=o.kv_chunk or s.kv_chunk, roles=t.roles or (),
-                                 devices=t.devices if o.devices is None else o.devices)
+                                 devices=t.devices if o.devices is None else o.devices,
+                                 batch=getattr(cfg.model, "batch", 1))
     check_files(yaml_input_files(cfg), outputs, options.target.devices)
     if outputs.plan:   # on the meta device: nothing drawn, read or allocated
         (module, inputs), weights = build.build_plan(cfg), None
@@ -127,7 +128,7 @@ def compile_yaml(cfg: cfgmod.ModelConfig, o: Overrides, outputs: Outputs):
     generation = tokenizer = chat = None
     specs = cfg.inputs
     if not isinstance(cfg.model, cfgmod.ModuleSpec):
-        specs = build.decoder_inputs(module.cfg.vocab_size, module.max_seq_len)
+        specs = build.decoder_inputs(module.cfg.vocab_size, module.max_seq_len, module.batch)
         generation, tokenizer, chat = decoder_extras(cfg, module)
     try:
         with naming_the_yaml(cfg):

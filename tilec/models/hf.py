@@ -151,9 +151,10 @@ def checkpoint_class(folder: str | os.PathLike, max_seq_len: int):
     return LlamaDecodeStep, cfg
 
 
-def load_checkpoint(folder: str | os.PathLike,
-                    max_seq_len: int) -> LlamaDecodeStep | DeepseekDecodeStep:
-    """The checkpoint as tilec's Llama: every tensor in it is consumed or refused."""
+def load_checkpoint(folder: str | os.PathLike, max_seq_len: int,
+                    batch: int = 1) -> LlamaDecodeStep | DeepseekDecodeStep:
+    """The checkpoint as tilec's decode step (of `batch` sequences): every tensor in it
+    is consumed or refused."""
     folder = Path(folder)
     arch, cfg = _read(folder)
     files = weight_files(folder)
@@ -161,7 +162,7 @@ def load_checkpoint(folder: str | os.PathLike,
         with _Tensors(files) as tensors:
             return load_deepseek(cfg, files, tensors, max_seq_len)
     cfg.check_max_seq_len(max_seq_len, str(folder / "config.json"))
-    model = LlamaDecodeStep(cfg, max_seq_len)
+    model = LlamaDecodeStep(cfg, max_seq_len, batch)
     params = dict(model.named_parameters())
     with _Tensors(files) as tensors:
         for name, param in params.items():

@@ -154,13 +154,11 @@ class TaskRunner:
         """Write a tile of the value at the run-time position. The tile is rows x cols
         of the value seen as [rows, last dim], or, with `space`, of a [rows, space] view
         of its elements in order (a matmul epilogue): each element goes where its flat
-        index puts it in the value's shape."""
+        index puts it in the value's shape. With `slot_dim`, each element at the position
+        its own slot's index names."""
         state, val, index = op.inputs
-        dim = op.attr("dim")
+        dim, slot_dim = op.attr("dim"), op.attr("slot_dim")
         size = op.type.shape[dim]
-        pos = int(self.view(index).reshape(-1)[0])
-        if self.checked_index(op, torch.tensor([pos]), size)[0] != pos:
-            return   # a position outside the state writes nothing
         buf = self.storage(op.name)
         pool = self.pools[buf.pool]
         cache = torch.as_strided(pool, state.shape, state.strides, buf.offset + state.offset)
@@ -168,8 +166,11 @@ class TaskRunner:
         rows = torch.arange(r0, r1).reshape(-1, 1)
         flat = (rows * width + torch.arange(c0, c1).reshape(1, -1)).reshape(-1)
         coords = list(torch.unravel_index(flat, val.shape))
-        coords[dim] = torch.full_like(flat, pos)
-        cache[tuple(coords)] = value.reshape(-1).to(pool.dtype)
+        positions = self.view(index).reshape(-1)
+        pos = positions[coords[slot_dim]] if slot_dim is not None else positions[:1].expand_as(flat)
+        kept = self.checked_index(op, pos, size) == pos   # outside the state: no write
+        coords[dim] = pos
+        cache[tuple(c[kept] for c in coords)] = value.reshape(-1)[kept].to(pool.dtype)
 
     def run(self, group_index: int, tile: tuple[int, int, int]) -> None:
         g = self.groups[group_index]
