@@ -59,11 +59,35 @@ def export(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) ->
     that declares repeated layers, of its first two layers only."""
     from tilec.compiler.layers import declared_layers, first_two
 
+    example_inputs = _unaliased(example_inputs)
     layers = declared_layers(module)
     if layers is not None:
         return Exported(_export(first_two(layers), example_inputs), layers,
                         tuple(example_inputs))
     return Exported(_export(module, example_inputs))
+
+
+def _unaliased(example_inputs) -> tuple:
+    """The example inputs, each sharing memory with an earlier one cloned: torch.export
+    traces one tensor passed twice as one input, and the engine would then read its
+    first input wherever the model reads the second (`f(x, x)` compiled `f(x, y)` as
+    `f(x, x)`, silently wrong for any other y)."""
+    seen, out = [], []
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor):
+            if any(_shares_memory(x, y) for y in seen):
+                x = x.clone()
+            seen.append(x)
+        out.append(x)
+    return tuple(out)
+
+
+def _shares_memory(x: torch.Tensor, y: torch.Tensor) -> bool:
+    if x is y:
+        return True
+    if x.is_meta or y.is_meta:   # meta tensors have no memory to share (data_ptr 0)
+        return False
+    return x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
 
 
 def _export(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]):
