@@ -68,14 +68,20 @@ CASES = {
 }
 
 
-def save(folder, prefix, seed=0, **fields):
-    """A tiny checkpoint of `prefix`ForCausalLM with test_llama_hf_fields' weights."""
+def build(prefix, seed=0, **fields):
+    """A tiny `prefix`ForCausalLM with test_llama_hf_fields' weights."""
     sizes = OWN_SIZES.get(prefix, SIZES)
     cfg = getattr(transformers, f"{prefix}Config")(**{**sizes, **fields})
     torch.manual_seed(seed)
     name = "GPT2LMHeadModel" if prefix == "GPT2" else f"{prefix.removesuffix('Text')}ForCausalLM"
     model = getattr(transformers, name)(cfg).eval()
     randomize(model, seed)
+    return model
+
+
+def save(folder, prefix, seed=0, **fields):
+    """build()'s model, saved as a checkpoint in `folder`."""
+    model = build(prefix, seed, **fields)
     model.save_pretrained(folder)
     return model
 

@@ -470,3 +470,47 @@ def _assert_metadata(L, *args, **kwargs):
 def _embedding(L, weight, indices, padding_idx=-1, scale_grad=False, sparse=False):
     w, idx = L.tensor(weight), L.tensor(indices)
     return L.emit("gather", L.out_shape(), L.out_dtype(), (w.operand(), idx.operand()))
+
+
+# ---- hffwd's minimal handlers (issue 15 item 3), to be merged against helper ops's ----
+# SDPA's core ATen form (aten._safe_softmax) zeroes fully masked rows with
+# where(logical_not(any(logical_not(scores == -inf), -1)), 0, softmax): the least needed
+# to lower it, with predicates as float32 0/1 masks like the comparisons above.
+@handles(aten.logical_not.default)
+def _logical_not(L, x):
+    return L.elementwise("eq", x, 0.0, dtype="float32")
+
+
+@handles(aten.any.dim)
+def _any_last(L, x, dim, keepdim=False):
+    v = L.tensor(x)
+    if dim % max(len(v.shape), 1) != len(v.shape) - 1:
+        raise L.unsupported(f"aten.any over dim {dim} (only the last dim is supported)")
+    nonzero = L.elementwise("ne", v, 0.0, shape=v.shape, dtype="float32")
+    out = L.emit("reduce", v.shape[:-1] + (1,), "float32", (nonzero.operand(),), fn="max",
+                 scale=1.0)
+    return out if keepdim else L.view_as(out, v.shape[:-1])
+
+
+@handles(aten.native_layer_norm.default)
+def _native_layer_norm(L, x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """nn.LayerNorm over the last dim: (out, mean, rstd), statistics in float32."""
+    v = L.tensor(x)
+    if len(normalized_shape) != 1:
+        raise L.unsupported(f"aten.native_layer_norm over {len(normalized_shape)} dims "
+                            "(only the last dim is supported)")
+    shape, rows = v.shape, v.shape[:-1] + (1,)
+    dtype = v.dtype   # (the output has the input's dtype)
+    mean = L.emit("reduce", rows, "float32", (v.operand(),), fn="sum", scale=1.0 / shape[-1])
+    centred = L.elementwise("sub", v, mean, shape=shape, dtype="float32")
+    square = L.elementwise("mul", centred, centred, shape=shape, dtype="float32")
+    var = L.emit("reduce", rows, "float32", (square.operand(),), fn="sum", scale=1.0 / shape[-1])
+    rstd = L.elementwise("rsqrt", L.elementwise("add", var, float(eps), shape=rows,
+                                                dtype="float32"), shape=rows, dtype="float32")
+    out = L.elementwise("mul", centred, rstd, shape=shape,
+                        dtype="float32" if weight is not None or bias is not None else dtype)
+    if weight is not None:
+        out = L.elementwise("mul", out, weight, shape=shape, dtype="float32" if bias is not None else dtype)
+    if bias is not None:
+        out = L.elementwise("add", out, bias, shape=shape, dtype=dtype)
+    return out, mean, rstd
