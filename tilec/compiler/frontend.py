@@ -234,6 +234,9 @@ def reshape_strides(shape, strides, new_shape) -> tuple[int, ...] | None:
 # The most elements a value folded at compile time may have (a float32 mask over 2048
 # queries and keys): larger ones are lowered as ops, so the engine file stays small.
 FOLD_LIMIT = 1 << 22
+# ops whose values are whatever memory held: never constants
+_UNSET = (aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty,
+          aten.new_empty_strided)
 
 
 class _Env(dict):
@@ -491,7 +494,7 @@ class _Lowering:
         """Compute `node` now if every tensor it reads is known at compile time: what a
         model derives from shapes and constant buffers only (transformers' causal mask
         from arange and comparisons, position ids, RoPE's cos and sin) becomes a constant
-        instead of ops. Not folded: random ops, values over FOLD_LIMIT elements, and
+        instead of ops. Not folded: random ops, uninitialised memory, values over FOLD_LIMIT elements, and
         anything that reads a parameter (a weight's view or cast would become a copy)."""
         target = node.target
         if target is operator.getitem:
@@ -499,11 +502,10 @@ class _Lowering:
                 return False
             self.known[node] = self.known[node.args[0]][node.args[1]]
             return True
-        if not isinstance(target, torch._ops.OpOverload) or \
-                torch.Tag.nondeterministic_seeded in target.tags:
+        if not isinstance(target, torch._ops.OpOverload) or target.overloadpacket in _UNSET \
+                or torch.Tag.nondeterministic_seeded in target.tags:
             return False
-        reads = [a for a in node.all_input_nodes]
-        if not all(a in self.known for a in reads):
+        if not all(a in self.known for a in node.all_input_nodes):
             return False
         args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: self.known[a])
         try:
