@@ -17,6 +17,7 @@ import sys
 import sysconfig
 import traceback
 import warnings
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -241,11 +242,14 @@ _UNSET = (aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty,
 
 class _Env(dict):
     """FX node -> its lowered value; a node folded at compile time becomes a constant
-    the first time an op reads it (`_Lowering.constant`)."""
+    the first time an op reads it (`_Lowering.constant`). It refers to its lowering
+    weakly: a cycle would keep the exported program and its tensors alive until a
+    garbage collection (paused while compiling), and pack decides which weights it may
+    take or free by who else still holds them."""
 
     def __init__(self, lowering: "_Lowering"):
         super().__init__()
-        self.lowering = lowering
+        self.lowering = weakref.proxy(lowering)
 
     def __missing__(self, node: torch.fx.Node):
         if node not in self.lowering.known:
@@ -449,7 +453,7 @@ class _Lowering:
                     data = state_dict[target] if target in state_dict else constants[target]
                     kind = "state" if target in mutated else "weight"
                     if kind == "weight" and node.name not in params:
-                        self.known[node] = data.detach()
+                        self.known[node] = data
                     key = (data.data_ptr(), tuple(data.shape), tuple(data.stride()), data.dtype)
                     if kind == "weight" and key in shared:  # tied weights: one buffer
                         self.env[node] = shared[key]
@@ -512,11 +516,15 @@ class _Lowering:
             value = target(*args, **kwargs)
         except Exception:   # lowered as an op instead, whose handler says what is wrong
             return False
-        tensors = value if isinstance(value, (list, tuple)) else [value]
-        if any(isinstance(t, torch.Tensor) and t.numel() > FOLD_LIMIT for t in tensors):
+        tensors = [t for t in (value if isinstance(value, (list, tuple)) else [value])
+                   if isinstance(t, torch.Tensor)]
+        if any(t.numel() > FOLD_LIMIT for t in tensors):
             return False
         self.known[node] = value
-        return True
+        # a view of a known tensor stays known (what reads it may fold) but is lowered
+        # as the view it is: made a constant of its own, it would copy its buffer
+        read = {t.untyped_storage().data_ptr() for t in args_tensors(args, kwargs)}
+        return not any(t.untyped_storage().data_ptr() in read for t in tensors)
 
     def constant(self, node: torch.fx.Node, value):
         """A folded value as the op graph reads it: a tensor becomes a weight (a
@@ -566,6 +574,13 @@ def used_ops(ops: list[Op], outputs: list[str]) -> list[Op]:
             kept.append(op)
             needed.update(operand.value for operand in op.inputs)
     return kept[::-1]
+
+
+def args_tensors(args, kwargs) -> list[torch.Tensor]:
+    """The tensors among an op's arguments (in lists too)."""
+    flat = list(args) + list(kwargs.values())
+    flat += [x for a in flat if isinstance(a, (list, tuple)) for x in a]
+    return [a for a in flat if isinstance(a, torch.Tensor)]
 
 
 def user_output_names(ep, count: int) -> list[str]:
