@@ -48,7 +48,8 @@ def test_compiled_engine_verifies(example):
     assert report["ok"], report["violations"]
     assert set(report["checks"]) == {"each_task_once", "global_order", "thresholds",
                                      "conflicts_ordered", "kv_appends_ordered",
-                                     "regions_in_buffers", "arena_disjoint",
+                                     "indexed_reads_whole", "regions_in_buffers",
+                                     "arena_disjoint",
                                      "roles_respected"}
 
 

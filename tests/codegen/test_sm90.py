@@ -47,6 +47,19 @@ class ZeroDAndEmpty(nn.Module):
         return h + x[:, :0] @ torch.ones(0, 16) + x[:, :0].sum(-1, keepdim=True)
 
 
+class ChosenExperts(nn.Module):
+    """Expert slots: each batch entry's B matrix is the pool's at a run-time id."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(64, 8, bias=False)
+        self.pool = nn.Parameter(torch.randn(8, 128, 64))
+
+    def forward(self, x):
+        ids = torch.topk(self.router(x), 2).indices.view(-1)
+        return torch.bmm(x.view(1, 1, 64).expand(2, 1, 64), self.pool[ids].transpose(1, 2))
+
+
 def block_engine(**options):
     return tilec.api.compile(str(EXAMPLES / "block.yaml"), **options)
 
@@ -60,6 +73,9 @@ ENGINES = {
     "block-h200-bf16": lambda: block_engine(target="h200", workers=8, dtype="bfloat16",
                                             aot=False),
     "embed_mix": embed_mix_engine,
+    "chosen_experts-h200-bf16": lambda: tilec.api.compile(
+        ChosenExperts(), (torch.randn(1, 64, dtype=torch.bfloat16),), target="h200", workers=8, dtype="bfloat16",
+        aot=False),
     "zero_d_and_empty": lambda: tilec.api.compile(ZeroDAndEmpty(), (torch.randn(4, 16),),
                                                   workers=2),
     # attention: one chunk per head (cpu), and split into partials + merge with a

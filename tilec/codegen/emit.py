@@ -14,7 +14,7 @@ from typing import ClassVar
 from tilec.codegen.exprs import TL_DTYPES
 from tilec.codegen.group_emitter import REDUCTIONS, GroupCode, GroupEmitter, pow2
 from tilec.ir.attention import attention_chunks, attention_parts, partial_names
-from tilec.ir.graph import Group, Op
+from tilec.ir.graph import Group, Op, is_indexed_matmul
 from tilec.ir.stream import PROLOGUE_CHUNK, is_matvec, ring_stages
 from tilec.ir.tasks import Buffer, GroupTiling
 
@@ -96,7 +96,7 @@ def emit_matmul(e: GroupEmitter, epilogue: tuple[str, ...]) -> list[str]:
         # as registers allow: each pass is a dependent round trip to memory before the
         # first weight chunk can be used (K = 2048 in BK = 64 chunks was 32 of them)
         c.consts["PK"] = min(pow2(k), PROLOGUE_CHUNK)
-    a, b = anchor.inputs
+    a, b = anchor.inputs[:2]
     avail: set[str] = set()
     prologue = list(group.prologue)
     e.row_phases(prologue, avail)
@@ -106,7 +106,8 @@ def emit_matmul(e: GroupEmitter, epilogue: tuple[str, ...]) -> list[str]:
     else:
         a_lines, a_expr = [], e.load(a, narrow=False)
     a_dtype = ops[a.value].type.dtype
-    b_ptr = e.batch_pointer(b, "boff")
+    b_ptr = e.pool_pointer(anchor, "boff") if is_indexed_matmul(anchor) else \
+        e.batch_pointer(b, "boff")
     a_round = f"a_tile.to({TL_DTYPES[a_dtype]}).to(tl.float32)" if a_dtype in ("bfloat16", "float16") else "a_tile"
     c.main = a_lines + [f"a_tile = tl.where(mask, {a_expr}, 0.0)", f"a_tile = {a_round}"]
     b_dtype = ops[b.value].type.dtype

@@ -196,6 +196,9 @@ class GroupEmitter:
         gi = self.leaf_vars[key]
         ptr = self.pointer(table.value, table.offset)
         s0, s1 = table.strides
+        if self.is_narrow(op.name):   # one value per row (a table of width 1): no columns
+            return self.upcast(f"tl.load({ptr} + {gi}[:, None] * {s0}, mask=rmask[:, None], "
+                               f"other=0)", self.dtype(table.value))
         col = "cols[None, :]" if s1 == 1 else f"cols[None, :] * {s1}"
         return self.upcast(f"tl.load({ptr} + {gi}[:, None] * {s0} + {col}, mask=mask, other=0)",
                            self.dtype(table.value))
@@ -336,6 +339,21 @@ class GroupEmitter:
             self.code.preamble.append(f"{name} = {off}")
             ptr += f" + {name}"
         return ptr
+
+    def pool_pointer(self, op: Op, name: str) -> str:
+        """Address of the matrix of an indexed matmul's pool that batch `t0` reads: its
+        id is loaded (one per lane of the block's rows, all the same), checked against
+        the pool's size (an id out of range reads expert 0 and is reported), and
+        becomes the batch offset `name`."""
+        _, pool, ids = op.inputs
+        ptr = self.pointer(ids.value, ids.offset)
+        off = row_offset(ids.shape, ids.strides, "t0") or "0"
+        eid = self.fresh("eid")
+        self.code.preamble.append(
+            f"{eid} = tl.load({ptr} + {off} + rows * 0, mask=rmask, other=0).to(tl.int64)")
+        self.check_index(op, eid, "rmask", pool.shape[0])
+        self.code.preamble.append(f"{name} = tl.max({eid}, axis=0) * {pool.strides[0]}")
+        return f"{self.pointer(pool.value, pool.offset)} + {name}"
 
     def split_outputs(self, outputs) -> tuple[list[str], list[str]]:
         """(wide, narrow) outputs of the group, the matmul anchor and the top-k results

@@ -14,7 +14,7 @@ import torch
 import torch.fx
 
 from tilec.compiler.lowered import View
-from tilec.ir.graph import FLOAT_DTYPES
+from tilec.ir.graph import FLOAT_DTYPES, Operand
 
 aten = torch.ops.aten
 
@@ -146,7 +146,51 @@ def _cat(L, tensors, dim=0):
 # matmul -----------------------------------------------------------------------------
 @handles(aten.mm.default, aten.bmm.default)
 def _mm(L, a, b):
+    indexed = _indexed_pool(L, L.tensor(b))
+    if indexed is not None:
+        pool, ids = indexed
+        return L.emit("matmul", L.out_shape(), L.out_dtype(),
+                      (L.tensor(a).operand(), pool, ids))
     return L.matmul(L.tensor(a), L.tensor(b))
+
+
+# experts chosen at run time ---------------------------------------------------------
+# `pool[ids]` (aten.index.Tensor) is a gather of whole matrices; a batched matmul that
+# reads such a gather of a weight pool becomes a matmul whose B operand is the pool
+# itself, each batch entry's matrix found at run time by its id (is_indexed_matmul):
+# the tasks stream only the chosen experts' weights, and the gather (dropped unread)
+# never copies them.
+@handles(aten.index.Tensor)
+def _index(L, x, indices):
+    v = L.tensor(x)
+    if len(indices) != 1 or indices[0] is None:
+        raise L.unsupported("aten.index other than one index tensor on the first dim")
+    idx = L.tensor(indices[0])
+    if idx.dtype not in ("int64", "int32") or len(idx.shape) != 1 or not v.shape:
+        raise L.unsupported(f"aten.index with a {idx.dtype} index of shape {list(idx.shape)} "
+                            f"(one 1-d integer index only)")
+    rest = math.prod(v.shape[1:])
+    table = L.view_as(v, (v.shape[0], rest))
+    if rest > 1 and table.strides[1] != 1:
+        table = L.view_as(L.copy(v), (v.shape[0], rest))
+    rows = L.emit("gather", (idx.shape[0], rest), v.dtype, (table.operand(), idx.operand()))
+    return L.view_as(rows, L.out_shape())
+
+
+def _indexed_pool(L, b: View):
+    """(pool operand [E, K, N], ids operand [J]) if `b` [J, K, N] views the matrices a
+    gather took whole from a weight by run-time ids; else None."""
+    source = L.ops_by_name(b.value)
+    if source.kind != "gather" or len(b.shape) != 3:
+        return None
+    table, ids = source.inputs
+    row = table.shape[1]
+    if L.ops_by_name(table.value).kind != "weight" or table.strides[1] != 1 or \
+            b.strides[0] != row or b.offset >= row or ids.shape != (b.shape[0],):
+        return None
+    pool = Operand(table.value, (table.shape[0],) + b.shape[1:],
+                   (table.strides[0],) + b.strides[1:], table.offset + b.offset)
+    return pool, ids
 
 
 @handles(aten.addmm.default)

@@ -173,12 +173,11 @@ def _build_decoder(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Tenso
         params = list(model.named_parameters())
         pending = PendingWeights(lambda stop: init_random(params, cfg.seed, std, stop))
     else:
-        from tilec.models.hf import load_checkpoint, read_config
-        from tilec.models.llama import LlamaDecodeStep
+        from tilec.models.hf import load_checkpoint, read_config, step_class
 
         # read in float32, then cast: both copies at once
         memory.check(cfg.path, memory.decoder_needs(
-            cfg.path, LlamaDecodeStep, read_config(spec.folder), spec.max_seq_len, None,
+            cfg.path, step_class(spec.folder), read_config(spec.folder), spec.max_seq_len, None,
             "model.hf", copies=2 if cfg.dtype is not None else 1))
         model = load_checkpoint(spec.folder, spec.max_seq_len).eval()
         if cfg.dtype is not None:

@@ -27,8 +27,8 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from tilec.compiler.lowered import Lowered, View
 from tilec.errors import ConfigError, TilecError, UnsupportedOpError
-from tilec.ir.graph import (INDEXED_KINDS, PLACEHOLDER_KINDS, Graph, Op, Operand, TensorType,
-                            contiguous_strides, run_time_index)
+from tilec.ir.graph import (PLACEHOLDER_KINDS, Graph, Op, Operand, TensorType,
+                            contiguous_strides, reads_run_time_index, run_time_index)
 
 aten = torch.ops.aten
 
@@ -106,7 +106,7 @@ def check_input_ranges(lowered: Lowered, ranges) -> None:
     declared = {r.name: r for r in ranges if r.high is not None}
     by_value = dict(zip(lowered.graph.inputs, lowered.input_names))
     for op in lowered.graph.ops:
-        if op.kind not in INDEXED_KINDS:
+        if not reads_run_time_index(op):
             continue
         operand, bound = run_time_index(op)
         r = declared.get(by_value.get(operand.value))

@@ -81,7 +81,9 @@ class Op:
 
     Kinds and their attrs:
       input / weight / state  -- placeholders; no inputs.
-      matmul       inputs (a [B.., M, K], b [B.., K, N]) broadcast to the output's batch.
+      matmul       inputs (a [B.., M, K], b [B.., K, N]) broadcast to the output's batch;
+                   or (a [J, M, K], pool [E, K, N], ids [J]): out[j] = a[j] @ pool[ids[j]]
+                   (is_indexed_matmul: experts chosen at run time).
       elementwise  fn, args: each arg is ["in", i] (the i-th input) or a number; every
                    input is already broadcast to the output shape by its strides.
       reduce       fn (sum | max), scale; over the last dim, output keeps it as size 1.
@@ -177,21 +179,35 @@ class Group:
 # Ops that read or write at an index known only at run time. The kernel checks each
 # such index against its bound (codegen/group_emitter.py check_index) and records the
 # first one out of range in the error buffer, which the host reports after the step.
-INDEXED_KINDS = ("gather", "state_update")
+# A matmul is one only with a third input (`is_indexed_matmul`: B is a pool of
+# matrices, each batch entry's chosen by a run-time id: the experts of a MoE layer).
+INDEXED_KINDS = ("gather", "state_update", "matmul")
+
+
+def is_indexed_matmul(op: Op) -> bool:
+    """A matmul whose B operand is a pool [E, K, N] indexed per batch entry by the ids
+    of its third input: out[j] = a[j] @ pool[ids[j]]."""
+    return op.kind == "matmul" and len(op.inputs) == 3
+
+
+def reads_run_time_index(op: Op) -> bool:
+    return op.kind in INDEXED_KINDS and (op.kind != "matmul" or is_indexed_matmul(op))
 
 
 def run_time_index(op: Op) -> tuple[Operand, int]:
-    """The operand an INDEXED_KINDS op reads its run-time index from, and the bound
-    that index must stay below."""
+    """The operand an indexed op (reads_run_time_index) reads its run-time index from,
+    and the bound that index must stay below."""
     if op.kind == "gather":
         return op.inputs[1], op.inputs[0].shape[0]
+    if op.kind == "matmul":
+        return op.inputs[2], op.inputs[1].shape[0]   # an expert id of the pool
     return op.inputs[2], op.type.shape[op.attr("dim")]   # a state update's position
 
 
 def index_checks(group: Group, ops: dict[str, Op]) -> tuple[str, ...]:
     """The ops of `group` whose run-time indices the kernel checks, in the order of
     their check numbers (the error buffer names a check by its position here)."""
-    return tuple(m for m in group.members if ops[m].kind in INDEXED_KINDS)
+    return tuple(m for m in group.members if reads_run_time_index(ops[m]))
 
 
 @dataclass(frozen=True)

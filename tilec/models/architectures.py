@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from tilec.errors import ConfigError
+from tilec.models.deepseek_hf import FIELDS as DEEPSEEK_FIELDS
 
 # Fields every architecture here honours (the first two read_config checks).
 COMMON = (
@@ -56,6 +57,7 @@ class Architecture:
     conv1d: bool = False           # GPT-2: a layer's matrices are stored [in, out]
     base: tuple[str, ...] = COMMON  # the fields honoured before `fields`
     names: dict = field(default_factory=dict)   # our module -> the checkpoint's, where not Llama's
+    family: str = "llama"          # the decode step it becomes: llama, or deepseek (MLA + MoE)
 
     @property
     def honoured(self) -> tuple[str, ...]:
@@ -278,6 +280,12 @@ ARCHITECTURES = {a.name: a for a in (
                         "post_attention_layernorm": "final_layer_norm",
                         "o_proj": "self_attn.out_proj", "up_proj": "fc1", "down_proj": "fc2"}),
 )}
+
+
+# DeepSeek: MLA and mixture-of-experts layers, its own decode step and checkpoint reader
+# (tilec/models/deepseek.py, deepseek_hf.py, which lists the fields it honours).
+ARCHITECTURES["DeepseekV3ForCausalLM"] = Architecture(
+    "DeepseekV3ForCausalLM", "deepseek_v3", DEEPSEEK_FIELDS, base=(), family="deepseek")
 
 
 def architecture_of(data: dict, path: str) -> Architecture:

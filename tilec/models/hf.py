@@ -14,6 +14,9 @@ import torch
 
 from tilec.errors import ConfigError
 from tilec.models.architectures import ARCHITECTURES, Architecture, architecture_of, decoder_fields
+from tilec.models.deepseek import DeepseekConfig, DeepseekDecodeStep
+from tilec.models.deepseek_hf import METADATA as DEEPSEEK_METADATA
+from tilec.models.deepseek_hf import deepseek_config, load_deepseek
 from tilec.models.llama import LlamaConfig, LlamaDecodeStep
 from tilec.runtime.chat import SPECIAL_TOKEN_NAMES, ChatTemplate
 
@@ -59,11 +62,16 @@ METADATA = {
 }
 
 
-def read_config(folder: str | os.PathLike) -> LlamaConfig:
+def read_config(folder: str | os.PathLike) -> LlamaConfig | DeepseekConfig:
     return _read(Path(folder))[1]
 
 
-def _read(folder: Path) -> tuple[Architecture, LlamaConfig]:
+def step_class(folder: str | os.PathLike) -> type:
+    """The decode-step class the checkpoint's architecture becomes."""
+    return DeepseekDecodeStep if _read(Path(folder))[0].family == "deepseek" else LlamaDecodeStep
+
+
+def _read(folder: Path) -> tuple[Architecture, LlamaConfig | DeepseekConfig]:
     """config.json's architecture and what it configures."""
     path = folder / "config.json"
     if not folder.is_dir():
@@ -78,11 +86,14 @@ def _read(folder: Path) -> tuple[Architecture, LlamaConfig]:
         raise ConfigError(f"{path}: expected a JSON object")
     arch = architecture_of(data, str(path))
     for key, value in data.items():
-        if key not in arch.honoured and key not in METADATA:
+        if key not in arch.honoured and key not in METADATA and \
+                not (arch.family == "deepseek" and key in DEEPSEEK_METADATA):
             shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
             raise ConfigError(f"{path}: {key}: {shown} is not supported by tilec's {arch.name} "
                               f"(a field tilec does not know may change what the model "
                               f"computes; the fields it honours: docs/model-yaml.md)")
+    if arch.family == "deepseek":
+        return arch, deepseek_config(data, str(path))
     return arch, LlamaConfig.from_dict(decoder_fields(arch, data, str(path)), where=str(path))
 
 
@@ -133,12 +144,16 @@ def hf_name(ours: str, arch: Architecture = LLAMA) -> str:
     return f"{layer}.{group}.{rest}" if group else f"{layer}.{rest}"
 
 
-def load_checkpoint(folder: str | os.PathLike, max_seq_len: int) -> LlamaDecodeStep:
+def load_checkpoint(folder: str | os.PathLike,
+                    max_seq_len: int) -> LlamaDecodeStep | DeepseekDecodeStep:
     """The checkpoint as tilec's Llama: every tensor in it is consumed or refused."""
     folder = Path(folder)
     arch, cfg = _read(folder)
-    cfg.check_max_seq_len(max_seq_len, str(folder / "config.json"))
     files = weight_files(folder)
+    if arch.family == "deepseek":
+        with _Tensors(files) as tensors:
+            return load_deepseek(cfg, files, tensors, max_seq_len)
+    cfg.check_max_seq_len(max_seq_len, str(folder / "config.json"))
     model = LlamaDecodeStep(cfg, max_seq_len)
     params = dict(model.named_parameters())
     with _Tensors(files) as tensors:

@@ -136,7 +136,7 @@ class Streams:
 def _group_stream(g: Group, tl: GroupTiling, ops) -> tuple[int, int]:
     """(ring bytes or 0, round trips) of the tasks of group `g` cut by `tl`."""
     if g.kind == "matmul":
-        a, b = ops[g.anchor].inputs
+        a, b = ops[g.anchor].inputs[:2]
         k = a.shape[-1]
         chunk = min(1 << max(0, (k - 1).bit_length()), PROLOGUE_CHUNK) if is_matvec(tl) else tl.block_k
         passes = sum(ops[m].kind in REDUCTION_KINDS for m in g.prologue) * math.ceil(k / chunk)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from tilec.errors import ConfigError
 from tilec.ir.attention import attention_chunks, attention_parts, partial_names
-from tilec.ir.graph import DTYPE_BYTES, FusedGraph, Group, Op, Operand, TensorType
+from tilec.ir.graph import (DTYPE_BYTES, FusedGraph, Group, Op, Operand, TensorType,
+                            is_indexed_matmul)
 from tilec.ir.stream import MIN_MATVEC_BK, TENSOR_CORE_ROWS
 from tilec.ir.target import Target
 from tilec.ir.tasks import Buffer, GroupTiling, Region, Task, TaskGraph
@@ -384,6 +385,8 @@ def _task_regions(g: Group, tl: GroupTiling, tile_idx, ops, storage, view=view_r
             reads.setdefault((region.buffer, region.box), region)
     elif g.kind == "matmul":
         spaces, flops = _matmul_spaces(g, tl, tile_idx, ops, read, writes)
+        if is_indexed_matmul(ops[g.anchor]):
+            _indexed_pool_reads(ops[g.anchor], tl, tile_idx, ops, storage, read, indirect)
     else:
         r0, r1 = mi * tl.block_m, min(g.rows, (mi + 1) * tl.block_m)
         c0, c1 = ni * tl.block_n, min(g.cols, (ni + 1) * tl.block_n)
@@ -442,17 +445,33 @@ def _matmul_spaces(g: Group, tl: GroupTiling, tile_idx, ops, read, writes):
     _, m, n, k = matmul_dims(anchor)
     r0, r1 = b * m + mi * tl.block_m, b * m + min(m, (mi + 1) * tl.block_m)
     c0, c1 = ni * tl.block_n, min(n, (ni + 1) * tl.block_n)
-    a, bop = anchor.inputs
+    a, bop = anchor.inputs[:2]
     if a.value not in g.members:
         read(a, rows_box(a.shape, r0, r1, 0, k))
-    batch_shape = bop.shape[:-2]
-    bbox = range_to_box(b, b, batch_shape) if batch_shape else ()
-    read(bop, bbox + ((0, k), (c0, c1)))
+    if not is_indexed_matmul(anchor):   # (an expert pool's reads: _indexed_pool_reads)
+        batch_shape = bop.shape[:-2]
+        bbox = range_to_box(b, b, batch_shape) if batch_shape else ()
+        read(bop, bbox + ((0, k), (c0, c1)))
     if g.anchor in g.outputs:
         writes.append(Region(g.anchor, rows_box(anchor.type.shape, r0, r1, c0, c1)))
     spaces = [(name, (r0, r1, 0, k)) for name in g.prologue] + \
              [(name, (r0, r1, c0, c1)) for name in g.epilogue]
     return spaces, 2 * (r1 - r0) * (c1 - c0) * k
+
+
+def _indexed_pool_reads(anchor: Op, tl: GroupTiling, tile_idx, ops, storage, read,
+                        indirect: dict[str, int]) -> None:
+    """An expert slot's reads: its id, and the pool through it. Which expert is known
+    only at run time, so the region is every expert's columns of the tile (what deps,
+    sync and verify must assume); the bytes it moves are one expert's."""
+    _, _, ni = tile_idx
+    _, pool, ids = anchor.inputs
+    experts, k, n = pool.shape
+    c0, c1 = ni * tl.block_n, min(n, (ni + 1) * tl.block_n)
+    read(ids, tuple((0, size) for size in ids.shape))
+    read(pool, ((0, experts), (0, k), (c0, c1)))
+    buf = storage(pool.value)
+    indirect[buf] = indirect.get(buf, 0) + k * (c1 - c0) * DTYPE_BYTES[ops[buf].type.dtype]
 
 
 def _attention_spaces(g: Group, tl: GroupTiling, tile_idx, ops, read, writes, scratch_reads):

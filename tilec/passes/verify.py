@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tilec.errors import ConfigError, ScheduleError
-from tilec.ir.graph import contiguous_strides
+from tilec.ir.graph import contiguous_strides, is_indexed_matmul
 from tilec.ir.schedule import Schedule
 from tilec.ir.target import DEFAULT_ROLE
 from tilec.ir.tasks import TRANSFER, Buffer, Region
@@ -21,7 +21,8 @@ from tilec.passes.roles import role_of_group, role_problems
 from tilec.passes.sync import happens_before_clocks, wait_order
 
 CHECKS = ("each_task_once", "global_order", "thresholds", "conflicts_ordered",
-          "kv_appends_ordered", "regions_in_buffers", "arena_disjoint", "roles_respected")
+          "kv_appends_ordered", "indexed_reads_whole", "regions_in_buffers", "arena_disjoint",
+          "roles_respected")
 MAX_REPORTED = 50   # per check; a broken schedule can have millions of violations
 BLOCK_CELLS = 1 << 22   # box comparisons per numpy sweep (bounds the temporary arrays)
 
@@ -50,6 +51,7 @@ def verify(schedule: Schedule) -> VerifyReport:
     ctx.clocks = happens_before_clocks(schedule) if clocks_ok else None
     found["conflicts_ordered"] = _conflicts_ordered(ctx)
     found["kv_appends_ordered"] = _kv_appends_ordered(ctx)
+    found["indexed_reads_whole"] = _indexed_reads_whole(ctx)
     found["regions_in_buffers"] = _regions_in_buffers(ctx)
     found["arena_disjoint"] = _arena_disjoint(ctx)
     found["roles_respected"] = _roles_respected(ctx)
@@ -310,6 +312,30 @@ def _kv_appends_ordered(ctx: _Context) -> list[str]:
                 out.append(f"kv_appends_ordered: {ctx.who(a)} appends {_fmt(w)} but "
                            f"{ctx.who(b)} reads {_fmt(r)} without waiting for it "
                            f"(missing edge {a} -> {b})")
+    return out
+
+
+def _indexed_reads_whole(ctx: _Context) -> list[str]:
+    """A task that reads an expert pool through a run-time id (an indexed matmul) has a
+    read region spanning every expert: which one it reads is unknown until it runs, so
+    the ordering checks above are sound only if they see the whole pool."""
+    graph = ctx.s.taskgraph.fused
+    ops = graph.graph.by_name()
+    pools = {g.name: ops[g.anchor].inputs[1].value for g in graph.groups
+             if g.anchor is not None and is_indexed_matmul(ops[g.anchor])}
+    if not pools:
+        return []
+    buffers = _buffers(ctx)
+    out = []
+    for task in ctx.tasks:
+        pool = pools.get(task.group)
+        if pool is None:
+            continue
+        experts = buffers[pool].type.shape[0]
+        if not any(r.buffer == pool and r.box and r.box[0] == (0, experts) for r in task.reads):
+            out.append(f"indexed_reads_whole: {ctx.who(task.id)} reads expert pool {pool} "
+                       f"through a run-time id, but no read region of it spans all "
+                       f"{experts} experts")
     return out
 
 

@@ -8,7 +8,8 @@ from tilec.errors import RunError, ScheduleHangError
 from tilec.ir.abi import HANG, INDEX_ERROR
 from tilec.ir.graph import FusedGraph, index_checks
 
-INDEXED_WHAT = {"gather": "the rows of its table", "state_update": "the positions of its state"}
+INDEXED_WHAT = {"gather": "the rows of its table", "state_update": "the positions of its state",
+                "matmul": "the matrices of its pool"}
 
 
 def recorded_error(words: list[int], step: int, describe: Callable[[int], str],

@@ -14,7 +14,7 @@ import torch
 
 from tilec.ir.abi import ERROR_WORDS, INDEX_ERROR
 from tilec.ir.attention import attention_chunks, attention_parts, partial_names
-from tilec.ir.graph import FLOAT_DTYPES, Group, Op, Operand, index_checks
+from tilec.ir.graph import FLOAT_DTYPES, Group, Op, Operand, index_checks, is_indexed_matmul
 from tilec.ir.tasks import Buffer, GroupTiling
 
 _TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -205,11 +205,16 @@ class TaskRunner:
             op = self.ops[name]
             width = op.inputs[0].shape[-1] if op.kind in WALK_ROWS else op.type.cols
             env[name] = self.compute(op, env, r0, r1, 0, width)
-        a_op, b_op = anchor.inputs
+        a_op, b_op = anchor.inputs[:2]
         a = env[a_op.value] if a_op.value in env else self.rows_of(a_op, r0, r1, 0, k)
         if self.ops[a_op.value].type.dtype in ("bfloat16", "float16"):
             a = a.to(_TORCH[self.ops[a_op.value].type.dtype]).float()
-        bmat = self.view(b_op).reshape(math.prod(b_op.shape[:-2]), k, n)[b, :, c0:c1]
+        if is_indexed_matmul(anchor):   # batch b's matrix: the pool's at its run-time id
+            ids = self.view(anchor.inputs[2]).reshape(-1)
+            expert = int(self.checked_index(anchor, ids[b:b + 1], b_op.shape[0])[0])
+            bmat = self.view(b_op)[expert, :, c0:c1]
+        else:
+            bmat = self.view(b_op).reshape(math.prod(b_op.shape[:-2]), k, n)[b, :, c0:c1]
         return {g.anchor: a.double().matmul(bmat.double()).float()}
 
     def run_attention(self, g: Group, tl: GroupTiling, tile: tuple[int, int, int]) -> None:
