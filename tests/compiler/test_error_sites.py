@@ -11,7 +11,7 @@ from tilec.errors import UnsupportedOpError
 class Block(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.norm = torch.nn.GroupNorm(2, 8)
+        self.norm = torch.nn.AdaptiveAvgPool1d(2)   # (no tilec handler)
 
     def forward(self, h, x):
         return self.norm(h + x)   # the call site the error names

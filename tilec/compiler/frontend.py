@@ -11,11 +11,8 @@ import io
 import logging
 import math
 import operator
-import os
 import re
 import sys
-import sysconfig
-import traceback
 import warnings
 import weakref
 from dataclasses import dataclass, replace
@@ -25,7 +22,9 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
+from tilec.compiler.fold import evaluate
 from tilec.compiler.lowered import Lowered, View
+from tilec.compiler.sites import module_scope, source_line, user_frame, user_site
 from tilec.errors import ConfigError, TilecError, UnsupportedOpError
 from tilec.ir.graph import (PLACEHOLDER_KINDS, Graph, Op, Operand, TensorType,
                             contiguous_strides, reads_run_time_index, run_time_index)
@@ -163,7 +162,7 @@ def _export_error(exc: Exception, example_inputs) -> Exception:
     line: data-dependent control flow is an UnsupportedOpError, anything else (a shape
     the model does not take, a bug in forward) a ConfigError about the inputs. An
     error raised in tilec's own models is a tilec bug: kept as it is."""
-    frame = _user_frame(exc)
+    frame = user_frame(exc)
     if frame is None:
         return exc
     where = f"{frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`"
@@ -178,56 +177,6 @@ def _export_error(exc: Exception, example_inputs) -> Exception:
     return ConfigError(f"inputs: forward() fails on example inputs {shapes} at {where}: "
                        f"{type(exc).__name__}: {message} (check the inputs' shapes and "
                        "dtypes)")
-
-
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_TILEC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-_LIBRARY_DIRS = tuple({os.path.abspath(p) + os.sep for key, p in sysconfig.get_paths().items()
-                       if key in ("stdlib", "platstdlib", "purelib", "platlib")})
-
-
-def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
-    """The innermost frame of `exc`'s traceback in the model torch.export traced:
-    inside the export call, outside torch, preferably outside Python's and the installed
-    packages' code too (a model that calls a library is best pointed at its call); None
-    if that frame is tilec's own (a family model: then the error is tilec's bug, kept as
-    it is)."""
-    frames = [(os.path.abspath(f.filename), f) for f in traceback.extract_tb(exc.__traceback__)
-              if not f.filename.startswith("<")]
-    first = next((i for i, (file, _) in enumerate(frames) if file.startswith(_TORCH_DIR)), 0)
-    outside = [(file, f) for file, f in frames[first:] if not file.startswith(_TORCH_DIR)]
-    own = [(file, f) for file, f in outside if not file.startswith(_LIBRARY_DIRS)]
-    if not (own or outside):
-        return None
-    file, frame = (own or outside)[-1]
-    return None if file.startswith(_TILEC_DIR) else frame
-
-
-def source_line(node: torch.fx.Node) -> str:
-    """The user's source line that produced `node` ('file:line: code')."""
-    trace = node.meta.get("stack_trace") or ""
-    frames = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', trace)
-    if not frames:
-        return "unknown source line"
-    # the innermost frame outside torch itself (nn.Embedding's forward is not the user's)
-    theirs = [f for f in frames if not f[0].startswith(_TORCH_DIR)]
-    file, line, code = (theirs or frames)[-1]
-    return f"{file}:{line}: {code.strip()}"
-
-
-def user_site(node: torch.fx.Node) -> str:
-    """Where an error points the user: the path of the innermost module whose forward()
-    produced `node`, then their source line ('block.norm: model.py:12: return
-    self.norm(h + x)'); the source line alone at the top module."""
-    scope = [path for path in module_scope(node) if path]
-    line = source_line(node)
-    return f"{scope[-1]}: {line}" if scope else line
-
-
-def module_scope(node: torch.fx.Node) -> tuple[str, ...]:
-    """The paths of the modules whose forward() produced `node`, outermost first."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return tuple(path for path, _ in stack.values())
 
 
 def reshape_strides(shape, strides, new_shape) -> tuple[int, ...] | None:
@@ -254,14 +203,6 @@ def reshape_strides(shape, strides, new_shape) -> tuple[int, ...] | None:
     if view_d != -1:
         return None
     return tuple(new_strides)
-
-
-# The most elements a value folded at compile time may have (a float32 mask over 2048
-# queries and keys): larger ones are lowered as ops, so the engine file stays small.
-FOLD_LIMIT = 1 << 22
-# ops whose values are whatever memory held: never constants
-_UNSET = (aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty,
-          aten.new_empty_strided)
 
 
 class _Env(dict):
@@ -522,40 +463,13 @@ class _Lowering:
                        tuple(n for n, _ in self.outputs), state_names)
 
     def fold(self, node: torch.fx.Node) -> bool:
-        """Compute `node` now if every tensor it reads is known at compile time: what a
-        model derives from shapes and constant buffers only (transformers' causal mask
-        from arange and comparisons, position ids, RoPE's cos and sin) becomes a constant
-        instead of ops. Not folded: random ops, uninitialised memory, values over FOLD_LIMIT elements, and
-        anything that reads a parameter (a weight's view or cast would become a copy)."""
-        target = node.target
-        if target is operator.getitem:
-            if node.args[0] not in self.known:
-                return False
-            self.known[node] = self.known[node.args[0]][node.args[1]]
-            return True
-        if not isinstance(target, torch._ops.OpOverload) or target.overloadpacket in _UNSET \
-                or torch.Tag.nondeterministic_seeded in target.tags:
+        """Compute `node` now if it can be (`fold.evaluate`); True if it then needs no op
+        (a view of a known value stays known but is lowered as the view it is)."""
+        folded = evaluate(node, self.known)
+        if folded is None:
             return False
-        if not all(a in self.known for a in node.all_input_nodes):
-            return False
-        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: self.known[a])
-        if any(t.is_meta for t in args_tensors(args, kwargs)):
-            return False   # a plan's buffers (compile --plan) have no values to fold
-        if kwargs.get("device") == torch.device("meta"):
-            kwargs = {**kwargs, "device": torch.device("cpu")}   # traced on meta: a plan
-        try:
-            value = target(*args, **kwargs)
-        except Exception:   # lowered as an op instead, whose handler says what is wrong
-            return False
-        tensors = [t for t in (value if isinstance(value, (list, tuple)) else [value])
-                   if isinstance(t, torch.Tensor)]
-        if any(t.numel() > FOLD_LIMIT for t in tensors):
-            return False
-        self.known[node] = value
-        # a view of a known tensor stays known (what reads it may fold) but is lowered
-        # as the view it is: made a constant of its own, it would copy its buffer
-        read = {t.untyped_storage().data_ptr() for t in args_tensors(args, kwargs)}
-        return not any(t.untyped_storage().data_ptr() in read for t in tensors)
+        self.known[node] = folded.value
+        return not folded.is_view
 
     def constant(self, node: torch.fx.Node, value):
         """A folded value as the op graph reads it: a tensor becomes a weight (a
@@ -611,13 +525,6 @@ def used_ops(ops: list[Op], outputs: list[str]) -> list[Op]:
             kept.append(op)
             needed.update(operand.value for operand in op.inputs)
     return kept[::-1]
-
-
-def args_tensors(args, kwargs) -> list[torch.Tensor]:
-    """The tensors among an op's arguments (in lists too)."""
-    flat = list(args) + list(kwargs.values())
-    flat += [x for a in flat if isinstance(a, (list, tuple)) for x in a]
-    return [a for a in flat if isinstance(a, torch.Tensor)]
 
 
 def user_output_names(ep, count: int) -> list[str]:
