@@ -41,6 +41,10 @@ METADATA = {
     "embd_pdrop": "dropout is off at inference",
     "hidden_dropout": "dropout is off at inference",
     "attn_pdrop": "dropout is off at inference",
+    "dropout": "dropout is off at inference",
+    "layerdrop": "LayerDrop skips layers in training only",
+    "init_std": "the scale of a training run's random weights: these come from the "
+                "checkpoint",
     **{key: "GPT2DoubleHeadsModel's sequence-summary head, not part of a causal LM" for key in (
         "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
         "summary_first_dropout")},

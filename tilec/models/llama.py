@@ -81,6 +81,16 @@ class LlamaConfig:
     # the head dims past rope_scaling's partial_rotary_factor pass RoPE unrotated (Phi3);
     # without it the factor must be 1.0 (transformers' Llama rotates every dim)
     partial_rotary: bool = False
+    # OPT: the learned positions are read at pos + position_offset (OPT's table has two
+    # rows more); LayerNorms without weight and bias (norm_affine false); post-norm layers
+    # (norm_before false: each residual add, then its norm); no norm before the lm_head
+    # (final_norm false); token embeddings of word_embed_proj_dim wide, projected to
+    # hidden_size after the lookup (project_in) and back before the lm_head (project_out)
+    position_offset: int = 0
+    norm_affine: bool = True
+    norm_before: bool = True
+    final_norm: bool = True
+    word_embed_proj_dim: int | None = None
     query_pre_attn_scalar: float | None = None   # scores scale by its -1/2 (else head_dim's)
     attn_logit_softcapping: float | None = None  # scores become cap * tanh(scores / cap)
     final_logit_softcapping: float | None = None  # logits become cap * tanh(logits / cap)
@@ -136,7 +146,7 @@ class LlamaConfig:
                     "num_attention_heads"):
             value = getattr(self, key)
             need(isinstance(value, int) and value > 0, key, f"expected a positive integer, found {value!r}")
-        for key in ("num_key_value_heads", "head_dim"):
+        for key in ("num_key_value_heads", "head_dim", "word_embed_proj_dim"):
             value = getattr(self, key)
             need(value is None or (isinstance(value, int) and not isinstance(value, bool)
                                    and value > 0),
@@ -144,7 +154,8 @@ class LlamaConfig:
         for key in ("tie_word_embeddings", "attention_bias", "mlp_bias", "qkv_bias", "qk_norm",
                     "gemma_norms", "partial_rotary", "layer_norm", "gated_mlp",
                     "use_parallel_residual", "learned_positions", "scale_attn_weights",
-                    "scale_attn_by_inverse_layer_idx"):
+                    "scale_attn_by_inverse_layer_idx", "norm_affine", "norm_before",
+                    "final_norm"):
             value = getattr(self, key)
             need(isinstance(value, bool), key, f"expected true or false, found {value!r}")
         for key in ("rms_norm_eps", "rope_theta", "query_pre_attn_scalar",
@@ -154,6 +165,7 @@ class LlamaConfig:
                  or (isinstance(value, (int, float)) and not isinstance(value, bool)
                      and math.isfinite(value) and value > 0),
                  key, f"expected a positive number, found {value!r}")
+        self._validate_opt(need)
         need(self.num_attention_heads % self.kv_heads == 0, "num_key_value_heads",
              f"{self.kv_heads} does not divide num_attention_heads {self.num_attention_heads}")
         need(self.dim_head % 2 == 0 or self.learned_positions, "head_dim",
@@ -179,6 +191,17 @@ class LlamaConfig:
             need(isinstance(self.rope_local, dict), "rope_parameters.sliding_attention",
                  f"expected a mapping, found {short_repr(self.rope_local)}")
             self.local_rope(where)
+
+    def _validate_opt(self, need) -> None:
+        """OPT's switches, where the rest of the decoder can honour them."""
+        offset = self.position_offset
+        need(isinstance(offset, int) and not isinstance(offset, bool) and offset >= 0
+             and (offset == 0 or self.learned_positions), "position_offset",
+             f"expected an integer >= 0 (and 0 without learned_positions), found {offset!r}")
+        need(self.norm_affine or self.layer_norm, "norm_affine",
+             "false is supported with layer_norm only")
+        need(self.norm_before or not (self.use_parallel_residual or self.gemma_norms),
+             "norm_before", "false is not supported with use_parallel_residual or gemma_norms")
 
     def local_rope(self, where: str = "config") -> "LlamaConfig":
         """This config with the sliding layers' rope parameters (itself without any)."""
@@ -336,6 +359,7 @@ class Layer(nn.Module):
             self.pre_feedforward_layernorm = norm_of(cfg, d)
             self.post_feedforward_layernorm = norm_of(cfg, d)
         self.parallel = cfg.use_parallel_residual
+        self.norm_before = cfg.norm_before
         self.sandwich = cfg.gemma_norms
         self.scale = (cfg.query_pre_attn_scalar or hd) ** -0.5 if cfg.scale_attn_weights else 1.0
         self.softcap = cfg.attn_logit_softcapping
@@ -356,7 +380,7 @@ class Layer(nn.Module):
         A prefill (chunk P > 1): h [P, hidden], pos [P] the rows' positions, one cache."""
         hd, kvh = self.head_dim, self.kv_heads
         lead = (self.batch,) if slots is not None else (self.chunk,) if self.chunk > 1 else ()
-        x = self.input_layernorm(h)
+        x = self.input_layernorm(h) if self.norm_before else h
         q = self.q_proj(x).view(*lead, self.heads, hd)
         k = self.k_proj(x).view(*lead, kvh, hd)
         v = self.v_proj(x).view(*lead, kvh, hd)
@@ -368,6 +392,9 @@ class Layer(nn.Module):
         attn = self.attend(q, pos, positions, lead)
         if self.parallel:   # transformers' GPT-NeoX order of the adds
             return self.mlp(self.post_attention_layernorm(h)) + self.o_proj(attn) + h
+        if not self.norm_before:   # OPT-350m: each residual add, then its norm
+            h = self.input_layernorm(h + self.o_proj(attn))
+            return self.post_attention_layernorm(h + self.mlp(h))
         if not self.sandwich:
             h = h + self.o_proj(attn)
             return h + self.mlp(self.post_attention_layernorm(h))
@@ -531,8 +558,17 @@ class LlamaDecodeStep(DecoderStep):
             if cfg.scale_attn_by_inverse_layer_idx:
                 layer.scale /= float(index + 1)
         if cfg.learned_positions:
-            self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.norm = norm_of(cfg, cfg.hidden_size)
+            self.embed_positions = nn.Embedding(cfg.max_position_embeddings + cfg.position_offset,
+                                                cfg.hidden_size)
+        self.norm = norm_of(cfg, cfg.hidden_size) if cfg.final_norm else nn.Identity()
+        width = cfg.word_embed_proj_dim
+        if width is not None and width != cfg.hidden_size:   # OPT-350m
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, width)
+            self.lm_head = nn.Linear(width, cfg.vocab_size, bias=False)
+            if cfg.tie_word_embeddings:
+                self.lm_head.weight = self.embed_tokens.weight
+            self.project_in = nn.Linear(width, cfg.hidden_size, bias=False)
+            self.project_out = nn.Linear(cfg.hidden_size, width, bias=False)
         if cfg.gemma_norms:
             # sqrt(hidden_size) rounded to the weights' dtype, as transformers rounds it
             self.embed_scale = {dt: torch.tensor(cfg.hidden_size ** 0.5, dtype=dt,
@@ -565,8 +601,11 @@ class LlamaDecodeStep(DecoderStep):
         h = self.embed_tokens(token)                              # [rows, hidden]
         if self.cfg.gemma_norms:
             h = h * self.embed_scale[h.dtype]
-        if self.cfg.learned_positions:
-            h = h + self.embed_positions(pos)
+        if hasattr(self, "project_in"):
+            h = self.project_in(h)
+        if self.cfg.learned_positions:   # (OPT's first position is row 2 of its table)
+            table = self.embed_positions.weight[self.cfg.position_offset:]
+            h = h + nn.functional.embedding(pos, table)
         rope = (None, None) if self.cfg.learned_positions else \
             rope_at(pos, self.inv_freq, self.rope_attention_factor, h.dtype)
         local = rope if self.cfg.rope_local is None else \
@@ -576,7 +615,10 @@ class LlamaDecodeStep(DecoderStep):
                            for pair in (rope, local))
         for layer in self.layers:
             h = layer(h, pos, self.positions, *(local if layer.window else rope), slots)
-        logits = softcap(self.lm_head(self.norm(h)), self.cfg.final_logit_softcapping)
+        h = self.norm(h)
+        if hasattr(self, "project_out"):
+            h = self.project_out(h)
+        logits = softcap(self.lm_head(h), self.cfg.final_logit_softcapping)
         logits = logits.to(torch.float32)
         return {"logits": logits, "next_token": logits.argmax(dim=-1)}
 
