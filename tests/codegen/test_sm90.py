@@ -14,8 +14,10 @@ from torch import nn
 import tilec.api
 from tilec.codegen import aot
 from tilec.codegen.loader import load_kernel
+from tilec.compiler.build import build_model
 from tilec.compiler.config import load_config
 from tilec.ir.abi import POOL_POINTER_TYPES
+from tilec.models.llama import LlamaPrefillStep
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 H100_SMEM = 228 * 1024
@@ -68,6 +70,12 @@ def batched(path: Path, batch: int):
     return replace(cfg, model=replace(cfg.model, batch=batch))
 
 
+def prefill_model(path: Path, chunk: int):
+    """The prefill step of chunk `chunk` of the decoder model.yaml at `path`."""
+    step, _ = build_model(load_config(path))
+    return LlamaPrefillStep(step.cfg, step.max_seq_len, chunk)
+
+
 def block_engine(**options):
     return tilec.api.compile(str(EXAMPLES / "block.yaml"), **options)
 
@@ -97,6 +105,12 @@ ENGINES = {
     "llama_tiny-batch4-split-bf16": lambda: tilec.api.compile(
         batched(EXAMPLES / "llama_tiny.yaml", 4), target="h200", workers=8,
         dtype="bfloat16", kv_chunk=16, aot=False),
+    # chunked prefill: 16 rows per matmul (tensor-core tiles), a KV append of 16
+    # positions (a row group), attention of 16 x groups query rows per kv head, causal
+    "llama_tiny-prefill16-split-bf16": lambda: tilec.api.compile(
+        prefill_model(EXAMPLES / "llama_tiny.yaml", 16),
+        (torch.zeros(16, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)),
+        target="h200", workers=8, dtype="bfloat16", kv_chunk=16, aot=False),
     # top-k rounds, and a split attention whose values (the 32-wide latent) are wider
     # than its key chunks (16)
     "glm_dsa_tiny-split-bf16": lambda: tilec.api.compile(

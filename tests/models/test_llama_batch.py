@@ -17,6 +17,8 @@ from tilec.cli import main  # noqa: E402
 from tilec.compiler.build import build_model  # noqa: E402
 from tilec.compiler.config import load_config  # noqa: E402
 from tilec.errors import ConfigError  # noqa: E402
+import tiny_llama  # noqa: E402
+from tiny_llama import save_tiny_llama  # noqa: E402
 from tilec.runtime.generate import generate_batch  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -37,27 +39,14 @@ def hf(tmp_path_factory):
     """A GQA Llama of two layers with a sliding window (a mask per slot on both
     sides), its engine alone (batch 1) and batched (batch 3, split attention)."""
     root = tmp_path_factory.mktemp("batch")
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():   # larger than HF's init so greedy choices are not near-ties
-        for name, p in model.named_parameters():
-            p.copy_((1.0 if "norm" in name else 0.0) + 0.15 * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(root / "ckpt")
+    model = save_tiny_llama(transformers, root / "ckpt", VOCAB)
     alone = tilec_api.compile(str(_yaml(root, "alone")))
     batched = tilec_api.compile(str(_yaml(root, "batched", batch=3)), kv_chunk=16)
     return model, alone, batched, root
 
 
 def hf_greedy(model, prompt):
-    out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW_TOKENS,
-                         min_new_tokens=NEW_TOKENS, output_logits=True,
-                         return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
-    return out.sequences[0, len(prompt):].tolist(), torch.stack([x[0] for x in out.logits])
+    return tiny_llama.hf_greedy(model, prompt, NEW_TOKENS)
 
 
 def test_batched_engine_shape(hf):

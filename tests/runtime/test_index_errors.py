@@ -53,6 +53,19 @@ class CacheWrite(nn.Module):
         return self.cache * 2.0
 
 
+class RowsWrite(nn.Module):
+    """Three rows written at three run-time positions of a [heads, positions, dim] state
+    (a prefill chunk's KV append: row j of the values at positions[j])."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("cache", torch.zeros(2, 8, 16))
+
+    def forward(self, x, positions):
+        self.cache.index_copy_(1, positions, x.view(3, 2, 16).transpose(0, 1))
+        return self.cache * 2.0
+
+
 def line_of(cls, text: str) -> int:
     lines, first = inspect.getsourcelines(cls.forward)
     return first + next(i for i, line in enumerate(lines) if text in line)
@@ -133,6 +146,25 @@ def test_state_position_out_of_range(backend):
         assert f"index {pos} is out of range [0, 8) (the positions of its state) in " \
                f"state_update" in str(info.value)
         assert f"{__file__}:{line_of(CacheWrite, 'index_copy_')}" in str(info.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_rows_at_their_positions(backend):
+    """Each row at its own position, the others untouched; one position out of range is
+    reported and its row alone not written."""
+    model = RowsWrite().eval()
+    engine = tilec.api.compile(model, (torch.randn(3, 32), torch.tensor([0, 1, 2])), workers=2)
+    x = torch.randn(3, 32)
+    for positions in ([5, 6, 7], [2, 0, 6]):
+        model.cache.zero_()
+        want = model(x, torch.tensor(positions)).detach()
+        ex = make_executor(engine.data, backend)   # (Engine.run keeps its state)
+        got = ex.run({"x": x, "positions": torch.tensor(positions)})["output0"]
+        assert torch.equal(got, want) and got.any()
+    with pytest.raises(RunError) as info:
+        engine.run(backend=backend, x=x, positions=torch.tensor([1, 8, 2]))
+    assert "index 8 is out of range [0, 8) (the positions of its state) in state_update" \
+        in str(info.value)
 
 
 def test_kernel_checks_before_it_reads(embed):

@@ -397,7 +397,16 @@ def _state_store_lines(e: "GroupEmitter", op: Op) -> list[str]:
     size = op.type.shape[dim]
     pos = e.fresh("pos")
     index_ptr = e.pointer(index.value, index.offset)
-    if op.attr("slot_dim") is None:
+    n = value.shape[dim]
+    if n > 1:   # n positions (a prefill's rows): a row's coordinate along dim picks one
+        assert e.g.kind != "matmul" and dim < len(value.shape) - 1   # (fuse, frontend)
+        inner = math.prod(value.shape[dim + 1:-1])
+        coord = f"((rows // {inner}) % {n})" if inner > 1 else f"(rows % {n})"
+        step = index.strides[0]
+        e.code.preamble.append(
+            f"{pos} = tl.load({index_ptr} + {coord if step == 1 else f'{coord} * {step}'}, "
+            f"mask=rmask, other=0).to(tl.int64)")
+    elif op.attr("slot_dim") is None:
         # the position as a per-row vector: the interpreter rejects scalar & block masks
         e.code.preamble.append(f"{pos} = rows.to(tl.int64) * 0 + tl.load({index_ptr}).to(tl.int64)")
     else:   # each row's own slot's position
@@ -424,7 +433,9 @@ def _state_store_lines(e: "GroupEmitter", op: Op) -> list[str]:
                 terms.append(f"{coord} * {state.strides[d]}")
             inner *= size_d
         return [f"tl.store({ptr} + {' + '.join(terms)}, {stored}, mask={valid})"]
-    ro = row_offset(value.shape[:-1], state.strides[:-1], "rows")
+    # a row's place in the state but along dim, where its position puts it
+    strides = tuple(0 if d == dim else st for d, st in enumerate(state.strides[:-1]))
+    ro = row_offset(value.shape[:-1], strides, "rows")
     s_last = state.strides[-1]
     col = "cols[None, :]" if s_last == 1 else f"cols[None, :] * {s_last}"
     rows = f"{ro}[:, None] + " if ro else ""

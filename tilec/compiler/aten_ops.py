@@ -399,10 +399,13 @@ def _state_update(L, state, dim, index, values):
     s, idx = L.tensor(state), L.tensor(index)
     if L.ops_by_name(s.value).kind not in ("state", "state_update") or not s.contiguous:
         raise L.unsupported("an in-place update of something other than a module buffer")
-    if idx.shape not in ((), (1,)):
-        raise L.unsupported(f"an in-place update at {idx.shape} positions (one position only)")
     dim %= len(s.shape)
-    slot = s.shape[:dim] + (1,) + s.shape[dim + 1:]
+    # one position, or n (a prefill's rows: values[.., j at dim, ..] goes to index[j])
+    n = idx.shape[0] if len(idx.shape) == 1 else 1
+    if len(idx.shape) > 1 or (n > 1 and (dim == len(s.shape) - 1 or n > s.shape[dim])):
+        raise L.unsupported(f"an in-place update at {idx.shape} positions (one position, or "
+                            f"n positions of a dim other than the last)")
+    slot = s.shape[:dim] + (n,) + s.shape[dim + 1:]
     vals = L.expand(L.tensor(values), slot)
     return L.emit("state_update", s.shape, s.dtype, (s.operand(), vals.operand(), idx.operand()),
                   dim=dim)

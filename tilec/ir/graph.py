@@ -92,7 +92,10 @@ class Op:
       state_update inputs (state, value, index); writes value into state at index along
                    `dim` in place; the result aliases the state. The value is the state's
                    shape with 1 at `dim`; the index one position, or with `slot_dim` (0)
-                   one per slot: value[b, ...] goes to position index[b] of slot b.
+                   one per slot: value[b, ...] goes to position index[b] of slot b. Or
+                   the value has n > 1 at `dim` (not the last dim) and the index n
+                   positions: value[.., j, ..] goes to position index[j] (a prefill's KV
+                   append of its n rows).
       argmax       over the last dim; output int64 [..., 1].
       topk         k, largest, result (values | indices): the k largest (smallest) of each
                    row, in order, ties to the lowest index; output [..., k] of the input's

@@ -334,9 +334,11 @@ def _stream(seed: int, index: int) -> np.random.PCG64:
 
 
 class Layer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, max_seq_len: int, batch: int = 1):
+    def __init__(self, cfg: LlamaConfig, max_seq_len: int, batch: int = 1, chunk: int = 1):
         super().__init__()
         self.batch = batch
+        # a prefill's rows: `chunk` consecutive positions of one sequence, one cache
+        self.chunk = chunk
         d, hd = cfg.hidden_size, cfg.dim_head
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, hd
         self.input_layernorm = norm_of(cfg, d)
@@ -374,9 +376,10 @@ class Layer(nn.Module):
                              persistent=False)
 
     def forward(self, h, pos, positions, cos, sin_signed, slots=None):
-        """h [B, hidden]; pos [B]; `slots`: 0..B-1 (the model's buffer), None at batch 1."""
+        """h [B, hidden]; pos [B]; `slots`: 0..B-1 (the model's buffer), None at batch 1.
+        A prefill (chunk P > 1): h [P, hidden], pos [P] the rows' positions, one cache."""
         hd, kvh = self.head_dim, self.kv_heads
-        lead = (self.batch,) if slots is not None else ()
+        lead = (self.batch,) if slots is not None else (self.chunk,) if self.chunk > 1 else ()
         x = self.input_layernorm(h) if self.norm_before else h
         q = self.q_proj(x).view(*lead, self.heads, hd)
         k = self.k_proj(x).view(*lead, kvh, hd)
@@ -386,15 +389,7 @@ class Layer(nn.Module):
         if cos is not None:   # (None: learned positions instead of RoPE)
             q, k = rotate(q, cos, sin_signed), rotate(k, cos, sin_signed)
         self.append(k, v, pos, slots)
-        q = q.view(*lead, kvh, self.heads // kvh, hd)
-        scores = softcap((q @ self.k_cache.transpose(-2, -1)) * self.scale, self.softcap)
-        at = pos if slots is None else pos.view(-1, 1, 1, 1)   # each slot's own position
-        scores = scores.masked_fill(positions > at, float("-inf"))
-        if self.window is not None and self.window < self.max_seq_len:
-            # transformers' sliding window: key k is seen from position q iff k > q - window
-            scores = scores.masked_fill(positions <= at - self.window, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        attn = (probs @ self.v_cache).reshape(self.batch, self.heads * hd)
+        attn = self.attend(q, pos, positions, lead)
         if self.parallel:   # transformers' GPT-NeoX order of the adds
             return self.mlp(self.post_attention_layernorm(h)) + self.o_proj(attn) + h
         if not self.norm_before:   # OPT-350m: each residual add, then its norm
@@ -406,9 +401,40 @@ class Layer(nn.Module):
         h = h + self.post_attention_layernorm(self.o_proj(attn))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
+    def attend(self, q, pos, positions, lead):
+        """The attention output [rows, heads * head dim] of q [*lead, heads, head dim]
+        over the cache, each row masked past its own position. A KV head's query heads
+        (and a prefill's rows: P x groups of them) are the rows of one matmul with its
+        cache, which is never repeated or copied."""
+        hd, kvh, groups = self.head_dim, self.kv_heads, self.heads // self.kv_heads
+        chunk = self.chunk if lead and self.batch == 1 else 1
+        if chunk > 1:   # [kv heads, P x groups, head dim]: a copy of q, not of the cache
+            q = q.view(chunk, kvh, groups, hd).transpose(0, 1).reshape(kvh, chunk * groups, hd)
+        else:
+            q = q.view(*lead, kvh, groups, hd)
+        scores = softcap((q @ self.k_cache.transpose(-2, -1)) * self.scale, self.softcap)
+        if chunk > 1:   # [kv heads, P, groups, positions]; row i at pos[i]
+            scores, at = scores.view(kvh, chunk, groups, -1), pos.view(-1, 1, 1)
+        else:           # each slot's own position
+            at = pos.view(-1, 1, 1, 1) if lead else pos
+        scores = scores.masked_fill(positions > at, float("-inf"))
+        if self.window is not None and self.window < self.max_seq_len:
+            # transformers' sliding window: key k is seen from position q iff k > q - window
+            scores = scores.masked_fill(positions <= at - self.window, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        if chunk == 1:
+            return (probs @ self.v_cache).reshape(self.batch, self.heads * hd)
+        out = probs.view(kvh, chunk * groups, -1) @ self.v_cache     # [kvh, P x groups, hd]
+        return out.view(kvh, chunk, groups, hd).transpose(0, 1).reshape(chunk, self.heads * hd)
+
     def append(self, k, v, pos, slots) -> None:
         """This step's keys and values into the cache: at `pos` (batch 1), or slot b's
-        at position pos[b] of slot b (a slot's writes never touch another's rows)."""
+        at position pos[b] of slot b (a slot's writes never touch another's rows); a
+        prefill's row i at position pos[i] (one state update of P positions)."""
+        if slots is None and self.chunk > 1:
+            self.k_cache.index_copy_(1, pos, k.transpose(0, 1).to(self.k_cache.dtype))
+            self.v_cache.index_copy_(1, pos, v.transpose(0, 1).to(self.v_cache.dtype))
+            return
         if slots is None:
             self.k_cache.index_copy_(1, pos, k.unsqueeze(1).to(self.k_cache.dtype))
             self.v_cache.index_copy_(1, pos, v.unsqueeze(1).to(self.v_cache.dtype))
@@ -566,7 +592,13 @@ class LlamaDecodeStep(DecoderStep):
         return buffers
 
     def forward(self, token: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.embed_tokens(token)                              # [1, hidden]
+        slots = getattr(self, "slots", None)
+        return self.decode(token, pos, slots, per_row=slots is not None)
+
+    def decode(self, token, pos, slots, per_row: bool) -> dict[str, torch.Tensor]:
+        """Rows `token` at positions `pos` (one each) through every layer; `per_row`:
+        RoPE per row ([rows, 1, rotary dims], over each row's heads)."""
+        h = self.embed_tokens(token)                              # [rows, hidden]
         if self.cfg.gemma_norms:
             h = h * self.embed_scale[h.dtype]
         if hasattr(self, "project_in"):
@@ -578,8 +610,7 @@ class LlamaDecodeStep(DecoderStep):
             rope_at(pos, self.inv_freq, self.rope_attention_factor, h.dtype)
         local = rope if self.cfg.rope_local is None else \
             rope_at(pos, self.inv_freq_local, self.local_attention_factor, h.dtype)
-        slots = getattr(self, "slots", None)
-        if slots is not None:   # [B, 1, rotary dims]: each slot's, over its heads
+        if per_row:
             rope, local = (tuple(t if t is None else t.unsqueeze(1) for t in pair)
                            for pair in (rope, local))
         for layer in self.layers:
@@ -595,3 +626,27 @@ class LlamaDecodeStep(DecoderStep):
         for layer in self.layers:
             layer.k_cache.zero_()
             layer.v_cache.zero_()
+
+
+class LlamaPrefillStep(LlamaDecodeStep):
+    """forward(token [P] int64, pos [1] int64) -> {"logits": [P, vocab], "next_token": [P]}:
+    one chunk of P prompt tokens of one sequence at positions pos .. pos+P-1, in one
+    call. Row i attends to the cache's keys at positions <= pos + i (the ones before the
+    chunk and the chunk's own, appended first), and appends its keys and values at pos + i,
+    in the same KV cache (same buffers, same layout) as LlamaDecodeStep at batch 1. A
+    chunk shorter than P is padded by the host: its padded rows write cache positions
+    past the prompt, which every decode step writes (at its own position) before it reads
+    them. Every row's logits are computed; the host reads the last prompt row's."""
+
+    def __init__(self, cfg: LlamaConfig, max_seq_len: int, chunk: int):
+        if not isinstance(chunk, int) or not 1 < chunk <= max_seq_len:
+            raise ConfigError(f"model: prefill.chunk: expected an integer in [2, max_seq_len "
+                              f"{max_seq_len}], found {chunk!r}")
+        self.chunk = chunk
+        super().__init__(cfg, max_seq_len)
+        for layer in self.layers:
+            layer.chunk = chunk
+        self.register_buffer("chunk_rows", torch.arange(chunk), persistent=False)
+
+    def forward(self, token: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.decode(token, pos + self.chunk_rows, None, per_row=True)

@@ -350,7 +350,8 @@ def _appends_in_epilogue(op: Op, grp: _Group, members: set[str], ops) -> bool:
     if grp.kind != "matmul" or op.kind != "state_update":
         return False
     state, value, index = op.inputs
-    if value.value not in members or value.value in grp.prologue:
+    # n positions: the kernel reads each row's position by its row; a row group does
+    if value.value not in members or value.value in grp.prologue or value.shape[op.attr("dim")] > 1:
         return False
     source = ops[value.value].type
     # per-slot positions (slot_dim): the kernel finds a row's slot from the row alone

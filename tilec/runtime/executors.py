@@ -91,6 +91,23 @@ class Executor:
                 from tilec.runtime.distributed import communicator
                 self.comm = communicator(tg.device, tg.devices)
 
+    def use_state_of(self, other: "Executor") -> None:
+        """Run on `other`'s state pools (the KV cache) from now on: another schedule
+        over the same state (a decoder's prefill beside its decode step), whose state
+        buffers must lie where this one's do (same names, pools, offsets, shapes), else
+        a RunError. Launches of the two run one after the other on the host, each to its
+        end, so one's writes are complete before the other reads them."""
+        mine, theirs = state_layout(self.schedule), state_layout(other.schedule)
+        if mine != theirs:
+            diff = sorted(set(mine.items()) ^ set(theirs.items()))
+            raise RunError(f"the two schedules lay out their state differently "
+                           f"(first difference: {diff[0][0]}): they cannot share it")
+        for p in self.schedule.pools:
+            if p.kind == "state":
+                self.pools[p.name] = other.pools[p.name]
+        if hasattr(self, "pool_args"):
+            self.pool_args = [self.pools[p.name] for p in self.schedule.pools]
+
     # ---- inputs and outputs ------------------------------------------------------------
     def write_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
         specs = self.engine.manifest.inputs
@@ -159,6 +176,16 @@ class Executor:
         tid = int(self.engine.tensors["task_ids"][row])
         task = self.schedule.taskgraph.tasks[tid]
         return f"task {tid} ({task.group} tile {task.tile})"
+
+
+def state_layout(schedule) -> dict[str, tuple]:
+    """Each state buffer's (pool, offset, shape, dtype) and each state pool's size, by
+    name: what two schedules sharing state must agree on."""
+    layout = {b.name: (b.pool, b.offset, tuple(b.type.shape), b.type.dtype)
+              for b in schedule.buffers if b.kind == "state"}
+    layout.update({f"pool {p.name}": (p.numel, p.dtype) for p in schedule.pools
+                   if p.kind == "state"})
+    return layout
 
 
 def _check_memory(pools, device: str) -> None:

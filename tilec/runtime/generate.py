@@ -11,7 +11,8 @@ settings give the same tokens through any of them.
 
 An engine compiled with `model: {batch: B}` has B slots: one step advances a sequence
 in each busy slot (slot b feeds token[b] at pos[b] and writes only slot b's KV cache).
-A prompt is fed one token per step (there is no chunked prefill yet). The KV cache
+A prompt is fed one token per step, or, with an executor of the decoder's prefill
+schedule (`PrefillSlots`, one sequence), a chunk of tokens per launch. The KV cache
 needs no reset between sequences: every step masks the positions after its own.
 """
 from __future__ import annotations
@@ -38,6 +39,9 @@ class Generation:
     steps: int
     seconds: float
     backend: str
+    prefill_steps: int = 0     # launches of the prefill schedule (chunks of the prompt)
+    decode_steps: int = 0      # launches of the decode step
+    ttft_s: float = 0.0        # from admission to the first new token
 
     @property
     def tokens_per_s(self) -> float:
@@ -235,6 +239,59 @@ class DecodeSlots:
         self.executor = self._make_executor()
 
 
+class PrefillSlots(DecodeSlots):
+    """One sequence slot whose prompt goes into the cache a chunk at a time: each chunk
+    of up to `prefill_chunk` tokens (its prefill schedule's token input) in one launch
+    of `prefill`, an executor of that schedule running on the decode executor's KV cache
+    (`Executor.use_state_of`), then one token per decode step.
+
+    A chunk shorter than the prefill's rows is padded with token 0: the padded rows
+    write cache positions past the chunk, which later chunks or decode steps write
+    (each at its own position) before any step reads them. Where the padded rows would
+    run past max_seq_len, or the chunk is one token, the chunk goes through the decode
+    step a token at a time instead."""
+
+    def __init__(self, spec: GenerationSpec, executor: Executor, prefill: Executor,
+                 make_executor: Callable[[], Executor] | None = None):
+        super().__init__(spec, executor, make_executor)
+        if self.count != 1:
+            raise RunError(f"chunked prefill runs one sequence at a time; this decoder "
+                           f"engine has {self.count} slots (compile it without batch)")
+        self.prefill = prefill
+        inputs = {io.name: io for io in prefill.engine.manifest.inputs}
+        token, pos = (inputs.get(name) for name in (spec.token_input, spec.pos_input))
+        if token is None or pos is None or len(token.shape) != 1 or token.shape[0] < 2 \
+                or pos.shape != (1,):
+            raise RunError(f"the prefill engine's inputs are not a chunk of "
+                           f"{spec.token_input} [P > 1] and the {spec.pos_input} [1] of the first")
+        self.prefill_chunk = token.shape[0]
+        prefill.use_state_of(executor)
+        self.prefill_steps = self.decode_steps = 0
+
+    def step(self, feeds: dict[int, Feed]) -> dict[int, SlotOutput]:
+        (slot, (fed, pos)), = feeds.items()
+        rows = self.prefill_chunk
+        if len(fed) == 1 or pos + rows > self.spec.max_seq_len:
+            out = None
+            for i, token in enumerate(fed):
+                out = super().step({slot: ([token], pos + i)})
+                self.decode_steps += 1
+            return out
+        spec = self.spec
+        tokens = torch.zeros(rows, dtype=torch.int64)
+        tokens[:len(fed)] = torch.tensor(fed, dtype=torch.int64)
+        out = self.prefill.run({spec.token_input: tokens,
+                                spec.pos_input: torch.tensor([pos], dtype=torch.int64)})
+        self.prefill_steps += 1
+        last = len(fed) - 1   # the chunk's last token: its logits predict the next
+        logits = out[spec.logits_output].reshape(rows, -1)[last].float()
+        return {slot: SlotOutput(logits, int(out[spec.next_token_output].reshape(rows)[last]))}
+
+    def reset(self) -> None:
+        super().reset()
+        self.prefill.use_state_of(self.executor)
+
+
 def advance(slots: DecodeSlots, running: dict[int, Sequence]) -> dict[int, int | None]:
     """One engine step for the sequences in `running` (slot -> sequence, none finished):
     each takes what it feeds and, once its prompt is in, picks a token. Returns each
@@ -273,14 +330,18 @@ def check_prompt(spec: GenerationSpec, prompt: list[int], max_new_tokens: int) -
 
 def generate(executor: Executor, spec: GenerationSpec, prompt: list[int], max_new_tokens: int,
              *, sampling: Sampling = Sampling(), keep_logits: bool = False,
-             stop_at_eos: bool = True) -> Generation:
+             stop_at_eos: bool = True, prefill: Executor | None = None) -> Generation:
+    """`prefill`: an executor of the decoder's prefill schedule (chunked prefill,
+    PrefillSlots); without it the prompt is fed one token per decode step."""
     return generate_batch(executor, spec, [prompt], max_new_tokens, sampling=sampling,
-                          keep_logits=keep_logits, stop_at_eos=stop_at_eos)[0]
+                          keep_logits=keep_logits, stop_at_eos=stop_at_eos,
+                          prefill=prefill)[0]
 
 
 def generate_batch(executor: Executor, spec: GenerationSpec, prompts: list[list[int]],
                    max_new_tokens: int, *, sampling: Sampling = Sampling(),
-                   keep_logits: bool = False, stop_at_eos: bool = True) -> list[Generation]:
+                   keep_logits: bool = False, stop_at_eos: bool = True,
+                   prefill: Executor | None = None) -> list[Generation]:
     """Each prompt's generation, in order, run side by side in the engine's slots: a
     prompt takes a free slot (in order), and its sequence frees the slot when it stops
     (an EOS id, or `max_new_tokens`), for the next prompt. Each sequence makes the
@@ -294,10 +355,12 @@ def generate_batch(executor: Executor, spec: GenerationSpec, prompts: list[list[
     if problem:
         raise RunError(problem)
     stop_ids = spec.eos_token_ids if stop_at_eos else ()
-    slots = DecodeSlots(spec, executor)
+    slots = DecodeSlots(spec, executor) if prefill is None else \
+        PrefillSlots(spec, executor, prefill)
     waiting = deque(enumerate(prompts))
     running: dict[int, tuple[int, Sequence, float]] = {}   # slot -> (prompt index, ., start)
     done: dict[int, Generation] = {}
+    first: dict[int, float] = {}   # prompt index -> seconds to its first new token
     while waiting or running:
         for slot in range(slots.count):
             if slot not in running and waiting:
@@ -307,10 +370,15 @@ def generate_batch(executor: Executor, spec: GenerationSpec, prompts: list[list[
         advance(slots, {slot: seq for slot, (_, seq, _) in running.items()})
         now = time.perf_counter()
         for slot, (index, seq, start) in list(running.items()):
+            if seq.tokens and index not in first:
+                first[index] = now - start
             if seq.finished:
+                steps = (slots.prefill_steps, slots.decode_steps) if prefill is not None \
+                    else (0, seq.steps)
                 done[index] = Generation(list(seq.prompt), seq.tokens,
                                          torch.stack(seq.logits) if seq.logits else None,
-                                         seq.steps, now - start, executor.backend)
+                                         seq.steps, now - start, executor.backend,
+                                         *steps, first[index])
                 del running[slot]
                 slots.free(slot)
     return [done[i] for i in range(len(prompts))]

@@ -155,7 +155,8 @@ class TaskRunner:
         of the value seen as [rows, last dim], or, with `space`, of a [rows, space] view
         of its elements in order (a matmul epilogue): each element goes where its flat
         index puts it in the value's shape. With `slot_dim`, each element at the position
-        its own slot's index names."""
+        its own slot's index names; with n positions, each at the one its coordinate
+        along `dim` names."""
         state, val, index = op.inputs
         dim, slot_dim = op.attr("dim"), op.attr("slot_dim")
         size = op.type.shape[dim]
@@ -167,7 +168,12 @@ class TaskRunner:
         flat = (rows * width + torch.arange(c0, c1).reshape(1, -1)).reshape(-1)
         coords = list(torch.unravel_index(flat, val.shape))
         positions = self.view(index).reshape(-1)
-        pos = positions[coords[slot_dim]] if slot_dim is not None else positions[:1].expand_as(flat)
+        if slot_dim is not None:
+            pos = positions[coords[slot_dim]]
+        elif val.shape[dim] > 1:   # n positions: the value's own coordinate picks one
+            pos = positions[coords[dim]]
+        else:
+            pos = positions[:1].expand_as(flat)
         kept = self.checked_index(op, pos, size) == pos   # outside the state: no write
         coords[dim] = pos
         cache[tuple(c[kept] for c in coords)] = value.reshape(-1)[kept].to(pool.dtype)
