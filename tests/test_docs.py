@@ -26,7 +26,9 @@ import yaml
 from tilec.cli import build_parser, main
 from tilec.codegen import exprs
 from tilec.compiler import config as cfgmod
-from tilec.compiler import aten_ops
+# frontend imports every handler module (aten_reductions's too): HANDLERS is whole before
+# registries_restored copies it, or restoring it would drop the handlers imported later
+from tilec.compiler import aten_ops, frontend  # noqa: F401
 from tilec.ir.abi import FIXED_FIELDS, PREFETCH_FIELDS
 from tilec.ir.target import TARGETS
 from tilec.runtime import enginefile as engine_file
