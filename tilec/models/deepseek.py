@@ -95,14 +95,14 @@ class DeepseekConfig:
 
     def is_moe(self, layer: int) -> bool:
         if self.mlp_layer_types is not None:
-            return self.mlp_layer_types[layer] == "sparse"
+            return _of_layer(self.mlp_layer_types, layer) == "sparse"
         return layer >= self.first_k_dense_replace
 
     def indexer_type(self, layer: int) -> str | None:
         """"full", "shared" or None (no DSA)."""
         if self.index_topk is None:
             return None
-        return "full" if self.indexer_types is None else self.indexer_types[layer]
+        return "full" if self.indexer_types is None else _of_layer(self.indexer_types, layer)
 
     @staticmethod
     def from_dict(data: dict, where: str = "config") -> "DeepseekConfig":
@@ -151,6 +151,13 @@ def _check_layer_types(cfg: DeepseekConfig, need) -> None:
          f"smaller than qk_rope_head_dim {cfg.qk_rope_head_dim} (the indexer rotates that many)")
     need(cfg.indexer_types is None or cfg.indexer_types[0] == "full", "indexer_types",
          "layer 0 is 'shared': there is no earlier full layer to share")
+
+
+def _of_layer(kinds: tuple, layer: int) -> str:
+    """Layer `layer`'s entry; past the end the last one: from_dict checks there is one
+    per layer, but compiler/memory.py sizes a model by building it with other layer
+    counts (dataclasses.replace of num_hidden_layers)."""
+    return kinds[min(layer, len(kinds) - 1)]
 
 
 def _needs(where: str):

@@ -84,6 +84,11 @@ def deepseek_config(data: dict, path: str,
     for key, wanted in expect.items():
         if data.get(key) is not None and wanted is not None and data[key] != wanted:
             refuse(key, data[key], f"supported: {short_repr(wanted)}, what the other fields imply")
+    topk = cfg.get("index_topk")
+    if arch != "DeepseekV3ForCausalLM" and not (isinstance(topk, int) and
+                                                not isinstance(topk, bool) and topk > 0):
+        raise ConfigError(f"{path}: index_topk: expected a positive integer, found "
+                          f"{short_repr(topk)}")
     if arch == "GlmMoeDsaForCausalLM" and data.get("indexer_types") is None:
         cfg["indexer_types"] = _glm_indexer_types(data, layers, refuse)
     rope = data.get("rope_scaling") or data.get("rope_parameters")
