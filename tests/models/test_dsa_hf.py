@@ -108,6 +108,21 @@ def test_engine_matches_transformers(checkpoint):
                    ("reference", "interpret") if name == "glm" else ("reference",))
 
 
+def test_four_devices_with_the_sparse_role_on_device_0(checkpoint):
+    """The indexers and the routers on device 0 (`target.roles` claiming the `indexer`
+    and `mlp.gate` modules, as the seed's engine runs GLM-5), the rest over devices 1-3:
+    transformers' tokens and logits (the reference executor: the interpreter runs the
+    four-device example in tests/runtime/test_multi_device.py)."""
+    name, model, yaml_path = checkpoint
+    four = yaml_path.parent / f"{name}_4dev.yaml"
+    four.write_text(json.dumps({
+        "model": {"hf": name, "max_seq_len": MAX_SEQ}, "dtype": "float32",
+        "target": {"name": "cpu", "workers": 2, "devices": 4, "roles": {
+            "sparse": {"devices": [0], "modules": ["indexer", "mlp.gate"]},
+            "mla": {"devices": "1-3"}}}}))
+    engine_matches(four, model, PROMPT, ("reference",))
+
+
 @pytest.mark.parametrize("case, without", [
     ("v32", dict(index_topk=MAX_SEQ)),                 # the indexer keeps everything
     ("glm", dict(indexer_types=["full", "full"])),     # layer 1 runs its own indexer
