@@ -59,6 +59,13 @@ class Engine:
                 f"inputs {list(self.input_names)}, outputs {list(self.output_names)}>")
 
     @property
+    def is_plan(self) -> bool:
+        """Whether this is a plan (`compile(..., plan=True)`, `tilec compile --plan`): the
+        full schedule without weights, to inspect and verify; `run` and `generate`
+        refuse it (RunError)."""
+        return self._data.is_plan
+
+    @property
     def devices(self) -> int:
         """How many devices (processes) the engine runs on: 1, or a multi-device
         engine's count (`target.devices`), each running its own kernel."""
@@ -100,6 +107,7 @@ class Engine:
         input names clash with `run`'s keywords.
         """
         check_seed(seed)
+        self._data.require_weights()
         key = (backend, policy, seed)
         if key not in self._executors:
             self._executors[key] = self.new_executor(backend, policy, seed)
@@ -107,6 +115,7 @@ class Engine:
 
     def new_executor(self, backend: str = "auto", policy: str = "round_robin", seed: int = 0):
         """A fresh executor (fresh state and step count), not cached: see `executor`."""
+        self._data.require_weights()   # a plan: one RunError line, before anything else
         if rank_from_env() is not None:   # this process runs its device's part
             return make_executor(self._data, backend, policy=policy, seed=seed)
         # A multi-device engine outside its ranks: every device in this process, taking
@@ -129,14 +138,19 @@ class Engine:
         for an engine that is not a decoder."""
         return self._data.manifest.generation
 
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *,
-                 backend: str = "auto", temperature: float = 0.0, top_k: int = 0,
+    def generate(self, prompt_ids: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int,
+                 *, backend: str = "auto", temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, logits: bool = False,
-                 stop_at_eos: bool = True, policy: str = "round_robin") -> Generation:
+                 stop_at_eos: bool = True,
+                 policy: str = "round_robin") -> Generation | list[Generation]:
         """Generate from a decoder engine (`model: {family: ...}` or `{hf: ...}`).
 
-        The prompt is fed one token per step (there is no batched prefill yet), then
-        each new token is fed back. Greedy (the engine's on-device argmax) unless
+        `prompt_ids`: one prompt (a list of ids; returns a `Generation`) or a list of
+        prompts (returns a list of them, in order). An engine compiled with
+        `model: {batch: B}` runs up to B of them side by side, one per sequence slot;
+        each sequence stops on its own and frees its slot for the next prompt, and makes
+        exactly the tokens it makes alone. The prompt is fed one token per step (there
+        is no chunked prefill yet), then each new token is fed back. Greedy (the engine's on-device argmax) unless
         `temperature` > 0, which samples on the host from the logits (optionally from
         the `top_k` most likely, then from the smallest set whose probability reaches
         `top_p`), seeded by `seed`; `tilec serve` samples with the same code
@@ -147,14 +161,19 @@ class Engine:
         a prompt plus new tokens longer than the engine's max_seq_len, or sampling
         settings out of range.
         """
-        from tilec.runtime.generate import Sampling, generate
+        from tilec.runtime.generate import Sampling, generate_batch
 
+        self._data.require_weights()
         spec = self._data.manifest.generation
         if spec is None:
             raise RunError("this engine is not a decoder: use run(), not generate()")
-        return generate(self.executor(backend, policy, seed), spec, list(prompt_ids),
-                        max_new_tokens, sampling=Sampling(temperature, top_k, top_p, seed),
-                        keep_logits=logits, stop_at_eos=stop_at_eos)
+        prompts = list(prompt_ids)
+        one = not prompts or not all(isinstance(p, Sequence) for p in prompts)
+        out = generate_batch(self.executor(backend, policy, seed), spec,
+                             [prompts] if one else [list(p) for p in prompts], max_new_tokens,
+                             sampling=Sampling(temperature, top_k, top_p, seed),
+                             keep_logits=logits, stop_at_eos=stop_at_eos)
+        return out[0] if one else out
 
     def tokenizer(self) -> Tokenizer | None:
         """The `tokenizers.Tokenizer` stored with an engine compiled from an `hf:`
@@ -237,7 +256,7 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
             seed: int | None = None,
             dump_dir: str | os.PathLike | None = None,
             on_stage: Callable[[str, float], None] | None = None, aot: bool = True,
-            output: str | os.PathLike | None = None) -> Engine:
+            output: str | os.PathLike | None = None, plan: bool = False) -> Engine:
     """Compile a model into an Engine.
 
     model_or_yaml: an `nn.Module` (then `example_inputs` is required: a tuple of
@@ -262,6 +281,11 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
         store the binary, so a run launches it without compiling (seconds at compile).
     output: also write the engine file there, as `Engine.save` does; with a GPU
         compile, the weights are written while it finishes (stages `save`, `aot`, `seal`).
+    plan: build everything but the weights: a yaml's model is built on PyTorch's meta
+        device (an `hf:` folder needs only config.json), the pools are sized but hold
+        no data, and no GPU binary is compiled. The engine (`is_plan`) can be inspected,
+        verified and saved, and says whether its weights, KV cache and scratch fit each
+        device's memory (`summary()["memory"]`); `run` and `generate` refuse it.
 
     Keyword options override the yaml's target and schedule sections. Mistakes are
     `ConfigError`; an operator tilec cannot lower is `UnsupportedOpError`.
@@ -271,7 +295,8 @@ def compile(model_or_yaml: torch.nn.Module | str | os.PathLike | ModelConfig,
     overrides = Overrides(target=target, workers=workers, dtype=dtype, policy=policy,
                           tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, kv_chunk=kv_chunk,
                           devices=devices, name=name, seed=seed)
-    outputs = Outputs(output=output, dump_dir=dump_dir, on_stage=on_stage, aot=aot)
+    outputs = Outputs(output=output, dump_dir=dump_dir, on_stage=on_stage, aot=aot,
+                      plan=plan)
     return Engine(compile_model(model_or_yaml, example_inputs, overrides, outputs))
 
 

@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-aot", action="store_true",
                    help="GPU targets: do not compile the kernel for the GPU now (the first "
                         "run compiles it)")
+    c.add_argument("--plan", action="store_true",
+                   help="build everything but the weights (an hf: folder needs only "
+                        "config.json): an engine to inspect and verify, never to run; "
+                        "says whether it fits each device's memory and predicts the step")
 
     r = sub.add_parser("run", help="run an engine on inputs")
     r.add_argument("engine")
@@ -53,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--policy", default="round_robin", choices=["round_robin", "random", "reverse"],
                    help="worker interleaving on CPU backends")
     r.add_argument("--json", action="store_true", help="print one JSON object")
-    r.add_argument("--prompt-ids", help="decoder engines: comma-separated prompt token ids")
+    r.add_argument("--prompt-ids", action="append",
+                   help="decoder engines: comma-separated prompt token ids; repeat it for a "
+                        "batch of prompts, run side by side in the engine's sequence slots")
     r.add_argument("--prompt", help="decoder engines with a tokenizer: prompt text")
     r.add_argument("--max-new-tokens", type=int, default=16, help="decoder engines: tokens to generate")
     r.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (0: greedy)")
@@ -177,7 +183,7 @@ def cmd_compile(args) -> int:
 
     engine = compile_model(args.model, target=args.target, workers=args.workers,
                            devices=args.devices, dump_dir=args.dump_dir, on_stage=on_stage,
-                           aot=not args.no_aot, output=args.output)
+                           aot=not args.no_aot, output=args.output, plan=args.plan)
     # Read from the manifest: engine.summary() (tilec inspect's report) recomputes every
     # dependency edge and the critical path, seconds for a 1B model.
     m = engine.data.manifest
@@ -189,6 +195,13 @@ def cmd_compile(args) -> int:
     console.print(f"wrote {args.output} ({size / 1e6:.2f} MB) in {time.perf_counter() - t0:.1f} s: "
                   f"{tasks} tasks on {on} workers, {events} events, {len(m.kinds)} opcodes, "
                   f"target {m.schedule.target.name}")
+    if args.plan:
+        from tilec.inspect import fit_lines, fit_report
+
+        console.print("a plan (no weights; inspect and verify it, it cannot run):",
+                      highlight=False)
+        for line in fit_lines(fit_report(engine.parts), m.schedule.target.name):
+            console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     del tilec
     return 0
 
@@ -204,6 +217,10 @@ def cmd_run(args) -> int:
     for path in (args.profile, args.output, args.logits_out):
         _check_writable(path)   # before the run, not after it
     engine = load(args.engine, trust_engine_code=args.trust_engine_code)
+    if engine.is_plan:   # before any process, executor or input
+        from tilec.runtime.enginefile.format import PLAN_REFUSAL
+
+        raise RunError(f"{args.engine}: {PLAN_REFUSAL}")
     if engine.devices > 1:   # one process per device: start them, or be one of them
         from tilec.runtime.distributed import reports_outputs, run_ranks
 
@@ -258,7 +275,8 @@ def _check_prompt(engine, args) -> None:
     if engine.generation_spec is not None and not args.inputs:
         from tilec.runtime.generate import check_prompt
 
-        check_prompt(engine.generation_spec, _parse_prompt(engine, args), args.max_new_tokens)
+        for prompt in _parse_prompts(engine, args):
+            check_prompt(engine.generation_spec, prompt, args.max_new_tokens)
 
 
 def _check_writable(path: str | None) -> None:
@@ -296,7 +314,8 @@ def _write_profile(engine, args) -> None:
           file=sys.stderr)
 
 
-def _parse_prompt(engine, args) -> list[int]:
+def _parse_prompts(engine, args) -> list[list[int]]:
+    """The prompts to run: --prompt's text, or each --prompt-ids (default: one prompt, [1])."""
     if args.prompt_ids and args.prompt:
         raise RunError("give --prompt-ids or --prompt, not both")
     if args.prompt:
@@ -304,8 +323,11 @@ def _parse_prompt(engine, args) -> list[int]:
         if tok is None:
             raise RunError("--prompt needs an engine compiled from an hf: checkpoint with a "
                            "tokenizer.json; use --prompt-ids")
-        return tok.encode(args.prompt).ids
-    text = "1" if args.prompt_ids is None else args.prompt_ids
+        return [tok.encode(args.prompt).ids]
+    return [_parse_ids(text) for text in args.prompt_ids or ["1"]]
+
+
+def _parse_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
@@ -316,27 +338,41 @@ def _parse_prompt(engine, args) -> list[int]:
 
 
 def _generate(engine, args) -> int:
-    prompt = _parse_prompt(engine, args)
-    g = engine.generate(prompt, args.max_new_tokens, backend=args.backend,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        seed=args.seed, logits=bool(args.logits_out), policy=args.policy)
-    if args.logits_out:
-        _save_tensors({"logits": g.logits.contiguous()}, args.logits_out)
+    prompts = _parse_prompts(engine, args)
+    t0 = time.perf_counter()
+    gens = engine.generate(prompts, args.max_new_tokens, backend=args.backend,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           seed=args.seed, logits=bool(args.logits_out), policy=args.policy)
+    seconds = time.perf_counter() - t0
+    if args.logits_out:   # "logits", or "logits_I" for the I-th of several prompts
+        _save_tensors({"logits" if len(gens) == 1 else f"logits_{i}": g.logits.contiguous()
+                       for i, g in enumerate(gens)}, args.logits_out)
     tok = engine.tokenizer()
-    text = tok.decode(g.tokens) if tok is not None else None
+    texts = [tok.decode(g.tokens) if tok is not None else None for g in gens]
     if args.json:
+        sequences = [{"prompt": g.prompt, "new_tokens": g.tokens, "steps": g.steps,
+                      **({"text": text} if text is not None else {})}
+                     for g, text in zip(gens, texts)]
+        made = sum(len(g.tokens) for g in gens)
+        g = gens[0]
         out = {"prompt": g.prompt, "new_tokens": g.tokens, "backend": g.backend,
                "steps": g.steps, "seconds": g.seconds, "tokens_per_s": g.tokens_per_s}
-        if text is not None:
-            out["text"] = text
+        if texts[0] is not None:
+            out["text"] = texts[0]
+        if len(gens) > 1:   # the batch: every sequence, and the tokens of all per second
+            out = {"backend": g.backend, "seconds": seconds,
+                   "tokens_per_s": made / seconds if seconds > 0 else 0.0}
+        out["sequences"] = sequences
         print(json.dumps(out))
         return 0
-    print(f"prompt ({len(prompt)} tokens): {prompt}")
-    print(f"generated {len(g.tokens)} tokens: {g.tokens}")
-    if text is not None:
-        print(f"text: {text}")
-    print(f"{g.steps} steps on backend {g.backend} in {g.seconds:.2f} s: "
-          f"{g.tokens_per_s:.2f} tokens/s")
+    for i, (g, text) in enumerate(zip(gens, texts)):
+        label = f"sequence {i}: " if len(gens) > 1 else ""
+        print(f"{label}prompt ({len(g.prompt)} tokens): {g.prompt}")
+        print(f"{label}generated {len(g.tokens)} tokens: {g.tokens}")
+        if text is not None:
+            print(f"{label}text: {text}")
+        print(f"{label}{g.steps} steps on backend {g.backend} in {g.seconds:.2f} s: "
+              f"{g.tokens_per_s:.2f} tokens/s")
     return 0
 
 

@@ -61,6 +61,14 @@
                                 SASS (codegen/sass.py: a ring's bytes outstanding when a
                                 chunk is awaited); null when aot is
   inputs, outputs               [{name, shape, dtype}]
+  plan                          true for a plan (compiled with --plan: no weights,
+                                never runs)
+  memory                        what this device holds while it runs, bytes:
+                                {device, weights, kv, scratch, total, capacity (the
+                                target's memory per device; 0: not fixed), fits (null
+                                without a capacity)} (runtime/sizes.device_memory);
+                                a multi-device engine's `devices` rows carry each
+                                device's as `memory`
 """
 from __future__ import annotations
 
@@ -76,6 +84,7 @@ from tilec.passes.cost import critical_path
 from tilec.passes.deps import deps
 from tilec.passes.roles import format_workers
 from tilec.runtime.enginefile import EngineFile
+from tilec.runtime.sizes import device_memory, memory_line
 from tilec.viz.text import roles_line
 from tilec.viz.timeline import cross_worker_edges, predicted, task_kinds
 
@@ -153,6 +162,8 @@ def summary(engine: EngineFile, aot: bool = False) -> dict[str, Any]:
                    "aot": aot_info_of(compiled), "streaming": streaming(engine, compiled)},
         "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in m.inputs],
         "outputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in m.outputs],
+        "plan": m.plan,
+        "memory": device_memory(engine),
     }
 
 
@@ -320,8 +331,33 @@ def device_table(parts: tuple[EngineFile, ...]) -> list[dict[str, Any]]:
         out.append({"device": d, "tasks": sum(t.group != TRANSFER for t in tg.tasks),
                     "transfers": sum(t.group == TRANSFER for t in tg.tasks),
                     "bytes_sent": sent, "bytes_received": received,
-                    "predicted_step_us": max(sched.finish_us, default=0.0)})
+                    "predicted_step_us": max(sched.finish_us, default=0.0),
+                    "memory": device_memory(part)})
     return out
+
+
+def fit_report(parts: tuple[EngineFile, ...]) -> dict[str, Any]:
+    """What `tilec compile --plan` tells, read from the manifests alone (cheap at any
+    size): the predicted step (the latest predicted finish over the devices), tokens/s
+    at one token per step, and each device's memory (`device_memory`)."""
+    step_us = max(max(p.manifest.schedule.finish_us, default=0.0) for p in parts)
+    memory = [device_memory(p) for p in parts]
+    return {"predicted_step_us": step_us,
+            "tokens_per_s": 1e6 / step_us if step_us > 0 else None,
+            "memory": memory, "fits": all(m["fits"] is not False for m in memory)}
+
+
+def fit_lines(report: dict[str, Any], target: str) -> list[str]:
+    """`fit_report` as lines: one per device, then the verdict and the step."""
+    lines = [memory_line(m, target) for m in report["memory"]]
+    short = [m["device"] for m in report["memory"] if m["fits"] is False]
+    if short:
+        lines.append(f"does NOT fit: device{'s' if len(short) > 1 else ''} "
+                     f"{', '.join(map(str, short))} need more memory than an {target} has")
+    rate = report["tokens_per_s"]
+    lines.append(f"predicted step {report['predicted_step_us']:.1f} us"
+                 + (f", {rate:.1f} tokens/s at one token per step" if rate else ""))
+    return lines
 
 
 def terminal_safe(x: Any) -> Any:
@@ -376,6 +412,10 @@ def _print_headline_and_roles(s, console) -> None:
                   f"{s['workers']} workers, {s['tasks']} tasks, {s['events']} events, "
                   f"{s['waits']} waits, predicted step {s['predicted_step_us']:.1f} us")
     console.print(f"roles: {roles_line(s['roles'])}")
+    if s["plan"]:
+        console.print("a plan (compiled with --plan): no weights, it cannot run")
+    for m in [d["memory"] for d in s.get("devices") or []] or [s["memory"]]:
+        console.print(f"memory: {memory_line(m, s['target'])}")
     if len(s["roles"]) > 1:
         table = _table("roles", ("role", "workers", "owns", "tasks", "busy us"),
                        left=("role", "workers", "owns"))

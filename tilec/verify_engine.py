@@ -27,6 +27,7 @@ def verify_engine(engine, interleavings: int = 0, backend: str = "interpret") ->
     checks = dict(report.checks)
     violations = list(report.violations)
     if interleavings:
+        parts[0].require_weights()   # interleavings run the engine: a plan cannot
         problem = _interleavings(parts, interleavings, backend)
         checks["interleavings"] = problem is None
         if problem:

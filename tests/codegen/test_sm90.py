@@ -4,6 +4,7 @@ TRITON_INTERPRET=0 because this process runs Triton in interpreter mode."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from torch import nn
 import tilec.api
 from tilec.codegen import aot
 from tilec.codegen.loader import load_kernel
+from tilec.compiler.config import load_config
 from tilec.ir.abi import POOL_POINTER_TYPES
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -60,6 +62,12 @@ class ChosenExperts(nn.Module):
         return torch.bmm(x.view(1, 1, 64).expand(2, 1, 64), self.pool[ids].transpose(1, 2))
 
 
+def batched(path: Path, batch: int):
+    """The decoder model.yaml at `path` with `model.batch` set."""
+    cfg = load_config(path)
+    return replace(cfg, model=replace(cfg.model, batch=batch))
+
+
 def block_engine(**options):
     return tilec.api.compile(str(EXAMPLES / "block.yaml"), **options)
 
@@ -84,6 +92,11 @@ ENGINES = {
     "llama_tiny-split-bf16": lambda: tilec.api.compile(
         str(EXAMPLES / "llama_tiny.yaml"), target="h200", workers=8, dtype="bfloat16",
         kv_chunk=16, aot=False),
+    # batched decode: 4 sequences per step (matmuls of 4 rows, per-slot KV appends in a
+    # matmul epilogue and a row group, attention per slot and kv head)
+    "llama_tiny-batch4-split-bf16": lambda: tilec.api.compile(
+        batched(EXAMPLES / "llama_tiny.yaml", 4), target="h200", workers=8,
+        dtype="bfloat16", kv_chunk=16, aot=False),
     # top-k rounds, and a split attention whose values (the 32-wide latent) are wider
     # than its key chunks (16)
     "glm_dsa_tiny-split-bf16": lambda: tilec.api.compile(

@@ -24,6 +24,9 @@ SIZES = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_lay
              rms_norm_eps=1e-5)
 GPT2_SIZES = dict(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=32,
                   bos_token_id=1, eos_token_id=2)
+OPT_SIZES = dict(vocab_size=96, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=32)
+OWN_SIZES = {"GPT2": GPT2_SIZES, "OPT": OPT_SIZES}
 
 # name: (transformers class prefix, config fields beyond SIZES). The windows are shorter
 # than the 21 positions a test runs, so they hide keys. One layer where one shows what
@@ -54,17 +57,31 @@ CASES = {
     "gpt2": ("GPT2", dict(scale_attn_by_inverse_layer_idx=True)),
     "gpt_neox": ("GPTNeoX", dict(num_hidden_layers=1, num_key_value_heads=None,
                                  pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # learned positions read two rows on (OPT's offset), LayerNorms, ReLU, biases; token
+    # embeddings 48 wide, projected in and out
+    "opt": ("OPT", dict(word_embed_proj_dim=48)),
+    # OPT-350m's post-norm layers without a final norm; norms without weight and bias,
+    # projections without biases, another activation
+    "opt_post_norm": ("OPT", dict(num_hidden_layers=1, do_layer_norm_before=False,
+                                  layer_norm_elementwise_affine=False, enable_bias=False,
+                                  activation_function="gelu")),
 }
 
 
-def save(folder, prefix, seed=0, **fields):
-    """A tiny checkpoint of `prefix`ForCausalLM with test_llama_hf_fields' weights."""
-    sizes = GPT2_SIZES if prefix == "GPT2" else SIZES
+def build(prefix, seed=0, **fields):
+    """A tiny `prefix`ForCausalLM with test_llama_hf_fields' weights."""
+    sizes = OWN_SIZES.get(prefix, SIZES)
     cfg = getattr(transformers, f"{prefix}Config")(**{**sizes, **fields})
     torch.manual_seed(seed)
     name = "GPT2LMHeadModel" if prefix == "GPT2" else f"{prefix.removesuffix('Text')}ForCausalLM"
     model = getattr(transformers, name)(cfg).eval()
     randomize(model, seed)
+    return model
+
+
+def save(folder, prefix, seed=0, **fields):
+    """build()'s model, saved as a checkpoint in `folder`."""
+    model = build(prefix, seed, **fields)
     model.save_pretrained(folder)
     return model
 
@@ -105,6 +122,8 @@ def test_engine_matches_transformers(checkpoint):
     ("phi3_partial", "Phi3", CASES["phi3"][1], dict(partial_rotary_factor=1.0)),
     ("gpt2_layer_scale", "GPT2", CASES["gpt2"][1], dict(scale_attn_by_inverse_layer_idx=False)),
     ("gpt_neox_sequential", "GPTNeoX", CASES["gpt_neox"][1], dict(use_parallel_residual=False)),
+    ("opt_post_norm", "OPT", CASES["opt_post_norm"][1], dict(do_layer_norm_before=True)),
+    ("opt_final_norm", "OPT", CASES["opt"][1], dict(_remove_final_layer_norm=True)),
 ])
 def test_what_differs_from_llama_matters(tmp_path, name, prefix, fields, without):
     """tilec's module follows transformers, and the architecture's own part moves the
@@ -154,6 +173,10 @@ def edit(folder, **changes):
      "rope_parameters: expected one mapping per layer type"),
     ("gemma2", dict(hidden_act="silu"), "hidden_act: 'silu' is not supported by tilec's "
                                         "Gemma2ForCausalLM"),
+    ("opt", dict(do_layer_norm_before=1), "do_layer_norm_before: expected true or false"),
+    ("opt", dict(layer_norm_eps=1e-6), "layer_norm_eps: 1e-06 is not supported by tilec's "
+                                       "OPTForCausalLM"),
+    ("opt", dict(activation_function="quick_gelu"), "hidden_act: 'quick_gelu' is not supported"),
 ])
 def test_refused_fields_are_named(tmp_path, case, changes, message):
     prefix, fields = CASES[case]

@@ -1,7 +1,7 @@
 """tilec serve through the official openai client: completions and chat completions,
 streamed and whole, give exactly the tokens `tilec run` gives for the same prompt and
-settings; concurrent clients queue behind the one sequence slot and each gets its own
-tokens; /v1/models, /health and /metrics."""
+settings; concurrent clients queue behind the engine's sequence slots and each gets its
+own tokens; /v1/models, /health and /metrics."""
 from __future__ import annotations
 
 import re
@@ -149,8 +149,16 @@ def test_eight_concurrent_streams_each_get_their_own_tokens(served, engine_path)
     jobs = [([1 + i, 7, 2 + i % 3], 4, SETTINGS[("greedy", "sampled", "hot")[i % 3]][:3] + (i,))
             for i in range(clients)]
     refs = [expected(engine_path, *job)["new_tokens"] for job in jobs]
-    start = threading.Barrier(clients)
-    results: list = [None] * clients
+    before = served.server.metrics.ttft.count
+    assert concurrent_streams(served, jobs) == refs
+    assert served.server.metrics.ttft.count == before + clients
+
+
+def concurrent_streams(served, jobs) -> list:
+    """Each job's (prompt, max tokens, settings) streamed by its own client, all
+    started at once: the token ids each got."""
+    start = threading.Barrier(len(jobs))
+    results: list = [None] * len(jobs)
 
     def one(i):
         prompt, n, settings = jobs[i]
@@ -160,14 +168,12 @@ def test_eight_concurrent_streams_each_get_their_own_tokens(served, engine_path)
                                                         max_tokens=n, stream=True,
                                                         **sampling_args(settings)))[0]
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
-    before = served.server.metrics.ttft.count
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(300)
-    assert results == refs
-    assert served.server.metrics.ttft.count == before + clients
+    return results
 
 
 def test_models_and_health(served):

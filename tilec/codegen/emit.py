@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from tilec.codegen.exprs import TL_DTYPES
+from tilec.codegen.exprs import TL_DTYPES, cast, downcast, upcast
 from tilec.codegen.group_emitter import REDUCTIONS, GroupCode, GroupEmitter, pow2
 from tilec.ir.attention import attention_chunks, attention_parts, partial_names
 from tilec.ir.graph import Group, Op, is_indexed_matmul
@@ -108,7 +108,7 @@ def emit_matmul(e: GroupEmitter, epilogue: tuple[str, ...]) -> list[str]:
     a_dtype = ops[a.value].type.dtype
     b_ptr = e.pool_pointer(anchor, "boff") if is_indexed_matmul(anchor) else \
         e.batch_pointer(b, "boff")
-    a_round = f"a_tile.to({TL_DTYPES[a_dtype]}).to(tl.float32)" if a_dtype in ("bfloat16", "float16") else "a_tile"
+    a_round = cast("a_tile", "float32", a_dtype) if a_dtype in ("bfloat16", "float16") else "a_tile"
     c.main = a_lines + [f"a_tile = tl.where(mask, {a_expr}, 0.0)", f"a_tile = {a_round}"]
     b_dtype = ops[b.value].type.dtype
     if not is_matvec(tiling) and tiling.block_k >= 16 and tiling.block_n >= 16:
@@ -116,7 +116,7 @@ def emit_matmul(e: GroupEmitter, epilogue: tuple[str, ...]) -> list[str]:
         c.dot = "acc = " + dot("a_tile", "b_tile", b_dtype, "acc")
     else:
         weight = e.storage(b.value).kind == "weight"
-        _stream_loop(c, b_ptr, b.strides[-2:], (n, k), tiling, weight)
+        _stream_loop(c, b_ptr, b.strides[-2:], (n, k), tiling, weight, b_dtype)
     lines = [f"{e.var[group.anchor]} = acc"]
     for name in epilogue:
         if ops[name].kind in REDUCTIONS:
@@ -140,7 +140,7 @@ def _tensor_core_loop(c: MatmulCode, b_ptr: str, strides: tuple[int, int], k: in
 
 
 def _stream_loop(c: MatmulCode, b_ptr: str, strides: tuple[int, int], nk: tuple[int, int],
-                 tiling: GroupTiling, weight: bool) -> None:
+                 tiling: GroupTiling, weight: bool, b_dtype: str) -> None:
     """The K loop of a matvec-shaped task (fewer than 16 rows), the weight stream of a
     decode step: B chunks go through a `ring_stages`-deep shared-memory ring (the loop is
     a `tl.range(num_stages=...)`, which Triton software-pipelines with asynchronous
@@ -166,16 +166,17 @@ def _stream_loop(c: MatmulCode, b_ptr: str, strides: tuple[int, int], nk: tuple[
     mask = "" if exact else f", mask={bounds}, other=0"
     hint = ', eviction_policy="evict_first"' if weight else ""
     c.b_tile = f"tl.load({ptr}{mask}{hint})"
+    b = upcast("b_tile", b_dtype)
     if bm == 1:
         c.acc_shape = [bn, bk] if rows_major else [bk, bn]
         a_col = "a_tile" if rows_major else "tl.trans(a_tile)"
-        c.dot = f"acc += b_tile.to(tl.float32) * {a_col}"
+        c.dot = f"acc += {b} * {a_col}"
         c.acc_finish = f"acc = tl.sum(acc, axis={1 if rows_major else 0})[None, :]"
     else:
         c.acc_shape = [bm, bn]
-        c.dot = ("acc += tl.sum(a_tile[:, None, :] * b_tile.to(tl.float32)[None, :, :], axis=2)"
+        c.dot = (f"acc += tl.sum(a_tile[:, None, :] * {b}[None, :, :], axis=2)"
                  if rows_major else
-                 "acc += tl.sum(a_tile[:, :, None] * b_tile.to(tl.float32)[None, :, :], axis=1)")
+                 f"acc += tl.sum(a_tile[:, :, None] * {b}[None, :, :], axis=1)")
         c.acc_finish = ""
 
 
@@ -185,7 +186,7 @@ def dot(a: str, b: str, b_dtype: str, acc: str | None = None) -> str:
     tail = f", {acc}" if acc else ""
     if b_dtype in ("bfloat16", "float16"):
         dt = TL_DTYPES[b_dtype]
-        return f"tl.dot({a}.to({dt}), {b}.to({dt}){tail})"
+        return f"tl.dot({downcast(a, b_dtype)}, {b}.to({dt}){tail})"
     return f"tl.dot({a}, {b}.to(tl.float32){tail}, input_precision=\"ieee\")"
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+from tilec.ir.graph import FLOAT_DTYPES
+
 SQRT1_2 = 0.7071067811865476
 SQRT_2_OVER_PI = 0.7978845608028654
 
@@ -39,6 +41,47 @@ def _pow(a: str, p: float) -> str:
     return f"tl.exp({literal(e)} * tl.log({a}))"
 
 
+def _float(a: str) -> str:
+    # a float32 value, also of an int64 load or a number literal (`.to` would not take one)
+    return f"({a} + 0.0)"
+
+
+def _pow_tensor(a: str, b: str) -> str:
+    """a ** b, both tensors, as torch: |a| ** b through exp and log, negative for a
+    negative base and an odd whole exponent, NaN for a negative base and a fractional
+    one, and 1 for b == 0 or a == 1 (even if the other is NaN). Conditions nest in
+    `tl.where` rather than meet in `&`: the interpreter's numpy refuses a block & a
+    scalar."""
+    a, b = _float(a), _float(b)
+    size = f"tl.exp({b} * tl.log(tl.abs({a})))"
+    odd = f"(tl.floor({b} * 0.5) * 2.0 != {b})"
+    negative = f"tl.where({b} == tl.floor({b}), tl.where({odd}, -{size}, {size}), float(\"nan\"))"
+    signed = f"tl.where({a} < 0, {negative}, {size})"
+    return f"tl.where({b} == 0.0, 1.0, tl.where({a} == 1.0, 1.0, {signed}))"
+
+
+def _truth(a: str) -> str:
+    return f"tl.where({a} != 0, 1.0, 0.0)"
+
+
+def _trunc(a: str) -> str:
+    return f"tl.where({a} < 0, -tl.floor(-{a}), tl.floor({a}))"
+
+
+def _div_floor(a: str, b: str) -> str:
+    """torch's floor division of floats: through the remainder (C fmod, `%` in Triton),
+    not floor(a / b), which rounds up where a / b rounds to a whole number (1 // 0.1
+    is 9); a division by zero is a / b."""
+    a, b = _float(a), _float(b)
+    mod = f"({a} % {b})"
+    div = f"(({a} - {mod}) / {b})"
+    signs_differ = f"tl.where({b} < 0, {mod} > 0, {mod} < 0)"   # (mod != 0 is tested first)
+    div = f"tl.where({mod} != 0, tl.where({signs_differ}, {div} - 1.0, {div}), {div})"
+    low = f"tl.floor({div})"
+    rounded = f"tl.where({div} - {low} > 0.5, {low} + 1.0, {low})"
+    return f"tl.where({b} == 0, {a} / {b}, {rounded})"
+
+
 EXPRS = {
     "identity": lambda a: a,
     "add": lambda a, b: f"({a} + {b})",
@@ -64,6 +107,17 @@ EXPRS = {
     "gelu_tanh": lambda a: (
         f"(0.5 * {a} * (1.0 + {_tanh(f'({SQRT_2_OVER_PI} * ({a} + 0.044715 * {a} * {a} * {a}))')}))"),
     "pow": _pow,
+    "pow_tensor": _pow_tensor,
+    "floor": lambda a: f"tl.floor({a})",
+    "ceil": lambda a: f"(-tl.floor(-{a}))",
+    "trunc": _trunc,
+    "div_trunc": lambda a, b: _trunc(f"({a} / {b})"),
+    "div_floor": _div_floor,
+    # on 0/1 floats: no bitwise ops on Triton's int1 (the interpreter's numpy refuses a
+    # block & a scalar), and a number argument is a Python literal
+    "logical_and": lambda a, b: f"({_truth(a)} * {_truth(b)})",
+    "logical_or": lambda a, b: f"tl.maximum({_truth(a)}, {_truth(b)})",
+    "logical_xor": lambda a, b: f"tl.abs({_truth(a)} - {_truth(b)})",
     "maximum": lambda a, b: f"tl.maximum({a}, {b})",
     "minimum": lambda a, b: f"tl.minimum({a}, {b})",
     "where": lambda c, a, b: f"tl.where({c} != 0, {a}, {b})",
@@ -77,14 +131,34 @@ EXPRS = {
 
 TL_DTYPES = {
     "float32": "tl.float32", "bfloat16": "tl.bfloat16", "float16": "tl.float16",
-    "int64": "tl.int64", "int32": "tl.int32",
+    "int64": "tl.int64", "int32": "tl.int32", "bool": "tl.int1",
 }
+
+
+def downcast(expr: str, dst: str) -> str:
+    """A float32 `expr` as `dst`, rounded to nearest even as torch rounds. A bfloat16
+    goes through the kernel template's `round_bf16`: Triton's interpreter truncates a
+    bf16 downcast, the GPU's cvt.rn does not (templates/kernel.py.j2)."""
+    if dst == "bfloat16":
+        return f"round_bf16({expr})"
+    return f"{expr}.to({TL_DTYPES[dst]})"
+
+
+def upcast(expr: str, src: str) -> str:
+    """A loaded `src` value as float32 (floats, exactly) or int64. A bfloat16 goes
+    through the kernel template's `widen_bf16`: Triton's interpreter flushes bf16
+    subnormals to zero on this conversion."""
+    if src == "bfloat16":
+        return f"widen_bf16({expr})"
+    return f"{expr}.to(tl.float32)" if src in FLOAT_DTYPES else f"{expr}.to(tl.int64)"
 
 
 def cast(expr: str, src: str, dst: str) -> str:
     """A dtype conversion, rounding through the narrow type as eager PyTorch does."""
     if dst in ("bfloat16", "float16"):
-        return f"{expr}.to({TL_DTYPES[dst]}).to(tl.float32)"
+        return upcast(downcast(expr, dst), dst)
+    if dst == "bool":   # a 0/1 mask in registers, as the predicates; stored as bool
+        return f"({expr} != 0).to(tl.float32)"
     if dst in ("int64", "int32"):
         return f"{expr}.to(tl.int64)"
     return f"{expr}.to(tl.float32)"

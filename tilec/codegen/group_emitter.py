@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from tilec.codegen.exprs import EXPRS, TL_DTYPES, cast, literal
+from tilec.codegen.exprs import EXPRS, cast, downcast, literal, upcast
 from tilec.codegen.safety import identifier
 from tilec.codegen.topk import topk_phase
 from tilec.ir.graph import FLOAT_DTYPES, Group, Op, Operand, index_checks
@@ -104,7 +104,7 @@ class GroupEmitter:
         return self.ops[value].type.dtype
 
     def upcast(self, expr: str, dtype: str) -> str:
-        return f"{expr}.to(tl.float32)" if dtype in FLOAT_DTYPES else f"{expr}.to(tl.int64)"
+        return upcast(expr, dtype)
 
     def row_offset_var(self, operand: Operand, shift=None) -> str | None:
         key = ("ro", operand.value, operand.shape[:-1], operand.strides[:-1], shift)
@@ -380,7 +380,7 @@ class GroupEmitter:
                 continue
             ptr = self.pointer(n)
             width = op.type.cols
-            val = f"{self.var[n]}.to({TL_DTYPES[op.type.dtype]})"
+            val = downcast(self.var[n], op.type.dtype)
             if narrow:
                 off = "rows[:, None]" if width == 1 else f"rows[:, None] * {width}"
                 lines.append(f"tl.store({ptr} + {off}, {val}, mask=rmask[:, None])")
@@ -396,13 +396,20 @@ def _state_store_lines(e: "GroupEmitter", op: Op) -> list[str]:
     dim = op.attr("dim")
     size = op.type.shape[dim]
     pos = e.fresh("pos")
-    # the position as a per-row vector: the interpreter rejects scalar & block masks
-    e.code.preamble.append(
-        f"{pos} = rows.to(tl.int64) * 0 + tl.load({e.pointer(index.value, index.offset)}).to(tl.int64)")
+    index_ptr = e.pointer(index.value, index.offset)
+    if op.attr("slot_dim") is None:
+        # the position as a per-row vector: the interpreter rejects scalar & block masks
+        e.code.preamble.append(f"{pos} = rows.to(tl.int64) * 0 + tl.load({index_ptr}).to(tl.int64)")
+    else:   # each row's own slot's position
+        slot = f"(rows // {_rows_per_slot(e, value)})"
+        step = index.strides[0]
+        e.code.preamble.append(
+            f"{pos} = tl.load({index_ptr} + {slot if step == 1 else f'{slot} * {step}'}, "
+            f"mask=rmask, other=0).to(tl.int64)")
     e.check_index(op, pos, "rmask", size, replace=False)
     ptr = e.pointer(state.value, state.offset)
     valid = f"mask & (({pos} >= 0) & ({pos} < {size}))[:, None]"
-    stored = f"{e.var[op.name]}.to({TL_DTYPES[op.type.dtype]})"
+    stored = downcast(e.var[op.name], op.type.dtype)
     if e.g.kind == "matmul":
         # The tile is in the product's [rows, N] space; the value views those elements
         # in order in its own shape (heads split out): unravel each element's flat index.
@@ -424,3 +431,13 @@ def _state_store_lines(e: "GroupEmitter", op: Op) -> list[str]:
     # a position outside the state writes nothing (and is reported: check_index)
     return [f"tl.store({ptr} + {rows}{pos}[:, None] * {state.strides[dim]} + {col}, "
             f"{stored}, mask={valid})"]
+
+
+def _rows_per_slot(e: "GroupEmitter", value: Operand) -> int:
+    """How many rows of the group's [rows, cols] space one slot of a per-slot state
+    update's value (slot dim 0) spans: in a matmul epilogue the product's rows (fuse
+    lets one join only where a slot is whole rows), else the value's rows."""
+    per_slot = math.prod(value.shape[1:])
+    if e.g.kind == "matmul":
+        return per_slot // e.g.cols
+    return per_slot // value.shape[-1]

@@ -124,5 +124,9 @@ def load_kernel(source: str, name: str = KERNEL_NAME, trusted: bool = False):
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
         spec.loader.exec_module(module)
+        if interpreting():   # the kernel rounds bf16 itself (templates/kernel.py.j2 round_bf16)
+            import triton.language as tl
+
+            module.INTERPRETED = tl.constexpr(1)
         _loaded[module_name] = getattr(module, name)
     return _loaded[module_name]

@@ -49,9 +49,11 @@ TL_CALLS = frozenset({
     "zeros", "zeros_like",
 })
 # The kernel template's own helper functions (templates/kernel.py.j2): the weight,
-# record and args prefetches a GPU worker issues before it waits, and the record of a
-# run-time index out of range (index_error)
-HELPERS = frozenset({"prefetch_l2", "prefetch_l1", "prefetch_weights", "index_error"})
+# record and args prefetches a GPU worker issues before it waits, the record of a
+# run-time index out of range (index_error), and bfloat16 conversions that the
+# interpreter gets wrong (round_bf16, widen_bf16)
+HELPERS = frozenset({"prefetch_l2", "prefetch_l1", "prefetch_weights", "index_error",
+                     "round_bf16", "widen_bf16"})
 # The only machine code a kernel holds: the template's prefetch hints, each passed to
 # `tl.inline_asm_elementwise` as exactly this literal (a GPU-only branch: never run by
 # the interpreter)

@@ -217,6 +217,7 @@ for _op, _fn in [
     (aten.sigmoid.default, "sigmoid"), (aten.tanh.default, "tanh"), (aten.erf.default, "erf"),
     (aten.silu.default, "silu"), (aten.reciprocal.default, "reciprocal"),
     (aten.abs.default, "abs"), (aten.cos.default, "cos"), (aten.sin.default, "sin"),
+    (aten.floor.default, "floor"), (aten.ceil.default, "ceil"), (aten.trunc.default, "trunc"),
 ]:
     HANDLERS[_op] = _unary(_fn)
 
@@ -240,16 +241,20 @@ for _op, _fn in [
     HANDLERS[_op] = _binary(_fn)
 
 
-@handles(aten.div.Tensor, aten.div.Scalar, aten.div.Tensor_mode)
+@handles(aten.div.Tensor, aten.div.Scalar, aten.div.Tensor_mode, aten.div.Scalar_mode)
 def _div(L, a, b, rounding_mode=None):
-    if rounding_mode is not None:
-        raise L.unsupported(f"aten.div with rounding_mode={rounding_mode!r}")
-    return L.elementwise("div", a, b)
+    if rounding_mode is None:
+        return L.elementwise("div", a, b)
+    if L.out_dtype() not in FLOAT_DTYPES:   # float math is exact only within 24 bits
+        raise L.unsupported(f"aten.div with rounding_mode={rounding_mode!r} of integers "
+                            "(floating point only)")
+    return L.elementwise(f"div_{rounding_mode}", a, b)
 
 
-@handles(aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default)
+@handles(aten.clamp.default, aten.clamp.Tensor, aten.clamp_min.default,
+         aten.clamp_min.Tensor, aten.clamp_max.default, aten.clamp_max.Tensor)
 def _clamp(L, x, min=None, max=None):
-    if L.node.target is aten.clamp_max.default:
+    if L.node.target in (aten.clamp_max.default, aten.clamp_max.Tensor):
         min, max = None, min
     shape, dtype = L.out_shape(), L.out_dtype()
     out = x
@@ -263,6 +268,13 @@ def _clamp(L, x, min=None, max=None):
 @handles(aten.pow.Tensor_Scalar)
 def _pow(L, x, exponent):
     return L.elementwise("pow", x, float(exponent))
+
+
+@handles(aten.pow.Tensor_Tensor, aten.pow.Scalar)
+def _pow_tensor(L, base, exponent):
+    if L.out_dtype() not in FLOAT_DTYPES:
+        raise L.unsupported("aten.pow of integers (floating point only)")
+    return L.elementwise("pow_tensor", base, exponent)
 
 
 @handles(aten.gelu.default)
@@ -290,40 +302,66 @@ for _op, _fn in [
     (aten.eq.Tensor, "eq"), (aten.eq.Scalar, "eq"), (aten.ne.Tensor, "ne"), (aten.ne.Scalar, "ne"),
 ]:
     # Predicates are float32 0/1 masks in the IR: one less storage type, and `where`
-    # tests them against zero.
+    # tests them against zero (a graph output that torch says is bool is stored as
+    # bool: frontend.py).
     HANDLERS[_op] = (lambda fn: (lambda L, a, b: L.elementwise(fn, a, b, dtype="float32")))(_fn)
 
 
-# reductions -------------------------------------------------------------------------
-@handles(aten.sum.dim_IntList)
-def _sum(L, x, dims=None, keepdim=False, dtype=None):
-    return L.reduce_last("sum", L.tensor(x), dims, keepdim)
+# logical ops (issue 15): masks in, a float32 0/1 mask out ---------------------------
+for _op, _fn in [(aten.logical_and.default, "logical_and"),
+                 (aten.logical_or.default, "logical_or"),
+                 (aten.logical_xor.default, "logical_xor")]:
+    HANDLERS[_op] = (lambda fn: (lambda L, a, b: L.elementwise(fn, a, b, dtype="float32")))(_fn)
 
 
-@handles(aten.sum.default)
-def _sum_all(L, x, dtype=None):
-    v = L.tensor(x)
-    return L.reduce_last("sum", v, list(range(len(v.shape))), False)
+@handles(aten.logical_not.default)
+def _logical_not(L, x):
+    return L.elementwise("eq", x, 0.0, dtype="float32")
 
 
-@handles(aten.mean.dim)
-def _mean(L, x, dims=None, keepdim=False, dtype=None):
-    v = L.tensor(x)
-    # the mean of no values is NaN, as in torch (0 * NaN)
-    scale = 1.0 / v.shape[-1] if v.shape[-1] else float("nan")
-    return L.reduce_last("sum", v, dims, keepdim, scale=scale)
+def _bools_only(L, *args):
+    for a in args:
+        if isinstance(a, torch.fx.Node) and L.meta(a).dtype != torch.bool:
+            raise L.unsupported(f"{L.node.target} of {L.meta(a).dtype} (bool only)")
 
 
-@handles(aten.amax.default)
-def _amax(L, x, dims=(), keepdim=False):
-    return L.reduce_last("max", L.tensor(x), dims, keepdim)
+@handles(aten.bitwise_not.default)
+def _bitwise_not(L, x):
+    _bools_only(L, x)
+    return L.elementwise("eq", x, 0.0, dtype="float32")
 
 
+for _op, _fn in [(aten.bitwise_and.Tensor, "logical_and"), (aten.bitwise_or.Tensor, "logical_or"),
+                 (aten.bitwise_xor.Tensor, "logical_xor")]:
+    def _bitwise(L, a, b, fn=_fn):   # of bools (x & y, x | y, x ^ y of masks)
+        _bools_only(L, a, b)
+        return L.elementwise(fn, a, b, dtype="float32")
+    HANDLERS[_op] = _bitwise
+
+
+@handles(aten.arange.default, aten.arange.start, aten.arange.start_step)
+def _arange(L, *args, **kwargs):
+    """A constant: its shape is static, so its values are known when the model is
+    exported (a weight, as torch.arange computes it)."""
+    meta = L.meta()
+    v = L.emit("weight", tuple(meta.shape), L.out_dtype(), name=L.node.name)
+    L.constants[v.value] = torch.arange(*args, dtype=meta.dtype)
+    return v
+
+
+# reductions: compiler/aten_reductions.py ------------------------------------------
 @handles(aten._softmax.default, aten._log_softmax.default)
 def _softmax(L, x, dim, half_to_float=False):
     v = L.tensor(x)
-    if dim % len(v.shape) != len(v.shape) - 1:
-        raise L.unsupported(f"softmax over dim {dim} (only the last dim is supported)")
+    nd = len(v.shape)
+    if nd and dim % nd != nd - 1:   # over another dim: a view that makes it the last
+        order = [d for d in range(nd) if d != dim % nd] + [dim % nd]
+        out = _softmax_last(L, L.permute(v, order))
+        return L.permute(out, [order.index(d) for d in range(nd)])
+    return _softmax_last(L, v)
+
+
+def _softmax_last(L, v: View) -> View:
     shape, dtype = v.shape, L.out_dtype()
     m = L.reduce_last("max", v, [-1], True)
     shifted = L.elementwise("sub", v, m, shape=shape, dtype=dtype)
@@ -339,10 +377,15 @@ def _softmax(L, x, dim, half_to_float=False):
 @handles(aten.index_put.default, aten.index_put_.default)
 def _index_put(L, state, indices, values, accumulate=False):
     positions = [(d, i) for d, i in enumerate(indices) if i is not None]
+    in_place = L.ops_by_name(L.tensor(state).value).kind in ("state", "state_update")
+    if in_place and not accumulate and len(positions) == 2 and \
+            _is_slots(L, L.tensor(state), *positions[0]):
+        return _slot_update(L, state, positions[1][0], positions[1][1], values)
     if accumulate or len(positions) != 1:
-        raise L.unsupported("aten.index_put other than one index tensor along one dim")
+        raise L.unsupported("aten.index_put other than one index tensor along one dim "
+                            "(or `state[slots, ..., pos] = values`)")
     dim, index = positions[0]
-    if L.ops_by_name(L.tensor(state).value).kind in ("state", "state_update"):
+    if in_place:
         return _state_update(L, state, dim, index, values)
     return _scatter(L, L.tensor(state), dim, L.tensor(index), L.value(values))
 
@@ -363,6 +406,38 @@ def _state_update(L, state, dim, index, values):
     vals = L.expand(L.tensor(values), slot)
     return L.emit("state_update", s.shape, s.dtype, (s.operand(), vals.operand(), idx.operand()),
                   dim=dim)
+
+
+def _is_slots(L, state: View, dim: int, index) -> bool:
+    """Whether `index` names every slot of `state`'s first dim in order: a constant
+    0..n-1 (a batched decoder's `slots` buffer), so `state[slots, ..., pos]` writes
+    row b of the values into slot b."""
+    idx = L.tensor(index)
+    n = state.shape[0] if state.shape else 0
+    data = L.constants.get(idx.value)
+    return (dim == 0 and idx.shape == (n,) and idx.strides == (1,) and idx.offset == 0
+            and data is not None and data.numel() == n
+            and torch.equal(data.reshape(-1).long(), torch.arange(n)))
+
+
+def _slot_update(L, state, dim, index, values):
+    """`state[slots, ..., pos] = values` (slots 0..n-1 along dim 0, `pos` [n] along
+    `dim`): slot b's values go to position pos[b] of slot b. One state update at per-slot
+    positions (attr `slot_dim` 0): its value is [n, ..., 1 at dim, ...]."""
+    s, idx = L.tensor(state), L.tensor(index)
+    if not s.contiguous:
+        raise L.unsupported("an in-place update of something other than a module buffer")
+    dim %= len(s.shape)
+    n = s.shape[0]
+    if dim == 0 or idx.shape != (n,):
+        raise L.unsupported(f"an in-place update of {n} slots at {idx.shape} positions "
+                            f"(one position per slot)")
+    rest = tuple(size for d, size in enumerate(s.shape) if d not in (0, dim))
+    vals = L.expand(L.tensor(values), (n,) + rest)
+    slot = s.shape[:dim] + (1,) + s.shape[dim + 1:]
+    vals = L.view_as(vals, slot)
+    return L.emit("state_update", s.shape, s.dtype, (s.operand(), vals.operand(), idx.operand()),
+                  dim=dim, slot_dim=0)
 
 
 def _scatter(L, base: View, dim: int, index: View, values) -> View:
@@ -434,8 +509,12 @@ def _topk(L, x, k, dim=-1, largest=True, sorted=True):
     torch leaves the order open, and sorted is one of the orders it allows."""
     v = L.tensor(x)
     nd = len(v.shape)
-    if nd == 0 or dim % nd != nd - 1:
-        raise L.unsupported("aten.topk over a dim other than the last")
+    if nd == 0:
+        raise L.unsupported("aten.topk of a 0-d tensor")
+    if dim % nd != nd - 1:   # over another dim: a view that makes it the last
+        order = [d for d in range(nd) if d != dim % nd] + [dim % nd]
+        back = [order.index(d) for d in range(nd)]
+        return [L.permute(r, back) for r in _topk(L, L.permute(v, order), k, -1, largest)]
     if v.dtype not in FLOAT_DTYPES:
         raise L.unsupported(f"aten.topk of {v.dtype} values (floating point only)")
     if not 0 < k <= v.shape[-1]:
@@ -452,14 +531,21 @@ def _topk(L, x, k, dim=-1, largest=True, sorted=True):
 def _argmax(L, x, dim=None, keepdim=False):
     v = L.tensor(x)
     nd = len(v.shape)
-    if dim is None and nd != 1 or dim is not None and dim % nd != nd - 1:
+    if dim is None or nd == 0:   # over all values, as torch: the index into the flattened
+        out = _argmax_last(L, L.view_as(v, (math.prod(v.shape),)))
+        return L.view_as(out, (1,) * nd if keepdim else ())
+    if dim % nd != nd - 1:
         raise L.unsupported("argmax over a dim other than the last")
+    out = _argmax_last(L, v)
+    return out if keepdim else L.view_as(out, v.shape[:-1])
+
+
+def _argmax_last(L, v: View) -> View:
+    """The argmax of each row of v's last dim, [.., 1]."""
     chunk = _argmax_chunk(v.shape[-1])
     if chunk:
-        out = _argmax_in_stages(L, v, chunk)
-    else:
-        out = L.emit("argmax", v.shape[:-1] + (1,), "int64", (v.operand(),))
-    return out if keepdim else L.view_as(out, v.shape[:-1])
+        return _argmax_in_stages(L, v, chunk)
+    return L.emit("argmax", v.shape[:-1] + (1,), "int64", (v.operand(),))
 
 
 WIDE_ARGMAX = 4096   # from this width, one task per row would walk the row alone

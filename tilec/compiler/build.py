@@ -74,6 +74,67 @@ def build_model_async(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Te
     spec = cfg.model
     if not isinstance(spec, ModuleSpec):
         return _build_decoder(cfg)
+    factory = _factory(cfg)
+    memory.check(cfg.path, memory.input_needs(cfg.inputs) + memory.module_needs(
+        lambda: factory(**spec.kwargs), "model.kwargs" if spec.kwargs else "model.module"))
+    torch.manual_seed(cfg.seed)   # before the factory runs, so the weights are seeded
+    model = _call_factory(cfg, factory)
+    if cfg.dtype is not None:
+        model = model.to(FLOAT_DTYPES[cfg.dtype])
+    return model, random_inputs(cfg.inputs, cfg.seed), None
+
+
+def build_plan(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """The model a model.yaml names, on PyTorch's meta device: every parameter, buffer
+    and example input has its shape and dtype and no memory (`tilec compile --plan`).
+    Any model: a family's decode step or an hf checkpoint's (from config.json alone)
+    is built by its own constructor, a `module:` by its factory, under the meta device.
+    Nothing is drawn, read or allocated, so no memory check is needed."""
+    spec = cfg.model
+    if isinstance(spec, ModuleSpec):
+        factory = _factory(cfg)
+        with torch.device("meta"):
+            model = _call_factory(cfg, factory)
+        specs = cfg.inputs
+    else:
+        step, config = _decoder_class(cfg)
+        _check_batch(cfg, step)
+        with torch.device("meta"):
+            model = (step(config, spec.max_seq_len, batch=spec.batch) if spec.batch != 1
+                     else step(config, spec.max_seq_len)).eval()
+        specs = decoder_inputs(model.cfg.vocab_size, spec.max_seq_len, spec.batch)
+    dtype = cfg.dtype or ("float32" if isinstance(spec, FamilySpec) else None)
+    if dtype is not None:
+        model = model.to(FLOAT_DTYPES[dtype])
+    inputs = tuple(torch.empty(s.shape, dtype={**FLOAT_DTYPES, **INT_DTYPES}[s.dtype],
+                               device="meta") for s in specs)
+    return model, inputs
+
+
+def _decoder_class(cfg: ModelConfig):
+    """(decode step class, its config) of a `family:` or `hf:` model."""
+    spec = cfg.model
+    if isinstance(spec, FamilySpec):
+        config_class, step = family_classes(spec.family)
+        return step, config_class.from_dict(spec.config)
+    from tilec.models.hf import checkpoint_class
+
+    return checkpoint_class(spec.folder, spec.max_seq_len)
+
+
+def _check_batch(cfg: ModelConfig, step: type) -> None:
+    """Refuse `model.batch` > 1 for a decode step that advances one sequence."""
+    spec = cfg.model
+    if spec.batch > 1 and not step.batched:
+        what = f"the {spec.family} family" if isinstance(spec, FamilySpec) else \
+            f"{step.__name__} (model.hf)"
+        raise ConfigError(f"{cfg.path}: model.batch: {what} decodes one sequence per step "
+                          f"(batch 1), found {spec.batch}")
+
+
+def _factory(cfg: ModelConfig):
+    """A `module:` model's factory, its kwargs checked against its signature."""
+    spec = cfg.model
     module = _import_file(spec.file, cfg.path)
     factory = getattr(module, spec.factory, None)
     if not callable(factory):
@@ -98,9 +159,11 @@ def build_model_async(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Te
             raise ConfigError(f"{cfg.path}: model.kwargs: {spec.factory}{signature} "
                               f"rejects them: {exc}") from None
     _check_kwarg_types(signature, spec, cfg.path)
-    memory.check(cfg.path, memory.input_needs(cfg.inputs) + memory.module_needs(
-        lambda: factory(**spec.kwargs), "model.kwargs" if spec.kwargs else "model.module"))
-    torch.manual_seed(cfg.seed)   # before the factory runs, so the weights are seeded
+    return factory
+
+
+def _call_factory(cfg: ModelConfig, factory) -> torch.nn.Module:
+    spec = cfg.model
     try:
         model = factory(**spec.kwargs)
     except Exception as exc:   # a mistake in the kwargs or in the model file: one line
@@ -110,10 +173,7 @@ def build_model_async(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Te
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"{cfg.path}: model.module: expected {spec.factory}(**kwargs) to "
                           f"return a torch.nn.Module, found {type(model).__name__}")
-    model = model.eval()
-    if cfg.dtype is not None:
-        model = model.to(FLOAT_DTYPES[cfg.dtype])
-    return model, random_inputs(cfg.inputs, cfg.seed), None
+    return model.eval()
 
 
 SIMPLE_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
@@ -148,10 +208,11 @@ def _where_in(exc: BaseException, file: str) -> str:
     return f" at {os.path.basename(file)}:{frames[-1].lineno}" if frames else ""
 
 
-def decoder_inputs(vocab_size: int, max_seq_len: int) -> tuple[InputSpec, ...]:
-    """A decode step's inputs: the token fed this step and its position."""
-    return (InputSpec("token", (1,), "int64", 0, vocab_size),
-            InputSpec("pos", (1,), "int64", 0, max_seq_len))
+def decoder_inputs(vocab_size: int, max_seq_len: int, batch: int = 1) -> tuple[InputSpec, ...]:
+    """A decode step's inputs: the token fed this step to each of its `batch` slots, and
+    its position in that slot's sequence."""
+    return (InputSpec("token", (batch,), "int64", 0, vocab_size),
+            InputSpec("pos", (batch,), "int64", 0, max_seq_len))
 
 
 def _build_decoder(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...],
@@ -165,24 +226,26 @@ def _build_decoder(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Tenso
         # background: see PendingWeights.
         dtype = FLOAT_DTYPES[cfg.dtype or "float32"]
         config_class, step = family_classes(spec.family)
+        _check_batch(cfg, step)
         config = config_class.from_dict(spec.config)
         memory.check(cfg.path, memory.decoder_needs(cfg.path, step, config, spec.max_seq_len,
-                                                    dtype, "model.config"))
-        model = step.empty(config, spec.max_seq_len, dtype).eval()
+                                                    dtype, "model.config", batch=spec.batch))
+        model = step.empty(config, spec.max_seq_len, dtype, batch=spec.batch).eval()
         std = model.cfg.initializer_range
         params = list(model.named_parameters())
         pending = PendingWeights(lambda stop: init_random(params, cfg.seed, std, stop))
     else:
         from tilec.models.hf import load_checkpoint, read_config, step_class
 
+        _check_batch(cfg, step_class(spec.folder))
         # read in float32, then cast: both copies at once
         memory.check(cfg.path, memory.decoder_needs(
             cfg.path, step_class(spec.folder), read_config(spec.folder), spec.max_seq_len, None,
-            "model.hf", copies=2 if cfg.dtype is not None else 1))
-        model = load_checkpoint(spec.folder, spec.max_seq_len).eval()
+            "model.hf", copies=2 if cfg.dtype is not None else 1, batch=spec.batch))
+        model = load_checkpoint(spec.folder, spec.max_seq_len, spec.batch).eval()
         if cfg.dtype is not None:
             model = model.to(FLOAT_DTYPES[cfg.dtype])
-    specs = decoder_inputs(model.cfg.vocab_size, spec.max_seq_len)
+    specs = decoder_inputs(model.cfg.vocab_size, spec.max_seq_len, spec.batch)
     return model, random_inputs(specs, cfg.seed), pending
 
 

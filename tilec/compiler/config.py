@@ -10,6 +10,8 @@ model:                        # required; one of three forms:
 #                             #   glm_moe_dsa (tilec/models/)
 # model: {hf: ./Llama-3.2-1B, max_seq_len: 2048}
 #                             #   a local Hugging Face checkpoint (folder relative to this yaml)
+#                             # family and hf models: `batch: 8` (default 1) makes one decode
+#                             # step advance 8 sequences, each in its own KV-cache slot
 inputs:                       # required for `module` (at least one), derived for the others;
                               # in the order forward() takes them
   - {name: x, shape: [4, 64], dtype: float32}
@@ -59,8 +61,9 @@ MODEL_DTYPES = ("float32", "bfloat16")
 POLICIES = ("critical_path", "round_robin")
 
 TOP_KEYS = ("model", "inputs", "dtype", "seed", "target", "schedule")
-MODEL_KEYS = ("module", "kwargs", "family", "config", "hf", "max_seq_len")
+MODEL_KEYS = ("module", "kwargs", "family", "config", "hf", "max_seq_len", "batch")
 DEFAULT_MAX_SEQ_LEN = 256
+MAX_BATCH = 1024   # sequences per decode step; a typo's 10**9 would only fill memory
 INPUT_KEYS = ("name", "shape", "dtype", "low", "high")
 TARGET_KEYS = ("name", "workers", "devices", "roles")
 ROLE_KEYS = ("workers", "devices", "kinds", "ops", "modules")
@@ -86,14 +89,16 @@ class ModuleSpec:
 @dataclass(frozen=True)
 class FamilySpec:
     family: str               # one of FAMILIES
-    config: dict              # the family's config fields (LlamaConfig, MlaDsaConfig)
+    config: dict              # the family's config fields (LlamaConfig's, or config.json's)
     max_seq_len: int          # sizes the KV cache
+    batch: int = 1            # sequences one decode step advances (KV-cache slots)
 
 
 @dataclass(frozen=True)
 class CheckpointSpec:
     folder: str               # absolute path of a Hugging Face checkpoint folder
     max_seq_len: int
+    batch: int = 1            # sequences one decode step advances (KV-cache slots)
 
 
 @dataclass(frozen=True)
@@ -175,7 +180,7 @@ def _parse_model(model: Any, path: str) -> ModuleSpec | FamilySpec | CheckpointS
         raise ConfigError(f"{path}: model: give one of module, family or hf, found {forms}")
     if forms and forms[0] != "module":
         return _parse_decoder(model, forms[0], path)
-    for key in ("config", "max_seq_len"):
+    for key in ("config", "max_seq_len", "batch"):
         if key in model:
             raise ConfigError(f"{path}: model.{key}: only for `family` or `hf` models")
     if "module" not in model:
@@ -206,6 +211,9 @@ def _parse_decoder(model: dict, form: str, path: str) -> FamilySpec | Checkpoint
     max_seq_len = model.get("max_seq_len", DEFAULT_MAX_SEQ_LEN)
     if not _is_int(max_seq_len) or max_seq_len < 1:
         _fail(path, "model.max_seq_len", "an integer >= 1", max_seq_len)
+    batch = model.get("batch", 1)
+    if not _is_int(batch) or not 1 <= batch <= MAX_BATCH:
+        _fail(path, "model.batch", f"an integer from 1 to {MAX_BATCH}", batch)
     if form == "family":
         family = model["family"]
         if family not in FAMILIES:
@@ -214,7 +222,7 @@ def _parse_decoder(model: dict, form: str, path: str) -> FamilySpec | Checkpoint
         config = model.get("config", {}) or {}
         _need_mapping(config, "model.config", path)
         check_family_config(family, config, f"{path}: model.config")
-        return FamilySpec(family, dict(config), max_seq_len)
+        return FamilySpec(family, dict(config), max_seq_len, batch)
     if "config" in model:
         raise ConfigError(f"{path}: model.config: an hf checkpoint brings its own config.json")
     folder = model["hf"]
@@ -223,7 +231,7 @@ def _parse_decoder(model: dict, form: str, path: str) -> FamilySpec | Checkpoint
     folder = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(path)), folder))
     if not os.path.isdir(folder):
         raise ConfigError(f"{path}: model.hf: checkpoint folder {folder} not found")
-    return CheckpointSpec(folder, max_seq_len)
+    return CheckpointSpec(folder, max_seq_len, batch)
 
 
 def _parse_inputs(inputs: Any, path: str) -> tuple[InputSpec, ...]:

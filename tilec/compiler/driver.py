@@ -75,6 +75,7 @@ class Outputs:
     dump_dir: str | None = None     # every stage as text (pipeline.STAGES' dumps)
     on_stage: Callable[[str, float], None] | None = None   # (stage name, seconds)
     aot: bool = True                # GPU targets: compile the kernel for the GPU now
+    plan: bool = False              # everything but the weights (CompileOptions.plan)
 
 
 def compile_model(model_or_yaml, example_inputs: Sequence[torch.Tensor] | None = None,
@@ -115,21 +116,25 @@ def compile_yaml(cfg: cfgmod.ModelConfig, o: Overrides, outputs: Outputs):
                                  o.policy or s.policy, o.tile_m or s.tile_m,
                                  o.tile_n or s.tile_n, o.tile_k or s.tile_k,
                                  kv_chunk=o.kv_chunk or s.kv_chunk, roles=t.roles or (),
-                                 devices=t.devices if o.devices is None else o.devices)
+                                 devices=t.devices if o.devices is None else o.devices,
+                                 batch=getattr(cfg.model, "batch", 1))
     check_files(yaml_input_files(cfg), outputs, options.target.devices)
-    # After the options are checked: from here a family model's weights are being
-    # drawn in the background until compile_module has them (build.PendingWeights).
-    module, inputs, weights = build.build_model_async(cfg)
+    if outputs.plan:   # on the meta device: nothing drawn, read or allocated
+        (module, inputs), weights = build.build_plan(cfg), None
+    else:
+        # After the options are checked: from here a family model's weights are being
+        # drawn in the background until compile_module has them (build.PendingWeights).
+        module, inputs, weights = build.build_model_async(cfg)
     generation = tokenizer = chat = None
     specs = cfg.inputs
     if not isinstance(cfg.model, cfgmod.ModuleSpec):
-        specs = build.decoder_inputs(module.cfg.vocab_size, module.max_seq_len)
+        specs = build.decoder_inputs(module.cfg.vocab_size, module.max_seq_len, module.batch)
         generation, tokenizer, chat = decoder_extras(cfg, module)
     try:
         with naming_the_yaml(cfg):
             return compile_module(
                 module, inputs, name=o.name or Path(cfg.path).stem,
-                options=replace(options, aot=outputs.aot),
+                options=replace(options, aot=outputs.aot, plan=outputs.plan),
                 input_info=tuple(InputInfo(s.name, s.low, s.high) for s in specs),
                 seed=cfg.seed, progress=Progress(outputs.on_stage),
                 dump_dir=outputs.dump_dir, generation=generation,
@@ -151,8 +156,10 @@ def compile_nn(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], o: Ove
                              devices=1 if o.devices is None else o.devices)
     check_files([("the model's module file", _source_file(module))], outputs,
                 options.target.devices)
+    # A plan of a caller's module: its weights exist already; the engine gets no copy.
     return compile_module(module, inputs, name=o.name or type(module).__name__,
-                          options=replace(options, aot=outputs.aot), seed=o.seed or 0,
+                          options=replace(options, aot=outputs.aot, plan=outputs.plan),
+                          seed=o.seed or 0,
                           progress=Progress(outputs.on_stage), dump_dir=outputs.dump_dir,
                           output=outputs.output)
 

@@ -17,6 +17,7 @@ import sys
 import sysconfig
 import traceback
 import warnings
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from tilec.compiler.lowered import Lowered, View
-from tilec.errors import ConfigError, UnsupportedOpError
+from tilec.errors import ConfigError, TilecError, UnsupportedOpError
 from tilec.ir.graph import (PLACEHOLDER_KINDS, Graph, Op, Operand, TensorType,
                             contiguous_strides, reads_run_time_index, run_time_index)
 
@@ -59,6 +60,7 @@ def export(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) ->
     that declares repeated layers, of its first two layers only."""
     from tilec.compiler.layers import declared_layers, first_two
 
+    example_inputs = _unaliased(example_inputs)
     layers = declared_layers(module)
     if layers is not None:
         return Exported(_export(first_two(layers), example_inputs), layers,
@@ -66,15 +68,59 @@ def export(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) ->
     return Exported(_export(module, example_inputs))
 
 
+def _unaliased(example_inputs) -> tuple:
+    """The example inputs, each sharing memory with an earlier one cloned: torch.export
+    traces one tensor passed twice as one input, and the engine would then read its
+    first input wherever the model reads the second (`f(x, x)` compiled `f(x, y)` as
+    `f(x, x)`, silently wrong for any other y)."""
+    seen, out = [], []
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor):
+            if any(_shares_memory(x, y) for y in seen):
+                x = x.clone()
+            seen.append(x)
+        out.append(x)
+    return tuple(out)
+
+
+def _shares_memory(x: torch.Tensor, y: torch.Tensor) -> bool:
+    if x is y:
+        return True
+    if x.is_meta or y.is_meta:   # meta tensors have no memory to share (data_ptr 0)
+        return False
+    return x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+
+
 def _export(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch-internal pytree deprecations
-        with _torch_quiet_on_failure():
-            try:
-                ep = torch.export.export(module, tuple(example_inputs), strict=False)
-            except Exception as exc:
-                raise _export_error(exc, example_inputs) from exc
+        hook = module.register_forward_hook(_check_outputs)
+        try:
+            with _torch_quiet_on_failure():
+                try:
+                    ep = torch.export.export(module, tuple(example_inputs), strict=False)
+                except TilecError:
+                    raise
+                except Exception as exc:
+                    raise _export_error(exc, example_inputs) from exc
+        finally:
+            hook.remove()
         return ep.run_decompositions()
+
+
+def _check_outputs(module: torch.nn.Module, args, output) -> None:
+    """What forward() returns, seen while it is traced: an engine's outputs are tensors
+    (in any nesting of tuples, lists, dicts, ModelOutputs), so anything else (a KV cache
+    object) is refused here by its path, before torch.export fails on it in its own
+    words."""
+    from torch.utils._pytree import keystr, tree_flatten_with_path
+
+    for path, leaf in tree_flatten_with_path(output)[0]:
+        if leaf is not None and not isinstance(leaf, (torch.Tensor, bool, int, float)):
+            raise ConfigError(f"forward() returns a {type(leaf).__name__} at output{keystr(path)}, "
+                              f"which is not a tensor: an engine returns tensors only (a "
+                              f"transformers model returns its cache unless "
+                              f"config.use_cache is False)")
 
 
 def check_input_ranges(lowered: Lowered, ranges) -> None:
@@ -210,11 +256,41 @@ def reshape_strides(shape, strides, new_shape) -> tuple[int, ...] | None:
     return tuple(new_strides)
 
 
+# The most elements a value folded at compile time may have (a float32 mask over 2048
+# queries and keys): larger ones are lowered as ops, so the engine file stays small.
+FOLD_LIMIT = 1 << 22
+# ops whose values are whatever memory held: never constants
+_UNSET = (aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty,
+          aten.new_empty_strided)
+
+
+class _Env(dict):
+    """FX node -> its lowered value; a node folded at compile time becomes a constant
+    the first time an op reads it (`_Lowering.constant`). It refers to its lowering
+    weakly: a cycle would keep the exported program and its tensors alive until a
+    garbage collection (paused while compiling), and pack decides which weights it may
+    take or free by who else still holds them."""
+
+    def __init__(self, lowering: "_Lowering"):
+        super().__init__()
+        self.lowering = weakref.proxy(lowering)
+
+    def __missing__(self, node: torch.fx.Node):
+        if node not in self.lowering.known:
+            raise KeyError(node)
+        value = self.lowering.constant(node, self.lowering.known[node])
+        self[node] = value
+        return value
+
+
 class _Lowering:
     def __init__(self, ep):
         self.ep = ep
         self.ops: list[Op] = []
-        self.env: dict[torch.fx.Node, Any] = {}
+        self.env: dict[torch.fx.Node, Any] = _Env(self)
+        # values known at compile time: the buffers the model does not write, its lifted
+        # constants, and what ops compute from only those (folded: see `fold`)
+        self.known: dict[torch.fx.Node, Any] = {}
         self.constants: dict[str, torch.Tensor] = {}
         self.names: set[str] = set()
         self.node: torch.fx.Node | None = None
@@ -400,7 +476,9 @@ class _Lowering:
                 if target:
                     data = state_dict[target] if target in state_dict else constants[target]
                     kind = "state" if target in mutated else "weight"
-                    key = (data.data_ptr(), tuple(data.shape), tuple(data.stride()), data.dtype)
+                    if kind == "weight" and node.name not in params:
+                        self.known[node] = data
+                    key = (_identity(data), tuple(data.shape), tuple(data.stride()), data.dtype)
                     if kind == "weight" and key in shared:  # tied weights: one buffer
                         self.env[node] = shared[key]
                         continue
@@ -418,7 +496,8 @@ class _Lowering:
                     graph_inputs.append(v.value)
                 self.env[node] = v
             elif node.op == "call_function":
-                self.env[node] = self.lower_call(node)
+                if not self.fold(node):
+                    self.env[node] = self.lower_call(node)
             elif node.op == "output":
                 outs = node.args[0]
                 self.outputs = []
@@ -429,6 +508,9 @@ class _Lowering:
                         continue  # the state op already wrote the cache in place
                     if not isinstance(v, View):
                         raise UnsupportedOpError(f"output {i} is not a tensor")
+                    if self.meta(outs[i]).dtype == torch.bool and v.dtype != "bool":
+                        # a predicate (a float32 0/1 mask in the IR) returned as torch's bool
+                        v = self.elementwise("cast", v, shape=v.shape, dtype="bool")
                     self.outputs.append((spec.arg.name, v.operand()))
             else:
                 raise UnsupportedOpError(f"unsupported FX node {node.op} {node.target}")
@@ -438,6 +520,65 @@ class _Lowering:
         graph = Graph(tuple(ops), tuple(graph_inputs), tuple(self.outputs))
         return Lowered(graph, self.constants, tuple(user_inputs),
                        tuple(n for n, _ in self.outputs), state_names)
+
+    def fold(self, node: torch.fx.Node) -> bool:
+        """Compute `node` now if every tensor it reads is known at compile time: what a
+        model derives from shapes and constant buffers only (transformers' causal mask
+        from arange and comparisons, position ids, RoPE's cos and sin) becomes a constant
+        instead of ops. Not folded: random ops, uninitialised memory, values over FOLD_LIMIT elements, and
+        anything that reads a parameter (a weight's view or cast would become a copy)."""
+        target = node.target
+        if target is operator.getitem:
+            if node.args[0] not in self.known:
+                return False
+            self.known[node] = self.known[node.args[0]][node.args[1]]
+            return True
+        if not isinstance(target, torch._ops.OpOverload) or target.overloadpacket in _UNSET \
+                or torch.Tag.nondeterministic_seeded in target.tags:
+            return False
+        if not all(a in self.known for a in node.all_input_nodes):
+            return False
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: self.known[a])
+        if any(t.is_meta for t in args_tensors(args, kwargs)):
+            return False   # a plan's buffers (compile --plan) have no values to fold
+        if kwargs.get("device") == torch.device("meta"):
+            kwargs = {**kwargs, "device": torch.device("cpu")}   # traced on meta: a plan
+        try:
+            value = target(*args, **kwargs)
+        except Exception:   # lowered as an op instead, whose handler says what is wrong
+            return False
+        tensors = [t for t in (value if isinstance(value, (list, tuple)) else [value])
+                   if isinstance(t, torch.Tensor)]
+        if any(t.numel() > FOLD_LIMIT for t in tensors):
+            return False
+        self.known[node] = value
+        # a view of a known tensor stays known (what reads it may fold) but is lowered
+        # as the view it is: made a constant of its own, it would copy its buffer
+        read = {t.untyped_storage().data_ptr() for t in args_tensors(args, kwargs)}
+        return not any(t.untyped_storage().data_ptr() in read for t in tensors)
+
+    def constant(self, node: torch.fx.Node, value):
+        """A folded value as the op graph reads it: a tensor becomes a weight (a
+        predicate one of float32 0/1, as the IR's predicates are), or, where it is one
+        number all over, a fill (as aten.full lowers: elementwise ops read the number)."""
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.constant(node, v) for v in value)
+        if not isinstance(value, torch.Tensor):
+            return value
+        data = value.detach().contiguous()
+        if data.dtype == torch.bool:
+            data = data.to(torch.float32)
+        dtype = dtype_name(data.dtype, f" at {user_site(node)}")
+        flat = data.reshape(-1)
+        where, self.node = self.node, node
+        if flat.numel() and bool((flat == flat[0]).all()):
+            v = self.elementwise("identity", float(flat[0]), shape=data.shape, dtype=dtype)
+            self.fills[v.value] = float(flat[0])
+        else:
+            v = self.emit("weight", data.shape, dtype, name=node.name)
+            self.constants[v.value] = data
+        self.node = where
+        return v
 
     def lower_call(self, node: torch.fx.Node):
         target = node.target
@@ -450,6 +591,12 @@ class _Lowering:
             kind = "aten." if "aten" in str(target) or hasattr(target, "_schema") else ""
             raise UnsupportedOpError(f"unsupported operator {kind}{name} at {user_site(node)}")
         return handler(self, *node.args, **node.kwargs)
+
+
+def _identity(data: torch.Tensor) -> int:
+    """What tied weights share: their memory, or on the meta device (a plan, which has
+    no memory: every meta tensor's data_ptr is 0) the tensor object itself."""
+    return id(data) if data.is_meta else data.data_ptr()
 
 
 def used_ops(ops: list[Op], outputs: list[str]) -> list[Op]:
@@ -466,10 +613,19 @@ def used_ops(ops: list[Op], outputs: list[str]) -> list[Op]:
     return kept[::-1]
 
 
+def args_tensors(args, kwargs) -> list[torch.Tensor]:
+    """The tensors among an op's arguments (in lists too)."""
+    flat = list(args) + list(kwargs.values())
+    flat += [x for a in flat if isinstance(a, (list, tuple)) for x in a]
+    return [a for a in flat if isinstance(a, torch.Tensor)]
+
+
 def user_output_names(ep, count: int) -> list[str]:
-    """The forward's output names: a returned dict's keys, else output0, output1, ..."""
+    """The forward's output names: a returned dict's keys (a dict subclass's too, as
+    transformers' ModelOutput), else output0, output1, ..."""
     spec = ep.call_spec.out_spec
-    if spec is not None and spec.type is dict and spec.num_leaves == count:
+    if spec is not None and isinstance(spec.type, type) and issubclass(spec.type, dict) \
+            and spec.num_leaves == count and len(spec.context) == count:
         return [str(k) for k in spec.context]
     return [f"output{i}" for i in range(count)]
 
@@ -500,4 +656,4 @@ def supported_ops() -> list[str]:
     return sorted({str(t) for t in aten_ops.HANDLERS})
 
 
-from tilec.compiler import aten_ops  # noqa: E402  (registers the handlers; imports View)
+from tilec.compiler import aten_ops, aten_reductions  # noqa: E402,F401  (register the handlers)

@@ -76,15 +76,17 @@ def module_needs(build: Callable[[], object], key: str) -> list[Need]:
 
 
 def decoder_needs(path: str, step: type, config, max_seq_len: int,
-                  dtype: torch.dtype | None, weights_key: str, copies: int = 1) -> list[Need]:
+                  dtype: torch.dtype | None, weights_key: str, copies: int = 1,
+                  batch: int = 1) -> list[Need]:
     """A decode-step family model (`step(config, max_seq_len)`) of any depth, measured
     from models of one and two layers on the meta device. `dtype`: the weights' (None:
     as built). `copies`: how many times the build holds them (an hf checkpoint is
-    read in float32, then cast). The KV cache is the key `model.max_seq_len`'s."""
+    read in float32, then cast). The KV cache is the key `model.max_seq_len`'s (`batch`
+    slots of it)."""
     layers = config.num_hidden_layers
     try:
         one, two = (_bytes(_meta(step, replace(config, num_hidden_layers=n), max_seq_len,
-                                 dtype)) for n in (1, 2))
+                                 dtype, batch)) for n in (1, 2))
     except (RuntimeError, ValueError, OverflowError, TypeError) as exc:
         raise ConfigError(f"{path}: {weights_key}: a model of this shape cannot be built "
                           f"({str(exc).splitlines()[0][:200]})") from None
@@ -92,12 +94,13 @@ def decoder_needs(path: str, step: type, config, max_seq_len: int,
     cache = one[1] + (layers - 1) * (two[1] - one[1])
     return [Need(weights_key, f"the model's weights ({layers} layers)", copies * params),
             Need("model.max_seq_len", f"the KV cache ({max_seq_len} positions in each of "
-                 f"{layers} layers)", copies * cache)]
+                 f"{layers} layers{f', {batch} slots' if batch > 1 else ''})", copies * cache)]
 
 
-def _meta(step: type, config, max_seq_len: int, dtype: torch.dtype | None) -> torch.nn.Module:
+def _meta(step: type, config, max_seq_len: int, dtype: torch.dtype | None,
+          batch: int = 1) -> torch.nn.Module:
     with torch.device("meta"):
-        model = step(config, max_seq_len)
+        model = step(config, max_seq_len, batch=batch) if batch > 1 else step(config, max_seq_len)
     return model.to(dtype) if dtype is not None else model
 
 

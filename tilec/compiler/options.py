@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from tilec.compiler.config import workers_problem
 from tilec.errors import ConfigError
 from tilec.ir.abi import MAX_WAITS
-from tilec.ir.stream import RING_CHUNK_ELEMS
+from tilec.ir.stream import RING_CHUNK_ELEMS, TENSOR_CORE_ROWS
 from tilec.ir.target import MAX_DEVICES, TARGETS, Role, Target
 from tilec.limits import short_repr
 from tilec.passes.roles import target_roles
@@ -25,14 +25,21 @@ class CompileOptions:
     tiles: TileOptions = TileOptions()
     max_waits: int = MAX_WAITS
     aot: bool = True        # GPU targets: compile the kernel to a cubin and store it
+    # A plan: the model built on the meta device, pools sized but not filled, no GPU
+    # compile (a plan never runs); see tilec compile --plan.
+    plan: bool = False
 
 
 def target_options(name: str, workers: int | None = None, policy: str = "critical_path",
                    tile_m: int | None = None, tile_n: int | None = None,
                    tile_k: int | None = None, roles: tuple[Role, ...] = (),
-                   kv_chunk: int | None = None, devices: int = 1) -> CompileOptions:
+                   kv_chunk: int | None = None, devices: int = 1,
+                   batch: int = 1) -> CompileOptions:
     """`roles` as model.yaml gives them: checked here, once the worker count is final.
-    With `devices` > 1 they own devices (Role.devices), not workers."""
+    With `devices` > 1 they own devices (Role.devices), not workers. `batch`: the
+    sequences a decode step advances (the rows of its matmuls): unless `tile_m` is
+    given, a tile holds them all, up to MAX_BATCH_TILE_M, so each weight tile is read
+    once per step for the whole batch."""
     if not isinstance(name, str) or name not in TARGETS:
         raise ConfigError(f"unknown target {short_repr(name)} (choose from {', '.join(TARGETS)})")
     target = TARGETS[name]
@@ -48,10 +55,18 @@ def target_options(name: str, workers: int | None = None, policy: str = "critica
     worker_roles, device_roles = target_roles(roles, devices, target.workers, "override")
     target = replace(target, roles=worker_roles, device_roles=device_roles)
     base = default_tiles(target)
-    tiles = replace(base, tile_m=tile_m or base.tile_m, tile_n=tile_n or base.tile_n,
+    rows = min(MAX_BATCH_TILE_M, 1 << (batch - 1).bit_length())
+    if batch > 1 and target.backend == "cuda":
+        base = replace(base, min_tile_m=TENSOR_CORE_ROWS)
+    tiles = replace(base, tile_m=tile_m or max(base.tile_m, rows), tile_n=tile_n or base.tile_n,
                     tile_k=tile_k or base.tile_k, kv_chunk=kv_chunk or base.kv_chunk,
                     workers=target.workers if target.backend == "cuda" else 1)
     return CompileOptions(target=target, policy=policy, tiles=tiles)
+
+
+# A batch tile's rows at most: a [64, 128] float32 accumulator is what a tensor-core
+# tile holds in registers; larger batches read each weight tile once per 64 sequences.
+MAX_BATCH_TILE_M = 64
 
 
 def default_tiles(target: Target) -> TileOptions:

@@ -18,29 +18,32 @@ from tilec.runtime.enginefile import EngineFile, IOSpec, Manifest, TORCH_DTYPES,
 
 
 def pack_devices(scheds, rendered, lowered, max_waits, name, input_info, seed, binary,
-                 release_constants) -> list[EngineFile]:
+                 release_constants, plan: bool = False) -> list[EngineFile]:
     """One EngineFile per device, each pool holding the device's own parts of the weights
     and the state (memplan). Constants are released (see pack) only by the last
     device's pack, after every device has copied its parts."""
     return [pack(s, r, lowered, max_waits, name, input_info, seed,
-                 binary if i == 0 else None, release_constants and i == len(scheds) - 1)
+                 binary if i == 0 else None, release_constants and i == len(scheds) - 1,
+                 plan)
             for i, (s, r) in enumerate(zip(scheds, rendered))]
 
 
 def pack(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered, max_waits: int,
          name: str, input_info: tuple[InputInfo, ...], seed: int,
-         binary: AOTKernel | None = None, release_constants: bool = False) -> EngineFile:
+         binary: AOTKernel | None = None, release_constants: bool = False,
+         plan: bool = False) -> EngineFile:
     """`release_constants`: the module is tilec's own (built from a model.yaml), so each
     weight's memory is freed once it is copied into its pool: the peak is then one copy
-    of the weights, not two. Never for a caller's module."""
+    of the weights, not two. Never for a caller's module. `plan`: the pools keep their
+    sizes in the manifest but get no data (a plan's constants are meta tensors)."""
     tensors = encode_tables(sched, rendered.opcodes, max_waits)
     tensors["args"] = torch.tensor(rendered.args, dtype=torch.int64).reshape(
         len(rendered.args), rendered.max_args)
     placed = {b.name: b for b in sched.buffers}
-    users = Counter(_storage(t) for t in lowered.constants.values()) if release_constants \
-        else None
+    users = Counter(_storage(t) for t in lowered.constants.values()) \
+        if release_constants and not plan else None
     for pool in sched.pools:
-        if pool.kind in ("weight", "state"):
+        if pool.kind in ("weight", "state") and not plan:
             tensors[f"pool.{pool.name}"] = fill_pool(pool, sched.buffers, lowered.constants,
                                                      users)
     info = {i.name: i for i in input_info}
@@ -61,7 +64,7 @@ def pack(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered, max_wai
     stored = replace(sched, queues=(), signal=(), waits=(),
                      taskgraph=replace(sched.taskgraph, deps=()))
     manifest = Manifest(name, stored, tuple(inputs), tuple(outputs), rendered.opcodes,
-                        rendered.kinds, max_waits, rendered.max_args, seed)
+                        rendered.kinds, max_waits, rendered.max_args, seed, plan=plan)
     return EngineFile(manifest, rendered.source, tensors, aot=binary, kernel_checked=True)
 
 

@@ -170,7 +170,8 @@ def _weights(s: CompileState) -> CompileState:
 
 def _pack(s: CompileState) -> CompileState:
     engines = pack_devices(s.scheds, s.rendered, s.lowered, s.max_waits, s.name,
-                           s.input_info, s.seed, None, s.release_constants)
+                           s.input_info, s.seed, None, s.release_constants,
+                           s.options.plan)
     for e in engines:
         if s.generation is not None:
             e.manifest = replace(e.manifest, generation=s.generation)
@@ -318,7 +319,7 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
                          generation, tokenizer, chat, weights_ready, release_constants)
     hooks: list[Hook] = []
     target = state.target
-    if options.aot and target.backend == "cuda" and not state.multi:
+    if options.aot and not options.plan and target.backend == "cuda" and not state.multi:
         hooks.append(GpuCompile(target.arch, target.workers, name, options.max_waits))
     if output is not None:
         hooks.append(EngineOutput(output))

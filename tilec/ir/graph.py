@@ -90,7 +90,9 @@ class Op:
       gather       inputs (table [V, D], index [...]) -> [..., D]  (embedding).
       concat       dim; inputs are the pieces in order.
       state_update inputs (state, value, index); writes value into state at index along
-                   `dim` in place; the result aliases the state.
+                   `dim` in place; the result aliases the state. The value is the state's
+                   shape with 1 at `dim`; the index one position, or with `slot_dim` (0)
+                   one per slot: value[b, ...] goes to position index[b] of slot b.
       argmax       over the last dim; output int64 [..., 1].
       topk         k, largest, result (values | indices): the k largest (smallest) of each
                    row, in order, ties to the lowest index; output [..., k] of the input's

@@ -82,6 +82,10 @@ class Target:
     device_roles: tuple[Role, ...] = ()
     link_gbps: float = 0.0
     link_latency_us: float = 0.0
+    # Memory one device holds, bytes (0: not a fixed amount: the cpu target runs in this
+    # machine's memory). A plan's weights, caches and arenas per device are held to it
+    # (tilec inspect, tilec compile --plan).
+    memory_bytes: int = 0
 
     @property
     def max_workers(self) -> int:
@@ -142,9 +146,10 @@ TARGETS: dict[str, Target] = {
                 "7.6 GB/s per worker measured on the kernel before its weight ring "
                 "(run 3) no longer applies and is not used; links: NVLink 4, 900 GB/s "
                 "per GPU both ways (datasheet), so 450 GB/s one way; 3 us per transfer is "
-                "an estimate (a signal and a flag poll across the fabric)",
+                "an estimate (a signal and a flag poll across the fabric); memory: 141 GB "
+                "HBM3e (datasheet), 143771 MiB as nvidia-smi reports an H200's total",
         copy_gbps=4200.0, mem_latency_us=0.7, l2_latency_us=0.3,
-        link_gbps=450.0, link_latency_us=3.0,
+        link_gbps=450.0, link_latency_us=3.0, memory_bytes=143771 << 20,
     ),
     "h100": Target(
         name="h100", backend="cuda", workers=132, sms=132, mem_gbps=3350.0,
@@ -152,9 +157,11 @@ TARGETS: dict[str, Target] = {
         dtype="bfloat16",
         sources="NVIDIA H100 SXM5 datasheet (3.35 TB/s HBM3, 989 TFLOP/s dense bf16, "
                 "67 TFLOP/s fp32); 132 SMs; copy bandwidth not measured (the datasheet "
-                "figure stands in); latencies estimated as for h200; links as for h200",
+                "figure stands in); latencies estimated as for h200; links as for h200; "
+                "memory: 80 GB HBM3 (datasheet), 81559 MiB as nvidia-smi reports an "
+                "H100 SXM's total",
         mem_latency_us=0.7, l2_latency_us=0.3,
-        link_gbps=450.0, link_latency_us=3.0,
+        link_gbps=450.0, link_latency_us=3.0, memory_bytes=81559 << 20,
     ),
     "cpu": Target(
         name="cpu", backend="cpu", workers=2, sms=2, mem_gbps=10.0,

@@ -167,6 +167,26 @@ def _gpt2(cfg: dict, path: str) -> None:
             raise ConfigError(f"{path}: {key}: only false is supported")
 
 
+OPT_NAMES = {"ffn_dim": "intermediate_size", "activation_function": "hidden_act",
+             "do_layer_norm_before": "norm_before",
+             "layer_norm_elementwise_affine": "norm_affine"}
+
+
+def _opt(cfg: dict, path: str) -> None:
+    """OPT's names for the common fields; enable_bias is every projection's bias (the
+    MLP's too); do_layer_norm_before false (OPT-350m) makes the layers post-norm and
+    drops the final norm, as _remove_final_layer_norm does; word_embed_proj_dim null
+    means hidden_size."""
+    for key in ("do_layer_norm_before", "layer_norm_elementwise_affine", "enable_bias",
+                "_remove_final_layer_norm"):   # (named as config.json names them)
+        if not isinstance(cfg[key], bool):
+            raise ConfigError(f"{path}: {key}: expected true or false, found {cfg[key]!r}")
+    for theirs, ours in OPT_NAMES.items():
+        cfg[ours] = cfg.pop(theirs)
+    cfg["attention_bias"] = cfg["mlp_bias"] = cfg.pop("enable_bias")
+    cfg["final_norm"] = cfg["norm_before"] and not cfg.pop("_remove_final_layer_norm")
+
+
 def _layers(cfg: dict) -> int:
     """num_hidden_layers where it is a count (else LlamaConfig's check names it)."""
     layers = cfg.get("num_hidden_layers", 32)
@@ -239,6 +259,26 @@ ARCHITECTURES = {a.name: a for a in (
                         "lm_head": "embed_out",
                         "qkv_proj": "attention.query_key_value", "o_proj": "attention.dense",
                         "up_proj": "mlp.dense_h_to_4h", "down_proj": "mlp.dense_4h_to_h"}),
+    Architecture("OPTForCausalLM", "opt",
+                 tuple(OPT_NAMES) + ("enable_bias", "_remove_final_layer_norm",
+                                     "word_embed_proj_dim"),
+                 base=("architectures", "model_type", "vocab_size", "hidden_size",
+                       "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+                       "tie_word_embeddings"),
+                 # nn.LayerNorm's eps (OPT's config has none); positions 0, 1, ... are
+                 # rows 2, 3, ... of the table (OPTLearnedPositionalEmbedding's offset)
+                 traits={"learned_positions": True, "position_offset": 2, "layer_norm": True,
+                         "gated_mlp": False, "rms_norm_eps": 1e-5},
+                 defaults={"vocab_size": 50272, "hidden_size": 768, "num_hidden_layers": 12,
+                           "ffn_dim": 3072, "max_position_embeddings": 2048,
+                           "do_layer_norm_before": True, "_remove_final_layer_norm": False,
+                           "word_embed_proj_dim": None, "num_attention_heads": 12,
+                           "activation_function": "relu", "enable_bias": True,
+                           "layer_norm_elementwise_affine": True, "tie_word_embeddings": True},
+                 derive=_opt, prefix="model.decoder.",
+                 names={"norm": "final_layer_norm", "input_layernorm": "self_attn_layer_norm",
+                        "post_attention_layernorm": "final_layer_norm",
+                        "o_proj": "self_attn.out_proj", "up_proj": "fc1", "down_proj": "fc2"}),
 )}
 
 

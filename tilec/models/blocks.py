@@ -25,24 +25,28 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """nn.LayerNorm's function, written out (the frontend lowers its parts)."""
+    """nn.LayerNorm's function, written out (the frontend lowers its parts); `affine`
+    false: without weight and bias (nn.LayerNorm's elementwise_affine)."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, affine: bool = True):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
+        if affine:
+            self.weight = nn.Parameter(torch.ones(dim))
+            self.bias = nn.Parameter(torch.zeros(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         centred = x - x.mean(-1, keepdim=True)
         scaled = centred * torch.rsqrt((centred * centred).mean(-1, keepdim=True) + self.eps)
+        if not hasattr(self, "weight"):
+            return scaled
         return scaled * self.weight + self.bias
 
 
 def norm_of(cfg, dim: int) -> nn.Module:
     """The norm an architecture uses (RMSNorm, Gemma's, or LayerNorm)."""
     if cfg.layer_norm:
-        return LayerNorm(dim, cfg.rms_norm_eps)
+        return LayerNorm(dim, cfg.rms_norm_eps, cfg.norm_affine)
     return RMSNorm(dim, cfg.rms_norm_eps, cfg.gemma_norms)
 
 

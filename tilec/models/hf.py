@@ -41,6 +41,10 @@ METADATA = {
     "embd_pdrop": "dropout is off at inference",
     "hidden_dropout": "dropout is off at inference",
     "attn_pdrop": "dropout is off at inference",
+    "dropout": "dropout is off at inference",
+    "layerdrop": "LayerDrop skips layers in training only",
+    "init_std": "the scale of a training run's random weights: these come from the "
+                "checkpoint",
     **{key: "GPT2DoubleHeadsModel's sequence-summary head, not part of a causal LM" for key in (
         "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
         "summary_first_dropout")},
@@ -140,9 +144,21 @@ def hf_name(ours: str, arch: Architecture = LLAMA) -> str:
     return f"{layer}.{group}.{rest}" if group else f"{layer}.{rest}"
 
 
-def load_checkpoint(folder: str | os.PathLike,
-                    max_seq_len: int) -> LlamaDecodeStep | DeepseekDecodeStep:
-    """The checkpoint as tilec's Llama: every tensor in it is consumed or refused."""
+def checkpoint_class(folder: str | os.PathLike, max_seq_len: int):
+    """(decode step class, its config) of the checkpoint, from config.json alone: what
+    `tilec compile --plan` builds on the meta device, reading no weights."""
+    folder = Path(folder)
+    arch, cfg = _read(folder)
+    if arch.family == "deepseek":
+        return DeepseekDecodeStep, cfg
+    cfg.check_max_seq_len(max_seq_len, str(folder / "config.json"))
+    return LlamaDecodeStep, cfg
+
+
+def load_checkpoint(folder: str | os.PathLike, max_seq_len: int,
+                    batch: int = 1) -> LlamaDecodeStep | DeepseekDecodeStep:
+    """The checkpoint as tilec's decode step (of `batch` sequences): every tensor in it
+    is consumed or refused."""
     folder = Path(folder)
     arch, cfg = _read(folder)
     files = weight_files(folder)
@@ -150,7 +166,7 @@ def load_checkpoint(folder: str | os.PathLike,
         with _Tensors(files) as tensors:
             return load_deepseek(cfg, files, tensors, max_seq_len)
     cfg.check_max_seq_len(max_seq_len, str(folder / "config.json"))
-    model = LlamaDecodeStep(cfg, max_seq_len)
+    model = LlamaDecodeStep(cfg, max_seq_len, batch)
     params = dict(model.named_parameters())
     with _Tensors(files) as tensors:
         for name, param in params.items():

@@ -3,17 +3,23 @@
 The module is traced by the ordinary frontend like any user model; nothing about it is
 special-cased by name. It is written so the fusion pass finds the decode tasks:
   * the KV cache is module state (one buffer per layer and kind) updated in place with
-    `index_copy_` at `pos`, which torch.export turns into a state update;
+    `index_copy_` at `pos`, which torch.export turns into a state update; with `batch`
+    B > 1 it has a slot dim in front ([B, kv heads, max_seq_len, head dim]) and slot b's
+    key goes to position pos[b] of slot b (`cache[slots, :, pos] = k`: one state update
+    at per-slot positions);
   * grouped-query attention reads the cache without repeating it: the query heads of
     one KV head form the rows of one [groups, head_dim] x [head_dim, seq] matmul;
   * RoPE uses `x * cos + swap_halves(x) * sin_signed`, whose swap is a concat of two
     views of the projection output (no separate negation op).
 Numerically it is Hugging Face's LlamaForCausalLM (RMSNorm in float32, softmax in
 float32, its activations: ACTIVATIONS, its rope scaling types: tilec/models/rope.py),
-one token per call.
+one token per call and sequence. A step of batch B advances B independent sequences:
+the projections and the MLP are matmuls of B rows (each weight read once for all),
+attention runs per (slot, kv head) over the slot's own cache, masked past its pos[b].
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from dataclasses import dataclass, field, fields
@@ -74,6 +80,16 @@ class LlamaConfig:
     # the head dims past rope_scaling's partial_rotary_factor pass RoPE unrotated (Phi3);
     # without it the factor must be 1.0 (transformers' Llama rotates every dim)
     partial_rotary: bool = False
+    # OPT: the learned positions are read at pos + position_offset (OPT's table has two
+    # rows more); LayerNorms without weight and bias (norm_affine false); post-norm layers
+    # (norm_before false: each residual add, then its norm); no norm before the lm_head
+    # (final_norm false); token embeddings of word_embed_proj_dim wide, projected to
+    # hidden_size after the lookup (project_in) and back before the lm_head (project_out)
+    position_offset: int = 0
+    norm_affine: bool = True
+    norm_before: bool = True
+    final_norm: bool = True
+    word_embed_proj_dim: int | None = None
     query_pre_attn_scalar: float | None = None   # scores scale by its -1/2 (else head_dim's)
     attn_logit_softcapping: float | None = None  # scores become cap * tanh(scores / cap)
     final_logit_softcapping: float | None = None  # logits become cap * tanh(logits / cap)
@@ -129,7 +145,7 @@ class LlamaConfig:
                     "num_attention_heads"):
             value = getattr(self, key)
             need(isinstance(value, int) and value > 0, key, f"expected a positive integer, found {value!r}")
-        for key in ("num_key_value_heads", "head_dim"):
+        for key in ("num_key_value_heads", "head_dim", "word_embed_proj_dim"):
             value = getattr(self, key)
             need(value is None or (isinstance(value, int) and not isinstance(value, bool)
                                    and value > 0),
@@ -137,7 +153,8 @@ class LlamaConfig:
         for key in ("tie_word_embeddings", "attention_bias", "mlp_bias", "qkv_bias", "qk_norm",
                     "gemma_norms", "partial_rotary", "layer_norm", "gated_mlp",
                     "use_parallel_residual", "learned_positions", "scale_attn_weights",
-                    "scale_attn_by_inverse_layer_idx"):
+                    "scale_attn_by_inverse_layer_idx", "norm_affine", "norm_before",
+                    "final_norm"):
             value = getattr(self, key)
             need(isinstance(value, bool), key, f"expected true or false, found {value!r}")
         for key in ("rms_norm_eps", "rope_theta", "query_pre_attn_scalar",
@@ -147,6 +164,7 @@ class LlamaConfig:
                  or (isinstance(value, (int, float)) and not isinstance(value, bool)
                      and math.isfinite(value) and value > 0),
                  key, f"expected a positive number, found {value!r}")
+        self._validate_opt(need)
         need(self.num_attention_heads % self.kv_heads == 0, "num_key_value_heads",
              f"{self.kv_heads} does not divide num_attention_heads {self.num_attention_heads}")
         need(self.dim_head % 2 == 0 or self.learned_positions, "head_dim",
@@ -172,6 +190,17 @@ class LlamaConfig:
             need(isinstance(self.rope_local, dict), "rope_parameters.sliding_attention",
                  f"expected a mapping, found {short_repr(self.rope_local)}")
             self.local_rope(where)
+
+    def _validate_opt(self, need) -> None:
+        """OPT's switches, where the rest of the decoder can honour them."""
+        offset = self.position_offset
+        need(isinstance(offset, int) and not isinstance(offset, bool) and offset >= 0
+             and (offset == 0 or self.learned_positions), "position_offset",
+             f"expected an integer >= 0 (and 0 without learned_positions), found {offset!r}")
+        need(self.norm_affine or self.layer_norm, "norm_affine",
+             "false is supported with layer_norm only")
+        need(self.norm_before or not (self.use_parallel_residual or self.gemma_norms),
+             "norm_before", "false is not supported with use_parallel_residual or gemma_norms")
 
     def local_rope(self, where: str = "config") -> "LlamaConfig":
         """This config with the sliding layers' rope parameters (itself without any)."""
@@ -304,8 +333,9 @@ def _stream(seed: int, index: int) -> np.random.PCG64:
 
 
 class Layer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, max_seq_len: int):
+    def __init__(self, cfg: LlamaConfig, max_seq_len: int, batch: int = 1):
         super().__init__()
+        self.batch = batch
         d, hd = cfg.hidden_size, cfg.dim_head
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, hd
         self.input_layernorm = norm_of(cfg, d)
@@ -326,6 +356,7 @@ class Layer(nn.Module):
             self.pre_feedforward_layernorm = norm_of(cfg, d)
             self.post_feedforward_layernorm = norm_of(cfg, d)
         self.parallel = cfg.use_parallel_residual
+        self.norm_before = cfg.norm_before
         self.sandwich = cfg.gemma_norms
         self.scale = (cfg.query_pre_attn_scalar or hd) ** -0.5 if cfg.scale_attn_weights else 1.0
         self.softcap = cfg.attn_logit_softcapping
@@ -334,36 +365,55 @@ class Layer(nn.Module):
         self.up_proj = nn.Linear(d, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, d, bias=cfg.mlp_bias)
         self.act = ACTIVATIONS[cfg.hidden_act]
-        self.register_buffer("k_cache", torch.zeros(self.kv_heads, max_seq_len, hd), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(self.kv_heads, max_seq_len, hd), persistent=False)
+        # batch 1: [kv heads, positions, head dim]; batch B: a slot dim in front
+        slots = (batch,) if batch > 1 else ()
+        self.register_buffer("k_cache", torch.zeros(*slots, self.kv_heads, max_seq_len, hd),
+                             persistent=False)
+        self.register_buffer("v_cache", torch.zeros(*slots, self.kv_heads, max_seq_len, hd),
+                             persistent=False)
 
-    def forward(self, h, pos, positions, cos, sin_signed):
+    def forward(self, h, pos, positions, cos, sin_signed, slots=None):
+        """h [B, hidden]; pos [B]; `slots`: 0..B-1 (the model's buffer), None at batch 1."""
         hd, kvh = self.head_dim, self.kv_heads
-        x = self.input_layernorm(h)
-        q = self.q_proj(x).view(self.heads, hd)
-        k = self.k_proj(x).view(kvh, hd)
-        v = self.v_proj(x).view(kvh, hd)
+        lead = (self.batch,) if slots is not None else ()
+        x = self.input_layernorm(h) if self.norm_before else h
+        q = self.q_proj(x).view(*lead, self.heads, hd)
+        k = self.k_proj(x).view(*lead, kvh, hd)
+        v = self.v_proj(x).view(*lead, kvh, hd)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:   # (None: learned positions instead of RoPE)
             q, k = rotate(q, cos, sin_signed), rotate(k, cos, sin_signed)
-        self.k_cache.index_copy_(1, pos, k.unsqueeze(1).to(self.k_cache.dtype))
-        self.v_cache.index_copy_(1, pos, v.unsqueeze(1).to(self.v_cache.dtype))
-        q = q.view(kvh, self.heads // kvh, hd)
-        scores = softcap((q @ self.k_cache.transpose(1, 2)) * self.scale, self.softcap)
-        scores = scores.masked_fill(positions > pos, float("-inf"))
+        self.append(k, v, pos, slots)
+        q = q.view(*lead, kvh, self.heads // kvh, hd)
+        scores = softcap((q @ self.k_cache.transpose(-2, -1)) * self.scale, self.softcap)
+        at = pos if slots is None else pos.view(-1, 1, 1, 1)   # each slot's own position
+        scores = scores.masked_fill(positions > at, float("-inf"))
         if self.window is not None and self.window < self.max_seq_len:
             # transformers' sliding window: key k is seen from position q iff k > q - window
-            scores = scores.masked_fill(positions <= pos - self.window, float("-inf"))
+            scores = scores.masked_fill(positions <= at - self.window, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        attn = (probs @ self.v_cache).reshape(1, self.heads * hd)
+        attn = (probs @ self.v_cache).reshape(self.batch, self.heads * hd)
         if self.parallel:   # transformers' GPT-NeoX order of the adds
             return self.mlp(self.post_attention_layernorm(h)) + self.o_proj(attn) + h
+        if not self.norm_before:   # OPT-350m: each residual add, then its norm
+            h = self.input_layernorm(h + self.o_proj(attn))
+            return self.post_attention_layernorm(h + self.mlp(h))
         if not self.sandwich:
             h = h + self.o_proj(attn)
             return h + self.mlp(self.post_attention_layernorm(h))
         h = h + self.post_attention_layernorm(self.o_proj(attn))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+    def append(self, k, v, pos, slots) -> None:
+        """This step's keys and values into the cache: at `pos` (batch 1), or slot b's
+        at position pos[b] of slot b (a slot's writes never touch another's rows)."""
+        if slots is None:
+            self.k_cache.index_copy_(1, pos, k.unsqueeze(1).to(self.k_cache.dtype))
+            self.v_cache.index_copy_(1, pos, v.unsqueeze(1).to(self.v_cache.dtype))
+            return
+        self.k_cache[slots, :, pos] = k.to(self.k_cache.dtype)
+        self.v_cache[slots, :, pos] = v.to(self.v_cache.dtype)
 
     def mlp(self, x):
         if not hasattr(self, "gate_proj"):
@@ -405,17 +455,21 @@ class DecoderStep(nn.Module):
     """What the decode-step families share: token embeddings, `num_hidden_layers` of
     `layer(cfg, max_seq_len)`, the final RMSNorm, an lm_head (the embeddings, if tied)
     and the cache positions 0..max_seq_len-1 (the causal mask compares them to `pos`).
+    `batch`: the sequences one step advances (its slots); a family that decodes more
+    than one says so with `batched`.
 
     forward() runs each of `layers` once, in order, each handed the hidden state of the
     one before and otherwise the same values: so the compiler traces two layers and
     builds the others from the second (compiler/layers.py, which checks the two agree)."""
 
     repeated_layers = "layers"
+    batched = False
 
-    def __init__(self, cfg, max_seq_len: int, layer):
+    def __init__(self, cfg, max_seq_len: int, layer, batch: int = 1):
         super().__init__()
         self.cfg = cfg
         self.max_seq_len = max_seq_len
+        self.batch = batch
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(layer(cfg, max_seq_len) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -423,9 +477,11 @@ class DecoderStep(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("positions", torch.arange(max_seq_len), persistent=False)
+        if batch > 1:   # the slot of each row of a step (the cache writes' first index)
+            self.register_buffer("slots", torch.arange(batch), persistent=False)
 
     @classmethod
-    def empty(cls, cfg, max_seq_len: int, dtype: torch.dtype):
+    def empty(cls, cfg, max_seq_len: int, dtype: torch.dtype, batch: int = 1):
         """A model with uninitialised weights in `dtype` and correct buffers, built
         without a float32 copy or a default initialisation (a 1B model in seconds).
 
@@ -435,7 +491,7 @@ class DecoderStep(nn.Module):
         the engine then takes that tensor as the pool instead of copying 2.5 GB into a
         new one (pack.fill_pool checks that the offsets agree, and copies if not)."""
         with torch.device("meta"):
-            model = cls(cfg, max_seq_len)
+            model = cls(cfg, max_seq_len, batch=batch) if batch != 1 else cls(cfg, max_seq_len)
         # Cast on meta, where it costs nothing: materialising in float32 first and then
         # casting read 5 GB and wrote 2.5 GB for a 1B model in bfloat16.
         model = model.to(dtype)
@@ -444,6 +500,8 @@ class DecoderStep(nn.Module):
             for name, value in model.rope_buffers().items():
                 getattr(model, name).copy_(value)
             model.positions.copy_(torch.arange(max_seq_len))
+            if batch > 1:
+                model.slots.copy_(torch.arange(batch))
         model.reset_cache()
         return model
 
@@ -460,18 +518,30 @@ class DecoderStep(nn.Module):
 
 
 class LlamaDecodeStep(DecoderStep):
-    """forward(token [1] int64, pos [1] int64) -> {"logits": [1, vocab], "next_token": [1]}"""
+    """forward(token [B] int64, pos [B] int64) -> {"logits": [B, vocab], "next_token": [B]}
+    (B: `batch`, 1 by default)"""
 
-    def __init__(self, cfg: LlamaConfig, max_seq_len: int):
+    batched = True
+
+    def __init__(self, cfg: LlamaConfig, max_seq_len: int, batch: int = 1):
         cfg.check_max_seq_len(max_seq_len, "model")
-        super().__init__(cfg, max_seq_len, Layer)
+        super().__init__(cfg, max_seq_len, functools.partial(Layer, batch=batch), batch)
         for index, layer in enumerate(self.layers):
             layer.window = cfg.layer_window(index)
             if cfg.scale_attn_by_inverse_layer_idx:
                 layer.scale /= float(index + 1)
         if cfg.learned_positions:
-            self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.norm = norm_of(cfg, cfg.hidden_size)
+            self.embed_positions = nn.Embedding(cfg.max_position_embeddings + cfg.position_offset,
+                                                cfg.hidden_size)
+        self.norm = norm_of(cfg, cfg.hidden_size) if cfg.final_norm else nn.Identity()
+        width = cfg.word_embed_proj_dim
+        if width is not None and width != cfg.hidden_size:   # OPT-350m
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, width)
+            self.lm_head = nn.Linear(width, cfg.vocab_size, bias=False)
+            if cfg.tie_word_embeddings:
+                self.lm_head.weight = self.embed_tokens.weight
+            self.project_in = nn.Linear(width, cfg.hidden_size, bias=False)
+            self.project_out = nn.Linear(cfg.hidden_size, width, bias=False)
         if cfg.gemma_norms:
             # sqrt(hidden_size) rounded to the weights' dtype, as transformers rounds it
             self.embed_scale = {dt: torch.tensor(cfg.hidden_size ** 0.5, dtype=dt,
@@ -498,15 +568,25 @@ class LlamaDecodeStep(DecoderStep):
         h = self.embed_tokens(token)                              # [1, hidden]
         if self.cfg.gemma_norms:
             h = h * self.embed_scale[h.dtype]
-        if self.cfg.learned_positions:
-            h = h + self.embed_positions(pos)
+        if hasattr(self, "project_in"):
+            h = self.project_in(h)
+        if self.cfg.learned_positions:   # (OPT's first position is row 2 of its table)
+            table = self.embed_positions.weight[self.cfg.position_offset:]
+            h = h + nn.functional.embedding(pos, table)
         rope = (None, None) if self.cfg.learned_positions else \
             rope_at(pos, self.inv_freq, self.rope_attention_factor, h.dtype)
         local = rope if self.cfg.rope_local is None else \
             rope_at(pos, self.inv_freq_local, self.local_attention_factor, h.dtype)
+        slots = getattr(self, "slots", None)
+        if slots is not None:   # [B, 1, rotary dims]: each slot's, over its heads
+            rope, local = (tuple(t if t is None else t.unsqueeze(1) for t in pair)
+                           for pair in (rope, local))
         for layer in self.layers:
-            h = layer(h, pos, self.positions, *(local if layer.window else rope))
-        logits = softcap(self.lm_head(self.norm(h)), self.cfg.final_logit_softcapping)
+            h = layer(h, pos, self.positions, *(local if layer.window else rope), slots)
+        h = self.norm(h)
+        if hasattr(self, "project_out"):
+            h = self.project_out(h)
+        logits = softcap(self.lm_head(h), self.cfg.final_logit_softcapping)
         logits = logits.to(torch.float32)
         return {"logits": logits, "next_token": logits.argmax(dim=-1)}
 

@@ -353,7 +353,9 @@ def _appends_in_epilogue(op: Op, grp: _Group, members: set[str], ops) -> bool:
     if value.value not in members or value.value in grp.prologue:
         return False
     source = ops[value.value].type
-    return (state.value not in members and index.value not in members
+    # per-slot positions (slot_dim): the kernel finds a row's slot from the row alone
+    whole_rows = op.attr("slot_dim") is None or math.prod(value.shape[1:]) % grp.cols == 0
+    return (state.value not in members and index.value not in members and whole_rows
             and source.numel == grp.rows * grp.cols and reads_in_order(value, source))
 
 

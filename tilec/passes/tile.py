@@ -38,10 +38,18 @@ class TileOptions:
     min_tile_n: int = 16  # narrowest matmul column tile
     max_tile_elems: int = 8192  # a whole-row matmul's K chunk keeps BK x BN under this
     kv_chunk: int = 0     # keys per attention partial task; 0: enough chunks for the workers
+    # a matmul tile of more than one row holds at least this many (the rest masked): a
+    # batched decode step's matmuls of a few rows then run as tensor-core tiles
+    min_tile_m: int = 1
 
 
 def pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def matmul_rows(m: int, opt: TileOptions) -> int:
+    """Rows per tile of a matmul of `m` rows."""
+    return min(opt.tile_m, pow2(m) if m == 1 else max(pow2(m), opt.min_tile_m))
 
 
 def matmul_dims(op: Op) -> tuple[int, int, int, int]:
@@ -99,7 +107,7 @@ def partial_buffers(group: Group, ops: dict[str, Op], tiling: GroupTiling) -> li
 def matmul_tiling(group: Group, ops: dict[str, Op], opt: TileOptions, bn: int) -> GroupTiling:
     """A matmul group cut into tiles of `bn` output columns."""
     batch, m, n, k = matmul_dims(ops[group.anchor])
-    bm = min(opt.tile_m, pow2(m))
+    bm = matmul_rows(m, opt)
     bk = min(opt.tile_k, pow2(k))
     # Below 16 rows the product is a broadcast multiply and a sum over a
     # [BM, BK, BN] block held in registers: bound it (tensor-core tiles need BK >= 16).
@@ -114,7 +122,7 @@ def width_choices(group: Group, ops: dict[str, Op], opt: TileOptions) -> list[in
     first: powers of two from `tile_n` down to `min_tile_n`, and never below 16 for a
     tensor-core tile (16 rows or more), which `tl.dot` needs."""
     _, m, n, k = matmul_dims(ops[group.anchor])
-    bm = min(opt.tile_m, pow2(m))
+    bm = matmul_rows(m, opt)
     low = opt.min_tile_n if bm < 16 else max(16, opt.min_tile_n)
     widest = min(opt.tile_n, pow2(n))
     if bm < TENSOR_CORE_ROWS:   # a matvec chunk keeps its K span at least MIN_MATVEC_BK
@@ -131,7 +139,7 @@ def group_tiling(group: Group, ops: dict[str, Op], opt: TileOptions) -> GroupTil
     whole = needs_whole_rows(group, ops)
     if group.kind == "matmul":
         batch, m, n, k = matmul_dims(ops[group.anchor])
-        bm = min(opt.tile_m, pow2(m))
+        bm = matmul_rows(m, opt)
         if whole:
             bn = pow2(n)
         else:

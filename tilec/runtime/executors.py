@@ -496,6 +496,7 @@ BACKENDS: dict[str, Callable[..., Executor]] = {
 
 
 def make_executor(engine: EngineFile, backend: str = "auto", **kwargs) -> Executor:
+    engine.require_weights()   # a plan has no pools to run on
     if backend == "auto":
         sched = engine.manifest.schedule
         backend = "gpu" if (torch.cuda.is_available() and sched.target.backend == "cuda"

@@ -5,19 +5,20 @@ token from a step's outputs (`Sampling`), and when to stop. `DecodeSlots` is the
 side: how many sequences it holds at once, how many prompt tokens one step may take,
 and the step itself. `advance` runs one step for the sequences in the slots.
 
-`generate` (`tilec run`, `Engine.generate`) and the server's scheduler (`tilec serve`)
-both drive sequences with `advance`, so the same prompt and settings give the same
-tokens through either.
+`generate` and `generate_batch` (`tilec run`, `Engine.generate`) and the server's
+scheduler (`tilec serve`) all drive sequences with `advance`, so the same prompt and
+settings give the same tokens through any of them.
 
-Today an engine is one decode step for one sequence: one slot, and a prompt is fed one
-token per step. The KV cache needs no reset between sequences: every step masks the
-positions after its own. Chunked prefill and batched decode (several slots) change
-`DecodeSlots`, not its callers.
+An engine compiled with `model: {batch: B}` has B slots: one step advances a sequence
+in each busy slot (slot b feeds token[b] at pos[b] and writes only slot b's KV cache).
+A prompt is fed one token per step (there is no chunked prefill yet). The KV cache
+needs no reset between sequences: every step masks the positions after its own.
 """
 from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -169,13 +170,28 @@ class Sequence:
 Feed = tuple[list[int], int]   # the tokens a step feeds one slot, the position of the first
 
 
+def slot_count(spec: GenerationSpec, executor: Executor) -> int:
+    """The sequences one step of the executor's engine advances: the length of its
+    token input ([B]; 1 for an engine compiled without `batch`)."""
+    inputs = {io.name: io for io in executor.engine.manifest.inputs}
+    token, pos = inputs[spec.token_input], inputs[spec.pos_input]
+    if len(token.shape) != 1 or token.shape != pos.shape or token.shape[0] < 1:
+        raise RunError(f"this decoder engine's inputs {spec.token_input} {list(token.shape)} "
+                       f"and {spec.pos_input} {list(pos.shape)} are not one token and "
+                       "position per slot")
+    return token.shape[0]
+
+
 class DecodeSlots:
     """The sequence slots of a decoder engine and the step that advances them.
 
-    `count` sequences can be in the engine at once; one step feeds each busy slot up
-    to `prefill_chunk` prompt tokens, or one new token. Today: one slot, one token per
-    step, through the engine's decode step. `reset` replaces the executor (fresh state,
-    event counters and step count), for after an engine fault.
+    `count` sequences can be in the engine at once (its `batch`); one step feeds each
+    busy slot up to `prefill_chunk` prompt tokens, or one new token. Today one token
+    per step, through the engine's decode step. A slot with no sequence idles: it is
+    fed token 0 at position 0, which writes only its own cache at position 0 (the next
+    sequence in the slot overwrites that before reading it) and its outputs are
+    dropped. `reset` replaces the executor (fresh state, event counters and step
+    count), for after an engine fault.
     """
 
     count = 1
@@ -186,24 +202,28 @@ class DecodeSlots:
         self.spec = spec
         self.executor = executor
         self._make_executor = make_executor
+        self.count = slot_count(spec, executor)
 
     @property
     def backend(self) -> str:
         return self.executor.backend
 
     def step(self, feeds: dict[int, Feed]) -> dict[int, SlotOutput]:
-        """One engine step for the given slots; an output for each."""
-        if len(feeds) != 1 or 0 not in feeds:
-            raise RunError(f"this engine has one sequence slot; asked to step slots "
-                           f"{sorted(feeds)}")
-        tokens, pos = feeds[0]
-        if len(tokens) != 1:
-            raise RunError("this engine takes one token per step")
+        """One engine step for the given slots (the others idle); an output for each."""
+        tokens = torch.zeros(self.count, dtype=torch.int64)
+        positions = torch.zeros(self.count, dtype=torch.int64)
+        for slot, (fed, pos) in feeds.items():
+            if not 0 <= slot < self.count:
+                raise RunError(f"this engine has {self.count} sequence slot(s); asked to "
+                               f"step slot {slot}")
+            if len(fed) != 1:
+                raise RunError("this engine takes one token per step")
+            tokens[slot], positions[slot] = fed[0], pos
         spec = self.spec
-        out = self.executor.run({spec.token_input: torch.tensor([tokens[0]], dtype=torch.int64),
-                                 spec.pos_input: torch.tensor([pos], dtype=torch.int64)})
-        return {0: SlotOutput(out[spec.logits_output].reshape(-1).float(),
-                              int(out[spec.next_token_output].reshape(-1)[0]))}
+        out = self.executor.run({spec.token_input: tokens, spec.pos_input: positions})
+        logits = out[spec.logits_output].reshape(self.count, -1).float()
+        chosen = out[spec.next_token_output].reshape(self.count)
+        return {slot: SlotOutput(logits[slot], int(chosen[slot])) for slot in feeds}
 
     def free(self, slot: int) -> None:
         """The slot's sequence is done. Nothing to clear: a later sequence overwrites the
@@ -254,16 +274,43 @@ def check_prompt(spec: GenerationSpec, prompt: list[int], max_new_tokens: int) -
 def generate(executor: Executor, spec: GenerationSpec, prompt: list[int], max_new_tokens: int,
              *, sampling: Sampling = Sampling(), keep_logits: bool = False,
              stop_at_eos: bool = True) -> Generation:
-    check_prompt(spec, prompt, max_new_tokens)
+    return generate_batch(executor, spec, [prompt], max_new_tokens, sampling=sampling,
+                          keep_logits=keep_logits, stop_at_eos=stop_at_eos)[0]
+
+
+def generate_batch(executor: Executor, spec: GenerationSpec, prompts: list[list[int]],
+                   max_new_tokens: int, *, sampling: Sampling = Sampling(),
+                   keep_logits: bool = False, stop_at_eos: bool = True) -> list[Generation]:
+    """Each prompt's generation, in order, run side by side in the engine's slots: a
+    prompt takes a free slot (in order), and its sequence frees the slot when it stops
+    (an EOS id, or `max_new_tokens`), for the next prompt. Each sequence makes the
+    tokens it makes alone. A Generation's `seconds` runs from its admission to its
+    last token."""
+    if not prompts:
+        raise RunError("no prompts: give at least one")
+    for prompt in prompts:
+        check_prompt(spec, prompt, max_new_tokens)
     problem = sampling.problem()
     if problem:
         raise RunError(problem)
-    seq = Sequence(prompt, max_new_tokens, sampling,
-                   spec.eos_token_ids if stop_at_eos else (), keep_logits)
+    stop_ids = spec.eos_token_ids if stop_at_eos else ()
     slots = DecodeSlots(spec, executor)
-    t0 = time.perf_counter()
-    while not seq.finished:
-        advance(slots, {0: seq})
-    seconds = time.perf_counter() - t0
-    return Generation(list(prompt), seq.tokens, torch.stack(seq.logits) if seq.logits else None,
-                      seq.steps, seconds, executor.backend)
+    waiting = deque(enumerate(prompts))
+    running: dict[int, tuple[int, Sequence, float]] = {}   # slot -> (prompt index, ., start)
+    done: dict[int, Generation] = {}
+    while waiting or running:
+        for slot in range(slots.count):
+            if slot not in running and waiting:
+                index, prompt = waiting.popleft()
+                seq = Sequence(prompt, max_new_tokens, sampling, stop_ids, keep_logits)
+                running[slot] = (index, seq, time.perf_counter())
+        advance(slots, {slot: seq for slot, (_, seq, _) in running.items()})
+        now = time.perf_counter()
+        for slot, (index, seq, start) in list(running.items()):
+            if seq.finished:
+                done[index] = Generation(list(seq.prompt), seq.tokens,
+                                         torch.stack(seq.logits) if seq.logits else None,
+                                         seq.steps, now - start, executor.backend)
+                del running[slot]
+                slots.free(slot)
+    return [done[i] for i in range(len(prompts))]

@@ -37,6 +37,12 @@ FNS = {
     "lt": lambda a, b: (a < b).float(), "gt": lambda a, b: (a > b).float(),
     "le": lambda a, b: (a <= b).float(), "ge": lambda a, b: (a >= b).float(),
     "eq": lambda a, b: (a == b).float(), "ne": lambda a, b: (a != b).float(),
+    "pow_tensor": torch.pow, "floor": torch.floor, "ceil": torch.ceil, "trunc": torch.trunc,
+    "div_trunc": lambda a, b: torch.div(a, b, rounding_mode="trunc"),
+    "div_floor": lambda a, b: torch.div(a, b, rounding_mode="floor"),
+    "logical_and": lambda a, b: torch.logical_and(a, b).float(),
+    "logical_or": lambda a, b: torch.logical_or(a, b).float(),
+    "logical_xor": lambda a, b: torch.logical_xor(a, b).float(),
 }
 
 
@@ -84,6 +90,8 @@ class TaskRunner:
                 x = args[0]
                 if op.type.dtype in ("bfloat16", "float16"):
                     return x.float().to(_TORCH[op.type.dtype]).float()
+                if op.type.dtype == "bool":
+                    return (x != 0).float()
                 return x.long() if op.type.dtype in ("int64", "int32") else x.float()
             out = FNS[fn](*args)
             return out.long() if op.type.dtype in ("int64", "int32") else out.float()
@@ -146,13 +154,11 @@ class TaskRunner:
         """Write a tile of the value at the run-time position. The tile is rows x cols
         of the value seen as [rows, last dim], or, with `space`, of a [rows, space] view
         of its elements in order (a matmul epilogue): each element goes where its flat
-        index puts it in the value's shape."""
+        index puts it in the value's shape. With `slot_dim`, each element at the position
+        its own slot's index names."""
         state, val, index = op.inputs
-        dim = op.attr("dim")
+        dim, slot_dim = op.attr("dim"), op.attr("slot_dim")
         size = op.type.shape[dim]
-        pos = int(self.view(index).reshape(-1)[0])
-        if self.checked_index(op, torch.tensor([pos]), size)[0] != pos:
-            return   # a position outside the state writes nothing
         buf = self.storage(op.name)
         pool = self.pools[buf.pool]
         cache = torch.as_strided(pool, state.shape, state.strides, buf.offset + state.offset)
@@ -160,8 +166,11 @@ class TaskRunner:
         rows = torch.arange(r0, r1).reshape(-1, 1)
         flat = (rows * width + torch.arange(c0, c1).reshape(1, -1)).reshape(-1)
         coords = list(torch.unravel_index(flat, val.shape))
-        coords[dim] = torch.full_like(flat, pos)
-        cache[tuple(coords)] = value.reshape(-1).to(pool.dtype)
+        positions = self.view(index).reshape(-1)
+        pos = positions[coords[slot_dim]] if slot_dim is not None else positions[:1].expand_as(flat)
+        kept = self.checked_index(op, pos, size) == pos   # outside the state: no write
+        coords[dim] = pos
+        cache[tuple(c[kept] for c in coords)] = value.reshape(-1)[kept].to(pool.dtype)
 
     def run(self, group_index: int, tile: tuple[int, int, int]) -> None:
         g = self.groups[group_index]

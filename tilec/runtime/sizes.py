@@ -37,7 +37,7 @@ def size_problem(engine) -> str | None:
         if p.numel > need.get(p.name, 1):
             return (f"pool {p.name} declares {p.numel} elements, more than the "
                     f"{need.get(p.name, 1)} its buffers need")
-    if target.backend == "cpu":
+    if target.backend == "cpu" and not engine.manifest.plan:   # a plan never runs
         fresh = allocated_bytes(sched.pools, "cpu")
         if fresh > total_memory():
             return (f"running it takes {gigabytes(fresh)} of memory, more than this "
@@ -81,3 +81,34 @@ def resident_problem(target, workers: int, aot) -> str | None:
     return (f"{workers} workers cannot all be resident on {target.name}: the kernel takes "
             f"{regs}{aot.num_warps} warps and {aot.shared} bytes of shared memory per CTA, "
             f"so an SM holds {per_sm} and the target {per_sm * target.sms}")
+
+
+def device_memory(engine) -> dict:
+    """What one device of an engine (runtime.enginefile.EngineFile) holds while it runs,
+    in bytes, from its pools: `weights` (the weight pools: its part of each weight,
+    whole where its tasks read all of it), `kv` (the state pools: the KV caches),
+    `scratch` (the arenas), their `total`; `capacity` (the target's memory per
+    device; 0: not fixed, the cpu target) and `fits` (total <= capacity; None without
+    a capacity). A plan's pools are sized as the real engine's, so this is what the
+    real engine would need."""
+    sched = engine.manifest.schedule
+    by_kind = {kind: sum(p.numel * DTYPE_BYTES.get(p.dtype, 8) for p in sched.pools
+                         if p.kind == kind) for kind in ("weight", "state", "arena")}
+    total = sum(by_kind.values())
+    capacity = sched.target.memory_bytes
+    return {"device": sched.taskgraph.device, "weights": by_kind["weight"],
+            "kv": by_kind["state"], "scratch": by_kind["arena"], "total": total,
+            "capacity": capacity, "fits": total <= capacity if capacity else None}
+
+
+def memory_line(m: dict, target: str) -> str:
+    """One device's `device_memory` as a line a person reads: what it needs, and plainly
+    whether that fits."""
+    need = (f"weights {gigabytes(m['weights'])} + KV cache {gigabytes(m['kv'])} + scratch "
+            f"{gigabytes(m['scratch'])} = {gigabytes(m['total'])}")
+    if m["fits"] is None:
+        return f"device {m['device']}: {need} (target {target} sets no memory size)"
+    if m["fits"]:
+        return f"device {m['device']}: {need} of {gigabytes(m['capacity'])}: fits"
+    return (f"device {m['device']}: {need}: DOES NOT FIT in the {gigabytes(m['capacity'])} "
+            f"of an {target} (short by {gigabytes(m['total'] - m['capacity'])})")

@@ -14,8 +14,8 @@ from tilec.ir.abi import (FIXED_FIELDS, KERNEL_NAME, NO_PREFETCH, SIGNAL, TRANSF
 from tilec.ir.graph import DTYPE_BYTES
 from tilec.ir.record import weight_pools
 from tilec.ir.tasks import TRANSFER
-from tilec.runtime.enginefile.format import (POOL_KINDS, TORCH_DTYPES, EngineFile, Manifest,
-                                             clip, first_line)
+from tilec.runtime.enginefile.format import (AOT_CUBIN, POOL_KINDS, TORCH_DTYPES, EngineFile,
+                                             Manifest, clip, first_line)
 from tilec.version import __version__
 
 ELF_MAGIC = b"\x7fELF"
@@ -28,6 +28,8 @@ def check_aot(engine: EngineFile) -> str | None:
     aot, target = engine.aot, engine.manifest.schedule.target
     if aot is None:
         return None
+    if engine.manifest.plan:
+        return "a plan (no weights, never run) carries a GPU binary"
     if target.backend != "cuda":
         return f"an engine for the {target.name} target carries a GPU binary"
     if aot.arch != target.arch:
@@ -107,7 +109,7 @@ def check_tables(engine: EngineFile) -> str | None:
     if sorted(ids.tolist()) != list(range(len(tasks))):
         return "task_ids is not a permutation of the tasks"
     return _records_problem(m, table.tolist(), ids.tolist(), s) or \
-        _pools_problem(sched, t) or _args_problem(sched, args)
+        _pools_problem(sched, t, m.plan) or _args_problem(sched, args)
 
 
 def _records_problem(m: Manifest, table: list[list[int]], ids: list[int],
@@ -156,9 +158,9 @@ def _records_problem(m: Manifest, table: list[list[int]], ids: list[int],
     return None
 
 
-def _pools_problem(sched, t: dict[str, torch.Tensor]) -> str | None:
+def _pools_problem(sched, t: dict[str, torch.Tensor], plan: bool) -> str | None:
     """Pools and buffers: unique names, known kinds and dtypes, every buffer inside its
-    pool, every weight and state pool stored with its size."""
+    pool, every weight and state pool stored with its size; in a plan, none stored."""
     pools = {p.name: p for p in sched.pools}
     if len(pools) != len(sched.pools) or len({b.name for b in sched.buffers}) != len(sched.buffers):
         return "pool or buffer names are not unique"
@@ -175,6 +177,11 @@ def _pools_problem(sched, t: dict[str, torch.Tensor]) -> str | None:
         if b.stored and (len(b.stored) != 2 or b.kind not in ("weight", "state") or
                          not 0 <= b.stored[0] <= b.stored[1] <= b.type.numel):
             return f"buffer {b.name} stores a malformed part {clip(list(b.stored))}"
+    if plan:   # sizes without data: no pool may be stored (nor anything to run)
+        stored = sorted(k for k in t if k.startswith("pool.") or k == AOT_CUBIN)
+        if stored:
+            return f"a plan (no weights) stores {clip(stored[0])}"
+        return None
     for p in sched.pools:
         if p.kind in ("weight", "state"):
             tensor = t.get(f"pool.{p.name}")

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tilec.errors import RunError
 from tilec.ir.abi import AOTKernel, record_width
 from tilec.ir.schedule import Schedule
 from tilec.ir.serial import to_json
 from tilec.runtime.enginefile.tables import decode_schedule
 
 FORMAT = "tilec-engine"
-FORMAT_VERSION = "3"
+FORMAT_VERSION = "4"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                 "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
 DEVICES_KEY = "devices"      # metadata of a multi-device engine: the number of devices
@@ -29,6 +30,8 @@ POOL_KINDS = ("weight", "state", "arena")
 AOT_KEY = "aot"              # metadata: the stored GPU binary's description (JSON)
 AOT_CUBIN = "aot.cubin"      # tensor: the binary itself, uint8
 SHA_PLACEHOLDER = "0" * 64   # the sha256 entry while the file is written
+PLAN_REFUSAL = ("this engine is a plan (compiled with --plan): it holds no weights and "
+                "cannot run; compile the model without --plan to run it")
 # The `aot` entry: AOTKernel's fields but the cubin (Triton's metadata as a JSON object),
 # plus the cubin's size and SHA-256, so a binary can be checked against its description.
 AOT_FIELDS = {"arch": int, "ptx_target": str, "num_warps": int, "shared": int,
@@ -76,6 +79,11 @@ class Manifest:
     max_args: int
     seed: int
     generation: GenerationSpec | None = None
+    # A plan (`tilec compile --plan`): the whole schedule at full size, its pools sized
+    # but without data (no `pool.*` tensors), so it can be inspected and verified but
+    # never run. The checks hold a plan to having no pool data and any other engine to
+    # having all of it, so clearing this flag without the weights is refused too.
+    plan: bool = False
 
 
 @dataclass
@@ -108,6 +116,15 @@ class EngineFile:
         return self._encoded[1]
 
     @property
+    def is_plan(self) -> bool:
+        return self.manifest.plan
+
+    def require_weights(self) -> None:
+        """A RunError unless the engine holds its weights (a plan holds none)."""
+        if self.manifest.plan:
+            raise RunError(PLAN_REFUSAL)
+
+    @property
     def record_width(self) -> int:
         return record_width(self.manifest.max_waits)
 
@@ -128,6 +145,10 @@ class DeviceEngines:
     @property
     def devices(self) -> int:
         return len(self.ranks)
+
+    @property
+    def is_plan(self) -> bool:
+        return self.ranks[0].is_plan
 
     @property
     def tokenizer(self) -> str | None:
