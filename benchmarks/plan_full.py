@@ -55,7 +55,8 @@ def glm5_config() -> dict | None:
         return None
     import transformers
 
-    data = transformers.GlmMoeDsaConfig().to_dict()
+    # as save_pretrained writes config.json (to_dict adds every PretrainedConfig field)
+    data = json.loads(transformers.GlmMoeDsaConfig().to_json_string())
     data["architectures"] = [GLM5]
     return data
 
@@ -68,6 +69,9 @@ def plan(name: str, config: dict, args, roles: dict | None = None) -> dict:
     config = dict(config)
     if args.layers:
         config["num_hidden_layers"] = args.layers
+        for key in ("layer_types", "mlp_layer_types", "indexer_types"):   # one per layer
+            if isinstance(config.get(key), list):
+                config[key] = config[key][:args.layers]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp, name)
         folder.mkdir()

@@ -78,7 +78,7 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 def lowest_index_topk(x, k, dim=-1, largest=True, sorted=True):
     """torch.topk with equal values taken lowest index first, as tilec takes them (torch
     leaves the order of ties open): monkeypatch it in for an eager model whose top-k
-    may tie (the mla_dsa indexer scores a repeated token alike)."""
+    may tie (the DSA indexer's scores tie at zero where every head's ReLU is zero)."""
     ranked = torch.sort(x, dim=dim, descending=largest, stable=True)
     return torch.return_types.topk((ranked.values.narrow(dim, 0, k),
                                     ranked.indices.narrow(dim, 0, k)))

@@ -29,6 +29,9 @@ SECONDS = 5   # every refusal here; the old behaviour took 64 to 106 s, or never
 MLP = {"module": "mlp.py:MLP", "kwargs": {"d_in": 8, "d_hidden": 16, "d_out": 8}}
 TINY_LLAMA = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
               "num_hidden_layers": 1, "num_attention_heads": 2}
+# GLM-5's family takes config.json's fields: its heads and key-value heads agree
+TINY_GLM = dict(TINY_LLAMA, num_key_value_heads=2, q_lora_rank=8, kv_lora_rank=8,
+                qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, index_head_dim=8)
 
 
 @pytest.fixture
@@ -129,11 +132,12 @@ def test_misspelt_family_key_is_an_error_with_a_close_match(capsys, folder):
     ("llama", "tie_word_embeddings", "yes", "expected true or false"),
     ("llama", "num_key_value_heads", 1.5, "expected a positive integer or null"),
     ("llama", "hidden_size", True, "expected a positive integer"),
-    ("mla_dsa", "index_topk", [8], "model.config: index_topk: expected a positive integer"),
-    ("mla_dsa", "rms_norm_eps", float("nan"), "expected a positive number"),
+    ("glm_moe_dsa", "index_topk", [8], "model.config: index_topk: expected a positive integer"),
+    ("glm_moe_dsa", "rms_norm_eps", float("nan"), "expected a positive number"),
+    ("glm_moe_dsa", "indexer_types", "full", "model.config: indexer_types: expected a list"),
 ])
 def test_family_config_values_have_their_types(folder, family, key, value, problem):
-    config = dict(TINY_LLAMA, **{key: value})
+    config = dict(TINY_LLAMA if family == "llama" else TINY_GLM, **{key: value})
     path = folder / "model.yaml"
     path.write_text(yaml.safe_dump({"model": {"family": family, "config": config}}))
     with pytest.raises(ConfigError, match=problem.replace("(", r"\(")):
@@ -148,7 +152,7 @@ def test_family_config_values_have_their_types(folder, family, key, value, probl
     ({"model": {"family": "llama", "config": dict(TINY_LLAMA, num_hidden_layers=10 ** 9)}},
      "of 1000000000 layers"),
     ({"model": {"family": "llama", "config": {}}, "dtype": "float32"}, "model.config: 27."),
-    ({"model": {"family": "mla_dsa", "config": {}, "max_seq_len": 10 ** 12}},
+    ({"model": {"family": "glm_moe_dsa", "config": TINY_GLM, "max_seq_len": 10 ** 12}},
      "model.max_seq_len: "),
     ({"model": {"family": "llama", "config": dict(TINY_LLAMA, hidden_size=2 ** 70)}},
      "model.config: "),

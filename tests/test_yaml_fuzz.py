@@ -85,11 +85,11 @@ llama_model = st.builds(
         "tie_word_embeddings": True}}},
     st.sampled_from([16, 32]), st.sampled_from([1, 2]), st.sampled_from([8, 16]))
 
-mla_model = st.just({"model": {"family": "mla_dsa", "max_seq_len": 8, "config": {
+mla_model = st.just({"model": {"family": "glm_moe_dsa", "max_seq_len": 8, "config": {
     "vocab_size": 16, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-    "num_attention_heads": 2, "q_lora_rank": 8, "kv_lora_rank": 8, "qk_nope_head_dim": 8,
-    "qk_rope_head_dim": 4, "v_head_dim": 8, "index_n_heads": 1, "index_head_dim": 8,
-    "index_topk": 4}}})
+    "num_attention_heads": 2, "num_key_value_heads": 2, "q_lora_rank": 8, "kv_lora_rank": 8,
+    "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "index_n_heads": 1,
+    "index_head_dim": 8, "index_topk": 4}}})   # one dense layer (first_k_dense_replace 3)
 
 hf_model = st.just({"model": {"hf": "no-such-checkpoint", "max_seq_len": 8}})
 
@@ -221,7 +221,7 @@ HOSTILE = {
     "a hundred million workers": b"model: {module: mlp.py:MLP}\n"
                                  b"inputs: [{name: x, shape: [2, 256], dtype: float32}]\n"
                                  b"target: {name: cpu, workers: 100000000}\n",
-    "a trillion-position cache": b"model: {family: mla_dsa, max_seq_len: 1000000000000}\n",
+    "a trillion-position cache": b"model: {family: glm_moe_dsa, max_seq_len: 1000000000000}\n",
 }
 
 

@@ -31,11 +31,14 @@ def whole_trace(module, inputs):
     return frontend._Lowering(frontend._export(module, inputs)).run()
 
 
-@pytest.mark.parametrize("example,layers", [("llama_tiny", 5), ("glm_dsa_tiny", 3)])
-def test_two_traced_layers_lower_as_the_whole_trace(example, layers):
+@pytest.mark.parametrize("example,layers,changes", [
+    ("llama_tiny", 5, {}),
+    # GLM-5 with layers of one kind (MoE, each with its indexer): repeated
+    ("glm_dsa_tiny", 3, {"first_k_dense_replace": 0, "indexer_types": ["full"] * 3})])
+def test_two_traced_layers_lower_as_the_whole_trace(example, layers, changes):
     cfg = load_config(f"examples/{example}.yaml")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, config={**cfg.model.config, "num_hidden_layers": layers}))
+        cfg.model, config={**cfg.model.config, "num_hidden_layers": layers, **changes}))
     module, inputs = build_model(cfg)
     exported = frontend.export(module, inputs)
     assert exported.layers is not None and exported.layers.count == layers

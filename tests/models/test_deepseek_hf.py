@@ -47,12 +47,13 @@ CASES = {
 }
 
 
-def save(folder, seed=0, **fields):
-    """A tiny checkpoint with weights larger than transformers' init (norms near one) and
-    a random e_score_correction_bias, so every part moves the logits."""
-    cfg = transformers.DeepseekV3Config(**{**SIZES, **fields})
+def save(folder, seed=0, arch="DeepseekV3", sizes=SIZES, **fields):
+    """A tiny checkpoint of transformers' `arch`ForCausalLM with weights larger than
+    transformers' init (norms near one) and a random e_score_correction_bias, so every
+    part moves the logits."""
+    cfg = getattr(transformers, f"{arch}Config")(**{**sizes, **fields})
     torch.manual_seed(seed)
-    model = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    model = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -87,7 +88,7 @@ def router_margins(model, prompt):
         gaps.append((ranked[:, router.top_k - 1] - ranked[:, router.top_k]).min())
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
-               if type(m).__name__ == "DeepseekV3TopkRouter"]
+               if type(m).__name__.endswith("TopkRouter")]
     try:
         hf_greedy(model, prompt)
     finally:
@@ -111,11 +112,17 @@ def test_engine_matches_transformers(checkpoint):
     (about 4 s a token here), the reference executor on every case."""
     name, model, yaml_path = checkpoint
     assert router_margins(model, PROMPT) > ROUTER_MARGIN
-    engine = tilec_api.compile(str(yaml_path), workers=2, kv_chunk=16)
-    ref_tokens, ref_logits = hf_greedy(model, PROMPT)
     backends = ("reference", "interpret") if name == "lora_groups" else ("reference",)
+    engine_matches(yaml_path, model, PROMPT, backends)
+
+
+def engine_matches(yaml_path, model, prompt, backends, **options):
+    """The engine compiled from `yaml_path` (2 workers, keys in chunks of 16, `options`)
+    generates transformers' greedy tokens and logits on each backend."""
+    engine = tilec_api.compile(str(yaml_path), **{"workers": 2, "kv_chunk": 16, **options})
+    ref_tokens, ref_logits = hf_greedy(model, prompt)
     for backend in backends:
-        g = engine.generate(PROMPT, NEW_TOKENS, backend=backend, logits=True,
+        g = engine.generate(prompt, NEW_TOKENS, backend=backend, logits=True,
                             stop_at_eos=False)
         assert len(g.tokens) == NEW_TOKENS
         compare(g.tokens, g.logits, ref_tokens, ref_logits)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 transformers = pytest.importorskip("transformers")
 
@@ -146,8 +147,9 @@ def test_bad_batch_is_one_line(tmp_path, batch):
 
 def test_batch_refused_where_it_does_not_apply(tmp_path):
     path = tmp_path / "m.yaml"
-    path.write_text(json.dumps({"model": {"family": "mla_dsa", "batch": 2}}))
-    with pytest.raises(ConfigError, match=r"model\.batch: the mla_dsa family decodes one "
+    glm = yaml.safe_load((EXAMPLES / "glm_dsa_tiny.yaml").read_text())
+    path.write_text(json.dumps({**glm, "model": {**glm["model"], "batch": 2}}))
+    with pytest.raises(ConfigError, match=r"model\.batch: the glm_moe_dsa family decodes one "
                                           r"sequence per step \(batch 1\), found 2"):
         tilec_api.compile(str(path))
     path.write_text(json.dumps({"model": {"module": "m.py:M", "batch": 2},

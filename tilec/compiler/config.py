@@ -6,7 +6,8 @@ model:                        # required; one of three forms:
   kwargs: {d_in: 64, d_hidden: 128}   # passed to FACTORY(**kwargs); default {}
 # model: {family: llama, config: {hidden_size: 64, ...}, max_seq_len: 128}
 #                             #   a model family with seeded random weights (HF config
-#                             #   fields); families: llama, mla_dsa (tilec/models/)
+#                             #   fields); families: llama, deepseek_v3, deepseek_v32,
+#                             #   glm_moe_dsa (tilec/models/)
 # model: {hf: ./Llama-3.2-1B, max_seq_len: 2048}
 #                             #   a local Hugging Face checkpoint (folder relative to this yaml)
 #                             # family and hf models: `batch: 8` (default 1) makes one decode
@@ -88,7 +89,7 @@ class ModuleSpec:
 @dataclass(frozen=True)
 class FamilySpec:
     family: str               # one of FAMILIES
-    config: dict              # the family's config fields (LlamaConfig, MlaDsaConfig)
+    config: dict              # the family's config fields (LlamaConfig's, or config.json's)
     max_seq_len: int          # sizes the KV cache
     batch: int = 1            # sequences one decode step advances (KV-cache slots)
 

@@ -1,6 +1,8 @@
 """model.yaml's `model.config` for a model family: every key known and of its type.
 
-A family's config class (LlamaConfig, MlaDsaConfig) takes Hugging Face config fields.
+A family's config class takes Hugging Face config fields (LlamaConfig's; the DeepSeek
+families, `deepseek_v3`, `deepseek_v32` and `glm_moe_dsa`, take their config.json's
+fields and check them as a checkpoint's are: tilec/models/deepseek_hf.py).
 From a model.yaml each key must be one of its fields, with a value of the field's
 type: a misspelt key left the default in place (`vocab_sze: 256` built a 32000-token
 vocabulary, and a 27 GB model from the other defaults), and a value of the wrong type
@@ -18,19 +20,23 @@ from tilec.errors import ConfigError
 from tilec.limits import short_repr
 from tilec.models.rope import check_rope_scaling
 
-FAMILIES = ("llama", "mla_dsa")
-# Keys a family takes beyond its config class's fields (LlamaConfig.from_dict reads
-# transformers 5.x's `rope_parameters`), and fields that are not config keys.
-EXTRA_KEYS = {"llama": ("rope_parameters",), "mla_dsa": ()}
+DEEPSEEK_FAMILIES = ("deepseek_v3", "deepseek_v32", "glm_moe_dsa")
+FAMILIES = ("llama",) + DEEPSEEK_FAMILIES
+# Keys the llama family takes beyond its config class's fields (LlamaConfig.from_dict
+# reads transformers 5.x's `rope_parameters`), and fields that are not config keys.
+EXTRA_KEYS = ("rope_parameters",)
 NOT_KEYS = ("extra",)
 
 
 def family_classes(family: str) -> tuple[type, type]:
-    """(config class, decode step class) of a model family (one of FAMILIES)."""
-    if family == "mla_dsa":
-        from tilec.models.mla_dsa import MlaDsaConfig, MlaDsaDecodeStep
+    """(config class, decode step class) of a model family (one of FAMILIES); the
+    config class's from_dict(data, where) reads model.config."""
+    if family in DEEPSEEK_FAMILIES:
+        from tilec.models.deepseek import DeepseekDecodeStep
+        from tilec.models.deepseek_hf import FAMILIES as ARCHS
+        from tilec.models.deepseek_hf import DeepseekFamily
 
-        return MlaDsaConfig, MlaDsaDecodeStep
+        return DeepseekFamily(ARCHS[family]), DeepseekDecodeStep
     from tilec.models.llama import LlamaConfig, LlamaDecodeStep
 
     return LlamaConfig, LlamaDecodeStep
@@ -39,8 +45,9 @@ def family_classes(family: str) -> tuple[type, type]:
 def config_keys(family: str) -> tuple[str, ...]:
     """The keys `model.config` takes for `family`."""
     config_class = family_classes(family)[0]
-    return tuple(f.name for f in fields(config_class) if f.name not in NOT_KEYS) + \
-        EXTRA_KEYS[family]
+    if family in DEEPSEEK_FAMILIES:
+        return config_class.keys()
+    return tuple(f.name for f in fields(config_class) if f.name not in NOT_KEYS) + EXTRA_KEYS
 
 
 def check_family_config(family: str, config: dict, where: str) -> None:
@@ -56,6 +63,8 @@ def check_family_config(family: str, config: dict, where: str) -> None:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{where}: unknown {family} config key {short_repr(shown)}{hint}; "
                               f"allowed: {', '.join(allowed)}")
+        if family in DEEPSEEK_FAMILIES:
+            continue   # from_dict checks each value, as it checks a checkpoint's
         if key == "rope_parameters":
             check_rope_scaling(value, where, key)
             continue

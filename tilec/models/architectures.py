@@ -284,8 +284,12 @@ ARCHITECTURES = {a.name: a for a in (
 
 # DeepSeek: MLA and mixture-of-experts layers, its own decode step and checkpoint reader
 # (tilec/models/deepseek.py, deepseek_hf.py, which lists the fields it honours).
-ARCHITECTURES["DeepseekV3ForCausalLM"] = Architecture(
-    "DeepseekV3ForCausalLM", "deepseek_v3", DEEPSEEK_FIELDS, base=(), family="deepseek")
+# DeepSeek-V3.2 and GLM-5 add the DSA indexer.
+for _name, _type in (("DeepseekV3ForCausalLM", "deepseek_v3"),
+                     ("DeepseekV32ForCausalLM", "deepseek_v32"),
+                     ("GlmMoeDsaForCausalLM", "glm_moe_dsa")):
+    ARCHITECTURES[_name] = Architecture(_name, _type, DEEPSEEK_FIELDS[_name], base=(),
+                                        family="deepseek")
 
 
 def architecture_of(data: dict, path: str) -> Architecture:

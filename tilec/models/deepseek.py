@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tilec.errors import ConfigError
-from tilec.models.blocks import RMSNorm
+from tilec.models.blocks import LayerNorm, RMSNorm
 from tilec.models.llama import DecoderStep
 from tilec.models.rope import rope_parameters
 
@@ -75,13 +75,34 @@ class DeepseekConfig:
     rope_interleave: bool = True
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
+    # "dense" or "sparse" (MoE) per layer; None: dense up to first_k_dense_replace
+    mlp_layer_types: tuple | None = None
+    # DSA (DeepSeek-V3.2, GLM-5): the lightning indexer keeps index_topk cached tokens;
+    # None: no indexer (DeepSeek-V3)
+    index_topk: int | None = None
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    # "full" (runs its indexer) or "shared" (the previous full layer's selection) per
+    # layer (GLM-5); None: every layer full
+    indexer_types: tuple | None = None
+    # not a transformers field but the architecture's: GLM-5's indexer turns RoPE pairs,
+    # DeepSeek-V3.2's turns halves
+    index_rope_interleave: bool = False
 
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     def is_moe(self, layer: int) -> bool:
+        if self.mlp_layer_types is not None:
+            return _of_layer(self.mlp_layer_types, layer) == "sparse"
         return layer >= self.first_k_dense_replace
+
+    def indexer_type(self, layer: int) -> str | None:
+        """"full", "shared" or None (no DSA)."""
+        if self.index_topk is None:
+            return None
+        return "full" if self.indexer_types is None else _of_layer(self.indexer_types, layer)
 
     @staticmethod
     def from_dict(data: dict, where: str = "config") -> "DeepseekConfig":
@@ -89,7 +110,9 @@ class DeepseekConfig:
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ConfigError(f"{where}: {unknown[0]}: not a DeepSeek-V3 config field")
-        cfg = DeepseekConfig(**data)
+        lists = {k: tuple(v) for k, v in data.items()
+                 if isinstance(v, list) and known[k].type == "tuple | None"}
+        cfg = DeepseekConfig(**{**data, **lists})
         for name, f in known.items():
             value = getattr(cfg, name)
             _check_field(where, name, f.type, value)
@@ -104,7 +127,37 @@ class DeepseekConfig:
              "groups of fewer than 2 experts (the router scores a group by its best two)")
         need(cfg.num_experts_per_tok <= cfg.topk_group * cfg.n_routed_experts // cfg.n_group,
              "num_experts_per_tok", "more than the experts of topk_group groups")
+        _check_layer_types(cfg, need)
         return cfg
+
+
+def _check_layer_types(cfg: DeepseekConfig, need) -> None:
+    """mlp_layer_types and the DSA fields: one known word per layer, a shared indexer
+    layer after a full one, an indexer that can rotate and has q_lora_rank's residual."""
+    for key, words in (("mlp_layer_types", ("dense", "sparse")),
+                       ("indexer_types", ("full", "shared"))):
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        need(len(value) == cfg.num_hidden_layers, key,
+             f"{len(value)} entries for {cfg.num_hidden_layers} layers")
+        bad = [v for v in value if v not in words]
+        need(not bad, key, f"{bad[:1]!r}: expected {' or '.join(words)}")
+    if cfg.index_topk is None:
+        return
+    need(cfg.q_lora_rank is not None, "q_lora_rank",
+         "required with the DSA indexer (it reads q_a_layernorm's output)")
+    need(cfg.qk_rope_head_dim <= cfg.index_head_dim, "index_head_dim",
+         f"smaller than qk_rope_head_dim {cfg.qk_rope_head_dim} (the indexer rotates that many)")
+    need(cfg.indexer_types is None or cfg.indexer_types[0] == "full", "indexer_types",
+         "layer 0 is 'shared': there is no earlier full layer to share")
+
+
+def _of_layer(kinds: tuple, layer: int) -> str:
+    """Layer `layer`'s entry; past the end the last one: from_dict checks there is one
+    per layer, but compiler/memory.py sizes a model by building it with other layer
+    counts (dataclasses.replace of num_hidden_layers)."""
+    return kinds[min(layer, len(kinds) - 1)]
 
 
 def _needs(where: str):
@@ -128,6 +181,10 @@ def _check_field(where: str, name: str, kind: str, value) -> None:
         need(number and value > 0, name, f"expected a positive number, found {value!r}")
     elif kind == "bool":
         need(isinstance(value, bool), name, f"expected true or false, found {value!r}")
+    elif kind == "str":
+        need(isinstance(value, str), name, f"expected a string, found {value!r}")
+    elif kind == "tuple | None":
+        need(value is None or isinstance(value, tuple), name, f"expected a list, found {value!r}")
 
 
 def rope_tables(pos: torch.Tensor, inv_freq: torch.Tensor, factor: float, dtype: torch.dtype):
@@ -175,11 +232,51 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bo
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+class Indexer(nn.Module):
+    """DSA's lightning indexer (transformers' DeepseekV32Indexer / GlmMoeDsaIndexer) for
+    one token: index score I_s = sum_h w_h ReLU(softmax_scale q_h . k_s) with q from
+    q_a_layernorm's output (wq_b), k = LayerNorm(wk x) cached, RoPE on the first
+    qk_rope_head_dim dims of both, w = weights_proj x / sqrt(heads). Returns the mask
+    the attention scores add: 0 at the top-k positions s <= pos, -inf elsewhere [S].
+    Its own module, so `target.roles` can give it its own workers or devices
+    (`modules: [indexer]`)."""
+
+    def __init__(self, cfg: DeepseekConfig, max_seq_len: int):
+        super().__init__()
+        c = self.cfg = cfg
+        self.wq_b = nn.Linear(c.q_lora_rank, c.index_n_heads * c.index_head_dim, bias=False)
+        self.wk = nn.Linear(c.hidden_size, c.index_head_dim, bias=False)
+        self.k_norm = LayerNorm(c.index_head_dim, 1e-6)   # transformers' eps
+        self.weights_proj = nn.Linear(c.hidden_size, c.index_n_heads, bias=False)
+        self.register_buffer("k_cache", torch.zeros(max_seq_len, c.index_head_dim),
+                             persistent=False)
+
+    def rotated(self, x, cos, sin):
+        """x [.., index_head_dim] with its first qk_rope_head_dim dims rotated."""
+        r = self.cfg.qk_rope_head_dim
+        turned = rotate(x[..., :r], cos, sin, self.cfg.index_rope_interleave)
+        return torch.cat([turned, x[..., r:]], dim=-1)
+
+    def forward(self, x, q_resid, pos, positions, cos, sin):
+        c = self.cfg
+        q = self.rotated(self.wq_b(q_resid).view(c.index_n_heads, c.index_head_dim), cos, sin)
+        k = self.rotated(self.k_norm(self.wk(x)), cos, sin)
+        self.k_cache.index_copy_(0, pos, k.to(self.k_cache.dtype))
+        scores = torch.relu((q.float() @ self.k_cache.float().T) * c.index_head_dim ** -0.5)
+        weights = self.weights_proj(x).float() * c.index_n_heads ** -0.5     # [1, heads]
+        index = (weights @ scores).view(-1)                                  # [S]
+        # future positions -inf: the top-k takes every visible position before any of
+        # them (transformers' topk over pos + 1 cached tokens selects the same ones)
+        index = index.masked_fill(positions > pos, float("-inf"))
+        top = torch.topk(index, min(c.index_topk, index.shape[0])).indices
+        return torch.full_like(index, float("-inf")).index_fill(0, top, 0.0).to(x.dtype)
+
+
 class Attention(nn.Module):
     """MLA with absorbed projections over the compressed cache (module names and shapes
     as transformers' DeepseekV3Attention, so checkpoints map one to one)."""
 
-    def __init__(self, cfg: DeepseekConfig, max_seq_len: int):
+    def __init__(self, cfg: DeepseekConfig, max_seq_len: int, layer: int):
         super().__init__()
         c = self.cfg = cfg
         d, h = c.hidden_size, c.num_attention_heads
@@ -194,6 +291,8 @@ class Attention(nn.Module):
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim),
                                    bias=False)
         self.o_proj = nn.Linear(h * c.v_head_dim, d, bias=False)
+        if c.indexer_type(layer) == "full":
+            self.indexer = Indexer(c, max_seq_len)
         self.register_buffer("ckv_cache", torch.zeros(max_seq_len, c.kv_lora_rank),
                              persistent=False)
         self.register_buffer("kpe_cache", torch.zeros(max_seq_len, c.qk_rope_head_dim),
@@ -201,19 +300,21 @@ class Attention(nn.Module):
         self.scale = rope_parameters_of(c)[2]
 
     def queries(self, x, cos, sin):
-        """q_nope [heads, nope] and the rotated q_rot [heads, rope] of one token."""
+        """q_a_layernorm's output (None without q_lora_rank), q_nope [heads, nope] and the
+        rotated q_rot [heads, rope] of one token."""
         c = self.cfg
-        q = self.q_proj(x) if c.q_lora_rank is None else \
-            self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_resid = None if c.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_proj(x) if q_resid is None else self.q_b_proj(q_resid)
         q = q.view(c.num_attention_heads, c.qk_head_dim)
         q_nope, q_rot = q[:, :c.qk_nope_head_dim], q[:, c.qk_nope_head_dim:]
-        return q_nope, rotate(q_rot, cos, sin, c.rope_interleave)
+        return q_resid, q_nope, rotate(q_rot, cos, sin, c.rope_interleave)
 
-    def scores(self, x, pos, positions, cos, sin):
-        """Append this token to the caches; the scaled, causally masked scores of each
-        head over the cache [heads, S] and the absorbed query's pieces."""
+    def scores(self, x, pos, positions, cos, sin, selection):
+        """Append this token to the caches; the scaled, masked scores of each head over
+        the cache [heads, S] and the DSA selection they used (this layer's indexer's, or
+        `selection`, the previous full layer's, on a shared layer; None without DSA)."""
         c = self.cfg
-        q_nope, q_rot = self.queries(x, cos, sin)
+        q_resid, q_nope, q_rot = self.queries(x, cos, sin)
         kv = self.kv_a_proj_with_mqa(x)
         c_kv = self.kv_a_layernorm(kv[:, :c.kv_lora_rank])
         k_rot = rotate(kv[:, c.kv_lora_rank:], cos, sin, c.rope_interleave)
@@ -223,7 +324,12 @@ class Attention(nn.Module):
         q_latent = (q_nope.unsqueeze(1) @ w_uk).squeeze(1)               # [heads, kv_lora]
         scores = q_latent @ self.ckv_cache.T + q_rot @ self.kpe_cache.T   # [heads, S]
         scores = scores * self.scale
-        return scores.masked_fill(positions > pos, float("-inf"))
+        if hasattr(self, "indexer"):
+            selection = self.indexer(x, q_resid, pos, positions, cos, sin)
+        if selection is not None:
+            # -inf off the selection (transformers fills finfo.min: the same zero weights)
+            scores = scores + selection
+        return scores.masked_fill(positions > pos, float("-inf")), selection
 
     def absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [heads, nope, kv_lora] and W_UV [heads, v, kv_lora] from kv_b_proj."""
@@ -232,14 +338,14 @@ class Attention(nn.Module):
                                        c.kv_lora_rank)
         return w[:, :c.qk_nope_head_dim], w[:, c.qk_nope_head_dim:]
 
-    def forward(self, x, pos, positions, cos, sin):
+    def forward(self, x, pos, positions, cos, sin, selection=None):
         c = self.cfg
-        scores = self.scores(x, pos, positions, cos, sin)
+        scores, selection = self.scores(x, pos, positions, cos, sin, selection)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)
         o_latent = probs @ self.ckv_cache                                 # [heads, kv_lora]
         _, w_uv = self.absorbed()
         out = (o_latent.unsqueeze(1) @ w_uv.transpose(1, 2))              # [heads, 1, v]
-        return self.o_proj(out.reshape(1, c.num_attention_heads * c.v_head_dim))
+        return self.o_proj(out.reshape(1, c.num_attention_heads * c.v_head_dim)), selection
 
 
 class MLP(nn.Module):
@@ -343,13 +449,15 @@ class Layer(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, max_seq_len)
+        self.self_attn = Attention(cfg, max_seq_len, index)
         self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe(index) else MLP(cfg, cfg.intermediate_size)
 
-    def forward(self, h, pos, positions, cos, sin):
-        h = h + self.self_attn(self.input_layernorm(h), pos, positions, cos, sin)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h, pos, positions, cos, sin, selection=None):
+        out, selection = self.self_attn(self.input_layernorm(h), pos, positions, cos, sin,
+                                        selection)
+        h = h + out
+        return h + self.mlp(self.post_attention_layernorm(h)), selection
 
 
 class DeepseekDecodeStep(DecoderStep):
@@ -358,6 +466,12 @@ class DeepseekDecodeStep(DecoderStep):
     def __init__(self, cfg: DeepseekConfig, max_seq_len: int):
         counter = iter(range(cfg.num_hidden_layers))
         super().__init__(cfg, max_seq_len, lambda c, s: Layer(c, s, next(counter)))
+        # the compiler builds layers 2.. from a trace of layers 0 and 1 (DecoderStep):
+        # only sound when layers 1.. are all of one kind (an MLP kind and a full indexer
+        # or none: a shared layer reads another layer's selection)
+        kinds = {(cfg.is_moe(i), cfg.indexer_type(i)) for i in range(1, cfg.num_hidden_layers)}
+        if len(kinds) > 1 or any(kind == "shared" for _, kind in kinds):
+            self.repeated_layers = None
         self.register_buffer("inv_freq", self.inverse_frequencies(), persistent=False)
         self.rope_factor = rope_parameters_of(cfg)[1]
 
@@ -365,14 +479,15 @@ class DeepseekDecodeStep(DecoderStep):
         return rope_parameters_of(self.cfg)[0]
 
     def reset_cache(self) -> None:
-        for layer in self.layers:
-            layer.self_attn.ckv_cache.zero_()
-            layer.self_attn.kpe_cache.zero_()
+        for name, buffer in self.named_buffers():
+            if name.endswith("_cache"):
+                buffer.zero_()
 
     def forward(self, token: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.embed_tokens(token)
         cos, sin = rope_tables(pos, self.inv_freq, self.rope_factor, h.dtype)
+        selection = None
         for layer in self.layers:
-            h = layer(h, pos, self.positions, cos, sin)
+            h, selection = layer(h, pos, self.positions, cos, sin, selection)
         logits = self.lm_head(self.norm(h)).float()
         return {"logits": logits, "next_token": logits.argmax(-1)}

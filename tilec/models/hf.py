@@ -93,7 +93,7 @@ def _read(folder: Path) -> tuple[Architecture, LlamaConfig | DeepseekConfig]:
                               f"(a field tilec does not know may change what the model "
                               f"computes; the fields it honours: docs/model-yaml.md)")
     if arch.family == "deepseek":
-        return arch, deepseek_config(data, str(path))
+        return arch, deepseek_config(data, str(path), arch.name)
     return arch, LlamaConfig.from_dict(decoder_fields(arch, data, str(path)), where=str(path))
 
 

@@ -30,8 +30,7 @@ from torch import nn
 
 from tilec.errors import ConfigError
 from tilec.limits import short_repr
-from tilec.models.blocks import (  # noqa: F401  (RMSNorm, swap_halves: mla_dsa's too)
-    RMSNorm, norm_of, rope_at, rotate, softcap, swap_halves)
+from tilec.models.blocks import RMSNorm, norm_of, rope_at, rotate, softcap
 from tilec.models.rope import check_rope_scaling, rope_parameters
 
 
