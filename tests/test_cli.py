@@ -277,9 +277,9 @@ MLP_PY = textwrap.dedent('''
         def forward(self, x):
             return torch.relu(self.fc(x))
 
-    class Cumsum(torch.nn.Module):
+    class Sort(torch.nn.Module):   # (no tilec handler for aten.sort)
         def forward(self, x):
-            return torch.cumsum(x, dim=-1)
+            return torch.sort(x, dim=-1).values
 ''')
 
 GOOD_YAML = textwrap.dedent('''
@@ -300,7 +300,7 @@ BAD_YAMLS = {
     "invalid_yaml": GOOD_YAML + "inputs: [\n",
     "not_a_mapping": "- just\n- a list\n",
     "empty": "",
-    "unsupported_op": GOOD_YAML.replace("m.py:MLP, kwargs: {d: 16}", "m.py:Cumsum"),
+    "unsupported_op": GOOD_YAML.replace("m.py:MLP, kwargs: {d: 16}", "m.py:Sort"),
 }
 
 
