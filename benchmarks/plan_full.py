@@ -61,6 +61,10 @@ def glm5_config() -> dict | None:
     return data
 
 
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def plan(name: str, config: dict, args, roles: dict | None = None) -> dict:
     """Plan one model; prints and returns its figures."""
     import tilec
@@ -84,12 +88,20 @@ def plan(name: str, config: dict, args, roles: dict | None = None) -> dict:
                                               "max_seq_len": args.max_seq_len},
                                     "target": target}))
         stages: dict[str, float] = {}
+
+        def on_stage(stage: str, dt: float) -> None:
+            # printed as each stage ends, so a run stopped by a time limit shows how far
+            # it got and what took the time
+            stages[stage] = dt
+            print(f"  {name}: {stage} {dt:.1f} s (peak RSS {_peak_rss() / 1e9:.2f} GB)",
+                  flush=True)
+
         t0 = time.perf_counter()
         engine = tilec.compile(str(yaml), plan=True, output=str(Path(tmp, "plan.engine")),
-                               on_stage=lambda s, dt: stages.__setitem__(s, dt))
+                               on_stage=on_stage)
         seconds = time.perf_counter() - t0
         size = Path(tmp, "plan.engine").stat().st_size
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss()
     report = fit_report(engine.parts)
     tasks = sum(len(p.manifest.schedule.taskgraph.tasks) for p in engine.parts)
     print(f"{name}: {config['num_hidden_layers']} layers on {args.devices} x {args.target}: "

@@ -6,12 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 import tilec.api
 from engines import compiled, resign
 from tilec.errors import EngineError
 from tilec.ir.graph import DTYPE_BYTES
-from tilec.ir.abi import NO_PREFETCH, PREFETCH_MAX_BYTES, prefetch_offset
+from tilec.ir.abi import NO_PREFETCH, PREFETCH_MAX_BYTES, PREFETCH_UNIT, prefetch_offset
 from tilec.ir.record import PREFETCH_MIN_BYTES, weight_pools
 from tilec.runtime import enginefile as engine_file
 
@@ -45,7 +46,11 @@ def test_matvec_records_name_their_weight_tile():
         if not spans:
             assert (slot, first, units) == NO_PREFETCH, task.group
             continue
-        assert (slots[slot].name, first * 16, units * 16) == max(spans, key=lambda x: x[2])
+        # the whole units inside the largest span
+        pool, lo, nbytes = max(spans, key=lambda x: x[2])
+        want = -(-lo // PREFETCH_UNIT)
+        assert (slots[slot].name, first, units) == \
+            (pool, want, (lo + nbytes) // PREFETCH_UNIT - want)
         checked += 1
     assert checked >= 8   # the LM head's tiles at least
 
@@ -54,7 +59,7 @@ def test_load_refuses_a_prefetch_outside_its_pool(tmp_path):
     src = compiled("block")
     engine = engine_file.load(src)
     at = prefetch_offset(engine.manifest.max_waits)
-    units = sum(p.numel * DTYPE_BYTES[p.dtype] // 16
+    units = sum(p.numel * DTYPE_BYTES[p.dtype] // PREFETCH_UNIT
                 for p in weight_pools(engine.manifest.schedule.pools))
 
     def out_of_pool(tensors):
@@ -67,3 +72,18 @@ def test_load_refuses_a_prefetch_outside_its_pool(tmp_path):
         tensors["tasks"][0, at:at + 3] = tensors["tasks"].new_tensor([7, 0, 1])
     with pytest.raises(EngineError, match="weight prefetch"):
         engine_file.load(resign(src, tmp_path / "f", tensors=no_such_pool))
+
+
+def test_a_prefetch_beyond_32_gb_of_one_pool():
+    """A device with more than 32 GB of weights (Llama-3-70B on two H200s, GLM-5 on
+    eight) names spans past the 2^31st 16-byte unit: the record's int32 fields count
+    PREFETCH_UNIT bytes, so a plan of a 34 GB weight packs (it overflowed the table)."""
+    n = 1 << 17
+    model = torch.nn.Linear(n, n + 4096, bias=False, device="meta", dtype=torch.bfloat16)
+    engine = tilec.api.compile(model, (torch.empty(1, n, device="meta", dtype=torch.bfloat16),),
+                               plan=True, target="h200", workers=8).data
+    at = prefetch_offset(engine.manifest.max_waits)
+    pool = weight_pools(engine.manifest.schedule.pools)[0]
+    assert pool.numel * 2 > 16 << 31
+    last = max(engine.tensors["tasks"][:, at + 1].tolist()) * PREFETCH_UNIT
+    assert 16 << 31 < last < pool.numel * 2

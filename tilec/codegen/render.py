@@ -108,5 +108,5 @@ def _interface(max_waits: int) -> dict:
                "num_waits": abi.NUM_WAITS, "waits": abi.WAITS},
         hang=abi.HANG, index_error=abi.INDEX_ERROR,
         prefetch_at=abi.prefetch_offset(max_waits), prefetch_depth=abi.PREFETCH_DEPTH,
-        prefetch_pieces=abi.PREFETCH_PIECES,
+        prefetch_pieces=abi.PREFETCH_PIECES, prefetch_unit=abi.PREFETCH_UNIT,
         prefetch_piece=abi.PREFETCH_MAX_BYTES // abi.PREFETCH_PIECES)

@@ -28,7 +28,7 @@ MAX_WAITS = 8                  # the wait cap: waits a task record holds (passes
 # fields), in this order:
 #   opcode, args row, t0, t1, t2, number of waits,
 #   max_waits x (event, count per step),
-#   weight prefetch: weight pool slot (-1: none), first 16-byte unit, 16-byte units,
+#   weight prefetch: weight pool slot (-1: none), first unit, units (PREFETCH_UNIT bytes),
 #   signal event
 OPCODE = 0           # the task kind's function (TRANSFER_OPCODE: the host runs it)
 ARGS_ROW = 1         # the group's row of the args table
@@ -36,7 +36,7 @@ TILE = 2             # t0, t1, t2: fields TILE, TILE + 1, TILE + 2
 NUM_WAITS = 5
 WAITS = 6            # wait i: event at WAITS + 2 i, count per step at WAITS + 2 i + 1
 FIXED_FIELDS = 6     # the fields before the waits
-PREFETCH_FIELDS = 3  # weight pool slot, first 16-byte unit, 16-byte units
+PREFETCH_FIELDS = 3  # weight pool slot, first unit, units (of PREFETCH_UNIT bytes)
 NO_PREFETCH = (-1, 0, 0)
 SIGNAL = -1          # the last field: the event the task signals when it is done
 TRANSFER_OPCODE = -1  # opcode and args row of a transfer's record (multi-device)
@@ -48,6 +48,11 @@ PREFETCH_DEPTH = 2
 # The most of a task's weights a record's prefetch names (the ring streams the rest):
 # 132 workers x PREFETCH_DEPTH x 128 KB = 34 MB of an H200's 50 MB L2
 PREFETCH_MAX_BYTES = 128 * 1024
+# The bytes of one unit of a record's prefetch first and length fields. An int32 field
+# of 16-byte units addresses only the first 32 GB of a pool: a device holding more
+# (Llama-3-70B on two H200s, GLM-5 on eight) overflowed the table. 2^31 units of 256
+# bytes address 512 GB; the span loses at most 255 bytes at either end (a hint).
+PREFETCH_UNIT = 256
 # Pieces the kernel asks for a task's weight prefetch in (each up to PREFETCH_MAX_BYTES
 # / this, 16 KB): the prefetch instruction takes its operands from uniform registers, so
 # ptxas issues one per distinct piece in a loop over the worker's threads

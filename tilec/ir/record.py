@@ -8,7 +8,7 @@ of after.
 """
 from __future__ import annotations
 
-from tilec.ir.abi import NO_PREFETCH, PREFETCH_MAX_BYTES
+from tilec.ir.abi import NO_PREFETCH, PREFETCH_MAX_BYTES, PREFETCH_UNIT
 from tilec.ir.graph import DTYPE_BYTES
 from tilec.ir.schedule import Pool
 from tilec.ir.tasks import Buffer, Task
@@ -51,8 +51,8 @@ def prefetch_bytes(task: Task, buffers: dict[str, Buffer]) -> int:
 
 def weight_prefetch(task: Task, buffers: dict[str, Buffer],
                     slots: dict[str, int]) -> tuple[int, int, int]:
-    """The record's prefetch fields: (weight pool slot, first 16-byte unit, 16-byte
-    units) of `prefetch_region`, cut to PREFETCH_MAX_BYTES, or NO_PREFETCH. `buffers`
+    """The record's prefetch fields: (weight pool slot, first unit, units; units of
+    PREFETCH_UNIT bytes) of `prefetch_region`, cut to PREFETCH_MAX_BYTES, or NO_PREFETCH. `buffers`
     placed by memplan; `slots`: weight pool name -> slot."""
     region = prefetch_region(task, buffers)
     if region is None or region[0].pool not in slots:
@@ -60,8 +60,8 @@ def weight_prefetch(task: Task, buffers: dict[str, Buffer],
     b, first, nbytes = region
     lo = (b.offset + first) * DTYPE_BYTES[b.type.dtype]
     hi = lo + min(nbytes, PREFETCH_MAX_BYTES)
-    # 16-byte units inside the span (cp.async.bulk.prefetch wants both aligned)
-    first_unit, end_unit = -(-lo // 16), hi // 16
+    # whole units inside the span (cp.async.bulk.prefetch wants 16-byte alignment)
+    first_unit, end_unit = -(-lo // PREFETCH_UNIT), hi // PREFETCH_UNIT
     if end_unit <= first_unit:
         return NO_PREFETCH
     return slots[b.pool], first_unit, end_unit - first_unit

@@ -9,8 +9,8 @@ import json
 
 import torch
 
-from tilec.ir.abi import (FIXED_FIELDS, KERNEL_NAME, NO_PREFETCH, SIGNAL, TRANSFER_OPCODE,
-                          record_prefetch, record_waits)
+from tilec.ir.abi import (FIXED_FIELDS, KERNEL_NAME, NO_PREFETCH, PREFETCH_UNIT, SIGNAL,
+                          TRANSFER_OPCODE, record_prefetch, record_waits)
 from tilec.ir.graph import DTYPE_BYTES
 from tilec.ir.record import weight_pools
 from tilec.ir.tasks import TRANSFER
@@ -125,8 +125,8 @@ def _records_problem(m: Manifest, table: list[list[int]], ids: list[int],
     host_rows = range(starts[comm], starts[comm + 1]) if comm is not None and \
         comm < len(starts) - 1 else range(0)
     transfers = len(sched.taskgraph.transfers)
-    # a prefetch may name any 16-byte unit inside a weight pool, no more
-    prefetch_units = [p.numel * DTYPE_BYTES.get(p.dtype, 0) // 16
+    # a prefetch may name any whole unit inside a weight pool, no more
+    prefetch_units = [p.numel * DTYPE_BYTES.get(p.dtype, 0) // PREFETCH_UNIT
                       for p in weight_pools(sched.pools)]
     for row, (rec, tid) in enumerate(zip(table, ids)):
         op, g, t0, t1, t2, nw = rec[:FIXED_FIELDS]
