@@ -65,53 +65,75 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def plan(name: str, config: dict, args, roles: dict | None = None) -> dict:
-    """Plan one model; prints and returns its figures."""
-    import tilec
-    from tilec.inspect import fit_lines, fit_report
-
+def fewer_layers(config: dict, layers: int) -> dict:
+    """`config` with its first `layers` layers (0: all of them)."""
     config = dict(config)
-    if args.layers:
-        config["num_hidden_layers"] = args.layers
+    if layers:
+        config["num_hidden_layers"] = layers
         for key in ("layer_types", "mlp_layer_types", "indexer_types"):   # one per layer
             if isinstance(config.get(key), list):
-                config[key] = config[key][:args.layers]
+                config[key] = config[key][:layers]
+    return config
+
+
+def plan_engine(name: str, config: dict, *, layers: int, devices: int, target: str,
+                max_seq_len: int, roles: dict | None = None, output: str | None = None,
+                on_stage=None):
+    """`tilec.compile(..., plan=True)` of an hf folder holding only `config` (cut to
+    `layers`), on `devices` x `target`, with `roles` when there are several devices."""
+    import tilec
+
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp, name)
         folder.mkdir()
-        (folder / "config.json").write_text(json.dumps(config))
-        target = {"name": args.target, "devices": args.devices}
-        if roles and args.devices > 1:
-            target["roles"] = roles
+        (folder / "config.json").write_text(json.dumps(fewer_layers(config, layers)))
+        spec = {"name": target, "devices": devices}
+        if roles and devices > 1:
+            spec["roles"] = roles
         yaml = Path(tmp, f"{name}.yaml")
-        yaml.write_text(json.dumps({"model": {"hf": str(folder),
-                                              "max_seq_len": args.max_seq_len},
-                                    "target": target}))
-        stages: dict[str, float] = {}
+        yaml.write_text(json.dumps({"model": {"hf": str(folder), "max_seq_len": max_seq_len},
+                                    "target": spec}))
+        return tilec.compile(str(yaml), plan=True, output=output, on_stage=on_stage)
 
-        def on_stage(stage: str, dt: float) -> None:
-            # printed as each stage ends, so a run stopped by a time limit shows how far
-            # it got and what took the time
-            stages[stage] = dt
-            print(f"  {name}: {stage} {dt:.1f} s (peak RSS {_peak_rss() / 1e9:.2f} GB)",
-                  flush=True)
 
+def plan(name: str, config: dict, args, roles: dict | None = None) -> dict:
+    """Plan one model; prints and returns its figures."""
+    from tilec.inspect import fit_lines, fit_report
+
+    stages: dict[str, float] = {}
+    cpu_stages: dict[str, float] = {}
+    cpu_mark = [time.process_time()]
+
+    def on_stage(stage: str, dt: float) -> None:
+        # printed as each stage ends, so a run stopped by a time limit shows how far it
+        # got and what took the time (CPU seconds: the machine is shared)
+        now = time.process_time()
+        stages[stage], cpu_stages[stage] = dt, now - cpu_mark[0]
+        cpu_mark[0] = now
+        print(f"  {name}: {stage} {dt:.1f} s, {cpu_stages[stage]:.1f} s CPU "
+              f"(peak RSS {_peak_rss() / 1e9:.2f} GB)", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        engine = tilec.compile(str(yaml), plan=True, output=str(Path(tmp, "plan.engine")),
-                               on_stage=on_stage)
+        cpu0 = time.process_time()
+        engine = plan_engine(name, config, layers=args.layers, devices=args.devices,
+                             target=args.target, max_seq_len=args.max_seq_len, roles=roles,
+                             output=str(Path(tmp, "plan.engine")), on_stage=on_stage)
         seconds = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
         size = Path(tmp, "plan.engine").stat().st_size
     peak = _peak_rss()
     report = fit_report(engine.parts)
     tasks = sum(len(p.manifest.schedule.taskgraph.tasks) for p in engine.parts)
-    print(f"{name}: {config['num_hidden_layers']} layers on {args.devices} x {args.target}: "
-          f"planned in {seconds:.1f} s, peak RSS {peak / 1e9:.2f} GB, {tasks} tasks, "
+    layers = fewer_layers(config, args.layers)["num_hidden_layers"]
+    print(f"{name}: {layers} layers on {args.devices} x {args.target}: planned in "
+          f"{seconds:.1f} s ({cpu:.1f} s CPU), peak RSS {peak / 1e9:.2f} GB, {tasks} tasks, "
           f"plan file {size / 1e6:.1f} MB")
-    print("  stages: " + ", ".join(f"{s} {dt:.1f} s" for s, dt in stages.items()))
+    print("  stages, CPU seconds: " + ", ".join(f"{s} {dt:.1f}" for s, dt in cpu_stages.items()))
     for line in fit_lines(report, args.target):
         print(f"  {line}")
-    return {"name": name, "seconds": seconds, "peak_rss_bytes": peak, "tasks": tasks,
-            **report}
+    return {"name": name, "seconds": seconds, "cpu_seconds": cpu, "peak_rss_bytes": peak,
+            "tasks": tasks, "stages": stages, "cpu_stages": cpu_stages, **report}
 
 
 def main(argv=None) -> int:

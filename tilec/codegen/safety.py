@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import functools
 import re
 
 from tilec.errors import TilecError
@@ -111,9 +112,13 @@ def text_literal(text: object, limit: int = 200) -> str:
     return out
 
 
+@functools.lru_cache(maxsize=4)
 def check_kernel_source(source: str, kernel_name: str) -> None:
     """Refuse `source` unless it is made only of what a tilec kernel is made of (see the
-    module docstring); raises UnsafeKernelError naming the first thing that is not."""
+    module docstring); raises UnsafeKernelError naming the first thing that is not.
+    A source that passed is remembered (the same text, compared whole, passes again):
+    the devices of an engine render the same kernel, a second each on GLM-5's 8
+    devices. A refusal is never remembered: it raises again, after the full check."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError) as e:

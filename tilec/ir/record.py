@@ -26,20 +26,23 @@ def prefetch_region(task: Task, buffers: dict[str, Buffer]) -> tuple[Buffer, int
     """(buffer, first element, bytes) of the largest weight region the task reads whole
     and contiguously (a gather reads rows of its table's region: never one), if it
     has PREFETCH_MIN_BYTES; bytes not cut to PREFETCH_MAX_BYTES."""
-    moved = dict(task.moved)
+    moved = None   # made at the first weight read: most tasks read none
     best = None
     for r in task.reads:
         b = buffers.get(r.buffer)
         if b is None or b.kind != "weight":
             continue
-        item = DTYPE_BYTES[b.type.dtype]
-        if moved and moved.get(r.buffer, 0) < r.numel * item:
+        if moved is None:
+            moved = dict(task.moved)
+        numel = r.numel
+        nbytes = numel * DTYPE_BYTES[b.type.dtype]
+        if moved and moved.get(r.buffer, 0) < nbytes:
             continue   # read in part (a gather's rows): the region is not what it reads
         first, last = _flat_span(r.box, b.type.shape)
-        if last - first + 1 != r.numel:
+        if last - first + 1 != numel:
             continue   # not contiguous: a prefetch would fetch what it does not read
-        if best is None or r.numel * item > best[2]:
-            best = (b, first, r.numel * item)
+        if best is None or nbytes > best[2]:
+            best = (b, first, nbytes)
     return best if best is not None and best[2] >= PREFETCH_MIN_BYTES else None
 
 

@@ -215,6 +215,14 @@ class DepArrays(Sequence):
     def __len__(self) -> int:
         return len(self._tag)
 
+    def tags(self) -> np.ndarray:
+        """Each dep's index into `sources()`."""
+        return self._tag
+
+    def sources(self) -> tuple[list[str], list[str]]:
+        """(kinds, buffers): dep i is of kind kinds[tags()[i]] on buffers[tags()[i]]."""
+        return list(self._kinds), list(self._buffers)
+
     def __getitem__(self, i):
         if isinstance(i, slice):
             return tuple(self[j] for j in range(*i.indices(len(self))))

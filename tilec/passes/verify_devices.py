@@ -134,12 +134,14 @@ def _delivered(parts: tuple[Schedule, ...]) -> list[str]:
     key = _program_key(parts)
     runs: dict[tuple, int] = {}                   # tile -> mask of the devices running it
     writes: dict[str, dict[tuple, Region]] = {}   # buffer -> tile -> region it writes
+    keys = []                                     # per device: each task's tile key
     for d, p in enumerate(parts):
-        for t in p.taskgraph.tasks:
-            if t.group != TRANSFER:
-                runs[key(t)] = runs.get(key(t), 0) | 1 << d
+        keys.append([None if t.group == TRANSFER else key(t) for t in p.taskgraph.tasks])
+        for t, k in zip(p.taskgraph.tasks, keys[d]):
+            if k is not None:
+                runs[k] = runs.get(k, 0) | 1 << d
                 for r in t.writes:
-                    writes.setdefault(r.buffer, {})[key(t)] = r
+                    writes.setdefault(r.buffer, {})[k] = r
     rank = {k: i for i, k in enumerate(sorted(runs))}   # program order
     writers = {b: (list(ws), box_array(list(ws.values())),
                    np.array([rank[k] for k in ws], dtype=np.int64),
@@ -149,21 +151,21 @@ def _delivered(parts: tuple[Schedule, ...]) -> list[str]:
     out = []
     for d, p in enumerate(parts):
         received: dict[str, list[tuple[int, Region]]] = {}   # buffer -> (src, region)
-        reads: dict[str, list[tuple[object, Region]]] = {}    # buffer -> (task, region)
-        for t in p.taskgraph.tasks:
-            if t.group == TRANSFER and 0 <= t.tile[0] < len(transfers):
+        reads: dict[str, list[tuple[object, Region, int]]] = {}  # buffer -> (task, region, rank)
+        for t, k in zip(p.taskgraph.tasks, keys[d]):
+            if k is None and 0 <= t.tile[0] < len(transfers):
                 for part in transfers[t.tile[0]].parts:
                     if d in part.dsts and part.region in t.writes:
                         received.setdefault(part.region.buffer, []).append(
                             (part.src, part.region))
-            elif t.group != TRANSFER:
+            elif k is not None:
                 for r in t.reads:
                     if r.buffer in writers:
-                        reads.setdefault(r.buffer, []).append((t, r))
+                        reads.setdefault(r.buffer, []).append((t, r, rank[k]))
         for buffer, rs in reads.items():
-            keys, w_box, w_rank, w_mask = writers[buffer]
-            r_box = box_array([r for _, r in rs])
-            r_rank = np.array([rank[key(t)] for t, _ in rs], dtype=np.int64)
+            _, w_box, w_rank, w_mask = writers[buffer]
+            r_box = box_array([r for _, r, _ in rs])
+            r_rank = np.array([k for _, _, k in rs], dtype=np.int64)
             pairs = overlap_matrix(r_box, w_box)
             pairs &= (w_rank[None, :] < r_rank[:, None]) & ((w_mask[None, :] >> d) & 1 == 0)
             ri, wi = np.nonzero(pairs)
@@ -181,7 +183,7 @@ def _delivered(parts: tuple[Schedule, ...]) -> list[str]:
                 ok = np.any(inside & ((w_mask[wi][:, None] >> x_src[None, :]) & 1 == 1), axis=1)
             reported = set()
             for i in np.flatnonzero(~ok).tolist():
-                t, _ = rs[ri[i]]
+                t = rs[ri[i]][0]
                 if t.id in reported:
                     continue   # one line per reading task
                 reported.add(t.id)
