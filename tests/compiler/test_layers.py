@@ -31,20 +31,25 @@ def whole_trace(module, inputs):
     return frontend._Lowering(frontend._export(module, inputs)).run()
 
 
-@pytest.mark.parametrize("example,layers,changes", [
-    ("llama_tiny", 5, {}),
+@pytest.mark.parametrize("example,layers,changes,first", [
+    ("llama_tiny", 5, {}, 0),
     # GLM-5 with layers of one kind (MoE, each with its indexer): repeated
-    ("glm_dsa_tiny", 3, {"first_k_dense_replace": 0, "indexer_types": ["full"] * 3})])
-def test_two_traced_layers_lower_as_the_whole_trace(example, layers, changes):
+    ("glm_dsa_tiny", 3, {"first_k_dense_replace": 0, "indexer_types": ["full"] * 3}, 0),
+    # GLM-5 as it is: dense layers, then MoE ones (and a shared indexer among the first)
+    # repeat from the first MoE layer: layers 0..3 traced, 4 and 5 built from 3
+    ("glm_dsa_tiny", 6, {"first_k_dense_replace": 2,
+                         "indexer_types": ["full", "shared"] + ["full"] * 4}, 2)])
+def test_two_traced_layers_lower_as_the_whole_trace(example, layers, changes, first):
     cfg = load_config(f"examples/{example}.yaml")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, config={**cfg.model.config, "num_hidden_layers": layers, **changes}))
     module, inputs = build_model(cfg)
     exported = frontend.export(module, inputs)
     assert exported.layers is not None and exported.layers.count == layers
-    traced = {n.meta.get("nn_module_stack", {}).get("L__self___layers_2")
+    assert exported.layers.first == first
+    traced = {n.meta.get("nn_module_stack", {}).get(f"L__self___layers_{first + 2}")
               for n in exported.program.graph.nodes}
-    assert traced == {None}   # layer 2 was not traced
+    assert traced == {None}   # layer first + 2 was not traced
     built = frontend.lower(exported)
     whole = whole_trace(module, inputs)
     assert canonical(built) == canonical(whole)

@@ -57,15 +57,24 @@ def test_the_example_builds_with_its_init_scale():
 
 def test_layers_of_different_kinds_are_not_built_from_two():
     """A [dense, dense, MoE] stack: layers 0 and 1 agree, so building layer 2 from layer
-    1 would make it dense; the model does not declare its layers repeated."""
+    1 would make it dense; the model's layers repeat from layer 2 only, which leaves
+    none to build. With one dense layer and two MoE ones, nor; with four MoE ones, the
+    last two are built from the first two."""
     cfg = DeepseekConfig(vocab_size=16, hidden_size=16, intermediate_size=16,
                          moe_intermediate_size=8, num_hidden_layers=3, num_attention_heads=2,
                          kv_lora_rank=8, q_lora_rank=8, qk_nope_head_dim=8,
                          qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4, n_group=1,
                          topk_group=1, num_experts_per_tok=2, first_k_dense_replace=2)
-    assert DeepseekDecodeStep(cfg, 8).repeated_layers is None
-    assert DeepseekDecodeStep(
-        DeepseekConfig(**{**cfg.__dict__, "first_k_dense_replace": 1}), 8).repeated_layers
+    from tilec.compiler.layers import declared_layers
+
+    assert DeepseekDecodeStep(cfg, 8).repeated_from == 2
+    assert declared_layers(DeepseekDecodeStep(cfg, 8)) is None
+    one_dense = DeepseekDecodeStep(DeepseekConfig(**{**cfg.__dict__,
+                                                     "first_k_dense_replace": 1}), 8)
+    assert one_dense.repeated_from == 1 and declared_layers(one_dense) is None
+    longer = DeepseekDecodeStep(DeepseekConfig(**{**cfg.__dict__,
+                                                  "num_hidden_layers": 6}), 8)
+    assert (declared_layers(longer).first, declared_layers(longer).count) == (2, 6)
 
 
 def eager_greedy(m, prompt: list[int], new: int) -> list[int]:

@@ -46,8 +46,8 @@ def dtype_name(dt: torch.dtype, where: str = "") -> str:
 @dataclass(frozen=True)
 class Exported:
     """What `export` traced: the module's program or, for a module whose layers repeat,
-    the program of a copy of it holding only its first two layers (`layers`, then, says
-    how `lower` builds the others: compiler/layers.py)."""
+    the program of a copy of it holding only its layers up to the second repeated one
+    (`layers`, then, says how `lower` builds the others: compiler/layers.py)."""
 
     program: Any                  # torch.export.ExportedProgram
     layers: Any = None            # layers.RepeatedLayers | None
@@ -56,13 +56,13 @@ class Exported:
 
 def export(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Exported:
     """torch.export in non-strict mode, then the core ATen decompositions; for a module
-    that declares repeated layers, of its first two layers only."""
-    from tilec.compiler.layers import declared_layers, first_two
+    that declares repeated layers, of its layers up to the second repeated one only."""
+    from tilec.compiler.layers import declared_layers, first_traced
 
     example_inputs = _unaliased(example_inputs)
     layers = declared_layers(module)
     if layers is not None:
-        return Exported(_export(first_two(layers), example_inputs), layers,
+        return Exported(_export(first_traced(layers), example_inputs), layers,
                         tuple(example_inputs))
     return Exported(_export(module, example_inputs))
 

@@ -23,6 +23,13 @@ caller traces the whole module. The ops it builds are in
 the order a whole trace gives: each run of layer-1 ops (weights, caches, compute) is
 followed by the same run for layers 2..N-1, so pools and schedules come out as those of
 the whole trace (tests/compiler/test_layers.py compares the two).
+
+A module whose first layers differ from the rest (GLM-5: three dense layers, then 75
+mixture-of-experts ones) says where the repeating run starts (`repeated_from = S`,
+default 0): it is traced with layers 0..S+1, layers before S are read as code before
+the layers, layers S and S+1 play the parts of layers 0 and 1 above, and layers
+S+2..N-1 are built from layer S+1. Tracing GLM-5's 78 layers whole took most of its
+plan; five of them are traced instead.
 """
 from __future__ import annotations
 
@@ -38,36 +45,42 @@ from tilec.ir.graph import Graph, Op, Operand
 
 @dataclass(frozen=True)
 class RepeatedLayers:
-    """How a module's layers repeat: `module.<attr>` is an nn.ModuleList of `count`."""
+    """How a module's layers repeat: `module.<attr>` is an nn.ModuleList of `count`,
+    whose layers `first`.. repeat."""
 
     attr: str
     count: int
     module: torch.nn.Module
+    first: int = 0
 
 
 def declared_layers(module: torch.nn.Module) -> RepeatedLayers | None:
-    """The repeated layers `module` declares (`repeated_layers = "layers"`), if more than
-    two (two or fewer: nothing to save)."""
+    """The repeated layers `module` declares (`repeated_layers = "layers"`, and
+    `repeated_from = S` if they repeat from layer S), if a layer is left to build after
+    layer S+1 (else nothing to save)."""
     attr = getattr(module, "repeated_layers", None)
     layers = getattr(module, attr, None) if isinstance(attr, str) else None
-    if not isinstance(layers, torch.nn.ModuleList) or len(layers) <= 2:
+    first = getattr(module, "repeated_from", 0)
+    if not isinstance(layers, torch.nn.ModuleList) or type(first) is not int or \
+            not 0 <= first < len(layers) - 2:
         return None
-    return RepeatedLayers(attr, len(layers), module)
+    return RepeatedLayers(attr, len(layers), module, first)
 
 
-def first_two(layers: RepeatedLayers) -> torch.nn.Module:
-    """A shallow copy of the module holding only its first two layers (the same layer
-    objects, so the same parameters and buffers)."""
+def first_traced(layers: RepeatedLayers) -> torch.nn.Module:
+    """A shallow copy of the module holding only its layers up to layer first + 1 (the
+    same layer objects, so the same parameters and buffers)."""
     short = copy.copy(layers.module)
     short._modules = dict(short._modules)
-    short._modules[layers.attr] = torch.nn.ModuleList(list(getattr(short, layers.attr))[:2])
+    short._modules[layers.attr] = torch.nn.ModuleList(
+        list(getattr(short, layers.attr))[:layers.first + 2])
     return short
 
 
 def repeat_layers(lowered: Lowered, layers: RepeatedLayers) -> Lowered | None:
     """The lowering of the whole module, from the lowering of its first two layers
     (see the module docstring); None if those two layers are not alike."""
-    traced = _traced_layers(lowered.graph.ops, layers.attr)
+    traced = _traced_layers(lowered.graph.ops, layers.attr, layers.first)
     if traced is None:
         return None
     reads = _layer_reads(traced, layers.attr)
@@ -76,7 +89,7 @@ def repeat_layers(lowered: Lowered, layers: RepeatedLayers) -> Lowered | None:
     built, names, constants, state_names = _build_layers(lowered, layers, traced, reads)
     last = {name: names[layers.count - 1][traced.position[name]]
             for name, w in traced.layer_of.items() if w == 1}
-    out = _splice(traced, built, layers.count, last)
+    out = _splice(traced, built, range(layers.first + 2, layers.count), last)
     if out is None:
         return None
     outputs = tuple((name, _renamed(o, last)) for name, o in lowered.graph.outputs)
@@ -86,9 +99,9 @@ def repeat_layers(lowered: Lowered, layers: RepeatedLayers) -> Lowered | None:
 
 @dataclass(frozen=True)
 class _Traced:
-    """The traced graph's ops split by layer: `which[i]` is op i's layer (0, 1 or None,
-    outside both), `block[j]` layer j's ops in order, `position` an op's index in its
-    layer's block."""
+    """The traced graph's ops split by layer: `which[i]` is op i's layer (0 or 1 for
+    layers `first` and `first + 1`, None outside both), `block[j]` layer j's ops in
+    order, `position` an op's index in its layer's block."""
     ops: tuple[Op, ...]
     which: tuple[int | None, ...]
     block: dict[int, list[Op]]
@@ -100,8 +113,8 @@ class _Traced:
         return max(i for i, w in enumerate(self.which) if w == 1)
 
 
-def _traced_layers(ops, attr: str) -> _Traced | None:
-    which = tuple(_layer_of(op, attr) for op in ops)
+def _traced_layers(ops, attr: str, first: int) -> _Traced | None:
+    which = tuple(_layer_of(op, attr, first) for op in ops)
     block = {j: [op for op, w in zip(ops, which) if w == j] for j in (0, 1)}
     if not block[0] or len(block[0]) != len(block[1]):
         return None
@@ -147,16 +160,18 @@ def _outside_reads_ok(graph: Graph, t: _Traced) -> bool:
 
 
 def _build_layers(lowered: Lowered, layers: RepeatedLayers, t: _Traced, reads):
-    """Layers 2..N-1 as copies of layer 1 under fresh names, reading their own layer's
-    values, the layer before's, or the same outside values; each copy's weights and
-    state taken from the module by the layer's own target names."""
+    """Layers first+2..N-1 as copies of layer first+1 (`t.block[1]`) under fresh names,
+    reading their own layer's values, the layer before's, or the same outside values;
+    each copy's weights and state taken from the module by the layer's own target
+    names."""
     taken = {op.name for op in t.ops}
-    names = {1: [op.name for op in t.block[1]]}   # layer k's value at each position
+    source = layers.first + 1
+    names = {source: [op.name for op in t.block[1]]}   # layer k's value at each position
     built: dict[int, list[Op]] = {}
     constants = dict(lowered.constants)
     state_names = dict(lowered.state_names)
-    for k in range(2, layers.count):
-        names[k] = [_fresh(op.name, layers.attr, k, taken) for op in t.block[1]]
+    for k in range(source + 1, layers.count):
+        names[k] = [_fresh(op.name, layers.attr, source, k, taken) for op in t.block[1]]
         built[k] = []
         for i, op in enumerate(t.block[1]):
             inputs = []
@@ -178,10 +193,10 @@ def _build_layers(lowered: Lowered, layers: RepeatedLayers, t: _Traced, reads):
     return built, names, constants, state_names
 
 
-def _splice(t: _Traced, built, count: int, last: dict[str, str]) -> list[Op] | None:
-    """The traced ops with each run of layer-1 ops followed by the same run in layers
-    2..N-1, and the ops after the layers reading the last layer; None if that order
-    would read a value before it is written."""
+def _splice(t: _Traced, built, copies: range, last: dict[str, str]) -> list[Op] | None:
+    """The traced ops with each run of layer-1 ops followed by the same run in the built
+    layers (`copies`), and the ops after the layers reading the last layer; None if
+    that order would read a value before it is written."""
     out: list[Op] = []
     for i, op in enumerate(t.ops):
         if t.which[i] is None and i > t.last_layer_op:
@@ -192,7 +207,7 @@ def _splice(t: _Traced, built, count: int, last: dict[str, str]) -> list[Op] | N
             while start > 0 and t.which[start - 1] == 1:
                 start -= 1
             run = range(t.position[t.ops[start].name], t.position[op.name] + 1)
-            for k in range(2, count):
+            for k in copies:
                 out.extend(built[k][p] for p in run)
     defined: set[str] = set()
     for op in out:   # an op between two runs of layer 1 could leave a read before its write
@@ -207,16 +222,17 @@ def _renamed(operand: Operand, last: dict[str, str]) -> Operand:
     return replace(operand, value=last.get(operand.value, operand.value))
 
 
-def _layer_of(op: Op, attr: str) -> int | None:
-    """0 or 1 for an op of layer 0 or 1 (a compute op traced inside it, or one of its
-    weights or caches), None for anything else (inputs, shared weights, the rest)."""
+def _layer_of(op: Op, attr: str, first: int) -> int | None:
+    """0 or 1 for an op of layer `first` or `first + 1` (a compute op traced inside it,
+    or one of its weights or caches), None for anything else (inputs, shared weights,
+    earlier layers, the rest)."""
     if op.kind in ("input", "weight", "state"):
         target = op.attr("target")
         m = re.match(rf"{re.escape(attr)}\.(\d+)\.", target) if target else None
     else:
         m = next((re.fullmatch(rf"{re.escape(attr)}\.(\d+)(\..*)?", s) for s in op.scope
                   if re.fullmatch(rf"{re.escape(attr)}\.(\d+)(\..*)?", s)), None)
-    return int(m.group(1)) if m and int(m.group(1)) in (0, 1) else None
+    return int(m.group(1)) - first if m and int(m.group(1)) - first in (0, 1) else None
 
 
 def _alike(a: Op, b: Op, attr: str) -> bool:
@@ -232,10 +248,10 @@ def _in_layer(path: str, attr: str, k: int) -> str:
     return re.sub(rf"^{re.escape(attr)}\.\d+(?=\.|$)", f"{attr}.{k}", path)
 
 
-def _fresh(name: str, attr: str, k: int, taken: set[str]) -> str:
-    """A name for layer k's copy of layer 1's `name`: its layer number replaced where it
-    has one (p_layers_1_mlp_up_proj_weight -> p_layers_7_...), else suffixed."""
-    base = re.sub(rf"(?<={re.escape(attr.replace('.', '_'))}_)1(?=_)", str(k), name)
+def _fresh(name: str, attr: str, source: int, k: int, taken: set[str]) -> str:
+    """A name for layer k's copy of layer `source`'s `name`: its layer number replaced
+    where it has one (p_layers_1_mlp_up_proj_weight -> p_layers_7_...), else suffixed."""
+    base = re.sub(rf"(?<={re.escape(attr.replace('.', '_'))}_){source}(?=_)", str(k), name)
     base = base if base != name else f"{name}_layer{k}"
     fresh, i = base, 1
     while fresh in taken:

@@ -466,12 +466,17 @@ class DeepseekDecodeStep(DecoderStep):
     def __init__(self, cfg: DeepseekConfig, max_seq_len: int):
         counter = iter(range(cfg.num_hidden_layers))
         super().__init__(cfg, max_seq_len, lambda c, s: Layer(c, s, next(counter)))
-        # the compiler builds layers 2.. from a trace of layers 0 and 1 (DecoderStep):
-        # only sound when layers 1.. are all of one kind (an MLP kind and a full indexer
-        # or none: a shared layer reads another layer's selection)
-        kinds = {(cfg.is_moe(i), cfg.indexer_type(i)) for i in range(1, cfg.num_hidden_layers)}
-        if len(kinds) > 1 or any(kind == "shared" for _, kind in kinds):
+        # the compiler builds layers S+2.. from a trace of layers 0..S+1 (DecoderStep,
+        # compiler/layers.py): sound for the last run of layers S.. of one kind (an MLP
+        # kind and a full indexer or none: a shared layer reads another layer's
+        # selection), GLM-5's 75 MoE layers after its 3 dense ones
+        kinds = [(cfg.is_moe(i), cfg.indexer_type(i)) for i in range(cfg.num_hidden_layers)]
+        first = len(kinds) - 1
+        while first > 0 and kinds[first - 1] == kinds[-1]:
+            first -= 1
+        if kinds[-1][1] == "shared":
             self.repeated_layers = None
+        self.repeated_from = first
         self.register_buffer("inv_freq", self.inverse_frequencies(), persistent=False)
         self.rope_factor = rope_parameters_of(cfg)[1]
 
