@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -96,6 +97,52 @@ def plan_engine(name: str, config: dict, *, layers: int, devices: int, target: s
         return tilec.compile(str(yaml), plan=True, output=output, on_stage=on_stage)
 
 
+def limits(parts) -> list[dict]:
+    """What the cost model says bounds each device's step: its predicted step, the
+    bytes it reads per step (weights and KV cache) over its HBM bandwidth (the floor no
+    schedule beats), its critical path (deps found again from the regions: a plan
+    stores none), each role's busy time over its workers, and its transfers' time."""
+    from tilec.inspect import bytes_moved, role_table, schedule_with_deps
+    from tilec.ir.tasks import TRANSFER
+    from tilec.passes.cost import critical_path
+
+    out = []
+    for d, part in enumerate(parts):
+        sched = schedule_with_deps(part)
+        target, tasks = sched.target, sched.taskgraph.tasks
+        moved = bytes_moved(sched)
+        floor_bytes = moved["weights"] + moved["kv"]
+        path_us, path = critical_path(sched.taskgraph, target)
+        roles = {r["name"]: r["busy_us"] / len(r["workers"])
+                 for r in role_table(sched) if r["workers"] and r["tasks"]}
+        comm = sum(sched.finish_us[t.id] - sched.start_us[t.id] for t in tasks
+                   if t.group == TRANSFER)
+        out.append({"device": d, "step_us": max(sched.finish_us, default=0.0),
+                    "bytes_per_step": floor_bytes,
+                    "hbm_floor_us": floor_bytes / (target.bandwidth_gbps * 1e3),
+                    "critical_path_us": path_us, "critical_path_tasks": len(path),
+                    "role_busy_us_per_worker": roles, "transfer_us": comm,
+                    "transfers": sum(t.group == TRANSFER for t in tasks)})
+        sched = None   # one device's deps at a time
+    return out
+
+
+def limit_lines(rows: list[dict]) -> list[str]:
+    lines = []
+    for r in rows:
+        busy = ", ".join(f"{k} {v:.0f}" for k, v in r["role_busy_us_per_worker"].items())
+        lines.append(f"device {r['device']}: step {r['step_us']:.0f} us; reads "
+                     f"{r['bytes_per_step'] / 1e9:.2f} GB/step, HBM floor "
+                     f"{r['hbm_floor_us']:.0f} us; critical path {r['critical_path_us']:.0f} "
+                     f"us ({r['critical_path_tasks']} tasks); busy per worker: {busy} us; "
+                     f"{r['transfers']} transfers, {r['transfer_us']:.0f} us")
+    last = max(rows, key=lambda r: r["step_us"])
+    lines.append(f"the step ends on device {last['device']}; the largest HBM floor is "
+                 f"{max(r['hbm_floor_us'] for r in rows):.0f} us, the longest critical path "
+                 f"{max(r['critical_path_us'] for r in rows):.0f} us")
+    return lines
+
+
 def plan(name: str, config: dict, args, roles: dict | None = None) -> dict:
     """Plan one model; prints and returns its figures."""
     from tilec.inspect import fit_lines, fit_report
@@ -122,6 +169,8 @@ def plan(name: str, config: dict, args, roles: dict | None = None) -> dict:
         seconds = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
         size = Path(tmp, "plan.engine").stat().st_size
+        if args.keep:
+            shutil.copy(Path(tmp, "plan.engine"), args.keep)
     peak = _peak_rss()
     report = fit_report(engine.parts)
     tasks = sum(len(p.manifest.schedule.taskgraph.tasks) for p in engine.parts)
@@ -132,7 +181,10 @@ def plan(name: str, config: dict, args, roles: dict | None = None) -> dict:
     print("  stages, CPU seconds: " + ", ".join(f"{s} {dt:.1f}" for s, dt in cpu_stages.items()))
     for line in fit_lines(report, args.target):
         print(f"  {line}")
-    return {"name": name, "seconds": seconds, "cpu_seconds": cpu, "peak_rss_bytes": peak,
+    bounds = limits(engine.parts) if args.limits else None
+    for line in limit_lines(bounds) if bounds else ():
+        print(f"  {line}")
+    return {"limits": bounds, "name": name, "seconds": seconds, "cpu_seconds": cpu, "peak_rss_bytes": peak,
             "tasks": tasks, "stages": stages, "cpu_stages": cpu_stages, **report}
 
 
@@ -144,6 +196,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-seq-len", type=int, default=8192)
     p.add_argument("--only", choices=["llama", "glm5"])
     p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--keep", help="also keep the plan file there")
+    p.add_argument("--limits", action="store_true",
+                   help="also say what bounds each device's step (finds the deps again)")
     args = p.parse_args(argv)
     results = []
     if args.only in (None, "llama"):

@@ -204,3 +204,44 @@ def test_plan_needs_no_weights_but_a_config(tmp_path):
     yaml.write_text(f"model: {{hf: {tmp_path / 'empty'}}}\n")
     with pytest.raises(ConfigError, match="config.json"):
         tilec.compile(str(yaml), plan=True)
+
+
+# ---- GLM-5 at its own widths -------------------------------------------------------------
+
+GLM5_ROLES = {"indexer": {"devices": [0], "modules": ["indexer", "gate"]},
+              "mla": {"devices": "1-7"}}
+
+
+def test_glm5_at_its_own_widths_plans_on_eight_h200s(tmp_path):
+    """benchmarks/plan_full.py's GLM-5 plan in its cheapest form: transformers'
+    GlmMoeDsaConfig defaults (hidden 6144, 64 heads, MLA ranks 2048 and 512, the
+    indexer's 32 heads and top-2048, 256 routed experts of which 8 per token, a 154880
+    vocabulary) with two of its 78 layers, one dense and one MoE, on 8 h200 devices, the
+    sparse-index and routing role on device 0 as the seed runs it. It verifies; device 0
+    holds the indexer and the router, no expert; the routed experts are all held."""
+    transformers = pytest.importorskip("transformers")
+    config = json.loads(transformers.GlmMoeDsaConfig().to_json_string())
+    assert (config["hidden_size"], config["n_routed_experts"], config["num_experts_per_tok"],
+            config["num_hidden_layers"]) == (6144, 256, 8, 78)
+    config.update(architectures=["GlmMoeDsaForCausalLM"], num_hidden_layers=2,
+                  first_k_dense_replace=1, mlp_layer_types=["dense", "sparse"],
+                  layer_types=config["layer_types"][:2],
+                  indexer_types=config["indexer_types"][:2])
+    folder = tmp_path / "glm5"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    yaml = tmp_path / "glm5.yaml"
+    yaml.write_text(json.dumps({"model": {"hf": str(folder), "max_seq_len": 4096},
+                                "target": {"name": "h200", "devices": 8,
+                                           "roles": GLM5_ROLES}}))
+    engine = tilec.compile(str(yaml), plan=True)
+    assert engine.is_plan and engine.devices == 8
+    assert engine.verify().ok
+    report = fit_report(engine.parts)
+    weights = [m["weights"] for m in report["memory"]]
+    experts = 256 * 3 * 6144 * 2048 * 2          # one MoE layer's routed experts, bf16
+    # device 0: the embeddings and the indexer's and router's weights, no expert
+    assert weights[0] < experts / 2 and weights[0] < min(weights[1:])
+    assert sum(weights[1:]) >= experts
+    assert report["fits"] and report["predicted_step_us"] > 0
+    assert any("tokens/s" in line for line in fit_lines(report, "h200"))
