@@ -1,13 +1,17 @@
-"""Full-size plans: `tilec compile --plan` of Llama-3-70B (and of GLM-5, once tilec has
-its architecture) on 8 h200 devices, from a Hugging Face folder holding only
-config.json. Prints the wall time, the peak resident memory, each stage's time, the
-bytes each device would hold against an H200's memory, the predicted step and tokens/s.
+"""Full-size plans: `tilec compile --plan` of Llama-3-70B and of GLM-5 (transformers'
+GlmMoeDsaConfig defaults, the sparse-index and routing role on device 0) on 8 h200
+devices, from a Hugging Face folder holding only config.json. Prints each stage's wall
+and CPU time as it ends, the peak resident memory, the bytes each device would hold
+against an H200's memory, the predicted step and tokens/s, and with --limits what
+bounds each device's step.
 
     .venv/bin/python benchmarks/plan_full.py [--layers N] [--devices 8] [--target h200]
                                              [--max-seq-len 8192] [--only llama|glm5]
+                                             [--limits] [--keep PLAN] [--json OUT]
 
 `--layers` plans fewer layers of the same shapes (the suite's cheap form). Nothing here
-touches weight data: the models are built on PyTorch's meta device.
+touches weight data: the models are built on PyTorch's meta device. docs/BENCHMARKS.md
+has GLM-5's figures.
 
 Measured 2026-12-06 on the shared 2-core machine (load average 9-12, so the process
 got 21% of a core): Llama-3-70B, 80 layers, 8 x h200, max_seq_len 8192: 862,900

@@ -87,3 +87,20 @@ def test_a_prefetch_beyond_32_gb_of_one_pool():
     assert pool.numel * 2 > 16 << 31
     last = max(engine.tensors["tasks"][:, at + 1].tolist()) * PREFETCH_UNIT
     assert 16 << 31 < last < pool.numel * 2
+
+
+def test_no_prefetch_past_what_the_record_addresses():
+    """A pool over 512 GB (2^31 units: more than any GPU holds, so only a plan that does
+    not fit, as GLM-5's on 8 h200s with its expert pools on every device) still packs:
+    its spans past 512 GB name no prefetch (they overflowed the table)."""
+    model = torch.nn.Linear(1 << 22, (1 << 16) + 256, bias=False, device="meta",
+                            dtype=torch.bfloat16)
+    engine = tilec.api.compile(model, (torch.empty(1, 1 << 22, device="meta",
+                                                   dtype=torch.bfloat16),),
+                               plan=True, target="h200", workers=8).data
+    pool = weight_pools(engine.manifest.schedule.pools)[0]
+    assert pool.numel * 2 > PREFETCH_UNIT << 31
+    at = prefetch_offset(engine.manifest.max_waits)
+    fields = [tuple(r) for r in engine.tensors["tasks"][:, at:at + 3].tolist()]
+    assert NO_PREFETCH in fields
+    assert all(first + units < 1 << 31 for _, first, units in fields)

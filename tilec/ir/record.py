@@ -15,6 +15,7 @@ from tilec.ir.tasks import Buffer, Task
 
 # Spans shorter than this are not worth an instruction
 PREFETCH_MIN_BYTES = 8 * 1024
+INT32_MAX = (1 << 31) - 1   # the record's fields are int32
 
 
 def weight_pools(pools: tuple[Pool, ...]) -> tuple[Pool, ...]:
@@ -65,7 +66,9 @@ def weight_prefetch(task: Task, buffers: dict[str, Buffer],
     hi = lo + min(nbytes, PREFETCH_MAX_BYTES)
     # whole units inside the span (cp.async.bulk.prefetch wants 16-byte alignment)
     first_unit, end_unit = -(-lo // PREFETCH_UNIT), hi // PREFETCH_UNIT
-    if end_unit <= first_unit:
+    if end_unit <= first_unit or end_unit > INT32_MAX:
+        # past the 512 GB an int32 of units addresses: a pool bigger than any GPU's
+        # memory, so only a plan that does not fit (GLM-5 in bf16 on 8 h200s) has one
         return NO_PREFETCH
     return slots[b.pool], first_unit, end_unit - first_unit
 
