@@ -99,7 +99,11 @@ target = st.one_of(
                           optional={"workers": st.integers(1, 4),
                                     "devices": st.sampled_from([1, 2])}),
     st.just({"name": "cpu", "workers": 2,
-             "roles": {"mm": {"workers": [0], "kinds": ["matmul_epilogue"]}, "rest": {}}}))
+             "roles": {"mm": {"workers": [0], "kinds": ["matmul_epilogue"]}, "rest": {}}}),
+    st.just({"name": "cpu", "workers": 2, "devices": 2,   # device roles with worker roles
+             "roles": {"first": {"devices": [0], "kinds": ["gather"]},
+                       "rest": {"roles": {"mm": {"workers": [0], "ops": ["matmul"]},
+                                          "other": {}}}}}))
 
 schedule = st.fixed_dictionaries({}, optional={
     "policy": st.sampled_from(["critical_path", "round_robin"]),

@@ -69,6 +69,11 @@
                                 without a capacity)} (runtime/sizes.device_memory);
                                 a multi-device engine's `devices` rows carry each
                                 device's as `memory`
+  devices                       multi-device engines (tilec inspect, cli.py adds it):
+                                [{device, role (its device role), roles (its worker
+                                roles, comm worker included, as in `roles`), tasks,
+                                transfers, bytes_sent, bytes_received,
+                                predicted_step_us, memory}]
 """
 from __future__ import annotations
 
@@ -317,9 +322,10 @@ def dot_graph(engine: EngineFile, level: str) -> str:
 
 
 def device_table(parts: tuple[EngineFile, ...]) -> list[dict[str, Any]]:
-    """Per device of a multi-device engine: its tasks, its transfers and the bytes they
-    send (each region once, whatever its number of receivers) and receive, and its
-    predicted step."""
+    """Per device of a multi-device engine: its device role, its worker roles (as in
+    `role_table`: workers, tasks, predicted busy time), its tasks, its transfers and the
+    bytes they send (each region once, whatever its number of receivers) and receive,
+    and its predicted step."""
     out = []
     for d, part in enumerate(parts):
         sched = part.manifest.schedule
@@ -328,7 +334,9 @@ def device_table(parts: tuple[EngineFile, ...]) -> list[dict[str, Any]]:
         comm = [t for t in tg.tasks if t.group == TRANSFER]
         sent = sum(r.numel * size[r.buffer] for t in comm for r in t.reads)
         received = sum(r.numel * size[r.buffer] for t in comm for r in t.writes)
-        out.append({"device": d, "tasks": sum(t.group != TRANSFER for t in tg.tasks),
+        out.append({"device": d, "role": sched.target.device_role(d).name,
+                    "roles": role_table(sched),
+                    "tasks": sum(t.group != TRANSFER for t in tg.tasks),
                     "transfers": sum(t.group == TRANSFER for t in tg.tasks),
                     "bytes_sent": sent, "bytes_received": received,
                     "predicted_step_us": max(sched.finish_us, default=0.0),
@@ -405,6 +413,18 @@ def _print_devices(s, console) -> None:
                       f"{d['bytes_sent']:,}", f"{d['bytes_received']:,}",
                       f"{d['predicted_step_us']:.1f}")
     console.print(table)
+    roles = _table("roles per device", ("device", "device role", "worker role", "workers",
+                                        "owns", "tasks", "busy us"),
+                   left=("device role", "worker role", "workers", "owns"))
+    for d in s["devices"]:
+        for r in d["roles"]:
+            roles.add_row(str(d["device"]), d["role"], r["name"], format_workers(r["workers"]),
+                          _owns(r), str(r["tasks"]), f"{r['busy_us']:.1f}")
+    console.print(roles)
+
+
+def _owns(role: dict[str, Any]) -> str:
+    return ", ".join(role["kinds"] + role["ops"] + role.get("modules", [])) or "the rest"
 
 
 def _print_headline_and_roles(s, console) -> None:
@@ -420,8 +440,7 @@ def _print_headline_and_roles(s, console) -> None:
         table = _table("roles", ("role", "workers", "owns", "tasks", "busy us"),
                        left=("role", "workers", "owns"))
         for r in s["roles"]:
-            owns = ", ".join(r["kinds"] + r["ops"] + r.get("modules", [])) or "the rest"
-            table.add_row(r["name"], format_workers(r["workers"]), owns, str(r["tasks"]),
+            table.add_row(r["name"], format_workers(r["workers"]), _owns(r), str(r["tasks"]),
                           f"{r['busy_us']:.1f}")
         console.print(table)
 

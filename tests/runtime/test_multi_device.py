@@ -20,12 +20,11 @@ import yaml
 from safetensors.torch import load_file
 
 import tilec.api
-from engines import EXAMPLES, lowest_index_topk
-from tilec.compiler.build import build_model
-from tilec.compiler.config import load_config
+from engines import EXAMPLES, eager_greedy
 from tilec.errors import EngineError
 from tilec.ir.schedule import Wait
 from tilec.ir.tasks import TRANSFER
+from tilec.passes.partition import engine_target
 from tilec.passes.verify import verify
 from tilec.passes.verify_devices import verify_devices
 from tilec.runtime import enginefile as engine_file
@@ -53,30 +52,6 @@ def run_tilec(*argv, env=None, timeout=240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tilec", *map(str, argv)], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
-
-
-@functools.lru_cache(maxsize=None)
-def eager_greedy(yaml_path: str = LLAMA, prompt: tuple[int, ...] = tuple(PROMPT),
-                 new: int = NEW) -> tuple[list[int], torch.Tensor]:
-    """Greedy tokens and logits of the eager model: the prompt, then `new` tokens. Top-k
-    ties go to the lowest index, as in tilec (torch leaves them open)."""
-    model, _ = build_model(load_config(yaml_path))
-    tokens, logits = [], []
-    topk = torch.topk
-    torch.topk = lowest_index_topk
-    try:
-        with torch.no_grad():
-            seq = list(prompt)
-            for pos in range(len(prompt) + new - 1):
-                out = model(torch.tensor([seq[pos]]), torch.tensor([pos]))
-                if pos >= len(prompt) - 1:
-                    logits.append(out["logits"].reshape(-1).float())
-                    nxt = int(out["logits"].argmax())
-                    tokens.append(nxt)
-                    seq.append(nxt)
-    finally:
-        torch.topk = topk
-    return tokens, torch.stack(logits)
 
 
 # ---- compile and verify ----------------------------------------------------------------
@@ -144,7 +119,7 @@ def test_verifier_catches_a_removed_communication_dependency(folder):
 
 def test_verifier_catches_a_missing_transfer_and_a_reordered_comm_queue(folder):
     e = tilec.api.load(engine_file_for(2, 16, folder))
-    target = e.parts[0].manifest.schedule.target
+    target = engine_target(e.parts[0].manifest.schedule.target)
 
     def drop_transfer_tasks(sched):
         """The partitioner forgot transfers: device 1 reads what device 0 computed."""
@@ -183,7 +158,7 @@ def test_verifier_catches_a_missing_transfer_and_a_reordered_comm_queue(folder):
 
 def test_reads_delivered_catches_a_region_nobody_sends(folder):
     e = tilec.api.load(engine_file_for(2, 16, folder))
-    target = e.parts[0].manifest.schedule.target
+    target = engine_target(e.parts[0].manifest.schedule.target)
     scheds = [p.schedule() for p in e.parts]
     # shrink one received region to nothing on both ends: the message still matches,
     # but what the reader needs is no longer brought

@@ -24,7 +24,10 @@ target: {name: cpu, workers: 2}   # optional (cpu): cpu | h100 | h200; short for
 #                             #   owns (docs/model-yaml.md, "Worker roles")
 # target: {name: cpu, devices: 4, roles: {indexer: {devices: [0], modules: [indexer]}, mla: {}}}
 #                             #   optional: a multi-device engine, one kernel per device;
-#                             #   roles then own devices (docs/model-yaml.md, "Devices")
+#                             #   roles then own devices (docs/model-yaml.md, "Devices"), and
+#                             #   a device role may split its devices' workers with worker
+#                             #   roles of its own: mla: {roles: {attn: {workers: [0],
+#                             #   kinds: [attention]}, rest: {}}} ("Device and worker roles")
 schedule:                     # optional; every field optional
   policy: critical_path       #   critical_path | round_robin
   tile_m: 16                  #   tile sizes: powers of two; unset = the target's choice
@@ -66,7 +69,8 @@ DEFAULT_MAX_SEQ_LEN = 256
 MAX_BATCH = 1024   # sequences per decode step; a typo's 10**9 would only fill memory
 INPUT_KEYS = ("name", "shape", "dtype", "low", "high")
 TARGET_KEYS = ("name", "workers", "devices", "roles")
-ROLE_KEYS = ("workers", "devices", "kinds", "ops", "modules")
+ROLE_KEYS = ("workers", "devices", "kinds", "ops", "modules", "roles")
+WORKER_ROLE_KEYS = ("workers", "kinds", "ops", "modules")   # a device role's worker roles
 SCHEDULE_KEYS = ("policy", "tile_m", "tile_n", "tile_k", "kv_chunk")
 
 
@@ -296,25 +300,34 @@ def _parse_target(target: Any, path: str) -> TargetSpec:
     return TargetSpec(name=name, workers=workers, roles=roles, devices=devices)
 
 
-def _parse_roles(roles: Any, path: str) -> tuple[Role, ...]:
+def _parse_roles(roles: Any, path: str, key: str = "target.roles") -> tuple[Role, ...]:
+    """`target.roles`, or (`key` "target.roles.NAME.roles") a device role's worker
+    roles, which take no `devices` and no `roles` of their own."""
+    inner = key != "target.roles"
     if not isinstance(roles, dict) or not roles:
-        _fail(path, "target.roles", "a mapping of role names to {workers, kinds, ops}", roles)
+        _fail(path, key, "a mapping of role names to {workers, kinds, ops, modules}", roles)
     out = []
     for name, spec in roles.items():
         if not isinstance(name, str) or not name.isidentifier():
-            _fail(path, "target.roles", "role names that are identifiers", name)
-        where = f"target.roles.{name}"
+            _fail(path, key, "role names that are identifiers", name)
+        where = f"{key}.{name}"
         spec = {} if spec is None else spec
         _need_mapping(spec, where, path)
-        _check_keys(spec, ROLE_KEYS, f"{where}.", path)
+        _check_keys(spec, WORKER_ROLE_KEYS if inner else ROLE_KEYS, f"{where}.", path)
         if "workers" in spec and "devices" in spec:
             raise ConfigError(f"{path}: {where}: a role owns workers (of one device) or "
-                              "devices, not both")
-        workers, devices = (_parse_workers(spec[key], f"{where}.{key}", path, key[:-1])
-                            if key in spec else () for key in ("workers", "devices"))
-        kinds, ops, modules = (_parse_names(spec.get(key, []), f"{where}.{key}", path)
-                               for key in ("kinds", "ops", "modules"))
-        out.append(Role(name, workers, kinds, ops, devices, modules))
+                              "devices, not both; split a device role's workers with worker "
+                              "roles under its `roles`")
+        if "workers" in spec and "roles" in spec:
+            raise ConfigError(f"{path}: {where}.roles: worker roles go inside a device role "
+                              "(one with `devices`, or the one that takes the rest), not "
+                              "inside a worker role")
+        workers, devices = (_parse_workers(spec[k], f"{where}.{k}", path, k[:-1])
+                            if k in spec else () for k in ("workers", "devices"))
+        kinds, ops, modules = (_parse_names(spec.get(k, []), f"{where}.{k}", path)
+                               for k in ("kinds", "ops", "modules"))
+        nested = _parse_roles(spec["roles"], path, f"{where}.roles") if "roles" in spec else ()
+        out.append(Role(name, workers, kinds, ops, devices, modules, nested))
     return tuple(out)
 
 

@@ -85,8 +85,13 @@ class CompileState:
 
     @property
     def target(self):
-        """The target one device's part is scheduled for."""
-        return device_target(self.options.target) if self.multi else self.options.target
+        """The target a one-device engine is scheduled for (device 0's on several)."""
+        return self.target_of(0)
+
+    def target_of(self, device: int):
+        """The target device `device`'s part is scheduled for: on several devices, its
+        device role's worker roles and a comm worker (partition.device_target)."""
+        return device_target(self.options.target, device) if self.multi else self.options.target
 
     @property
     def engine(self) -> EngineFile | DeviceEngines:
@@ -127,11 +132,11 @@ def _deps(s: CompileState) -> CompileState:
 
 
 def _roles(s: CompileState) -> CompileState:
-    return replace(s, parts=tuple(roles(p, s.target) for p in s.parts))
+    return replace(s, parts=tuple(roles(p, s.target_of(p.device)) for p in s.parts))
 
 
 def _schedule(s: CompileState) -> CompileState:
-    scheds = tuple(schedule(p, s.target, s.options.policy) for p in s.parts)
+    scheds = tuple(schedule(p, s.target_of(p.device), s.options.policy) for p in s.parts)
     return replace(s, scheds=scheds, parts=())
 
 

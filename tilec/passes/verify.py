@@ -512,7 +512,8 @@ def _roles_respected(ctx: _Context) -> list[str]:
     owner = {}   # group -> the role its definition gives it
     if target.roles:
         ops = s.taskgraph.fused.graph.by_name()
-        for g in s.taskgraph.fused.groups:
+        present = {t.group for t in ctx.tasks}   # a device runs only its device role's
+        for g in (g for g in s.taskgraph.fused.groups if g.name in present):
             try:
                 owner[g.name] = role_of_group(g, ops, target.roles)
             except ConfigError as e:
