@@ -20,10 +20,12 @@ from engines import EXAMPLES, eager_greedy, run_cli
 from tilec.compiler.config import parse_config
 from tilec.compiler.options import target_options
 from tilec.errors import ConfigError
+from tilec.ir.schedule import POOL_ALIGN
 from tilec.ir.tasks import TRANSFER
 from tilec.passes.partition import engine_target, group_roles
 from tilec.passes.verify import verify
 from tilec.passes.verify_devices import verify_devices
+from tilec.runtime.enginefile.checks import _unheld_problem
 from tilec.viz.timeline import task_kinds
 
 ROLES_YAML = EXAMPLES / "glm_dsa_tiny_roles.yaml"
@@ -299,3 +301,45 @@ def test_worker_role_mistakes_found_against_the_model(engines, sparse_roles, mes
     with pytest.raises(ConfigError, match=message) as info:
         group_roles(taskgraph, options.target)
     assert "\n" not in str(info.value)
+
+
+# ---- what each device holds -------------------------------------------------------------
+
+def test_device_0_holds_only_what_its_roles_need(engines):
+    """Device 0 runs the indexers and the routers: its weight and state pools hold their
+    parts of those buffers and nothing else (each pool used to span the largest buffer
+    of the model, whole: an expert pool, the embeddings, 6.4 GB of GLM-5's full-size
+    plan), and the bits stay those of the one-device engine (test above)."""
+    _, four, _ = engines
+    sched = four.parts[0].manifest.schedule
+    held = {b.name: b.stored for b in sched.buffers
+            if b.kind in ("weight", "state") and b.stored[0] < b.stored[1]}
+    assert held and all(re.search(r"indexer|mlp_gate|inv_freq|positions", n) for n in held), \
+        sorted(held)
+    for pool in sched.pools:
+        if pool.kind in ("weight", "state"):
+            parts = [hi - lo for b in sched.buffers if b.pool == pool.name and b.name in held
+                     for lo, hi in [held[b.name]]]
+            assert sum(parts) <= pool.numel < sum(parts) + POOL_ALIGN * len(parts), pool
+    untouched = [b for b in sched.buffers if b.kind == "weight" and b.name not in held]
+    assert max(b.type.numel for b in untouched) > sum(
+        p.numel for p in sched.pools if p.kind == "weight")   # the expert pools, lm_head
+
+
+def test_a_task_that_addresses_a_buffer_its_device_does_not_hold_is_refused(engines):
+    """The loader (and verify) refuse a device schedule whose tasks run a group naming a
+    buffer the device holds none of: such a buffer need not lie in its pool."""
+    _, four, _ = engines
+    sched = four.parts[0].schedule()
+    assert _unheld_problem(sched) is None
+    task = next(t for t in sched.taskgraph.tasks if t.group != TRANSFER and t.reads)
+    name = next(r.buffer for r in task.reads
+                if next(b for b in sched.buffers if b.name == r.buffer).kind == "weight")
+    dropped = replace(sched, buffers=tuple(replace(b, stored=(0, 0)) if b.name == name else b
+                                           for b in sched.buffers))
+    problem = _unheld_problem(dropped)
+    assert re.fullmatch(rf"task {task.id} \('{task.group}'\) addresses buffer '\S+, of which "
+                        "this device holds nothing", problem), problem
+    assert f"buffer '{name[:30]}" in problem   # (clip shortens a long name)
+    report = verify(dropped)
+    assert not report.checks["regions_in_buffers"], report.violations

@@ -6,7 +6,11 @@ Offsets are multiples of 16 elements so vector loads stay aligned for every dtyp
 
 Weights and state live across steps: back to back, never shared. On a multi-device
 engine each device's pool holds only the part of each weight and state buffer its
-tasks touch (`Buffer.stored`), placed so the whole buffer still lies inside the pool.
+tasks touch (`Buffer.stored`), placed so the whole buffer still lies inside the pool
+(the executors view an operand whole); a buffer it touches none of (stored (0, 0):
+another device role's weights, an expert pool on the routing device) takes no bytes
+and need not lie inside the pool, since nothing on the device addresses it (the
+engine file checks hold the tasks to that).
 Inputs and outputs are touched by the host before and after the launch, so they are
 live for the whole step and share bytes with nothing. An activation may reuse arena bytes of another
 activation only when one's accesses all happen-before the other's, by the schedule's
@@ -138,6 +142,9 @@ def memplan(schedule: Schedule) -> Schedule:
                         key=lambda b: (stored[b.name][0], index[b.name])):
             pool, _ = pool_of(b)
             lo, hi = stored[b.name]
+            if lo == hi:   # no task here touches it: it takes no bytes of the pool
+                offsets[b.name] = 0
+                continue
             start = max(align(ends.get(pool, 0)), lo)
             offsets[b.name] = start - lo
             ends[pool] = start + (hi - lo)

@@ -169,7 +169,8 @@ def _pools_problem(sched, t: dict[str, torch.Tensor], plan: bool) -> str | None:
             return f"pool {p.name} has kind {clip(p.kind)}, dtype {clip(p.dtype)}, size {p.numel}"
     for b in sched.buffers:
         p = pools.get(b.pool)
-        if p is None or b.offset < 0 or b.offset + b.type.numel > p.numel or \
+        held = not b.stored or b.stored[0] != b.stored[1]   # (see _unheld_problem)
+        if p is None or b.offset < 0 or (held and b.offset + b.type.numel > p.numel) or \
                 any(n < 0 for n in b.type.shape):
             return f"buffer {b.name} lies outside its pool"
         if b.type.dtype != p.dtype:
@@ -177,6 +178,9 @@ def _pools_problem(sched, t: dict[str, torch.Tensor], plan: bool) -> str | None:
         if b.stored and (len(b.stored) != 2 or b.kind not in ("weight", "state") or
                          not 0 <= b.stored[0] <= b.stored[1] <= b.type.numel):
             return f"buffer {b.name} stores a malformed part {clip(list(b.stored))}"
+    problem = _unheld_problem(sched)
+    if problem:
+        return problem
     if plan:   # sizes without data: no pool may be stored (nor anything to run)
         stored = sorted(k for k in t if k.startswith("pool.") or k == AOT_CUBIN)
         if stored:
@@ -188,6 +192,29 @@ def _pools_problem(sched, t: dict[str, torch.Tensor], plan: bool) -> str | None:
             if tensor is None or tensor.dtype != TORCH_DTYPES.get(p.dtype) or \
                     tuple(tensor.shape) != (p.numel,):
                 return f"pool {p.name} missing or of the wrong size"
+    return None
+
+
+def _unheld_problem(sched) -> str | None:
+    """A device of a multi-device engine holds none of a buffer no task of its touches
+    (Buffer.stored (0, 0)), and that buffer need not lie inside its pool (memplan). So
+    no task here may run a group whose ops read or write such a buffer: the kernel's
+    code for a group addresses every buffer its ops name, whatever the task's regions."""
+    unheld = {b.name for b in sched.buffers
+              if b.stored and len(b.stored) == 2 and b.stored[0] == b.stored[1]}
+    if not unheld:
+        return None
+    ops = sched.taskgraph.fused.graph.by_name()
+    named: dict[str, set[str]] = {}   # group -> the buffers its ops name
+    for g in sched.taskgraph.fused.groups:
+        members = [ops[m] for m in g.members if m in ops]
+        named[g.name] = {m.name for m in members} | \
+            {x.value for m in members for x in m.inputs}
+    for task in sched.taskgraph.tasks:
+        touched = sorted(named.get(task.group, set()) & unheld)
+        if touched:
+            return (f"task {task.id} ({clip(task.group)}) addresses buffer "
+                    f"{clip(touched[0])}, of which this device holds nothing")
     return None
 
 
