@@ -156,3 +156,31 @@ def test_prefill_of_another_batch_refused(hf):
         PrefillSlots(decode.generation_spec, decode.new_executor("reference"),
                      engine.new_executor("reference"))
 
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_one_kv_head(batch):
+    """With one KV head a chunk's append has the K projection's rows; it compiled into
+    the projection's epilogue, which cannot walk n positions (an AssertionError in
+    codegen). Now a row group appends: the engine gives eager PyTorch's logits and
+    cache."""
+    from tilec.models.llama import LlamaConfig
+    cfg = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(3)
+    model = LlamaPrefillStep(cfg, 16, 4, batch=batch).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    one = torch.zeros(1, dtype=torch.int64)
+    args = (torch.randint(0, 32, (4,)), torch.tensor([6]), torch.tensor([2])) + \
+        ((torch.tensor([batch - 1]),) if batch > 1 else ())
+    engine = tilec_api.compile(model, tuple(torch.zeros_like(a) if a.numel() > 1 else one
+                                            for a in args), workers=1)
+    ex = engine.new_executor("reference")
+    out = ex.run(dict(zip(("token", "pos", "last", "slot"), args)))
+    with torch.no_grad():
+        want = model(*args)["logits"]
+    assert (out["logits"] - want).abs().max() <= 1e-5
+    cache, = (c for name, c in caches(ex).items() if name.endswith("k_cache"))
+    assert (cache - model.layers[0].k_cache).abs().max() <= 1e-5
