@@ -284,9 +284,11 @@ class PrefillSlots(DecodeSlots):
     position 0 would overwrite its first prompt token's keys."""
 
     def __init__(self, spec: GenerationSpec, executor: Executor, prefill: Executor,
-                 make_executor: Callable[[], Executor] | None = None):
+                 make_executor: Callable[[], Executor] | None = None,
+                 make_prefill: Callable[[], Executor] | None = None):
         super().__init__(spec, executor, make_executor)
         self.prefill = prefill
+        self._make_prefill = make_prefill
         inputs = {io.name: io for io in prefill.engine.manifest.inputs}
         token, pos = (inputs.get(name) for name in (spec.token_input, spec.pos_input))
         wanted = {spec.token_input, spec.pos_input, LAST_INPUT} | \
@@ -363,19 +365,25 @@ class PrefillSlots(DecodeSlots):
         self._order.pop(slot, None)
 
     def reset(self) -> None:
+        """A new decode executor, and a new prefill executor where there is a way to
+        make one (a fault may have come from it), on the new one's state."""
         super().reset()
+        if self._make_prefill is not None:
+            self.prefill = self._make_prefill()
         self.prefill.use_state_of(self.executor)
         self._order.clear()
 
 
 def make_slots(spec: GenerationSpec, executor: Executor, prefill: Executor | None = None,
-               make_executor: Callable[[], Executor] | None = None) -> DecodeSlots:
+               make_executor: Callable[[], Executor] | None = None,
+               make_prefill: Callable[[], Executor] | None = None) -> DecodeSlots:
     """The slots that `generate_batch` and the server's scheduler drive: with an
     executor of the decoder's prefill schedule, prompts go in a chunk per launch
-    (PrefillSlots), else a token per decode step (DecodeSlots)."""
+    (PrefillSlots), else a token per decode step (DecodeSlots). `make_executor` and
+    `make_prefill` make fresh executors for `reset` (after an engine fault)."""
     if prefill is None:
         return DecodeSlots(spec, executor, make_executor)
-    return PrefillSlots(spec, executor, prefill, make_executor)
+    return PrefillSlots(spec, executor, prefill, make_executor, make_prefill)
 
 
 def advance(slots: DecodeSlots, running: dict[int, Sequence]) -> dict[int, int | None]:
