@@ -337,6 +337,12 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
+def _launches(g) -> dict:
+    """A generation's launches of each entry and its time to first token (--json)."""
+    return {"prefill_steps": g.prefill_steps, "decode_steps": g.decode_steps,
+            "ttft_s": g.ttft_s}
+
+
 def _generate(engine, args) -> int:
     prompts = _parse_prompts(engine, args)
     t0 = time.perf_counter()
@@ -351,12 +357,13 @@ def _generate(engine, args) -> int:
     texts = [tok.decode(g.tokens) if tok is not None else None for g in gens]
     if args.json:
         sequences = [{"prompt": g.prompt, "new_tokens": g.tokens, "steps": g.steps,
-                      **({"text": text} if text is not None else {})}
+                      **_launches(g), **({"text": text} if text is not None else {})}
                      for g, text in zip(gens, texts)]
         made = sum(len(g.tokens) for g in gens)
         g = gens[0]
         out = {"prompt": g.prompt, "new_tokens": g.tokens, "backend": g.backend,
-               "steps": g.steps, "seconds": g.seconds, "tokens_per_s": g.tokens_per_s}
+               "steps": g.steps, **_launches(g), "seconds": g.seconds,
+               "tokens_per_s": g.tokens_per_s}
         if texts[0] is not None:
             out["text"] = texts[0]
         if len(gens) > 1:   # the batch: every sequence, and the tokens of all per second
@@ -371,8 +378,9 @@ def _generate(engine, args) -> int:
         print(f"{label}generated {len(g.tokens)} tokens: {g.tokens}")
         if text is not None:
             print(f"{label}text: {text}")
-        print(f"{label}{g.steps} steps on backend {g.backend} in {g.seconds:.2f} s: "
-              f"{g.tokens_per_s:.2f} tokens/s")
+        print(f"{label}{g.steps} steps ({g.prefill_steps} prefill, {g.decode_steps} decode "
+              f"launches) on backend {g.backend} in {g.seconds:.2f} s: "
+              f"{g.tokens_per_s:.2f} tokens/s, first token after {g.ttft_s:.2f} s")
     return 0
 
 
