@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a self-contained HTML report with a Gantt chart")
     i.add_argument("--device", type=int, default=0,
                    help="multi-device engines: the device whose schedule to show (default 0)")
+    i.add_argument("--entry", choices=["decode", "prefill"], default="decode",
+                   help="engines with a prefill entry: the entry whose schedule the summary, "
+                        "--trace, --dot and --html show (default decode)")
 
     s = sub.add_parser("serve", help="serve a decoder engine over an OpenAI-compatible HTTP API")
     s.add_argument("engine")
@@ -385,8 +388,8 @@ def _generate(engine, args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from tilec.api import load
-    from tilec.inspect import print_summary, summary
+    from tilec.api import Engine, load
+    from tilec.inspect import entries_table, print_summary, summary
 
     check_outputs([("the engine", args.engine)],
                   [("--trace", args.trace), ("--dot", args.dot), ("--html", args.html)])
@@ -395,7 +398,11 @@ def cmd_inspect(args) -> int:
         raise TilecError(f"--device {args.device}: the engine has "
                          f"{engine.devices} device{'s' if engine.devices > 1 else ''}")
     engine = engine.part(args.device)
+    entries = entries_table(engine.data)
+    if args.entry != "decode":   # its summary and pictures; the entries table is the file's
+        engine = Engine(engine.data.entry(args.entry))
     s = summary(engine.data, aot=args.aot)
+    s["entries"] = entries
     if len(engine.parts) > 1:
         from tilec.inspect import device_table
 
