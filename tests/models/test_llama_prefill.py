@@ -227,6 +227,39 @@ def test_prefill_key_is_checked(tmp_path):
         assert load_config(str(path)).model.prefill == chunk
 
 
+@pytest.fixture(scope="module")
+def one_kv_head():
+    """A prefill step of one KV head (chunk 8) and its engine: the chunk's keys
+    [1, 8, head dim] are already in the cache's order."""
+    import copy
+
+    from tilec.models.llama import LlamaConfig
+    cfg = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    model = LlamaPrefillStep(cfg, 16, 8).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    token, pos = torch.randint(0, 16, (8,)), torch.tensor([4])
+    engine = tilec_api.compile(model, (token, pos), workers=2)
+    with torch.no_grad():
+        want = copy.deepcopy(model)(token, pos)
+    return engine, token, pos, want
+
+
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+def test_one_kv_head_append_is_a_row_task(one_kv_head, backend):
+    """With one KV head the append's values line up with the k/v matmul's tile, and fuse
+    put the append of 8 positions into that matmul's epilogue, which cannot load a
+    position per row (codegen stopped on an assertion); it is a row task, equal to eager."""
+    engine, token, pos, want = one_kv_head
+    groups = engine.data.manifest.schedule.taskgraph.fused.groups
+    assert sum(g.name.endswith("_state_update") for g in groups) == 2
+    got = engine.run(backend=backend, token=token, pos=pos)
+    assert torch.allclose(got["logits"], want["logits"], atol=1e-4, rtol=1e-4)
+
+
 def test_chunk_is_checked():
     from tilec.models.llama import LlamaConfig
     cfg = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=16,

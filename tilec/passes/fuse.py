@@ -156,6 +156,9 @@ class _Fusion:
         members = set(grp.all())
         if _appends_in_epilogue(op, grp, members, ops):
             return self.no_cycle(op, g)
+        if op.kind == "state_update" and grp.kind == "matmul" and \
+                op.inputs[1].shape[op.attr("dim")] > 1:
+            return False   # n positions: each row loads its own, which only a row task does
         rows, width = iteration_space(op)
         if rows != grp.rows:
             return False
