@@ -82,3 +82,18 @@ def lowest_index_topk(x, k, dim=-1, largest=True, sorted=True):
     ranked = torch.sort(x, dim=dim, descending=largest, stable=True)
     return torch.return_types.topk((ranked.values.narrow(dim, 0, k),
                                     ranked.indices.narrow(dim, 0, k)))
+
+
+def eager_greedy(model, prompt: list[int], new_tokens: int):
+    """tilec's decoder module fed one token per call, greedy: the new tokens and the
+    logits [new_tokens, vocab] of each (the module's cache is reset first)."""
+    model.reset_cache()
+    tokens, logits = list(prompt), []
+    with torch.no_grad():
+        for pos in range(len(prompt) + new_tokens - 1):
+            out = model(torch.tensor([tokens[pos]]), torch.tensor([pos]))
+            if pos >= len(prompt) - 1:
+                logits.append(out["logits"][0])
+                if len(tokens) == pos + 1:
+                    tokens.append(int(out["next_token"][0]))
+    return tokens[len(prompt):], torch.stack(logits)

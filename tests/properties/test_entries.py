@@ -12,23 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tilec.api as tilec_api
+from engines import eager_greedy
 from tilec.compiler.build import build_model
 from tilec.compiler.config import load_config
 
 NEW_TOKENS = 3
-
-
-def eager_greedy(module, prompt: list[int], new_tokens: int):
-    """The decode step fed one token at a time: greedy tokens and their logits."""
-    module.reset_cache()
-    tokens, logits = list(prompt), []
-    with torch.no_grad():
-        for i in range(len(prompt) + new_tokens - 1):
-            out = module(torch.tensor([tokens[i]]), torch.tensor([i]))
-            if i >= len(prompt) - 1:
-                logits.append(out["logits"][0])
-                tokens.append(int(out["logits"][0].argmax()))
-    return tokens[len(prompt):], torch.stack(logits)
 
 
 @settings(max_examples=4, deadline=None, derandomize=True,
