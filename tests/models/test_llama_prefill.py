@@ -184,7 +184,10 @@ def test_edited_entry_is_refused(hf, tmp_path, capsys):
     cases = {"moved": (move, "prefill entry"),
              "kernel": (lambda m: m.__setitem__("kernel.prefill", m["kernel.prefill"] + "x = 1\n"),
                         "prefill entry: stored kernel source differs"),
-             "unlisted": (lambda m: m.pop("manifest.prefill"), "prefill entry")}
+             "unlisted": (lambda m: m.pop("manifest.prefill"), "prefill entry"),
+             "unknown": (lambda m: m.__setitem__("manifest", m["manifest"].replace(
+                 '"entries":["decode","prefill"]', '"entries":["decode","evil"]')),
+                 "malformed entry list")}
     for name, (edit, words) in cases.items():
         path = resign(src, tmp_path / name, meta=edit)
         with pytest.raises(EngineError, match=words):
@@ -258,6 +261,32 @@ def test_one_kv_head_append_is_a_row_task(one_kv_head, backend):
     assert sum(g.name.endswith("_state_update") for g in groups) == 2
     got = engine.run(backend=backend, token=token, pos=pos)
     assert torch.allclose(got["logits"], want["logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_refused_where_there_is_none(tmp_path):
+    """An explicit model.prefill on a model without a prefill step is one ConfigError
+    line naming the key (before anything is built); without the key, or with
+    `prefill: false`, such engines and Llama ones are decode-only."""
+    tiny = {"vocab_size": 16, "hidden_size": 16, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2}
+    cases = {"deepseek": ({"family": "deepseek_v3"}, "DeepseekDecodeStep has no prefill"),
+             "batch": ({"family": "llama", "config": tiny, "batch": 2}, "a batch engine"),
+             "devices": ({"family": "llama", "config": tiny}, "multi-device")}
+    for name, (model, words) in cases.items():
+        path = tmp_path / f"{name}.yaml"
+        target = {"name": "cpu", "devices": 2} if name == "devices" else "cpu"
+        path.write_text(json.dumps({"model": {**model, "max_seq_len": 8,
+                                              "prefill": {"chunk": 4}}, "target": target}))
+        with pytest.raises(ConfigError, match=f"model.prefill: .*{words}") as e:
+            tilec_api.compile(str(path))
+        assert "\n" not in str(e.value)
+    path = tmp_path / "off.yaml"
+    path.write_text(json.dumps({"model": {"family": "llama", "config": tiny, "max_seq_len": 8,
+                                          "prefill": False}}))
+    engine = tilec_api.compile(str(path))
+    assert engine.data.manifest.entries == ("decode",) and not engine.data.entries
+    with pytest.raises(RunError, match="no prefill entry"):
+        engine.prefill_executor("reference")
 
 
 def test_chunk_is_checked():
