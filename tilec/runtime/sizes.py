@@ -33,8 +33,9 @@ def size_problem(engine, shared_with=()) -> str | None:
         if problem:
             return problem
     need: dict[str, int] = {}
+    stored = {p.name for p in sched.pools if p.kind in ("weight", "state")}
     shared = [b for other in shared_with for b in other.buffers
-              if b.kind in ("weight", "state")]
+              if b.kind in ("weight", "state") and b.pool in stored]   # never an arena
     for b in list(sched.buffers) + shared:
         need[b.pool] = max(need.get(b.pool, 1), b.offset + max(b.type.numel, 1))
     for p in sched.pools:
