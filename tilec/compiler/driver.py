@@ -118,10 +118,10 @@ def compile_yaml(cfg: cfgmod.ModelConfig, o: Overrides, outputs: Outputs):
                                  kv_chunk=o.kv_chunk or s.kv_chunk, roles=t.roles or (),
                                  devices=t.devices if o.devices is None else o.devices,
                                  batch=getattr(cfg.model, "batch", 1))
-    chunk = None
+    check_files(yaml_input_files(cfg), outputs, options.target.devices)
+    chunk = None   # (after the outputs are checked: this reads a checkpoint's config.json)
     if not isinstance(cfg.model, cfgmod.ModuleSpec):
         chunk = entries.prefill_chunk(cfg, build.decoder_class(cfg)[0], options.target)
-    check_files(yaml_input_files(cfg), outputs, options.target.devices)
     if outputs.plan:   # on the meta device: nothing drawn, read or allocated
         (module, inputs), weights = build.build_plan(cfg), None
     else:
