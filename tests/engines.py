@@ -88,7 +88,7 @@ def lowest_index_topk(x, k, dim=-1, largest=True, sorted=True):
 
 
 @functools.lru_cache(maxsize=None)
-def eager_greedy(yaml_path: str = str(EXAMPLES / "llama_tiny.yaml"),
+def eager_greedy_of_yaml(yaml_path: str = str(EXAMPLES / "llama_tiny.yaml"),
                  prompt: tuple[int, ...] = (3, 17, 42),
                  new: int = 5) -> tuple[list[int], torch.Tensor]:
     """Greedy tokens and logits of the eager model: the prompt, then `new` tokens. Top-k
@@ -110,3 +110,18 @@ def eager_greedy(yaml_path: str = str(EXAMPLES / "llama_tiny.yaml"),
     finally:
         torch.topk = topk
     return tokens, torch.stack(logits)
+
+
+def eager_greedy(model, prompt: list[int], new_tokens: int):
+    """tilec's decoder module fed one token per call, greedy: the new tokens and the
+    logits [new_tokens, vocab] of each (the module's cache is reset first)."""
+    model.reset_cache()
+    tokens, logits = list(prompt), []
+    with torch.no_grad():
+        for pos in range(len(prompt) + new_tokens - 1):
+            out = model(torch.tensor([tokens[pos]]), torch.tensor([pos]))
+            if pos >= len(prompt) - 1:
+                logits.append(out["logits"][0])
+                if len(tokens) == pos + 1:
+                    tokens.append(int(out["next_token"][0]))
+    return tokens[len(prompt):], torch.stack(logits)

@@ -98,6 +98,14 @@ KV_KINDS = ("state",)
 INTERMEDIATE_KINDS = ("input", "output", "activation")
 
 
+def entries_table(engine: EngineFile) -> list[dict[str, Any]]:
+    """Each entry of the engine (decode, then prefill if it has one): its tasks, the
+    cost model's predicted time of one launch, and the bytes a launch moves."""
+    return [{"entry": name, "tasks": len(sched.taskgraph.tasks),
+             "predicted_step_us": max(sched.finish_us, default=0.0),
+             "bytes": bytes_moved(sched)} for name, sched in engine.entry_schedules()]
+
+
 def schedule_with_deps(engine: EngineFile):
     """The stored schedule with its dependency edges: engines do not store them, so
     they are found again from the tasks' regions (the deps pass)."""
@@ -169,6 +177,8 @@ def summary(engine: EngineFile, aot: bool = False) -> dict[str, Any]:
         "outputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in m.outputs],
         "plan": m.plan,
         "memory": device_memory(engine),
+        "entry": m.entry,
+        "entries": entries_table(engine),
     }
 
 
@@ -389,6 +399,13 @@ def print_summary(s: dict[str, Any], console) -> None:
     s = terminal_safe(s)
     for section in SUMMARY_SECTIONS:
         section(s, console)
+    if len(s["entries"]) > 1:
+        table = _table(f"entries (shown above: {s['entry']})",
+                       ("entry", "tasks", "predicted us", "weights MB", "kv MB"), ("entry",))
+        for e in s["entries"]:
+            table.add_row(e["entry"], str(e["tasks"]), f"{e['predicted_step_us']:.1f}",
+                          f"{e['bytes']['weights'] / 1e6:.2f}", f"{e['bytes']['kv'] / 1e6:.2f}")
+        console.print(table)
 
 
 def _table(title: str, columns: tuple[str, ...], left: tuple[str, ...] = ()):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import tilec.api
-from engines import EXAMPLES, eager_greedy, run_cli
+from engines import EXAMPLES, eager_greedy_of_yaml, run_cli
 from tilec.compiler.config import parse_config
 from tilec.compiler.options import target_options
 from tilec.errors import ConfigError
@@ -86,7 +86,7 @@ def test_same_logits_as_eager_and_as_one_device(engines):
     from fresh random inputs on both CPU executors, the bits of the one-device engine."""
     _, four, one = engines
     prompt, new = (5, 6), 5
-    tokens, logits = eager_greedy(str(EXAMPLES / "glm_dsa_tiny.yaml"), prompt, new)
+    tokens, logits = eager_greedy_of_yaml(str(EXAMPLES / "glm_dsa_tiny.yaml"), prompt, new)
     got = four.generate(list(prompt), new, backend="reference", logits=True)
     assert got.tokens == tokens
     assert (got.logits - logits).abs().max() <= 1e-3

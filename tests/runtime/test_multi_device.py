@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 import tilec.api
-from engines import EXAMPLES, eager_greedy
+from engines import EXAMPLES, eager_greedy_of_yaml
 from tilec.errors import EngineError
 from tilec.ir.schedule import Wait
 from tilec.ir.tasks import TRANSFER
@@ -247,7 +247,7 @@ def _generate(path: Path, tmp_path: Path, *extra, prompt=PROMPT, new=NEW):
                                                       (2, None, "reference")])
 def test_ranks_generate_what_one_device_and_eager_generate(folder, tmp_path, devices, tile_n,
                                                          backend):
-    tokens, logits = eager_greedy()
+    tokens, logits = eager_greedy_of_yaml()
     one, one_logits = _generate(engine_file_for(1, tile_n, folder), tmp_path, "--backend", backend)
     many, many_logits = _generate(engine_file_for(devices, tile_n, folder), tmp_path,
                                   "--backend", backend)
@@ -286,7 +286,7 @@ def test_glm_dsa_on_devices_with_an_indexer_device(tmp_path, devices):
     one_path = tmp_path / "glm1.engine"
     tilec.api.compile(str(EXAMPLES / "glm_dsa_tiny.yaml")).save(one_path)
     prompt, new = (5, 6), 5   # 7 positions: the last 3 steps drop cached tokens (top 4)
-    tokens, logits = eager_greedy(str(EXAMPLES / "glm_dsa_tiny.yaml"), prompt, new)
+    tokens, logits = eager_greedy_of_yaml(str(EXAMPLES / "glm_dsa_tiny.yaml"), prompt, new)
     one, one_logits = _generate(one_path, tmp_path, prompt=prompt, new=new)
     many, many_logits = _generate(path, tmp_path, prompt=prompt, new=new)
     assert many["new_tokens"] == one["new_tokens"] == tokens
@@ -303,7 +303,7 @@ def test_torchrun_starts_the_ranks_too(folder, tmp_path):
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     assert len(lines) == 1   # rank 0 reports; rank 1 is silent
-    assert lines[0]["new_tokens"] == eager_greedy()[0]
+    assert lines[0]["new_tokens"] == eager_greedy_of_yaml()[0]
 
 
 @pytest.mark.parametrize("devices, dead", [(2, 1), (4, 2)])

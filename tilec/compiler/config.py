@@ -11,7 +11,9 @@ model:                        # required; one of three forms:
 # model: {hf: ./Llama-3.2-1B, max_seq_len: 2048}
 #                             #   a local Hugging Face checkpoint (folder relative to this yaml)
 #                             # family and hf models: `batch: 8` (default 1) makes one decode
-#                             # step advance 8 sequences, each in its own KV-cache slot
+#                             # step advance 8 sequences, each in its own KV-cache slot;
+#                             # `prefill: {chunk: 64}` sizes the engine's prefill entry
+#                             # (default: the target's chunk), `prefill: false` leaves it out
 inputs:                       # required for `module` (at least one), derived for the others;
                               # in the order forward() takes them
   - {name: x, shape: [4, 64], dtype: float32}
@@ -64,7 +66,12 @@ MODEL_DTYPES = ("float32", "bfloat16")
 POLICIES = ("critical_path", "round_robin")
 
 TOP_KEYS = ("model", "inputs", "dtype", "seed", "target", "schedule")
-MODEL_KEYS = ("module", "kwargs", "family", "config", "hf", "max_seq_len", "batch")
+MODEL_KEYS = ("module", "kwargs", "family", "config", "hf", "max_seq_len", "batch", "prefill")
+PREFILL_KEYS = ("chunk",)
+# model.prefill, parsed: DEFAULT_PREFILL (the target's chunk where the model has a
+# prefill entry, else none), NO_PREFILL (`prefill: false`), or a chunk of rows >= 2.
+DEFAULT_PREFILL = None
+NO_PREFILL = 0
 DEFAULT_MAX_SEQ_LEN = 256
 MAX_BATCH = 1024   # sequences per decode step; a typo's 10**9 would only fill memory
 INPUT_KEYS = ("name", "shape", "dtype", "low", "high")
@@ -96,6 +103,7 @@ class FamilySpec:
     config: dict              # the family's config fields (LlamaConfig's, or config.json's)
     max_seq_len: int          # sizes the KV cache
     batch: int = 1            # sequences one decode step advances (KV-cache slots)
+    prefill: int | None = DEFAULT_PREFILL   # the prefill entry's chunk (see PREFILL_KEYS)
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,7 @@ class CheckpointSpec:
     folder: str               # absolute path of a Hugging Face checkpoint folder
     max_seq_len: int
     batch: int = 1            # sequences one decode step advances (KV-cache slots)
+    prefill: int | None = DEFAULT_PREFILL   # the prefill entry's chunk (see PREFILL_KEYS)
 
 
 @dataclass(frozen=True)
@@ -184,7 +193,7 @@ def _parse_model(model: Any, path: str) -> ModuleSpec | FamilySpec | CheckpointS
         raise ConfigError(f"{path}: model: give one of module, family or hf, found {forms}")
     if forms and forms[0] != "module":
         return _parse_decoder(model, forms[0], path)
-    for key in ("config", "max_seq_len", "batch"):
+    for key in ("config", "max_seq_len", "batch", "prefill"):
         if key in model:
             raise ConfigError(f"{path}: model.{key}: only for `family` or `hf` models")
     if "module" not in model:
@@ -218,6 +227,7 @@ def _parse_decoder(model: dict, form: str, path: str) -> FamilySpec | Checkpoint
     batch = model.get("batch", 1)
     if not _is_int(batch) or not 1 <= batch <= MAX_BATCH:
         _fail(path, "model.batch", f"an integer from 1 to {MAX_BATCH}", batch)
+    prefill = _parse_prefill(model.get("prefill", {}), max_seq_len, path)
     if form == "family":
         family = model["family"]
         if family not in FAMILIES:
@@ -226,7 +236,7 @@ def _parse_decoder(model: dict, form: str, path: str) -> FamilySpec | Checkpoint
         config = model.get("config", {}) or {}
         _need_mapping(config, "model.config", path)
         check_family_config(family, config, f"{path}: model.config")
-        return FamilySpec(family, dict(config), max_seq_len, batch)
+        return FamilySpec(family, dict(config), max_seq_len, batch, prefill)
     if "config" in model:
         raise ConfigError(f"{path}: model.config: an hf checkpoint brings its own config.json")
     folder = model["hf"]
@@ -235,7 +245,24 @@ def _parse_decoder(model: dict, form: str, path: str) -> FamilySpec | Checkpoint
     folder = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(path)), folder))
     if not os.path.isdir(folder):
         raise ConfigError(f"{path}: model.hf: checkpoint folder {folder} not found")
-    return CheckpointSpec(folder, max_seq_len, batch)
+    return CheckpointSpec(folder, max_seq_len, batch, prefill)
+
+
+def _parse_prefill(prefill: Any, max_seq_len: int, path: str) -> int | None:
+    """model.prefill: {} or absent (the target's chunk), false (no prefill entry), or
+    {chunk: P}, P from 2 to max_seq_len rows per launch."""
+    if prefill is False:
+        return NO_PREFILL
+    if prefill is None or prefill is True:
+        prefill = {}
+    if not isinstance(prefill, dict):
+        _fail(path, "model.prefill", "{chunk: N}, {} or false", prefill)
+    _check_keys(prefill, PREFILL_KEYS, "model.prefill.", path)
+    chunk = prefill.get("chunk", DEFAULT_PREFILL)
+    if chunk is not None and (not _is_int(chunk) or not 2 <= chunk <= max_seq_len):
+        _fail(path, "model.prefill.chunk", f"an integer from 2 to max_seq_len ({max_seq_len})",
+              chunk)
+    return chunk
 
 
 def _parse_inputs(inputs: Any, path: str) -> tuple[InputSpec, ...]:

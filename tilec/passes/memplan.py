@@ -23,6 +23,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from tilec.errors import ScheduleError
 from tilec.ir.graph import contiguous_strides
 from tilec.ir.schedule import POOL_ALIGN, POOL_OF_BUFFER_KIND, Pool, Schedule
 from tilec.ir.tasks import Buffer
@@ -199,3 +200,37 @@ def unplaced(buffers: tuple[Buffer, ...]) -> tuple[tuple[Buffer, ...], tuple[Poo
     and every offset memplan chooses is aligned). The compiler renders a provisional
     kernel with them, to start compiling it for the GPU early (hooks.SpeculativeAOT)."""
     return tuple(replace(b, pool=pool_of(b)[0], offset=0) for b in buffers), _pools(buffers, {})
+
+
+def share_fixed(scheds: tuple[Schedule, ...]) -> tuple[Schedule, ...]:
+    """The entries of one engine (its decode step, its prefill), each placed by memplan,
+    with every weight and state buffer moved to one place for all, by name: the first
+    entry's layout, then the buffers only a later entry has after it, in its pool. So
+    the entries share their weight and state pools (stored once in the engine file, one
+    KV cache at run time) and each keeps its own arena. A name two entries give different
+    kinds, shapes or dtypes is a ScheduleError: sharing it would be wrong."""
+    offsets: dict[str, int] = {}
+    ends: dict[str, int] = {}
+    types: dict[str, tuple] = {}
+    for s in scheds:
+        for b in s.buffers:
+            if b.kind not in ("weight", "state"):
+                continue
+            if b.stored:
+                raise ScheduleError("a multi-device engine has one entry (its decode step)")
+            if b.name in types:
+                if types[b.name] != (b.kind, b.type, b.pool):
+                    raise ScheduleError(f"the engine's entries disagree on {b.name} "
+                                        f"({types[b.name][1]} vs {b.type}): cannot share it")
+                continue
+            types[b.name] = (b.kind, b.type, b.pool)
+            offsets[b.name] = align(ends.get(b.pool, 0))
+            ends[b.pool] = offsets[b.name] + size_of(b)
+    shared = []
+    for s in scheds:
+        buffers = tuple(replace(b, offset=offsets[b.name]) if b.name in offsets else b
+                        for b in s.buffers)
+        pools = tuple(replace(p, numel=max(1, ends[p.name])) if p.name in ends else p
+                      for p in s.pools)
+        shared.append(replace(s, buffers=buffers, pools=pools))
+    return tuple(shared)

@@ -457,10 +457,13 @@ def generate_batch(executor: Executor, spec: GenerationSpec, prompts: list[list[
     running: dict[int, tuple[int, Sequence, float]] = {}   # slot -> (prompt index, ., start)
     done: dict[int, Generation] = {}
     first: dict[int, float] = {}   # prompt index -> seconds to its first new token
+    counted: dict[int, tuple[int, int]] = {}   # prompt index -> the launches before it
     while waiting or running:
         for slot in range(slots.count):
             if slot not in running and waiting:
                 index, prompt = waiting.popleft()
+                if prefill is not None:   # (one sequence at a time: PrefillSlots)
+                    counted[index] = (slots.prefill_steps, slots.decode_steps)
                 seq = Sequence(prompt, max_new_tokens, sampling, stop_ids, keep_logits)
                 running[slot] = (index, seq, time.perf_counter())
         advance(slots, {slot: seq for slot, (_, seq, _) in running.items()})
@@ -469,7 +472,8 @@ def generate_batch(executor: Executor, spec: GenerationSpec, prompts: list[list[
             if seq.tokens and index not in first:
                 first[index] = now - start
             if seq.finished:
-                steps = (slots.prefill_steps, slots.decode_steps) if prefill is not None \
+                steps = (slots.prefill_steps - counted[index][0],
+                         slots.decode_steps - counted[index][1]) if prefill is not None \
                     else (0, seq.steps)
                 done[index] = Generation(list(seq.prompt), seq.tokens,
                                          torch.stack(seq.logits) if seq.logits else None,

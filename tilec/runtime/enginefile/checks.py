@@ -341,3 +341,31 @@ def _view_problem(shape, strides, offset, buffer) -> str | None:
         return (f"view (shape {list(shape)}, strides {list(strides)}, offset {offset}) "
                 f"reaches element {last} of buffer {buffer.name} ({buffer.type.numel} elements)")
     return None
+
+
+def entry_problem(engine: EngineFile, entry: EngineFile, name: str) -> str | None:
+    """A further entry against the decode step: it says it is `name` and lists no
+    entries, is a plan exactly when the decode step is, and places every weight and
+    state buffer the two share by name exactly where the decode step does, in pools of
+    the same size (so one KV cache and one copy of the weights serve both)."""
+    m = entry.manifest
+    if m.entry != name or m.entries != ("decode",):
+        return f"its manifest says entry {clip(m.entry)} with entries {clip(list(m.entries))}"
+    if m.plan != engine.manifest.plan:
+        return "a plan beside an engine with weights, or the other way round"
+    mine = _shared_layout(engine.manifest.schedule)
+    theirs = _shared_layout(m.schedule)
+    for key in sorted(set(mine) & set(theirs)):
+        if mine[key] != theirs[key]:
+            return f"{key} lies elsewhere than in the decode step: the entries cannot share it"
+    return None
+
+
+def _shared_layout(sched) -> dict[str, tuple]:
+    """Each weight and state buffer's (kind, pool, offset, shape, dtype) and each weight
+    and state pool's size, by name."""
+    layout = {b.name: (b.kind, b.pool, b.offset, tuple(b.type.shape), b.type.dtype)
+              for b in sched.buffers if b.kind in ("weight", "state")}
+    layout.update({f"pool {p.name}": (p.numel, p.dtype) for p in sched.pools
+                   if p.kind in ("weight", "state")})
+    return layout
