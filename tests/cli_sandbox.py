@@ -3,30 +3,34 @@ measure what each took, without paying for the imports every time.
 
 A server process (`python tests/cli_sandbox.py`) imports tilec once, then for every
 command line it is sent forks a child that lowers its address-space limit
-(RLIMIT_AS) to what it maps now plus `memory` bytes, arms an alarm, and runs
+(RLIMIT_AS) to what it maps now plus `memory` bytes and its CPU time (RLIMIT_CPU) to
+`timeout` seconds, arms a wall alarm of a few times that, and runs
 `tilec.cli.main(argv)`. The server reports the exit status, the child's peak resident
-memory above what it started with (VmHWM, reset at the start), the wall time, and what
+memory above what it started with (VmHWM, reset at the start), the CPU seconds it
+used (user + system: a loaded machine does not stretch them), and what
 the child wrote. The children start with no threads (the server has
 run no torch op), so forking is safe. `Sandbox` is the test-side client.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+WALL_FACTOR = 6   # wall alarm = WALL_FACTOR x the CPU bound: a hang, not a slow machine
 
 
 @dataclass(frozen=True)
 class Result:
     code: int                # exit status, or -signal if the child was killed
-    seconds: float
+    seconds: float           # CPU seconds, user + system
     peak_bytes: int          # peak resident memory above the child's start (-1: unknown)
     stdout: str
     stderr: str
@@ -84,7 +88,12 @@ def _child(argv: list[str], timeout: float, memory: int, out: str, err: str,
         sys.stderr = open(2, "w", closefd=False)
         _, hard = resource.getrlimit(resource.RLIMIT_AS)
         resource.setrlimit(resource.RLIMIT_AS, (_status_kb("VmSize") * 1024 + memory, hard))
-        signal.alarm(max(1, int(timeout + 1)))   # default action: the child dies
+        # The bound is on work, CPU seconds (RLIMIT_CPU: SIGXCPU, default action kills),
+        # not on wall time, which a loaded machine stretches; a wall alarm of a few
+        # times more still ends a child that sleeps or waits.
+        seconds = max(1, math.ceil(timeout))
+        resource.setrlimit(resource.RLIMIT_CPU, (seconds + 1, resource.RLIM_INFINITY))
+        signal.alarm(WALL_FACTOR * seconds)
         from tilec.cli import main
 
         code = main(argv)
@@ -114,13 +123,12 @@ def serve() -> None:
     for line in sys.stdin:
         job = json.loads(line)
         Path(peak).write_text("-1")   # unknown: the child died before it could say
-        t0 = time.perf_counter()
         pid = os.fork()
         if pid == 0:
             _child(job["argv"], job["timeout"], job["memory"], out, err, peak)
-        _, status = os.waitpid(pid, 0)
+        _, status, usage = os.wait4(pid, 0)
         result = {"code": os.waitstatus_to_exitcode(status),
-                  "seconds": time.perf_counter() - t0,
+                  "seconds": usage.ru_utime + usage.ru_stime,
                   "peak_bytes": int(Path(peak).read_text()),
                   "stdout": Path(out).read_text(errors="replace")[-4000:],
                   "stderr": Path(err).read_text(errors="replace")[-4000:]}

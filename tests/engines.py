@@ -1,7 +1,8 @@
 """Engines shared by the verify, watchdog and hostile-input tests: compiled once per
 test process (a compile is seconds; loading one is milliseconds), plus a helper that
 rewrites an engine file with its metadata or tensors edited and signs it again, so the
-checksum passes and only the checks behind it can refuse the edit."""
+checksum passes and only the checks behind it can refuse the edit; and the eager
+model's greedy tokens and logits that multi-device engines are held to."""
 from __future__ import annotations
 
 import atexit
@@ -17,6 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import tilec.api
+from tilec.compiler.build import build_model
+from tilec.compiler.config import load_config
 from tilec.cli import main
 from tilec.runtime.enginefile.digest import file_digest
 
@@ -82,3 +85,43 @@ def lowest_index_topk(x, k, dim=-1, largest=True, sorted=True):
     ranked = torch.sort(x, dim=dim, descending=largest, stable=True)
     return torch.return_types.topk((ranked.values.narrow(dim, 0, k),
                                     ranked.indices.narrow(dim, 0, k)))
+
+
+@functools.lru_cache(maxsize=None)
+def eager_greedy_of_yaml(yaml_path: str = str(EXAMPLES / "llama_tiny.yaml"),
+                 prompt: tuple[int, ...] = (3, 17, 42),
+                 new: int = 5) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and logits of the eager model: the prompt, then `new` tokens. Top-k
+    ties go to the lowest index, as in tilec (torch leaves them open)."""
+    model, _ = build_model(load_config(yaml_path))
+    tokens, logits = [], []
+    topk = torch.topk
+    torch.topk = lowest_index_topk
+    try:
+        with torch.no_grad():
+            seq = list(prompt)
+            for pos in range(len(prompt) + new - 1):
+                out = model(torch.tensor([seq[pos]]), torch.tensor([pos]))
+                if pos >= len(prompt) - 1:
+                    logits.append(out["logits"].reshape(-1).float())
+                    nxt = int(out["logits"].argmax())
+                    tokens.append(nxt)
+                    seq.append(nxt)
+    finally:
+        torch.topk = topk
+    return tokens, torch.stack(logits)
+
+
+def eager_greedy(model, prompt: list[int], new_tokens: int):
+    """tilec's decoder module fed one token per call, greedy: the new tokens and the
+    logits [new_tokens, vocab] of each (the module's cache is reset first)."""
+    model.reset_cache()
+    tokens, logits = list(prompt), []
+    with torch.no_grad():
+        for pos in range(len(prompt) + new_tokens - 1):
+            out = model(torch.tensor([tokens[pos]]), torch.tensor([pos]))
+            if pos >= len(prompt) - 1:
+                logits.append(out["logits"][0])
+                if len(tokens) == pos + 1:
+                    tokens.append(int(out["next_token"][0]))
+    return tokens[len(prompt):], torch.stack(logits)

@@ -272,7 +272,8 @@ def test_measured_trace(capsys, built, tmp_path, backend):
 
 
 def test_profile_decoder_steps(tmp_path):
-    """A decoder engine profiled over generation: every task once per step."""
+    """A decoder engine's decode entry profiled over generation: every task once per
+    decode step (the prompt goes through the prefill entry, another executor)."""
     engine = tilec.api.compile(str(EXAMPLES / "llama_tiny.yaml"))
     ex = engine.executor("reference")
     ex.start_profile()
@@ -282,7 +283,8 @@ def test_profile_decoder_steps(tmp_path):
 
     sched = engine.data.schedule()
     trace = chrome_trace(measured(engine.data.manifest, sched, ex.trace, ex.backend))
-    check_trace(trace, len(sched.taskgraph.tasks), sched.workers, steps=g.steps)
+    assert (g.prefill_steps, g.decode_steps) == (1, 1)
+    check_trace(trace, len(sched.taskgraph.tasks), sched.workers, steps=g.decode_steps)
     s = engine.summary()
     assert s["bytes"]["kv"] > 0 and s["bytes"]["intermediate"] < s["bytes"]["intermediate_unfused"]
     assert s["lower_bound_us"] <= s["predicted_step_us"] * (1 + 1e-9)

@@ -11,6 +11,7 @@ import torch
 
 import tilec.api
 from engines import compiled, run_cli
+from tilec.passes.entries import ENTRY_CHECKS
 from tilec.runtime import enginefile as engine_file
 from tilec.runtime.executors import make_executor
 from tilec.verify_engine import verify_engine
@@ -44,13 +45,15 @@ def worker_of_row(engine: engine_file.EngineFile, row: int) -> int:
 
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_compiled_engine_verifies(example):
-    report = verify_engine(fresh(example))
+    engine = fresh(example)
+    report = verify_engine(engine)
     assert report["ok"], report["violations"]
-    assert set(report["checks"]) == {"each_task_once", "global_order", "thresholds",
-                                     "conflicts_ordered", "kv_appends_ordered",
-                                     "indexed_reads_whole", "regions_in_buffers",
-                                     "arena_disjoint",
-                                     "roles_respected"}
+    checks = {"each_task_once", "global_order", "thresholds", "conflicts_ordered",
+              "kv_appends_ordered", "indexed_reads_whole", "regions_in_buffers",
+              "arena_disjoint", "roles_respected"}
+    if engine.entries:   # a decoder's prefill entry: its own checks, then both together
+        checks |= {f"prefill: {c}" for c in checks} | set(ENTRY_CHECKS)
+    assert set(report["checks"]) == checks
 
 
 @pytest.mark.parametrize("example", EXAMPLES)

@@ -19,7 +19,7 @@ from tilec.errors import RunError
 from tilec.limits import check_seed
 from tilec.runtime import enginefile as engine_file
 from tilec.runtime.distributed import rank_from_env
-from tilec.runtime.executors import Executor, make_executor
+from tilec.runtime.executors import Executor, entry_executor, make_executor
 from tilec.runtime.inprocess import parts_executor, random_inputs
 from tilec.runtime.generate import Generation
 
@@ -122,6 +122,16 @@ class Engine:
         # turns (`tilec run` starts one process per device instead).
         return parts_executor(self._parts, backend, policy, seed)
 
+    def prefill_executor(self, backend: str = "auto", policy: str = "round_robin",
+                         seed: int = 0) -> Executor:
+        """The (cached) executor of the engine's prefill entry, over the KV cache and
+        weights of `executor(backend, policy, seed)`; a RunError if it has none."""
+        key = (backend, policy, seed, "prefill")
+        if key not in self._executors:
+            self._executors[key] = entry_executor(self.executor(backend, policy, seed),
+                                                  "prefill", policy=policy, seed=seed)
+        return self._executors[key]
+
     def run(self, *, backend: str = "auto", policy: str = "round_robin", seed: int = 0,
             **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run one step: inputs by name (`input_names`), outputs by name (`output_names`).
@@ -142,15 +152,20 @@ class Engine:
                  *, backend: str = "auto", temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, logits: bool = False,
                  stop_at_eos: bool = True,
-                 policy: str = "round_robin") -> Generation | list[Generation]:
+                 policy: str = "round_robin",
+                 prefill: bool = True) -> Generation | list[Generation]:
         """Generate from a decoder engine (`model: {family: ...}` or `{hf: ...}`).
 
         `prompt_ids`: one prompt (a list of ids; returns a `Generation`) or a list of
         prompts (returns a list of them, in order). An engine compiled with
         `model: {batch: B}` runs up to B of them side by side, one per sequence slot;
         each sequence stops on its own and frees its slot for the next prompt, and makes
-        exactly the tokens it makes alone. The prompt is fed one token per step (there
-        is no chunked prefill yet), then each new token is fed back. Greedy (the engine's on-device argmax) unless
+        exactly the tokens it makes alone. An engine with a prefill entry (a batch-1
+        decoder compiled with `model.prefill`, on by default) takes the prompt in chunks,
+        one launch each, over the decode step's KV cache; otherwise (or with
+        `prefill=False`) the prompt is fed one token per step. Then each new token is
+        fed back. `Generation.prefill_steps`, `decode_steps` and `ttft_s` (seconds to the
+        first new token) say how it went. Greedy (the engine's on-device argmax) unless
         `temperature` > 0, which samples on the host from the logits (optionally from
         the `top_k` most likely, then from the smallest set whose probability reaches
         `top_p`), seeded by `seed`; `tilec serve` samples with the same code
@@ -169,10 +184,13 @@ class Engine:
             raise RunError("this engine is not a decoder: use run(), not generate()")
         prompts = list(prompt_ids)
         one = not prompts or not all(isinstance(p, Sequence) for p in prompts)
-        out = generate_batch(self.executor(backend, policy, seed), spec,
+        decode = self.executor(backend, policy, seed)
+        chunks = self.prefill_executor(backend, policy, seed) \
+            if prefill and "prefill" in self._data.entries else None
+        out = generate_batch(decode, spec,
                              [prompts] if one else [list(p) for p in prompts], max_new_tokens,
                              sampling=Sampling(temperature, top_k, top_p, seed),
-                             keep_logits=logits, stop_at_eos=stop_at_eos)
+                             keep_logits=logits, stop_at_eos=stop_at_eos, prefill=chunks)
         return out[0] if one else out
 
     def tokenizer(self) -> Tokenizer | None:
@@ -208,11 +226,17 @@ class Engine:
 
         Returns a report with `ok`, `checks` ({check name: passed}) and `violations`
         (one line each); it does not raise. `tilec verify --interleavings N` also runs
-        random worker interleavings.
+        random worker interleavings. An engine with a prefill entry: the decode
+        step's checks, the prefill's (named `prefill: <check>`), then both together
+        (passes/entries.py).
         """
+        from tilec.passes.entries import verify_entries
         from tilec.passes.verify_devices import verify_parts
 
-        return verify_parts(tuple(p.schedule() for p in self._parts))
+        report = verify_parts(tuple(p.schedule() for p in self._parts))
+        if not self._data.entries:
+            return report
+        return verify_entries(self._data.entry_schedules(), first=report)
 
     @property
     def data(self) -> engine_file.EngineFile:

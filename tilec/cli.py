@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a self-contained HTML report with a Gantt chart")
     i.add_argument("--device", type=int, default=0,
                    help="multi-device engines: the device whose schedule to show (default 0)")
+    i.add_argument("--entry", choices=["decode", "prefill"], default="decode",
+                   help="engines with a prefill entry: the entry whose schedule the summary, "
+                        "--trace, --dot and --html show (default decode)")
 
     s = sub.add_parser("serve", help="serve a decoder engine over an OpenAI-compatible HTTP API")
     s.add_argument("engine")
@@ -337,6 +340,12 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
+def _launches(g) -> dict:
+    """A generation's launches of each entry and its time to first token (--json)."""
+    return {"prefill_steps": g.prefill_steps, "decode_steps": g.decode_steps,
+            "ttft_s": g.ttft_s}
+
+
 def _generate(engine, args) -> int:
     prompts = _parse_prompts(engine, args)
     t0 = time.perf_counter()
@@ -351,12 +360,13 @@ def _generate(engine, args) -> int:
     texts = [tok.decode(g.tokens) if tok is not None else None for g in gens]
     if args.json:
         sequences = [{"prompt": g.prompt, "new_tokens": g.tokens, "steps": g.steps,
-                      **({"text": text} if text is not None else {})}
+                      **_launches(g), **({"text": text} if text is not None else {})}
                      for g, text in zip(gens, texts)]
         made = sum(len(g.tokens) for g in gens)
         g = gens[0]
         out = {"prompt": g.prompt, "new_tokens": g.tokens, "backend": g.backend,
-               "steps": g.steps, "seconds": g.seconds, "tokens_per_s": g.tokens_per_s}
+               "steps": g.steps, **_launches(g), "seconds": g.seconds,
+               "tokens_per_s": g.tokens_per_s}
         if texts[0] is not None:
             out["text"] = texts[0]
         if len(gens) > 1:   # the batch: every sequence, and the tokens of all per second
@@ -371,14 +381,15 @@ def _generate(engine, args) -> int:
         print(f"{label}generated {len(g.tokens)} tokens: {g.tokens}")
         if text is not None:
             print(f"{label}text: {text}")
-        print(f"{label}{g.steps} steps on backend {g.backend} in {g.seconds:.2f} s: "
-              f"{g.tokens_per_s:.2f} tokens/s")
+        print(f"{label}{g.steps} steps ({g.prefill_steps} prefill, {g.decode_steps} decode "
+              f"launches) on backend {g.backend} in {g.seconds:.2f} s: "
+              f"{g.tokens_per_s:.2f} tokens/s, first token after {g.ttft_s:.2f} s")
     return 0
 
 
 def cmd_inspect(args) -> int:
-    from tilec.api import load
-    from tilec.inspect import print_summary, summary
+    from tilec.api import Engine, load
+    from tilec.inspect import entries_table, print_summary, summary
 
     check_outputs([("the engine", args.engine)],
                   [("--trace", args.trace), ("--dot", args.dot), ("--html", args.html)])
@@ -387,7 +398,11 @@ def cmd_inspect(args) -> int:
         raise TilecError(f"--device {args.device}: the engine has "
                          f"{engine.devices} device{'s' if engine.devices > 1 else ''}")
     engine = engine.part(args.device)
+    entries = entries_table(engine.data)
+    if args.entry != "decode":   # its summary and pictures; the entries table is the file's
+        engine = Engine(engine.data.entry(args.entry))
     s = summary(engine.data, aot=args.aot)
+    s["entries"] = entries
     if len(engine.parts) > 1:
         from tilec.inspect import device_table
 

@@ -69,6 +69,11 @@
                                 without a capacity)} (runtime/sizes.device_memory);
                                 a multi-device engine's `devices` rows carry each
                                 device's as `memory`
+  devices                       multi-device engines (tilec inspect, cli.py adds it):
+                                [{device, role (its device role), roles (its worker
+                                roles, comm worker included, as in `roles`), tasks,
+                                transfers, bytes_sent, bytes_received,
+                                predicted_step_us, memory}]
 """
 from __future__ import annotations
 
@@ -91,6 +96,14 @@ from tilec.viz.timeline import cross_worker_edges, predicted, task_kinds
 WEIGHT_KINDS = ("weight",)
 KV_KINDS = ("state",)
 INTERMEDIATE_KINDS = ("input", "output", "activation")
+
+
+def entries_table(engine: EngineFile) -> list[dict[str, Any]]:
+    """Each entry of the engine (decode, then prefill if it has one): its tasks, the
+    cost model's predicted time of one launch, and the bytes a launch moves."""
+    return [{"entry": name, "tasks": len(sched.taskgraph.tasks),
+             "predicted_step_us": max(sched.finish_us, default=0.0),
+             "bytes": bytes_moved(sched)} for name, sched in engine.entry_schedules()]
 
 
 def schedule_with_deps(engine: EngineFile):
@@ -164,6 +177,8 @@ def summary(engine: EngineFile, aot: bool = False) -> dict[str, Any]:
         "outputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in m.outputs],
         "plan": m.plan,
         "memory": device_memory(engine),
+        "entry": m.entry,
+        "entries": entries_table(engine),
     }
 
 
@@ -317,9 +332,10 @@ def dot_graph(engine: EngineFile, level: str) -> str:
 
 
 def device_table(parts: tuple[EngineFile, ...]) -> list[dict[str, Any]]:
-    """Per device of a multi-device engine: its tasks, its transfers and the bytes they
-    send (each region once, whatever its number of receivers) and receive, and its
-    predicted step."""
+    """Per device of a multi-device engine: its device role, its worker roles (as in
+    `role_table`: workers, tasks, predicted busy time), its tasks, its transfers and the
+    bytes they send (each region once, whatever its number of receivers) and receive,
+    and its predicted step."""
     out = []
     for d, part in enumerate(parts):
         sched = part.manifest.schedule
@@ -328,7 +344,9 @@ def device_table(parts: tuple[EngineFile, ...]) -> list[dict[str, Any]]:
         comm = [t for t in tg.tasks if t.group == TRANSFER]
         sent = sum(r.numel * size[r.buffer] for t in comm for r in t.reads)
         received = sum(r.numel * size[r.buffer] for t in comm for r in t.writes)
-        out.append({"device": d, "tasks": sum(t.group != TRANSFER for t in tg.tasks),
+        out.append({"device": d, "role": sched.target.device_role(d).name,
+                    "roles": role_table(sched),
+                    "tasks": sum(t.group != TRANSFER for t in tg.tasks),
                     "transfers": sum(t.group == TRANSFER for t in tg.tasks),
                     "bytes_sent": sent, "bytes_received": received,
                     "predicted_step_us": max(sched.finish_us, default=0.0),
@@ -381,6 +399,13 @@ def print_summary(s: dict[str, Any], console) -> None:
     s = terminal_safe(s)
     for section in SUMMARY_SECTIONS:
         section(s, console)
+    if len(s["entries"]) > 1:
+        table = _table(f"entries (shown above: {s['entry']})",
+                       ("entry", "tasks", "predicted us", "weights MB", "kv MB"), ("entry",))
+        for e in s["entries"]:
+            table.add_row(e["entry"], str(e["tasks"]), f"{e['predicted_step_us']:.1f}",
+                          f"{e['bytes']['weights'] / 1e6:.2f}", f"{e['bytes']['kv'] / 1e6:.2f}")
+        console.print(table)
 
 
 def _table(title: str, columns: tuple[str, ...], left: tuple[str, ...] = ()):
@@ -405,6 +430,18 @@ def _print_devices(s, console) -> None:
                       f"{d['bytes_sent']:,}", f"{d['bytes_received']:,}",
                       f"{d['predicted_step_us']:.1f}")
     console.print(table)
+    roles = _table("roles per device", ("device", "device role", "worker role", "workers",
+                                        "owns", "tasks", "busy us"),
+                   left=("device role", "worker role", "workers", "owns"))
+    for d in s["devices"]:
+        for r in d["roles"]:
+            roles.add_row(str(d["device"]), d["role"], r["name"], format_workers(r["workers"]),
+                          _owns(r), str(r["tasks"]), f"{r['busy_us']:.1f}")
+    console.print(roles)
+
+
+def _owns(role: dict[str, Any]) -> str:
+    return ", ".join(role["kinds"] + role["ops"] + role.get("modules", [])) or "the rest"
 
 
 def _print_headline_and_roles(s, console) -> None:
@@ -420,8 +457,7 @@ def _print_headline_and_roles(s, console) -> None:
         table = _table("roles", ("role", "workers", "owns", "tasks", "busy us"),
                        left=("role", "workers", "owns"))
         for r in s["roles"]:
-            owns = ", ".join(r["kinds"] + r["ops"] + r.get("modules", [])) or "the rest"
-            table.add_row(r["name"], format_workers(r["workers"]), owns, str(r["tasks"]),
+            table.add_row(r["name"], format_workers(r["workers"]), _owns(r), str(r["tasks"]),
                           f"{r['busy_us']:.1f}")
         console.print(table)
 

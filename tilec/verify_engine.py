@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from tilec.errors import RunError, TilecError
+from tilec.passes.entries import verify_entries
 from tilec.passes.verify_devices import verify_parts
 from tilec.runtime import enginefile as engine_file
 from tilec.runtime.inprocess import parts_executor, random_inputs
@@ -24,6 +25,8 @@ def verify_engine(engine, interleavings: int = 0, backend: str = "interpret") ->
     parts = _parts(engine)
     # a multi-device engine: each device, then all together
     report = verify_parts(tuple(p.schedule() for p in parts))
+    if len(parts) == 1 and parts[0].entries:   # each entry, then all of them together
+        report = verify_entries(parts[0].entry_schedules(), first=report)
     checks = dict(report.checks)
     violations = list(report.violations)
     if interleavings:

@@ -70,10 +70,10 @@ def batched(path: Path, batch: int):
     return replace(cfg, model=replace(cfg.model, batch=batch))
 
 
-def prefill_model(path: Path, chunk: int):
+def prefill_model(path: Path, chunk: int, batch: int = 1):
     """The prefill step of chunk `chunk` of the decoder model.yaml at `path`."""
     step, _ = build_model(load_config(path))
-    return LlamaPrefillStep(step.cfg, step.max_seq_len, chunk)
+    return LlamaPrefillStep(step.cfg, step.max_seq_len, chunk, batch)
 
 
 def block_engine(**options):
@@ -110,6 +110,13 @@ ENGINES = {
     "llama_tiny-prefill16-split-bf16": lambda: tilec.api.compile(
         prefill_model(EXAMPLES / "llama_tiny.yaml", 16),
         (torch.zeros(16, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)),
+        target="h200", workers=8, dtype="bfloat16", kv_chunk=16, aot=False),
+    # a prefill chunk into one run-time slot of a batch-4 cache (a gather of the slot's
+    # keys and values, an append at slot-and-position rows) and the `last` row alone
+    # through the lm_head
+    "llama_tiny-prefill16-batch4-bf16": lambda: tilec.api.compile(
+        prefill_model(EXAMPLES / "llama_tiny.yaml", 16, batch=4),
+        (torch.zeros(16, dtype=torch.int64),) + (torch.zeros(1, dtype=torch.int64),) * 3,
         target="h200", workers=8, dtype="bfloat16", kv_chunk=16, aot=False),
     # top-k rounds, and a split attention whose values (the 32-wide latent) are wider
     # than its key chunks (16)

@@ -14,6 +14,7 @@ from tilec.cli import main
 from tilec.errors import ConfigError
 from tilec.models.hf import load_checkpoint
 
+from engines import eager_greedy
 from test_llama_hf import compare, hf_greedy
 
 PROMPT = [3, 1, 4, 1, 5]
@@ -58,16 +59,7 @@ def edit_config(folder, **changes):
 
 def eager_logits(model, prompt, new):
     """tilec's Llama module, one token per call, greedy: the logits of each new token."""
-    model.reset_cache()
-    tokens, logits = list(prompt), []
-    with torch.no_grad():
-        for pos in range(len(prompt) + new - 1):
-            out = model(torch.tensor([tokens[pos]]), torch.tensor([pos]))
-            if pos >= len(prompt) - 1:
-                logits.append(out["logits"][0])
-                if len(tokens) == pos + 1:
-                    tokens.append(int(out["next_token"][0]))
-    return torch.stack(logits)
+    return eager_greedy(model, prompt, new)[1]
 
 
 def rope(kind, **params):

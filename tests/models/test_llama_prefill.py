@@ -1,12 +1,13 @@
-"""Chunked prefill (issue 17 item 1): a decoder's prefill schedule takes a chunk of P
-prompt tokens of one sequence per launch (LlamaPrefillStep: P rows through every
-matmul, attention causal within the chunk and over the cache before it, one KV append
-of P positions per layer) and runs on the decode engine's KV cache. Against transformers
-(a tiny random GQA Llama through hf:, float32): a 40-token prompt in chunks of 16 takes
-3 prefill launches, then decodes the same greedy tokens and logits (within 1e-3) as
-transformers' generate and as the decode engine fed one token per step, on both CPU
-executors. The verifier orders every chunk's KV append before every attention that
-reads the cache, and names the pair when that wait is taken out."""
+"""Chunked prefill in one engine (issue 17): a decoder engine compiled with
+`model: {..., prefill: {chunk: P}}` holds two entries in one file, `decode` and
+`prefill` (LlamaPrefillStep: P rows through every matmul, attention causal within the
+chunk and over the cache before it, one KV append of P positions per layer), sharing
+their weights and KV cache by name (stored once). Against transformers (a tiny random
+GQA Llama through hf:, float32): a 40-token prompt in chunks of 16 takes 3 prefill
+launches, then decodes the same greedy tokens and logits (within 1e-3) as transformers'
+generate and as the decode entry fed one token per step, on both CPU executors. The
+verifier checks each entry and both together, and names the pair when a wait or a
+queued append is taken out; an edited entry in the file is refused in one line."""
 import dataclasses
 import json
 
@@ -16,14 +17,15 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import tilec.api as tilec_api  # noqa: E402
-from tilec.compiler.build import build_model  # noqa: E402
-from tilec.compiler.config import load_config  # noqa: E402
-from tilec.errors import ConfigError, RunError  # noqa: E402
+from engines import resign  # noqa: E402
+from tilec.cli import main  # noqa: E402
+from tilec.errors import ConfigError, EngineError, RunError  # noqa: E402
 from tilec.models.llama import LlamaPrefillStep  # noqa: E402
+from tilec.passes.entries import verify_entries  # noqa: E402
 from tilec.passes.verify import verify  # noqa: E402
+from tilec.runtime.executors import entry_executor  # noqa: E402
 import tiny_llama  # noqa: E402
 from tiny_llama import save_tiny_llama  # noqa: E402
-from tilec.runtime.generate import generate  # noqa: E402
 
 VOCAB = 96
 CHUNK = 16
@@ -33,57 +35,64 @@ NEW_TOKENS = 4
 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
-    """A GQA Llama of two layers, its decode engine (hf:, batch 1) and its prefill
-    engine of chunk 16 over the same weights."""
+    """A GQA Llama of two layers and its one engine file (hf:, batch 1, prefill chunk
+    16), saved and loaded back."""
     root = tmp_path_factory.mktemp("prefill")
     model = save_tiny_llama(transformers, root / "ckpt", VOCAB)
-    path = root / "decode.yaml"
-    path.write_text(json.dumps({"model": {"hf": "ckpt", "max_seq_len": MAX_SEQ},
+    path = root / "engine.yaml"
+    path.write_text(json.dumps({"model": {"hf": "ckpt", "max_seq_len": MAX_SEQ,
+                                          "prefill": {"chunk": CHUNK}},
                                 "dtype": "float32", "target": {"name": "cpu", "workers": 2}}))
-    decode = tilec_api.compile(str(path))
-    step, _ = build_model(load_config(str(path)))
-    prefill_model = LlamaPrefillStep(step.cfg, MAX_SEQ, CHUNK)
-    prefill_model.load_state_dict(step.state_dict())
-    example = (torch.zeros(CHUNK, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
-    prefill = tilec_api.compile(prefill_model, example, workers=2)
+    tilec_api.compile(str(path), output=str(root / "engine.bin"))
+    engine = tilec_api.load(root / "engine.bin")
     # (no token 0: transformers' generate takes it for padding, pad_token_id=0)
     prompt = torch.randint(1, VOCAB, (40,), generator=torch.Generator().manual_seed(1)).tolist()
-    return model, decode, prefill, prompt
-
-
-def hf_greedy(model, prompt):
-    return tiny_llama.hf_greedy(model, prompt, NEW_TOKENS)
+    return model, engine, prompt, root
 
 
 @pytest.mark.parametrize("backend", ["reference", "interpret"])
 def test_chunked_prefill_matches_transformers(hf, backend):
-    model, decode, prefill, prompt = hf
-    spec = decode.generation_spec
-    g = generate(decode.new_executor(backend), spec, prompt, NEW_TOKENS, keep_logits=True,
-                 stop_at_eos=False, prefill=prefill.new_executor(backend))
+    model, engine, prompt, _ = hf
+    g = engine.generate(prompt, NEW_TOKENS, backend=backend, logits=True, stop_at_eos=False)
     # 40 tokens in chunks of 16: 16 + 16 + 8 (padded), then one step per further token
     assert (g.prefill_steps, g.decode_steps) == (3, NEW_TOKENS - 1)
     assert 0 < g.ttft_s <= g.seconds
-    ref_tokens, ref_logits = hf_greedy(model, prompt)
+    ref_tokens, ref_logits = tiny_llama.hf_greedy(model, prompt, NEW_TOKENS)
     assert g.tokens == ref_tokens
     assert (g.logits - ref_logits).abs().max().item() <= 1e-3
-    if backend == "reference":   # the same as the decode step fed one token at a time
-        one = generate(decode.new_executor(backend), spec, prompt, NEW_TOKENS,
-                       keep_logits=True, stop_at_eos=False)
+    if backend == "reference":   # the same as the decode entry fed one token at a time
+        one = engine.generate(prompt, NEW_TOKENS, backend=backend, logits=True,
+                              stop_at_eos=False, prefill=False, seed=1)
         assert one.tokens == g.tokens and (one.logits - g.logits).abs().max() <= 1e-4
         assert (one.prefill_steps, one.decode_steps) == (0, len(prompt) + NEW_TOKENS - 1)
+
+
+def test_one_file_two_entries_share_weights_and_state(hf):
+    """One file, weights and KV cache stored once; the prefill executor runs on the
+    decode executor's pools (the same tensors)."""
+    _, engine, _, _ = hf
+    data = engine.data
+    assert data.manifest.entries == ("decode", "prefill")
+    prefill = data.entries["prefill"]
+    assert prefill.manifest.entry == "prefill"
+    assert prefill.tensors["pool.w_float32"] is data.tensors["pool.w_float32"]
+    dec = engine.new_executor("reference")
+    pre = entry_executor(dec, "prefill")
+    shared = [p.name for p in data.schedule().pools if p.kind in ("weight", "state")]
+    assert shared and all(pre.pools[n] is dec.pools[n] for n in shared)
+    arena = [p.name for p in data.schedule().pools if p.kind == "arena"]
+    assert arena and all(pre.pools[n] is not dec.pools[n] for n in arena)
 
 
 def test_padded_rows_never_reach_a_read(hf):
     """The padded rows of the last chunk write positions 40..47 of the cache with junk
     (token 0); any other filler gives bitwise the same decode, because each decode step
     writes its position before its attention reads it, and masks the ones after."""
-    _, decode, prefill, prompt = hf
-    spec = decode.generation_spec
+    _, engine, prompt, _ = hf
     outs = []
     for filler in (0, 77):
-        dec, pre = decode.new_executor("reference"), prefill.new_executor("reference")
-        pre.use_state_of(dec)
+        dec = engine.new_executor("reference")
+        pre = entry_executor(dec, "prefill")
         for start in (0, 16):
             pre.run({"token": torch.tensor(prompt[start:start + CHUNK]),
                      "pos": torch.tensor([start])})
@@ -97,22 +106,26 @@ def test_padded_rows_never_reach_a_read(hf):
             logits.append(out["logits"][0])
         outs.append(torch.stack(logits))
     assert torch.equal(outs[0], outs[1])
-    assert spec.max_seq_len == MAX_SEQ
+
+
+def _entries(engine):
+    return (("decode", engine.data.schedule()),
+            ("prefill", engine.data.entries["prefill"].schedule()))
 
 
 def test_prefill_verified_and_missing_append_wait_caught(hf):
-    """A KV head's attention task (its P x groups query rows) reads the cache directly,
-    after its layer's KV appends of the chunk (whose regions span every position). Taking
-    out the wait on an append is the stale-cache race kv_appends_ordered names."""
-    _, _, prefill, _ = hf
-    assert prefill.verify().ok
-    sched = prefill.data.schedule()
+    """Within the prefill: a KV head's attention task reads the cache directly, after
+    its layer's KV appends of the chunk. Taking out the wait on an append is the
+    stale-cache race kv_appends_ordered names, reported under the prefill entry."""
+    _, engine, _, _ = hf
+    report = engine.verify()
+    assert report.ok and "prefill: kv_appends_ordered" in report.checks
+    assert report.checks["entry_writes_complete"] and report.checks["entries_share_state"]
+    decode, (_, sched) = _entries(engine)
     tasks = sched.taskgraph.tasks
     append_events = {sched.signal[t.id] for t in tasks if t.group.endswith("_state_update")}
     attention = [t for t in tasks if t.group.endswith("_attention")]
     assert len(append_events) == 4 and len(attention) == 2 * 2   # layers x kv heads
-    assert all(r.buffer.endswith(("k_cache", "v_cache")) for t in attention
-               for r in t.reads[:2])   # the cache itself, not a copy of it
     cut = 0
     for victim in attention:
         waits = list(sched.waits)
@@ -120,28 +133,160 @@ def test_prefill_verified_and_missing_append_wait_caught(hf):
         if kept == waits[victim.id]:
             continue   # ordered after the appends by its queue
         waits[victim.id] = kept
-        report = verify(dataclasses.replace(sched, waits=tuple(waits)))
-        assert not report.ok and not report.checks["kv_appends_ordered"]
-        assert any("kv_appends_ordered" in v and "_cache" in v for v in report.violations)
+        bad = dataclasses.replace(sched, waits=tuple(waits))
+        report = verify_entries((decode, ("prefill", bad)))
+        assert not report.ok and not report.checks["prefill: kv_appends_ordered"]
+        assert any(v.startswith("prefill: kv_appends_ordered") for v in report.violations)
         cut += 1
     assert cut >= 1
 
 
-def test_state_shared_only_where_layouts_agree(hf):
-    """The prefill runs on the decode engine's KV cache (the same tensors) only if both
-    schedules put every state buffer in the same place."""
-    _, decode, prefill, _ = hf
-    dec = decode.new_executor("reference")
-    pre = prefill.new_executor("reference")
-    pre.use_state_of(dec)
-    states = [p.name for p in decode.data.schedule().pools if p.kind == "state"]
-    assert states and all(pre.pools[name] is dec.pools[name] for name in states)
-    moved = prefill.new_executor("reference")
-    buffers = [dataclasses.replace(b, offset=b.offset + 8) if b.kind == "state" and
-               b.name.endswith("layers_1_v_cache") else b for b in moved.schedule.buffers]
-    moved.schedule = dataclasses.replace(moved.schedule, buffers=tuple(buffers))
-    with pytest.raises(RunError, match="lay out their state differently.*layers_1_v_cache"):
-        moved.use_state_of(dec)
+def test_unqueued_prefill_append_caught_across_entries(hf):
+    """Across entries, order comes from the launches: one runs to its end before the
+    next starts, so a prefill's KV append is complete before a later decode reads the
+    cache, if the append runs at all. A prefill schedule that drops an append from its
+    queues ends its launch without it: entry_writes_complete names the append and the
+    decode's attention that would read the stale cache."""
+    _, engine, _, _ = hf
+    decode, (_, sched) = _entries(engine)
+    append = next(t for t in sched.taskgraph.tasks if t.group.endswith("_state_update"))
+    queues = tuple(tuple(t for t in q if t != append.id) for q in sched.queues)
+    report = verify_entries((decode, ("prefill", dataclasses.replace(sched, queues=queues))))
+    assert not report.ok and not report.checks["entry_writes_complete"]
+    line = next(v for v in report.violations if v.startswith("entry_writes_complete"))
+    assert f"prefill task {append.id}" in line and "_cache" in line and "decode task" in line
+
+
+def test_moved_state_caught_across_entries(hf):
+    _, engine, _, _ = hf
+    decode, (_, sched) = _entries(engine)
+    buffers = tuple(dataclasses.replace(b, offset=b.offset + 16)
+                    if b.name.endswith("layers_1_v_cache") else b for b in sched.buffers)
+    report = verify_entries((decode, ("prefill", dataclasses.replace(sched, buffers=buffers))))
+    assert not report.checks["entries_share_state"]
+    assert any("layers_1_v_cache" in v for v in report.violations)
+    assert verify(decode[1]).ok
+
+
+def test_edited_entry_is_refused(hf, tmp_path, capsys):
+    """A signed file whose prefill manifest moves a KV cache, or whose prefill kernel
+    is edited, or that lists an entry it does not hold: one error line, exit 2."""
+    _, _, _, root = hf
+    src = root / "engine.bin"
+
+    def move(meta):
+        plain = json.loads(meta["manifest.prefill"])
+        for b in plain["schedule"]["buffers"]:
+            if b["name"].endswith("layers_0_k_cache"):
+                b["offset"] += 16
+        meta["manifest.prefill"] = json.dumps(plain)
+
+    cases = {"moved": (move, "prefill entry"),
+             "kernel": (lambda m: m.__setitem__("kernel.prefill", m["kernel.prefill"] + "x = 1\n"),
+                        "prefill entry: stored kernel source differs"),
+             "unlisted": (lambda m: m.pop("manifest.prefill"), "prefill entry"),
+             "unknown": (lambda m: m.__setitem__("manifest", m["manifest"].replace(
+                 '"entries":["decode","prefill"]', '"entries":["decode","evil"]')),
+                 "malformed entry list")}
+    for name, (edit, words) in cases.items():
+        path = resign(src, tmp_path / name, meta=edit)
+        with pytest.raises(EngineError, match=words):
+            tilec_api.load(path)
+        capsys.readouterr()
+        assert main(["run", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and words in err
+
+
+def test_run_json_reports_launches(hf, capsys):
+    _, _, prompt, root = hf
+    capsys.readouterr()
+    ids = ",".join(map(str, prompt[:20]))
+    assert main(["run", str(root / "engine.bin"), "--backend", "reference", "--prompt-ids",
+                 ids, "--max-new-tokens", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["prefill_steps"], out["decode_steps"]) == (2, 2)   # 16 + 4 (padded)
+    assert 0 < out["ttft_s"] <= out["seconds"]
+    (seq,) = out["sequences"]
+    assert (seq["prefill_steps"], seq["decode_steps"]) == (2, 2) and seq["ttft_s"] > 0
+
+
+def test_prefill_key_is_checked(tmp_path):
+    from tilec.compiler.config import load_config
+
+    cases = {"x": "model.prefill", 1: "model.prefill", "{chunk: 1}": "model.prefill.chunk",
+             "{chunk: 99}": "model.prefill.chunk", "{rows: 4}": "model.prefill.rows"}
+    for value, key in cases.items():
+        path = tmp_path / "m.yaml"
+        path.write_text(f"model: {{family: llama, max_seq_len: 32, prefill: {value}}}\n")
+        with pytest.raises(ConfigError, match=key) as e:
+            load_config(str(path))
+        assert "\n" not in str(e.value)
+    path.write_text("model: {module: m.py:f, prefill: {chunk: 4}}\n")
+    with pytest.raises(ConfigError, match="model.prefill: only for"):
+        load_config(str(path))
+    for value, chunk in (("false", 0), ("{}", None), ("{chunk: 8}", 8)):
+        path.write_text(f"model: {{family: llama, max_seq_len: 32, prefill: {value}}}\n")
+        assert load_config(str(path)).model.prefill == chunk
+
+
+@pytest.fixture(scope="module")
+def one_kv_head():
+    """A prefill step of one KV head (chunk 8) and its engine: the chunk's keys
+    [1, 8, head dim] are already in the cache's order."""
+    import copy
+
+    from tilec.models.llama import LlamaConfig
+    cfg = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    model = LlamaPrefillStep(cfg, 16, 8).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    token, pos = torch.randint(0, 16, (8,)), torch.tensor([4])
+    engine = tilec_api.compile(model, (token, pos), workers=2)
+    with torch.no_grad():
+        want = copy.deepcopy(model)(token, pos)
+    return engine, token, pos, want
+
+
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+def test_one_kv_head_append_is_a_row_task(one_kv_head, backend):
+    """With one KV head the append's values line up with the k/v matmul's tile, and fuse
+    put the append of 8 positions into that matmul's epilogue, which cannot load a
+    position per row (codegen stopped on an assertion); it is a row task, equal to eager."""
+    engine, token, pos, want = one_kv_head
+    groups = engine.data.manifest.schedule.taskgraph.fused.groups
+    assert sum(g.name.endswith("_state_update") for g in groups) == 2
+    got = engine.run(backend=backend, token=token, pos=pos)
+    assert torch.allclose(got["logits"], want["logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_refused_where_there_is_none(tmp_path):
+    """An explicit model.prefill on a model without a prefill step is one ConfigError
+    line naming the key (before anything is built); without the key, or with
+    `prefill: false`, such engines and Llama ones are decode-only."""
+    tiny = {"vocab_size": 16, "hidden_size": 16, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2}
+    cases = {"deepseek": ({"family": "deepseek_v3"}, "DeepseekDecodeStep has no prefill"),
+             "batch": ({"family": "llama", "config": tiny, "batch": 2}, "a batch engine"),
+             "devices": ({"family": "llama", "config": tiny}, "multi-device")}
+    for name, (model, words) in cases.items():
+        path = tmp_path / f"{name}.yaml"
+        target = {"name": "cpu", "devices": 2} if name == "devices" else "cpu"
+        path.write_text(json.dumps({"model": {**model, "max_seq_len": 8,
+                                              "prefill": {"chunk": 4}}, "target": target}))
+        with pytest.raises(ConfigError, match=f"model.prefill: .*{words}") as e:
+            tilec_api.compile(str(path))
+        assert "\n" not in str(e.value)
+    path = tmp_path / "off.yaml"
+    path.write_text(json.dumps({"model": {"family": "llama", "config": tiny, "max_seq_len": 8,
+                                          "prefill": False}}))
+    engine = tilec_api.compile(str(path))
+    assert engine.data.manifest.entries == ("decode",) and not engine.data.entries
+    with pytest.raises(RunError, match="no prefill entry"):
+        engine.prefill_executor("reference")
 
 
 def test_chunk_is_checked():

@@ -20,12 +20,11 @@ import yaml
 from safetensors.torch import load_file
 
 import tilec.api
-from engines import EXAMPLES, lowest_index_topk
-from tilec.compiler.build import build_model
-from tilec.compiler.config import load_config
+from engines import EXAMPLES, eager_greedy_of_yaml
 from tilec.errors import EngineError
 from tilec.ir.schedule import Wait
 from tilec.ir.tasks import TRANSFER
+from tilec.passes.partition import engine_target
 from tilec.passes.verify import verify
 from tilec.passes.verify_devices import verify_devices
 from tilec.runtime import enginefile as engine_file
@@ -53,30 +52,6 @@ def run_tilec(*argv, env=None, timeout=240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tilec", *map(str, argv)], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
-
-
-@functools.lru_cache(maxsize=None)
-def eager_greedy(yaml_path: str = LLAMA, prompt: tuple[int, ...] = tuple(PROMPT),
-                 new: int = NEW) -> tuple[list[int], torch.Tensor]:
-    """Greedy tokens and logits of the eager model: the prompt, then `new` tokens. Top-k
-    ties go to the lowest index, as in tilec (torch leaves them open)."""
-    model, _ = build_model(load_config(yaml_path))
-    tokens, logits = [], []
-    topk = torch.topk
-    torch.topk = lowest_index_topk
-    try:
-        with torch.no_grad():
-            seq = list(prompt)
-            for pos in range(len(prompt) + new - 1):
-                out = model(torch.tensor([seq[pos]]), torch.tensor([pos]))
-                if pos >= len(prompt) - 1:
-                    logits.append(out["logits"].reshape(-1).float())
-                    nxt = int(out["logits"].argmax())
-                    tokens.append(nxt)
-                    seq.append(nxt)
-    finally:
-        torch.topk = topk
-    return tokens, torch.stack(logits)
 
 
 # ---- compile and verify ----------------------------------------------------------------
@@ -144,7 +119,7 @@ def test_verifier_catches_a_removed_communication_dependency(folder):
 
 def test_verifier_catches_a_missing_transfer_and_a_reordered_comm_queue(folder):
     e = tilec.api.load(engine_file_for(2, 16, folder))
-    target = e.parts[0].manifest.schedule.target
+    target = engine_target(e.parts[0].manifest.schedule.target)
 
     def drop_transfer_tasks(sched):
         """The partitioner forgot transfers: device 1 reads what device 0 computed."""
@@ -183,7 +158,7 @@ def test_verifier_catches_a_missing_transfer_and_a_reordered_comm_queue(folder):
 
 def test_reads_delivered_catches_a_region_nobody_sends(folder):
     e = tilec.api.load(engine_file_for(2, 16, folder))
-    target = e.parts[0].manifest.schedule.target
+    target = engine_target(e.parts[0].manifest.schedule.target)
     scheds = [p.schedule() for p in e.parts]
     # shrink one received region to nothing on both ends: the message still matches,
     # but what the reader needs is no longer brought
@@ -272,7 +247,7 @@ def _generate(path: Path, tmp_path: Path, *extra, prompt=PROMPT, new=NEW):
                                                       (2, None, "reference")])
 def test_ranks_generate_what_one_device_and_eager_generate(folder, tmp_path, devices, tile_n,
                                                          backend):
-    tokens, logits = eager_greedy()
+    tokens, logits = eager_greedy_of_yaml()
     one, one_logits = _generate(engine_file_for(1, tile_n, folder), tmp_path, "--backend", backend)
     many, many_logits = _generate(engine_file_for(devices, tile_n, folder), tmp_path,
                                   "--backend", backend)
@@ -311,7 +286,7 @@ def test_glm_dsa_on_devices_with_an_indexer_device(tmp_path, devices):
     one_path = tmp_path / "glm1.engine"
     tilec.api.compile(str(EXAMPLES / "glm_dsa_tiny.yaml")).save(one_path)
     prompt, new = (5, 6), 5   # 7 positions: the last 3 steps drop cached tokens (top 4)
-    tokens, logits = eager_greedy(str(EXAMPLES / "glm_dsa_tiny.yaml"), prompt, new)
+    tokens, logits = eager_greedy_of_yaml(str(EXAMPLES / "glm_dsa_tiny.yaml"), prompt, new)
     one, one_logits = _generate(one_path, tmp_path, prompt=prompt, new=new)
     many, many_logits = _generate(path, tmp_path, prompt=prompt, new=new)
     assert many["new_tokens"] == one["new_tokens"] == tokens
@@ -328,7 +303,7 @@ def test_torchrun_starts_the_ranks_too(folder, tmp_path):
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     assert len(lines) == 1   # rank 0 reports; rank 1 is silent
-    assert lines[0]["new_tokens"] == eager_greedy()[0]
+    assert lines[0]["new_tokens"] == eager_greedy_of_yaml()[0]
 
 
 @pytest.mark.parametrize("devices, dead", [(2, 1), (4, 2)])

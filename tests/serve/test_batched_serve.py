@@ -24,7 +24,7 @@ def test_concurrent_requests_share_the_step(checkpoint, engine_path):
         assert slots.count == served.server.metrics.slots == BATCH
         widest = []
         step = slots.step
-        slots.step = lambda feeds: (widest.append(len(feeds)), step(feeds))[1]
+        slots.step = lambda feeds, parked: (widest.append(len(feeds)), step(feeds, parked))[1]
         results = concurrent_streams(served, jobs)
     assert results == refs
     assert max(widest) > 1 and max(widest) <= BATCH

@@ -97,7 +97,7 @@ def build_plan(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Tensor, .
             model = _call_factory(cfg, factory)
         specs = cfg.inputs
     else:
-        step, config = _decoder_class(cfg)
+        step, config = decoder_class(cfg)
         _check_batch(cfg, step)
         with torch.device("meta"):
             model = (step(config, spec.max_seq_len, batch=spec.batch) if spec.batch != 1
@@ -111,7 +111,7 @@ def build_plan(cfg: ModelConfig) -> tuple[torch.nn.Module, tuple[torch.Tensor, .
     return model, inputs
 
 
-def _decoder_class(cfg: ModelConfig):
+def decoder_class(cfg: ModelConfig):
     """(decode step class, its config) of a `family:` or `hf:` model."""
     spec = cfg.model
     if isinstance(spec, FamilySpec):

@@ -11,7 +11,9 @@ model:                        # required; one of three forms:
 # model: {hf: ./Llama-3.2-1B, max_seq_len: 2048}
 #                             #   a local Hugging Face checkpoint (folder relative to this yaml)
 #                             # family and hf models: `batch: 8` (default 1) makes one decode
-#                             # step advance 8 sequences, each in its own KV-cache slot
+#                             # step advance 8 sequences, each in its own KV-cache slot;
+#                             # `prefill: {chunk: 64}` sizes the engine's prefill entry
+#                             # (default: the target's chunk), `prefill: false` leaves it out
 inputs:                       # required for `module` (at least one), derived for the others;
                               # in the order forward() takes them
   - {name: x, shape: [4, 64], dtype: float32}
@@ -24,7 +26,10 @@ target: {name: cpu, workers: 2}   # optional (cpu): cpu | h100 | h200; short for
 #                             #   owns (docs/model-yaml.md, "Worker roles")
 # target: {name: cpu, devices: 4, roles: {indexer: {devices: [0], modules: [indexer]}, mla: {}}}
 #                             #   optional: a multi-device engine, one kernel per device;
-#                             #   roles then own devices (docs/model-yaml.md, "Devices")
+#                             #   roles then own devices (docs/model-yaml.md, "Devices"), and
+#                             #   a device role may split its devices' workers with worker
+#                             #   roles of its own: mla: {roles: {attn: {workers: [0],
+#                             #   kinds: [attention]}, rest: {}}} ("Device and worker roles")
 schedule:                     # optional; every field optional
   policy: critical_path       #   critical_path | round_robin
   tile_m: 16                  #   tile sizes: powers of two; unset = the target's choice
@@ -61,12 +66,18 @@ MODEL_DTYPES = ("float32", "bfloat16")
 POLICIES = ("critical_path", "round_robin")
 
 TOP_KEYS = ("model", "inputs", "dtype", "seed", "target", "schedule")
-MODEL_KEYS = ("module", "kwargs", "family", "config", "hf", "max_seq_len", "batch")
+MODEL_KEYS = ("module", "kwargs", "family", "config", "hf", "max_seq_len", "batch", "prefill")
+PREFILL_KEYS = ("chunk",)
+# model.prefill, parsed: DEFAULT_PREFILL (the target's chunk where the model has a
+# prefill entry, else none), NO_PREFILL (`prefill: false`), or a chunk of rows >= 2.
+DEFAULT_PREFILL = None
+NO_PREFILL = 0
 DEFAULT_MAX_SEQ_LEN = 256
 MAX_BATCH = 1024   # sequences per decode step; a typo's 10**9 would only fill memory
 INPUT_KEYS = ("name", "shape", "dtype", "low", "high")
 TARGET_KEYS = ("name", "workers", "devices", "roles")
-ROLE_KEYS = ("workers", "devices", "kinds", "ops", "modules")
+ROLE_KEYS = ("workers", "devices", "kinds", "ops", "modules", "roles")
+WORKER_ROLE_KEYS = ("workers", "kinds", "ops", "modules")   # a device role's worker roles
 SCHEDULE_KEYS = ("policy", "tile_m", "tile_n", "tile_k", "kv_chunk")
 
 
@@ -92,6 +103,7 @@ class FamilySpec:
     config: dict              # the family's config fields (LlamaConfig's, or config.json's)
     max_seq_len: int          # sizes the KV cache
     batch: int = 1            # sequences one decode step advances (KV-cache slots)
+    prefill: int | None = DEFAULT_PREFILL   # the prefill entry's chunk (see PREFILL_KEYS)
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,7 @@ class CheckpointSpec:
     folder: str               # absolute path of a Hugging Face checkpoint folder
     max_seq_len: int
     batch: int = 1            # sequences one decode step advances (KV-cache slots)
+    prefill: int | None = DEFAULT_PREFILL   # the prefill entry's chunk (see PREFILL_KEYS)
 
 
 @dataclass(frozen=True)
@@ -180,7 +193,7 @@ def _parse_model(model: Any, path: str) -> ModuleSpec | FamilySpec | CheckpointS
         raise ConfigError(f"{path}: model: give one of module, family or hf, found {forms}")
     if forms and forms[0] != "module":
         return _parse_decoder(model, forms[0], path)
-    for key in ("config", "max_seq_len", "batch"):
+    for key in ("config", "max_seq_len", "batch", "prefill"):
         if key in model:
             raise ConfigError(f"{path}: model.{key}: only for `family` or `hf` models")
     if "module" not in model:
@@ -214,6 +227,7 @@ def _parse_decoder(model: dict, form: str, path: str) -> FamilySpec | Checkpoint
     batch = model.get("batch", 1)
     if not _is_int(batch) or not 1 <= batch <= MAX_BATCH:
         _fail(path, "model.batch", f"an integer from 1 to {MAX_BATCH}", batch)
+    prefill = _parse_prefill(model.get("prefill", {}), max_seq_len, path)
     if form == "family":
         family = model["family"]
         if family not in FAMILIES:
@@ -222,7 +236,7 @@ def _parse_decoder(model: dict, form: str, path: str) -> FamilySpec | Checkpoint
         config = model.get("config", {}) or {}
         _need_mapping(config, "model.config", path)
         check_family_config(family, config, f"{path}: model.config")
-        return FamilySpec(family, dict(config), max_seq_len, batch)
+        return FamilySpec(family, dict(config), max_seq_len, batch, prefill)
     if "config" in model:
         raise ConfigError(f"{path}: model.config: an hf checkpoint brings its own config.json")
     folder = model["hf"]
@@ -231,7 +245,24 @@ def _parse_decoder(model: dict, form: str, path: str) -> FamilySpec | Checkpoint
     folder = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(path)), folder))
     if not os.path.isdir(folder):
         raise ConfigError(f"{path}: model.hf: checkpoint folder {folder} not found")
-    return CheckpointSpec(folder, max_seq_len, batch)
+    return CheckpointSpec(folder, max_seq_len, batch, prefill)
+
+
+def _parse_prefill(prefill: Any, max_seq_len: int, path: str) -> int | None:
+    """model.prefill: {} or absent (the target's chunk), false (no prefill entry), or
+    {chunk: P}, P from 2 to max_seq_len rows per launch."""
+    if prefill is False:
+        return NO_PREFILL
+    if prefill is None or prefill is True:
+        prefill = {}
+    if not isinstance(prefill, dict):
+        _fail(path, "model.prefill", "{chunk: N}, {} or false", prefill)
+    _check_keys(prefill, PREFILL_KEYS, "model.prefill.", path)
+    chunk = prefill.get("chunk", DEFAULT_PREFILL)
+    if chunk is not None and (not _is_int(chunk) or not 2 <= chunk <= max_seq_len):
+        _fail(path, "model.prefill.chunk", f"an integer from 2 to max_seq_len ({max_seq_len})",
+              chunk)
+    return chunk
 
 
 def _parse_inputs(inputs: Any, path: str) -> tuple[InputSpec, ...]:
@@ -296,25 +327,34 @@ def _parse_target(target: Any, path: str) -> TargetSpec:
     return TargetSpec(name=name, workers=workers, roles=roles, devices=devices)
 
 
-def _parse_roles(roles: Any, path: str) -> tuple[Role, ...]:
+def _parse_roles(roles: Any, path: str, key: str = "target.roles") -> tuple[Role, ...]:
+    """`target.roles`, or (`key` "target.roles.NAME.roles") a device role's worker
+    roles, which take no `devices` and no `roles` of their own."""
+    inner = key != "target.roles"
     if not isinstance(roles, dict) or not roles:
-        _fail(path, "target.roles", "a mapping of role names to {workers, kinds, ops}", roles)
+        _fail(path, key, "a mapping of role names to {workers, kinds, ops, modules}", roles)
     out = []
     for name, spec in roles.items():
         if not isinstance(name, str) or not name.isidentifier():
-            _fail(path, "target.roles", "role names that are identifiers", name)
-        where = f"target.roles.{name}"
+            _fail(path, key, "role names that are identifiers", name)
+        where = f"{key}.{name}"
         spec = {} if spec is None else spec
         _need_mapping(spec, where, path)
-        _check_keys(spec, ROLE_KEYS, f"{where}.", path)
+        _check_keys(spec, WORKER_ROLE_KEYS if inner else ROLE_KEYS, f"{where}.", path)
         if "workers" in spec and "devices" in spec:
             raise ConfigError(f"{path}: {where}: a role owns workers (of one device) or "
-                              "devices, not both")
-        workers, devices = (_parse_workers(spec[key], f"{where}.{key}", path, key[:-1])
-                            if key in spec else () for key in ("workers", "devices"))
-        kinds, ops, modules = (_parse_names(spec.get(key, []), f"{where}.{key}", path)
-                               for key in ("kinds", "ops", "modules"))
-        out.append(Role(name, workers, kinds, ops, devices, modules))
+                              "devices, not both; split a device role's workers with worker "
+                              "roles under its `roles`")
+        if "workers" in spec and "roles" in spec:
+            raise ConfigError(f"{path}: {where}.roles: worker roles go inside a device role "
+                              "(one with `devices`, or the one that takes the rest), not "
+                              "inside a worker role")
+        workers, devices = (_parse_workers(spec[k], f"{where}.{k}", path, k[:-1])
+                            if k in spec else () for k in ("workers", "devices"))
+        kinds, ops, modules = (_parse_names(spec.get(k, []), f"{where}.{k}", path)
+                               for k in ("kinds", "ops", "modules"))
+        nested = _parse_roles(spec["roles"], path, f"{where}.roles") if "roles" in spec else ()
+        out.append(Role(name, workers, kinds, ops, devices, modules, nested))
     return tuple(out)
 
 

@@ -22,10 +22,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from tilec.compiler import build
+from tilec.compiler import build, entries
 from tilec.compiler import config as cfgmod
 from tilec.compiler.options import InputInfo, target_options
-from tilec.compiler.pipeline import Progress, compile_module, dump_names
+from tilec.compiler.pipeline import Progress, compile_module, dump_names, plan_entry
 from tilec.errors import ConfigError
 from tilec.ir.target import TARGETS
 from tilec.limits import check_seed
@@ -119,6 +119,9 @@ def compile_yaml(cfg: cfgmod.ModelConfig, o: Overrides, outputs: Outputs):
                                  devices=t.devices if o.devices is None else o.devices,
                                  batch=getattr(cfg.model, "batch", 1))
     check_files(yaml_input_files(cfg), outputs, options.target.devices)
+    chunk = None   # (after the outputs are checked: this reads a checkpoint's config.json)
+    if not isinstance(cfg.model, cfgmod.ModuleSpec):
+        chunk = entries.prefill_chunk(cfg, build.decoder_class(cfg)[0], options.target)
     if outputs.plan:   # on the meta device: nothing drawn, read or allocated
         (module, inputs), weights = build.build_plan(cfg), None
     else:
@@ -130,13 +133,17 @@ def compile_yaml(cfg: cfgmod.ModelConfig, o: Overrides, outputs: Outputs):
     if not isinstance(cfg.model, cfgmod.ModuleSpec):
         specs = build.decoder_inputs(module.cfg.vocab_size, module.max_seq_len, module.batch)
         generation, tokenizer, chat = decoder_extras(cfg, module)
+    name = o.name or Path(cfg.path).stem
+    options = replace(options, aot=outputs.aot, plan=outputs.plan)
+    progress = Progress(outputs.on_stage)
     try:
         with naming_the_yaml(cfg):
+            prefill = None if chunk is None else plan_prefill(module, chunk, inputs[0], name,
+                                                               options, progress)
             return compile_module(
-                module, inputs, name=o.name or Path(cfg.path).stem,
-                options=replace(options, aot=outputs.aot, plan=outputs.plan),
+                module, inputs, name=name, options=options,
                 input_info=tuple(InputInfo(s.name, s.low, s.high) for s in specs),
-                seed=cfg.seed, progress=Progress(outputs.on_stage),
+                seed=cfg.seed, progress=progress, prefill=prefill,
                 dump_dir=outputs.dump_dir, generation=generation,
                 weights_ready=weights.wait if weights is not None else None,
                 release_constants=True,   # tilec built the module
@@ -144,6 +151,16 @@ def compile_yaml(cfg: cfgmod.ModelConfig, o: Overrides, outputs: Outputs):
     finally:
         if weights is not None:
             weights.cancel()   # a compile that failed leaves no thread drawing
+
+
+def plan_prefill(decode, chunk: int, token: torch.Tensor, name: str, options, progress):
+    """The decoder's prefill entry (compiler/entries.py) through memplan: a chunk of
+    `chunk` tokens from a position at which the whole chunk fits the cache."""
+    module = entries.prefill_step(decode, chunk)
+    info = (InputInfo("token", 0, decode.cfg.vocab_size),
+            InputInfo("pos", 0, decode.max_seq_len - chunk + 1))
+    return plan_entry(module, entries.prefill_inputs(chunk, token), name=name,
+                      options=options, input_info=info, progress=progress)
 
 
 def compile_nn(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], o: Overrides,

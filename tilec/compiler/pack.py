@@ -11,6 +11,7 @@ import torch
 from tilec.codegen.render import Rendered
 from tilec.compiler import frontend
 from tilec.compiler.options import InputInfo
+from tilec.errors import ScheduleError
 from tilec.ir.abi import AOTKernel
 from tilec.ir.graph import contiguous_strides
 from tilec.ir.schedule import Schedule
@@ -66,6 +67,51 @@ def pack(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered, max_wai
     manifest = Manifest(name, stored, tuple(inputs), tuple(outputs), rendered.opcodes,
                         rendered.kinds, max_waits, rendered.max_args, seed, plan=plan)
     return EngineFile(manifest, rendered.source, tensors, aot=binary, kernel_checked=True)
+
+
+def pack_entry(sched: Schedule, rendered: Rendered, lowered: frontend.Lowered,
+               max_waits: int, name: str, input_info: tuple[InputInfo, ...], seed: int,
+               shared: dict[str, torch.Tensor], shared_names: set[str],
+               plan: bool = False) -> EngineFile:
+    """A further entry of an engine (a decoder's prefill): its own tables, and for pools
+    the engine's (`shared`, its tensors: the same tensor objects, stored once), its
+    weight and state buffers where memplan.share_fixed put them. A constant only this
+    entry has (its chunk's row offsets) is written into the shared pool, in the bytes
+    share_fixed gave it after the first entry's; a pool only this entry has is made.
+    `shared_names`: the buffers the first entry has, which must hold the same values."""
+    entry = pack(sched, rendered, lowered, max_waits, name, input_info, seed, plan=True)
+    entry.manifest = replace(entry.manifest, plan=plan)
+    if plan:
+        return entry
+    for pool in sched.pools:
+        if pool.kind not in ("weight", "state"):
+            continue
+        key = f"pool.{pool.name}"
+        data = shared.get(key)
+        if data is None:
+            entry.tensors[key] = fill_pool(pool, sched.buffers, lowered.constants)
+            continue
+        for b in sched.buffers:
+            if b.pool != pool.name or b.name not in lowered.constants:
+                continue
+            constant = lowered.constants[b.name]
+            if b.name not in shared_names:
+                data[b.offset:b.offset + b.type.numel] = constant.to(data.dtype).reshape(-1)
+            elif not _same_bytes(data, b, constant):
+                raise ScheduleError(f"the engine's entries hold different values for "
+                                    f"{b.name}: they cannot share it")
+        entry.tensors[key] = data
+    return entry
+
+
+def _same_bytes(pool: torch.Tensor, b, constant: torch.Tensor) -> bool:
+    """Whether the pool holds `constant` at `b`'s place already: a weight the first
+    entry packed (whose module's copy pack may have released: then it is taken as
+    packed), or a constant of equal value."""
+    if constant.untyped_storage().nbytes() == 0:
+        return True
+    return torch.equal(pool[b.offset:b.offset + b.type.numel].view(constant.shape),
+                       constant.to(pool.dtype))
 
 
 def _storage(t: torch.Tensor) -> int:

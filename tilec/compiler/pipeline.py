@@ -31,7 +31,7 @@ from tilec.codegen.render import Rendered, render
 from tilec.compiler import frontend
 from tilec.compiler.hooks import EngineOutput, GpuCompile
 from tilec.compiler.options import CompileOptions, InputInfo
-from tilec.compiler.pack import pack_devices
+from tilec.compiler.pack import pack_devices, pack_entry
 from tilec.compiler.stage import Hook, Stage
 from tilec.gcpause import without_cyclic_gc
 from tilec.ir import printer
@@ -40,7 +40,8 @@ from tilec.ir.schedule import Schedule
 from tilec.ir.serial import to_plain
 from tilec.passes.deps import deps
 from tilec.passes.fuse import fuse
-from tilec.passes.memplan import memplan
+from tilec.passes.entries import verify_entries
+from tilec.passes.memplan import memplan, share_fixed
 from tilec.passes.partition import device_target, partition, time_devices
 from tilec.passes.roles import roles
 from tilec.passes.schedule import schedule
@@ -78,6 +79,10 @@ class CompileState:
     report: Any = None              # verify: VerifyReport
     rendered: tuple[Rendered, ...] = ()
     engines: tuple[EngineFile, ...] = ()
+    # A decoder's prefill entry: its own CompileState, run through memplan by
+    # plan_entry before this one starts; `share` places its weights and state with
+    # this one's, `entries` renders and packs it into this engine (one file).
+    prefill: "CompileState | None" = None
 
     @property
     def multi(self) -> bool:
@@ -85,8 +90,13 @@ class CompileState:
 
     @property
     def target(self):
-        """The target one device's part is scheduled for."""
-        return device_target(self.options.target) if self.multi else self.options.target
+        """The target a one-device engine is scheduled for (device 0's on several)."""
+        return self.target_of(0)
+
+    def target_of(self, device: int):
+        """The target device `device`'s part is scheduled for: on several devices, its
+        device role's worker roles and a comm worker (partition.device_target)."""
+        return device_target(self.options.target, device) if self.multi else self.options.target
 
     @property
     def engine(self) -> EngineFile | DeviceEngines:
@@ -127,11 +137,11 @@ def _deps(s: CompileState) -> CompileState:
 
 
 def _roles(s: CompileState) -> CompileState:
-    return replace(s, parts=tuple(roles(p, s.target) for p in s.parts))
+    return replace(s, parts=tuple(roles(p, s.target_of(p.device)) for p in s.parts))
 
 
 def _schedule(s: CompileState) -> CompileState:
-    scheds = tuple(schedule(p, s.target, s.options.policy) for p in s.parts)
+    scheds = tuple(schedule(p, s.target_of(p.device), s.options.policy) for p in s.parts)
     return replace(s, scheds=scheds, parts=())
 
 
@@ -154,8 +164,18 @@ def _memplan(s: CompileState) -> CompileState:
     return replace(s, scheds=tuple(memplan(x) for x in scheds))
 
 
+def _share(s: CompileState) -> CompileState:
+    """One place for every weight and state buffer of both entries (memplan.share_fixed)."""
+    decode, prefill = share_fixed((s.scheds[0], s.prefill.scheds[0]))
+    return replace(s, scheds=(decode,), prefill=replace(s.prefill, scheds=(prefill,)))
+
+
 def _verify(s: CompileState) -> CompileState:
-    return replace(s, report=verify_parts(s.scheds))
+    report = verify_parts(s.scheds)
+    if s.prefill is not None:   # each entry alone, then both over their shared state
+        report = verify_entries((("decode", s.scheds[0]), ("prefill", s.prefill.scheds[0])),
+                                first=report)
+    return replace(s, report=report)
 
 
 def _render(s: CompileState) -> CompileState:
@@ -177,6 +197,23 @@ def _pack(s: CompileState) -> CompileState:
             e.manifest = replace(e.manifest, generation=s.generation)
         e.tokenizer, e.chat = s.tokenizer, s.chat
     return replace(s, engines=tuple(engines))
+
+
+def _entries(s: CompileState) -> CompileState:
+    """The prefill entry rendered and packed beside the decode step: its own tables and
+    kernel, the decode step's weight and state pools (with any constant only the prefill
+    has written into them)."""
+    p = s.prefill
+    (sched,) = p.scheds
+    rendered = render_schedule(sched, p.max_waits, s.name)
+    engine = s.engines[0]
+    entry = pack_entry(sched, rendered, p.lowered, p.max_waits, s.name, p.input_info,
+                       s.seed, engine.tensors, {b.name for b in s.scheds[0].buffers},
+                       s.options.plan)
+    entry.manifest = replace(entry.manifest, entry="prefill")
+    engine.entries = {"prefill": entry}
+    engine.manifest = replace(engine.manifest, entries=("decode", "prefill"))
+    return replace(s, prefill=replace(p, rendered=(rendered,)))
 
 
 def render_schedule(sched: Schedule, max_waits: int, name: str) -> Rendered:
@@ -233,6 +270,10 @@ def _multi(s: CompileState) -> bool:
     return s.multi
 
 
+def _has_prefill(s: CompileState) -> bool:
+    return s.prefill is not None
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("export", _export, _dump_exported),
     Stage("lower", _lower, _dump_ir),
@@ -246,11 +287,15 @@ STAGES: tuple[Stage, ...] = (
     Stage("sync", _sync),
     Stage("timing", _timing, when=_multi),
     Stage("memplan", _memplan, _dump_schedule),
+    Stage("share", _share, when=_has_prefill),
     Stage("verify", _verify, _dump_verify, check=lambda s: check(s.report)),
     Stage("render", _render, _dump_kernel),
     Stage("weights", _weights, when=lambda s: s.weights_ready is not None),
     Stage("pack", _pack),
+    Stage("entries", _entries, when=_has_prefill),
 )
+# What plan_entry runs of a further entry before the engine's own compile places it.
+ENTRY_STAGES = STAGES[:[st.name for st in STAGES].index("memplan") + 1]
 
 
 # ----------------------------------------------------------------------------- running
@@ -308,15 +353,18 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
                    release_constants: bool = False,
                    output: str | None = None,
                    tokenizer: str | None = None,
-                   chat: str | None = None) -> EngineFile | DeviceEngines:
+                   chat: str | None = None,
+                   prefill: CompileState | None = None) -> EngineFile | DeviceEngines:
     """Run STAGES and the hooks the options ask for. `weights_ready`, if given, blocks
     until the module's weights are written: the stages before `pack` read only shapes,
     so a family model's random weights are drawn meanwhile (build.PendingWeights); the
     wait is timed as the stage `weights`. `release_constants`: the module is tilec's own
     and may lose its weights to `pack` (see there); it is unusable afterwards. `output`:
-    write the engine file there too (hooks.EngineOutput)."""
+    write the engine file there too (hooks.EngineOutput). `prefill`: the decoder's
+    prefill entry as plan_entry left it, compiled into the same engine."""
     state = CompileState(module, tuple(example_inputs), name, options, input_info, seed,
-                         generation, tokenizer, chat, weights_ready, release_constants)
+                         generation, tokenizer, chat, weights_ready, release_constants,
+                         prefill=prefill)
     hooks: list[Hook] = []
     target = state.target
     if options.aot and not options.plan and target.backend == "cuda" and not state.multi:
@@ -328,15 +376,18 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
     return state.engine
 
 
-def _per_device(name: str, taskgraph) -> str:
-    """Stage dump names: `04_tasks.json`, or `04_tasks.device1.json` per device."""
-    return name if taskgraph.devices == 1 else _device_dump(name, taskgraph.device)
-
-
-def _device_dump(name: str, device: int) -> str:
-    stem, ext = name.split(".", 1)
-    return f"{stem}.device{device}.{ext}"
-
+def plan_entry(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], *,
+               name: str, options: CompileOptions, input_info: tuple[InputInfo, ...],
+               progress: Progress) -> CompileState:
+    """A further entry of an engine (a decoder's prefill) through memplan, for
+    compile_module(prefill=...) to place beside its own; its stages are timed as
+    `prefill <stage>`. Nothing is dumped for it."""
+    state = CompileState(module, tuple(example_inputs), name, options, input_info)
+    on_stage = progress.on_stage
+    timed = Progress(None if on_stage is None else lambda n, dt: on_stage(f"prefill {n}", dt))
+    state = run_stages(ENTRY_STAGES, state, timed, Dumps(None))
+    progress.times.update({f"prefill {n}": dt for n, dt in timed.times.items()})
+    return state
 
 
 def _per_device(name: str, taskgraph) -> str:

@@ -38,6 +38,10 @@ class Role:
     # Modules of the model, by path or by the end of one ("indexer" is every
     # "layers.N.indexer"): the role owns every group with an op one of them computes.
     modules: tuple[str, ...] = ()
+    # A device role's worker roles (model.yaml `roles:` inside it): how each of its
+    # devices splits its workers among the device role's groups; () : one role with
+    # every worker.
+    roles: tuple[Role, ...] = ()
 
     @property
     def takes_the_rest(self) -> bool:
@@ -108,6 +112,11 @@ class Target:
     def all_device_roles(self) -> tuple[Role, ...]:
         """The device roles, or the one implicit role over every device."""
         return self.device_roles or (Role(DEFAULT_ROLE, (), devices=tuple(range(self.devices))),)
+
+    def device_role(self, device: int) -> Role:
+        """The device role that owns `device` (the implicit one without device roles)."""
+        return next((r for r in self.all_device_roles() if device in r.devices),
+                    Role(DEFAULT_ROLE, (), devices=(device,)))
 
     def comm_worker(self) -> int | None:
         """The worker that runs transfers (multi-device: the host drives it, the kernel

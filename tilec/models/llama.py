@@ -376,9 +376,10 @@ class Layer(nn.Module):
 
     def forward(self, h, pos, positions, cos, sin_signed, slots=None):
         """h [B, hidden]; pos [B]; `slots`: 0..B-1 (the model's buffer), None at batch 1.
-        A prefill (chunk P > 1): h [P, hidden], pos [P] the rows' positions, one cache."""
+        A prefill (chunk P > 1): h [P, hidden], pos [P] the rows' positions, one
+        sequence; with batch B > 1 `slots` is the run-time slot [1] of that sequence."""
         hd, kvh = self.head_dim, self.kv_heads
-        lead = (self.batch,) if slots is not None else (self.chunk,) if self.chunk > 1 else ()
+        lead = (self.chunk,) if self.chunk > 1 else (self.batch,) if slots is not None else ()
         x = self.input_layernorm(h) if self.norm_before else h
         q = self.q_proj(x).view(*lead, self.heads, hd)
         k = self.k_proj(x).view(*lead, kvh, hd)
@@ -388,7 +389,7 @@ class Layer(nn.Module):
         if cos is not None:   # (None: learned positions instead of RoPE)
             q, k = rotate(q, cos, sin_signed), rotate(k, cos, sin_signed)
         self.append(k, v, pos, slots)
-        attn = self.attend(q, pos, positions, lead)
+        attn = self.attend(q, pos, positions, lead, *self.caches_of(slots))
         if self.parallel:   # transformers' GPT-NeoX order of the adds
             return self.mlp(self.post_attention_layernorm(h)) + self.o_proj(attn) + h
         if not self.norm_before:   # OPT-350m: each residual add, then its norm
@@ -400,18 +401,28 @@ class Layer(nn.Module):
         h = h + self.post_attention_layernorm(self.o_proj(attn))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
-    def attend(self, q, pos, positions, lead):
+    def caches_of(self, slots) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values a step attends over: the cache itself, or in a slot
+        prefill (batch > 1) its run-time slot's [kv heads, positions, head dim], taken
+        whole (a gather of one row of B, whose index the kernel checks: a slot outside
+        [0, B) is a RunError, never a read outside the cache)."""
+        if self.chunk == 1 or self.batch == 1:
+            return self.k_cache, self.v_cache
+        shape = self.k_cache.shape[1:]
+        return self.k_cache[slots].view(shape), self.v_cache[slots].view(shape)
+
+    def attend(self, q, pos, positions, lead, k_cache, v_cache):
         """The attention output [rows, heads * head dim] of q [*lead, heads, head dim]
         over the cache, each row masked past its own position. A KV head's query heads
         (and a prefill's rows: P x groups of them) are the rows of one matmul with its
-        cache, which is never repeated or copied."""
+        cache, which is never repeated (nor copied, but for a slot prefill's slot)."""
         hd, kvh, groups = self.head_dim, self.kv_heads, self.heads // self.kv_heads
-        chunk = self.chunk if lead and self.batch == 1 else 1
+        chunk = self.chunk
         if chunk > 1:   # [kv heads, P x groups, head dim]: a copy of q, not of the cache
             q = q.view(chunk, kvh, groups, hd).transpose(0, 1).reshape(kvh, chunk * groups, hd)
         else:
             q = q.view(*lead, kvh, groups, hd)
-        scores = softcap((q @ self.k_cache.transpose(-2, -1)) * self.scale, self.softcap)
+        scores = softcap((q @ k_cache.transpose(-2, -1)) * self.scale, self.softcap)
         if chunk > 1:   # [kv heads, P, groups, positions]; row i at pos[i]
             scores, at = scores.view(kvh, chunk, groups, -1), pos.view(-1, 1, 1)
         else:           # each slot's own position
@@ -422,14 +433,19 @@ class Layer(nn.Module):
             scores = scores.masked_fill(positions <= at - self.window, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         if chunk == 1:
-            return (probs @ self.v_cache).reshape(self.batch, self.heads * hd)
-        out = probs.view(kvh, chunk * groups, -1) @ self.v_cache     # [kvh, P x groups, hd]
+            return (probs @ v_cache).reshape(self.batch, self.heads * hd)
+        out = probs.view(kvh, chunk * groups, -1) @ v_cache          # [kvh, P x groups, hd]
         return out.view(kvh, chunk, groups, hd).transpose(0, 1).reshape(chunk, self.heads * hd)
 
     def append(self, k, v, pos, slots) -> None:
         """This step's keys and values into the cache: at `pos` (batch 1), or slot b's
         at position pos[b] of slot b (a slot's writes never touch another's rows); a
-        prefill's row i at position pos[i] (one state update of P positions)."""
+        prefill's row i at position pos[i] (one state update of P positions), of slot
+        `slots` [1] with batch > 1 (`slot_append`)."""
+        if self.chunk > 1 and self.batch > 1:
+            self.slot_append(self.k_cache, k, pos, slots)
+            self.slot_append(self.v_cache, v, pos, slots)
+            return
         if slots is None and self.chunk > 1:
             self.k_cache.index_copy_(1, pos, k.transpose(0, 1).to(self.k_cache.dtype))
             self.v_cache.index_copy_(1, pos, v.transpose(0, 1).to(self.v_cache.dtype))
@@ -440,6 +456,22 @@ class Layer(nn.Module):
             return
         self.k_cache[slots, :, pos] = k.to(self.k_cache.dtype)
         self.v_cache[slots, :, pos] = v.to(self.v_cache.dtype)
+
+    def slot_append(self, cache, x, pos, slot) -> None:
+        """x [P, kv heads, head dim] into `cache` [B, kv heads, positions, head dim]:
+        row i of kv head h at position pos[i] of slot `slot`, as one state update of
+        P x kv heads rows of the cache seen as [B x kv heads x positions, head dim], at
+        (slot * kv heads + h) * positions + pos[i]. That index is in range exactly when
+        the slot is in [0, B) (h < kv heads, pos[i] in range), so the kernel's check of
+        it is the slot's check; a position outside the cache would land in a
+        neighbouring head's rows, so it becomes -1 (out of range: one RunError, no
+        write)."""
+        size = self.max_seq_len
+        heads = torch.arange(self.kv_heads, device=pos.device).view(-1, 1)
+        rows = (slot * self.kv_heads + heads) * size + pos.view(1, -1)   # [kv heads, P]
+        rows = torch.where((pos >= 0) & (pos < size), rows, -1).reshape(-1)
+        flat = cache.view(-1, cache.shape[-1])
+        flat.index_copy_(0, rows, x.transpose(0, 1).reshape(rows.shape[0], -1).to(cache.dtype))
 
     def mlp(self, x):
         if not hasattr(self, "gate_proj"):
@@ -594,9 +626,11 @@ class LlamaDecodeStep(DecoderStep):
         slots = getattr(self, "slots", None)
         return self.decode(token, pos, slots, per_row=slots is not None)
 
-    def decode(self, token, pos, slots, per_row: bool) -> dict[str, torch.Tensor]:
+    def decode(self, token, pos, slots, per_row: bool, used=None) -> dict[str, torch.Tensor]:
         """Rows `token` at positions `pos` (one each) through every layer; `per_row`:
-        RoPE per row ([rows, 1, rotary dims], over each row's heads)."""
+        RoPE per row ([rows, 1, rotary dims], over each row's heads). `used`: the rows
+        whose logits are wanted (an index tensor): only they go through the final norm
+        and the lm_head."""
         h = self.embed_tokens(token)                              # [rows, hidden]
         if self.cfg.gemma_norms:
             h = h * self.embed_scale[h.dtype]
@@ -614,6 +648,8 @@ class LlamaDecodeStep(DecoderStep):
                            for pair in (rope, local))
         for layer in self.layers:
             h = layer(h, pos, self.positions, *(local if layer.window else rope), slots)
+        if used is not None:
+            h = h[used]
         h = self.norm(h)
         if hasattr(self, "project_out"):
             h = self.project_out(h)
@@ -628,24 +664,43 @@ class LlamaDecodeStep(DecoderStep):
 
 
 class LlamaPrefillStep(LlamaDecodeStep):
-    """forward(token [P] int64, pos [1] int64) -> {"logits": [P, vocab], "next_token": [P]}:
-    one chunk of P prompt tokens of one sequence at positions pos .. pos+P-1, in one
-    call. Row i attends to the cache's keys at positions <= pos + i (the ones before the
-    chunk and the chunk's own, appended first), and appends its keys and values at pos + i,
-    in the same KV cache (same buffers, same layout) as LlamaDecodeStep at batch 1. A
-    chunk shorter than P is padded by the host: its padded rows write cache positions
-    past the prompt, which every decode step writes (at its own position) before it reads
-    them. Every row's logits are computed; the host reads the last prompt row's."""
+    """forward(token [P] int64, pos [1] int64, last [1] int64, slot [1] int64)
+    -> {"logits": [1, vocab], "next_token": [1]}: one chunk of P prompt tokens of one
+    sequence at positions pos .. pos+P-1, in one call, and the logits of its row `last`.
 
-    def __init__(self, cfg: LlamaConfig, max_seq_len: int, chunk: int):
+    Row i attends to the cache's keys at positions <= pos + i (the ones before the chunk
+    and the chunk's own, appended first), and appends its keys and values at pos + i, in
+    the same KV cache (same buffers, same layout) as LlamaDecodeStep of the same `batch`:
+    at batch B > 1 all in the cache slot `slot` (a run-time index, checked like every
+    other: LlamaDecodeStep's Layer.slot_append), and at batch 1 there is no `slot`.
+
+    A chunk shorter than P is padded by the host at its end: its padded rows write cache
+    positions past the prompt, which every decode step writes (at its own position)
+    before it reads them. So the row whose logits predict the next token is the chunk's
+    last real one, which the host names at run time in `last` (a gather of that row,
+    index-checked); only that row goes through the final norm and the lm_head (the
+    other P - 1 rows' P x vocab x hidden of lm_head work would be thrown away). Padding
+    at the front instead, to keep the used row at P - 1, would give the padded rows
+    positions before the chunk's, whose cache rows hold the sequence's real keys.
+
+    Without `last` (batch 1 only: forward(token, pos), the first form) every row's
+    logits are computed: {"logits": [P, vocab], "next_token": [P]}."""
+
+    def __init__(self, cfg: LlamaConfig, max_seq_len: int, chunk: int, batch: int = 1):
         if not isinstance(chunk, int) or not 1 < chunk <= max_seq_len:
             raise ConfigError(f"model: prefill.chunk: expected an integer in [2, max_seq_len "
                               f"{max_seq_len}], found {chunk!r}")
         self.chunk = chunk
-        super().__init__(cfg, max_seq_len)
+        super().__init__(cfg, max_seq_len, batch)
         for layer in self.layers:
             layer.chunk = chunk
         self.register_buffer("chunk_rows", torch.arange(chunk), persistent=False)
 
-    def forward(self, token: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.decode(token, pos + self.chunk_rows, None, per_row=True)
+    def forward(self, token: torch.Tensor, pos: torch.Tensor, last: torch.Tensor | None = None,
+                slot: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if self.batch > 1 and (slot is None or last is None):
+            raise ValueError(f"a prefill step of batch {self.batch} takes token, pos, last "
+                             "and slot")
+        if self.batch == 1 and slot is not None:
+            raise ValueError("a prefill step of batch 1 takes no slot")
+        return self.decode(token, pos + self.chunk_rows, slot, per_row=True, used=last)

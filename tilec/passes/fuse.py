@@ -156,6 +156,11 @@ class _Fusion:
         members = set(grp.all())
         if _appends_in_epilogue(op, grp, members, ops):
             return self.no_cycle(op, g)
+        if op.kind == "state_update" and grp.kind == "matmul" and \
+                op.inputs[1].shape[op.attr("dim")] > 1:
+            # n positions (a prefill's append): a row group walks them, never an epilogue
+            # (with one KV head its value has the projection's rows and would pass below)
+            return False
         rows, width = iteration_space(op)
         if rows != grp.rows:
             return False

@@ -6,7 +6,11 @@ Offsets are multiples of 16 elements so vector loads stay aligned for every dtyp
 
 Weights and state live across steps: back to back, never shared. On a multi-device
 engine each device's pool holds only the part of each weight and state buffer its
-tasks touch (`Buffer.stored`), placed so the whole buffer still lies inside the pool.
+tasks touch (`Buffer.stored`), placed so the whole buffer still lies inside the pool
+(the executors view an operand whole); a buffer it touches none of (stored (0, 0):
+another device role's weights, an expert pool on the routing device) takes no bytes
+and need not lie inside the pool, since nothing on the device addresses it (the
+engine file checks hold the tasks to that).
 Inputs and outputs are touched by the host before and after the launch, so they are
 live for the whole step and share bytes with nothing. An activation may reuse arena bytes of another
 activation only when one's accesses all happen-before the other's, by the schedule's
@@ -19,6 +23,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from tilec.errors import ScheduleError
 from tilec.ir.graph import contiguous_strides
 from tilec.ir.schedule import POOL_ALIGN, POOL_OF_BUFFER_KIND, Pool, Schedule
 from tilec.ir.tasks import Buffer
@@ -156,6 +161,9 @@ def memplan(schedule: Schedule) -> Schedule:
                         key=lambda b: (stored[b.name][0], index[b.name])):
             pool, _ = pool_of(b)
             lo, hi = stored[b.name]
+            if lo == hi:   # no task here touches it: it takes no bytes of the pool
+                offsets[b.name] = 0
+                continue
             start = max(align(ends.get(pool, 0)), lo)
             offsets[b.name] = start - lo
             ends[pool] = start + (hi - lo)
@@ -211,3 +219,37 @@ def unplaced(buffers: tuple[Buffer, ...]) -> tuple[tuple[Buffer, ...], tuple[Poo
     and every offset memplan chooses is aligned). The compiler renders a provisional
     kernel with them, to start compiling it for the GPU early (hooks.SpeculativeAOT)."""
     return tuple(replace(b, pool=pool_of(b)[0], offset=0) for b in buffers), _pools(buffers, {})
+
+
+def share_fixed(scheds: tuple[Schedule, ...]) -> tuple[Schedule, ...]:
+    """The entries of one engine (its decode step, its prefill), each placed by memplan,
+    with every weight and state buffer moved to one place for all, by name: the first
+    entry's layout, then the buffers only a later entry has after it, in its pool. So
+    the entries share their weight and state pools (stored once in the engine file, one
+    KV cache at run time) and each keeps its own arena. A name two entries give different
+    kinds, shapes or dtypes is a ScheduleError: sharing it would be wrong."""
+    offsets: dict[str, int] = {}
+    ends: dict[str, int] = {}
+    types: dict[str, tuple] = {}
+    for s in scheds:
+        for b in s.buffers:
+            if b.kind not in ("weight", "state"):
+                continue
+            if b.stored:
+                raise ScheduleError("a multi-device engine has one entry (its decode step)")
+            if b.name in types:
+                if types[b.name] != (b.kind, b.type, b.pool):
+                    raise ScheduleError(f"the engine's entries disagree on {b.name} "
+                                        f"({types[b.name][1]} vs {b.type}): cannot share it")
+                continue
+            types[b.name] = (b.kind, b.type, b.pool)
+            offsets[b.name] = align(ends.get(b.pool, 0))
+            ends[b.pool] = offsets[b.name] + size_of(b)
+    shared = []
+    for s in scheds:
+        buffers = tuple(replace(b, offset=offsets[b.name]) if b.name in offsets else b
+                        for b in s.buffers)
+        pools = tuple(replace(p, numel=max(1, ends[p.name])) if p.name in ends else p
+                      for p in s.pools)
+        shared.append(replace(s, buffers=buffers, pools=pools))
+    return tuple(shared)

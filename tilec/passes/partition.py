@@ -44,28 +44,44 @@ from tilec.ir.target import MAX_DEVICES, Role, Target
 from tilec.ir.tasks import TRANSFER, Region, Task, TaskGraph, Transfer, TransferPart
 from tilec.passes.cost import task_times
 from tilec.passes.geometry import box_array, overlap_matrix
-from tilec.passes.roles import check_names_match, role_of_group
+from tilec.passes.roles import (COMM_ROLE, check_names_match, role_of_group,
+                                worker_roles_of_groups)
 
 
-COMM_ROLE = "comm"          # the comm worker's role in a device's schedule
-COMPUTE_ROLE = "compute"    # every other worker's
+COMPUTE_ROLE = "compute"    # a device's kernel workers' role, unless its device role splits them
 BLOCK = 1 << 22             # box comparisons per numpy sweep
 
 
-def device_target(target: Target) -> Target:
-    """The target of one device's schedule: the kernel's workers, plus one comm worker
-    (the last) that only runs transfers, driven by the host."""
-    kernel = tuple(range(target.workers))
+def device_target(target: Target, device: int) -> Target:
+    """The target of one device's schedule: the kernel's workers, in the worker roles of
+    the device's role (model.yaml `roles:` inside a device role; without them one role,
+    COMPUTE_ROLE, with every kernel worker), plus one comm worker (the last) that only
+    runs transfers, driven by the host."""
+    inner = target.device_role(device).roles or (Role(COMPUTE_ROLE, tuple(range(target.workers))),)
     return replace(target, workers=target.workers + 1,
-                   roles=(Role(COMPUTE_ROLE, kernel), Role(COMM_ROLE, (target.workers,),
-                                                           kinds=(TRANSFER,))))
+                   roles=inner + (Role(COMM_ROLE, (target.workers,), kinds=(TRANSFER,)),))
 
 
-def group_devices(group: Group, ops, target: Target) -> tuple[int, ...]:
-    """The devices of the role that owns `group`."""
+def engine_target(part_target: Target) -> Target:
+    """The multi-device target a device's schedule target was made from (the inverse of
+    device_target): its device roles, without the comm worker and the worker roles."""
+    return replace(part_target, workers=part_target.workers - 1, roles=())
+
+
+def group_roles(taskgraph: TaskGraph, target: Target) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Per group: the devices of its device role, and its worker role on them. Checks
+    the role definitions against the model (a ConfigError naming the key path)."""
+    groups = taskgraph.fused.groups
+    ops = taskgraph.fused.graph.by_name()
     roles = target.all_device_roles()
-    name = role_of_group(group, ops, roles) if target.device_roles else roles[0].name
-    return next(r.devices for r in roles if r.name == name)
+    if target.device_roles:
+        check_names_match(groups, ops, target.device_roles)
+        owner = {g.name: role_of_group(g, ops, roles) for g in groups}
+    else:
+        owner = {g.name: roles[0].name for g in groups}
+    inner = worker_roles_of_groups(groups, ops, roles, owner)
+    devices = {r.name: r.devices for r in roles}
+    return {g.name: (devices[owner[g.name]], inner.get(g.name, COMPUTE_ROLE)) for g in groups}
 
 
 def split_axis(group: Group, grid: tuple[int, int, int]) -> int:
@@ -75,9 +91,10 @@ def split_axis(group: Group, grid: tuple[int, int, int]) -> int:
     return max((2, 0, 1), key=lambda a: grid[a])   # most blocks; ties: columns first
 
 
-def assign_devices(taskgraph: TaskGraph, target: Target) -> list[tuple[int, ...]]:
-    """The devices each task runs on (several: a replicated task), by task id."""
-    ops = taskgraph.fused.graph.by_name()
+def assign_devices(taskgraph: TaskGraph,
+                   roles: dict[str, tuple[tuple[int, ...], str]]) -> list[tuple[int, ...]]:
+    """The devices each task runs on (several: a replicated task), by task id, from
+    each group's devices (`group_roles`)."""
     tilings = {t.group: t for t in taskgraph.tilings}
     by_group: dict[str, list[Task]] = {}
     for t in taskgraph.tasks:
@@ -85,7 +102,7 @@ def assign_devices(taskgraph: TaskGraph, target: Target) -> list[tuple[int, ...]
     out: list[tuple[int, ...]] = [()] * len(taskgraph.tasks)
     for g in taskgraph.fused.groups:
         tasks = by_group.get(g.name, [])
-        devices = group_devices(g, ops, target)
+        devices = roles[g.name][0]
         if len(tasks) == 1:
             out[tasks[0].id] = devices
             continue
@@ -225,10 +242,8 @@ def partition(taskgraph: TaskGraph, target: Target) -> tuple[TaskGraph, ...]:
     if not 1 < n_devices <= MAX_DEVICES:
         raise ConfigError(f"target.devices: a multi-device engine has 2 to {MAX_DEVICES} "
                           f"devices, not {n_devices}")
-    if target.device_roles:
-        check_names_match(taskgraph.fused.groups, taskgraph.fused.graph.by_name(),
-                          target.device_roles)
-    devices = assign_devices(taskgraph, target)
+    roles = group_roles(taskgraph, target)
+    devices = assign_devices(taskgraph, roles)
     planned = plan_transfers(taskgraph, devices, n_devices)
     transfers = tuple(t for _, t in planned)
     dtypes = {b.name: b.type.dtype for b in taskgraph.buffers}
@@ -238,49 +253,60 @@ def partition(taskgraph: TaskGraph, target: Target) -> tuple[TaskGraph, ...]:
     parts = []
     for d in range(n_devices):
         tasks: list[Task] = []
-        roles: list[str] = []
+        task_roles: list[str] = []
         for task in taskgraph.tasks:
             if d in devices[task.id]:
                 tasks.append(replace(task, id=len(tasks)))
-                roles.append(COMPUTE_ROLE)
+                task_roles.append(roles[task.group][1])
             for t in after.get(task.id, ()):
                 if d in t.members:
                     tasks.append(_transfer_task(len(tasks), t, d, dtypes))
-                    roles.append(COMM_ROLE)
-        parts.append(replace(taskgraph, tasks=tuple(tasks), deps=(), roles=tuple(roles),
+                    task_roles.append(COMM_ROLE)
+        parts.append(replace(taskgraph, tasks=tuple(tasks), deps=(), roles=tuple(task_roles),
                              device=d, devices=n_devices, transfers=transfers))
     return tuple(parts)
 
 
-def device_role_problems(taskgraph_parts: tuple[TaskGraph, ...], target: Target) -> list[str]:
-    """Every compute task runs on a device of the role its group belongs to (recomputed
-    from the role definitions), and every tile of the model runs on some device."""
-    if not taskgraph_parts:
+def device_role_problems(parts: tuple[Schedule, ...], target: Target) -> list[str]:
+    """Every compute task runs on a device of the device role its group belongs to and
+    has the worker role its group has there (both recomputed from the role definitions
+    of `target`, which carries the engine's device roles); each device's schedule is
+    made for the worker roles its device role defines (its own verify then checks each
+    task's worker); and every tile of the model runs on some device."""
+    if not parts:
         return []
-    fused = taskgraph_parts[0].fused
-    ops = fused.graph.by_name()
-    groups = {g.name: g for g in fused.groups}
+    first = parts[0].taskgraph
+    try:
+        roles = group_roles(first, target)
+    except ConfigError as e:
+        return [str(e)]
     out = []
     seen: set[tuple[str, tuple[int, int, int]]] = set()
-    for part in taskgraph_parts:
-        for task in part.tasks:
+    for part in parts:
+        tg, d = part.taskgraph, part.taskgraph.device
+        want = device_target(target, d).roles
+        if part.target.roles != want:
+            out.append(f"device {d}: its schedule's worker roles "
+                       f"{[(r.name, list(r.workers)) for r in part.target.roles]} are not "
+                       f"those of its device role {target.device_role(d).name!r} "
+                       f"{[(r.name, list(r.workers)) for r in want]}")
+        task_roles = tg.roles if len(tg.roles) == len(tg.tasks) else ("?",) * len(tg.tasks)
+        for task, role in zip(tg.tasks, task_roles):
             if task.group == TRANSFER:
                 continue
             seen.add((task.group, task.tile))
-            g = groups.get(task.group)
-            if g is None:
-                out.append(f"device {part.device}: task {task.id} names unknown group "
-                           f"{task.group}")
+            if task.group not in roles:
+                out.append(f"device {d}: task {task.id} names unknown group {task.group}")
                 continue
-            try:
-                allowed = group_devices(g, ops, target)
-            except ConfigError as e:
-                out.append(f"device {part.device}: {e}")
-                continue
-            if part.device not in allowed:
-                out.append(f"device {part.device}: task {task.id} (group {task.group}) "
-                           f"runs outside its role's devices {list(allowed)}")
-    for tl in taskgraph_parts[0].tilings:
+            allowed, worker_role = roles[task.group]
+            if d not in allowed:
+                out.append(f"device {d}: task {task.id} (group {task.group}) runs outside "
+                           f"its role's devices {list(allowed)}")
+            elif role != worker_role:
+                out.append(f"device {d}: task {task.id} (group {task.group}) has worker "
+                           f"role {role!r}, but its device role gives the group to worker "
+                           f"role {worker_role!r}")
+    for tl in first.tilings:
         nb, nm, nn = tl.grid
         missing = [(b, m, c) for b in range(nb) for m in range(nm) for c in range(nn)
                    if (tl.group, (b, m, c)) not in seen]

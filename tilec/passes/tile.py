@@ -434,7 +434,11 @@ def _task_regions(g: Group, tl: GroupTiling, tile_idx, ops, storage, view=view_r
             # in a matmul epilogue the tile is in the product's [rows, N] space, which
             # the appended value may only view in another shape
             space = g.cols if g.kind == "matmul" else None
-            writes.append(_state_write(op, storage, ra, rb, *out_cols, space=space))
+            region = _state_write(op, storage, ra, rb, *out_cols, space=space)
+            # the box is in the state operand's shape, a view of its buffer (a slot
+            # prefill's append sees the KV cache as [slots x heads x positions, dim])
+            box = view(op.inputs[0], region.box, ops[region.buffer].type.shape)
+            writes.append(Region(region.buffer, box))
             # the region spans every position; the task writes one
             state = storage(op.name)
             indirect[state] = indirect.get(state, 0) + (rb - ra) * (out_cols[1] - out_cols[0]) \

@@ -400,6 +400,13 @@ def _within_stored(region: Region, buffer: Buffer) -> bool:
     return lo <= first and last < hi
 
 
+def _held(b: Buffer) -> bool:
+    """Whether this device holds any of `b`: one it touches none of (Buffer.stored (0, 0),
+    on a multi-device engine) takes no bytes and need not fit its pool (memplan); no
+    region may touch it (regions_in_buffers: nothing lies in an empty stored part)."""
+    return not b.stored or b.stored[0] != b.stored[1]
+
+
 def _arena_disjoint(ctx: _Context) -> list[str]:
     s = ctx.s
     if not s.buffers:
@@ -415,7 +422,8 @@ def _arena_disjoint(ctx: _Context) -> list[str]:
         p = pools.get(b.pool)
         if p is None:
             out.append(f"arena_disjoint: buffer {b.name!r} is in unknown pool {b.pool!r}")
-        elif p.dtype != b.type.dtype or b.offset < 0 or b.offset + _size(b) > p.numel:
+        elif p.dtype != b.type.dtype or b.offset < 0 or (
+                b.offset + _size(b) > p.numel and _held(b)):
             out.append(f"arena_disjoint: buffer {b.name!r} ({b.type.dtype}, "
                        f"[{b.offset}, {b.offset + _size(b)})) does not fit pool {p.name!r} "
                        f"({p.dtype}, {p.numel} elements)")
@@ -512,7 +520,8 @@ def _roles_respected(ctx: _Context) -> list[str]:
     owner = {}   # group -> the role its definition gives it
     if target.roles:
         ops = s.taskgraph.fused.graph.by_name()
-        for g in s.taskgraph.fused.groups:
+        present = {t.group for t in ctx.tasks}   # a device runs only its device role's
+        for g in (g for g in s.taskgraph.fused.groups if g.name in present):
             try:
                 owner[g.name] = role_of_group(g, ops, target.roles)
             except ConfigError as e:

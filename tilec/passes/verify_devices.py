@@ -15,7 +15,9 @@ does not wait for it is an unordered RAW). What only the devices together show:
 * progress_across_devices: all devices run to the end together. A simulation with
   the stored queues, signals and waits, where a transfer completes only when every
   device taking part has it next on its comm worker and ready;
-* device_roles: every tile runs on a device of its role, and every tile somewhere.
+* device_roles: every tile runs on a device of its device role, with the worker role
+  its device role gives it there, each device is scheduled for its device role's
+  worker roles, and every tile runs somewhere.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import numpy as np
 from tilec.ir.schedule import Schedule
 from tilec.ir.tasks import TRANSFER, Region
 from tilec.passes.geometry import box_array, overlap_matrix
-from tilec.passes.partition import device_role_problems
+from tilec.passes.partition import device_role_problems, engine_target
 from tilec.passes.verify import VerifyReport, report_of, verify
 
 CHECKS = ("devices_agree", "transfers_matched", "reads_delivered",
@@ -38,15 +40,15 @@ def verify_parts(parts: tuple[Schedule, ...]) -> VerifyReport:
     if len(parts) == 1:
         return verify(parts[0])
     reports = [(f"device {d}: ", verify(s)) for d, s in enumerate(parts)]
-    reports.append(("", verify_devices(parts, parts[0].target)))
+    reports.append(("", verify_devices(parts, engine_target(parts[0].target))))
     checks = {f"{prefix}{name}": ok for prefix, r in reports for name, ok in r.checks.items()}
     violations = tuple(f"{prefix}{v}" for prefix, r in reports for v in r.violations)
     return VerifyReport(all(checks.values()), checks, violations)
 
 
 def verify_devices(parts: tuple[Schedule, ...], target) -> VerifyReport:
-    """The cross-device checks. `target`: one carrying the engine's device roles (each
-    part's own target does)."""
+    """The cross-device checks. `target`: the engine's multi-device target, with its
+    device roles (`engine_target` of any part's)."""
     found: dict[str, list[str]] = {name: [] for name in CHECKS}
     found["devices_agree"] = _agree(parts)
     if not found["devices_agree"]:
@@ -58,7 +60,7 @@ def verify_devices(parts: tuple[Schedule, ...], target) -> VerifyReport:
             found["progress_across_devices"] = [
                 "progress_across_devices: not checkable until transfers match"]
         found["device_roles"] = [f"device_roles: {p}" for p in
-                                 device_role_problems(tuple(p.taskgraph for p in parts), target)]
+                                 device_role_problems(parts, target)]
     else:
         for name in CHECKS[1:]:
             found[name] = [f"{name}: not checkable while the devices disagree"]

@@ -92,18 +92,23 @@ class Executor:
                 self.comm = communicator(tg.device, tg.devices)
 
     def use_state_of(self, other: "Executor") -> None:
-        """Run on `other`'s state pools (the KV cache) from now on: another schedule
-        over the same state (a decoder's prefill beside its decode step), whose state
-        buffers must lie where this one's do (same names, pools, offsets, shapes), else
-        a RunError. Launches of the two run one after the other on the host, each to its
-        end, so one's writes are complete before the other reads them."""
+        """Run on `other`'s state pools (the KV cache) from now on, and on its weight
+        pools where both come from the same engine file's tensors (the entries of one
+        engine store their weights once): another schedule over the same state (a
+        decoder's prefill entry beside its decode step), whose state buffers must lie
+        where this one's do (same names, pools, offsets, shapes), else a RunError.
+        Launches of the two run one after the other, each to its end, so one's writes
+        are complete before the other reads them (passes/entries.py)."""
         mine, theirs = state_layout(self.schedule), state_layout(other.schedule)
         if mine != theirs:
             diff = sorted(set(mine.items()) ^ set(theirs.items()))
             raise RunError(f"the two schedules lay out their state differently "
                            f"(first difference: {diff[0][0]}): they cannot share it")
         for p in self.schedule.pools:
-            if p.kind == "state":
+            key = f"pool.{p.name}"
+            same_weights = p.kind == "weight" and p.name in other.pools and \
+                self.engine.tensors.get(key) is other.engine.tensors.get(key)
+            if p.kind == "state" or same_weights:
                 self.pools[p.name] = other.pools[p.name]
         if hasattr(self, "pool_args"):
             self.pool_args = [self.pools[p.name] for p in self.schedule.pools]
@@ -520,6 +525,16 @@ BACKENDS: dict[str, Callable[..., Executor]] = {
     "reference": ReferenceExecutor,
     "gpu": GPUExecutor,
 }
+
+
+def entry_executor(decode: Executor, name: str, **kwargs) -> Executor:
+    """An executor of the engine's entry `name` (`prefill`) on the same backend as
+    `decode`, an executor of its decode step, running on `decode`'s KV cache and
+    weights (use_state_of). `kwargs`: the CPU backends' policy and seed."""
+    entry = decode.engine.entry(name)
+    executor = make_executor(entry, decode.backend, **kwargs)
+    executor.use_state_of(decode)
+    return executor
 
 
 def make_executor(engine: EngineFile, backend: str = "auto", **kwargs) -> Executor:

@@ -12,8 +12,11 @@ settings give the same tokens through any of them.
 An engine compiled with `model: {batch: B}` has B slots: one step advances a sequence
 in each busy slot (slot b feeds token[b] at pos[b] and writes only slot b's KV cache).
 A prompt is fed one token per step, or, with an executor of the decoder's prefill
-schedule (`PrefillSlots`, one sequence), a chunk of tokens per launch. The KV cache
-needs no reset between sequences: every step masks the positions after its own.
+schedule (`PrefillSlots`), a chunk of tokens per launch: each step is then at most one
+prefill launch (one chunk of one slot's prompt) and one decode launch (every slot that
+is decoding). `make_slots` picks the slots object; it is the one seam through which
+`generate_batch` and the server get a prefill. The KV cache needs no reset between
+sequences: every step masks the positions after its own.
 """
 from __future__ import annotations
 
@@ -190,12 +193,12 @@ class DecodeSlots:
     """The sequence slots of a decoder engine and the step that advances them.
 
     `count` sequences can be in the engine at once (its `batch`); one step feeds each
-    busy slot up to `prefill_chunk` prompt tokens, or one new token. Today one token
+    busy slot up to `prefill_chunk` prompt tokens, or one new token. Here one token
     per step, through the engine's decode step. A slot with no sequence idles: it is
-    fed token 0 at position 0, which writes only its own cache at position 0 (the next
-    sequence in the slot overwrites that before reading it) and its outputs are
-    dropped. `reset` replaces the executor (fresh state, event counters and step
-    count), for after an engine fault.
+    fed token 0 at position 0 (or at its `parked` position), which writes only its own
+    cache at that position (the slot's sequence overwrites it before reading it) and
+    its outputs are dropped. `reset` replaces the executor (fresh state, event counters
+    and step count), for after an engine fault.
     """
 
     count = 1
@@ -207,15 +210,26 @@ class DecodeSlots:
         self.executor = executor
         self._make_executor = make_executor
         self.count = slot_count(spec, executor)
+        self.prefill_steps = 0     # launches of the prefill schedule
+        self.decode_steps = 0      # launches of the decode step
 
     @property
     def backend(self) -> str:
         return self.executor.backend
 
-    def step(self, feeds: dict[int, Feed]) -> dict[int, SlotOutput]:
-        """One engine step for the given slots (the others idle); an output for each."""
+    def choose(self, feeds: dict[int, Feed]) -> dict[int, Feed]:
+        """What the next step takes of what each busy slot would feed: here all of it.
+        A slot left out (or fed fewer tokens) takes the rest at a later step."""
+        return feeds
+
+    def step(self, feeds: dict[int, Feed], parked: dict[int, int] | None = None
+             ) -> dict[int, SlotOutput]:
+        """One engine step for the given slots (the others idle; an idle slot in
+        `parked` at that position, else 0); an output for each fed slot."""
         tokens = torch.zeros(self.count, dtype=torch.int64)
         positions = torch.zeros(self.count, dtype=torch.int64)
+        for slot, pos in (parked or {}).items():
+            positions[slot] = pos
         for slot, (fed, pos) in feeds.items():
             if not 0 <= slot < self.count:
                 raise RunError(f"this engine has {self.count} sequence slot(s); asked to "
@@ -225,6 +239,7 @@ class DecodeSlots:
             tokens[slot], positions[slot] = fed[0], pos
         spec = self.spec
         out = self.executor.run({spec.token_input: tokens, spec.pos_input: positions})
+        self.decode_steps += 1
         logits = out[spec.logits_output].reshape(self.count, -1).float()
         chosen = out[spec.next_token_output].reshape(self.count)
         return {slot: SlotOutput(logits[slot], int(chosen[slot])) for slot in feeds}
@@ -239,73 +254,155 @@ class DecodeSlots:
         self.executor = self._make_executor()
 
 
-class PrefillSlots(DecodeSlots):
-    """One sequence slot whose prompt goes into the cache a chunk at a time: each chunk
-    of up to `prefill_chunk` tokens (its prefill schedule's token input) in one launch
-    of `prefill`, an executor of that schedule running on the decode executor's KV cache
-    (`Executor.use_state_of`), then one token per decode step.
+SLOT_INPUT = "slot"     # a prefill schedule's inputs beyond the decode step's token and pos:
+LAST_INPUT = "last"     # the cache slot of its sequence (batch > 1), the row whose logits count
 
-    A chunk shorter than the prefill's rows is padded with token 0: the padded rows
-    write cache positions past the chunk, which later chunks or decode steps write
-    (each at its own position) before any step reads them. Where the padded rows would
-    run past max_seq_len, or the chunk is one token, the chunk goes through the decode
-    step a token at a time instead."""
+
+class PrefillSlots(DecodeSlots):
+    """Sequence slots whose prompts go into the cache a chunk at a time: a chunk of up
+    to `prefill_chunk` tokens (the prefill schedule's token input) in one launch of
+    `prefill`, an executor of that schedule running on the decode executor's KV cache
+    (`Executor.use_state_of`); then one token per decode step.
+
+    Each step is at most one prefill launch, for one slot still prefilling, then at
+    most one decode launch, for every slot that is decoding: a long prompt never holds
+    up the running sequences' next tokens by more than one chunk's launch. The slot
+    whose prompt came first is prefilled first (oldest first, not round-robin: its
+    first token is not pushed back by later prompts', and the prompts get their first
+    tokens in the order they came; round-robin over k prompts would delay every one of
+    them about k-fold). A prefill engine of a batched decoder (batch > 1) takes the
+    chunk's slot (`slot`); at batch 1 it has none.
+
+    A chunk shorter than the prefill's rows is padded at its end with token 0: the
+    padded rows write cache positions past the chunk, which later chunks or decode
+    steps write (each at its own position) before any step reads them; the engine's
+    `last` input names the chunk's last real row, whose logits predict the next token.
+    Where the padded rows would run past max_seq_len, or one prompt token is left, the
+    prompt goes through the decode launch a token per step instead. A slot still
+    prefilling but not in this step's prefill launch idles in the decode launch at its
+    next position (`parked`), which its next chunk writes before anything reads it:
+    position 0 would overwrite its first prompt token's keys."""
 
     def __init__(self, spec: GenerationSpec, executor: Executor, prefill: Executor,
-                 make_executor: Callable[[], Executor] | None = None):
+                 make_executor: Callable[[], Executor] | None = None,
+                 make_prefill: Callable[[], Executor] | None = None):
         super().__init__(spec, executor, make_executor)
-        if self.count != 1:
-            raise RunError(f"chunked prefill runs one sequence at a time; this decoder "
-                           f"engine has {self.count} slots (compile it without batch)")
         self.prefill = prefill
+        self._make_prefill = make_prefill
         inputs = {io.name: io for io in prefill.engine.manifest.inputs}
         token, pos = (inputs.get(name) for name in (spec.token_input, spec.pos_input))
+        wanted = {spec.token_input, spec.pos_input, LAST_INPUT} | \
+            ({SLOT_INPUT} if self.count > 1 else set())
         if token is None or pos is None or len(token.shape) != 1 or token.shape[0] < 2 \
-                or pos.shape != (1,):
-            raise RunError(f"the prefill engine's inputs are not a chunk of "
-                           f"{spec.token_input} [P > 1] and the {spec.pos_input} [1] of the first")
+                or pos.shape != (1,) or not set(inputs) <= wanted \
+                or any(inputs[n].shape != (1,) for n in set(inputs) - {spec.token_input}) \
+                or (self.count > 1 and not {SLOT_INPUT, LAST_INPUT} <= set(inputs)):
+            slot = f", the {SLOT_INPUT} [1] of its sequence" if self.count > 1 else ""
+            raise RunError(f"the prefill engine's inputs {sorted(inputs)} are not a chunk of "
+                           f"{spec.token_input} [P > 1], the {spec.pos_input} [1] of the "
+                           f"first{slot} and the {LAST_INPUT} [1] row whose logits count "
+                           f"(this decoder engine has {self.count} slot(s))")
         self.prefill_chunk = token.shape[0]
+        self._inputs = set(inputs)
         prefill.use_state_of(executor)
-        self.prefill_steps = self.decode_steps = 0
+        self._order: dict[int, int] = {}   # slot -> when its sequence was first fed
+        self._fed = 0
 
-    def step(self, feeds: dict[int, Feed]) -> dict[int, SlotOutput]:
-        (slot, (fed, pos)), = feeds.items()
-        rows = self.prefill_chunk
-        if len(fed) == 1 or pos + rows > self.spec.max_seq_len:
-            out = None
-            for i, token in enumerate(fed):
-                out = super().step({slot: ([token], pos + i)})
-                self.decode_steps += 1
-            return out
-        spec = self.spec
+    def choose(self, feeds: dict[int, Feed]) -> dict[int, Feed]:
+        """The oldest slot's prompt chunk (if any slot has one to prefill) and every
+        slot's single token; the other prefilling slots wait."""
+        for slot in feeds:
+            if slot not in self._order:
+                self._order[slot] = self._fed
+                self._fed += 1
+        chosen, chunked = {}, None
+        for slot in sorted(feeds, key=self._order.__getitem__):
+            fed, pos = feeds[slot]
+            if len(fed) == 1:
+                chosen[slot] = feeds[slot]
+            elif pos + self.prefill_chunk > self.spec.max_seq_len:
+                chosen[slot] = (fed[:1], pos)   # the decode launch, a token per step
+            elif chunked is None:
+                chosen[slot] = chunked = feeds[slot]
+        return chosen
+
+    def step(self, feeds: dict[int, Feed], parked: dict[int, int] | None = None
+             ) -> dict[int, SlotOutput]:
+        chunks = {slot: feed for slot, feed in feeds.items() if len(feed[0]) > 1}
+        if len(chunks) > 1:
+            raise RunError("a step runs one prefill chunk")
+        outs = {slot: self._prefill(slot, *feed) for slot, feed in chunks.items()}
+        tokens = {slot: feed for slot, feed in feeds.items() if slot not in chunks}
+        if tokens:
+            # the chunk's slot idles after its chunk: at the position its first decode
+            # step writes (before reading it), never over the chunk's own keys
+            idle = {**(parked or {}),
+                    **{slot: pos + len(fed) for slot, (fed, pos) in chunks.items()}}
+            outs.update(super().step(tokens, idle))
+        return outs
+
+    def _prefill(self, slot: int, fed: list[int], pos: int) -> SlotOutput:
+        if not 0 <= slot < self.count:
+            raise RunError(f"this engine has {self.count} sequence slot(s); asked to "
+                           f"prefill slot {slot}")
+        spec, rows = self.spec, self.prefill_chunk
         tokens = torch.zeros(rows, dtype=torch.int64)
         tokens[:len(fed)] = torch.tensor(fed, dtype=torch.int64)
-        out = self.prefill.run({spec.token_input: tokens,
-                                spec.pos_input: torch.tensor([pos], dtype=torch.int64)})
-        self.prefill_steps += 1
         last = len(fed) - 1   # the chunk's last token: its logits predict the next
-        logits = out[spec.logits_output].reshape(rows, -1)[last].float()
-        return {slot: SlotOutput(logits, int(out[spec.next_token_output].reshape(rows)[last]))}
+        inputs = {spec.token_input: tokens, spec.pos_input: torch.tensor([pos])}
+        if LAST_INPUT in self._inputs:
+            inputs[LAST_INPUT] = torch.tensor([last])
+        if SLOT_INPUT in self._inputs:
+            inputs[SLOT_INPUT] = torch.tensor([slot])
+        out = self.prefill.run(inputs)
+        self.prefill_steps += 1
+        logits = out[spec.logits_output]
+        row = 0 if LAST_INPUT in self._inputs else last   # (without `last`: every row's)
+        chosen = out[spec.next_token_output].reshape(-1)[row]
+        return SlotOutput(logits.reshape(logits.shape[0], -1)[row].float(), int(chosen))
+
+    def free(self, slot: int) -> None:
+        self._order.pop(slot, None)
 
     def reset(self) -> None:
+        """A new decode executor, and a new prefill executor where there is a way to
+        make one (a fault may have come from it), on the new one's state."""
         super().reset()
+        if self._make_prefill is not None:
+            self.prefill = self._make_prefill()
         self.prefill.use_state_of(self.executor)
+        self._order.clear()
+
+
+def make_slots(spec: GenerationSpec, executor: Executor, prefill: Executor | None = None,
+               make_executor: Callable[[], Executor] | None = None,
+               make_prefill: Callable[[], Executor] | None = None) -> DecodeSlots:
+    """The slots that `generate_batch` and the server's scheduler drive: with an
+    executor of the decoder's prefill schedule, prompts go in a chunk per launch
+    (PrefillSlots), else a token per decode step (DecodeSlots). `make_executor` and
+    `make_prefill` make fresh executors for `reset` (after an engine fault)."""
+    if prefill is None:
+        return DecodeSlots(spec, executor, make_executor)
+    return PrefillSlots(spec, executor, prefill, make_executor, make_prefill)
 
 
 def advance(slots: DecodeSlots, running: dict[int, Sequence]) -> dict[int, int | None]:
     """One engine step for the sequences in `running` (slot -> sequence, none finished):
-    each takes what it feeds and, once its prompt is in, picks a token. Returns each
-    slot's new token (None while its prompt is still being fed)."""
-    feeds = {slot: seq.feed(slots.prefill_chunk) for slot, seq in running.items()}
+    each that the step takes (`slots.choose`) takes what it feeds and, once its prompt
+    is in, picks a token. Returns each slot's new token (None while its prompt is
+    still being fed, or when this step did not take it)."""
+    feeds = slots.choose({slot: seq.feed(slots.prefill_chunk) for slot, seq in running.items()})
+    parked = {slot: seq.cached for slot, seq in running.items() if slot not in feeds}
     try:
-        outs = slots.step(feeds)
+        outs = slots.step(feeds, parked)
     except NaNValuesError:   # the interpreter's argmax refuses a row of NaN
         if len(running) != 1:
             raise
         (slot, seq), = running.items()
         tokens, pos = feeds[slot]
         raise nan_logits(pos + len(tokens) - 1, seq.steps + 1) from None
-    return {slot: seq.took(len(feeds[slot][0]), outs.get(slot)) for slot, seq in running.items()}
+    return {slot: seq.took(len(feeds[slot][0]), outs.get(slot)) if slot in feeds else None
+            for slot, seq in running.items()}
 
 
 def nan_logits(pos: int, step: int) -> RunError:
@@ -355,16 +452,18 @@ def generate_batch(executor: Executor, spec: GenerationSpec, prompts: list[list[
     if problem:
         raise RunError(problem)
     stop_ids = spec.eos_token_ids if stop_at_eos else ()
-    slots = DecodeSlots(spec, executor) if prefill is None else \
-        PrefillSlots(spec, executor, prefill)
+    slots = make_slots(spec, executor, prefill)
     waiting = deque(enumerate(prompts))
     running: dict[int, tuple[int, Sequence, float]] = {}   # slot -> (prompt index, ., start)
     done: dict[int, Generation] = {}
     first: dict[int, float] = {}   # prompt index -> seconds to its first new token
+    counted: dict[int, tuple[int, int]] = {}   # prompt index -> the launches before it
     while waiting or running:
         for slot in range(slots.count):
             if slot not in running and waiting:
                 index, prompt = waiting.popleft()
+                if prefill is not None:   # (one sequence at a time: PrefillSlots)
+                    counted[index] = (slots.prefill_steps, slots.decode_steps)
                 seq = Sequence(prompt, max_new_tokens, sampling, stop_ids, keep_logits)
                 running[slot] = (index, seq, time.perf_counter())
         advance(slots, {slot: seq for slot, (_, seq, _) in running.items()})
@@ -373,7 +472,8 @@ def generate_batch(executor: Executor, spec: GenerationSpec, prompts: list[list[
             if seq.tokens and index not in first:
                 first[index] = now - start
             if seq.finished:
-                steps = (slots.prefill_steps, slots.decode_steps) if prefill is not None \
+                steps = (slots.prefill_steps - counted[index][0],
+                         slots.decode_steps - counted[index][1]) if prefill is not None \
                     else (0, seq.steps)
                 done[index] = Generation(list(seq.prompt), seq.tokens,
                                          torch.stack(seq.logits) if seq.logits else None,

@@ -16,8 +16,10 @@ from tilec.ir.target import TARGETS
 from tilec.limits import gigabytes, total_memory
 
 
-def size_problem(engine) -> str | None:
-    """Why the sizes an engine (runtime.enginefile.EngineFile) declares cannot be right, or None."""
+def size_problem(engine, shared_with=()) -> str | None:
+    """Why the sizes an engine (runtime.enginefile.EngineFile) declares cannot be right, or
+    None. `shared_with`: the schedules of the engine's other entries, whose weight and
+    state buffers lie in the same pools (so they count towards those pools' sizes)."""
     sched = engine.manifest.schedule
     target = sched.target
     known = TARGETS.get(target.name)
@@ -31,7 +33,10 @@ def size_problem(engine) -> str | None:
         if problem:
             return problem
     need: dict[str, int] = {}
-    for b in sched.buffers:
+    stored = {p.name for p in sched.pools if p.kind in ("weight", "state")}
+    shared = [b for other in shared_with for b in other.buffers
+              if b.kind in ("weight", "state") and b.pool in stored]   # never an arena
+    for b in list(sched.buffers) + shared:
         need[b.pool] = max(need.get(b.pool, 1), b.offset + max(b.type.numel, 1))
     for p in sched.pools:
         if p.numel > need.get(p.name, 1):

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tilec.errors import RunError
-from tilec.runtime.generate import DecodeSlots
+from tilec.runtime.generate import DecodeSlots, make_slots
 from tilec.serve import protocol
 from tilec.serve.metrics import CONTENT_TYPE, Metrics
 from tilec.serve.protocol import Answer, APIError, Context, Params
@@ -37,9 +37,13 @@ GONE = object()   # put on a request's event queue when its client disconnects
 
 
 class Server:
-    """One engine behind the OpenAI routes: its scheduler, metrics and app."""
+    """One engine behind the OpenAI routes: its scheduler, metrics and app. `prefill`:
+    an engine of the decoder's prefill schedule over the same weights and KV-cache
+    layout; with it prompts go in a chunk per launch, interleaved with the decode of
+    running requests (runtime.generate.PrefillSlots), else a token per decode step."""
 
-    def __init__(self, engine: Engine, backend: str = "auto", max_queue: int = 64):
+    def __init__(self, engine: Engine, backend: str = "auto", max_queue: int = 64,
+                 prefill: Engine | None = None):
         spec = engine.generation_spec
         if spec is None:
             raise RunError("tilec serve needs a decoder engine (compiled from model: "
@@ -51,11 +55,13 @@ class Server:
         self.ctx = Context(self.model, spec, Codec(engine.tokenizer(), engine.chat_template()))
         self.metrics = Metrics(DecodeSlots.count)
 
-        def make_slots() -> DecodeSlots:   # in the engine thread, as every engine call
-            return DecodeSlots(spec, engine.new_executor(backend),
-                               lambda: engine.new_executor(backend))
+        def slots() -> DecodeSlots:   # in the engine thread, as every engine call
+            return make_slots(spec, engine.new_executor(backend),
+                              prefill and prefill.new_executor(backend),
+                              lambda: engine.new_executor(backend),
+                              prefill and (lambda: prefill.new_executor(backend)))
 
-        self.scheduler = Scheduler(make_slots, max_queue, self.metrics)
+        self.scheduler = Scheduler(slots, max_queue, self.metrics)
         self._started = False
         self.app = Starlette(
             routes=[Route("/v1/completions", self.completions, methods=["POST"]),

@@ -47,6 +47,8 @@ class Metrics:
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.steps = 0
+        self.prefill_launches = 0
+        self.decode_launches = 0
         self.faults = 0
         self.ttft = Histogram(TTFT_BUCKETS)
         self.step_time = Histogram(STEP_BUCKETS)
@@ -66,9 +68,12 @@ class Metrics:
         with self._lock:
             self.prompt_tokens += prompt_tokens
 
-    def step(self, seconds: float, new_tokens: int) -> None:
+    def step(self, seconds: float, new_tokens: int, prefill_launches: int = 0,
+             decode_launches: int = 0) -> None:
         with self._lock:
             self.steps += 1
+            self.prefill_launches += prefill_launches
+            self.decode_launches += decode_launches
             self.generated_tokens += new_tokens
             self.step_time.observe(seconds)
             self._recent.append((seconds, new_tokens))
@@ -98,6 +103,12 @@ class Metrics:
                 ("tilec_generated_tokens_total", "counter", "Tokens generated.",
                  self.generated_tokens),
                 ("tilec_engine_steps_total", "counter", "Engine steps run.", self.steps),
+                ("tilec_prefill_launches_total", "counter",
+                 "Launches of the prefill schedule (a chunk of one prompt each).",
+                 self.prefill_launches),
+                ("tilec_decode_launches_total", "counter",
+                 "Launches of the decode step (a token for every decoding slot each).",
+                 self.decode_launches),
                 ("tilec_engine_faults_total", "counter",
                  "Engine steps that failed (the requests in them answered 500).", self.faults),
                 ("tilec_tokens_per_second", "gauge", f"Tokens generated per second of engine "

@@ -3,9 +3,12 @@ when done, and wait in a bounded queue meanwhile.
 
 One thread owns the engine (it is not thread-safe) and runs the loop: at each step
 boundary it frees the slots of finished and cancelled requests, admits waiting ones
-into free slots, then runs one engine step for every busy slot (`runtime.generate.
-advance`: a prompt chunk for a slot still prefilling, the last token for one
-decoding), and hands each request its new token. The event loop only submits and
+into free slots, then runs one engine step for the busy slots (`runtime.generate.
+advance`), and hands each request its new token. Without a prefill schedule a step
+feeds every slot one token (a prompt token, or the last new one); with one
+(`runtime.generate.PrefillSlots`) a step is at most one prompt chunk of one new
+request's prompt and one decode launch for every running request, so prefill of new
+requests interleaves with decode of running ones. The event loop only submits and
 cancels requests and reads their events; it never waits for a step.
 
 An exception from a step is an engine fault: the requests in the slots fail (500),
@@ -182,6 +185,7 @@ class Scheduler:
             if job.cancelled:
                 job.steps_after_cancel += 1
         t0 = time.perf_counter()
+        launches = self.slots.prefill_steps, self.slots.decode_steps
         try:
             new = advance(self.slots, {slot: job.sequence for slot, job in running.items()})
         except Exception as e:
@@ -189,7 +193,8 @@ class Scheduler:
             return
         now = time.perf_counter()
         made = sum(t is not None for t in new.values())
-        self.metrics.step(now - t0, made)
+        self.metrics.step(now - t0, made, self.slots.prefill_steps - launches[0],
+                          self.slots.decode_steps - launches[1])
         for slot, token in new.items():
             job = running[slot]
             if token is not None:

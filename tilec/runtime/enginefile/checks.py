@@ -169,7 +169,8 @@ def _pools_problem(sched, t: dict[str, torch.Tensor], plan: bool) -> str | None:
             return f"pool {p.name} has kind {clip(p.kind)}, dtype {clip(p.dtype)}, size {p.numel}"
     for b in sched.buffers:
         p = pools.get(b.pool)
-        if p is None or b.offset < 0 or b.offset + b.type.numel > p.numel or \
+        held = not b.stored or b.stored[0] != b.stored[1]   # (see _unheld_problem)
+        if p is None or b.offset < 0 or (held and b.offset + b.type.numel > p.numel) or \
                 any(n < 0 for n in b.type.shape):
             return f"buffer {b.name} lies outside its pool"
         if b.type.dtype != p.dtype:
@@ -177,6 +178,9 @@ def _pools_problem(sched, t: dict[str, torch.Tensor], plan: bool) -> str | None:
         if b.stored and (len(b.stored) != 2 or b.kind not in ("weight", "state") or
                          not 0 <= b.stored[0] <= b.stored[1] <= b.type.numel):
             return f"buffer {b.name} stores a malformed part {clip(list(b.stored))}"
+    problem = _unheld_problem(sched)
+    if problem:
+        return problem
     if plan:   # sizes without data: no pool may be stored (nor anything to run)
         stored = sorted(k for k in t if k.startswith("pool.") or k == AOT_CUBIN)
         if stored:
@@ -188,6 +192,29 @@ def _pools_problem(sched, t: dict[str, torch.Tensor], plan: bool) -> str | None:
             if tensor is None or tensor.dtype != TORCH_DTYPES.get(p.dtype) or \
                     tuple(tensor.shape) != (p.numel,):
                 return f"pool {p.name} missing or of the wrong size"
+    return None
+
+
+def _unheld_problem(sched) -> str | None:
+    """A device of a multi-device engine holds none of a buffer no task of its touches
+    (Buffer.stored (0, 0)), and that buffer need not lie inside its pool (memplan). So
+    no task here may run a group whose ops read or write such a buffer: the kernel's
+    code for a group addresses every buffer its ops name, whatever the task's regions."""
+    unheld = {b.name for b in sched.buffers
+              if b.stored and len(b.stored) == 2 and b.stored[0] == b.stored[1]}
+    if not unheld:
+        return None
+    ops = sched.taskgraph.fused.graph.by_name()
+    named: dict[str, set[str]] = {}   # group -> the buffers its ops name
+    for g in sched.taskgraph.fused.groups:
+        members = [ops[m] for m in g.members if m in ops]
+        named[g.name] = {m.name for m in members} | \
+            {x.value for m in members for x in m.inputs}
+    for task in sched.taskgraph.tasks:
+        touched = sorted(named.get(task.group, set()) & unheld)
+        if touched:
+            return (f"task {task.id} ({clip(task.group)}) addresses buffer "
+                    f"{clip(touched[0])}, of which this device holds nothing")
     return None
 
 
@@ -314,3 +341,31 @@ def _view_problem(shape, strides, offset, buffer) -> str | None:
         return (f"view (shape {list(shape)}, strides {list(strides)}, offset {offset}) "
                 f"reaches element {last} of buffer {buffer.name} ({buffer.type.numel} elements)")
     return None
+
+
+def entry_problem(engine: EngineFile, entry: EngineFile, name: str) -> str | None:
+    """A further entry against the decode step: it says it is `name` and lists no
+    entries, is a plan exactly when the decode step is, and places every weight and
+    state buffer the two share by name exactly where the decode step does, in pools of
+    the same size (so one KV cache and one copy of the weights serve both)."""
+    m = entry.manifest
+    if m.entry != name or m.entries != ("decode",):
+        return f"its manifest says entry {clip(m.entry)} with entries {clip(list(m.entries))}"
+    if m.plan != engine.manifest.plan:
+        return "a plan beside an engine with weights, or the other way round"
+    mine = _shared_layout(engine.manifest.schedule)
+    theirs = _shared_layout(m.schedule)
+    for key in sorted(set(mine) & set(theirs)):
+        if mine[key] != theirs[key]:
+            return f"{key} lies elsewhere than in the decode step: the entries cannot share it"
+    return None
+
+
+def _shared_layout(sched) -> dict[str, tuple]:
+    """Each weight and state buffer's (kind, pool, offset, shape, dtype) and each weight
+    and state pool's size, by name."""
+    layout = {b.name: (b.kind, b.pool, b.offset, tuple(b.type.shape), b.type.dtype)
+              for b in sched.buffers if b.kind in ("weight", "state")}
+    layout.update({f"pool {p.name}": (p.numel, p.dtype) for p in sched.pools
+                   if p.kind in ("weight", "state")})
+    return layout

@@ -27,6 +27,11 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
                 "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
 DEVICES_KEY = "devices"      # metadata of a multi-device engine: the number of devices
 POOL_KINDS = ("weight", "state", "arena")
+# An engine's entries: `decode` (the step every engine has; its manifest lists the
+# entries) and, for a decoder, `prefill` (a chunk of a prompt per launch). A further
+# entry is stored as `manifest.<entry>`, `kernel.<entry>` and tensors `<entry>.<name>`;
+# the weight and state pools it shares with the decode step are stored once.
+ENTRIES = ("decode", "prefill")
 AOT_KEY = "aot"              # metadata: the stored GPU binary's description (JSON)
 AOT_CUBIN = "aot.cubin"      # tensor: the binary itself, uint8
 SHA_PLACEHOLDER = "0" * 64   # the sha256 entry while the file is written
@@ -84,6 +89,8 @@ class Manifest:
     # never run. The checks hold a plan to having no pool data and any other engine to
     # having all of it, so clearing this flag without the weights is refused too.
     plan: bool = False
+    entry: str = "decode"                  # which of ENTRIES this schedule is
+    entries: tuple[str, ...] = ("decode",)  # the decode manifest: the file's entries
 
 
 @dataclass
@@ -103,6 +110,9 @@ class EngineFile:
     # (runtime.kernel.engine_kernel).
     kernel_checked: bool = False
     code_trusted: bool = False
+    # The further entries (ENTRIES but `decode`), each over the same weight and state
+    # pool tensors as this one.
+    entries: dict[str, "EngineFile"] = field(default_factory=dict)
     _encoded: tuple[Manifest, str] | None = field(default=None, init=False, repr=False,
                                                   compare=False)
 
@@ -131,6 +141,20 @@ class EngineFile:
     def schedule(self) -> Schedule:
         """The schedule as stored: queues, signals and waits decoded from the table."""
         return decode_schedule(self.manifest.schedule, self.tensors)
+
+    def entry_schedules(self) -> tuple[tuple[str, Schedule], ...]:
+        """(entry name, its schedule as stored) for every entry, the decode step first."""
+        return (("decode", self.schedule()),) + tuple(
+            (name, e.schedule()) for name, e in self.entries.items())
+
+    def entry(self, name: str) -> "EngineFile":
+        """The entry `name` of this engine (`decode`: itself); a RunError if it has none."""
+        if name == "decode":
+            return self
+        if name not in self.entries:
+            raise RunError(f"this engine has no {name} entry (its entries: "
+                           f"{', '.join(self.manifest.entries)})")
+        return self.entries[name]
 
 
 @dataclass

@@ -15,10 +15,10 @@ from tilec.ir.abi import AOTKernel
 from tilec.ir.serial import from_plain
 from tilec.runtime.chat import ChatTemplate
 from tilec.runtime.enginefile.checks import (check_aot, check_kernel, check_tables,
-                                             check_views)
+                                             check_views, entry_problem)
 from tilec.runtime.enginefile.digest import file_digest
 from tilec.runtime.enginefile.format import (AOT_CUBIN, AOT_FIELDS, AOT_KEY, DEVICES_KEY,
-                                             FORMAT, FORMAT_VERSION, DeviceEngines,
+                                             ENTRIES, FORMAT, FORMAT_VERSION, DeviceEngines,
                                              EngineFile, Manifest, clip, first_line)
 from tilec.runtime.sizes import size_problem
 
@@ -69,6 +69,7 @@ def load(path: str | os.PathLike, trust_engine_code: bool = False, *,
         return devices
     manifest = _parse_manifest(path, meta.get("manifest"))
     kernel = meta.get("kernel", "")
+    entry_tensors = _entry_tensors(path, manifest, meta, tensors)
     aot = None
     if AOT_KEY in meta or AOT_CUBIN in tensors:
         try:
@@ -76,18 +77,62 @@ def load(path: str | os.PathLike, trust_engine_code: bool = False, *,
         except (ValueError, RecursionError) as e:
             raise EngineError(f"{path}: bad GPU binary: {first_line(e)}") from None
     engine = EngineFile(manifest, kernel, tensors, tokenizer, aot, chat)
-    problem = _engine_problem(engine, accept)
+    entries = {name: _parse_manifest(path, meta.get(f"manifest.{name}")) for name in entry_tensors}
+    problem = _engine_problem(engine, accept, [m.schedule for m in entries.values()])
     if problem:
         raise EngineError(f"{path}: {problem}")
     if engine.manifest.schedule.taskgraph.devices != 1:
         raise EngineError(f"{path}: a single-device file holds one device's part of a "
                           "multi-device engine")
+    for name, own in entry_tensors.items():
+        engine.entries[name] = _load_entry(path, engine, name, entries,
+                                           meta.get(f"kernel.{name}", ""), own, accept)
     return engine
 
 
-def _engine_problem(engine: EngineFile, accept: str) -> str | None:
+def _entry_tensors(path: Path, manifest: Manifest, meta: dict[str, str],
+                   tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The further entries' own tensors (taken out of `tensors`), by entry, for the
+    entries the decode manifest lists: each a known entry name, listed once, with its
+    manifest and kernel; no tensor or metadata of another entry may be in the file."""
+    names = manifest.entries
+    if manifest.entry != "decode" or not names or names[0] != "decode" or \
+            len(set(names)) != len(names) or not set(names) <= set(ENTRIES):
+        raise EngineError(f"{path}: malformed entry list {clip(list(names))} "
+                          f"(expected decode first, then any of {', '.join(ENTRIES[1:])})")
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name in ENTRIES[1:]:
+        prefix = f"{name}."
+        own = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
+        listed = name in names
+        stray = [k for k in (f"manifest.{name}", f"kernel.{name}") if (k in meta) != listed]
+        if stray or (own and not listed):
+            raise EngineError(f"{path}: the {name} entry is {'listed' if listed else 'not listed'} "
+                              f"but {clip(stray[0] if stray else prefix + next(iter(own)))} "
+                              f"{'is missing' if stray and listed else 'is there'}")
+        if listed:
+            out[name] = own
+    return out
+
+
+def _load_entry(path: Path, engine: EngineFile, name: str, manifests: dict[str, Manifest],
+                kernel: str, own: dict[str, torch.Tensor], accept: str) -> EngineFile:
+    """Entry `name`: its manifest, kernel and tables, over the decode step's pools (the
+    same tensors), checked as the decode step is, then against it (entry_problem)."""
+    pools = {k: v for k, v in engine.tensors.items() if k.startswith("pool.")}
+    entry = EngineFile(manifests[name], kernel, {**pools, **own}, engine.tokenizer, None,
+                       engine.chat)
+    others = [engine.manifest.schedule] + [m.schedule for n, m in manifests.items() if n != name]
+    problem = _engine_problem(entry, accept, others) or entry_problem(engine, entry, name)
+    if problem:
+        raise EngineError(f"{path}: {name} entry: {problem}")
+    return entry
+
+
+def _engine_problem(engine: EngineFile, accept: str, shared_with=()) -> str | None:
+    """`shared_with`: the schedules of the engine's other entries (sizes.size_problem)."""
     try:
-        problem = check_tables(engine) or size_problem(engine) or \
+        problem = check_tables(engine) or size_problem(engine, shared_with) or \
             check_views(engine) or check_aot(engine)
     except Exception as e:  # a manifest that decodes but contradicts itself
         problem = f"malformed manifest ({type(e).__name__}: {first_line(e)})"
@@ -109,6 +154,8 @@ def _load_devices(path: Path, meta: dict[str, str], tensors: dict[str, torch.Ten
     ranks = []
     for d, prefix in enumerate(prefixes):
         manifest = _parse_manifest(path, meta.get(f"manifest.{d}"))
+        if manifest.entries != ("decode",) or manifest.entry != "decode":
+            raise EngineError(f"{path}: device {d}: a multi-device engine has one entry")
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         engine = EngineFile(manifest, meta.get(f"kernel.{d}", ""), {**pools, **own}, tokenizer)
         problem = _engine_problem(engine, accept)

@@ -49,6 +49,8 @@ def _contents(engine: EngineFile | DeviceEngines
         tensors = {}
         meta[DEVICES_KEY] = str(engine.devices)
         for d, e in enumerate(engine.ranks):
+            if e.entries:
+                raise EngineError("a multi-device engine has one entry (its decode step)")
             if e.aot is not None:
                 raise EngineError("a multi-device engine cannot store GPU binaries yet")
             meta[f"manifest.{d}"] = e.manifest_text()
@@ -64,6 +66,12 @@ def _contents(engine: EngineFile | DeviceEngines
     meta["kernel"] = engine.kernel_source
     _add_tokenizer(meta, engine)
     tensors = {k: v.contiguous() for k, v in engine.tensors.items()}
+    for name, entry in engine.entries.items():   # its tables; pools it shares, once
+        meta[f"manifest.{name}"] = entry.manifest_text()
+        meta[f"kernel.{name}"] = entry.kernel_source
+        for k, v in entry.tensors.items():
+            if not (k.startswith("pool.") and _same(engine.tensors.get(k), v)):
+                tensors[f"{name}.{k}"] = v.contiguous()
     if engine.aot is not None:
         _add_binary(meta, tensors, engine.aot)
     return meta, tensors
