@@ -95,11 +95,11 @@ def test_padded_rows_never_reach_a_read(hf):
         pre = entry_executor(dec, "prefill")
         for start in (0, 16):
             pre.run({"token": torch.tensor(prompt[start:start + CHUNK]),
-                     "pos": torch.tensor([start])})
+                     "pos": torch.tensor([start]), "last": torch.tensor([CHUNK - 1])})
         tail = torch.full((CHUNK,), filler)
         tail[:8] = torch.tensor(prompt[32:])
-        last = pre.run({"token": tail, "pos": torch.tensor([32])})
-        token, logits = int(last["next_token"][7]), [last["logits"][7]]
+        last = pre.run({"token": tail, "pos": torch.tensor([32]), "last": torch.tensor([7])})
+        token, logits = int(last["next_token"][0]), [last["logits"][0]]
         for pos in range(40, 43):
             out = dec.run({"token": torch.tensor([token]), "pos": torch.tensor([pos])})
             token = int(out["next_token"][0])

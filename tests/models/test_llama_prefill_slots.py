@@ -6,6 +6,7 @@ the lm_head. PrefillSlots interleaves: each step is at most one prefill launch (
 oldest prompt still prefilling) and one decode launch (every decoding slot). Against
 transformers (a tiny random GQA Llama through hf:, float32): 3 prompts of different
 lengths give for each sequence exactly what it gives alone, on both CPU executors."""
+import dataclasses
 import json
 
 import pytest
@@ -19,6 +20,7 @@ from tilec.compiler.build import build_model  # noqa: E402
 from tilec.compiler.config import load_config  # noqa: E402
 from tilec.errors import RunError  # noqa: E402
 from tilec.models.llama import LlamaPrefillStep  # noqa: E402
+from tilec.passes.entries import verify_entries  # noqa: E402
 from tilec.runtime.executors import entry_executor, state_layout  # noqa: E402
 from tilec.runtime.generate import PrefillSlots  # noqa: E402
 import tiny_llama  # noqa: E402
@@ -82,6 +84,25 @@ def test_prefill_entry_shape(hf):
     assert layout and layout == state_layout(engine.data.schedule())
     report = engine.verify()
     assert report.ok, report
+
+
+def test_slot_prefill_append_and_state_checked_across_entries(hf):
+    """The verifier covers the slot prefill beside the batched decode: a prefill that
+    drops a KV append (into the slot's rows of the shared cache) from its queues, or
+    whose cache lies elsewhere than the decode step's, is named."""
+    _, engine, _, _ = hf
+    decode = ("decode", engine.data.schedule())
+    sched = engine.data.entry("prefill").schedule()
+    append = next(t for t in sched.taskgraph.tasks if t.group.endswith("_state_update"))
+    queues = tuple(tuple(t for t in q if t != append.id) for q in sched.queues)
+    report = verify_entries((decode, ("prefill", dataclasses.replace(sched, queues=queues))))
+    assert not report.ok and not report.checks["entry_writes_complete"]
+    line = next(v for v in report.violations if v.startswith("entry_writes_complete"))
+    assert f"prefill task {append.id}" in line and "_cache" in line and "decode task" in line
+    buffers = tuple(dataclasses.replace(b, offset=b.offset + 16)
+                    if b.name.endswith("layers_1_k_cache") else b for b in sched.buffers)
+    report = verify_entries((decode, ("prefill", dataclasses.replace(sched, buffers=buffers))))
+    assert not report.checks["entries_share_state"]
 
 
 @pytest.mark.parametrize("backend", ["reference", "interpret"])
