@@ -17,7 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import tilec.api as tilec_api  # noqa: E402
-from engines import resign  # noqa: E402
+from engines import check_unqueued_prefill_append_caught, resign  # noqa: E402
 from tilec.cli import main  # noqa: E402
 from tilec.errors import ConfigError, EngineError, RunError  # noqa: E402
 from tilec.models.llama import LlamaPrefillStep  # noqa: E402
@@ -148,13 +148,7 @@ def test_unqueued_prefill_append_caught_across_entries(hf):
     queues ends its launch without it: entry_writes_complete names the append and the
     decode's attention that would read the stale cache."""
     _, engine, _, _ = hf
-    decode, (_, sched) = _entries(engine)
-    append = next(t for t in sched.taskgraph.tasks if t.group.endswith("_state_update"))
-    queues = tuple(tuple(t for t in q if t != append.id) for q in sched.queues)
-    report = verify_entries((decode, ("prefill", dataclasses.replace(sched, queues=queues))))
-    assert not report.ok and not report.checks["entry_writes_complete"]
-    line = next(v for v in report.violations if v.startswith("entry_writes_complete"))
-    assert f"prefill task {append.id}" in line and "_cache" in line and "decode task" in line
+    check_unqueued_prefill_append_caught(engine)
 
 
 def test_moved_state_caught_across_entries(hf):
