@@ -212,7 +212,10 @@ def test_help_still_exits_0(capsys):
 @pytest.mark.parametrize("poison", ["all", "one"])
 def test_nan_logits_stop_generation_alike_on_both_cpu_backends(poison):
     """NaN weights: the interpreter's argmax raised (numpy's nanargmax refuses a row of
-    NaN) and the reference backend generated token 0; now both refuse at the same step."""
+    NaN) and the reference backend generated token 0; now both refuse at the same step.
+    The prompt [1, 2] goes through one launch of the engine's prefill entry, whose last
+    row (position 1) gives the first logits: that launch must run on the poisoned
+    weights too (it ran on the file's own, and the refusal came a step late)."""
     engine = tilec.api.load(compiled("llama_tiny"))
     pool = "pool.w_float32"
     weights = engine.data.tensors[pool].clone()
@@ -227,4 +230,4 @@ def test_nan_logits_stop_generation_alike_on_both_cpu_backends(poison):
             engine.generate([1, 2], 2, backend=backend)
         messages.append(str(info.value))
     assert messages[0] == messages[1], messages
-    assert messages[0].startswith("step 1 (position 0): the logits are NaN"), messages[0]
+    assert messages[0].startswith("step 1 (position 1): the logits are NaN"), messages[0]

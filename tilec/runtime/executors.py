@@ -91,10 +91,13 @@ class Executor:
                 from tilec.runtime.distributed import communicator
                 self.comm = communicator(tg.device, tg.devices)
 
-    def use_state_of(self, other: "Executor") -> None:
+    def use_state_of(self, other: "Executor", entry_of_other: bool = False) -> None:
         """Run on `other`'s state pools (the KV cache) from now on, and on its weight
-        pools where both come from the same engine file's tensors (the entries of one
-        engine store their weights once): another schedule over the same state (a
+        pools where both come from the same engine file's tensors, or where this is an
+        entry of `other`'s engine (`entry_of_other`: the entries of one engine store
+        their weights once, placed alike, checked at load; so weights the caller put
+        in place of the file's are the ones every entry runs on): another schedule over
+        the same state (a
         decoder's prefill entry beside its decode step), whose state buffers must lie
         where this one's do (same names, pools, offsets, shapes), else a RunError.
         Launches of the two run one after the other, each to its end, so one's writes
@@ -106,8 +109,8 @@ class Executor:
                            f"(first difference: {diff[0][0]}): they cannot share it")
         for p in self.schedule.pools:
             key = f"pool.{p.name}"
-            same_weights = p.kind == "weight" and p.name in other.pools and \
-                self.engine.tensors.get(key) is other.engine.tensors.get(key)
+            same_weights = p.kind == "weight" and p.name in other.pools and (
+                entry_of_other or self.engine.tensors.get(key) is other.engine.tensors.get(key))
             if p.kind == "state" or same_weights:
                 self.pools[p.name] = other.pools[p.name]
         if hasattr(self, "pool_args"):
@@ -533,7 +536,7 @@ def entry_executor(decode: Executor, name: str, **kwargs) -> Executor:
     weights (use_state_of). `kwargs`: the CPU backends' policy and seed."""
     entry = decode.engine.entry(name)
     executor = make_executor(entry, decode.backend, **kwargs)
-    executor.use_state_of(decode)
+    executor.use_state_of(decode, entry_of_other=True)
     return executor
 
 
