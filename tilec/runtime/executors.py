@@ -91,22 +91,22 @@ class Executor:
                 from tilec.runtime.distributed import communicator
                 self.comm = communicator(tg.device, tg.devices)
 
-    def use_state_of(self, other: "Executor", entry_of_other: bool = False) -> None:
-        """Run on `other`'s state pools (the KV cache) from now on, and on its weight
-        pools where both come from the same engine file's tensors, or where this is an
-        entry of `other`'s engine (`entry_of_other`: the entries of one engine store
-        their weights once, placed alike, checked at load; so weights the caller put
-        in place of the file's are the ones every entry runs on): another schedule over
-        the same state (a
-        decoder's prefill entry beside its decode step), whose state buffers must lie
-        where this one's do (same names, pools, offsets, shapes), else a RunError.
-        Launches of the two run one after the other, each to its end, so one's writes
-        are complete before the other reads them (passes/entries.py)."""
+    def use_state_of(self, other: "Executor") -> None:
+        """Run on `other`'s state pools (the KV cache) from now on: another schedule
+        over the same state (a decoder's prefill entry beside its decode step), whose
+        state buffers must lie where this one's do (same names, pools, offsets, shapes),
+        else a RunError. And on `other`'s weight pools where this is an entry of
+        `other`'s engine (the entries of one engine store their weights once, placed
+        alike, checked at load: weights a caller put in place of the file's are then the
+        ones every entry runs on) or both come from the same file tensors. Launches of
+        the two run one after the other, each to its end, so one's writes are complete
+        before the other reads them (passes/entries.py)."""
         mine, theirs = state_layout(self.schedule), state_layout(other.schedule)
         if mine != theirs:
             diff = sorted(set(mine.items()) ^ set(theirs.items()))
             raise RunError(f"the two schedules lay out their state differently "
                            f"(first difference: {diff[0][0]}): they cannot share it")
+        entry_of_other = other.engine.entries.get(self.engine.manifest.entry) is self.engine
         for p in self.schedule.pools:
             key = f"pool.{p.name}"
             same_weights = p.kind == "weight" and p.name in other.pools and (
@@ -536,7 +536,7 @@ def entry_executor(decode: Executor, name: str, **kwargs) -> Executor:
     weights (use_state_of). `kwargs`: the CPU backends' policy and seed."""
     entry = decode.engine.entry(name)
     executor = make_executor(entry, decode.backend, **kwargs)
-    executor.use_state_of(decode, entry_of_other=True)
+    executor.use_state_of(decode)
     return executor
 
 
