@@ -19,7 +19,7 @@ class Buffer:
     offset: int = -1    # filled by memplan: element offset inside that pool
     # Multi-device weights and state (memplan): the flat element range [lo, hi) of the
     # buffer this device's pool holds, the part its tasks touch; () for all of it. The buffer still
-    # spans [offset, offset + numel) of the pool, so any in-grid tile addresses memory
+    # spans [offset, offset + extent()) of the pool, so any in-grid tile addresses memory
     # inside the pool, but only [offset + lo, offset + hi) holds the buffer's values.
     stored: tuple[int, ...] = ()
     # Multi-device weights (passes/shard.py): the box (per-dim [start, stop)) of the
