@@ -125,3 +125,21 @@ def eager_greedy(model, prompt: list[int], new_tokens: int):
                 if len(tokens) == pos + 1:
                     tokens.append(int(out["next_token"][0]))
     return tokens[len(prompt):], torch.stack(logits)
+
+
+def check_unqueued_prefill_append_caught(engine) -> None:
+    """An engine's prefill schedule with its first KV append dropped from its queues
+    ends its launch without it: across entries, entry_writes_complete names the append
+    and the decode's attention that would read the stale cache."""
+    import dataclasses
+
+    from tilec.passes.entries import verify_entries
+
+    decode = ("decode", engine.data.schedule())
+    sched = engine.data.entry("prefill").schedule()
+    append = next(t for t in sched.taskgraph.tasks if t.group.endswith("_state_update"))
+    queues = tuple(tuple(t for t in q if t != append.id) for q in sched.queues)
+    report = verify_entries((decode, ("prefill", dataclasses.replace(sched, queues=queues))))
+    assert not report.ok and not report.checks["entry_writes_complete"]
+    line = next(v for v in report.violations if v.startswith("entry_writes_complete"))
+    assert f"prefill task {append.id}" in line and "_cache" in line and "decode task" in line

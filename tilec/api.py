@@ -160,11 +160,13 @@ class Engine:
         prompts (returns a list of them, in order). An engine compiled with
         `model: {batch: B}` runs up to B of them side by side, one per sequence slot;
         each sequence stops on its own and frees its slot for the next prompt, and makes
-        exactly the tokens it makes alone. An engine with a prefill entry (a batch-1
-        decoder compiled with `model.prefill`, on by default) takes the prompt in chunks,
-        one launch each, over the decode step's KV cache; otherwise (or with
-        `prefill=False`) the prompt is fed one token per step. Then each new token is
-        fed back. `Generation.prefill_steps`, `decode_steps` and `ttft_s` (seconds to the
+        exactly the tokens it makes alone. An engine with a prefill entry (a decoder
+        compiled with `model.prefill`, on by default) takes a prompt in chunks, one
+        launch each, over the decode step's KV cache (a batch engine: into the prompt's
+        slot, one chunk per step beside the decode launch of the other slots);
+        otherwise (or with `prefill=False`) the prompt is fed one token per step. Then
+        each new token is fed back. `Generation.prefill_steps`, `decode_steps` (the
+        launches of each entry that fed that sequence) and `ttft_s` (seconds to its
         first new token) say how it went. Greedy (the engine's on-device argmax) unless
         `temperature` > 0, which samples on the host from the logits (optionally from
         the `top_k` most likely, then from the smallest set whose probability reaches

@@ -15,7 +15,7 @@ import tilec.api
 from tilec.codegen import aot
 from tilec.codegen.loader import load_kernel
 from tilec.compiler.build import build_model
-from tilec.compiler.config import load_config
+from tilec.compiler.config import NO_PREFILL, load_config
 from tilec.ir.abi import POOL_POINTER_TYPES
 from tilec.models.llama import LlamaPrefillStep
 
@@ -65,9 +65,10 @@ class ChosenExperts(nn.Module):
 
 
 def batched(path: Path, batch: int):
-    """The decoder model.yaml at `path` with `model.batch` set."""
+    """The decoder model.yaml at `path` with `model.batch` set, decode-only (a batch
+    engine's prefill entry is compiled below on its own)."""
     cfg = load_config(path)
-    return replace(cfg, model=replace(cfg.model, batch=batch))
+    return replace(cfg, model=replace(cfg.model, batch=batch, prefill=NO_PREFILL))
 
 
 def prefill_model(path: Path, chunk: int, batch: int = 1):

@@ -21,7 +21,8 @@ GOAL_BYTES = 32 * 1024
 
 # One Llama-3.2-1B layer: the same matmul shapes as the 16-layer model (K = 2048 and
 # 8192), a small vocabulary so that the compile stays short
-LAYER = {"model": {"family": "llama", "max_seq_len": 128, "config": {
+# (decode-only: the decode step's weight streaming is what these measure)
+LAYER = {"model": {"family": "llama", "max_seq_len": 128, "prefill": False, "config": {
     "vocab_size": 2048, "hidden_size": 2048, "intermediate_size": 8192,
     "num_hidden_layers": 1, "num_attention_heads": 32, "num_key_value_heads": 8,
     "head_dim": 64, "tie_word_embeddings": True}}, "target": "h200"}

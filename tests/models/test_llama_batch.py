@@ -30,7 +30,10 @@ NEW_TOKENS = 4
 
 def _yaml(folder, name, **model):
     path = folder / f"{name}.yaml"
-    path.write_text(json.dumps({"model": {"hf": "ckpt", "max_seq_len": 32, **model},
+    # (decode-only: the batched decode step is what these test; test_llama_prefill_slots
+    # tests a batch engine's prefill entry)
+    path.write_text(json.dumps({"model": {"hf": "ckpt", "max_seq_len": 32, "prefill": False,
+                                          **model},
                                 "dtype": "float32", "target": {"name": "cpu", "workers": 2}}))
     return path
 

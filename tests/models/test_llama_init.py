@@ -132,7 +132,8 @@ def test_packing_a_yaml_model_frees_its_weights_and_packs_the_same_pools(tmp_pat
     path = tmp_path / "tiny.yaml"
     config = dict(TINY, tie_word_embeddings=tied)
     path.write_text(yaml.safe_dump({"model": {"family": "llama", "config": config,
-                                              "max_seq_len": 16}, "seed": 3}))
+                                              "max_seq_len": 16, "prefill": False},
+                                    "seed": 3}))
     from_yaml = tilec.api.compile(str(path))
     cfg = cfgmod.load_config(str(path))
     module, inputs = build.build_model(cfg)

@@ -17,7 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import tilec.api as tilec_api  # noqa: E402
-from engines import resign  # noqa: E402
+from engines import check_unqueued_prefill_append_caught, resign  # noqa: E402
 from tilec.cli import main  # noqa: E402
 from tilec.errors import ConfigError, EngineError, RunError  # noqa: E402
 from tilec.models.llama import LlamaPrefillStep  # noqa: E402
@@ -95,11 +95,11 @@ def test_padded_rows_never_reach_a_read(hf):
         pre = entry_executor(dec, "prefill")
         for start in (0, 16):
             pre.run({"token": torch.tensor(prompt[start:start + CHUNK]),
-                     "pos": torch.tensor([start])})
+                     "pos": torch.tensor([start]), "last": torch.tensor([CHUNK - 1])})
         tail = torch.full((CHUNK,), filler)
         tail[:8] = torch.tensor(prompt[32:])
-        last = pre.run({"token": tail, "pos": torch.tensor([32])})
-        token, logits = int(last["next_token"][7]), [last["logits"][7]]
+        last = pre.run({"token": tail, "pos": torch.tensor([32]), "last": torch.tensor([7])})
+        token, logits = int(last["next_token"][0]), [last["logits"][0]]
         for pos in range(40, 43):
             out = dec.run({"token": torch.tensor([token]), "pos": torch.tensor([pos])})
             token = int(out["next_token"][0])
@@ -148,13 +148,7 @@ def test_unqueued_prefill_append_caught_across_entries(hf):
     queues ends its launch without it: entry_writes_complete names the append and the
     decode's attention that would read the stale cache."""
     _, engine, _, _ = hf
-    decode, (_, sched) = _entries(engine)
-    append = next(t for t in sched.taskgraph.tasks if t.group.endswith("_state_update"))
-    queues = tuple(tuple(t for t in q if t != append.id) for q in sched.queues)
-    report = verify_entries((decode, ("prefill", dataclasses.replace(sched, queues=queues))))
-    assert not report.ok and not report.checks["entry_writes_complete"]
-    line = next(v for v in report.violations if v.startswith("entry_writes_complete"))
-    assert f"prefill task {append.id}" in line and "_cache" in line and "decode task" in line
+    check_unqueued_prefill_append_caught(engine)
 
 
 def test_moved_state_caught_across_entries(hf):
@@ -266,11 +260,11 @@ def test_one_kv_head_append_is_a_row_task(one_kv_head, backend):
 def test_prefill_refused_where_there_is_none(tmp_path):
     """An explicit model.prefill on a model without a prefill step is one ConfigError
     line naming the key (before anything is built); without the key, or with
-    `prefill: false`, such engines and Llama ones are decode-only."""
+    `prefill: false`, such engines and Llama ones are decode-only. (A batch engine has
+    one: test_llama_prefill_slots.py.)"""
     tiny = {"vocab_size": 16, "hidden_size": 16, "intermediate_size": 16,
             "num_hidden_layers": 1, "num_attention_heads": 2}
     cases = {"deepseek": ({"family": "deepseek_v3"}, "DeepseekDecodeStep has no prefill"),
-             "batch": ({"family": "llama", "config": tiny, "batch": 2}, "a batch engine"),
              "devices": ({"family": "llama", "config": tiny}, "multi-device")}
     for name, (model, words) in cases.items():
         path = tmp_path / f"{name}.yaml"
@@ -296,3 +290,36 @@ def test_chunk_is_checked():
     for chunk in (16, 1, 2.0):
         with pytest.raises(ConfigError, match="prefill.chunk"):
             LlamaPrefillStep(cfg, 8, chunk)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_prefill_step_over_decode_is_built_as_init_builds_it(batch):
+    """entries.prefill_step: every attribute of every module is what LlamaPrefillStep's
+    __init__ sets (the shallow copy it replaced kept the decode step's and missed any
+    that __init__ gained), every parameter and buffer is the decode step's own tensor
+    (nothing copied), and it computes what a LlamaPrefillStep with those weights does."""
+    from tilec.compiler.entries import prefill_step
+    from tilec.models.llama import LlamaConfig, LlamaDecodeStep
+    cfg = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(4)
+    decode = LlamaDecodeStep(cfg, 16, batch=batch).eval()
+    step = prefill_step(decode, 4)
+    fresh = LlamaPrefillStep(cfg, 16, 4, batch=batch).eval()
+    fresh.load_state_dict(decode.state_dict())
+
+    def plain(module):   # the attributes that are neither tensors nor modules
+        return {k: v for k, v in vars(module).items() if not k.startswith("_")}
+
+    for (name, mine), (_, theirs) in zip(step.named_modules(), fresh.named_modules(),
+                                         strict=True):
+        assert type(mine) is type(theirs) and plain(mine) == plain(theirs), name
+    tensors = dict(step.named_parameters()) | dict(step.named_buffers())
+    for name, t in list(decode.named_parameters()) + list(decode.named_buffers()):
+        assert tensors.pop(name) is t, name
+    assert list(tensors) == ["chunk_rows"]
+    args = (torch.randint(0, 32, (4,)), torch.tensor([3]), torch.tensor([2])) + \
+        ((torch.tensor([1]),) if batch > 1 else ())
+    with torch.no_grad():
+        want = fresh(*args)["logits"]
+        assert torch.equal(step(*args)["logits"], want)

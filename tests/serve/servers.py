@@ -81,7 +81,8 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def engine_path(checkpoint) -> Path:
     yaml_path = checkpoint.parent / "chat_tiny.yaml"
-    yaml_path.write_text(json.dumps({"model": {"hf": "ckpt", "max_seq_len": 48},
+    # (a token per step: test_prefill_serve compares its chunked prefill with this)
+    yaml_path.write_text(json.dumps({"model": {"hf": "ckpt", "max_seq_len": 48, "prefill": False},
                                      "dtype": "float32", "target": {"name": "cpu", "workers": 1}}))
     out = checkpoint.parent / "chat_tiny.engine"
     tilec.api.compile(str(yaml_path)).save(out)

@@ -12,7 +12,8 @@ BATCH = 3
 
 def test_concurrent_requests_share_the_step(checkpoint, engine_path):
     yaml_path = checkpoint.parent / "chat_tiny_b3.yaml"
-    yaml_path.write_text(json.dumps({"model": {"hf": "ckpt", "max_seq_len": 48, "batch": BATCH},
+    yaml_path.write_text(json.dumps({"model": {"hf": "ckpt", "max_seq_len": 48, "batch": BATCH,
+                                               "prefill": False},
                                      "dtype": "float32", "target": {"name": "cpu", "workers": 1}}))
     engine = tilec.api.compile(str(yaml_path), name=MODEL)
     clients = 5

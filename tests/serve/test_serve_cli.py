@@ -34,7 +34,7 @@ def test_sigterm_drains_the_stream_in_flight_and_exits_0(engine_path):
     try:
         first = lines_of(proc.stdout).get(timeout=120)
         m = re.search(r"model 'chat_tiny' at (http://127\.0\.0\.1:(\d+)/v1) \(backend reference, "
-                      r"1 sequence slot\(s\), queue 64\)", first)
+                      r"1 sequence slot\(s\), no prefill, queue 64\)", first)
         assert m, first
         client = openai.OpenAI(base_url=m.group(1), api_key="unused", max_retries=0, timeout=120)
         stream = client.completions.create(model="chat_tiny", prompt=[7, 3], max_tokens=12,

@@ -15,7 +15,7 @@ from tilec.codegen.exprs import TL_DTYPES, cast, downcast, upcast
 from tilec.codegen.group_emitter import REDUCTIONS, GroupCode, GroupEmitter, pow2
 from tilec.ir.attention import attention_chunks, attention_parts, partial_names
 from tilec.ir.graph import Group, Op, is_indexed_matmul
-from tilec.ir.stream import PROLOGUE_CHUNK, is_matvec, ring_stages
+from tilec.ir.stream import PROLOGUE_CHUNK, is_gemm, is_matvec, ring_stages
 from tilec.ir.tasks import Buffer, GroupTiling
 
 
@@ -111,7 +111,11 @@ def emit_matmul(e: GroupEmitter, epilogue: tuple[str, ...]) -> list[str]:
     a_round = cast("a_tile", "float32", a_dtype) if a_dtype in ("bfloat16", "float16") else "a_tile"
     c.main = a_lines + [f"a_tile = tl.where(mask, {a_expr}, 0.0)", f"a_tile = {a_round}"]
     b_dtype = ops[b.value].type.dtype
-    if not is_matvec(tiling) and tiling.block_k >= 16 and tiling.block_n >= 16:
+    if group.kind == "matmul" and is_gemm(tiling) and tiling.block_k >= 16 and \
+            tiling.block_n >= 16:
+        _gemm_loop(c, b_ptr, b.strides[-2:], k, tiling)
+        c.dot = "acc = " + dot("a_tile", "b_tile", b_dtype, "acc")
+    elif not is_matvec(tiling) and tiling.block_k >= 16 and tiling.block_n >= 16:
         _tensor_core_loop(c, b_ptr, b.strides[-2:], k)
         c.dot = "acc = " + dot("a_tile", "b_tile", b_dtype, "acc")
     else:
@@ -137,6 +141,21 @@ def _tensor_core_loop(c: MatmulCode, b_ptr: str, strides: tuple[int, int], k: in
                 f"mask=({kk} < {k})[:, None] & nmask[None, :], other=0)")
     c.b_first = b_load("kb")
     c.b_next = b_load("kn")
+
+
+def _gemm_loop(c: MatmulCode, b_ptr: str, strides: tuple[int, int], k: int,
+               tiling: GroupTiling) -> None:
+    """The K loop of a GEMM tile (a prefill chunk's rows): each trip loads its [BM, BK]
+    A chunk and [BK, BN] B chunk, which Triton's pipeliner (`tl.range(num_stages=...)`)
+    copies ahead asynchronously into `ring_stages` shared-memory stages, and one `tl.dot`
+    applies the B chunk to all BM rows: each weight tile is read once per launch for
+    every row of the tile."""
+    sk, sn = strides
+    c.stages = ring_stages(tiling, k)
+    c.b_tile = (f"tl.load({b_ptr} + cols[:, None] * {sk} + ncols[None, :] * {sn}, "
+                f"mask=cmask[:, None] & nmask[None, :], other=0)")
+    c.acc_shape = [tiling.block_m, tiling.block_n]
+    c.acc_finish = ""
 
 
 def _stream_loop(c: MatmulCode, b_ptr: str, strides: tuple[int, int], nk: tuple[int, int],

@@ -157,9 +157,9 @@ def plan_prefill(decode, chunk: int, token: torch.Tensor, name: str, options, pr
     """The decoder's prefill entry (compiler/entries.py) through memplan: a chunk of
     `chunk` tokens from a position at which the whole chunk fits the cache."""
     module = entries.prefill_step(decode, chunk)
-    info = (InputInfo("token", 0, decode.cfg.vocab_size),
-            InputInfo("pos", 0, decode.max_seq_len - chunk + 1))
-    return plan_entry(module, entries.prefill_inputs(chunk, token), name=name,
+    info = tuple(InputInfo(*r) for r in entries.prefill_ranges(
+        chunk, decode.batch, decode.cfg.vocab_size, decode.max_seq_len))
+    return plan_entry(module, entries.prefill_inputs(chunk, decode.batch, token), name=name,
                       options=options, input_info=info, progress=progress)
 
 

@@ -8,15 +8,17 @@ a multiple of every tensor-core tile height, so each weight tile a launch stream
 fast in tests and examples. Never more than max_seq_len.
 
 Only the Llama-family decode step (the `llama` family and the hf architectures it
-serves) has a prefill step, at batch 1, on one device: an explicit `model.prefill`
-elsewhere is a ConfigError naming the key; without it those engines are decode-only.
+serves) has a prefill step, on one device: an explicit `model.prefill` elsewhere is a
+ConfigError naming the key; without it those engines are decode-only. A batch engine
+(`model.batch` B > 1) has one too: it writes its chunk into one run-time `slot` of the
+batched KV cache (LlamaPrefillStep).
+
+A prefill launch's inputs: `token` [P], `pos` [1] (the first row's position), `last`
+[1] (the chunk's last real row: only its logits are computed) and, at B > 1, `slot` [1].
 """
 from __future__ import annotations
 
-import copy
-
 import torch
-from torch import nn
 
 from tilec.compiler import config as cfgmod
 from tilec.errors import ConfigError
@@ -41,9 +43,6 @@ def prefill_chunk(cfg: cfgmod.ModelConfig, step: type, target: Target) -> int | 
     why_not = None
     if step is not LlamaDecodeStep:
         why_not = f"{step.__name__} has no prefill step (its engines are decode-only)"
-    elif spec.batch > 1:
-        why_not = ("a batch engine (model.batch > 1) is decode-only for now: the prefill "
-                   "step fills one sequence's KV cache, not one slot of a batched one")
     elif target.devices > 1:
         why_not = "a multi-device engine (target.devices > 1) is decode-only"
     if why_not is not None:
@@ -56,27 +55,29 @@ def prefill_chunk(cfg: cfgmod.ModelConfig, step: type, target: Target) -> int | 
 
 
 def prefill_step(decode: LlamaDecodeStep, chunk: int) -> LlamaPrefillStep:
-    """A LlamaPrefillStep of `chunk` rows over `decode`'s own parameters and buffers (the
-    same tensors, nothing copied or drawn: a family model's weights may still be being
-    drawn into them), with its own layers (each knows the chunk) and its own row
-    offsets. Its buffers have the decode step's names, so the compiled entries share
-    them by name (memplan.share_fixed)."""
-    if type(decode) is not LlamaDecodeStep or decode.batch != 1:
-        raise ConfigError("model.prefill: only a batch-1 Llama-family decode step has one")
-    step = copy.copy(decode)
-    step.__class__ = LlamaPrefillStep
-    step._modules = dict(decode._modules)
-    step._buffers = dict(decode._buffers)
-    step.layers = nn.ModuleList(copy.copy(layer) for layer in decode.layers)
-    for layer in step.layers:
-        layer.chunk = chunk
-    step.chunk = chunk
-    step.register_buffer("chunk_rows", torch.arange(chunk, device=decode.positions.device),
-                         persistent=False)
-    return step
+    """A LlamaPrefillStep of `chunk` rows over `decode`'s own parameters and buffers
+    (LlamaPrefillStep.over: the same tensors, nothing copied), of the same batch. Its
+    buffers have the decode step's names, so the compiled entries share them by name
+    (memplan.share_fixed)."""
+    if type(decode) is not LlamaDecodeStep:
+        raise ConfigError("model.prefill: only a Llama-family decode step has one")
+    return LlamaPrefillStep.over(decode, chunk)
 
 
-def prefill_inputs(chunk: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A prefill launch's example inputs: `chunk` tokens and the first one's position."""
-    return (torch.zeros(chunk, dtype=torch.int64, device=like.device),
-            torch.zeros(1, dtype=torch.int64, device=like.device))
+def prefill_inputs(chunk: int, batch: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A prefill launch's example inputs (token, pos, last, slot): `chunk` tokens,
+    the first one's position, the row whose logits count, and at batch > 1 the slot."""
+    def one():
+        return torch.zeros(1, dtype=torch.int64, device=like.device)
+    rows = (torch.zeros(chunk, dtype=torch.int64, device=like.device), one(), one())
+    return rows + ((one(),) if batch > 1 else ())
+
+
+def prefill_ranges(chunk: int, batch: int, vocab_size: int, max_seq_len: int
+                   ) -> tuple[tuple[str, int, int], ...]:
+    """Each prefill input's values, [low, high): a position at which the whole chunk fits
+    the cache, a row of the chunk, a slot of the batch (an executor refuses any other
+    in one RunError before the launch)."""
+    ranges = (("token", 0, vocab_size), ("pos", 0, max_seq_len - chunk + 1),
+              ("last", 0, chunk))
+    return ranges + ((("slot", 0, batch),) if batch > 1 else ())

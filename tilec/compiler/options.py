@@ -58,8 +58,10 @@ def target_options(name: str, workers: int | None = None, policy: str = "critica
     rows = min(MAX_BATCH_TILE_M, 1 << (batch - 1).bit_length())
     if batch > 1 and target.backend == "cuda":
         base = replace(base, min_tile_m=TENSOR_CORE_ROWS)
+    # an explicit tile_m is every matmul's row tile, a prefill chunk's too (no GEMM rows)
     tiles = replace(base, tile_m=tile_m or max(base.tile_m, rows), tile_n=tile_n or base.tile_n,
                     tile_k=tile_k or base.tile_k, kv_chunk=kv_chunk or base.kv_chunk,
+                    gemm_tile_m=0 if tile_m else base.gemm_tile_m,
                     workers=target.workers if target.backend == "cuda" else 1)
     return CompileOptions(target=target, policy=policy, tiles=tiles)
 
@@ -69,19 +71,24 @@ def target_options(name: str, workers: int | None = None, policy: str = "critica
 MAX_BATCH_TILE_M = 64
 
 
+# Rows of a GEMM tile at most (a matmul of more rows than tile_m: a prefill chunk's),
+# so each weight tile a prefill launch streams serves up to this many prompt tokens.
+GEMM_TILE_M = 128
+
+
 def default_tiles(target: Target) -> TileOptions:
     if target.backend == "cpu":
         # The interpreter pays per task and per numpy call, not per element: few, big tiles.
         # Workers take turns in one process, so more tiles never run faster here; and
         # registers are numpy arrays, so tiles need no size bound.
         return TileOptions(tile_m=32, tile_n=128, tile_k=128, row_chunk=4096,
-                           max_tile_elems=1 << 22)
+                           max_tile_elems=1 << 22, gemm_tile_m=GEMM_TILE_M)
     # GPU: the tile pass picks each matmul's width between these (balance_widths). A
     # matvec tile's K chunk is then as long as a chunk of RING_CHUNK_ELEMS allows (16 KB
     # of bf16, one stage of the weight ring): 64 for 128 columns (128 contiguous bytes
     # of each [N, K] weight row), 1024 for 8 columns (one 16-byte vector of a row).
     return TileOptions(tile_m=16, tile_n=128, tile_k=2048, row_chunk=1024, min_tile_n=8,
-                       max_tile_elems=RING_CHUNK_ELEMS)
+                       max_tile_elems=RING_CHUNK_ELEMS, gemm_tile_m=GEMM_TILE_M)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""How a matvec task streams its weights: the depth of the kernel's weight ring.
+"""How a matvec or GEMM task streams its weights: the depth of the kernel's weight ring.
 
 Shared by codegen (the `num_stages` of the K loop), the tile pass and the cost model
 (what a worker keeps in flight), so that all three describe the same kernel. What the
@@ -40,21 +40,41 @@ PROTOCOL_ROUND_TRIPS = 3
 # A tile with fewer rows than this is a matvec (a broadcast product and FMAs); from
 # it on, a tensor-core tile (`tl.dot` needs 16 rows).
 TENSOR_CORE_ROWS = 16
+# Triton's `num_stages` for a GEMM tile's K loop (a tensor-core tile of more than
+# TENSOR_CORE_ROWS rows, a prefill chunk's): each stage holds a [BM, BK] chunk of A and
+# a [BK, BN] chunk of B in shared memory, at most 16 KB + 16 KB of bf16 for a
+# [128, 64] x [64, 128] tile, so 3 stages keep 2 chunks of B in flight in 96 KB.
+GEMM_STAGES = 3
 
 
 def is_matvec(tiling: GroupTiling) -> bool:
     return tiling.block_m < TENSOR_CORE_ROWS
 
 
+def is_gemm_rows(block_m: int) -> bool:
+    """A tile of `block_m` rows is a GEMM tile: a tensor-core tile with a pipelined K
+    loop, whose chunks pass through shared memory rather than registers."""
+    return block_m > TENSOR_CORE_ROWS
+
+
+def is_gemm(tiling: GroupTiling) -> bool:
+    return is_gemm_rows(tiling.block_m)
+
+
 def ring_bytes(tiling: GroupTiling, k: int, itemsize: int) -> int:
-    """Bytes of B a worker keeps in flight in a matvec tile's ring when a chunk is
+    """Bytes of B a worker keeps in flight in a matvec or GEMM tile's ring when a chunk is
     awaited (RING_STAGES - 1 chunks, Triton's pipeliner), 0 without a ring."""
     stages = ring_stages(tiling, k)
     return (stages - 1) * tiling.block_n * tiling.block_k * itemsize if stages > 1 else 0
 
 
 def ring_stages(tiling: GroupTiling, k: int) -> int:
-    """The K loop's pipeline depth: RING_STAGES for a matvec tile whose loop takes more
-    than one trip; 1 (no ring: nothing to overlap) otherwise."""
-    trips = -(-k // max(1, tiling.block_k))
-    return RING_STAGES if is_matvec(tiling) and trips > 1 else 1
+    """The K loop's pipeline depth when it takes more than one trip: RING_STAGES for a
+    matvec tile, GEMM_STAGES for a GEMM tile; 1 (no ring: nothing to overlap) for a
+    loop of one trip and for a 16-row tensor-core tile (it loads the next chunk into
+    registers instead)."""
+    if -(-k // max(1, tiling.block_k)) <= 1:
+        return 1
+    if is_matvec(tiling):
+        return RING_STAGES
+    return GEMM_STAGES if is_gemm(tiling) else 1

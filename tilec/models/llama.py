@@ -696,6 +696,37 @@ class LlamaPrefillStep(LlamaDecodeStep):
             layer.chunk = chunk
         self.register_buffer("chunk_rows", torch.arange(chunk), persistent=False)
 
+    @classmethod
+    def over(cls, decode: LlamaDecodeStep, chunk: int) -> "LlamaPrefillStep":
+        """A prefill step of `chunk` rows over `decode`'s own parameters and buffers
+        (the same tensor objects: nothing copied or drawn, and a family model's weights
+        may still be being drawn into them), so the compiled entries share them by name
+        (memplan.share_fixed). Built by __init__ (on the meta device, where it allocates
+        nothing), so every attribute __init__ sets is set; then each module's tensors
+        are replaced by the decode step's module of the same name, which must hold
+        tensors of the same names (a ValueError otherwise); `chunk_rows` is its own."""
+        if type(decode) is not LlamaDecodeStep:
+            raise ValueError(f"a prefill step is built over a LlamaDecodeStep, not "
+                             f"{type(decode).__name__}")
+        with torch.device("meta"):
+            step = cls(decode.cfg, decode.max_seq_len, chunk, decode.batch)
+        mine = {"": {"chunk_rows"}}   # per module: tensors only the prefill step has
+        for name, module in step.named_modules():
+            theirs = decode.get_submodule(name)
+            if name and type(theirs) is not type(module):
+                raise ValueError(f"prefill step module {name!r}: {type(module).__name__}, "
+                                 f"the decode step's is {type(theirs).__name__}")
+            for table in ("_parameters", "_buffers"):
+                own, other = getattr(module, table), getattr(theirs, table)
+                keep = mine.get(name, set()) if table == "_buffers" else set()
+                if set(own) - keep != set(other):
+                    raise ValueError(f"prefill step module {name!r}: {table[1:]} "
+                                     f"{sorted(set(own) - keep)}, the decode step's "
+                                     f"{sorted(other)}")
+                own.update(other)
+        step.chunk_rows = torch.arange(chunk, device=decode.positions.device)
+        return step.train(decode.training)
+
     def forward(self, token: torch.Tensor, pos: torch.Tensor, last: torch.Tensor | None = None,
                 slot: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if self.batch > 1 and (slot is None or last is None):

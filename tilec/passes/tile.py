@@ -15,7 +15,7 @@ from tilec.errors import ConfigError
 from tilec.ir.attention import attention_chunks, attention_parts, partial_names
 from tilec.ir.graph import (DTYPE_BYTES, FusedGraph, Group, Op, Operand, TensorType,
                             is_indexed_matmul)
-from tilec.ir.stream import MIN_MATVEC_BK, TENSOR_CORE_ROWS
+from tilec.ir.stream import MIN_MATVEC_BK, TENSOR_CORE_ROWS, is_gemm_rows
 from tilec.ir.target import Target
 from tilec.ir.tasks import Buffer, GroupTiling, Region, Task, TaskGraph
 from tilec.passes.cost import Streams, list_makespan, task_dtype, task_time_us
@@ -41,14 +41,27 @@ class TileOptions:
     # a matmul tile of more than one row holds at least this many (the rest masked): a
     # batched decode step's matmuls of a few rows then run as tensor-core tiles
     min_tile_m: int = 1
+    # rows per tile of a matmul of more rows than `tile_m` (a prefill chunk's): a GEMM
+    # tile, which streams each weight tile once for all its rows; 0: `tile_m`
+    gemm_tile_m: int = 0
 
 
 def pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def matmul_rows(m: int, opt: TileOptions) -> int:
-    """Rows per tile of a matmul of `m` rows."""
+def matmul_rows(m: int, opt: TileOptions, bn: int = 16) -> int:
+    """Rows per tile of a matmul of `m` rows cut into `bn` columns: up to `tile_m` (one
+    row for a decode step's matvec, 16 or more for a small batch's tensor-core tile);
+    beyond, a GEMM tile of up to `gemm_tile_m` rows, so a weight tile serves every row
+    of a prefill chunk, as long as its [rows, bn] float32 accumulator stays within
+    `max_tile_elems` (registers: [128, 128] spilled on sm_90, [128, 64] did not)."""
+    if m > opt.tile_m and opt.gemm_tile_m > opt.tile_m:
+        rows = min(opt.gemm_tile_m, pow2(m))
+        while rows > opt.tile_m and rows * bn > opt.max_tile_elems:
+            rows //= 2
+        if rows > opt.tile_m:
+            return rows
     return min(opt.tile_m, pow2(m) if m == 1 else max(pow2(m), opt.min_tile_m))
 
 
@@ -107,11 +120,13 @@ def partial_buffers(group: Group, ops: dict[str, Op], tiling: GroupTiling) -> li
 def matmul_tiling(group: Group, ops: dict[str, Op], opt: TileOptions, bn: int) -> GroupTiling:
     """A matmul group cut into tiles of `bn` output columns."""
     batch, m, n, k = matmul_dims(ops[group.anchor])
-    bm = matmul_rows(m, opt)
+    bm = matmul_rows(m, opt, bn)
     bk = min(opt.tile_k, pow2(k))
     # Below 16 rows the product is a broadcast multiply and a sum over a
     # [BM, BK, BN] block held in registers: bound it (tensor-core tiles need BK >= 16).
-    limit = opt.max_tile_elems // (bm * bn)
+    # A GEMM tile's chunks go through shared memory (a pipelined K loop): bound its
+    # [BM, BK] and [BK, BN] chunks, one stage of its ring.
+    limit = opt.max_tile_elems // (max(bm, bn) if is_gemm_rows(bm) else bm * bn)
     while bk > 1 and bk > limit and (bm < 16 or bk > 16):
         bk //= 2
     return GroupTiling(group.name, bm, bn, bk, (batch, -(-m // bm), -(-n // bn)))
@@ -127,6 +142,8 @@ def width_choices(group: Group, ops: dict[str, Op], opt: TileOptions) -> list[in
     widest = min(opt.tile_n, pow2(n))
     if bm < TENSOR_CORE_ROWS:   # a matvec chunk keeps its K span at least MIN_MATVEC_BK
         widest = min(widest, max(low, opt.max_tile_elems // (bm * min(pow2(k), MIN_MATVEC_BK))))
+    elif is_gemm_rows(bm):      # its accumulator's bound (matmul_rows)
+        widest = min(widest, max(low, opt.max_tile_elems // bm))
     widths = [widest]
     while widths[-1] // 2 >= low:
         widths.append(widths[-1] // 2)
@@ -146,6 +163,8 @@ def group_tiling(group: Group, ops: dict[str, Op], opt: TileOptions) -> GroupTil
             # every stage should give each worker a tile: narrow the columns until it does
             # (without a target to price tasks with; `balance_widths` does better)
             bn = min(opt.tile_n, pow2(n))
+            if is_gemm_rows(bm):     # its accumulator's bound (matmul_rows)
+                bn = min(bn, max(16, opt.max_tile_elems // bm))
             while bn > opt.min_tile_n and batch * -(-m // bm) * -(-n // bn) < opt.workers:
                 bn //= 2
         return matmul_tiling(group, ops, opt, bn)

@@ -42,8 +42,10 @@ class Generation:
     steps: int
     seconds: float
     backend: str
-    prefill_steps: int = 0     # launches of the prefill schedule (chunks of the prompt)
-    decode_steps: int = 0      # launches of the decode step
+    # the launches that fed this sequence: of the prefill schedule (a chunk of its
+    # prompt each) and of the decode step (a batch engine's launch feeds other slots too)
+    prefill_steps: int = 0
+    decode_steps: int = 0
     ttft_s: float = 0.0        # from admission to the first new token
 
     @property
@@ -129,6 +131,7 @@ class Sequence:
         self.logits: list[torch.Tensor] | None = [] if keep_logits else None
         self.cached = 0                    # positions of this sequence in the KV cache
         self.steps = 0                     # engine steps that fed it
+        self.chunks = 0                    # of them, prefill launches (a chunk of its prompt)
         self.finish_reason: str | None = None
         self._generator = torch.Generator().manual_seed(sampling.seed) \
             if sampling.temperature > 0 else None
@@ -154,6 +157,7 @@ class Sequence:
         RunError: no token follows from them (each backend would pick its own)."""
         self.cached += fed
         self.steps += 1
+        self.chunks += fed > 1   # (a step feeds a slot more than one token only in a chunk)
         if out is not None and (out.logits.isnan().any() or out.logits.isposinf().any()):
             raise nan_logits(self.cached - 1, self.steps)
         if self.cached < len(self.prompt):
@@ -457,13 +461,10 @@ def generate_batch(executor: Executor, spec: GenerationSpec, prompts: list[list[
     running: dict[int, tuple[int, Sequence, float]] = {}   # slot -> (prompt index, ., start)
     done: dict[int, Generation] = {}
     first: dict[int, float] = {}   # prompt index -> seconds to its first new token
-    counted: dict[int, tuple[int, int]] = {}   # prompt index -> the launches before it
     while waiting or running:
         for slot in range(slots.count):
             if slot not in running and waiting:
                 index, prompt = waiting.popleft()
-                if prefill is not None:   # (one sequence at a time: PrefillSlots)
-                    counted[index] = (slots.prefill_steps, slots.decode_steps)
                 seq = Sequence(prompt, max_new_tokens, sampling, stop_ids, keep_logits)
                 running[slot] = (index, seq, time.perf_counter())
         advance(slots, {slot: seq for slot, (_, seq, _) in running.items()})
@@ -472,13 +473,10 @@ def generate_batch(executor: Executor, spec: GenerationSpec, prompts: list[list[
             if seq.tokens and index not in first:
                 first[index] = now - start
             if seq.finished:
-                steps = (slots.prefill_steps - counted[index][0],
-                         slots.decode_steps - counted[index][1]) if prefill is not None \
-                    else (0, seq.steps)
                 done[index] = Generation(list(seq.prompt), seq.tokens,
                                          torch.stack(seq.logits) if seq.logits else None,
                                          seq.steps, now - start, executor.backend,
-                                         *steps, first[index])
+                                         seq.chunks, seq.steps - seq.chunks, first[index])
                 del running[slot]
                 slots.free(slot)
     return [done[i] for i in range(len(prompts))]

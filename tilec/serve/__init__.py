@@ -57,9 +57,10 @@ def serve(engine_path: str, host: str = "127.0.0.1", port: int = 8000, max_queue
         raise
     where = sock.getsockname()
     url = f"http://{host if ':' not in host else f'[{host}]'}:{where[1]}"
-    print(f"tilec serve: model {server.model!r} at {url}/v1 (backend "
-          f"{server.scheduler.slots.backend}, {server.scheduler.slots.count} sequence slot(s), "
-          f"queue {max_queue})", flush=True)
+    slots = server.scheduler.slots
+    chunks = f"prefill chunk {slots.prefill_chunk}" if slots.prefill_chunk > 1 else "no prefill"
+    print(f"tilec serve: model {server.model!r} at {url}/v1 (backend {slots.backend}, "
+          f"{slots.count} sequence slot(s), {chunks}, queue {max_queue})", flush=True)
     config = uvicorn.Config(server.app, lifespan="on", log_level="info",
                             timeout_graceful_shutdown=None)
     http = uvicorn.Server(config)

@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tilec.errors import RunError
+from tilec.runtime.executors import entry_executor, make_executor
 from tilec.runtime.generate import DecodeSlots, make_slots
 from tilec.serve import protocol
 from tilec.serve.metrics import CONTENT_TYPE, Metrics
@@ -37,13 +38,15 @@ GONE = object()   # put on a request's event queue when its client disconnects
 
 
 class Server:
-    """One engine behind the OpenAI routes: its scheduler, metrics and app. `prefill`:
-    an engine of the decoder's prefill schedule over the same weights and KV-cache
-    layout; with it prompts go in a chunk per launch, interleaved with the decode of
-    running requests (runtime.generate.PrefillSlots), else a token per decode step."""
+    """One engine behind the OpenAI routes: its scheduler, metrics and app. An engine
+    with a prefill entry (compiled from a decoder with `model.prefill`, on by default)
+    takes prompts a chunk per launch of that entry, interleaved with the decode of
+    running requests (runtime.generate.PrefillSlots); without one (or with
+    `prefill=False`) a token per decode step. After an engine fault both executors
+    are made anew."""
 
     def __init__(self, engine: Engine, backend: str = "auto", max_queue: int = 64,
-                 prefill: Engine | None = None):
+                 prefill: bool = True):
         spec = engine.generation_spec
         if spec is None:
             raise RunError("tilec serve needs a decoder engine (compiled from model: "
@@ -54,12 +57,17 @@ class Server:
         self.spec = spec
         self.ctx = Context(self.model, spec, Codec(engine.tokenizer(), engine.chat_template()))
         self.metrics = Metrics(DecodeSlots.count)
+        chunked = prefill and "prefill" in engine.data.entries
 
         def slots() -> DecodeSlots:   # in the engine thread, as every engine call
-            return make_slots(spec, engine.new_executor(backend),
-                              prefill and prefill.new_executor(backend),
+            decode = engine.new_executor(backend)
+            if not chunked:
+                return make_slots(spec, decode, None, lambda: engine.new_executor(backend))
+            # (PrefillSlots puts a new prefill executor on the new decode executor's state)
+            return make_slots(spec, decode, entry_executor(decode, "prefill"),
                               lambda: engine.new_executor(backend),
-                              prefill and (lambda: prefill.new_executor(backend)))
+                              lambda: make_executor(engine.data.entry("prefill"),
+                                                    decode.backend))
 
         self.scheduler = Scheduler(slots, max_queue, self.metrics)
         self._started = False
