@@ -137,9 +137,15 @@ def fill_pool(pool, buffers, constants: dict[str, torch.Tensor],
     for b in buffers:
         if b.pool == pool.name and b.name in constants:
             constant = constants[b.name]
-            value = constant.to(data.dtype).contiguous().reshape(-1)
-            lo, hi = b.stored or (0, value.numel())   # a device's part of a weight
-            data[b.offset + lo:b.offset + hi] = value[lo:hi]
+            if b.shard:   # a device's box of a weight, compact (passes/shard.py)
+                box = tuple(slice(a, z) for a, z in b.shard)
+                value = constant.reshape(b.type.shape)[box].to(data.dtype)
+                lo, hi = b.stored
+                data[b.offset + lo:b.offset + hi] = value.reshape(-1)
+            else:
+                value = constant.to(data.dtype).contiguous().reshape(-1)
+                lo, hi = b.stored or (0, value.numel())   # a device's part of a weight
+                data[b.offset + lo:b.offset + hi] = value[lo:hi]
             spans.append((b.offset + lo, b.offset + hi))
             if users is not None:
                 users[_storage(constant)] -= 1

@@ -3,7 +3,7 @@ as data: `STAGES`, a list of named stages over one `CompileState`, read like the
 table of docs/architecture.md.
 
     export ▶ lower ▶ fuse ▶ tilings ▶ tile ▶ [partition] ▶ deps ▶ roles ▶ schedule ▶ sync
-    ▶ [timing] ▶ memplan ▶ verify ▶ render ▶ [weights] ▶ pack ▶ (hooks' stages: manifest ▶ aot)
+    ▶ [timing] ▶ [shard] ▶ memplan ▶ verify ▶ render ▶ [weights] ▶ pack ▶ (hooks' stages: manifest ▶ aot)
 
 Each stage is a pure function of the state the previous ones left (it returns a new
 state; only `aot` completes the engine it stores the binary in); `run_stages` runs them
@@ -42,6 +42,7 @@ from tilec.passes.deps import deps
 from tilec.passes.fuse import fuse
 from tilec.passes.entries import verify_entries
 from tilec.passes.memplan import memplan, share_fixed
+from tilec.passes.shard import shard_weights
 from tilec.passes.partition import device_target, partition, time_devices
 from tilec.passes.roles import roles
 from tilec.passes.schedule import schedule
@@ -154,6 +155,12 @@ def _sync(s: CompileState) -> CompileState:
 def _timing(s: CompileState) -> CompileState:
     """The devices' predicted times, with each transfer waiting for its parties."""
     return replace(s, scheds=time_devices(s.scheds))
+
+
+def _shard(s: CompileState) -> CompileState:
+    """Each device's weights cut to the boxes its tasks touch (passes/shard.py)."""
+    return replace(s, scheds=tuple(replace(x, taskgraph=shard_weights(x.taskgraph))
+                                   for x in s.scheds))
 
 
 def _memplan(s: CompileState) -> CompileState:
@@ -286,6 +293,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("schedule", _schedule),
     Stage("sync", _sync),
     Stage("timing", _timing, when=_multi),
+    Stage("shard", _shard, when=_multi),
     Stage("memplan", _memplan, _dump_schedule),
     Stage("share", _share, when=_has_prefill),
     Stage("verify", _verify, _dump_verify, check=lambda s: check(s.report)),

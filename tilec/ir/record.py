@@ -39,7 +39,7 @@ def prefetch_region(task: Task, buffers: dict[str, Buffer]) -> tuple[Buffer, int
         nbytes = numel * DTYPE_BYTES[b.type.dtype]
         if moved and moved.get(r.buffer, 0) < nbytes:
             continue   # read in part (a gather's rows): the region is not what it reads
-        first, last = _flat_span(r.box, b.type.shape)
+        first, last = _flat_span(r.box, b.layout_strides())
         if last - first + 1 != numel:
             continue   # not contiguous: a prefetch would fetch what it does not read
         if best is None or nbytes > best[2]:
@@ -73,10 +73,8 @@ def weight_prefetch(task: Task, buffers: dict[str, Buffer],
     return slots[b.pool], first_unit, end_unit - first_unit
 
 
-def _flat_span(box: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> tuple[int, int]:
-    """Flat (row-major) indices of a box's first and last elements in `shape`."""
-    first = last = 0
-    for (a, b), n in zip(box, shape):
-        first = first * n + a
-        last = last * n + (b - 1)
+def _flat_span(box: tuple[tuple[int, int], ...], strides: tuple[int, ...]) -> tuple[int, int]:
+    """Flat indices of a box's first and last elements in a layout of these strides."""
+    first = sum(a * s for (a, _), s in zip(box, strides))
+    last = sum((b - 1) * s for (_, b), s in zip(box, strides))
     return first, last

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tilec.ir.graph import FusedGraph, TensorType
+from tilec.ir.graph import FusedGraph, TensorType, contiguous_strides
 
 # Where a buffer's bytes live. Weights are constants in the engine; inputs are filled by
 # the host before a launch; state persists across launches; the rest is scratch.
@@ -19,9 +19,32 @@ class Buffer:
     offset: int = -1    # filled by memplan: element offset inside that pool
     # Multi-device weights and state (memplan): the flat element range [lo, hi) of the
     # buffer this device's pool holds, the part its tasks touch; () for all of it. The buffer still
-    # spans [offset, offset + numel) of the pool, so any in-grid tile addresses memory
+    # spans [offset, offset + extent()) of the pool, so any in-grid tile addresses memory
     # inside the pool, but only [offset + lo, offset + hi) holds the buffer's values.
     stored: tuple[int, ...] = ()
+    # Multi-device weights (passes/shard.py): the box (per-dim [start, stop)) of the
+    # buffer this device holds as a compact shard, laid out row-major as a tensor of the
+    # box's shape; () for the buffer's own row-major layout. Element i of the buffer
+    # (per-dim indices) lies at offset + sum(i[k] * layout_strides()[k]), so the shard's
+    # first element is at offset + stored[0]; indices outside the box address bytes
+    # that are not the buffer's (no task touches them: verify's regions_in_buffers).
+    shard: tuple[tuple[int, int], ...] = ()
+
+    def layout_strides(self) -> tuple[int, ...]:
+        """Element strides of the buffer's layout in its pool (its shard's, if sharded)."""
+        if self.shard:
+            return contiguous_strides(tuple(b - a for a, b in self.shard))
+        return contiguous_strides(self.type.shape)
+
+    def extent(self) -> int:
+        """Pool elements from `offset` that a view of the whole buffer may address, at
+        least 1: its numel, or for a shard the reach of its strides over the whole shape
+        (never more than numel: a shard's strides are at most the buffer's own)."""
+        if not self.shard:
+            return max(self.type.numel, 1)
+        if self.type.numel == 0:
+            return 1
+        return 1 + sum((n - 1) * s for n, s in zip(self.type.shape, self.layout_strides()))
 
 
 @dataclass(frozen=True)

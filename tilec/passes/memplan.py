@@ -6,8 +6,9 @@ Offsets are multiples of 16 elements so vector loads stay aligned for every dtyp
 
 Weights and state live across steps: back to back, never shared. On a multi-device
 engine each device's pool holds only the part of each weight and state buffer its
-tasks touch (`Buffer.stored`), placed so the whole buffer still lies inside the pool
-(the executors view an operand whole); a buffer it touches none of (stored (0, 0):
+tasks touch (`Buffer.stored`: a flat range of its layout, which for a weight the shard
+pass gave a box, `Buffer.shard`, is that compact box), placed so the whole buffer still
+lies inside the pool (the executors view an operand whole: `Buffer.extent`); a buffer it touches none of (stored (0, 0):
 another device role's weights, an expert pool on the routing device) takes no bytes
 and need not lie inside the pool, since nothing on the device addresses it (the
 engine file checks hold the tasks to that).
@@ -24,7 +25,6 @@ from dataclasses import replace
 import numpy as np
 
 from tilec.errors import ScheduleError
-from tilec.ir.graph import contiguous_strides
 from tilec.ir.schedule import POOL_ALIGN, POOL_OF_BUFFER_KIND, Pool, Schedule
 from tilec.ir.tasks import Buffer
 from tilec.passes.sync import happens_before_clocks
@@ -107,7 +107,8 @@ class Lifetimes:
 def touched_ranges(schedule: Schedule, buffers: list[Buffer]) -> dict[str, tuple[int, int]]:
     """Per buffer, the flat element range [lo, hi) the schedule's tasks read or write (lo
     aligned down, so the buffer's base stays aligned); (0, 0) for one no task touches.
-    Boxes are of the buffer's own row-major shape."""
+    Boxes are of the buffer's own shape, flat indices of its layout (Buffer.shard: a
+    shard's first element is at sum(start * stride), the rest follow it)."""
     want = {b.name: b for b in buffers}
     out = {name: (b.type.numel, 0) for name, b in want.items()}
     for task in schedule.taskgraph.tasks:
@@ -115,7 +116,7 @@ def touched_ranges(schedule: Schedule, buffers: list[Buffer]) -> dict[str, tuple
             b = want.get(r.buffer)
             if b is None or r.numel == 0:
                 continue
-            strides = contiguous_strides(b.type.shape)
+            strides = b.layout_strides()
             first = sum(a * s for (a, _), s in zip(r.box, strides))
             last = sum((z - 1) * s for (_, z), s in zip(r.box, strides))
             lo, hi = out[r.buffer]
@@ -167,7 +168,7 @@ def memplan(schedule: Schedule) -> Schedule:
             start = max(align(ends.get(pool, 0)), lo)
             offsets[b.name] = start - lo
             ends[pool] = start + (hi - lo)
-            tails[pool] = max(tails.get(pool, 0), offsets[b.name] + size_of(b))
+            tails[pool] = max(tails.get(pool, 0), offsets[b.name] + b.extent())
         fixed = [b for b in fixed if b.name not in stored]
     scratch = sorted((b for b in buffers if b.kind == "activation"), key=first_use)
     for b in fixed:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tilec.errors import ConfigError, ScheduleError
-from tilec.ir.graph import contiguous_strides, is_indexed_matmul
+from tilec.ir.graph import is_indexed_matmul
 from tilec.ir.schedule import Schedule
 from tilec.ir.target import DEFAULT_ROLE
 from tilec.ir.tasks import TRANSFER, Buffer, Region
@@ -365,7 +365,9 @@ def _regions_in_buffers(ctx: _Context) -> list[str]:
             elif b.stored and not _within_stored(r, b):
                 out.append(f"regions_in_buffers: {ctx.who(task.id)} touches {_fmt(r)}, "
                            f"outside the part [{b.stored[0]}, {b.stored[1]}) of buffer "
-                           f"{r.buffer!r} this device holds")
+                           f"{r.buffer!r} this device holds"
+                           + (f" (its shard {_fmt(Region(r.buffer, b.shard))})"
+                              if b.shard else ""))
     return out
 
 
@@ -384,16 +386,25 @@ def _all_regions_inside(ctx: _Context, buffers: dict[str, Buffer]) -> bool:
         if not ((0 <= lo) & (lo < hi) & (hi <= np.array(shape, dtype=np.int64))).all():
             return False
         if b.stored:   # flat first and last element against the stored range
-            strides = np.array(contiguous_strides(shape), dtype=np.int64)
+            strides = np.array(b.layout_strides(), dtype=np.int64)
             first, last = lo @ strides, (hi - 1) @ strides
             if not ((b.stored[0] <= first) & (last < b.stored[1])).all():
+                return False
+        if b.shard:    # and every region inside the box the device holds
+            start, stop = (np.array(x, dtype=np.int64) for x in zip(*b.shard))
+            if not ((start <= lo) & (hi <= stop)).all():
                 return False
     return True
 
 
 def _within_stored(region: Region, buffer: Buffer) -> bool:
-    """A region of a partly stored buffer (Buffer.stored) lies in the stored flat range."""
-    strides = contiguous_strides(buffer.type.shape)
+    """A region of a partly stored buffer (Buffer.stored) lies in the stored flat range
+    of its layout, and in its shard's box if it has one (Buffer.shard: indices outside
+    the box address other bytes, even where their flat index falls in the range)."""
+    if buffer.shard and not all(a <= r0 and r1 <= z
+                                for (r0, r1), (a, z) in zip(region.box, buffer.shard)):
+        return False
+    strides = buffer.layout_strides()
     first = sum(a * st for (a, _), st in zip(region.box, strides))
     last = sum((z - 1) * st for (_, z), st in zip(region.box, strides))
     lo, hi = buffer.stored
@@ -448,7 +459,8 @@ def _arena_disjoint(ctx: _Context) -> list[str]:
 
 
 def _size(b: Buffer) -> int:
-    return max(b.type.numel, 1)
+    """Pool elements a view of the whole buffer may address (Buffer.extent)."""
+    return b.extent()
 
 
 def _span(b: Buffer) -> tuple[int, int]:

@@ -21,8 +21,11 @@ does not wait for it is an unordered RAW). What only the devices together show:
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
+from tilec.ir.graph import FusedGraph, Operand
 from tilec.ir.schedule import Schedule
 from tilec.ir.tasks import TRANSFER, Region
 from tilec.passes.geometry import box_array, overlap_matrix
@@ -67,16 +70,30 @@ def verify_devices(parts: tuple[Schedule, ...], target) -> VerifyReport:
     return report_of(found, CHECKS)
 
 
+def _unsharded(fused: FusedGraph, sharded: set[str]) -> FusedGraph:
+    """The model a device compiles, less the layout of its views of weights some device
+    holds as a shard (passes/shard.py: each device's views of those follow its own
+    shard's strides; verify checks each device's views against its own buffers)."""
+    if not sharded:
+        return fused
+    ops = tuple(replace(op, inputs=tuple(Operand(x.value, x.shape, (), 0)
+                                         if x.value in sharded else x for x in op.inputs))
+                for op in fused.graph.ops)
+    return replace(fused, graph=replace(fused.graph, ops=ops))
+
+
 def _agree(parts: tuple[Schedule, ...]) -> list[str]:
     out = []
     first = parts[0].taskgraph
+    sharded = {b.name for p in parts for b in p.taskgraph.buffers if b.shard}
+    model = _unsharded(first.fused, sharded)
     for d, p in enumerate(parts):
         tg = p.taskgraph
         if tg.device != d or tg.devices != len(parts):
             out.append(f"devices_agree: part {d} says it is device {tg.device} of {tg.devices}")
         if tg.transfers != first.transfers:
             out.append(f"devices_agree: device {d} lists other transfers than device 0")
-        if tg.fused != first.fused or tg.tilings != first.tilings:
+        if _unsharded(tg.fused, sharded) != model or tg.tilings != first.tilings:
             out.append(f"devices_agree: device {d} compiles another model than device 0")
         if p.target.comm_worker() is None:
             out.append(f"devices_agree: device {d}'s schedule has no comm worker")

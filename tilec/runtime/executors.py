@@ -34,7 +34,6 @@ from tilec.codegen.loader import own_binary
 from tilec.errors import RunError, ScheduleHangError
 from tilec.ir.abi import (ARGS_ROW, ERROR_WORDS, NUM_WARPS, SIGNAL, SPIN_LIMIT, TILE, AOTKernel,
                           launch_arguments, record_waits)
-from tilec.ir.graph import contiguous_strides
 from tilec.limits import gigabytes, memory_problem
 from tilec.runtime.enginefile import TORCH_DTYPES, EngineFile
 from tilec.runtime.error_buffer import recorded_error
@@ -263,8 +262,7 @@ class CooperativeExecutor(Executor):
     def region_view(self, region) -> torch.Tensor:
         """A region of a buffer as a view of its pool."""
         buf = self.buffers[region.buffer]
-        shape = buf.type.shape
-        whole = torch.as_strided(self.pools[buf.pool], shape, contiguous_strides(shape),
+        whole = torch.as_strided(self.pools[buf.pool], buf.type.shape, buf.layout_strides(),
                                  buf.offset)
         return whole[tuple(slice(a, b) for a, b in region.box)]
 

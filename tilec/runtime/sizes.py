@@ -37,7 +37,7 @@ def size_problem(engine, shared_with=()) -> str | None:
     shared = [b for other in shared_with for b in other.buffers
               if b.kind in ("weight", "state") and b.pool in stored]   # never an arena
     for b in list(sched.buffers) + shared:
-        need[b.pool] = max(need.get(b.pool, 1), b.offset + max(b.type.numel, 1))
+        need[b.pool] = max(need.get(b.pool, 1), b.offset + b.extent())
     for p in sched.pools:
         if p.numel > need.get(p.name, 1):
             return (f"pool {p.name} declares {p.numel} elements, more than the "

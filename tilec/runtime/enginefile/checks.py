@@ -169,14 +169,18 @@ def _pools_problem(sched, t: dict[str, torch.Tensor], plan: bool) -> str | None:
             return f"pool {p.name} has kind {clip(p.kind)}, dtype {clip(p.dtype)}, size {p.numel}"
     for b in sched.buffers:
         p = pools.get(b.pool)
+        if any(n < 0 for n in b.type.shape):
+            return f"buffer {b.name} has shape {clip(list(b.type.shape))}"
+        problem = _shard_problem(b)
+        if problem:
+            return problem
         held = not b.stored or b.stored[0] != b.stored[1]   # (see _unheld_problem)
-        if p is None or b.offset < 0 or (held and b.offset + b.type.numel > p.numel) or \
-                any(n < 0 for n in b.type.shape):
+        if p is None or b.offset < 0 or (held and b.offset + b.extent() > p.numel):
             return f"buffer {b.name} lies outside its pool"
         if b.type.dtype != p.dtype:
             return f"buffer {b.name} ({clip(b.type.dtype)}) is in pool {p.name} of {p.dtype}"
         if b.stored and (len(b.stored) != 2 or b.kind not in ("weight", "state") or
-                         not 0 <= b.stored[0] <= b.stored[1] <= b.type.numel):
+                         not 0 <= b.stored[0] <= b.stored[1] <= b.extent()):
             return f"buffer {b.name} stores a malformed part {clip(list(b.stored))}"
     problem = _unheld_problem(sched)
     if problem:
@@ -192,6 +196,27 @@ def _pools_problem(sched, t: dict[str, torch.Tensor], plan: bool) -> str | None:
             if tensor is None or tensor.dtype != TORCH_DTYPES.get(p.dtype) or \
                     tuple(tensor.shape) != (p.numel,):
                 return f"pool {p.name} missing or of the wrong size"
+    return None
+
+
+def _shard_problem(b) -> str | None:
+    """A weight's shard (Buffer.shard, passes/shard.py) is a non-empty box inside the
+    buffer, and the part stored is exactly that box under the shard's strides: so the
+    strides every address of the buffer is formed with, and the buffer's extent in its
+    pool (checked next), follow from checked numbers."""
+    if not b.shard:
+        return None
+    box = b.shard
+    if b.kind != "weight" or len(box) != len(b.type.shape) or \
+            any(len(iv) != 2 or not 0 <= iv[0] < iv[1] <= n for iv, n in zip(box, b.type.shape)):
+        return f"buffer {b.name} has a malformed shard {clip([list(iv) for iv in box])}"
+    first = sum(a * s for (a, _), s in zip(box, b.layout_strides()))
+    numel = 1
+    for a, z in box:
+        numel *= z - a
+    if tuple(b.stored) != (first, first + numel):
+        return (f"buffer {b.name} stores {clip(list(b.stored))}, not its shard "
+                f"{clip([list(iv) for iv in box])}")
     return None
 
 
@@ -337,9 +362,9 @@ def _view_problem(shape, strides, offset, buffer) -> str | None:
     if 0 in shape:
         return None
     last = offset + sum((n - 1) * s for n, s in zip(shape, strides))
-    if last >= max(buffer.type.numel, 1):
+    if last >= buffer.extent():   # its numel; a shard's reach (Buffer.extent)
         return (f"view (shape {list(shape)}, strides {list(strides)}, offset {offset}) "
-                f"reaches element {last} of buffer {buffer.name} ({buffer.type.numel} elements)")
+                f"reaches element {last} of buffer {buffer.name} ({buffer.extent()} elements)")
     return None
 
 

@@ -22,7 +22,7 @@ from tilec.ir.serial import to_json
 from tilec.runtime.enginefile.tables import decode_schedule
 
 FORMAT = "tilec-engine"
-FORMAT_VERSION = "6"
+FORMAT_VERSION = "7"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                 "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
 DEVICES_KEY = "devices"      # metadata of a multi-device engine: the number of devices
