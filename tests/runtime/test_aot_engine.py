@@ -377,7 +377,7 @@ def test_fill_pool_zeroes_exactly_the_gaps(monkeypatch):
     empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda n, dtype: empty(n, dtype=dtype).fill_(float("nan")))
     pool = SimpleNamespace(name="w_float32", numel=24, dtype="float32")
-    buffers = [SimpleNamespace(pool="w_float32", name=n, offset=o, stored=part)
+    buffers = [SimpleNamespace(pool="w_float32", name=n, offset=o, stored=part, shard=())
                for n, o, part in [("a", 2, ()), ("b", 9, ()), ("c", 11, ()), ("other", 0, ()),
                                   ("d", 16, ()), ("e", 18, (2, 4))]]
     constants = {"a": torch.ones(3), "b": torch.full((4,), 2.0), "c": torch.full((2,), 3.0),
