@@ -20,6 +20,7 @@ backend the kernel itself stamps each task's start and end from the global timer
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
@@ -449,8 +450,9 @@ class GPUExecutor(Executor):
         import triton
 
         major, minor = torch.cuda.get_device_capability()
-        problem = stored_binary_problem(engine.aot, major * 10 + minor, triton.__version__,
-                                        SPIN_LIMIT, trusted=engine.code_trusted)
+        problem = stored_binary_problem(engine.aot, engine.kernel_source, major * 10 + minor,
+                                        triton.__version__, SPIN_LIMIT,
+                                        trusted=engine.code_trusted)
         if problem is None:
             try:
                 return aot.load_binary(engine.aot, self.kernel, self.schedule.pools)
@@ -519,18 +521,24 @@ class GPUExecutor(Executor):
         return self.read_outputs()
 
 
-def stored_binary_problem(binary: AOTKernel | None, capability: int, triton_version: str,
-                          spin_limit: int, trusted: bool = False) -> str | None:
-    """Why the engine's stored GPU binary cannot be launched here, or None if it can.
+def stored_binary_problem(binary: AOTKernel | None, source: str, capability: int,
+                          triton_version: str, spin_limit: int,
+                          trusted: bool = False) -> str | None:
+    """Why an engine entry's stored GPU binary cannot be launched here for its kernel
+    `source`, or None if it can.
 
-    A cubin is machine code: it is launched only if this user's tilec compiled it
+    A binary is launched only for the source it was compiled from: each entry of an
+    engine (decode, prefill) has its own kernel and its own binary, and `load` refuses a
+    file whose binary is another source's; this holds an engine made in memory to it
+    too. A cubin is machine code: it is launched only if this user's tilec compiled it
     (codegen.loader.own_binary) or the user trusts the file's code (`trusted`). A cubin
     for sm_90a runs only on compute capability 9.0 (`capability` is major x 10 +
     minor); Triton's launcher and metadata change between versions, so only the Triton
     that compiled it launches it; and the watchdog bound is compiled in."""
     if binary is None:
         return "the engine stores no GPU binary"
-
+    if binary.kernel_sha256 != hashlib.sha256(source.encode()).hexdigest():
+        return "the stored GPU binary was compiled from another kernel source than this one"
     if binary.arch != capability:
         return f"the stored GPU binary is for sm_{binary.arch}, this GPU is sm_{capability}"
     if binary.triton_version != triton_version:
