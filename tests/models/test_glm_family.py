@@ -87,13 +87,20 @@ def eager_greedy(m, prompt: list[int], new: int) -> list[int]:
     return tokens[len(prompt):]
 
 
+@pytest.fixture(scope="module")
+def example_engine(tmp_path_factory):
+    """`tilec compile examples/glm_dsa_tiny.yaml -o glm.engine`, once for the module."""
+    path = tmp_path_factory.mktemp("glm") / "glm.engine"
+    assert main(["compile", str(EXAMPLE), "-o", str(path)]) == 0
+    return path
+
+
 @torch.no_grad()
-def test_the_example_compiles_and_generates(tmp_path, capsys, monkeypatch):
+def test_the_example_compiles_and_generates(example_engine, capsys, monkeypatch):
     """Past index_topk (4): the prompt and the new tokens fill 11 positions. The eager
     twin breaks top-k ties as tilec does (the lowest position first): random weights
     give the indexer tied scores (zero where every head's ReLU is zero)."""
-    path = tmp_path / "glm.engine"
-    assert main(["compile", str(EXAMPLE), "-o", str(path)]) == 0
+    path = example_engine
     capsys.readouterr()
     prompt = [5, 77, 130, 9, 31, 200, 64, 8]   # longer than index_topk
     assert main(["run", str(path), "--prompt-ids", ",".join(map(str, prompt)),
@@ -107,13 +114,11 @@ def test_the_example_compiles_and_generates(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_the_example_runs_with_the_cli_defaults(tmp_path, capsys):
+def test_the_example_runs_with_the_cli_defaults(example_engine, capsys):
     """`tilec compile examples/glm_dsa_tiny.yaml -o x && tilec run x`: 16 greedy steps,
     past index_topk (4), where the indexer starts dropping cached tokens."""
-    path = tmp_path / "glm.engine"
-    assert main(["compile", str(EXAMPLE), "-o", str(path)]) == 0
     capsys.readouterr()
-    assert main(["run", str(path)]) == 0
+    assert main(["run", str(example_engine)]) == 0
     assert "generated 16 tokens" in capsys.readouterr().out
 
 
