@@ -49,7 +49,8 @@ def test_every_weight_stream_keeps_32_kb_in_flight_with_cp_async(layer):
     for r in streams:
         assert r["async_copy"] == "cp.async", r
         assert r["stages"] == 4, r
-        assert r["bytes_in_flight_per_worker"] >= GOAL_BYTES, r
+        assert r["weight_bytes_in_flight_per_worker"] >= GOAL_BYTES, r
+        assert r["bytes_in_flight_per_worker"] >= r["weight_bytes_in_flight_per_worker"], r
     # an embedding row gather reads a few KB of the table: not a stream
     gathers = [r for r in rows if r["kind"] == "gather"]
     assert gathers and not any(r["streams_weights"] for r in gathers)
@@ -82,7 +83,8 @@ def task_0(w, x, y, t, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     acc = tl.zeros([BN, BK], dtype=tl.float32)
     for k0 in tl.range(0, K, BK, num_stages=STAGES):
         cols = k0 + tl.arange(0, BK)
-        acc += tl.load(w + rows[:, None] * K + cols[None, :]).to(tl.float32) * \\
+        acc += tl.load(w + rows[:, None] * K + cols[None, :],
+                       eviction_policy="evict_first").to(tl.float32) * \\
             tl.load(x + cols[None, :]).to(tl.float32)
     tl.store(y + rows, tl.sum(acc, axis=1))
 
@@ -119,12 +121,17 @@ def _compile_ring(tmp_path: Path, stages: int) -> bytes:
 @pytest.mark.skipif(not sass.nvidia_tool("nvdisasm"), reason="Triton ships no nvdisasm here")
 def test_the_reader_measures_a_known_ring(tmp_path):
     """A 4-stage ring of [16, 512] bf16 chunks (16 KB, 17 KB with x) reads as cp.async
-    with 3 chunks in flight at a wait; without num_stages the loop holds plain loads."""
+    with 3 chunks in flight at a wait, of which the weights' (w, loaded evict-first: a
+    copy with an L2 cache policy) 3 x 16 KB; without num_stages the loop holds plain
+    loads."""
     ring = sass.kernel_stream_facts(_compile_ring(tmp_path, 4), threads=128)[0]
     assert ring["async_copy"] == "cp.async" and ring["stages"] == 4, ring
     assert ring["bytes_in_flight"] == 3 * (16 * 512 * 2 + 512 * 2), ring
+    assert ring["weight_bytes_in_flight"] == 3 * 16 * 512 * 2, ring
+    assert ring["copy_op"] == "LDGSTS.E.BYPASS.128", ring
     plain = sass.kernel_stream_facts(_compile_ring(tmp_path, 1), threads=128)[0]
     assert plain["async_copy"] == "none" and plain["stages"] == 1, plain
+    assert plain["weight_bytes_in_flight"] is None, plain
     assert 0 < plain["bytes_in_flight"] <= 16 * 512 * 2 + 512 * 2, plain
 
 
@@ -166,3 +173,4 @@ def test_only_the_templates_own_inline_assembly_passes_the_kernel_check():
         assert edit[0] in source
         with pytest.raises(UnsafeKernelError, match="inline assembly"):
             check_kernel_source(source.replace(edit[0], edit[1]), KERNEL_NAME)
+
