@@ -1,7 +1,8 @@
 """The weight stream, read from the compiled sm_90 code (no GPU needed): matvec tasks
 copy their weights through a cp.async ring deep enough to keep >= 32 KB in flight per
 worker (issue 20's goal for every weight-streaming kind), with evict-first 16-byte
-copies, and `tilec inspect --json` reports it as kernel.streaming."""
+copies, and `tilec inspect --json` reports it as kernel.streaming; GEMM tasks (batched
+decode, prefill) through rings of the depth the cost model prices them by."""
 from __future__ import annotations
 
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch import nn
 
 import tilec.api
 from tilec.codegen import sass
@@ -174,3 +176,61 @@ def test_only_the_templates_own_inline_assembly_passes_the_kernel_check():
         with pytest.raises(UnsafeKernelError, match="inline assembly"):
             check_kernel_source(source.replace(edit[0], edit[1]), KERNEL_NAME)
 
+
+class TwoChunks(nn.Module):
+    """Llama's MLP block (an RMSNorm in float32, the residual stream's dtype, in the up
+    projection's prologue; bfloat16 products) over 16 rows (a batched decode step's) and,
+    with other weights, over 128 rows (a prefill chunk's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"up": nn.Linear(2048, 1024, bias=False, dtype=torch.bfloat16),
+                           "down": nn.Linear(1024, 512, bias=False, dtype=torch.bfloat16)})
+            for _ in range(2))
+        self.norm = nn.Parameter(torch.ones(2048, dtype=torch.bfloat16))
+
+    def forward(self, x16, x128):
+        out = []
+        for x, block in zip((x16, x128), self.blocks):
+            h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+            out.append(block["down"](block["up"](h.to(torch.bfloat16) * self.norm)))
+        return tuple(out)
+
+
+@pytest.fixture(scope="module")
+def gemm_engine():
+    """Narrow GEMM tiles (16 columns) of 16 and of 128 rows, compiled for sm_90."""
+    return tilec.api.compile(TwoChunks(), (torch.randn(16, 2048), torch.randn(128, 2048)),
+                             target="h200", dtype="bfloat16", workers=16, tile_n=16)
+
+
+def test_gemm_rings_in_the_compiled_code_are_the_cost_models(gemm_engine):
+    """Every GEMM kind copies its weights with 16-byte evict-first cp.async through a ring
+    of exactly the stages ir/stream.matmul_ring gives it, and keeps exactly the weight
+    bytes in flight the cost model prices it with: >= 32 KB for 16-row tiles (a [512, 16]
+    B chunk, two ahead); for 128 rows of A (float32 before the norm: 32 KB a trip; bf16
+    after it: 16 KB) against 2 KB chunks of B, as many as 160 KB of shared memory holds
+    (4 and 8 ahead)."""
+    from tilec.ir.stream import matmul_ring
+    from tilec.passes.cost import Streams
+
+    summary = gemm_engine.summary()["kernel"]
+    assert summary["aot"]["n_spills"] == 0 and summary["aot"]["shared"] <= 227 * 1024
+    m = gemm_engine.data.manifest
+    tg = m.schedule.taskgraph
+    ops = tg.fused.graph.by_name()
+    streams = Streams(tg.fused, tg.tilings, tg.buffers)
+    rows = {r["opcode"]: r for r in summary["streaming"]}
+    seen = set()
+    for g, tl, opcode in zip(tg.fused.groups, tg.tilings, m.opcodes):
+        if g.kind != "matmul":
+            continue
+        ring, r = matmul_ring(g, ops, tl), rows[opcode]
+        task = next(t for t in tg.tasks if t.group == g.name)
+        assert (r["async_copy"], r["copy_op"]) == ("cp.async", "LDGSTS.E.BYPASS.128"), r
+        assert r["stages"] == ring.stages, (r, ring)
+        assert r["weight_bytes_in_flight_per_worker"] == ring.b_in_flight == \
+            streams.of(task).in_flight, (r, ring)
+        seen.add((tl.block_m, ring.stages, ring.b_in_flight))
+    assert seen == {(16, 3, 2 * 16384), (128, 5, 4 * 2048), (128, 9, 8 * 2048)}, seen
