@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "process each (default: the yaml's, or 1)")
     c.add_argument("--dump-dir", help="write every compiler stage as text into this folder")
     c.add_argument("--no-aot", action="store_true",
-                   help="GPU targets: do not compile the kernel for the GPU now (the first "
-                        "run compiles it)")
+                   help="GPU targets: do not compile the kernels (decode's, prefill's) for "
+                        "the GPU now (the first run of each compiles it)")
     c.add_argument("--plan", action="store_true",
                    help="build everything but the weights (an hf: folder needs only "
                         "config.json): an engine to inspect and verify, never to run; "

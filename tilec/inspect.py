@@ -72,6 +72,13 @@
                                 without a capacity)} (runtime/sizes.device_memory);
                                 a multi-device engine's `devices` rows carry each
                                 device's as `memory`
+  entry                         the entry summarised: "decode", or "prefill"
+                                (`tilec inspect --entry prefill`)
+  entries                       [{entry, tasks, predicted_step_us, bytes, aot}] for every
+                                entry of the file, decode first: `bytes` as above, `aot`
+                                as kernel.aot for that entry's own stored GPU binary
+                                (null without one), so both kernels' registers, spills
+                                and shared memory show side by side
   devices                       multi-device engines (tilec inspect, cli.py adds it):
                                 [{device, role (its device role), roles (its worker
                                 roles, comm worker included, as in `roles`), tasks,
@@ -103,10 +110,13 @@ INTERMEDIATE_KINDS = ("input", "output", "activation")
 
 def entries_table(engine: EngineFile) -> list[dict[str, Any]]:
     """Each entry of the engine (decode, then prefill if it has one): its tasks, the
-    cost model's predicted time of one launch, and the bytes a launch moves."""
+    cost model's predicted time of one launch, the bytes a launch moves, and its
+    stored GPU binary's figures (`aot`, as `kernel.aot`; null without one)."""
     return [{"entry": name, "tasks": len(sched.taskgraph.tasks),
              "predicted_step_us": max(sched.finish_us, default=0.0),
-             "bytes": bytes_moved(sched)} for name, sched in engine.entry_schedules()]
+             "bytes": bytes_moved(sched),
+             "aot": aot_info_of(compiled_kernel(engine.entry(name)))}
+            for name, sched in engine.entry_schedules()]
 
 
 def schedule_with_deps(engine: EngineFile):
@@ -405,11 +415,17 @@ def print_summary(s: dict[str, Any], console) -> None:
     for section in SUMMARY_SECTIONS:
         section(s, console)
     if len(s["entries"]) > 1:
+        binaries = any(e["aot"] for e in s["entries"])
         table = _table(f"entries (shown above: {s['entry']})",
-                       ("entry", "tasks", "predicted us", "weights MB", "kv MB"), ("entry",))
+                       ("entry", "tasks", "predicted us", "weights MB", "kv MB") +
+                       (("registers", "spill bytes", "shared bytes") if binaries else ()),
+                       ("entry",))
         for e in s["entries"]:
+            a = e["aot"] or {}
             table.add_row(e["entry"], str(e["tasks"]), f"{e['predicted_step_us']:.1f}",
-                          f"{e['bytes']['weights'] / 1e6:.2f}", f"{e['bytes']['kv'] / 1e6:.2f}")
+                          f"{e['bytes']['weights'] / 1e6:.2f}", f"{e['bytes']['kv'] / 1e6:.2f}",
+                          *([str(a.get(k, "-")) for k in ("n_regs", "n_spills", "shared")]
+                            if binaries else []))
         console.print(table)
 
 

@@ -116,6 +116,22 @@ def test_engine_matches_transformers(checkpoint):
     engine_matches(yaml_path, model, PROMPT, backends)
 
 
+@pytest.mark.parametrize("checkpoint", ["lora_groups"], indirect=True)
+def test_four_devices_with_the_routing_role_on_device_0(checkpoint):
+    """The routers on device 0 (`target.roles` claiming the `mlp.gate` modules: V3 has no
+    indexer), the rest over devices 1-3: transformers' tokens and logits on the reference
+    executor (the interpreter runs four devices in tests/runtime/test_multi_device.py).
+    One case: a dense layer and a group-limited MoE layer."""
+    name, model, yaml_path = checkpoint
+    four = yaml_path.parent / f"{name}_4dev.yaml"
+    four.write_text(json.dumps({
+        "model": {"hf": name, "max_seq_len": 32}, "dtype": "float32",
+        "target": {"name": "cpu", "workers": 2, "devices": 4, "roles": {
+            "routing": {"devices": [0], "modules": ["mlp.gate"]},
+            "mla": {"devices": "1-3"}}}}))
+    engine_matches(four, model, PROMPT, ("reference",))
+
+
 def engine_matches(yaml_path, model, prompt, backends, **options):
     """The engine compiled from `yaml_path` (2 workers, keys in chunks of 16, `options`)
     generates transformers' greedy tokens and logits on each backend."""

@@ -13,6 +13,8 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,9 +22,11 @@ import tilec.api as tilec_api  # noqa: E402
 from engines import check_unqueued_prefill_append_caught, resign  # noqa: E402
 from tilec.cli import main  # noqa: E402
 from tilec.errors import ConfigError, EngineError, RunError  # noqa: E402
+from tilec.ir.graph import DTYPE_BYTES  # noqa: E402
 from tilec.models.llama import LlamaPrefillStep  # noqa: E402
 from tilec.passes.entries import verify_entries  # noqa: E402
 from tilec.passes.verify import verify  # noqa: E402
+from tilec.runtime import executors  # noqa: E402
 from tilec.runtime.executors import entry_executor  # noqa: E402
 import tiny_llama  # noqa: E402
 from tiny_llama import save_tiny_llama  # noqa: E402
@@ -82,6 +86,47 @@ def test_one_file_two_entries_share_weights_and_state(hf):
     assert shared and all(pre.pools[n] is dec.pools[n] for n in shared)
     arena = [p.name for p in data.schedule().pools if p.kind == "arena"]
     assert arena and all(pre.pools[n] is not dec.pools[n] for n in arena)
+
+
+class Materialised(TorchDispatchMode):
+    """The bytes of every tensor an aten op makes anew (whose storage is none of its
+    inputs'), while active: what a piece of code materialises, however it does it."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+
+        def storages(tree):
+            return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in tree_leaves(tree) if isinstance(t, torch.Tensor)}
+        given = storages((args, kwargs))
+        self.sizes += [n for ptr, n in storages(out).items() if ptr not in given]
+        return out
+
+
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+def test_the_prefill_executor_is_made_on_the_decode_pools(hf, backend, monkeypatch):
+    """entry_executor never allocates or copies a pool the prefill shares with the
+    decode step (the KV cache, the weights: on a GPU a copy of each, held until
+    use_state_of dropped it): it asks for its arenas alone, and what it materialises is
+    exactly its arenas, events and error words."""
+    _, engine, _, _ = hf
+    dec = engine.new_executor(backend)
+    asked = []
+    fresh = executors.fresh_pool
+    monkeypatch.setattr(executors, "fresh_pool",
+                        lambda e, pool, device: asked.append(pool.name) or fresh(e, pool, device))
+    with Materialised() as made:
+        pre = entry_executor(dec, "prefill")
+    pools = pre.schedule.pools
+    arenas = [p for p in pools if p.kind == "arena"]
+    assert asked == [p.name for p in arenas]
+    assert all(pre.pools[p.name] is dec.pools[p.name] for p in pools if p.kind != "arena")
+    own = sum(p.numel * DTYPE_BYTES[p.dtype] for p in arenas)
+    assert sum(made.sizes) == own + pre.events.nbytes + pre.error.nbytes, made.sizes
 
 
 def test_padded_rows_never_reach_a_read(hf):

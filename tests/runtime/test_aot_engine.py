@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import engines
 import tilec.api
 from engines import EXAMPLES, compiled, read_raw, resign
 from test_hostile import assert_refused, run_cli
@@ -117,12 +118,12 @@ def test_a_save_begun_before_the_binary_writes_the_same_bytes(gpu_engine, tmp_pa
     assert (tmp_path / "a").read_bytes() == path.read_bytes()
     without = dataclasses.replace(data, aot=None)
     pending = engine_file.PendingSave(without, tmp_path / "b")
-    pending.finish(data.aot)
+    pending.finish({"decode": data.aot})
     assert (tmp_path / "b").read_bytes() == path.read_bytes()
     monkeypatch.setattr(write, "BINARY_ROOM", 0)   # the header's room is too small
     pending = engine_file.PendingSave(without, tmp_path / "c")
     monkeypatch.setattr(write, "BINARY_ROOM", 64 << 10)
-    pending.finish(data.aot)
+    pending.finish({"decode": data.aot})
     assert (tmp_path / "c").read_bytes() == path.read_bytes()
     pending = engine_file.PendingSave(without, tmp_path / "d")
     pending.cancel()
@@ -130,15 +131,18 @@ def test_a_save_begun_before_the_binary_writes_the_same_bytes(gpu_engine, tmp_pa
 
 
 def test_no_aot_and_cpu_engines_carry_no_binary(capsys, tmp_path):
-    out = tmp_path / "no_aot.engine"
-    code, _, err = run_cli(capsys, "compile", EXAMPLES / "block.yaml", "-o", out,
+    """--no-aot: no entry of a decoder (decode, prefill) has a binary."""
+    out = tmp_path / "no_aot.engine"   # (a compile: longer than the hostile tests' limit)
+    code, _, err = engines.run_cli(capsys, "compile", EXAMPLES / "llama_tiny.yaml", "-o", out,
                            "--target", "h200", "--workers", "8", "--no-aot")
     assert code == 0, err
     assert "  render" in err and "  aot " not in err
     for path in (out, compiled("block")):
         meta, tensors = read_raw(path)
-        assert AOT_KEY not in meta and AOT_CUBIN not in tensors
-        assert engine_file.load(path).aot is None
+        assert not [k for k in list(meta) + list(tensors) if k.startswith("aot") or ".aot" in k]
+        loaded = engine_file.load(path)
+        assert loaded.binaries() == {} and loaded.entries.keys() == (
+            {"prefill"} if path == out else set())
 
 
 def test_inspect_reads_the_stored_binary_without_compiling(capsys, gpu_engine, monkeypatch):
@@ -264,25 +268,31 @@ def test_a_cpu_engine_with_a_binary_is_refused(capsys, gpu_engine, tmp_path):
 
 # ---- the gpu executor's choice: stored binary or JIT -------------------------------------
 
+SOURCE = "# the kernel source the fake binaries were compiled from\n"
+
+
 def fake_binary(**changes) -> AOTKernel:
     fields = dict(cubin=b"\x7fELF", arch=90, ptx_target="sm_90a", num_warps=4, shared=0,
                   n_regs=None, n_spills=None, spin_limit=executors.SPIN_LIMIT,
-                  triton_version="3.9.0", kernel_sha256="0" * 64, triton_metadata="{}")
+                  triton_version="3.9.0",
+                  kernel_sha256=hashlib.sha256(SOURCE.encode()).hexdigest(),
+                  triton_metadata="{}")
     fields.update(changes)
     return AOTKernel(**fields)
 
 
 def test_stored_binary_problem(tmp_path, monkeypatch):
     spins = executors.SPIN_LIMIT
-    assert stored_binary_problem(fake_binary(), 90, "3.9.0", spins, trusted=True) is None
-    assert stored_binary_problem(None, 90, "3.9.0", spins) == "the engine stores no GPU binary"
-    assert stored_binary_problem(fake_binary(), 80, "3.9.0", spins) == (
+    assert stored_binary_problem(fake_binary(), SOURCE, 90, "3.9.0", spins, trusted=True) is None
+    assert stored_binary_problem(None, SOURCE, 90, "3.9.0", spins) == (
+        "the engine stores no GPU binary")
+    assert stored_binary_problem(fake_binary(), SOURCE, 80, "3.9.0", spins) == (
         "the stored GPU binary is for sm_90, this GPU is sm_80")
-    assert stored_binary_problem(fake_binary(), 100, "3.9.0", spins) == (
+    assert stored_binary_problem(fake_binary(), SOURCE, 100, "3.9.0", spins) == (
         "the stored GPU binary is for sm_90, this GPU is sm_100")
-    assert stored_binary_problem(fake_binary(), 90, "3.6.0", spins) == (
+    assert stored_binary_problem(fake_binary(), SOURCE, 90, "3.6.0", spins) == (
         "the stored GPU binary was compiled by Triton 3.9.0, this is Triton 3.6.0")
-    assert "4096" in stored_binary_problem(fake_binary(), 90, "3.9.0", 4096)
+    assert "4096" in stored_binary_problem(fake_binary(), SOURCE, 90, "3.9.0", 4096)
 
 
 def test_only_own_or_trusted_binaries_are_launched(tmp_path, monkeypatch):
@@ -292,11 +302,11 @@ def test_only_own_or_trusted_binaries_are_launched(tmp_path, monkeypatch):
     monkeypatch.setenv("TILEC_CACHE", str(tmp_path / "cache"))
     spins = executors.SPIN_LIMIT
     foreign = fake_binary(cubin=b"\x7fELF foreign")
-    problem = stored_binary_problem(foreign, 90, "3.9.0", spins)
+    problem = stored_binary_problem(foreign, SOURCE, 90, "3.9.0", spins)
     assert "not compiled by this user's tilec" in problem and "--trust-engine-code" in problem
-    assert stored_binary_problem(foreign, 90, "3.9.0", spins, trusted=True) is None
+    assert stored_binary_problem(foreign, SOURCE, 90, "3.9.0", spins, trusted=True) is None
     loader.remember_binary(foreign.cubin_sha256)
-    assert stored_binary_problem(foreign, 90, "3.9.0", spins) is None
+    assert stored_binary_problem(foreign, SOURCE, 90, "3.9.0", spins) is None
     assert not loader.own_binary(fake_binary(cubin=b"\x7fELF other").cubin_sha256)
 
 
@@ -313,7 +323,7 @@ def executor_on(binary: AOTKernel | None, capability: tuple[int, int], monkeypat
     monkeypatch.setattr(aot, "load_binary", lambda b, fn, pools: loaded.append(b) or "kernel")
     ex = GPUExecutor.__new__(GPUExecutor)
     ex.__dict__.update(kernel=None, schedule=SimpleNamespace(pools=()))
-    engine = SimpleNamespace(aot=binary, code_trusted=True)
+    engine = SimpleNamespace(aot=binary, code_trusted=True, kernel_source=SOURCE)
     return ex._stored_binary(engine), loaded
 
 
@@ -355,7 +365,7 @@ def test_the_executor_recompiles_when_the_driver_refuses(monkeypatch, caplog):
     ex.__dict__.update(kernel=None, schedule=SimpleNamespace(pools=()))
     with caplog.at_level(logging.WARNING, logger="tilec.runtime.executors"):
         chosen = ex._stored_binary(SimpleNamespace(aot=fake_binary(
-            triton_version=triton.__version__), code_trusted=True))
+            triton_version=triton.__version__), code_trusted=True, kernel_source=SOURCE))
     assert chosen is None
     assert caplog.records[0].getMessage() == (
         "warning: the driver could not load the stored GPU binary "
@@ -377,7 +387,7 @@ def test_fill_pool_zeroes_exactly_the_gaps(monkeypatch):
     empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda n, dtype: empty(n, dtype=dtype).fill_(float("nan")))
     pool = SimpleNamespace(name="w_float32", numel=24, dtype="float32")
-    buffers = [SimpleNamespace(pool="w_float32", name=n, offset=o, stored=part)
+    buffers = [SimpleNamespace(pool="w_float32", name=n, offset=o, stored=part, shard=())
                for n, o, part in [("a", 2, ()), ("b", 9, ()), ("c", 11, ()), ("other", 0, ()),
                                   ("d", 16, ()), ("e", 18, (2, 4))]]
     constants = {"a": torch.ones(3), "b": torch.full((4,), 2.0), "c": torch.full((2,), 3.0),

@@ -210,6 +210,11 @@ def test_engine_file_round_trip_and_damage(folder, tmp_path):
     write_signed(tmp_path / "swapped.engine", meta, tensors)
     with pytest.raises(EngineError, match="device 1"):
         engine_file.load(tmp_path / "swapped.engine")
+    meta, tensors = read_raw(path)   # no entry's GPU binary yet, a prefill's neither
+    meta["aot.prefill"] = "{}"
+    write_signed(tmp_path / "binary.engine", meta, tensors)
+    with pytest.raises(EngineError, match="a multi-device engine with a stray entry 'aot.prefill'"):
+        engine_file.load(tmp_path / "binary.engine")
 
 
 def test_in_one_process_every_interleaving_gives_the_one_device_bits(folder):

@@ -376,7 +376,7 @@ def compile_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
     hooks: list[Hook] = []
     target = state.target
     if options.aot and not options.plan and target.backend == "cuda" and not state.multi:
-        hooks.append(GpuCompile(target.arch, target.workers, name, options.max_waits))
+        hooks.append(GpuCompile(target.arch, target.workers, name, options.max_waits, prefill))
     if output is not None:
         hooks.append(EngineOutput(output))
     stages = STAGES + tuple(s for h in hooks for s in h.stages)
@@ -410,7 +410,8 @@ def _device_dump(name: str, device: int) -> str:
 
 STAGE_DUMPS = ("01_exported_fx.txt", "02_ir.json", "02_ir.txt", "03_fused.json",
                "03_fused.txt", "06_verify.txt", "08_aot.json", "08_kernel.ptx",
-               "08_kernel.sass")
+               "08_kernel.sass", "08_aot.prefill.json", "08_kernel.prefill.ptx",
+               "08_kernel.prefill.sass")
 DEVICE_DUMPS = ("04_tasks.json", "04_tasks.txt", "05_schedule.json", "05_schedule.txt",
                 "07_kernel.py")   # one per device
 

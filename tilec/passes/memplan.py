@@ -108,7 +108,8 @@ def touched_ranges(schedule: Schedule, buffers: list[Buffer]) -> dict[str, tuple
     """Per buffer, the flat element range [lo, hi) the schedule's tasks read or write (lo
     aligned down, so the buffer's base stays aligned); (0, 0) for one no task touches.
     Boxes are of the buffer's own shape, flat indices of its layout (Buffer.shard: a
-    shard's first element is at sum(start * stride), the rest follow it)."""
+    shard's first element is at sum(start * stride), the rest follow it; its lo is that
+    first element, not aligned down)."""
     want = {b.name: b for b in buffers}
     out = {name: (b.type.numel, 0) for name, b in want.items()}
     for task in schedule.taskgraph.tasks:
@@ -121,8 +122,10 @@ def touched_ranges(schedule: Schedule, buffers: list[Buffer]) -> dict[str, tuple
             last = sum((z - 1) * s for (_, z), s in zip(r.box, strides))
             lo, hi = out[r.buffer]
             out[r.buffer] = (min(lo, first), max(hi, last + 1))
-    return {name: ((lo // ALIGN) * ALIGN, hi) if hi > lo else (0, 0)
-            for name, (lo, hi) in out.items()}
+    # a shard stores exactly its box (checked at load), so its lo is not aligned down:
+    # memplan aligns its base instead
+    return {name: (lo if want[name].shard else (lo // ALIGN) * ALIGN, hi) if hi > lo
+            else (0, 0) for name, (lo, hi) in out.items()}
 
 
 def first_fit(size: int, taken: list[tuple[int, int]]) -> int:
@@ -165,7 +168,9 @@ def memplan(schedule: Schedule) -> Schedule:
             if lo == hi:   # no task here touches it: it takes no bytes of the pool
                 offsets[b.name] = 0
                 continue
-            start = max(align(ends.get(pool, 0)), lo)
+            # the base (start - lo) aligned: start keeps lo's distance from alignment
+            skew = lo % ALIGN
+            start = max(align(ends.get(pool, 0)), lo - skew) + skew
             offsets[b.name] = start - lo
             ends[pool] = start + (hi - lo)
             tails[pool] = max(tails.get(pool, 0), offsets[b.name] + b.extent())

@@ -20,6 +20,7 @@ backend the kernel itself stamps each task's start and end from the global timer
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
@@ -55,21 +56,22 @@ class Executor:
 
     backend = "?"
 
-    def __init__(self, engine: EngineFile, device: str = "cpu", comm=None):
+    def __init__(self, engine: EngineFile, device: str = "cpu", comm=None,
+                 share_with: "Executor | None" = None):
+        """`share_with`: an executor whose pools this one runs on where the two share
+        them (`shared_pools`: the state, and the weights of one engine's entries); those
+        are taken as they are, never allocated or copied, and only the rest (the arenas)
+        is made here."""
         self.engine = engine
         self.device = device
         m = engine.manifest
         sched = m.schedule
         self.schedule = sched
-        _check_memory(sched.pools, device)
-        self.pools: dict[str, torch.Tensor] = {}
-        for p in sched.pools:
-            if p.kind == "weight":
-                self.pools[p.name] = engine.tensors[f"pool.{p.name}"].to(device)
-            elif p.kind == "state":
-                self.pools[p.name] = engine.tensors[f"pool.{p.name}"].to(device).clone()
-            else:
-                self.pools[p.name] = torch.zeros(p.numel, dtype=TORCH_DTYPES[p.dtype], device=device)
+        taken = {} if share_with is None else shared_pools(sched, engine, share_with)
+        _check_memory([p for p in sched.pools if p.name not in taken], device)
+        self.pools: dict[str, torch.Tensor] = {
+            p.name: taken[p.name] if p.name in taken else fresh_pool(engine, p, device)
+            for p in sched.pools}
         self.buffers = {b.name: b for b in sched.buffers}
         self.tables = {k: engine.tensors[k].to(device) for k in ("tasks", "queue_start", "args")}
         self.events = torch.zeros(max(len(sched.events), 1), dtype=torch.int32, device=device)
@@ -91,27 +93,10 @@ class Executor:
                 self.comm = communicator(tg.device, tg.devices)
 
     def use_state_of(self, other: "Executor") -> None:
-        """Run on `other`'s state pools (the KV cache) from now on: another schedule
-        over the same state (a decoder's prefill entry beside its decode step), whose
-        state buffers must lie where this one's do (same names, pools, offsets, shapes),
-        else a RunError. And on `other`'s weight pools where this is an entry of
-        `other`'s engine (the entries of one engine store their weights once, placed
-        alike, checked at load: weights a caller put in place of the file's are then the
-        ones every entry runs on) or both come from the same file tensors. Launches of
-        the two run one after the other, each to its end, so one's writes are complete
-        before the other reads them (passes/entries.py)."""
-        mine, theirs = state_layout(self.schedule), state_layout(other.schedule)
-        if mine != theirs:
-            diff = sorted(set(mine.items()) ^ set(theirs.items()))
-            raise RunError(f"the two schedules lay out their state differently "
-                           f"(first difference: {diff[0][0]}): they cannot share it")
-        entry_of_other = other.engine.entries.get(self.engine.manifest.entry) is self.engine
-        for p in self.schedule.pools:
-            key = f"pool.{p.name}"
-            same_weights = p.kind == "weight" and p.name in other.pools and (
-                entry_of_other or self.engine.tensors.get(key) is other.engine.tensors.get(key))
-            if p.kind == "state" or same_weights:
-                self.pools[p.name] = other.pools[p.name]
+        """Run on `other`'s state pools (the KV cache) from now on, and on the weight
+        pools the two share (`shared_pools`); a RunError if their state is laid out
+        differently. An executor made with `share_with=other` already does."""
+        self.pools.update(shared_pools(self.schedule, self.engine, other))
         if hasattr(self, "pool_args"):
             self.pool_args = [self.pools[p.name] for p in self.schedule.pools]
 
@@ -185,6 +170,44 @@ class Executor:
         return f"task {tid} ({task.group} tile {task.tile})"
 
 
+def fresh_pool(engine: EngineFile, pool, device: str) -> torch.Tensor:
+    """The pool an executor of `engine` allocates for itself on `device`: the file's
+    weights (on the CPU the file's tensor itself, nothing copied), a copy of the state's
+    initial contents (one copy, on either device: the KV cache is written), or a zeroed
+    arena."""
+    if pool.kind == "weight":
+        return engine.tensors[f"pool.{pool.name}"].to(device)
+    if pool.kind == "state":
+        return engine.tensors[f"pool.{pool.name}"].to(device, copy=True)
+    return torch.zeros(pool.numel, dtype=TORCH_DTYPES[pool.dtype], device=device)
+
+
+def shared_pools(schedule, engine: EngineFile, other: Executor) -> dict[str, torch.Tensor]:
+    """The pools an executor of `schedule` (of `engine`) runs on that are `other`'s: its
+    state pools (the KV cache: another schedule over the same state, a decoder's prefill
+    entry beside its decode step; their state buffers must lie where `other`'s do, same
+    names, pools, offsets and shapes, else a RunError), and its weight pools where it is
+    an entry of `other`'s engine (the entries of one engine store their weights once,
+    placed alike, checked at load: weights a caller put in place of the file's are then
+    the ones every entry runs on) or both come from the same file tensors. Launches of
+    the two run one after the other, each to its end, so one's writes are complete
+    before the other reads them (passes/entries.py)."""
+    mine, theirs = state_layout(schedule), state_layout(other.schedule)
+    if mine != theirs:
+        diff = sorted(set(mine.items()) ^ set(theirs.items()))
+        raise RunError(f"the two schedules lay out their state differently "
+                       f"(first difference: {diff[0][0]}): they cannot share it")
+    entry_of_other = other.engine.entries.get(engine.manifest.entry) is engine
+    out = {}
+    for p in schedule.pools:
+        key = f"pool.{p.name}"
+        same_weights = p.kind == "weight" and p.name in other.pools and (
+            entry_of_other or engine.tensors.get(key) is other.engine.tensors.get(key))
+        if p.kind == "state" or same_weights:
+            out[p.name] = other.pools[p.name]
+    return out
+
+
 def state_layout(schedule) -> dict[str, tuple]:
     """Each state buffer's (pool, offset, shape, dtype) and each state pool's size, by
     name: what two schedules sharing state must agree on."""
@@ -214,8 +237,8 @@ class CooperativeExecutor(Executor):
     """Host-driven interleaving of workers; subclasses say how one worker advances."""
 
     def __init__(self, engine: EngineFile, policy: str = "round_robin", seed: int = 0,
-                 device: str = "cpu", comm=None):
-        super().__init__(engine, device, comm)
+                 device: str = "cpu", comm=None, share_with: Executor | None = None):
+        super().__init__(engine, device, comm, share_with)
         if policy not in POLICIES:
             raise RunError(f"unknown interleaving policy {policy!r} (choose from {', '.join(POLICIES)})")
         self.policy = policy
@@ -332,8 +355,9 @@ class CooperativeExecutor(Executor):
 class InterpretExecutor(CooperativeExecutor):
     backend = "interpret"
 
-    def __init__(self, engine: EngineFile, policy: str = "round_robin", seed: int = 0, comm=None):
-        super().__init__(engine, policy, seed, comm=comm)
+    def __init__(self, engine: EngineFile, policy: str = "round_robin", seed: int = 0, comm=None,
+                 share_with: Executor | None = None):
+        super().__init__(engine, policy, seed, comm=comm, share_with=share_with)
         require_mode(interpret=True)
         self.kernel = engine_kernel(engine)
         self.pool_args = [self.pools[p.name] for p in self.schedule.pools]
@@ -366,8 +390,9 @@ class InterpretExecutor(CooperativeExecutor):
 class ReferenceExecutor(CooperativeExecutor):
     backend = "reference"
 
-    def __init__(self, engine: EngineFile, policy: str = "round_robin", seed: int = 0, comm=None):
-        super().__init__(engine, policy, seed, comm=comm)
+    def __init__(self, engine: EngineFile, policy: str = "round_robin", seed: int = 0, comm=None,
+                 share_with: Executor | None = None):
+        super().__init__(engine, policy, seed, comm=comm, share_with=share_with)
         sched = self.schedule
         fused = sched.taskgraph.fused
         self.runner = TaskRunner(fused.groups, fused.graph.by_name(),
@@ -400,11 +425,11 @@ class GPUExecutor(Executor):
 
     backend = "gpu"
 
-    def __init__(self, engine: EngineFile):
+    def __init__(self, engine: EngineFile, share_with: Executor | None = None):
         if not torch.cuda.is_available():
             raise RunError("the gpu backend needs a CUDA GPU and none is visible")
         require_mode(interpret=False)
-        super().__init__(engine, "cuda")
+        super().__init__(engine, "cuda", share_with=share_with)
         self.kernel = engine_kernel(engine)
         self.binary = self._stored_binary(engine)
         self.pool_args = [self.pools[p.name] for p in self.schedule.pools]
@@ -425,8 +450,9 @@ class GPUExecutor(Executor):
         import triton
 
         major, minor = torch.cuda.get_device_capability()
-        problem = stored_binary_problem(engine.aot, major * 10 + minor, triton.__version__,
-                                        SPIN_LIMIT, trusted=engine.code_trusted)
+        problem = stored_binary_problem(engine.aot, engine.kernel_source, major * 10 + minor,
+                                        triton.__version__, SPIN_LIMIT,
+                                        trusted=engine.code_trusted)
         if problem is None:
             try:
                 return aot.load_binary(engine.aot, self.kernel, self.schedule.pools)
@@ -495,18 +521,24 @@ class GPUExecutor(Executor):
         return self.read_outputs()
 
 
-def stored_binary_problem(binary: AOTKernel | None, capability: int, triton_version: str,
-                          spin_limit: int, trusted: bool = False) -> str | None:
-    """Why the engine's stored GPU binary cannot be launched here, or None if it can.
+def stored_binary_problem(binary: AOTKernel | None, source: str, capability: int,
+                          triton_version: str, spin_limit: int,
+                          trusted: bool = False) -> str | None:
+    """Why an engine entry's stored GPU binary cannot be launched here for its kernel
+    `source`, or None if it can.
 
-    A cubin is machine code: it is launched only if this user's tilec compiled it
+    A binary is launched only for the source it was compiled from: each entry of an
+    engine (decode, prefill) has its own kernel and its own binary, and `load` refuses a
+    file whose binary is another source's; this holds an engine made in memory to it
+    too. A cubin is machine code: it is launched only if this user's tilec compiled it
     (codegen.loader.own_binary) or the user trusts the file's code (`trusted`). A cubin
     for sm_90a runs only on compute capability 9.0 (`capability` is major x 10 +
     minor); Triton's launcher and metadata change between versions, so only the Triton
     that compiled it launches it; and the watchdog bound is compiled in."""
     if binary is None:
         return "the engine stores no GPU binary"
-
+    if binary.kernel_sha256 != hashlib.sha256(source.encode()).hexdigest():
+        return "the stored GPU binary was compiled from another kernel source than this one"
     if binary.arch != capability:
         return f"the stored GPU binary is for sm_{binary.arch}, this GPU is sm_{capability}"
     if binary.triton_version != triton_version:
@@ -530,15 +562,15 @@ BACKENDS: dict[str, Callable[..., Executor]] = {
 
 def entry_executor(decode: Executor, name: str, **kwargs) -> Executor:
     """An executor of the engine's entry `name` (`prefill`) on the same backend as
-    `decode`, an executor of its decode step, running on `decode`'s KV cache and
-    weights (use_state_of). `kwargs`: the CPU backends' policy and seed."""
-    entry = decode.engine.entry(name)
-    executor = make_executor(entry, decode.backend, **kwargs)
-    executor.use_state_of(decode)
-    return executor
+    `decode`, an executor of its decode step, made on `decode`'s KV cache and weights
+    (`share_with`: on a GPU, no second copy of them is ever made, not even for a
+    moment). `kwargs`: the CPU backends' policy and seed."""
+    return make_executor(decode.engine.entry(name), decode.backend, share_with=decode,
+                         **kwargs)
 
 
-def make_executor(engine: EngineFile, backend: str = "auto", **kwargs) -> Executor:
+def make_executor(engine: EngineFile, backend: str = "auto",
+                  share_with: Executor | None = None, **kwargs) -> Executor:
     engine.require_weights()   # a plan has no pools to run on
     if backend == "auto":
         sched = engine.manifest.schedule
@@ -548,4 +580,4 @@ def make_executor(engine: EngineFile, backend: str = "auto", **kwargs) -> Execut
         raise RunError(f"unknown backend {backend!r} (choose from auto, {', '.join(BACKENDS)})")
     if backend == "gpu":
         kwargs = {}
-    return BACKENDS[backend](engine, **kwargs)
+    return BACKENDS[backend](engine, share_with=share_with, **kwargs)

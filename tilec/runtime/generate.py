@@ -289,7 +289,7 @@ class PrefillSlots(DecodeSlots):
 
     def __init__(self, spec: GenerationSpec, executor: Executor, prefill: Executor,
                  make_executor: Callable[[], Executor] | None = None,
-                 make_prefill: Callable[[], Executor] | None = None):
+                 make_prefill: Callable[[Executor], Executor] | None = None):
         super().__init__(spec, executor, make_executor)
         self.prefill = prefill
         self._make_prefill = make_prefill
@@ -370,21 +370,24 @@ class PrefillSlots(DecodeSlots):
 
     def reset(self) -> None:
         """A new decode executor, and a new prefill executor where there is a way to
-        make one (a fault may have come from it), on the new one's state."""
+        make one (a fault may have come from it) on the new one's state (made on it:
+        `make_prefill(decode executor)`), else the old one moved onto it."""
         super().reset()
         if self._make_prefill is not None:
-            self.prefill = self._make_prefill()
-        self.prefill.use_state_of(self.executor)
+            self.prefill = self._make_prefill(self.executor)
+        else:
+            self.prefill.use_state_of(self.executor)
         self._order.clear()
 
 
 def make_slots(spec: GenerationSpec, executor: Executor, prefill: Executor | None = None,
                make_executor: Callable[[], Executor] | None = None,
-               make_prefill: Callable[[], Executor] | None = None) -> DecodeSlots:
+               make_prefill: Callable[[Executor], Executor] | None = None) -> DecodeSlots:
     """The slots that `generate_batch` and the server's scheduler drive: with an
     executor of the decoder's prefill schedule, prompts go in a chunk per launch
     (PrefillSlots), else a token per decode step (DecodeSlots). `make_executor` and
-    `make_prefill` make fresh executors for `reset` (after an engine fault)."""
+    `make_prefill` make fresh executors for `reset` (after an engine fault): the
+    latter of the prefill entry, on the decode executor it is given."""
     if prefill is None:
         return DecodeSlots(spec, executor, make_executor)
     return PrefillSlots(spec, executor, prefill, make_executor, make_prefill)

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tilec.errors import RunError
-from tilec.runtime.executors import entry_executor, make_executor
+from tilec.runtime.executors import entry_executor
 from tilec.runtime.generate import DecodeSlots, make_slots
 from tilec.serve import protocol
 from tilec.serve.metrics import CONTENT_TYPE, Metrics
@@ -63,11 +63,10 @@ class Server:
             decode = engine.new_executor(backend)
             if not chunked:
                 return make_slots(spec, decode, None, lambda: engine.new_executor(backend))
-            # (PrefillSlots puts a new prefill executor on the new decode executor's state)
+            # (a reset makes a new prefill executor on the new decode executor's pools)
             return make_slots(spec, decode, entry_executor(decode, "prefill"),
                               lambda: engine.new_executor(backend),
-                              lambda: make_executor(engine.data.entry("prefill"),
-                                                    decode.backend))
+                              lambda new_decode: entry_executor(new_decode, "prefill"))
 
         self.scheduler = Scheduler(slots, max_queue, self.metrics)
         self._started = False

@@ -6,12 +6,13 @@ order, laid out as ir/abi.py says), `task_ids` (record -> task id), `queue_start
 `args` table (pool offsets per group), and one flat tensor per weight or state pool
 (`pool.<name>`). `__metadata__`: format name and version, tilec version, the manifest
 (JSON), the kernel source, and a SHA-256 over all of it (digest.py). GPU-target engines
-may also hold the kernel compiled ahead of time: its cubin (tensor `aot.cubin`) and
-what launching it needs (metadata `aot`, JSON: AOT_FIELDS).
+may also hold each entry's kernel compiled ahead of time: its cubin (tensor
+`aot.cubin`, an entry's `<entry>.aot.cubin`) and what launching it needs (metadata
+`aot`, an entry's `aot.<entry>`, JSON: AOT_FIELDS).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -22,7 +23,7 @@ from tilec.ir.serial import to_json
 from tilec.runtime.enginefile.tables import decode_schedule
 
 FORMAT = "tilec-engine"
-FORMAT_VERSION = "7"
+FORMAT_VERSION = "8"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                 "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
 DEVICES_KEY = "devices"      # metadata of a multi-device engine: the number of devices
@@ -32,7 +33,7 @@ POOL_KINDS = ("weight", "state", "arena")
 # entry is stored as `manifest.<entry>`, `kernel.<entry>` and tensors `<entry>.<name>`;
 # the weight and state pools it shares with the decode step are stored once.
 ENTRIES = ("decode", "prefill")
-AOT_KEY = "aot"              # metadata: the stored GPU binary's description (JSON)
+AOT_KEY = "aot"              # metadata: the decode step's GPU binary's description (JSON)
 AOT_CUBIN = "aot.cubin"      # tensor: the binary itself, uint8
 SHA_PLACEHOLDER = "0" * 64   # the sha256 entry while the file is written
 PLAN_REFUSAL = ("this engine is a plan (compiled with --plan): it holds no weights and "
@@ -43,6 +44,22 @@ AOT_FIELDS = {"arch": int, "ptx_target": str, "num_warps": int, "shared": int,
               "n_regs": (int, type(None)), "n_spills": (int, type(None)), "spin_limit": int,
               "triton_version": str, "kernel_sha256": str, "triton_metadata": dict,
               "cubin_size": int, "cubin_sha256": str}
+
+
+def aot_key(entry: str) -> str:
+    """The metadata entry describing entry `entry`'s stored GPU binary: `aot` for the
+    decode step, `aot.<entry>` for another (as its `manifest.<entry>`)."""
+    return AOT_KEY if entry == "decode" else f"{AOT_KEY}.{entry}"
+
+
+def aot_cubin(entry: str) -> str:
+    """The tensor holding entry `entry`'s GPU binary: `aot.cubin` for the decode step,
+    `<entry>.aot.cubin` for another (beside its `<entry>.tasks`)."""
+    return AOT_CUBIN if entry == "decode" else f"{entry}.{AOT_CUBIN}"
+
+
+BINARY_TENSORS = tuple(aot_cubin(e) for e in ENTRIES)   # stored last, in this order
+BINARY_KEYS = tuple(aot_key(e) for e in ENTRIES)
 
 
 @dataclass(frozen=True)
@@ -146,6 +163,18 @@ class EngineFile:
         """(entry name, its schedule as stored) for every entry, the decode step first."""
         return (("decode", self.schedule()),) + tuple(
             (name, e.schedule()) for name, e in self.entries.items())
+
+    def binaries(self) -> dict[str, AOTKernel]:
+        """Each entry's stored GPU binary (its own `aot`), by entry name, the decode
+        step first; entries without one are left out."""
+        every = {"decode": self.aot, **{n: e.aot for n, e in self.entries.items()}}
+        return {n: b for n, b in every.items() if b is not None}
+
+    def with_binaries(self, binaries: dict[str, AOTKernel]) -> "EngineFile":
+        """This engine with each entry's binary set from `binaries` (by entry name), the
+        entries not named without one; the rest shared with this engine."""
+        entries = {n: replace(e, aot=binaries.get(n)) for n, e in self.entries.items()}
+        return replace(self, aot=binaries.get("decode"), entries=entries)
 
     def entry(self, name: str) -> "EngineFile":
         """The entry `name` of this engine (`decode`: itself); a RunError if it has none."""

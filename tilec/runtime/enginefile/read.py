@@ -17,9 +17,10 @@ from tilec.runtime.chat import ChatTemplate
 from tilec.runtime.enginefile.checks import (check_aot, check_kernel, check_tables,
                                              check_views, entry_problem)
 from tilec.runtime.enginefile.digest import file_digest
-from tilec.runtime.enginefile.format import (AOT_CUBIN, AOT_FIELDS, AOT_KEY, DEVICES_KEY,
-                                             ENTRIES, FORMAT, FORMAT_VERSION, DeviceEngines,
-                                             EngineFile, Manifest, clip, first_line)
+from tilec.runtime.enginefile.format import (AOT_CUBIN, AOT_FIELDS, AOT_KEY, BINARY_KEYS,
+                                             DEVICES_KEY, ENTRIES, FORMAT, FORMAT_VERSION,
+                                             DeviceEngines, EngineFile, Manifest, aot_cubin,
+                                             aot_key, clip, first_line)
 from tilec.runtime.sizes import size_problem
 
 MAX_HEADER_BYTES = 100_000_000   # safetensors' own limit; a manifest is megabytes at most
@@ -70,12 +71,7 @@ def load(path: str | os.PathLike, trust_engine_code: bool = False, *,
     manifest = _parse_manifest(path, meta.get("manifest"))
     kernel = meta.get("kernel", "")
     entry_tensors = _entry_tensors(path, manifest, meta, tensors)
-    aot = None
-    if AOT_KEY in meta or AOT_CUBIN in tensors:
-        try:
-            aot = read_aot(meta.get(AOT_KEY), tensors.pop(AOT_CUBIN, None))
-        except (ValueError, RecursionError) as e:
-            raise EngineError(f"{path}: bad GPU binary: {first_line(e)}") from None
+    aot = _binary(path, meta, tensors, "decode")
     engine = EngineFile(manifest, kernel, tensors, tokenizer, aot, chat)
     entries = {name: _parse_manifest(path, meta.get(f"manifest.{name}")) for name in entry_tensors}
     problem = _engine_problem(engine, accept, [m.schedule for m in entries.values()])
@@ -85,9 +81,25 @@ def load(path: str | os.PathLike, trust_engine_code: bool = False, *,
         raise EngineError(f"{path}: a single-device file holds one device's part of a "
                           "multi-device engine")
     for name, own in entry_tensors.items():
+        binary = _binary(path, meta, own, name)
         engine.entries[name] = _load_entry(path, engine, name, entries,
-                                           meta.get(f"kernel.{name}", ""), own, accept)
+                                           meta.get(f"kernel.{name}", ""), own, binary, accept)
     return engine
+
+
+def _binary(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor],
+            entry: str) -> AOTKernel | None:
+    """Entry `entry`'s stored GPU binary (its cubin taken out of `tensors`, the decode
+    step's or, named without the entry's prefix, the entry's own), or None if it has
+    none."""
+    key = aot_key(entry)
+    if key not in meta and AOT_CUBIN not in tensors:
+        return None
+    try:
+        return read_aot(meta.get(key), tensors.pop(AOT_CUBIN, None), key, aot_cubin(entry))
+    except (ValueError, RecursionError) as e:
+        where = "" if entry == "decode" else f"{entry} entry: "
+        raise EngineError(f"{path}: {where}bad GPU binary: {first_line(e)}") from None
 
 
 def _entry_tensors(path: Path, manifest: Manifest, meta: dict[str, str],
@@ -106,6 +118,8 @@ def _entry_tensors(path: Path, manifest: Manifest, meta: dict[str, str],
         own = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
         listed = name in names
         stray = [k for k in (f"manifest.{name}", f"kernel.{name}") if (k in meta) != listed]
+        if not listed and aot_key(name) in meta:
+            stray.append(aot_key(name))
         if stray or (own and not listed):
             raise EngineError(f"{path}: the {name} entry is {'listed' if listed else 'not listed'} "
                               f"but {clip(stray[0] if stray else prefix + next(iter(own)))} "
@@ -116,11 +130,13 @@ def _entry_tensors(path: Path, manifest: Manifest, meta: dict[str, str],
 
 
 def _load_entry(path: Path, engine: EngineFile, name: str, manifests: dict[str, Manifest],
-                kernel: str, own: dict[str, torch.Tensor], accept: str) -> EngineFile:
-    """Entry `name`: its manifest, kernel and tables, over the decode step's pools (the
-    same tensors), checked as the decode step is, then against it (entry_problem)."""
+                kernel: str, own: dict[str, torch.Tensor], binary: AOTKernel | None,
+                accept: str) -> EngineFile:
+    """Entry `name`: its manifest, kernel, tables and GPU binary, over the decode step's
+    pools (the same tensors), checked as the decode step is (its binary against its own
+    kernel source), then against it (entry_problem)."""
     pools = {k: v for k, v in engine.tensors.items() if k.startswith("pool.")}
-    entry = EngineFile(manifests[name], kernel, {**pools, **own}, engine.tokenizer, None,
+    entry = EngineFile(manifests[name], kernel, {**pools, **own}, engine.tokenizer, binary,
                        engine.chat)
     others = [engine.manifest.schedule] + [m.schedule for n, m in manifests.items() if n != name]
     problem = _engine_problem(entry, accept, others) or entry_problem(engine, entry, name)
@@ -147,10 +163,10 @@ def _load_devices(path: Path, meta: dict[str, str], tensors: dict[str, torch.Ten
     n = int(text)
     pools = {k: v for k, v in tensors.items() if k.startswith("pool.")}
     prefixes = tuple(f"device{d}." for d in range(n))
-    stray = [k for k in tensors if k not in pools and not k.startswith(prefixes)]
-    if stray or AOT_KEY in meta:
-        raise EngineError(f"{path}: a multi-device engine with a stray entry "
-                          f"{clip(stray[0] if stray else AOT_KEY)}")
+    stray = [k for k in tensors if k not in pools and not k.startswith(prefixes)] + \
+        [k for k in BINARY_KEYS if k in meta]
+    if stray:
+        raise EngineError(f"{path}: a multi-device engine with a stray entry {clip(stray[0])}")
     ranks = []
     for d, prefix in enumerate(prefixes):
         manifest = _parse_manifest(path, meta.get(f"manifest.{d}"))
@@ -171,11 +187,13 @@ def _load_devices(path: Path, meta: dict[str, str], tensors: dict[str, torch.Ten
     return DeviceEngines(tuple(ranks))
 
 
-def read_aot(text, cubin: torch.Tensor | None) -> AOTKernel:
-    """The stored binary and its description, checked against each other (size,
-    SHA-256, field types); a problem is a ValueError with one line."""
+def read_aot(text, cubin: torch.Tensor | None, key: str = AOT_KEY,
+             tensor: str = AOT_CUBIN) -> AOTKernel:
+    """A stored binary and its description (metadata `key`, tensor `tensor`), checked
+    against each other (size, SHA-256, field types); a problem is a ValueError with one
+    line."""
     if not isinstance(text, str) or cubin is None:
-        raise ValueError(f"tensor {AOT_CUBIN!r} and metadata {AOT_KEY!r} come together; "
+        raise ValueError(f"tensor {tensor!r} and metadata {key!r} come together; "
                          "one is missing")
     plain = json.loads(text)
     check_plain(plain)
@@ -185,7 +203,7 @@ def read_aot(text, cubin: torch.Tensor | None) -> AOTKernel:
         if not isinstance(plain[key], kind) or isinstance(plain[key], bool):
             raise ValueError(f"its description has {key} = {clip(plain[key])}")
     if cubin.dtype != torch.uint8 or cubin.dim() != 1:
-        raise ValueError(f"tensor {AOT_CUBIN!r} is not a flat uint8 tensor")
+        raise ValueError(f"tensor {tensor!r} is not a flat uint8 tensor")
     data = cubin.numpy().tobytes()
     if len(data) != plain.pop("cubin_size"):
         raise ValueError(f"the cubin has {len(data)} bytes, its description says otherwise")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -16,9 +16,9 @@ from tilec.ir.abi import AOTKernel
 from tilec.runtime.atomic_file import TempFile
 from tilec.runtime.enginefile.digest import file_digest, raw_bytes, tensor_digests
 from tilec.runtime.enginefile.direct import DirectWriter
-from tilec.runtime.enginefile.format import (AOT_CUBIN, AOT_KEY, DEVICES_KEY, FORMAT,
-                                             FORMAT_VERSION, SHA_PLACEHOLDER, DeviceEngines,
-                                             EngineFile)
+from tilec.runtime.enginefile.format import (BINARY_KEYS, BINARY_TENSORS, DEVICES_KEY,
+                                             FORMAT, FORMAT_VERSION, SHA_PLACEHOLDER,
+                                             DeviceEngines, EngineFile, aot_cubin, aot_key)
 from tilec.version import __version__
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
@@ -26,7 +26,7 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
                       torch.uint8: "U8", torch.int8: "I8", torch.float64: "F64",
                       torch.int16: "I16"}
 HEADER_ALIGN = 4096   # the tensor data starts at a multiple of this (see _header_size)
-BINARY_ROOM = 64 << 10   # header bytes kept for a GPU binary's entries (aot: 1-2 kB)
+BINARY_ROOM = 64 << 10   # header bytes kept for the GPU binaries' entries (1-2 kB each)
 
 
 def aot_text(aot: AOTKernel) -> str:
@@ -51,7 +51,7 @@ def _contents(engine: EngineFile | DeviceEngines
         for d, e in enumerate(engine.ranks):
             if e.entries:
                 raise EngineError("a multi-device engine has one entry (its decode step)")
-            if e.aot is not None:
+            if e.binaries():
                 raise EngineError("a multi-device engine cannot store GPU binaries yet")
             meta[f"manifest.{d}"] = e.manifest_text()
             meta[f"kernel.{d}"] = e.kernel_source
@@ -72,8 +72,7 @@ def _contents(engine: EngineFile | DeviceEngines
         for k, v in entry.tensors.items():
             if not (k.startswith("pool.") and _same(engine.tensors.get(k), v)):
                 tensors[f"{name}.{k}"] = v.contiguous()
-    if engine.aot is not None:
-        _add_binary(meta, tensors, engine.aot)
+    _add_binaries(meta, tensors, engine.binaries())
     return meta, tensors
 
 
@@ -84,9 +83,13 @@ def _add_tokenizer(meta: dict[str, str], engine: EngineFile) -> None:
         meta["chat"] = engine.chat
 
 
-def _add_binary(meta: dict[str, str], tensors: dict[str, torch.Tensor], aot: AOTKernel) -> None:
-    meta[AOT_KEY] = aot_text(aot)
-    tensors[AOT_CUBIN] = torch.frombuffer(bytearray(aot.cubin), dtype=torch.uint8)
+def _add_binaries(meta: dict[str, str], tensors: dict[str, torch.Tensor],
+                  binaries: dict[str, AOTKernel]) -> None:
+    """Each entry's GPU binary: its description (`aot`, `aot.<entry>`) and its cubin
+    (`aot.cubin`, `<entry>.aot.cubin`)."""
+    for entry, aot in binaries.items():
+        meta[aot_key(entry)] = aot_text(aot)
+        tensors[aot_cubin(entry)] = torch.frombuffer(bytearray(aot.cubin), dtype=torch.uint8)
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor) -> bool:
@@ -116,17 +119,17 @@ def save(engine: EngineFile | DeviceEngines, path: str | os.PathLike) -> None:
 
 
 class PendingSave:
-    """`save` of an engine whose GPU binary is still being compiled, in two steps, so
+    """`save` of an engine whose GPU binaries are still being compiled, in two steps, so
     that writing and hashing gigabytes of weights overlaps the compile: the constructor
     writes every tensor (and hashes it) after the room the header will take, `finish`
-    adds the binary, the header and the checksum. The file has the bytes `save` of the
-    finished engine writes (the header's room, _header_size, is fixed before the binary
-    is known), or, if the binary's entries do not fit the room kept for them, is written
-    again by `save`. `cancel` leaves no file behind."""
+    adds the binaries, the header and the checksum. The file has the bytes `save` of the
+    finished engine writes (the header's room, _header_size, is fixed before the
+    binaries are known), or, if their entries do not fit the room kept for them, is
+    written again by `save`. `cancel` leaves no file behind."""
 
     def __init__(self, engine: EngineFile, path: str | os.PathLike):
-        if engine.aot is not None:
-            raise ValueError("PendingSave is for an engine still without its GPU binary")
+        if engine.binaries():
+            raise ValueError("PendingSave is for an engine still without its GPU binaries")
         self.engine, self.path = engine, path
         self.meta, self.tensors = _contents(engine)
         self.meta["sha256"] = SHA_PLACEHOLDER
@@ -145,20 +148,22 @@ class PendingSave:
             self.file.discard()
             raise
 
-    def finish(self, aot: AOTKernel) -> None:
-        """Add the binary, the header and the checksum; the file is then in place."""
-        engine = replace(self.engine, aot=aot)
+    def finish(self, binaries: dict[str, AOTKernel]) -> None:
+        """Add the binaries (by entry: `decode`, `prefill`), the header and the
+        checksum; the file is then in place."""
         meta, tensors = dict(self.meta), dict(self.tensors)
-        _add_binary(meta, tensors, aot)
-        if _data_order(tensors) != self.order + [AOT_CUBIN] or \
+        _add_binaries(meta, tensors, binaries)
+        order = _data_order(tensors)
+        if order[:len(self.order)] != self.order or \
                 _header_size(meta, tensors) != self.header_bytes:
-            self.cancel()   # the binary's entries did not fit the room kept: write anew
-            save(engine, self.path)
+            self.cancel()   # the binaries' entries did not fit the room kept: write anew
+            save(self.engine.with_binaries(binaries), self.path)
             return
         try:
             f = self.file.f
             f.seek(0, os.SEEK_END)
-            f.write(raw_bytes(tensors[AOT_CUBIN]))
+            for name in order[len(self.order):]:   # the binaries: after every other tensor
+                f.write(raw_bytes(tensors[name]))
             f.seek(0)
             at = _write_header(f, tensors, meta, self.header_bytes)
             f.seek(at)
@@ -187,9 +192,11 @@ def check_writable(path: str | os.PathLike) -> None:
 
 
 def _data_order(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """The order of the tensors' bytes in the file: by alignment, then name (so a GPU
-    binary, uint8 and named `aot.cubin`, comes last)."""
-    return sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    """The order of the tensors' bytes in the file: by alignment, then name, and the GPU
+    binaries last (decode's, then the prefill's), so a save can write every other
+    tensor before they exist (PendingSave)."""
+    last = {name: i for i, name in enumerate(BINARY_TENSORS)}
+    return sorted(tensors, key=lambda k: (last.get(k, -1), -tensors[k].element_size(), k))
 
 
 def _header_json(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
@@ -212,15 +219,15 @@ def _header_json(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> byte
 def _header_size(meta: dict[str, str], tensors: dict[str, torch.Tensor],
                  binary_coming: bool = False) -> int:
     """Bytes before the tensor data (the 8-byte length and the header, padded with
-    spaces): what the header takes without a GPU binary, plus BINARY_ROOM if the engine
-    has one (or will: PendingSave), rounded up to HEADER_ALIGN; more if the header
-    needs it. So a save can write the data before the binary exists, and the data
-    starts page-aligned."""
-    binary = binary_coming or AOT_CUBIN in tensors
-    without = _header_json({k: v for k, v in tensors.items() if k != AOT_CUBIN},
-                           {k: v for k, v in meta.items() if k != AOT_KEY})
-    room = 8 + len(without) + (BINARY_ROOM if binary else 0)
-    if AOT_CUBIN in tensors:
+    spaces): what the header takes without the GPU binaries, plus BINARY_ROOM if the
+    engine has any (or will: PendingSave), rounded up to HEADER_ALIGN; more if the
+    header needs it. So a save can write the data before the binaries exist, and the
+    data starts page-aligned."""
+    binaries = any(k in BINARY_TENSORS for k in tensors)
+    without = _header_json({k: v for k, v in tensors.items() if k not in BINARY_TENSORS},
+                           {k: v for k, v in meta.items() if k not in BINARY_KEYS})
+    room = 8 + len(without) + (BINARY_ROOM if binary_coming or binaries else 0)
+    if binaries:
         room = max(room, 8 + len(_header_json(tensors, meta)))
     return -(-room // HEADER_ALIGN) * HEADER_ALIGN
 
