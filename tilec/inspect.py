@@ -55,11 +55,14 @@
                                 streaming: [{opcode, kind, group (its first), tasks,
                                 weight_bytes_per_task (the most one task reads),
                                 streams_weights (at least 32 KB a task),
-                                bytes_in_flight_per_worker, async_copy ("tma",
-                                "cp.async" or "none"), stages}] per opcode whose tasks
-                                read a weight buffer, read from the compiled code's
-                                SASS (codegen/sass.py: a ring's bytes outstanding when a
-                                chunk is awaited); null when aot is
+                                bytes_in_flight_per_worker (weights and activations),
+                                weight_bytes_in_flight_per_worker (the ring's copies
+                                with an L2 evict-first policy: the weights; 0 without a
+                                ring), async_copy ("tma", "cp.async" or "none"), copy_op
+                                (its hot loop's copy instruction), stages}] per opcode
+                                whose tasks read a weight buffer, read from the compiled
+                                code's SASS (codegen/sass.py: a ring's bytes outstanding
+                                when a chunk is awaited); null when aot is
   inputs, outputs               [{name, shape, dtype}]
   plan                          true for a plan (compiled with --plan: no weights,
                                 never runs)
@@ -318,7 +321,9 @@ def streaming(engine: EngineFile,
                     "tasks": len(weight_bytes[op]), "weight_bytes_per_task": per_task,
                     "streams_weights": per_task >= STREAMING_BYTES,
                     "bytes_in_flight_per_worker": f.get("bytes_in_flight") or 0,
-                    "async_copy": f.get("async_copy", "none"), "stages": f.get("stages")})
+                    "weight_bytes_in_flight_per_worker": f.get("weight_bytes_in_flight") or 0,
+                    "async_copy": f.get("async_copy", "none"), "copy_op": f.get("copy_op"),
+                    "stages": f.get("stages")})
     return out
 
 
@@ -550,11 +555,12 @@ def _print_kernel(s, console) -> None:
     if k.get("streaming"):
         table = _table("weight streams (read from the compiled code)",
                        ("opcode", "kind", "tasks", "weights per task", "in flight per worker",
-                        "copy", "stages"), left=("kind", "copy"))
+                        "of it weights", "copy", "stages"), left=("kind", "copy"))
         for r in k["streaming"]:
             table.add_row(str(r["opcode"]), r["kind"], str(r["tasks"]),
                           f"{r['weight_bytes_per_task']:,}",
-                          f"{r['bytes_in_flight_per_worker']:,}", r["async_copy"],
+                          f"{r['bytes_in_flight_per_worker']:,}",
+                          f"{r['weight_bytes_in_flight_per_worker']:,}", r["async_copy"],
                           str(r["stages"]))
         console.print(table)
 

@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from tilec.ir.stream import PROTOCOL_ROUND_TRIPS, RING_STAGES, ring_bytes
+from tilec.ir.stream import (GEMM_IN_FLIGHT, GEMM_RING_SMEM, PLAIN_IN_FLIGHT, PROTOCOL_ROUND_TRIPS,
+                             RING_STAGES, gemm_stages, matmul_ring, ring_stages)
 from tilec.ir.target import TARGETS
 from tilec.ir.tasks import GroupTiling, Task
 from tilec.passes.cost import Stream, task_time_us
@@ -54,9 +55,78 @@ def test_activations_cost_round_trips_not_bandwidth():
 
 def test_the_ring_the_cost_model_assumes_is_the_kernels():
     tiling = GroupTiling("g", 1, 16, 512, (1, 1, 128))
-    assert ring_bytes(tiling, 2048, 2) == (RING_STAGES - 1) * 16 * 512 * 2
-    assert ring_bytes(tiling, 512, 2) == 0          # one trip: no ring
-    assert ring_bytes(GroupTiling("g", 16, 16, 512, (1, 1, 1)), 2048, 2) == 0   # tensor core
+    assert ring_stages(tiling, 2048) == RING_STAGES
+    assert ring_stages(tiling, 512) == 1            # one trip: no ring
+    assert ring_stages(GroupTiling("g", 16, 16, 512, (1, 1, 1)), 2048) == 1   # not a matvec
+
+
+def test_a_gemm_ring_is_as_deep_as_its_weights_and_shared_memory_allow():
+    """GEMM tiles (16 rows or more): enough stages for GEMM_IN_FLIGHT bytes of B, no more
+    than GEMM_RING_SMEM of A and B chunks, no more than the loop's trips, at least 3."""
+    KB = 1024
+    assert GEMM_IN_FLIGHT == 32 * KB and GEMM_RING_SMEM == 160 * KB
+    assert gemm_stages(16, 16 * KB, 8 * KB) == 3      # 2 x 16 KB of B
+    assert gemm_stages(32, 8 * KB, 32 * KB) == 5      # 4 x 8 KB of B, 160 KB in all
+    assert gemm_stages(32, 2 * KB, 32 * KB) == 5      # shared memory: 4 x 34 KB
+    assert gemm_stages(32, 2 * KB, 8 * KB) == 17      # 16 x 2 KB of B in 160 KB
+    assert gemm_stages(2, 2 * KB, 0) == 3             # two trips
+    assert gemm_stages(1, 2 * KB, 0) == 1             # one trip: nothing to overlap
+
+
+def _h200_gemm_engine(rows: int, tile_n: int | None):
+    """Llama's MLP block on h200 tiles of `rows` rows: an RMSNorm in float32 (the
+    residual stream's dtype) in the up projection's prologue, then bfloat16 products."""
+    import torch
+    from torch import nn
+
+    import tilec.api
+
+    class NormMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.Parameter(torch.ones(512, dtype=torch.bfloat16))
+            self.up = nn.Linear(512, 1024, bias=False, dtype=torch.bfloat16)
+            self.down = nn.Linear(1024, 512, bias=False, dtype=torch.bfloat16)
+
+        def forward(self, x):
+            h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return self.down(self.up(h.to(torch.bfloat16) * self.norm))
+
+    return tilec.api.compile(NormMLP(), (torch.randn(rows, 512),), target="h200",
+                             dtype="bfloat16", workers=16, tile_n=tile_n, aot=False)
+
+
+@pytest.mark.parametrize("rows,tile_n", [(16, None), (128, 16)])
+def test_gemm_tiles_are_priced_by_their_ring(rows, tile_n):
+    """Each GEMM task is priced with the weight bytes its ring keeps in flight
+    (ir/stream.matmul_ring, what codegen emits; tests/codegen/test_streaming.py holds it
+    against the compiled code): 16-row tiles (a batched decode step's) keep
+    GEMM_IN_FLIGHT, more than plain loads; 128 rows of float32 A against 16 columns of
+    B fill shared memory first, and their shallow ring is priced as shallow."""
+    from tilec.passes.cost import Streams
+
+    tg = _h200_gemm_engine(rows, tile_n).data.manifest.schedule.taskgraph
+    ops = tg.fused.graph.by_name()
+    streams = Streams(tg.fused, tg.tilings, tg.buffers)
+    groups = {g.name: (g, tl) for g, tl in zip(tg.fused.groups, tg.tilings)}
+    weight_names = {b.name for b in tg.buffers if b.kind == "weight"}
+    rings = set()
+    for task in tg.tasks:
+        g, tl = groups[task.group]
+        if g.kind != "matmul":
+            continue
+        ring = matmul_ring(g, ops, tl)
+        assert tl.block_m == rows and ring.stages >= 3, (tl, ring)
+        assert ring.shared_bytes <= GEMM_RING_SMEM, ring
+        weights = sum(n for name, n in task.moved if name in weight_names)
+        assert weights > ring.b_in_flight, (weights, ring)
+        assert streams.of(task).in_flight == ring.b_in_flight, (tl, ring)
+        rings.add((g.name, ring))
+    in_flight = {ring.b_in_flight for _, ring in rings}
+    if rows == 16:
+        assert len(rings) == 2 and min(in_flight) >= GEMM_IN_FLIGHT > PLAIN_IN_FLIGHT
+    else:   # the up projection: 4 x (32 KB of A, 2 KB of B)
+        assert len(rings) == 2 and min(in_flight) == 4 * 2 * 1024 < PLAIN_IN_FLIGHT, rings
 
 
 def test_flat_targets_keep_the_flat_overhead():

@@ -1,7 +1,8 @@
 """GEMM tiles (issue 17): a matmul of more rows than `tile_m` (a prefill chunk's) is cut
 into tiles of up to `gemm_tile_m` rows, so each weight tile is streamed once for all of
-them, through a pipelined K loop (`tl.range(num_stages=GEMM_STAGES)`) and `tl.dot`.
-Decode (one row) and small batches (up to 16 rows) keep their tiles. Checked: the row
+them, through a pipelined K loop (`tl.range(num_stages=...)`, at least GEMM_STAGES:
+ir/stream.matmul_ring) and `tl.dot`. Decode (one row) and small batches (up to 16 rows)
+keep their rows. Checked: the row
 choice, the weight bytes the cost model counts, both CPU executors against eager
 (float32 and bfloat16) for the CPU target's tiles and for the h200 target's, and the
 sm_90 compile of a 128-row tile with an RMSNorm prologue without spills."""
@@ -14,7 +15,7 @@ from torch import nn
 import tilec.api as tilec_api
 from tilec.codegen import aot
 from tilec.compiler.options import GEMM_TILE_M, target_options
-from tilec.ir.stream import GEMM_STAGES, is_gemm
+from tilec.ir.stream import GEMM_STAGES, is_gemm, matmul_ring
 from tilec.passes.tile import matmul_rows, pow2
 
 K, HIDDEN = 256, 320    # 320: a last column tile half masked
@@ -95,17 +96,24 @@ def test_cost_model_reads_each_weight_once_per_chunk():
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 2 ** -6)])
-@pytest.mark.parametrize("rows,target", [(128, "cpu"), (96, "h200"), (64, "h200")])
+@pytest.mark.parametrize("rows,target", [(128, "cpu"), (96, "h200"), (64, "h200"),
+                                         (16, "h200")])
 def test_gemm_tiles_match_eager_on_both_executors(rows, target, dtype, tol):
-    """The CPU target's tiles (128 x 128 x 128) and the h200 target's (128 or 64 rows,
-    pipelined K loop of BK 64) run on the reference and the Triton interpreter."""
+    """The CPU target's tiles (128 x 128 x 128) and the h200 target's (128, 64 or 16
+    rows (a batched decode step's), pipelined K loop of BK 64 or more) run on the
+    reference and the Triton interpreter."""
     options = dict(target=target, workers=2) if target == "cpu" else \
         dict(target=target, workers=8, aot=False)
     model, engine = _engine(rows, dtype, **options)
     tilings = _gemm_tilings(engine)
     assert tilings and all(is_gemm(t) and t.block_m == min(128, pow2(rows)) for t in tilings)
     source = engine.data.kernel_source
-    assert f"num_stages={GEMM_STAGES}" in source     # K takes several trips on both
+    tg = engine.data.manifest.schedule.taskgraph
+    ops = tg.fused.graph.by_name()
+    for g, tl in zip(tg.fused.groups, tg.tilings):   # K takes several trips on both
+        if g.kind == "matmul":
+            stages = matmul_ring(g, ops, tl).stages
+            assert stages >= GEMM_STAGES and f"num_stages={stages}" in source
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(7))
     if dtype == "bfloat16":
         x = x.bfloat16()

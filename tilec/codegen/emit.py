@@ -15,7 +15,8 @@ from tilec.codegen.exprs import TL_DTYPES, cast, downcast, upcast
 from tilec.codegen.group_emitter import REDUCTIONS, GroupCode, GroupEmitter, pow2
 from tilec.ir.attention import attention_chunks, attention_parts, partial_names
 from tilec.ir.graph import Group, Op, is_indexed_matmul
-from tilec.ir.stream import PROLOGUE_CHUNK, is_gemm, is_matvec, ring_stages
+from tilec.ir.stream import (PROLOGUE_CHUNK, is_matvec, matmul_ring, ring_stages,
+                              takes_gemm_loop)
 from tilec.ir.tasks import Buffer, GroupTiling
 
 
@@ -111,15 +112,15 @@ def emit_matmul(e: GroupEmitter, epilogue: tuple[str, ...]) -> list[str]:
     a_round = cast("a_tile", "float32", a_dtype) if a_dtype in ("bfloat16", "float16") else "a_tile"
     c.main = a_lines + [f"a_tile = tl.where(mask, {a_expr}, 0.0)", f"a_tile = {a_round}"]
     b_dtype = ops[b.value].type.dtype
-    if group.kind == "matmul" and is_gemm(tiling) and tiling.block_k >= 16 and \
-            tiling.block_n >= 16:
-        _gemm_loop(c, b_ptr, b.strides[-2:], k, tiling)
+    weight = e.storage(b.value).kind == "weight"
+    if group.kind == "matmul" and takes_gemm_loop(tiling):
+        c.stages = matmul_ring(group, ops, tiling).stages
+        _gemm_loop(c, b_ptr, b.strides[-2:], (n, k), tiling, weight)
         c.dot = "acc = " + dot("a_tile", "b_tile", b_dtype, "acc")
     elif not is_matvec(tiling) and tiling.block_k >= 16 and tiling.block_n >= 16:
         _tensor_core_loop(c, b_ptr, b.strides[-2:], k)
         c.dot = "acc = " + dot("a_tile", "b_tile", b_dtype, "acc")
     else:
-        weight = e.storage(b.value).kind == "weight"
         _stream_loop(c, b_ptr, b.strides[-2:], (n, k), tiling, weight, b_dtype)
     lines = [f"{e.var[group.anchor]} = acc"]
     for name in epilogue:
@@ -143,17 +144,21 @@ def _tensor_core_loop(c: MatmulCode, b_ptr: str, strides: tuple[int, int], k: in
     c.b_next = b_load("kn")
 
 
-def _gemm_loop(c: MatmulCode, b_ptr: str, strides: tuple[int, int], k: int,
-               tiling: GroupTiling) -> None:
-    """The K loop of a GEMM tile (a prefill chunk's rows): each trip loads its [BM, BK]
-    A chunk and [BK, BN] B chunk, which Triton's pipeliner (`tl.range(num_stages=...)`)
-    copies ahead asynchronously into `ring_stages` shared-memory stages, and one `tl.dot`
-    applies the B chunk to all BM rows: each weight tile is read once per launch for
-    every row of the tile."""
+def _gemm_loop(c: MatmulCode, b_ptr: str, strides: tuple[int, int], nk: tuple[int, int],
+               tiling: GroupTiling, weight: bool) -> None:
+    """The K loop of a GEMM tile (a batched decode step's or a prefill chunk's rows): each
+    trip loads its [BM, BK] A chunk and [BK, BN] B chunk, which Triton's pipeliner
+    (`tl.range(num_stages=c.stages)`, `ir/stream.matmul_ring`: deep enough for
+    GEMM_IN_FLIGHT bytes of B where shared memory allows) copies ahead asynchronously,
+    and one `tl.dot` applies the B chunk to all BM rows: each weight tile is read once per
+    launch for every row of the tile. Weights are loaded evict-first (read once per step)
+    and without a mask where the shapes make it always true."""
     sk, sn = strides
-    c.stages = ring_stages(tiling, k)
-    c.b_tile = (f"tl.load({b_ptr} + cols[:, None] * {sk} + ncols[None, :] * {sn}, "
-                f"mask=cmask[:, None] & nmask[None, :], other=0)")
+    n, k = nk
+    exact = n % tiling.block_n == 0 and k % tiling.block_k == 0
+    mask = "" if exact else ", mask=cmask[:, None] & nmask[None, :], other=0"
+    hint = ', eviction_policy="evict_first"' if weight else ""
+    c.b_tile = f"tl.load({b_ptr} + cols[:, None] * {sk} + ncols[None, :] * {sn}{mask}{hint})"
     c.acc_shape = [tiling.block_m, tiling.block_n]
     c.acc_finish = ""
 

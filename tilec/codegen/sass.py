@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import subprocess
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,16 +145,44 @@ def _zero_fill(r: Instr) -> bool:
     return r.opcode.startswith("LDGSTS") and r.text.rstrip().endswith(", !PT")
 
 
-def _simulate(trace: list[Instr], threads: int) -> dict:
+# The constant-bank word a function's default global memory descriptor is loaded from
+# (`ULDC.64 URn, c[0x0][0x208]`); a copy whose `desc[URn]` was built otherwise carries an
+# L2 cache policy, which tilec gives weight loads only (evict-first: read once per step)
+_DEFAULT_DESCRIPTOR = "c[0x0][0x208]"
+
+
+def policy_copies(rows: list[Instr]) -> frozenset[int]:
+    """Addresses of the copies (cp.async or plain loads) whose memory descriptor carries
+    an L2 cache policy: by the last write to the descriptor's uniform register before the
+    copy, in listing order (a function builds its descriptors once, before its loops)."""
+    default: set[int] = set()
+    out = set()
+    for r in rows:
+        m = re.search(r"desc\[UR(\d+)\]", r.text)
+        if m and _is_copy(r.opcode) and int(m.group(1)) not in default:
+            out.add(r.addr)
+        d = re.match(r"(?:@!?U?P\w+\s+)?(\S+)\s+UR(\d+)\b", r.text)
+        if d and d.group(1).startswith("U"):
+            n, pair = int(d.group(2)), ".64" in d.group(1)
+            written = {n, n + 1} if pair else {n}
+            if d.group(1) == "ULDC.64" and _DEFAULT_DESCRIPTOR in r.text:
+                default |= written
+            else:
+                default -= written
+    return frozenset(out)
+
+
+def _simulate(trace: list[Instr], threads: int, policy: frozenset[int] = frozenset()) -> dict:
     """Walk `trace` (a function's instructions, its hot loop repeated) keeping the copies
     in flight: cp.async bytes in commit groups (LDGDEPBAR closes one, DEPBAR.LE SB0, N
     waits until N remain), plain loads by scoreboard (an instruction waiting on one
     retires every load it tracks). Per CTA: the most cp.async bytes outstanding at a
     wait (the ring's depth), the groups outstanding then and the groups issued between
-    two waits, and the most plain-load bytes outstanding."""
-    groups: list[int] = []
-    open_bytes = 0
-    ring = ring_groups = 0
+    two waits, and the most plain-load bytes outstanding; and the most cp.async bytes
+    outstanding at a wait of the copies at the addresses `policy` (policy_copies)."""
+    groups: list[tuple[int, int]] = []    # (bytes, policy bytes) of each commit group
+    open_bytes = open_policy = 0
+    ring = ring_groups = ring_policy = 0
     issued_since_wait, per_wait = 0, None
     pending: dict[int, list[int]] = {}
     plain = plain_peak = 0
@@ -163,15 +192,17 @@ def _simulate(trace: list[Instr], threads: int) -> dict:
             plain -= sum(pending.pop(sb, []))
         if op.startswith("LDGSTS") and not _zero_fill(r):
             open_bytes += _width(op) * threads
+            open_policy += _width(op) * threads if r.addr in policy else 0
         elif op.startswith("LDGDEPBAR"):
-            groups.append(open_bytes)
-            open_bytes = 0
+            groups.append((open_bytes, open_policy))
+            open_bytes = open_policy = 0
             issued_since_wait += 1
         elif op.startswith("DEPBAR"):
             m = re.search(r"DEPBAR\.LE\s+SB0,\s*0x([0-9a-f]+)", r.text)
             if m:
-                if sum(groups) > ring:
-                    ring, ring_groups = sum(groups), len(groups)
+                if sum(g[0] for g in groups) > ring:
+                    ring, ring_groups = sum(g[0] for g in groups), len(groups)
+                ring_policy = max(ring_policy, sum(g[1] for g in groups))
                 if issued_since_wait:   # the fewest a wait follows: one stage's groups
                     per_wait = min(per_wait or issued_since_wait, issued_since_wait)
                 issued_since_wait = 0
@@ -182,7 +213,7 @@ def _simulate(trace: list[Instr], threads: int) -> dict:
             plain += b
             plain_peak = max(plain_peak, plain)
     return {"ring": ring, "ring_groups": ring_groups, "groups_per_wait": per_wait or 1,
-            "plain": plain_peak}
+            "plain": plain_peak, "ring_policy": ring_policy}
 
 
 def stream_facts(code: str, threads: int) -> dict:
@@ -190,39 +221,52 @@ def stream_facts(code: str, threads: int) -> dict:
     (chunks a ring holds in flight at a wait, plus the one being read: Triton's
     num_stages; 1 without a ring), bytes_in_flight (per CTA: the most cp.async bytes
     outstanding when a chunk is awaited, else the most plain-load bytes outstanding),
-    copy_bytes_per_trip and loop_instructions of its hot loop (the innermost loop that
-    copies the most bytes; None when ptxas unrolled every loop), barriers}, or {} when
-    the function copies nothing from global memory in a loop or a ring. TMA copies are
-    named but not measured (no task kind uses them)."""
+    weight_bytes_in_flight (of those, a ring's copies with an L2 cache policy: tilec's
+    evict-first weight loads; None without a ring), copy_op (the ring's most frequent
+    copy instruction, e.g. LDGSTS.E.BYPASS.128: a 16-byte cp.async; without a ring, the
+    hot loop's), copy_bytes_per_trip and loop_instructions of its hot loop (the innermost
+    loop that copies the most bytes asynchronously, else the most bytes; None when ptxas
+    unrolled every loop), barriers}, or {} when the function copies
+    nothing from global memory in a loop or a ring. TMA copies are named but not measured
+    (no task kind uses them)."""
     rows, labels = parse(code)
     if not any(_is_copy(r.opcode) for r in rows):
         return {}
     all_loops = loops(rows, labels)
-    hot, hot_bytes = None, 0
+    hot, hot_bytes, hot_key = None, 0, (0, 0)
     for lo, hi in all_loops:
         if any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in all_loops):
             continue   # not innermost
-        moved = sum(_width(r.opcode) for r in rows[lo:hi + 1]
-                    if _is_copy(r.opcode) and not _zero_fill(r))
-        if moved > hot_bytes:
-            hot, hot_bytes = (lo, hi), moved
+        copies = [r.opcode for r in rows[lo:hi + 1] if _is_copy(r.opcode) and not _zero_fill(r)]
+        moved = sum(_width(o) for o in copies)
+        # a ring's loop before a loop of plain loads that moves more (a norm's row sum)
+        key = (sum(_width(o) for o in copies if o.startswith("LDGSTS")), moved)
+        if key > hot_key:
+            hot, hot_bytes, hot_key = (lo, hi), moved, key
     trace = rows if hot is None else rows[:hot[0]] + rows[hot[0]:hot[1] + 1] * 3 + rows[hot[1] + 1:]
-    sim = _simulate(trace, threads)
+    sim = _simulate(trace, threads, policy_copies(rows))
     ops = [r.opcode for r in rows]
     tma = any(o.startswith("UTMALDG") for o in ops)
+    # the copy instruction of the ring (or, without one, of the hot loop)
+    ring_copies = [r.opcode for r in rows if r.opcode.startswith("LDGSTS") and not _zero_fill(r)]
+    hot_copies = Counter(ring_copies if sim["ring"] else
+                         [r.opcode for r in rows[hot[0]:hot[1] + 1] if _is_copy(r.opcode)]
+                         if hot else [])
     facts = {"async_copy": "tma" if tma else "cp.async" if sim["ring"] else "none",
              "barriers": sum(o.startswith("BAR") for o in ops),
+             "copy_op": hot_copies.most_common(1)[0][0] if hot_copies else None,
              "copy_bytes_per_trip": hot_bytes * threads if hot else None,
              "loop_instructions": hot[1] - hot[0] + 1 if hot else None}
     if sim["ring"]:
         per_stage = max(1, sim["groups_per_wait"])
-        facts.update(stages=sim["ring_groups"] // per_stage + 1, bytes_in_flight=sim["ring"])
+        facts.update(stages=sim["ring_groups"] // per_stage + 1, bytes_in_flight=sim["ring"],
+                     weight_bytes_in_flight=sim["ring_policy"])
     elif tma:
-        facts.update(stages=None, bytes_in_flight=None)
+        facts.update(stages=None, bytes_in_flight=None, weight_bytes_in_flight=None)
     elif hot is None:
         return {}
     else:
-        facts.update(stages=1, bytes_in_flight=sim["plain"])
+        facts.update(stages=1, bytes_in_flight=sim["plain"], weight_bytes_in_flight=None)
     return facts
 
 

@@ -7,6 +7,9 @@ compiled code really keeps in flight is read back from it (`codegen/sass.py`,
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from tilec.ir.graph import DTYPE_BYTES, Group, Op, Operand
 from tilec.ir.tasks import GroupTiling
 
 # Triton's `num_stages` for a matvec K loop. Its software pipeliner keeps
@@ -40,11 +43,44 @@ PROTOCOL_ROUND_TRIPS = 3
 # A tile with fewer rows than this is a matvec (a broadcast product and FMAs); from
 # it on, a tensor-core tile (`tl.dot` needs 16 rows).
 TENSOR_CORE_ROWS = 16
-# Triton's `num_stages` for a GEMM tile's K loop (a tensor-core tile of more than
-# TENSOR_CORE_ROWS rows, a prefill chunk's): each stage holds a [BM, BK] chunk of A and
-# a [BK, BN] chunk of B in shared memory, at most 16 KB + 16 KB of bf16 for a
-# [128, 64] x [64, 128] tile, so 3 stages keep 2 chunks of B in flight in 96 KB.
+# Ops that reduce a row: a matmul's prologue computes them in passes before its K loop
+REDUCTION_KINDS = ("reduce", "argmax", "topk")
+# The fewest `num_stages` of a GEMM tile's K loop (a tensor-core tile of TENSOR_CORE_ROWS
+# rows or more: a batched decode step's or a prefill chunk's), whose trips each copy a
+# [BM, BK] chunk of A (or the prologue's inputs A is computed from) and a [BK, BN] chunk
+# of B through shared memory; Triton's pipeliner keeps num_stages - 1 trips' copies in
+# flight when a chunk is awaited, in as many shared-memory buffers.
 GEMM_STAGES = 3
+# Weight bytes a GEMM tile's ring should keep in flight per worker when a chunk is awaited:
+# the matvec ring's goal (Little's law asks ~22-29 KB per SM on an H200), so a GEMM tile
+# of narrow B chunks takes more stages (gemm_stages).
+GEMM_IN_FLIGHT = 32 * 1024
+# Shared memory a GEMM tile's ring may take (its num_stages - 1 buffers of A and B
+# chunks): sm_90 gives one CTA 227 KB; the rest is room for the dot's operand layouts and
+# the epilogue's scratch. Where A's chunks are much larger than B's (128 rows of float32
+# against 16 columns of bf16), this, not GEMM_IN_FLIGHT, sets the depth.
+GEMM_RING_SMEM = 160 * 1024
+
+
+@dataclass(frozen=True)
+class Ring:
+    """A K loop's ring as the compiled code holds it: Triton's `num_stages` (1: no ring)
+    and the bytes one trip copies, of B (the weights, for a weight matmul) and of the rest
+    (A's chunk and the prologue's inputs)."""
+
+    stages: int
+    b_chunk: int
+    other_chunk: int = 0
+
+    @property
+    def b_in_flight(self) -> int:
+        """B's bytes outstanding when a chunk is awaited: num_stages - 1 chunks."""
+        return (self.stages - 1) * self.b_chunk if self.stages > 1 else 0
+
+    @property
+    def shared_bytes(self) -> int:
+        """The ring's buffers in shared memory: num_stages - 1 trips' chunks."""
+        return (self.stages - 1) * (self.b_chunk + self.other_chunk) if self.stages > 1 else 0
 
 
 def is_matvec(tiling: GroupTiling) -> bool:
@@ -52,29 +88,78 @@ def is_matvec(tiling: GroupTiling) -> bool:
 
 
 def is_gemm_rows(block_m: int) -> bool:
-    """A tile of `block_m` rows is a GEMM tile: a tensor-core tile with a pipelined K
-    loop, whose chunks pass through shared memory rather than registers."""
-    return block_m > TENSOR_CORE_ROWS
+    """A matmul tile of `block_m` rows is a GEMM tile: a tensor-core tile with a pipelined
+    K loop, whose chunks pass through shared memory rather than registers."""
+    return block_m >= TENSOR_CORE_ROWS
 
 
 def is_gemm(tiling: GroupTiling) -> bool:
     return is_gemm_rows(tiling.block_m)
 
 
-def ring_bytes(tiling: GroupTiling, k: int, itemsize: int) -> int:
-    """Bytes of B a worker keeps in flight in a matvec or GEMM tile's ring when a chunk is
-    awaited (RING_STAGES - 1 chunks, Triton's pipeliner), 0 without a ring."""
-    stages = ring_stages(tiling, k)
-    return (stages - 1) * tiling.block_n * tiling.block_k * itemsize if stages > 1 else 0
+def takes_gemm_loop(tiling: GroupTiling) -> bool:
+    """A matmul tile runs the GEMM K loop: GEMM rows, and K and N chunks `tl.dot` takes
+    (16 or more)."""
+    return is_gemm(tiling) and tiling.block_k >= 16 and tiling.block_n >= 16
 
 
 def ring_stages(tiling: GroupTiling, k: int) -> int:
-    """The K loop's pipeline depth when it takes more than one trip: RING_STAGES for a
-    matvec tile, GEMM_STAGES for a GEMM tile; 1 (no ring: nothing to overlap) for a
-    loop of one trip and for a 16-row tensor-core tile (it loads the next chunk into
-    registers instead)."""
-    if -(-k // max(1, tiling.block_k)) <= 1:
+    """A matvec K loop's pipeline depth when it takes more than one trip: RING_STAGES; 1
+    (no ring: nothing to overlap) for a loop of one trip and for any other tile."""
+    if -(-k // max(1, tiling.block_k)) <= 1 or not is_matvec(tiling):
         return 1
-    if is_matvec(tiling):
-        return RING_STAGES
-    return GEMM_STAGES if is_gemm(tiling) else 1
+    return RING_STAGES
+
+
+def gemm_stages(trips: int, b_chunk: int, other_chunk: int) -> int:
+    """`num_stages` of a GEMM tile's K loop of `trips` trips, each copying `b_chunk` bytes
+    of B and `other_chunk` of the rest: enough trips ahead for GEMM_IN_FLIGHT bytes of B,
+    as many as GEMM_RING_SMEM holds, never more than the loop has, at least
+    GEMM_STAGES; 1 for a loop of one trip (nothing to overlap)."""
+    if trips <= 1:
+        return 1
+    ahead = min(-(-GEMM_IN_FLIGHT // max(1, b_chunk)),
+                GEMM_RING_SMEM // max(1, b_chunk + other_chunk), trips)
+    return max(GEMM_STAGES - 1, ahead) + 1
+
+
+def matmul_ring(group: Group, ops: dict[str, Op], tiling: GroupTiling) -> Ring:
+    """The ring of a matmul group's K loop cut by `tiling`, as codegen emits it (the
+    matvec ring, or a GEMM tile's by gemm_stages) and the cost model prices it."""
+    a, b = ops[group.anchor].inputs[:2]
+    k = a.shape[-1]
+    b_chunk = tiling.block_k * tiling.block_n * DTYPE_BYTES[ops[b.value].type.dtype]
+    if not takes_gemm_loop(tiling):
+        return Ring(ring_stages(tiling, k), b_chunk)
+    other = sum(_chunk_bytes(operand, ops, tiling) for operand in a_loop_reads(group, ops))
+    return Ring(gemm_stages(-(-k // max(1, tiling.block_k)), b_chunk, other), b_chunk, other)
+
+
+def a_loop_reads(group: Group, ops: dict[str, Op]) -> list[Operand]:
+    """What a matmul group's K loop loads each trip besides B: the A operand, or, where the
+    prologue computes A, the prologue's inputs from outside the group that A needs. Per-row
+    values (a norm's statistics: reductions and [rows, 1] results, computed before the loop)
+    and operands constant along K are not loaded per trip."""
+    prologue = set(group.prologue)
+    out: list[Operand] = []
+    seen: set[str] = set()
+    stack = [ops[group.anchor].inputs[0]]
+    while stack:
+        operand = stack.pop()
+        if operand.value in prologue:
+            op = ops[operand.value]
+            if operand.value not in seen and op.kind not in REDUCTION_KINDS and op.type.cols != 1:
+                seen.add(operand.value)
+                stack.extend(op.inputs)
+        elif operand.shape and operand.shape[-1] > 1 and operand.strides[-1] != 0 and \
+                operand not in out:
+            out.append(operand)
+    return out
+
+
+def _chunk_bytes(operand: Operand, ops: dict[str, Op], tiling: GroupTiling) -> int:
+    """Bytes of `operand` one trip loads: [BM, BK], or [1, BK] when its rows are one."""
+    rows = any(n > 1 and s != 0 for n, s in zip(operand.shape[:-1], operand.strides[:-1]))
+    return (tiling.block_m if rows else 1) * tiling.block_k * \
+        DTYPE_BYTES[ops[operand.value].type.dtype]
+

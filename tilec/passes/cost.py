@@ -7,10 +7,11 @@ share, plus what it waits for:
 * GPU targets (`Target.mem_latency_us` > 0) price latency: a task pays its dependent
   round trips to L2 (the protocol's record, args, waits and signal, and one per pass of
   a prologue reduction), then streams. A stream keeps `in_flight` bytes requested at
-  once (a matvec tile's weight ring, ir/stream.py; else a loop of plain loads), so by
-  Little's law it moves at most in_flight / latency: its rate is the lower of that and
-  the worker's share of the measured bandwidth, after the first bytes' latency. Only
-  weights and state count against the bandwidth: activations stay in L2.
+  once (a matvec or GEMM tile's weight ring, ir/stream.py; else a loop of plain
+  loads), so by Little's law it moves at most in_flight / latency: its rate is the
+  lower of that and the worker's share of the measured bandwidth, after the first
+  bytes' latency. Only weights and state count against the bandwidth: activations
+  stay in L2.
 * Other targets (the interpreter) charge a flat overhead per task instead.
 
 Where the target carries a measured per-worker streaming rate, no stream is faster.
@@ -24,15 +25,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tilec.ir.graph import DTYPE_BYTES, FusedGraph, Group
+from tilec.ir.graph import FusedGraph, Group
 from tilec.ir.record import prefetch_bytes
-from tilec.ir.stream import (PLAIN_IN_FLIGHT, PROLOGUE_CHUNK, PROTOCOL_ROUND_TRIPS, is_matvec,
-                             ring_bytes)
+from tilec.ir.stream import (PLAIN_IN_FLIGHT, PROLOGUE_CHUNK, PROTOCOL_ROUND_TRIPS,
+                             REDUCTION_KINDS, is_matvec, matmul_ring)
 from tilec.ir.target import Target
 from tilec.ir.tasks import TRANSFER, Buffer, Dep, GroupTiling, Task, TaskGraph
 
 LOW_PRECISION = ("bfloat16", "float16")
-REDUCTION_KINDS = ("reduce", "argmax", "topk")
 
 
 @dataclass(frozen=True)
@@ -103,9 +103,11 @@ def prefetch_saving_us(task: Task, target: Target, stream: Stream) -> Prefetch:
 
 class Streams:
     """The Stream of each task of a task graph (`of(task)`), from its group's tiling: a
-    matvec tile's ring holds (stages - 1) chunks of its weights, or all of them when
-    the task reads fewer; a prologue reduction reads its row in passes of
-    PROLOGUE_CHUNK, each a round trip; a row group pays one per chunk of each pass."""
+    matmul tile's ring (ir/stream.matmul_ring: a matvec tile's, or a GEMM tile's, whose
+    depth its A chunks bound too) holds (stages - 1) chunks of its weights, or all of
+    them when the task reads fewer (then at least what plain loads keep in flight); a
+    prologue reduction reads its row in passes of PROLOGUE_CHUNK, each a round trip; a
+    row group pays one per chunk of each pass."""
 
     def __init__(self, fused: FusedGraph, tilings: Sequence[GroupTiling],
                  buffers: Sequence[Buffer]):
@@ -130,18 +132,17 @@ class Streams:
         if not ring:
             return Stream(PLAIN_IN_FLIGHT, round_trips, hbm, prefetch)
         weight_bytes = sum(n for name, n in task.moved if name in self.weights)
-        return Stream(max(PLAIN_IN_FLIGHT, min(ring, weight_bytes)), round_trips, hbm, prefetch)
+        in_flight = ring if weight_bytes > ring else max(PLAIN_IN_FLIGHT, weight_bytes)
+        return Stream(in_flight, round_trips, hbm, prefetch)
 
 
 def _group_stream(g: Group, tl: GroupTiling, ops) -> tuple[int, int]:
     """(ring bytes or 0, round trips) of the tasks of group `g` cut by `tl`."""
     if g.kind == "matmul":
-        a, b = ops[g.anchor].inputs[:2]
-        k = a.shape[-1]
+        k = ops[g.anchor].inputs[0].shape[-1]
         chunk = min(1 << max(0, (k - 1).bit_length()), PROLOGUE_CHUNK) if is_matvec(tl) else tl.block_k
         passes = sum(ops[m].kind in REDUCTION_KINDS for m in g.prologue) * math.ceil(k / chunk)
-        ring = ring_bytes(tl, k, DTYPE_BYTES[ops[b.value].type.dtype])
-        return ring, PROTOCOL_ROUND_TRIPS + passes
+        return matmul_ring(g, ops, tl).b_in_flight, PROTOCOL_ROUND_TRIPS + passes
     if g.kind == "row":   # each reduction, then the final loop, walks its chunks
         reductions = sum(ops[m].kind in REDUCTION_KINDS for m in g.members)
         chunks = math.ceil(tl.block_n / max(1, tl.block_k))

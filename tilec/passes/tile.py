@@ -545,16 +545,30 @@ def _state_write(op: Op, storage, r0: int, r1: int, c0: int, c1: int,
                  space: int | None = None) -> Region:
     """A state update writes rows [r0, r1) x cols [c0, c1) of its value at a position
     known only at run time: the region spans the whole updated dim (sound, if coarse).
-    With `space`, the tile is in a [rows, space] view of the value's elements in order:
-    the region bounds that flat range."""
+    With `space`, the tile is in a [rows, space] view of the value's elements in order
+    (`space_box`)."""
     dim = op.attr("dim")
     value = op.inputs[1]
     if space is None:
         box = list(rows_box(value.shape, r0, r1, c0, c1))
     else:
-        box = list(range_to_box(r0 * space + c0, (r1 - 1) * space + c1 - 1, value.shape))
+        box = list(space_box(value.shape, space, r0, r1, c0, c1))
     box[dim] = (0, op.type.shape[dim])
     return Region(storage(op.name), tuple(box))
+
+
+def space_box(shape: tuple[int, ...], space: int, r0: int, r1: int, c0: int,
+              c1: int) -> Box:
+    """Bounding box, in `shape`, of rows [r0, r1) x cols [c0, c1) of its elements seen in
+    order as [rows, space]: rows and columns apart where trailing dims of `shape` hold one
+    row exactly (a batch's [B, kv heads, 1, head dim] append as [B, kv heads x head
+    dim]), so column tiles of several rows write apart; else the flat range the tile
+    spans (from its first row's first column to its last row's last)."""
+    for j in range(len(shape) + 1):
+        if math.prod(shape[j:]) == space:
+            rows = range_to_box(r0, r1 - 1, shape[:j]) if j else ()
+            return rows + range_to_box(c0, c1 - 1, shape[j:])
+    return range_to_box(r0 * space + c0, (r1 - 1) * space + c1 - 1, shape)
 
 
 def _concat_piece_box(op: Op, pos: int, r0: int, r1: int, c0: int, c1: int) -> Box | None:
