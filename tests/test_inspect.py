@@ -15,6 +15,7 @@ from pathlib import Path
 import networkx as nx
 import pytest
 import torch
+import yaml
 
 import tilec.api
 from engines import run_cli
@@ -107,7 +108,10 @@ def test_json_keys_and_invariants(capsys, built):
     assert b["kv"] == 0          # the block has no state
     assert 0 < b["intermediate"] < b["intermediate_unfused"]
     assert b["cost_model"] == sum(t.bytes for t in tg.tasks)
-    assert s["memory_bound_us"] == pytest.approx(b["cost_model"] / (sched.target.mem_gbps * 1e3))
+    # the cpu target prices every byte at its bandwidth (no latencies, no L2)
+    assert b["cost_model_hbm"] == sum(t.bytes for t in tg.tasks if t.group != "transfer")
+    assert s["memory_bound_us"] == pytest.approx(b["cost_model_hbm"] /
+                                                 (sched.target.bandwidth_gbps * 1e3))
     # the HBM floor: weights and KV over the bandwidth (the cpu target has no measured
     # copy bandwidth: its datasheet-like figure stands in, and says so)
     assert s["hbm_floor_us"] == pytest.approx((b["weights"] + b["kv"]) /
@@ -131,6 +135,24 @@ def test_json_keys_and_invariants(capsys, built):
     k = s["kernel"]
     assert k["source_lines"] == engine.data.kernel_source.count("\n") and k["aot"] is None
     assert set(k["task_kinds"]) == set(s["task_kinds"])
+
+
+def test_memory_bound_counts_what_the_cost_model_reads_from_hbm(tmp_path):
+    """On a GPU target the cost model reads weights and state from HBM and a batch's
+    activations (each column tile reads its rows of A) from L2: the memory bound is the
+    first over the bandwidth, so never above the predicted step (it counted every byte
+    at HBM speed, and batched decode's predicted step came out below its "bound")."""
+    config = yaml.safe_load((EXAMPLES / "llama_tiny.yaml").read_text())
+    config["target"] = {"name": "h200", "workers": 16}
+    config["model"].update(batch=8, prefill=False)
+    path = tmp_path / "b8.yaml"
+    path.write_text(yaml.safe_dump(config))
+    s = tilec.api.compile(str(path), aot=False).summary()
+    b = s["bytes"]
+    assert b["intermediate"] > 0 and b["cost_model"] > b["cost_model_hbm"]
+    assert b["cost_model_hbm"] == b["weights"] + b["kv"]
+    assert s["memory_bound_us"] == pytest.approx(s["hbm_floor_us"])
+    assert s["lower_bound_us"] <= s["predicted_step_us"] * (1 + 1e-9)
 
 
 def test_table_output(capsys, built):

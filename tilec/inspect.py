@@ -18,8 +18,9 @@
   critical_path_us              longest path through the dependency DAG (task times
                                 of the cost model)
   critical_path                 [{task, kind, group, tile, worker, start_us, finish_us}]
-  memory_bound_us               bytes.cost_model / the target's memory bandwidth (the
-                                HBM floor: no schedule of these bytes beats it)
+  memory_bound_us               bytes.cost_model_hbm / the target's bandwidth (the
+                                bytes the cost model reads from HBM, activations it takes
+                                from L2 left out: no schedule of them beats it there)
   work_bound_us                 the most loaded role's predicted task time per worker
                                 (sum of its tasks' times / its workers): under the cost
                                 model no schedule of these tasks beats it either
@@ -40,7 +41,9 @@
                                 bound there), intermediate_unfused (an op-by-op
                                 execution: each computed op's output written once and
                                 read once per consuming op), cost_model (sum of the
-                                tasks' byte counts, what the cost model charges)
+                                tasks' byte counts, what the cost model charges),
+                                cost_model_hbm (the part of it the cost model reads
+                                from HBM: passes/cost.hbm_bytes_per_step)
   fusion_groups                 [{name, kind, anchor, prologue, epilogue, ops, tasks}]
   event_table                   [{id, signals, signalled_by, waited_by}] (task ids)
   kernel                        {opcodes, source_lines, max_waits, task_kinds (the
@@ -95,7 +98,7 @@ from tilec.errors import TilecError
 from tilec.ir.graph import DTYPE_BYTES, PLACEHOLDER_KINDS
 from tilec.ir.schedule import Schedule
 from tilec.ir.tasks import TRANSFER
-from tilec.passes.cost import critical_path
+from tilec.passes.cost import critical_path, hbm_bytes_per_step
 from tilec.passes.deps import deps
 from tilec.passes.roles import format_workers
 from tilec.runtime.enginefile import EngineFile
@@ -142,7 +145,9 @@ def summary(engine: EngineFile, aot: bool = False) -> dict[str, Any]:
     where = sched.worker_of()
     cp_us, cp_tasks = critical_path(tg, target)
     moved = bytes_moved(sched)
-    memory_us = moved["cost_model"] / (target.mem_gbps * 1e3) if target.mem_gbps > 0 else 0.0
+    moved["cost_model_hbm"] = hbm_bytes_per_step(tg, target)
+    memory_us = (moved["cost_model_hbm"] / (target.bandwidth_gbps * 1e3)
+                 if target.bandwidth_gbps > 0 else 0.0)
     floor_bytes = moved["weights"] + moved["kv"]
     floor_us = floor_bytes / (target.bandwidth_gbps * 1e3) if target.bandwidth_gbps > 0 else 0.0
     tasks_per_group = Counter(t.group for t in tg.tasks)
@@ -527,7 +532,8 @@ def _print_bytes_and_groups(s, console) -> None:
     for label, key in (("weights", "weights"), ("KV cache", "kv"),
                        ("intermediates", "intermediate"),
                        ("intermediates, unfused op by op", "intermediate_unfused"),
-                       ("cost model total", "cost_model")):
+                       ("cost model total", "cost_model"),
+                       ("cost model, from HBM", "cost_model_hbm")):
         moved.add_row(label, f"{b[key]:,}")
     console.print(moved)
     groups = _table(f"fusion groups ({s['groups']})", ("group", "kind", "tasks", "ops"),

@@ -189,6 +189,23 @@ def task_costs(taskgraph: TaskGraph, target: Target) -> tuple[list[float], list[
     return times, savings
 
 
+def hbm_bytes_per_step(taskgraph: TaskGraph, target: Target) -> int:
+    """The bytes of one step `task_time_us` prices at HBM speed: each task's
+    `Stream.hbm_bytes` (weights and state), or all its bytes on a target without
+    latencies (which prices every byte alike); the activations it takes from L2 and
+    the transfers between devices are not counted. Over the target's bandwidth, the
+    floor under the cost model's own step (no task streams faster than its HBM share)."""
+    tasks = [t for t in taskgraph.tasks if t.group != TRANSFER]
+    if target.mem_latency_us <= 0:
+        return sum(t.bytes for t in tasks)
+    streams = Streams(taskgraph.fused, taskgraph.tilings, taskgraph.buffers)
+    total = 0
+    for t in tasks:
+        hbm = streams.of(t).hbm_bytes
+        total += t.bytes if hbm < 0 else hbm
+    return total
+
+
 def edges(taskgraph: TaskGraph) -> tuple[np.ndarray, np.ndarray]:
     """(before, after) task ids of every dep, as int64 arrays in deps order. A decode
     step has millions of deps: the passes work on these arrays, not loop over objects.
